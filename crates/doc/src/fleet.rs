@@ -1,0 +1,480 @@
+//! The fleet document: one per org, synced to every member.
+//!
+//! It answers "who is in this org, in which role, and where can they be reached?". Every entry
+//! is a signed record, and membership is only believed when it chains back to the org key:
+//! signed by the org key itself, by a technician whose own membership chains back, or by a
+//! one-time invite key whose certificate was signed by one of those. A relay stores the fleet
+//! document but holds no authority in it, so it cannot add members on its own.
+//!
+//! Layout: `ROOT.genesis` (bytes), `ROOT.members[node]`, `ROOT.presence[node]`,
+//! `ROOT.cards[node]` (maps of signed records).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::transaction::Transactable;
+use automerge::{Automerge, ROOT, ReadDoc};
+use serde::{Deserialize, Serialize};
+
+use crate::am;
+use crate::id::{Id128, NodeId};
+use crate::record::{RecordError, RecordKind, Signer, verify_kind};
+
+/// What a member may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Asks for commands, sees every session, may invite.
+    Technician,
+    /// Runs commands it is asked for (after local approval); sees only its own sessions.
+    Agent,
+    /// Stores and forwards every document; no authority.
+    Relay,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Technician => "technician",
+            Role::Agent => "agent",
+            Role::Relay => "relay",
+        })
+    }
+}
+
+/// The first record of an org: its name and key, signed by that key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrgGenesis {
+    pub name: String,
+    pub org_key: NodeId,
+    pub fleet_doc: Id128,
+    pub created_at: u64,
+}
+
+/// A one-time invitation, signed by the org key or a technician. The matching secret travels in
+/// the token; whoever holds it can claim membership exactly once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteCert {
+    pub invite_id: Id128,
+    pub invite_key: NodeId,
+    pub org_key: NodeId,
+    pub fleet_doc: Id128,
+    pub role: Role,
+    pub name: Option<String>,
+    pub groups: Vec<String>,
+    pub expires_at: u64,
+    /// Nodes the enrolling node may contact to enroll (the org relay, the inviter):
+    /// `(node id, socket addresses)`.
+    pub contacts: Vec<Contact>,
+}
+
+/// Where a node can be dialled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    pub node: NodeId,
+    pub addrs: Vec<String>,
+}
+
+/// A member's entry in the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub node: NodeId,
+    pub role: Role,
+    pub name: String,
+    pub groups: Vec<String>,
+    pub at: u64,
+    /// When the author is an invite key: the certificate (a signed `InviteCert` record).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_hex")]
+    pub invite: Option<Vec<u8>>,
+}
+
+/// A node's own note of where it is reachable, refreshed as a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub node: NodeId,
+    pub addrs: Vec<String>,
+    pub at: u64,
+}
+
+/// What an agent tells technicians about its machine.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MachineCard {
+    pub hostname: String,
+    pub os_name: String,
+    pub os_version: String,
+    pub kernel: String,
+    pub uptime_secs: u64,
+    pub cpu: String,
+    pub cpu_count: u32,
+    pub memory_total: u64,
+    pub memory_used: u64,
+    pub at: u64,
+}
+
+mod opt_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_str(&hex::encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| hex::decode(s).map_err(serde::de::Error::custom)).transpose()
+    }
+}
+
+/// Why the fleet document can't be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FleetError {
+    #[error("fleet document has no genesis record")]
+    NoGenesis,
+    #[error("fleet genesis record is invalid")]
+    BadGenesis(#[source] RecordError),
+    #[error("fleet genesis is not signed by the org key it names")]
+    GenesisNotSelfSigned,
+    #[error("automerge: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+}
+
+/// A verified member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    pub node: NodeId,
+    pub role: Role,
+    pub name: String,
+    pub groups: Vec<String>,
+    pub joined_at: u64,
+    pub invite_id: Option<Id128>,
+}
+
+/// An entry that failed verification, kept so it can be shown as such.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejected {
+    pub key: String,
+    pub why: String,
+}
+
+/// The verified view of a fleet document.
+#[derive(Debug, Clone, Default)]
+pub struct Fleet {
+    pub org_name: String,
+    pub org_key: Option<NodeId>,
+    pub fleet_doc: Option<Id128>,
+    pub members: BTreeMap<NodeId, Member>,
+    pub presence: BTreeMap<NodeId, Presence>,
+    pub cards: BTreeMap<NodeId, MachineCard>,
+    pub rejected: Vec<Rejected>,
+}
+
+impl Fleet {
+    /// Creates a new org's fleet document, with the founder as its first technician.
+    pub fn create(
+        org_name: &str,
+        org: &Signer,
+        founder: &Signer,
+        founder_name: &str,
+        fleet_doc: Id128,
+        now: u64,
+    ) -> Result<Automerge, FleetError> {
+        let genesis = OrgGenesis {
+            name: org_name.to_string(),
+            org_key: org.node_id(),
+            fleet_doc,
+            created_at: now,
+        };
+        let member = Membership {
+            node: founder.node_id(),
+            role: Role::Technician,
+            name: founder_name.to_string(),
+            groups: vec![],
+            at: now,
+            invite: None,
+        };
+        let mut doc = Automerge::new();
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(ROOT, "genesis", org.sign(RecordKind::OrgGenesis, &genesis))?;
+            for key in ["members", "presence", "cards"] {
+                tx.put_object(ROOT, key, automerge::ObjType::Map)?;
+            }
+            Ok(())
+        })
+        .map_err(|f| f.error)?;
+        Self::put_member(&mut doc, &org.sign(RecordKind::Membership, &member), &member.node)?;
+        Ok(doc)
+    }
+
+    /// Writes a signed membership record for `node`.
+    pub fn put_member(doc: &mut Automerge, record: &[u8], node: &NodeId) -> Result<(), FleetError> {
+        put_in(doc, "members", &node.to_hex(), record)
+    }
+
+    /// Writes this node's signed presence (addresses and heartbeat).
+    pub fn put_presence(doc: &mut Automerge, signer: &Signer, addrs: Vec<String>, now: u64) -> Result<(), FleetError> {
+        let p = Presence { node: signer.node_id(), addrs, at: now };
+        put_in(doc, "presence", &p.node.to_hex(), &signer.sign(RecordKind::Presence, &p))
+    }
+
+    /// Writes this agent's signed machine card.
+    pub fn put_card(doc: &mut Automerge, signer: &Signer, card: &MachineCard) -> Result<(), FleetError> {
+        put_in(doc, "cards", &signer.node_id().to_hex(), &signer.sign(RecordKind::MachineCard, card))
+    }
+
+    /// Reads and verifies a fleet document.
+    pub fn read(doc: &impl ReadDoc) -> Result<Fleet, FleetError> {
+        let genesis_bytes = am::bytes_at(doc, &ROOT, "genesis").ok_or(FleetError::NoGenesis)?;
+        let g = verify_kind(&genesis_bytes, RecordKind::OrgGenesis).map_err(FleetError::BadGenesis)?;
+        let genesis: OrgGenesis = g.json().map_err(FleetError::BadGenesis)?;
+        if g.author != genesis.org_key {
+            return Err(FleetError::GenesisNotSelfSigned);
+        }
+        let mut fleet = Fleet {
+            org_name: genesis.name.clone(),
+            org_key: Some(genesis.org_key),
+            fleet_doc: Some(genesis.fleet_doc),
+            ..Fleet::default()
+        };
+        let entries = am::root_map(doc, "members").map(|m| am::byte_entries(doc, &m)).unwrap_or_default();
+        fleet.resolve_members(&genesis, entries);
+        fleet.read_signed_by_self(doc, "presence", RecordKind::Presence, |f, node, p: Presence| {
+            if p.node == node {
+                f.presence.insert(node, p);
+            }
+        });
+        fleet.read_signed_by_self(doc, "cards", RecordKind::MachineCard, |f, node, c: MachineCard| {
+            if f.members.get(&node).is_some_and(|m| m.role == Role::Agent) {
+                f.cards.insert(node, c);
+            }
+        });
+        Ok(fleet)
+    }
+
+    /// Membership is a chain: accept records signed by the org key, then repeatedly those signed
+    /// by an accepted technician or by an invite whose certificate an accepted authority signed.
+    fn resolve_members(&mut self, genesis: &OrgGenesis, entries: Vec<(String, Vec<u8>)>) {
+        let mut pending: Vec<(String, Vec<u8>)> = Vec::new();
+        for (key, bytes) in entries {
+            pending.push((key, bytes));
+        }
+        let mut claimed_invites: BTreeMap<Id128, NodeId> = BTreeMap::new();
+        loop {
+            let mut progressed = false;
+            let mut still = Vec::new();
+            for (key, bytes) in pending {
+                match self.check_member(genesis, &key, &bytes) {
+                    Ok(Some(member)) => {
+                        if let Some(invite) = member.invite_id {
+                            // Two claims on one invite: the smaller node id wins everywhere, so all
+                            // peers agree whatever order they saw the claims in.
+                            if let Some(other) = claimed_invites.get(&invite) {
+                                if *other < member.node {
+                                    self.rejected.push(Rejected { key, why: "invite already used".into() });
+                                    continue;
+                                }
+                                self.members.remove(other);
+                            }
+                            claimed_invites.insert(invite, member.node);
+                        }
+                        self.members.insert(member.node, member);
+                        progressed = true;
+                    }
+                    Ok(None) => still.push((key, bytes)),
+                    Err(why) => self.rejected.push(Rejected { key, why }),
+                }
+            }
+            pending = still;
+            if !progressed || pending.is_empty() {
+                break;
+            }
+        }
+        for (key, _) in pending {
+            self.rejected.push(Rejected { key, why: "signer is not an authority of this org".into() });
+        }
+    }
+
+    fn is_authority(&self, genesis: &OrgGenesis, node: &NodeId) -> bool {
+        *node == genesis.org_key || self.members.get(node).is_some_and(|m| m.role == Role::Technician)
+    }
+
+    /// `Ok(None)`: not (yet) provable; `Err`: never valid.
+    fn check_member(&self, genesis: &OrgGenesis, key: &str, bytes: &[u8]) -> Result<Option<Member>, String> {
+        let v = verify_kind(bytes, RecordKind::Membership).map_err(|e| e.to_string())?;
+        let m: Membership = v.json().map_err(|e| e.to_string())?;
+        if m.node.to_hex() != key {
+            return Err("membership stored under another node's key".into());
+        }
+        let member = |invite_id| Member {
+            node: m.node,
+            role: m.role,
+            name: m.name.clone(),
+            groups: m.groups.clone(),
+            joined_at: m.at,
+            invite_id,
+        };
+        if m.invite.is_none() {
+            return Ok(self.is_authority(genesis, &v.author).then(|| member(None)));
+        }
+        let cert_bytes = m.invite.as_deref().unwrap_or_default();
+        let cv = verify_kind(cert_bytes, RecordKind::InviteCert).map_err(|e| format!("invite: {e}"))?;
+        let cert: InviteCert = cv.json().map_err(|e| format!("invite: {e}"))?;
+        if cert.invite_key != v.author {
+            return Err("claim not signed by the invite's key".into());
+        }
+        if cert.org_key != genesis.org_key || cert.role != m.role || m.at > cert.expires_at {
+            return Err("claim does not match its invite (org, role or expiry)".into());
+        }
+        Ok(self.is_authority(genesis, &cv.author).then(|| member(Some(cert.invite_id))))
+    }
+
+    fn read_signed_by_self<T: serde::de::DeserializeOwned>(
+        &mut self,
+        doc: &impl ReadDoc,
+        map: &str,
+        kind: RecordKind,
+        mut accept: impl FnMut(&mut Fleet, NodeId, T),
+    ) {
+        let Some(obj) = am::root_map(doc, map) else { return };
+        for (key, bytes) in am::byte_entries(doc, &obj) {
+            let parsed = verify_kind(&bytes, kind).map_err(|e| e.to_string()).and_then(|v| {
+                let body: T = v.json().map_err(|e| e.to_string())?;
+                Ok((v.author, body))
+            });
+            match parsed {
+                Ok((author, body)) if author.to_hex() == key && self.members.contains_key(&author) => {
+                    accept(self, author, body)
+                }
+                Ok(_) => self.rejected.push(Rejected { key: format!("{map}/{key}"), why: "not written by that member".into() }),
+                Err(why) => self.rejected.push(Rejected { key: format!("{map}/{key}"), why }),
+            }
+        }
+    }
+
+    pub fn role_of(&self, node: &NodeId) -> Option<Role> {
+        self.members.get(node).map(|m| m.role)
+    }
+
+    pub fn members_with_role(&self, role: Role) -> impl Iterator<Item = &Member> {
+        self.members.values().filter(move |m| m.role == role)
+    }
+
+    /// Whether an invite has been claimed by anyone.
+    pub fn invite_used(&self, invite: &Id128) -> bool {
+        self.members.values().any(|m| m.invite_id.as_ref() == Some(invite))
+    }
+
+    /// Agents whose name matches exactly (case-insensitive).
+    pub fn agent_by_name(&self, name: &str) -> Vec<&Member> {
+        self.members_with_role(Role::Agent).filter(|m| m.name.eq_ignore_ascii_case(name)).collect()
+    }
+
+    pub fn agents_in_group(&self, group: &str) -> Vec<&Member> {
+        self.members_with_role(Role::Agent)
+            .filter(|m| m.groups.iter().any(|g| g.eq_ignore_ascii_case(group)))
+            .collect()
+    }
+
+    /// The distinct groups in use.
+    pub fn groups(&self) -> BTreeSet<String> {
+        self.members.values().flat_map(|m| m.groups.iter().cloned()).collect()
+    }
+}
+
+fn put_in(doc: &mut Automerge, map: &str, key: &str, record: &[u8]) -> Result<(), FleetError> {
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+        let obj = am::ensure_root_map(tx, map)?;
+        tx.put(&obj, key, record.to_vec())?;
+        Ok(())
+    })
+    .map_err(|f| f.error)?;
+    Ok(())
+}
+
+/// Builds the membership claim an enrolling node signs with its invite's secret key.
+pub fn claim_membership(
+    invite_secret: &Signer,
+    cert_record: &[u8],
+    cert: &InviteCert,
+    node: NodeId,
+    name: &str,
+    now: u64,
+) -> Vec<u8> {
+    let m = Membership {
+        node,
+        role: cert.role,
+        name: cert.name.clone().unwrap_or_else(|| name.to_string()),
+        groups: cert.groups.clone(),
+        at: now,
+        invite: Some(cert_record.to_vec()),
+    };
+    invite_secret.sign(RecordKind::Membership, &m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(seed: u8) -> Signer {
+        Signer::from_secret([seed; 32])
+    }
+
+    fn cert(org: &Signer, invite: &Signer, role: Role, expires_at: u64) -> (Vec<u8>, InviteCert) {
+        let c = InviteCert {
+            invite_id: Id128([5; 16]),
+            invite_key: invite.node_id(),
+            org_key: org.node_id(),
+            fleet_doc: Id128([1; 16]),
+            role,
+            name: Some("ws-01".into()),
+            groups: vec!["accounting".into()],
+            expires_at,
+            contacts: vec![],
+        };
+        (org.sign(RecordKind::InviteCert, &c), c)
+    }
+
+    #[test]
+    fn founder_is_a_technician_and_invites_chain_back_to_the_org() {
+        let (org, tech, invite, agent) = (s(1), s(2), s(3), s(4));
+        let mut doc = Fleet::create("Acme", &org, &tech, "alice", Id128([1; 16]), 10).unwrap();
+        let (cert_rec, c) = cert(&org, &invite, Role::Agent, 100);
+        let claim = claim_membership(&invite, &cert_rec, &c, agent.node_id(), "ignored", 20);
+        Fleet::put_member(&mut doc, &claim, &agent.node_id()).unwrap();
+        let fleet = Fleet::read(&doc).unwrap();
+        assert_eq!(fleet.role_of(&tech.node_id()), Some(Role::Technician));
+        let m = &fleet.members[&agent.node_id()];
+        assert_eq!((m.role, m.name.as_str()), (Role::Agent, "ws-01"));
+        assert_eq!(fleet.agents_in_group("Accounting").len(), 1);
+        assert!(fleet.invite_used(&Id128([5; 16])));
+    }
+
+    #[test]
+    fn a_relay_or_stranger_cannot_add_members() {
+        let (org, tech, relay, stranger) = (s(1), s(2), s(3), s(4));
+        let mut doc = Fleet::create("Acme", &org, &tech, "alice", Id128([1; 16]), 10).unwrap();
+        let relay_m = Membership { node: relay.node_id(), role: Role::Relay, name: "relay".into(), groups: vec![], at: 11, invite: None };
+        Fleet::put_member(&mut doc, &tech.sign(RecordKind::Membership, &relay_m), &relay.node_id()).unwrap();
+        let m = Membership { node: stranger.node_id(), role: Role::Technician, name: "eve".into(), groups: vec![], at: 12, invite: None };
+        Fleet::put_member(&mut doc, &relay.sign(RecordKind::Membership, &m), &stranger.node_id()).unwrap();
+        let fleet = Fleet::read(&doc).unwrap();
+        assert_eq!(fleet.role_of(&relay.node_id()), Some(Role::Relay));
+        assert_eq!(fleet.role_of(&stranger.node_id()), None);
+        assert_eq!(fleet.rejected.len(), 1);
+    }
+
+    #[test]
+    fn an_expired_or_foreign_invite_is_rejected() {
+        let (org, tech, invite, agent) = (s(1), s(2), s(3), s(4));
+        let mut doc = Fleet::create("Acme", &org, &tech, "alice", Id128([1; 16]), 10).unwrap();
+        let (cert_rec, c) = cert(&org, &invite, Role::Agent, 100);
+        let late = claim_membership(&invite, &cert_rec, &c, agent.node_id(), "x", 101);
+        Fleet::put_member(&mut doc, &late, &agent.node_id()).unwrap();
+        let (foreign_rec, fc) = cert(&s(9), &invite, Role::Agent, 100);
+        let other = s(5);
+        let foreign = claim_membership(&invite, &foreign_rec, &fc, other.node_id(), "x", 50);
+        Fleet::put_member(&mut doc, &foreign, &other.node_id()).unwrap();
+        let fleet = Fleet::read(&doc).unwrap();
+        assert_eq!(fleet.members.len(), 1);
+        assert_eq!(fleet.rejected.len(), 2);
+    }
+}

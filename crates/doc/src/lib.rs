@@ -1,0 +1,45 @@
+//! # caisey-doc: what Caisey's documents contain, and how to believe them
+//!
+//! Caisey keeps every investigation in an Automerge document that many peers sync. This crate
+//! is the schema of those documents and nothing else: no IO, no clock (callers pass `now` in
+//! milliseconds since the Unix epoch), no randomness (callers pass ids in).
+//!
+//! - [`record`]: every value written is a signed, self-describing record, verified on read.
+//! - [`fleet`]: one document per org: members (each chaining back to the org key), their
+//!   presence (addresses, heartbeat) and machine cards.
+//! - [`session`]: one document per session: targets, command requests, decisions, starts, output
+//!   chunks and ends. [`session::SessionView::read`] verifies who wrote what and quarantines the
+//!   rest.
+//! - [`token`]: invite tokens and relay tickets, the strings people paste.
+//!
+//! A request travels like this: a technician writes a `CommandRequest` into a session; the
+//! target agent's user approves, and the agent writes the `Decision` and `Start` in one change;
+//! it appends `OutputChunk`s as the command writes; it writes an `End` with the exit code.
+//!
+//! ```
+//! use caisey_doc::{fleet::Fleet, id::{Id128, NodeId}, record::Signer, session::*};
+//! let org = Signer::from_secret([1; 32]);
+//! let tech = Signer::from_secret([2; 32]);
+//! let fleet_doc = Fleet::create("Acme", &org, &tech, "alice", Id128([9; 16]), 0).unwrap();
+//! let fleet = Fleet::read(&fleet_doc).unwrap();
+//!
+//! let info = SessionInfo { id: Id128([1; 16]), name: "disk".into(), labels: vec![], created_at: 0, org_key: org.node_id() };
+//! let mut doc = SessionWriter::create(&tech, &info).unwrap();
+//! let command = CommandSpec { shell: Shell::Sh, script: "df -h".into(), cwd: None, env: Default::default(), timeout_ms: 60_000 };
+//! let req = CommandRequest { id: Id128([2; 16]), session: info.id, target: NodeId([7; 32]), command, description: String::new(), requested_at: 1, expires_at: 100 };
+//! SessionWriter::request(&mut doc, &tech, &req).unwrap();
+//!
+//! let view = SessionView::read(&doc, &fleet).unwrap();
+//! assert_eq!(view.commands[0].status(), "waiting for approval");
+//! ```
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod am;
+pub mod fleet;
+pub mod id;
+pub mod record;
+pub mod session;
+pub mod token;
+
+pub use automerge;

@@ -1,0 +1,541 @@
+//! The session document: one per investigation, holding every command asked, every decision,
+//! and every byte of output, as signed records.
+//!
+//! Layout: `ROOT.info` (bytes), and maps keyed by node or request id:
+//! `targets[node]`, `requests[req]`, `decisions[req]`, `starts[req]`, `ends[req]`, and
+//! `outputs[req]` — a list of output chunk records (one Automerge op per chunk, whatever its
+//! size, so megabytes of output stay cheap). Only the session's creator makes the top-level maps
+//! (concurrently created maps would hide each other's contents); only the target agent creates
+//! and appends to a request's output list.
+//!
+//! `SessionView::read` verifies every record and who wrote it. Anything that fails is kept in
+//! `quarantined` with the reason, never shown as genuine and never acted upon.
+
+use std::collections::BTreeMap;
+
+use automerge::transaction::Transactable;
+use automerge::{Automerge, ObjType, ROOT, ReadDoc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::am;
+use crate::fleet::{Fleet, Role};
+use crate::id::{Id128, NodeId};
+use crate::record::{RecordError, RecordKind, Signer, verify, verify_kind};
+
+/// Largest output chunk a runner writes; bigger writes are split.
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// A session's name and labels, signed by the technician who opened it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub id: Id128,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub created_at: u64,
+    pub org_key: NodeId,
+}
+
+/// Adds an agent to a session, so the session syncs to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub session: Id128,
+    pub node: NodeId,
+    pub at: u64,
+}
+
+/// Which shell interprets the script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shell {
+    Sh,
+    Bash,
+    Pwsh,
+    Cmd,
+}
+
+impl std::fmt::Display for Shell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Shell::Sh => "sh",
+            Shell::Bash => "bash",
+            Shell::Pwsh => "pwsh",
+            Shell::Cmd => "cmd",
+        })
+    }
+}
+
+impl std::str::FromStr for Shell {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sh" => Ok(Shell::Sh),
+            "bash" => Ok(Shell::Bash),
+            "pwsh" | "powershell" => Ok(Shell::Pwsh),
+            "cmd" => Ok(Shell::Cmd),
+            other => Err(format!("unknown shell {other:?}: use sh, bash, pwsh or cmd")),
+        }
+    }
+}
+
+/// Exactly what is to run. The approval names its hash, so changing any byte means asking again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandSpec {
+    pub shell: Shell,
+    pub script: String,
+    pub cwd: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout_ms: u64,
+}
+
+impl CommandSpec {
+    /// SHA-256 over a length-prefixed encoding of every field (unambiguous, no JSON involved).
+    pub fn hash(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        let mut field = |b: &[u8]| {
+            h.update((b.len() as u64).to_be_bytes());
+            h.update(b);
+        };
+        field(b"caisey/command/v1");
+        field(self.shell.to_string().as_bytes());
+        field(self.script.as_bytes());
+        field(self.cwd.as_deref().unwrap_or("").as_bytes());
+        field(&[u8::from(self.cwd.is_some())]);
+        field(&(self.env.len() as u64).to_be_bytes());
+        for (k, v) in &self.env {
+            field(k.as_bytes());
+            field(v.as_bytes());
+        }
+        field(&self.timeout_ms.to_be_bytes());
+        h.finalize().into()
+    }
+}
+
+/// A technician asks one agent to run one command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandRequest {
+    pub id: Id128,
+    pub session: Id128,
+    pub target: NodeId,
+    pub command: CommandSpec,
+    pub description: String,
+    pub requested_at: u64,
+    /// After this, the agent stops waiting for a decision and records the request as expired.
+    pub expires_at: u64,
+}
+
+/// What became of a request before it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Approved,
+    Denied,
+    Expired,
+}
+
+/// The endpoint user's (or an approver's) decision on one exact command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub request: Id128,
+    pub session: Id128,
+    pub target: NodeId,
+    pub requester: NodeId,
+    #[serde(with = "hex32")]
+    pub command_hash: [u8; 32],
+    pub verdict: Verdict,
+    /// Who decided, in words ("local user on ws-01").
+    pub decided_by: String,
+    pub decided_at: u64,
+}
+
+/// The agent began running an approved command. Written in the same change as the approval is
+/// consumed; a start without an end after an agent restart means "interrupted".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Start {
+    pub request: Id128,
+    pub session: Id128,
+    pub started_at: u64,
+}
+
+/// Which pipe a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A piece of output. Binary body: `request [16] | seq u64 BE | stream u8 | data`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutputChunk {
+    pub request: Id128,
+    pub seq: u64,
+    pub stream: Stream,
+    pub data: Vec<u8>,
+}
+
+impl OutputChunk {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(25 + self.data.len());
+        b.extend_from_slice(&self.request.0);
+        b.extend_from_slice(&self.seq.to_be_bytes());
+        b.push(match self.stream {
+            Stream::Stdout => 1,
+            Stream::Stderr => 2,
+        });
+        b.extend_from_slice(&self.data);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, RecordError> {
+        if b.len() < 25 {
+            return Err(RecordError::Body("output chunk too short".into()));
+        }
+        let mut request = [0u8; 16];
+        request.copy_from_slice(&b[..16]);
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&b[16..24]);
+        let stream = match b[24] {
+            1 => Stream::Stdout,
+            2 => Stream::Stderr,
+            n => return Err(RecordError::Body(format!("unknown stream {n}"))),
+        };
+        Ok(Self { request: Id128(request), seq: u64::from_be_bytes(seq), stream, data: b[25..].to_vec() })
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndStatus {
+    Exited,
+    TimedOut,
+    /// The agent stopped (crash, reboot) while the command ran; it is never re-run.
+    Interrupted,
+    FailedToStart,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct End {
+    pub request: Id128,
+    pub session: Id128,
+    pub status: EndStatus,
+    pub exit_code: Option<i32>,
+    pub ended_at: u64,
+    pub chunks: u64,
+    pub message: Option<String>,
+}
+
+mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
+}
+
+/// Writes into a session document. Each call is one Automerge change.
+#[derive(Debug)]
+pub struct SessionWriter;
+
+impl SessionWriter {
+    /// A new session document, with every top-level map made once, by its creator.
+    pub fn create(signer: &Signer, info: &SessionInfo) -> Result<Automerge, automerge::AutomergeError> {
+        let mut doc = Automerge::new();
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(ROOT, "info", signer.sign(RecordKind::SessionInfo, info))?;
+            for key in ["targets", "requests", "decisions", "starts", "outputs", "ends"] {
+                tx.put_object(ROOT, key, ObjType::Map)?;
+            }
+            Ok(())
+        })
+        .map_err(|f| f.error)?;
+        Ok(doc)
+    }
+
+    /// Adds a target agent (if not already there) and a request for it.
+    pub fn request(doc: &mut Automerge, signer: &Signer, req: &CommandRequest) -> Result<(), automerge::AutomergeError> {
+        let target = Target { session: req.session, node: req.target, at: req.requested_at };
+        let target_rec = signer.sign(RecordKind::Target, &target);
+        let req_rec = signer.sign(RecordKind::Request, req);
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            let targets = am::ensure_root_map(tx, "targets")?;
+            if am::bytes_at(tx, &targets, &req.target.to_hex()).is_none() {
+                tx.put(&targets, req.target.to_hex(), target_rec)?;
+            }
+            let requests = am::ensure_root_map(tx, "requests")?;
+            tx.put(&requests, req.id.to_hex(), req_rec)?;
+            Ok(())
+        })
+        .map_err(|f| f.error)?;
+        Ok(())
+    }
+
+    /// Records a decision; if approved, consumes it by recording the start in the same change and
+    /// creating the output list. Returns false (and writes nothing) if a decision already exists.
+    pub fn decide(
+        doc: &mut Automerge,
+        signer: &Signer,
+        decision: &Decision,
+        start_at: Option<u64>,
+    ) -> Result<bool, automerge::AutomergeError> {
+        let key = decision.request.to_hex();
+        let decision_rec = signer.sign(RecordKind::Decision, decision);
+        let start_rec = start_at.map(|at| {
+            signer.sign(RecordKind::Start, &Start { request: decision.request, session: decision.session, started_at: at })
+        });
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            let decisions = am::ensure_root_map(tx, "decisions")?;
+            if am::bytes_at(tx, &decisions, &key).is_some() {
+                return Ok(false);
+            }
+            tx.put(&decisions, &key, decision_rec)?;
+            if let Some(start) = start_rec {
+                let starts = am::ensure_root_map(tx, "starts")?;
+                tx.put(&starts, &key, start)?;
+                let outputs = am::ensure_root_map(tx, "outputs")?;
+                tx.put_object(&outputs, &key, ObjType::List)?;
+            }
+            Ok(true)
+        })
+        .map(|ok| ok.result)
+        .map_err(|f| f.error)
+    }
+
+    /// Appends output chunks (already cut to `MAX_CHUNK`) to a request's output list.
+    pub fn append_output(doc: &mut Automerge, signer: &Signer, chunks: &[OutputChunk]) -> Result<(), automerge::AutomergeError> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let key = chunks[0].request.to_hex();
+        let records: Vec<Vec<u8>> = chunks.iter().map(|c| signer.sign_raw(RecordKind::Output, &c.encode())).collect();
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            let outputs = am::ensure_root_map(tx, "outputs")?;
+            let list = match am::child(tx, &outputs, &key, ObjType::List) {
+                Some(list) => list,
+                None => tx.put_object(&outputs, &key, ObjType::List)?,
+            };
+            let mut at = tx.length(&list);
+            for r in records {
+                tx.insert(&list, at, r)?;
+                at += 1;
+            }
+            Ok(())
+        })
+        .map_err(|f| f.error)?;
+        Ok(())
+    }
+
+    pub fn end(doc: &mut Automerge, signer: &Signer, end: &End) -> Result<(), automerge::AutomergeError> {
+        let rec = signer.sign(RecordKind::End, end);
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            let ends = am::ensure_root_map(tx, "ends")?;
+            tx.put(&ends, end.request.to_hex(), rec)?;
+            Ok(())
+        })
+        .map_err(|f| f.error)?;
+        Ok(())
+    }
+}
+
+/// A record that failed verification or was written by someone not allowed to write it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Quarantined {
+    pub place: String,
+    pub author: Option<NodeId>,
+    pub why: String,
+}
+
+/// One command and everything that happened to it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandView {
+    pub request: CommandRequest,
+    pub requester: NodeId,
+    pub decision: Option<Decision>,
+    pub decided_by_node: Option<NodeId>,
+    pub start: Option<Start>,
+    pub end: Option<End>,
+    /// Verified chunks in sequence order.
+    pub output: Vec<OutputChunk>,
+}
+
+impl CommandView {
+    /// A one-word state for listings.
+    pub fn status(&self) -> &'static str {
+        match (&self.decision, &self.end) {
+            (_, Some(e)) => match e.status {
+                EndStatus::Exited => "exited",
+                EndStatus::TimedOut => "timed out",
+                EndStatus::Interrupted => "interrupted",
+                EndStatus::FailedToStart => "failed to start",
+            },
+            (Some(d), None) => match d.verdict {
+                Verdict::Approved => "running",
+                Verdict::Denied => "denied",
+                Verdict::Expired => "expired",
+            },
+            (None, None) => "waiting for approval",
+        }
+    }
+
+    /// Finished one way or another: nothing more will happen to it.
+    pub fn is_final(&self) -> bool {
+        self.end.is_some() || self.decision.as_ref().is_some_and(|d| d.verdict != Verdict::Approved)
+    }
+}
+
+/// The verified view of a session document.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionView {
+    pub info: SessionInfo,
+    pub creator: NodeId,
+    pub targets: Vec<NodeId>,
+    pub commands: Vec<CommandView>,
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// Why a session document can't be read at all.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    #[error("session document has no info record")]
+    NoInfo,
+    #[error("session info record is invalid: {0}")]
+    BadInfo(#[source] RecordError),
+    #[error("session was not opened by a technician of this org")]
+    NotByTechnician,
+}
+
+impl SessionView {
+    /// Only the info record: cheap, for listings and access decisions.
+    pub fn read_info(doc: &impl ReadDoc) -> Result<(SessionInfo, NodeId), SessionError> {
+        let bytes = am::bytes_at(doc, &ROOT, "info").ok_or(SessionError::NoInfo)?;
+        let v = verify_kind(&bytes, RecordKind::SessionInfo).map_err(SessionError::BadInfo)?;
+        Ok((v.json().map_err(SessionError::BadInfo)?, v.author))
+    }
+
+    /// The agents this session is shared with, as its technicians recorded them.
+    pub fn read_targets(doc: &impl ReadDoc, fleet: &Fleet) -> Vec<NodeId> {
+        let mut out = Vec::new();
+        let Some(obj) = am::root_map(doc, "targets") else { return out };
+        for (key, bytes) in am::byte_entries(doc, &obj) {
+            let Ok(v) = verify_kind(&bytes, RecordKind::Target) else { continue };
+            let Ok(t) = v.json::<Target>() else { continue };
+            if t.node.to_hex() == key && fleet.role_of(&v.author) == Some(Role::Technician) {
+                out.push(t.node);
+            }
+        }
+        out
+    }
+
+    /// Reads and verifies everything.
+    pub fn read(doc: &impl ReadDoc, fleet: &Fleet) -> Result<SessionView, SessionError> {
+        let (info, creator) = Self::read_info(doc)?;
+        if fleet.role_of(&creator) != Some(Role::Technician) {
+            return Err(SessionError::NotByTechnician);
+        }
+        let mut view = SessionView { targets: Self::read_targets(doc, fleet), info, creator, commands: vec![], quarantined: vec![] };
+        let mut q = Vec::new();
+        let requests = read_map::<CommandRequest>(doc, "requests", RecordKind::Request, &mut q);
+        let decisions = read_map::<Decision>(doc, "decisions", RecordKind::Decision, &mut q);
+        let starts = read_map::<Start>(doc, "starts", RecordKind::Start, &mut q);
+        let ends = read_map::<End>(doc, "ends", RecordKind::End, &mut q);
+        let outputs = am::root_map(doc, "outputs");
+        for (key, (author, req)) in requests {
+            let place = format!("requests/{key}");
+            if fleet.role_of(&author) != Some(Role::Technician) {
+                q.push(Quarantined { place, author: Some(author), why: "request not written by a technician".into() });
+                continue;
+            }
+            if req.id.to_hex() != key || req.session != view.info.id {
+                q.push(Quarantined { place, author: Some(author), why: "request stored under the wrong id or session".into() });
+                continue;
+            }
+            // Everything after the request must be written by the agent it targets.
+            let by_target = |what: &str, author: NodeId, q: &mut Vec<Quarantined>| {
+                let ok = author == req.target;
+                if !ok {
+                    q.push(Quarantined { place: format!("{what}/{key}"), author: Some(author), why: format!("{what} not written by the target agent") });
+                }
+                ok
+            };
+            let mut cmd = CommandView { requester: author, request: req.clone(), decision: None, decided_by_node: None, start: None, end: None, output: vec![] };
+            if let Some((a, d)) = decisions.get(&key) {
+                if by_target("decisions", *a, &mut q) && d.request == req.id && d.command_hash == req.command.hash() {
+                    cmd.decision = Some(d.clone());
+                    cmd.decided_by_node = Some(*a);
+                }
+            }
+            if let Some((a, s)) = starts.get(&key) {
+                let approved = cmd.decision.as_ref().is_some_and(|d| d.verdict == Verdict::Approved);
+                if by_target("starts", *a, &mut q) && s.request == req.id && approved {
+                    cmd.start = Some(s.clone());
+                }
+            }
+            if let Some((a, e)) = ends.get(&key) {
+                if by_target("ends", *a, &mut q) && e.request == req.id {
+                    cmd.end = Some(e.clone());
+                }
+            }
+            if let Some(list) = outputs.as_ref().and_then(|o| am::child(doc, o, &key, ObjType::List)) {
+                for (i, bytes) in am::list_bytes(doc, &list, 0).into_iter().enumerate() {
+                    match verify_kind(&bytes, RecordKind::Output).and_then(|v| Ok((v.author, OutputChunk::decode(v.body)?))) {
+                        Ok((a, c)) if a == req.target && c.request == req.id => cmd.output.push(c),
+                        Ok((a, _)) => q.push(Quarantined { place: format!("outputs/{key}/{i}"), author: Some(a), why: "output not written by the target agent".into() }),
+                        Err(e) => q.push(Quarantined { place: format!("outputs/{key}/{i}"), author: None, why: e.to_string() }),
+                    }
+                }
+                cmd.output.sort_by_key(|c| c.seq);
+            }
+            view.commands.push(cmd);
+        }
+        view.commands.sort_by_key(|c| (c.request.requested_at, c.request.id));
+        view.quarantined = q;
+        Ok(view)
+    }
+
+    pub fn command(&self, id: &Id128) -> Option<&CommandView> {
+        self.commands.iter().find(|c| c.request.id == *id)
+    }
+
+    /// When anything last happened, for listings.
+    pub fn last_activity(&self) -> u64 {
+        self.commands
+            .iter()
+            .flat_map(|c| [Some(c.request.requested_at), c.decision.as_ref().map(|d| d.decided_at), c.end.as_ref().map(|e| e.ended_at)])
+            .flatten()
+            .max()
+            .unwrap_or(self.info.created_at)
+    }
+}
+
+/// Verifies every record in `ROOT[map]`, quarantining what fails.
+fn read_map<T: serde::de::DeserializeOwned>(
+    doc: &impl ReadDoc,
+    map: &str,
+    kind: RecordKind,
+    q: &mut Vec<Quarantined>,
+) -> BTreeMap<String, (NodeId, T)> {
+    let mut out = BTreeMap::new();
+    let Some(obj) = am::root_map(doc, map) else { return out };
+    for (key, bytes) in am::byte_entries(doc, &obj) {
+        let place = format!("{map}/{key}");
+        match verify(&bytes).and_then(|v| {
+            if v.kind != kind {
+                return Err(RecordError::WrongKind { expected: kind, found: v.kind });
+            }
+            Ok((v.author, v.json::<T>()?))
+        }) {
+            Ok(parsed) => {
+                out.insert(key, parsed);
+            }
+            Err(e) => q.push(Quarantined { place, author: None, why: e.to_string() }),
+        }
+    }
+    out
+}
