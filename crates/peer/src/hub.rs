@@ -1,0 +1,584 @@
+//! The sync core: a sans-IO state machine that decides, for every connected peer and every
+//! document, what to send next — and what must be made durable first.
+//!
+//! It holds the documents and one `automerge::sync::State` per (peer, document), takes events
+//! (`Input`) with the current time, and returns `Output`s for a driver to carry out in order:
+//! persist before send, so nothing is acknowledged that a crash could lose. It owns no socket,
+//! clock or file, which is what lets `tests` below run many peers, partitions and reconnects
+//! deterministically in one thread.
+//!
+//! Decisions it makes:
+//! - On connect: offer every document the peer may hold (see [`crate::access`]).
+//! - On any change (local or received): persist it incrementally, then offer it to every
+//!   connected peer allowed to hold it — that is what makes a relay forward, and streaming live.
+//! - On a fleet change: membership may have changed, so re-offer everything and drop peers who
+//!   are no longer members.
+//! - A hostile peer (non-member, malformed message, foreign org) is disconnected with a reason.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::sync::{Message, State as SyncState, SyncDoc};
+use automerge::{Automerge, ChangeHash};
+use caisey_doc::fleet::Fleet;
+use caisey_doc::id::{DocId, NodeId};
+use caisey_doc::session::SessionView;
+
+use crate::access::{may_introduce_session, may_share};
+use crate::wire::{DocKind, Frame};
+
+/// Identifies one connection, so events from a replaced connection are told apart.
+pub type ConnId = u64;
+
+/// Compaction rewrites a document once the incremental tail outgrows the last full save (and
+/// this floor), which keeps total rewriting linear in the document's size.
+const COMPACT_FLOOR: usize = 1024 * 1024;
+
+#[derive(Debug)]
+pub enum Input {
+    /// A connection to `peer` is up; `stored` holds sync states persisted from earlier sessions.
+    Connected { peer: NodeId, conn: ConnId, stored: Vec<(DocId, Vec<u8>)> },
+    Disconnected { peer: NodeId, conn: ConnId },
+    Frame { peer: NodeId, conn: ConnId, frame: Frame },
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Output {
+    /// Make these bytes durable for `doc`. `compact`: they replace everything stored before.
+    PersistDoc { doc: DocId, kind: DocKind, bytes: Vec<u8>, compact: bool },
+    PersistSyncState { doc: DocId, peer: NodeId, state: Vec<u8> },
+    Send { peer: NodeId, conn: ConnId, frame: Frame },
+    Disconnect { peer: NodeId, conn: ConnId, reason: String },
+    /// A peer sent something we ignored (not fatal); for the log.
+    Ignored { peer: NodeId, reason: String },
+    DocChanged { doc: DocId },
+    PeerUp { peer: NodeId },
+    PeerDown { peer: NodeId },
+}
+
+struct Entry {
+    kind: DocKind,
+    doc: Automerge,
+    saved_heads: Vec<ChangeHash>,
+    compacted_len: usize,
+    incremental_len: usize,
+    /// For sessions: the agents it is shared with, re-derived on every change.
+    targets: Vec<NodeId>,
+}
+
+struct Peer {
+    conn: ConnId,
+    connected_at: u64,
+    last_heard: Option<u64>,
+    states: BTreeMap<DocId, SyncState>,
+}
+
+/// What the hub knows about a connected peer.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub peer: NodeId,
+    pub connected_at: u64,
+    pub last_heard: Option<u64>,
+}
+
+pub struct Hub {
+    me: NodeId,
+    fleet_doc: Option<DocId>,
+    fleet: Fleet,
+    docs: BTreeMap<DocId, Entry>,
+    peers: BTreeMap<NodeId, Peer>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("me", &self.me).field("docs", &self.docs.len()).field("peers", &self.peers.len()).finish()
+    }
+}
+
+impl Hub {
+    pub fn new(me: NodeId) -> Self {
+        Self { me, fleet_doc: None, fleet: Fleet::default(), docs: BTreeMap::new(), peers: BTreeMap::new() }
+    }
+
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    /// Adds a document read from the store at startup.
+    pub fn load(&mut self, id: DocId, kind: DocKind, bytes: &[u8]) -> Result<(), automerge::AutomergeError> {
+        let doc = Automerge::load(bytes)?;
+        let mut entry = Entry { kind, saved_heads: doc.get_heads(), doc, compacted_len: bytes.len(), incremental_len: 0, targets: vec![] };
+        if kind == DocKind::Fleet {
+            self.fleet_doc = Some(id);
+            self.fleet = Fleet::read(&entry.doc).unwrap_or_default();
+        }
+        entry.targets = targets_of(&entry, &self.fleet);
+        self.docs.insert(id, entry);
+        // Targets depend on the fleet, which may load after the sessions.
+        if kind == DocKind::Fleet {
+            self.refresh_targets();
+        }
+        Ok(())
+    }
+
+    /// Adds a document created here (or received out of band, such as at enrollment).
+    pub fn create(&mut self, id: DocId, kind: DocKind, doc: Automerge, now: u64) -> Vec<Output> {
+        let mut out = Vec::new();
+        // Registered empty, then changed: the one code path persists, re-derives access and offers.
+        let empty = Automerge::new();
+        self.docs.insert(id, Entry { kind, saved_heads: empty.get_heads(), doc: empty, compacted_len: 0, incremental_len: 0, targets: vec![] });
+        if kind == DocKind::Fleet {
+            self.fleet_doc = Some(id);
+        }
+        if let Some(entry) = self.docs.get_mut(&id) {
+            entry.doc = doc;
+        }
+        self.after_change(id, now, &mut out);
+        out
+    }
+
+    /// Changes a document locally; returns the closure's result and what to do about the change.
+    pub fn change<R>(&mut self, id: DocId, now: u64, f: impl FnOnce(&mut Automerge) -> R) -> Option<(R, Vec<Output>)> {
+        let entry = self.docs.get_mut(&id)?;
+        let r = f(&mut entry.doc);
+        let mut out = Vec::new();
+        self.after_change(id, now, &mut out);
+        Some((r, out))
+    }
+
+    pub fn doc(&self, id: &DocId) -> Option<&Automerge> {
+        self.docs.get(id).map(|e| &e.doc)
+    }
+
+    pub fn kind(&self, id: &DocId) -> Option<DocKind> {
+        self.docs.get(id).map(|e| e.kind)
+    }
+
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
+    }
+
+    pub fn fleet_doc(&self) -> Option<DocId> {
+        self.fleet_doc
+    }
+
+    pub fn docs(&self) -> impl Iterator<Item = (DocId, DocKind)> + '_ {
+        self.docs.iter().map(|(id, e)| (*id, e.kind))
+    }
+
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        self.peers.iter().map(|(p, s)| PeerInfo { peer: *p, connected_at: s.connected_at, last_heard: s.last_heard }).collect()
+    }
+
+    /// True once `peer` has answered and holds exactly our heads of every document it may hold.
+    pub fn in_sync_with(&self, peer: &NodeId) -> bool {
+        let Some(p) = self.peers.get(peer) else { return false };
+        if p.last_heard.is_none() {
+            return false;
+        }
+        self.docs.iter().filter(|(_, e)| may_share(&self.fleet, peer, e.kind, &e.targets)).all(|(id, e)| {
+            let ours: BTreeSet<_> = e.doc.get_heads().into_iter().collect();
+            p.states.get(id).and_then(|s| s.their_heads.as_ref()).is_some_and(|h| h.iter().copied().collect::<BTreeSet<_>>() == ours)
+        })
+    }
+
+    pub fn handle(&mut self, now: u64, input: Input) -> Vec<Output> {
+        let mut out = Vec::new();
+        match input {
+            Input::Connected { peer, conn, stored } => self.on_connected(peer, conn, stored, now, &mut out),
+            Input::Disconnected { peer, conn } => self.on_disconnected(peer, conn, &mut out),
+            Input::Frame { peer, conn, frame } => {
+                if self.peers.get(&peer).is_some_and(|p| p.conn == conn) {
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        p.last_heard = Some(now);
+                    }
+                    self.on_frame(peer, conn, frame, now, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    fn on_connected(&mut self, peer: NodeId, conn: ConnId, stored: Vec<(DocId, Vec<u8>)>, now: u64, out: &mut Vec<Output>) {
+        if self.fleet.role_of(&peer).is_none() {
+            out.push(Output::Disconnect { peer, conn, reason: "not a member of this org".into() });
+            return;
+        }
+        if let Some(old) = self.peers.remove(&peer) {
+            self.save_states(peer, &old, out);
+            out.push(Output::Disconnect { peer, conn: old.conn, reason: "replaced by a newer connection".into() });
+        }
+        let states = stored.into_iter().filter_map(|(doc, bytes)| Some((doc, SyncState::decode(&bytes).ok()?))).collect();
+        self.peers.insert(peer, Peer { conn, connected_at: now, last_heard: None, states });
+        out.push(Output::PeerUp { peer });
+        let ids: Vec<DocId> = self.docs.keys().copied().collect();
+        for id in ids {
+            self.offer(peer, id, out);
+        }
+    }
+
+    fn on_disconnected(&mut self, peer: NodeId, conn: ConnId, out: &mut Vec<Output>) {
+        if self.peers.get(&peer).is_some_and(|p| p.conn == conn) {
+            if let Some(p) = self.peers.remove(&peer) {
+                self.save_states(peer, &p, out);
+            }
+            out.push(Output::PeerDown { peer });
+        }
+    }
+
+    fn save_states(&self, peer: NodeId, p: &Peer, out: &mut Vec<Output>) {
+        for (doc, state) in &p.states {
+            out.push(Output::PersistSyncState { doc: *doc, peer, state: state.encode() });
+        }
+    }
+
+    fn on_frame(&mut self, peer: NodeId, conn: ConnId, frame: Frame, now: u64, out: &mut Vec<Output>) {
+        let Frame::Sync { doc: id, kind, message } = frame else {
+            return; // a second Hello is harmless
+        };
+        let drop = |reason: &str| Output::Disconnect { peer, conn, reason: reason.to_string() };
+        match self.docs.get(&id) {
+            Some(e) if e.kind != kind => return out.push(drop("sent a document under the wrong kind")),
+            Some(e) if !may_share(&self.fleet, &peer, e.kind, &e.targets) => {
+                return out.push(Output::Ignored { peer, reason: format!("changes to document {} it may not hold", id.short()) });
+            }
+            Some(_) => {}
+            None if kind == DocKind::Fleet => return out.push(drop("offered a fleet document of another org")),
+            None if !may_introduce_session(&self.fleet, &peer) => {
+                return out.push(Output::Ignored { peer, reason: format!("offered session {} but may not introduce sessions", id.short()) });
+            }
+            None => {
+                let doc = Automerge::new();
+                self.docs.insert(id, Entry { kind, saved_heads: doc.get_heads(), doc, compacted_len: 0, incremental_len: 0, targets: vec![] });
+            }
+        }
+        let message = match Message::decode(&message) {
+            Ok(m) => m,
+            Err(e) => return out.push(drop(&format!("malformed sync message: {e}"))),
+        };
+        let Some(entry) = self.docs.get_mut(&id) else { return };
+        let state = self.peers.get_mut(&peer).map(|p| p.states.entry(id).or_default());
+        let Some(state) = state else { return };
+        if let Err(e) = entry.doc.receive_sync_message(state, message) {
+            return out.push(drop(&format!("sync message could not be applied: {e}")));
+        }
+        self.after_change(id, now, out);
+        self.offer(peer, id, out);
+    }
+
+    /// Persists and announces whatever changed in `id` since it was last saved.
+    fn after_change(&mut self, id: DocId, _now: u64, out: &mut Vec<Output>) {
+        let Some(entry) = self.docs.get_mut(&id) else { return };
+        let heads = entry.doc.get_heads();
+        if heads == entry.saved_heads {
+            return;
+        }
+        let incremental = entry.doc.save_after(&entry.saved_heads);
+        entry.saved_heads = heads;
+        let (bytes, compact) = if entry.incremental_len + incremental.len() > entry.compacted_len.max(COMPACT_FLOOR) {
+            let full = entry.doc.save();
+            entry.compacted_len = full.len();
+            entry.incremental_len = 0;
+            (full, true)
+        } else {
+            entry.incremental_len += incremental.len();
+            (incremental, false)
+        };
+        out.push(Output::PersistDoc { doc: id, kind: entry.kind, bytes, compact });
+        out.push(Output::DocChanged { doc: id });
+        let fleet_changed = entry.kind == DocKind::Fleet;
+        if fleet_changed {
+            self.fleet = Fleet::read(&entry.doc).unwrap_or_default();
+            self.refresh_targets();
+            // Anyone no longer a member goes.
+            let gone: Vec<(NodeId, ConnId)> = self.peers.iter().filter(|(p, _)| self.fleet.role_of(p).is_none()).map(|(p, s)| (*p, s.conn)).collect();
+            for (peer, conn) in gone {
+                out.push(Output::Disconnect { peer, conn, reason: "no longer a member".into() });
+            }
+        } else if let Some(entry) = self.docs.get(&id) {
+            let targets = targets_of(entry, &self.fleet);
+            if let Some(e) = self.docs.get_mut(&id) {
+                e.targets = targets;
+            }
+        }
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        let docs: Vec<DocId> = if fleet_changed { self.docs.keys().copied().collect() } else { vec![id] };
+        for peer in peers {
+            for doc in &docs {
+                self.offer(peer, *doc, out);
+            }
+        }
+    }
+
+    fn refresh_targets(&mut self) {
+        let fleet = &self.fleet;
+        for e in self.docs.values_mut() {
+            e.targets = targets_of(e, fleet);
+        }
+    }
+
+    /// Sends `peer` the next sync message for `id`, if it may hold it and there is one.
+    fn offer(&mut self, peer: NodeId, id: DocId, out: &mut Vec<Output>) {
+        let (Some(entry), Some(p)) = (self.docs.get(&id), self.peers.get_mut(&peer)) else { return };
+        if !may_share(&self.fleet, &peer, entry.kind, &entry.targets) {
+            return;
+        }
+        let state = p.states.entry(id).or_default();
+        if let Some(msg) = entry.doc.generate_sync_message(state) {
+            out.push(Output::Send { peer, conn: p.conn, frame: Frame::Sync { doc: id, kind: entry.kind, message: msg.encode() } });
+        }
+    }
+}
+
+fn targets_of(entry: &Entry, fleet: &Fleet) -> Vec<NodeId> {
+    match entry.kind {
+        DocKind::Fleet => vec![],
+        DocKind::Session => SessionView::read_targets(&entry.doc, fleet),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A deterministic network of hubs: messages are queued and delivered in one thread, so
+    //! partitions and reconnects are exact and repeatable.
+    use super::*;
+    use caisey_doc::fleet::{Membership, Role};
+    use caisey_doc::id::Id128;
+    use caisey_doc::record::{RecordKind, Signer};
+    use caisey_doc::session::*;
+    use std::collections::VecDeque;
+
+    struct Net {
+        hubs: BTreeMap<NodeId, Hub>,
+        queue: VecDeque<(NodeId, Input)>,
+        links: BTreeSet<(NodeId, NodeId)>,
+        next_conn: ConnId,
+        conns: BTreeMap<(NodeId, NodeId), ConnId>,
+        persisted: BTreeMap<NodeId, usize>,
+    }
+
+    impl Net {
+        fn new(hubs: Vec<Hub>) -> Self {
+            Net {
+                hubs: hubs.into_iter().map(|h| (h.me(), h)).collect(),
+                queue: VecDeque::new(),
+                links: BTreeSet::new(),
+                next_conn: 1,
+                conns: BTreeMap::new(),
+                persisted: BTreeMap::new(),
+            }
+        }
+        fn connect(&mut self, a: NodeId, b: NodeId) {
+            let conn = self.next_conn;
+            self.next_conn += 1;
+            self.links.insert((a, b));
+            self.links.insert((b, a));
+            self.conns.insert((a, b), conn);
+            self.conns.insert((b, a), conn);
+            self.queue.push_back((a, Input::Connected { peer: b, conn, stored: vec![] }));
+            self.queue.push_back((b, Input::Connected { peer: a, conn, stored: vec![] }));
+        }
+        fn disconnect(&mut self, a: NodeId, b: NodeId) {
+            self.links.remove(&(a, b));
+            self.links.remove(&(b, a));
+            let conn = self.conns[&(a, b)];
+            self.queue.push_back((a, Input::Disconnected { peer: b, conn }));
+            self.queue.push_back((b, Input::Disconnected { peer: a, conn }));
+        }
+        fn apply(&mut self, at: NodeId, outputs: Vec<Output>) {
+            for o in outputs {
+                match o {
+                    Output::Send { peer, conn, frame } if self.links.contains(&(at, peer)) => {
+                        self.queue.push_back((peer, Input::Frame { peer: at, conn, frame }));
+                    }
+                    Output::PersistDoc { .. } => *self.persisted.entry(at).or_default() += 1,
+                    Output::Disconnect { peer, .. } => {
+                        self.links.remove(&(at, peer));
+                        self.links.remove(&(peer, at));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        fn run_until_quiescent(&mut self) {
+            let mut steps = 0;
+            while let Some((at, input)) = self.queue.pop_front() {
+                steps += 1;
+                assert!(steps < 100_000, "sync did not converge");
+                let out = self.hubs.get_mut(&at).unwrap().handle(steps, input);
+                self.apply(at, out);
+            }
+        }
+        fn change(&mut self, at: NodeId, doc: DocId, f: impl FnOnce(&mut Automerge)) {
+            let (_, out) = self.hubs.get_mut(&at).unwrap().change(doc, 0, f).unwrap();
+            self.apply(at, out);
+        }
+        fn create(&mut self, at: NodeId, id: DocId, kind: DocKind, doc: Automerge) {
+            let out = self.hubs.get_mut(&at).unwrap().create(id, kind, doc, 0);
+            self.apply(at, out);
+        }
+        fn heads(&self, at: NodeId, doc: DocId) -> Option<Vec<ChangeHash>> {
+            self.hubs[&at].doc(&doc).map(|d| d.get_heads())
+        }
+    }
+
+    struct Org {
+        org: Signer,
+        tech: Signer,
+        relay: Signer,
+        agents: Vec<Signer>,
+        fleet_id: DocId,
+        fleet: Automerge,
+    }
+
+    fn org(agents: u8) -> Org {
+        let org = Signer::from_secret([1; 32]);
+        let tech = Signer::from_secret([2; 32]);
+        let relay = Signer::from_secret([3; 32]);
+        let fleet_id = Id128([9; 16]);
+        let mut fleet = Fleet::create("Acme", &org, &tech, "alice", fleet_id, 0).unwrap();
+        let mut add = |s: &Signer, role, name: &str| {
+            let m = Membership { node: s.node_id(), role, name: name.into(), groups: vec!["g".into()], at: 0, invite: None };
+            Fleet::put_member(&mut fleet, &org.sign(RecordKind::Membership, &m), &s.node_id()).unwrap();
+        };
+        add(&relay, Role::Relay, "relay");
+        let agents: Vec<Signer> = (0..agents).map(|i| Signer::from_secret([10 + i; 32])).collect();
+        for (i, a) in agents.iter().enumerate() {
+            add(a, Role::Agent, &format!("ws-{i}"));
+        }
+        Org { org, tech, relay, agents, fleet_id, fleet }
+    }
+
+    fn hub_with_fleet(o: &Org, s: &Signer) -> Hub {
+        let mut h = Hub::new(s.node_id());
+        h.load(o.fleet_id, DocKind::Fleet, &o.fleet.save()).unwrap();
+        h
+    }
+
+    fn session_for(o: &Org, target: NodeId, sid: u8) -> (DocId, Automerge) {
+        let id = Id128([sid; 16]);
+        let info = SessionInfo { id, name: format!("s{sid}"), labels: vec![], created_at: 0, org_key: o.org.node_id() };
+        let mut doc = SessionWriter::create(&o.tech, &info).unwrap();
+        let command = CommandSpec { shell: Shell::Sh, script: "uptime".into(), cwd: None, env: Default::default(), timeout_ms: 1000 };
+        let req = CommandRequest { id: Id128([sid + 100; 16]), session: id, target, command, description: String::new(), requested_at: 1, expires_at: 10 };
+        SessionWriter::request(&mut doc, &o.tech, &req).unwrap();
+        (id, doc)
+    }
+
+    #[test]
+    fn a_session_reaches_its_agent_through_the_relay_but_not_other_agents() {
+        let o = org(2);
+        let (t, r, a0, a1) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id(), o.agents[1].node_id());
+        let mut net = Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0]), hub_with_fleet(&o, &o.agents[1])]);
+        net.connect(a0, r);
+        net.connect(a1, r);
+        net.run_until_quiescent();
+        // Technician creates the session while only connected to the relay.
+        net.connect(t, r);
+        let (sid, doc) = session_for(&o, a0, 1);
+        net.create(t, sid, DocKind::Session, doc);
+        net.run_until_quiescent();
+        assert_eq!(net.heads(a0, sid), net.heads(t, sid));
+        assert_eq!(net.heads(r, sid), net.heads(t, sid));
+        assert_eq!(net.heads(a1, sid), None, "another agent learnt of the session");
+        assert!(net.hubs[&t].in_sync_with(&r));
+    }
+
+    #[test]
+    fn store_and_forward_while_technician_and_agent_are_never_online_together() {
+        let o = org(1);
+        let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
+        let mut net = Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
+        net.connect(t, r);
+        let (sid, doc) = session_for(&o, a, 2);
+        net.create(t, sid, DocKind::Session, doc);
+        net.run_until_quiescent();
+        net.disconnect(t, r);
+        net.run_until_quiescent();
+
+        net.connect(a, r);
+        net.run_until_quiescent();
+        let agent = o.agents[0].clone();
+        net.change(a, sid, |d| {
+            let chunk = OutputChunk { request: Id128([102; 16]), seq: 0, stream: Stream::Stdout, data: b"up 3 days".to_vec() };
+            SessionWriter::append_output(d, &agent, &[chunk]).unwrap();
+        });
+        net.run_until_quiescent();
+        net.disconnect(a, r);
+        net.run_until_quiescent();
+
+        net.connect(t, r);
+        net.run_until_quiescent();
+        assert_eq!(net.heads(t, sid), net.heads(a, sid));
+        let fleet = Fleet::read(&o.fleet).unwrap();
+        let view = SessionView::read(net.hubs[&t].doc(&sid).unwrap(), &fleet).unwrap();
+        assert_eq!(view.commands[0].output[0].data, b"up 3 days");
+    }
+
+    #[test]
+    fn a_non_member_is_disconnected_and_learns_nothing() {
+        let o = org(1);
+        let stranger = Signer::from_secret([77; 32]);
+        let r = o.relay.node_id();
+        let mut relay = hub_with_fleet(&o, &o.relay);
+        let (sid, doc) = session_for(&o, o.agents[0].node_id(), 3);
+        relay.create(sid, DocKind::Session, doc, 0);
+        let out = relay.handle(1, Input::Connected { peer: stranger.node_id(), conn: 1, stored: vec![] });
+        assert!(matches!(out.as_slice(), [Output::Disconnect { .. }]));
+        // Even a frame asking for the session gets nothing back.
+        let mut probe = Automerge::new();
+        let msg = probe.generate_sync_message(&mut SyncState::new()).unwrap();
+        let out = relay.handle(2, Input::Frame { peer: stranger.node_id(), conn: 1, frame: Frame::Sync { doc: sid, kind: DocKind::Session, message: msg.encode() } });
+        assert!(out.is_empty(), "relay {r:?} answered a stranger: {out:?}");
+        probe.set_actor(automerge::ActorId::random());
+    }
+
+    #[test]
+    fn malformed_messages_drop_the_connection() {
+        let o = org(1);
+        let mut relay = hub_with_fleet(&o, &o.relay);
+        let t = o.tech.node_id();
+        relay.handle(0, Input::Connected { peer: t, conn: 5, stored: vec![] });
+        let out = relay.handle(1, Input::Frame { peer: t, conn: 5, frame: Frame::Sync { doc: Id128([4; 16]), kind: DocKind::Session, message: vec![0xff; 40] } });
+        assert!(out.iter().any(|o| matches!(o, Output::Disconnect { .. })), "{out:?}");
+    }
+
+    #[test]
+    fn concurrent_output_from_partitioned_peers_converges_in_any_order() {
+        let o = org(1);
+        let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
+        let mut net = Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
+        net.connect(t, a);
+        let (sid, doc) = session_for(&o, a, 4);
+        net.create(t, sid, DocKind::Session, doc);
+        net.run_until_quiescent();
+        assert!(net.heads(a, sid).is_some(), "agent did not receive its session");
+        net.disconnect(t, a);
+        net.run_until_quiescent();
+        // Both write while apart; then they meet only through the relay, in either order.
+        let agent = o.agents[0].clone();
+        for seq in 0..20 {
+            let agent = agent.clone();
+            net.change(a, sid, move |d| {
+                let c = OutputChunk { request: Id128([104; 16]), seq, stream: Stream::Stdout, data: vec![b'x'; 100] };
+                SessionWriter::append_output(d, &agent, &[c]).unwrap();
+            });
+        }
+        let tech = o.tech.clone();
+        net.change(t, sid, move |d| {
+            let command = CommandSpec { shell: Shell::Sh, script: "df".into(), cwd: None, env: Default::default(), timeout_ms: 1000 };
+            let req = CommandRequest { id: Id128([55; 16]), session: sid, target: a, command, description: String::new(), requested_at: 2, expires_at: 10 };
+            SessionWriter::request(d, &tech, &req).unwrap();
+        });
+        net.connect(a, r);
+        net.run_until_quiescent();
+        net.connect(t, r);
+        net.run_until_quiescent();
+        assert_eq!(net.heads(t, sid), net.heads(a, sid));
+        assert_eq!(net.heads(r, sid), net.heads(a, sid));
+        let fleet = Fleet::read(&o.fleet).unwrap();
+        let view = SessionView::read(net.hubs[&r].doc(&sid).unwrap(), &fleet).unwrap();
+        assert_eq!(view.commands.len(), 2);
+        assert_eq!(view.commands.iter().map(|c| c.output.len()).sum::<usize>(), 20);
+        assert!(net.persisted[&r] > 0);
+    }
+}

@@ -1,0 +1,171 @@
+//! Durable state in one redb file: documents as an incremental stream of Automerge chunks,
+//! per-peer sync states, and small settings.
+//!
+//! A document is stored as `(doc, seq) -> bytes`; loading concatenates the chunks (Automerge
+//! loads concatenated saves and change chunks). Appending output costs one small chunk, not a
+//! rewrite; the hub decides when a full save replaces the chunks (compaction). Every `apply`
+//! is one redb transaction with one fsync, so a batch of outputs from the hub is all-or-nothing.
+
+use std::path::Path;
+
+use caisey_doc::id::{DocId, Id128, NodeId};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::wire::DocKind;
+
+const DOC_CHUNKS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("doc_chunks");
+const DOC_KINDS: TableDefinition<&[u8], u8> = TableDefinition::new("doc_kinds");
+const SYNC_STATES: TableDefinition<(&[u8], &[u8]), &[u8]> = TableDefinition::new("sync_states");
+const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("{0} is in use by another caisey process; stop it or use another --home")]
+    InUse(String),
+    #[error("store: {0}")]
+    Redb(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Redb(e.to_string())
+            }
+        }
+    )*};
+}
+from_redb!(redb::Error, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// One durable write, as asked for by the hub.
+#[derive(Debug)]
+pub enum Write {
+    Doc { doc: DocId, kind: DocKind, bytes: Vec<u8>, compact: bool },
+    SyncState { doc: DocId, peer: NodeId, state: Vec<u8> },
+    Setting { key: String, value: Vec<u8> },
+}
+
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.display().to_string()),
+            other => StoreError::Redb(format!("opening {}: {other}", path.display())),
+        })?;
+        let tx = db.begin_write()?;
+        tx.open_table(DOC_CHUNKS)?;
+        tx.open_table(DOC_KINDS)?;
+        tx.open_table(SYNC_STATES)?;
+        tx.open_table(SETTINGS)?;
+        tx.commit()?;
+        Ok(Self { db })
+    }
+
+    /// Every document, as the concatenation of its stored chunks.
+    pub fn load_docs(&self) -> Result<Vec<(DocId, DocKind, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let kinds = tx.open_table(DOC_KINDS)?;
+        let chunks = tx.open_table(DOC_CHUNKS)?;
+        let mut out = Vec::new();
+        for entry in kinds.iter()? {
+            let (id, kind) = entry?;
+            let Ok(id) = <[u8; 16]>::try_from(id.value()) else { continue };
+            let kind = if kind.value() == 1 { DocKind::Fleet } else { DocKind::Session };
+            let mut bytes = Vec::new();
+            for c in chunks.range((id.as_slice(), 0)..=(id.as_slice(), u64::MAX))? {
+                bytes.extend_from_slice(c?.1.value());
+            }
+            out.push((Id128(id), kind, bytes));
+        }
+        Ok(out)
+    }
+
+    /// Sync states saved for `peer`.
+    pub fn sync_states(&self, peer: &NodeId) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SYNC_STATES)?;
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            let (doc, p) = k.value();
+            if p == peer.0.as_slice() {
+                if let Ok(doc) = <[u8; 16]>::try_from(doc) {
+                    out.push((Id128(doc), v.value().to_vec()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn setting(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SETTINGS)?;
+        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Applies writes in one transaction: durable when this returns.
+    pub fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write()?;
+        {
+            let mut chunks = tx.open_table(DOC_CHUNKS)?;
+            let mut kinds = tx.open_table(DOC_KINDS)?;
+            let mut states = tx.open_table(SYNC_STATES)?;
+            let mut settings = tx.open_table(SETTINGS)?;
+            for w in writes {
+                match w {
+                    Write::Doc { doc, kind, bytes, compact } => {
+                        let id = doc.0.as_slice();
+                        kinds.insert(id, if *kind == DocKind::Fleet { 1 } else { 2 })?;
+                        let next = match chunks.range((id, 0)..=(id, u64::MAX))?.next_back() {
+                            Some(last) => last?.0.value().1 + 1,
+                            None => 0,
+                        };
+                        if *compact {
+                            chunks.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+                        }
+                        chunks.insert((id, next), bytes.as_slice())?;
+                    }
+                    Write::SyncState { doc, peer, state } => {
+                        states.insert((doc.0.as_slice(), peer.0.as_slice()), state.as_slice())?;
+                    }
+                    Write::Setting { key, value } => {
+                        settings.insert(key.as_str(), value.as_slice())?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_append_compact_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let id = Id128([1; 16]);
+        {
+            let s = Store::open(&path).unwrap();
+            let w = |b: &[u8], compact| Write::Doc { doc: id, kind: DocKind::Session, bytes: b.to_vec(), compact };
+            s.apply(&[w(b"ab", true), w(b"cd", false)]).unwrap();
+            assert_eq!(s.load_docs().unwrap()[0].2, b"abcd");
+            s.apply(&[w(b"XY", true), w(b"z", false)]).unwrap();
+            assert!(matches!(Store::open(&path), Err(StoreError::InUse(_))));
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.load_docs().unwrap(), vec![(id, DocKind::Session, b"XYz".to_vec())]);
+    }
+}

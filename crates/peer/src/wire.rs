@@ -1,0 +1,134 @@
+//! Frames on a sync stream: `len u32 BE | tag u8 | payload`.
+//!
+//! The stream starts with the dialer's `Hello`; after that both sides send `Sync` frames
+//! carrying one Automerge sync message for one document. Lengths are checked before anything is
+//! allocated, so a hostile peer can't make us buffer more than `MAX_FRAME`.
+
+use caisey_doc::id::Id128;
+
+/// The versioned protocol id for document sync.
+pub const SYNC_ALPN: &[u8] = b"caisey/sync/1";
+/// The protocol id for enrollment and relay adoption (the only one non-members may speak).
+pub const ENROLL_ALPN: &[u8] = b"caisey/enroll/1";
+/// Largest frame we accept or send. A sync message can carry a whole document when a peer is far
+/// behind, so this also bounds the largest document that can be synced in one step.
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+const PROTOCOL_VERSION: u16 = 1;
+
+/// Which schema a document follows; travels with every sync message so a receiver knows what it
+/// is being offered before it holds any of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DocKind {
+    Fleet,
+    Session,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello { version: u16 },
+    Sync { doc: Id128, kind: DocKind, message: Vec<u8> },
+}
+
+/// Why bytes from a peer are not a frame.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME} byte limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+    #[error("peer speaks protocol version {0}, we speak {PROTOCOL_VERSION}")]
+    Version(u16),
+}
+
+impl Frame {
+    pub fn hello() -> Self {
+        Frame::Hello { version: PROTOCOL_VERSION }
+    }
+
+    /// The whole frame including its length prefix.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        match self {
+            Frame::Hello { version } => {
+                body.push(1);
+                body.extend_from_slice(&version.to_be_bytes());
+            }
+            Frame::Sync { doc, kind, message } => {
+                body.push(2);
+                body.extend_from_slice(&doc.0);
+                body.push(match kind {
+                    DocKind::Fleet => 1,
+                    DocKind::Session => 2,
+                });
+                body.extend_from_slice(message);
+            }
+        }
+        let mut out = Vec::with_capacity(4 + body.len());
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Validates a length prefix before the body is read.
+    pub fn check_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+        let len = u32::from_be_bytes(prefix) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        if len == 0 {
+            return Err(FrameError::Malformed("empty frame"));
+        }
+        Ok(len)
+    }
+
+    /// Decodes a frame body (without its length prefix).
+    pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
+        match body.first() {
+            Some(1) => {
+                let v = body.get(1..3).ok_or(FrameError::Malformed("short hello"))?;
+                let version = u16::from_be_bytes([v[0], v[1]]);
+                if version != PROTOCOL_VERSION {
+                    return Err(FrameError::Version(version));
+                }
+                Ok(Frame::Hello { version })
+            }
+            Some(2) => {
+                if body.len() < 18 {
+                    return Err(FrameError::Malformed("short sync frame"));
+                }
+                let mut doc = [0u8; 16];
+                doc.copy_from_slice(&body[1..17]);
+                let kind = match body[17] {
+                    1 => DocKind::Fleet,
+                    2 => DocKind::Session,
+                    _ => return Err(FrameError::Malformed("unknown document kind")),
+                };
+                Ok(Frame::Sync { doc: Id128(doc), kind, message: body[18..].to_vec() })
+            }
+            _ => Err(FrameError::Malformed("unknown frame tag")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        for f in [Frame::hello(), Frame::Sync { doc: Id128([3; 16]), kind: DocKind::Session, message: vec![1, 2, 3] }] {
+            let bytes = f.encode();
+            let len = Frame::check_len([bytes[0], bytes[1], bytes[2], bytes[3]]).unwrap();
+            assert_eq!(Frame::decode(&bytes[4..4 + len]).unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn hostile_frames_are_refused_before_allocation() {
+        assert_eq!(Frame::check_len(u32::MAX.to_be_bytes()), Err(FrameError::TooLarge(u32::MAX as usize)));
+        assert!(Frame::decode(&[9]).is_err());
+        assert!(Frame::decode(&[2, 0]).is_err());
+        assert_eq!(Frame::decode(&[1, 0, 9]), Err(FrameError::Version(9)));
+    }
+}
