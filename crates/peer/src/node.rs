@@ -1,0 +1,545 @@
+//! The driver: runs a [`Hub`] on tokio and iroh.
+//!
+//! One task (the *core*) owns the hub and the store and carries out the hub's outputs in order:
+//! first one redb transaction for everything to persist, then the sends. Connection tasks only
+//! move frames between QUIC streams and the core. So when [`Node::change`] returns, the change
+//! is on disk, and a peer only ever hears of what a crash could not lose.
+//!
+//! Memory stays bounded: frames are length-checked before they are read, the core's inbox is a
+//! bounded channel (readers wait), and a peer that can't keep up with its outbox is disconnected
+//! (sync resumes from where it was when it reconnects).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use automerge::Automerge;
+use caisey_doc::fleet::{Contact, Fleet, Role};
+use caisey_doc::id::{DocId, NodeId};
+use caisey_doc::record::Signer;
+use iroh::endpoint::{Connection, RecvStream, SendStream, presets};
+use iroh::{Endpoint, EndpointAddr, PublicKey, SecretKey, TransportAddr};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::home::Home;
+use crate::hub::{ConnId, Hub, Input, Output, PeerInfo};
+use crate::store::{Store, Write};
+use crate::wire::{DocKind, ENROLL_ALPN, Frame, SYNC_ALPN};
+
+/// Frames queued for one peer before it counts as too slow.
+const OUTBOX: usize = 4096;
+const SETTING_PORT: &str = "listen_port";
+/// Settings key for relay contacts learnt from a token or `relay add`.
+pub const SETTING_RELAYS: &str = "relays";
+
+/// What the node tells the application about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    DocChanged(DocId),
+    PeerUp(NodeId),
+    PeerDown(NodeId),
+}
+
+/// Handles `caisey/enroll/1` connections; set by nodes that can enroll others (technicians,
+/// relays). Kept as a callback so this module does not depend on enrollment policy.
+pub type EnrollHandler = Arc<dyn Fn(Node, Connection) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+
+type Job = Box<dyn FnOnce(&mut Core) + Send>;
+
+enum Cmd {
+    Connected { peer: NodeId, conn: ConnId, outbox: mpsc::Sender<Vec<u8>>, handle: Connection },
+    Input(Input),
+    Run(Job),
+}
+
+/// The core task's state: the hub, the store, and a way to reach each connected peer.
+pub struct Core {
+    pub hub: Hub,
+    pub store: Store,
+    outboxes: std::collections::BTreeMap<NodeId, (ConnId, mpsc::Sender<Vec<u8>>, Connection)>,
+    events: broadcast::Sender<NodeEvent>,
+}
+
+impl Core {
+    /// Carries out the hub's outputs: persist all, then send, then tell the application.
+    pub fn apply(&mut self, outputs: Vec<Output>) -> Result<()> {
+        let mut writes = Vec::new();
+        for o in &outputs {
+            match o {
+                Output::PersistDoc { doc, kind, bytes, compact } => {
+                    writes.push(Write::Doc { doc: *doc, kind: *kind, bytes: bytes.clone(), compact: *compact })
+                }
+                Output::PersistSyncState { doc, peer, state } => {
+                    writes.push(Write::SyncState { doc: *doc, peer: *peer, state: state.clone() })
+                }
+                _ => {}
+            }
+        }
+        // Nothing is sent if it could not be made durable.
+        self.store.apply(&writes).context("persisting documents")?;
+        for o in outputs {
+            match o {
+                Output::Send { peer, conn, frame } => {
+                    let Some((c, tx, handle)) = self.outboxes.get(&peer) else { continue };
+                    if *c != conn {
+                        continue;
+                    }
+                    if tx.try_send(frame.encode()).is_err() {
+                        warn!(peer = %peer.short(), "peer is not keeping up; disconnecting");
+                        handle.close(1u32.into(), b"too slow");
+                        self.outboxes.remove(&peer);
+                    }
+                }
+                Output::Disconnect { peer, conn, reason } => {
+                    warn!(peer = %peer.short(), %reason, "dropping connection");
+                    if let Some((c, _, handle)) = self.outboxes.get(&peer) {
+                        if *c == conn {
+                            handle.close(2u32.into(), reason.as_bytes());
+                            self.outboxes.remove(&peer);
+                        }
+                    }
+                }
+                Output::Ignored { peer, reason } => warn!(peer = %peer.short(), %reason, "ignored"),
+                Output::DocChanged { doc } => {
+                    let _ = self.events.send(NodeEvent::DocChanged(doc));
+                }
+                Output::PeerUp { peer } => {
+                    let _ = self.events.send(NodeEvent::PeerUp(peer));
+                }
+                Output::PeerDown { peer } => {
+                    let _ = self.events.send(NodeEvent::PeerDown(peer));
+                }
+                Output::PersistDoc { .. } | Output::PersistSyncState { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, input: Input) {
+        let out = self.hub.handle(crate::now_ms(), input);
+        if let Err(e) = self.apply(out) {
+            warn!("{e:#}");
+        }
+    }
+}
+
+/// Where a node listens.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub home: Home,
+    pub listen: SocketAddr,
+}
+
+/// A running node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    signer: Signer,
+    endpoint: Endpoint,
+    cmd: mpsc::Sender<Cmd>,
+    events: broadcast::Sender<NodeEvent>,
+    next_conn: AtomicU64,
+    home: Home,
+    enroll: std::sync::Mutex<Option<EnrollHandler>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node({})", self.id().short())
+    }
+}
+
+impl Node {
+    /// Opens the home's store, loads every document and starts listening.
+    pub async fn start(opts: NodeOptions) -> Result<Node> {
+        let signer = opts.home.node_key()?;
+        let store = Store::open(&opts.home.store_path())?;
+        let mut hub = Hub::new(signer.node_id());
+        let mut docs = store.load_docs()?;
+        // The fleet first, so sessions can be checked against it as they load.
+        docs.sort_by_key(|(_, kind, _)| *kind != DocKind::Fleet);
+        for (id, kind, bytes) in docs {
+            if let Err(e) = hub.load(id, kind, &bytes) {
+                warn!(doc = %id.short(), "stored document could not be loaded, skipping it: {e}");
+            }
+        }
+        let endpoint = bind(&signer, opts.listen, &store).await?;
+        let (cmd, inbox) = mpsc::channel(256);
+        let (events, _) = broadcast::channel(1024);
+        let core = Core { hub, store, outboxes: Default::default(), events: events.clone() };
+        tokio::spawn(run_core(core, inbox));
+        let node = Node {
+            shared: Arc::new(Shared {
+                signer,
+                endpoint,
+                cmd,
+                events,
+                next_conn: AtomicU64::new(1),
+                home: opts.home,
+                enroll: std::sync::Mutex::new(None),
+            }),
+        };
+        tokio::spawn(accept_loop(node.clone()));
+        info!(node = %node.id().short(), addrs = ?node.addrs(), "node started");
+        Ok(node)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.shared.signer.node_id()
+    }
+
+    pub fn signer(&self) -> &Signer {
+        &self.shared.signer
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.shared.home
+    }
+
+    /// The socket addresses this node can be dialled at.
+    pub fn addrs(&self) -> Vec<String> {
+        self.shared.endpoint.addr().ip_addrs().map(|a| a.to_string()).collect()
+    }
+
+    pub fn contact(&self) -> Contact {
+        Contact { node: self.id(), addrs: self.addrs() }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Lets this node enroll others over `caisey/enroll/1`.
+    pub fn set_enroll_handler(&self, handler: EnrollHandler) {
+        if let Ok(mut h) = self.shared.enroll.lock() {
+            *h = Some(handler);
+        }
+    }
+
+    /// Runs `f` on the core task, with exclusive access to the hub and store.
+    pub async fn with_core<R: Send + 'static>(&self, f: impl FnOnce(&mut Core) -> R + Send + 'static) -> Result<R> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |core| {
+            let _ = tx.send(f(core));
+        });
+        self.shared.cmd.send(Cmd::Run(job)).await.map_err(|_| anyhow!("node has stopped"))?;
+        rx.await.map_err(|_| anyhow!("node has stopped"))
+    }
+
+    /// Changes a document; when this returns the change is durable and on its way to peers.
+    pub async fn change<R: Send + 'static>(&self, doc: DocId, f: impl FnOnce(&mut Automerge) -> R + Send + 'static) -> Result<R> {
+        self.with_core(move |core| {
+            let (r, out) = core.hub.change(doc, crate::now_ms(), f).ok_or_else(|| anyhow!("no document {}", doc.short()))?;
+            core.apply(out)?;
+            Ok(r)
+        })
+        .await?
+    }
+
+    /// Adds a new document; durable when this returns.
+    pub async fn create(&self, doc: DocId, kind: DocKind, content: Automerge) -> Result<()> {
+        self.with_core(move |core| {
+            let out = core.hub.create(doc, kind, content, crate::now_ms());
+            core.apply(out)
+        })
+        .await?
+    }
+
+    /// Reads a document, if we hold it.
+    pub async fn read<R: Send + 'static>(&self, doc: DocId, f: impl FnOnce(&Automerge) -> R + Send + 'static) -> Result<Option<R>> {
+        self.with_core(move |core| core.hub.doc(&doc).map(f)).await
+    }
+
+    /// The verified fleet (empty before this node has joined an org).
+    pub async fn fleet(&self) -> Result<Fleet> {
+        self.with_core(|core| core.hub.fleet().clone()).await
+    }
+
+    pub async fn fleet_doc(&self) -> Result<Option<DocId>> {
+        self.with_core(|core| core.hub.fleet_doc()).await
+    }
+
+    /// Ids of every session document held here.
+    pub async fn sessions(&self) -> Result<Vec<DocId>> {
+        self.with_core(|core| core.hub.docs().filter(|(_, k)| *k == DocKind::Session).map(|(id, _)| id).collect()).await
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>> {
+        self.with_core(|core| core.hub.peers()).await
+    }
+
+    pub async fn setting(&self, key: &'static str) -> Result<Option<Vec<u8>>> {
+        self.with_core(move |core| core.store.setting(key)).await?.map_err(Into::into)
+    }
+
+    pub async fn set_setting(&self, key: &str, value: Vec<u8>) -> Result<()> {
+        let key = key.to_string();
+        self.with_core(move |core| core.store.apply(&[Write::Setting { key, value }])).await?.map_err(Into::into)
+    }
+
+    /// Relays to keep in touch with: members with the relay role (addresses from their presence),
+    /// plus any remembered from a token or `relay add`.
+    pub async fn relay_contacts(&self) -> Result<Vec<Contact>> {
+        let fleet = self.fleet().await?;
+        let mut out: Vec<Contact> = self
+            .setting(SETTING_RELAYS)
+            .await?
+            .and_then(|b| serde_json::from_slice::<Vec<Contact>>(&b).ok())
+            .unwrap_or_default();
+        for relay in fleet.members_with_role(Role::Relay) {
+            if let Some(p) = fleet.presence.get(&relay.node) {
+                match out.iter_mut().find(|c| c.node == relay.node) {
+                    Some(c) => {
+                        for a in &p.addrs {
+                            if !c.addrs.contains(a) {
+                                c.addrs.push(a.clone());
+                            }
+                        }
+                    }
+                    None => out.push(Contact { node: relay.node, addrs: p.addrs.clone() }),
+                }
+            }
+        }
+        out.retain(|c| c.node != self.id());
+        Ok(out)
+    }
+
+    /// Whether `peer` is connected and holds everything we hold that it may hold.
+    pub async fn in_sync_with(&self, peer: NodeId) -> Result<bool> {
+        self.with_core(move |core| core.hub.in_sync_with(&peer)).await
+    }
+
+    /// Waits until in sync with `peer`, or `timeout`. Returns whether it got there.
+    pub async fn wait_in_sync(&self, peer: NodeId, timeout: Duration) -> Result<bool> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut events = self.subscribe();
+        loop {
+            if self.in_sync_with(peer).await? {
+                return Ok(true);
+            }
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Err(_) => return Ok(false),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Connects to `contact` for sync. Returns once the connection is registered with the core.
+    pub async fn dial(&self, contact: &Contact) -> Result<()> {
+        let addr = endpoint_addr(contact)?;
+        let conn = self
+            .shared
+            .endpoint
+            .connect(addr, SYNC_ALPN)
+            .await
+            .with_context(|| format!("connecting to {} at {}", contact.node.short(), contact.addrs.join(", ")))?;
+        let (mut send, recv) = conn.open_bi().await.context("opening sync stream")?;
+        send.write_all(&Frame::hello().encode()).await.context("sending hello")?;
+        self.register(conn, send, recv).await
+    }
+
+    /// Opens a connection for enrollment or adoption (`caisey/enroll/1`).
+    pub async fn connect_enroll(&self, contact: &Contact) -> Result<Connection> {
+        let addr = endpoint_addr(contact)?;
+        self.shared
+            .endpoint
+            .connect(addr, ENROLL_ALPN)
+            .await
+            .with_context(|| format!("could not reach {} at {}", contact.node.short(), contact.addrs.join(", ")))
+    }
+
+    /// Keeps a connection to every relay, redialling with backoff, until the node stops.
+    pub fn keep_relays_connected(&self) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                if node.shared.endpoint.is_closed() {
+                    return;
+                }
+                let connected: Vec<NodeId> = node.peers().await.map(|p| p.iter().map(|i| i.peer).collect()).unwrap_or_default();
+                let mut all_up = true;
+                for relay in node.relay_contacts().await.unwrap_or_default() {
+                    if connected.contains(&relay.node) {
+                        continue;
+                    }
+                    all_up = false;
+                    match tokio::time::timeout(Duration::from_secs(5), node.dial(&relay)).await {
+                        Ok(Ok(())) => backoff = Duration::from_millis(200),
+                        Ok(Err(e)) => debug!("relay {} unreachable: {e:#}", relay.node.short()),
+                        Err(_) => debug!("relay {} timed out", relay.node.short()),
+                    }
+                }
+                let wait = if all_up { Duration::from_millis(500) } else { backoff };
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(wait).await;
+            }
+        });
+    }
+
+    async fn register(&self, handle: Connection, send: SendStream, recv: RecvStream) -> Result<()> {
+        let peer = NodeId(*handle.remote_id().as_bytes());
+        let conn = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (outbox, rx) = mpsc::channel(OUTBOX);
+        self.shared
+            .cmd
+            .send(Cmd::Connected { peer, conn, outbox, handle: handle.clone() })
+            .await
+            .map_err(|_| anyhow!("node has stopped"))?;
+        tokio::spawn(write_loop(send, rx));
+        tokio::spawn(read_loop(self.shared.cmd.clone(), peer, conn, handle, recv));
+        Ok(())
+    }
+
+    /// Closes every connection and the endpoint, saving sync states.
+    pub async fn shutdown(&self) {
+        let _ = self
+            .with_core(|core| {
+                let peers: Vec<(NodeId, ConnId)> = core.outboxes.iter().map(|(p, (c, _, _))| (*p, *c)).collect();
+                for (peer, conn) in peers {
+                    core.handle(Input::Disconnected { peer, conn });
+                }
+            })
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.close()).await;
+    }
+}
+
+fn endpoint_addr(contact: &Contact) -> Result<EndpointAddr> {
+    let key = PublicKey::from_bytes(&contact.node.0).context("invalid node id")?;
+    let addrs: Vec<TransportAddr> = contact.addrs.iter().filter_map(|a| a.parse::<SocketAddr>().ok()).map(TransportAddr::Ip).collect();
+    if addrs.is_empty() {
+        return Err(anyhow!("no usable address known for {}", contact.node.short()));
+    }
+    Ok(EndpointAddr::from_parts(key, addrs))
+}
+
+/// Binds the endpoint offline-safe (no public relays, no DNS discovery). With port 0, reuses the
+/// port from the last run when it is free, so peers holding our old address still find us.
+async fn bind(signer: &Signer, listen: SocketAddr, store: &Store) -> Result<Endpoint> {
+    let mut candidates = Vec::new();
+    if listen.port() == 0 {
+        if let Some(port) = store.setting(SETTING_PORT)?.and_then(|b| b.try_into().ok()).map(u16::from_be_bytes) {
+            candidates.push(SocketAddr::new(listen.ip(), port));
+        }
+    }
+    candidates.push(listen);
+    let mut last_err = None;
+    for addr in candidates {
+        let builder = Endpoint::builder(presets::Minimal)
+            .secret_key(SecretKey::from_bytes(&signer.secret()))
+            .alpns(vec![SYNC_ALPN.to_vec(), ENROLL_ALPN.to_vec()])
+            .clear_ip_transports()
+            .bind_addr(addr)
+            .map_err(|e| anyhow!("invalid --listen address {addr}: {e}"))?;
+        match builder.bind().await {
+            Ok(ep) => {
+                if let Some(bound) = ep.bound_sockets().first() {
+                    store.apply(&[Write::Setting { key: SETTING_PORT.into(), value: bound.port().to_be_bytes().to_vec() }])?;
+                }
+                return Ok(ep);
+            }
+            Err(e) => last_err = Some(anyhow!("could not listen on {addr}: {e}")),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| anyhow!("could not bind")))
+}
+
+async fn run_core(mut core: Core, mut inbox: mpsc::Receiver<Cmd>) {
+    while let Some(cmd) = inbox.recv().await {
+        match cmd {
+            Cmd::Connected { peer, conn, outbox, handle } => {
+                let stored = core.store.sync_states(&peer).unwrap_or_default();
+                core.outboxes.insert(peer, (conn, outbox, handle));
+                core.handle(Input::Connected { peer, conn, stored });
+            }
+            Cmd::Input(input) => {
+                if let Input::Disconnected { peer, conn } = &input {
+                    if core.outboxes.get(peer).is_some_and(|(c, _, _)| c == conn) {
+                        core.outboxes.remove(peer);
+                    }
+                }
+                core.handle(input);
+            }
+            Cmd::Run(job) => job(&mut core),
+        }
+    }
+}
+
+async fn accept_loop(node: Node) {
+    while let Some(incoming) = node.shared.endpoint.accept().await {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => return debug!("incoming connection failed: {e}"),
+            };
+            if conn.alpn() == ENROLL_ALPN {
+                let handler = node.shared.enroll.lock().ok().and_then(|h| h.clone());
+                match handler {
+                    Some(h) => h(node.clone(), conn).await,
+                    None => conn.close(3u32.into(), b"this node does not enroll others"),
+                }
+                return;
+            }
+            let result = async {
+                let (send, mut recv) = conn.accept_bi().await?;
+                match read_frame(&mut recv).await? {
+                    Frame::Hello { .. } => {}
+                    _ => return Err(anyhow!("expected hello")),
+                }
+                node.register(conn.clone(), send, recv).await
+            }
+            .await;
+            if let Err(e) = result {
+                debug!(peer = %conn.remote_id().fmt_short(), "sync connection failed: {e:#}");
+                conn.close(2u32.into(), b"protocol error");
+            }
+        });
+    }
+}
+
+async fn read_frame(recv: &mut RecvStream) -> Result<Frame> {
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await?;
+    let len = Frame::check_len(prefix)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await?;
+    Ok(Frame::decode(&body)?)
+}
+
+async fn read_loop(cmd: mpsc::Sender<Cmd>, peer: NodeId, conn: ConnId, handle: Connection, mut recv: RecvStream) {
+    loop {
+        match read_frame(&mut recv).await {
+            Ok(frame) => {
+                if cmd.send(Cmd::Input(Input::Frame { peer, conn, frame })).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                debug!(peer = %peer.short(), "connection ended: {e:#}");
+                if e.downcast_ref::<crate::wire::FrameError>().is_some() {
+                    warn!(peer = %peer.short(), "bad frame, disconnecting: {e}");
+                    handle.close(2u32.into(), b"bad frame");
+                }
+                break;
+            }
+        }
+    }
+    let _ = cmd.send(Cmd::Input(Input::Disconnected { peer, conn })).await;
+}
+
+async fn write_loop(mut send: SendStream, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(bytes) = rx.recv().await {
+        if send.write_all(&bytes).await.is_err() {
+            break;
+        }
+    }
+    let _ = send.finish();
+}
