@@ -1,1 +1,102 @@
-//! placeholder
+//! # caisey-relay: the org's always-on store-and-forward member
+//!
+//! A relay is an ordinary node (see `caisey-peer`) that technicians and agents keep connected
+//! to. It holds every document the org shares with it and forwards each change to every other
+//! connected member allowed to hold it, so a technician and an agent that are never online at
+//! the same time still complete a command through it. It has no authority: it cannot sign
+//! membership, requests or approvals, only store and forward what members signed.
+//!
+//! It also serves enrollment (`caisey/enroll/1`): new agents and technicians claim their invite
+//! here, and a technician adopts a fresh relay with `caisey relay add TICKET`.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+use std::future::Future;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use caisey_doc::fleet::{Contact, Fleet};
+use caisey_doc::token::RelayTicket;
+use caisey_peer::cli::{NodeArgs, run_main};
+use caisey_peer::node::{Node, NodeOptions};
+use clap::{Parser, Subcommand};
+use tracing::info;
+
+/// The Caisey relay: stores and forwards the org's sessions so nothing waits on both ends being online.
+#[derive(Debug, Parser)]
+#[command(name = "caisey-relay", version)]
+pub struct Cli {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay; prints its ticket (for `caisey relay add`) when it starts.
+    Run,
+    /// Print the ticket of the relay in this home again.
+    Ticket,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    caisey_peer::cli::init_tracing();
+    run_main(async move {
+        let opts = cli.node.options("caisey-relay")?;
+        match cli.command {
+            Command::Run => {
+                run(opts, |ticket| println!("{ticket}"), async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?
+            }
+            Command::Ticket => println!("{}", read_ticket(opts.home.dir())?),
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn ticket_path(home: &Path) -> std::path::PathBuf {
+    home.join("ticket")
+}
+
+fn read_ticket(home: &Path) -> Result<String> {
+    let path = ticket_path(home);
+    std::fs::read_to_string(&path)
+        .map(|t| t.trim().to_string())
+        .with_context(|| format!("no ticket in {}; has `caisey-relay run` been started with this --home?", home.display()))
+}
+
+/// Starts a relay node; `on_ready` gets its ticket once it listens. Runs until `shutdown`.
+pub async fn run(opts: NodeOptions, on_ready: impl FnOnce(String), shutdown: impl Future<Output = ()>) -> Result<()> {
+    let node = start(opts).await?;
+    on_ready(ticket_of(&node));
+    shutdown.await;
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Starts a relay node and returns it (for in-process use: the demo, tests).
+pub async fn start(opts: NodeOptions) -> Result<Node> {
+    let node = Node::start(opts).await?;
+    node.set_enroll_handler(caisey_peer::enroll::handler(true));
+    let ticket = ticket_of(&node);
+    std::fs::write(ticket_path(node.home().dir()), format!("{ticket}\n")).context("writing the ticket file")?;
+    // Our addresses may have changed since the last run: tell the org.
+    if let Some(fleet_doc) = node.fleet_doc().await? {
+        let signer = node.signer().clone();
+        let addrs = node.addrs();
+        node.change(fleet_doc, move |d| Fleet::put_presence(d, &signer, addrs, caisey_peer::now_ms())).await??;
+        info!(org = %node.fleet().await?.org_name, "relay serving its org");
+    } else {
+        info!("relay waiting to be adopted with `caisey relay add`");
+    }
+    Ok(node)
+}
+
+pub fn ticket_of(node: &Node) -> String {
+    RelayTicket(Contact { node: node.id(), addrs: node.addrs() }).encode()
+}

@@ -1,1 +1,24 @@
-//! placeholder
+//! # caisey-agent: the endpoint side of Caisey
+//!
+//! The agent is a node (see `caisey-peer`) that holds only the fleet document and the sessions
+//! that target its machine. It never runs anything because a peer said so: every command waits
+//! for the endpoint's user, who approves or denies that exact request over a local socket
+//! (`caisey-agent approve ID`).
+//!
+//! - [`daemon`]: `caisey-agent run` — heartbeat, machine card, watching sessions, approvals.
+//! - [`gate`]: the pure decision of what waits, what expired, what was interrupted.
+//! - [`runner`]: runs an approved command, streaming batched output into the session.
+//! - [`local`]: the local socket protocol for `pending`, `approve`, `deny`.
+//! - [`card`]: the machine card, from `sysinfo`.
+//! - [`escape`]: showing hostile text without letting it act.
+//! - [`cli`]: the command line.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod card;
+pub mod cli;
+pub mod daemon;
+pub mod escape;
+pub mod gate;
+pub mod local;
+pub mod runner;

@@ -390,20 +390,22 @@ fn put_in(doc: &mut Automerge, map: &str, key: &str, record: &[u8]) -> Result<()
     Ok(())
 }
 
-/// Builds the membership claim an enrolling node signs with its invite's secret key.
+/// Builds the membership claim an enrolling node signs with its invite's secret key. The name
+/// and groups the inviter put in the invite win; the enrolling node's own choice fills gaps.
 pub fn claim_membership(
     invite_secret: &Signer,
     cert_record: &[u8],
     cert: &InviteCert,
     node: NodeId,
     name: &str,
+    groups: &[String],
     now: u64,
 ) -> Vec<u8> {
     let m = Membership {
         node,
         role: cert.role,
         name: cert.name.clone().unwrap_or_else(|| name.to_string()),
-        groups: cert.groups.clone(),
+        groups: if cert.groups.is_empty() { groups.to_vec() } else { cert.groups.clone() },
         at: now,
         invite: Some(cert_record.to_vec()),
     };
@@ -438,7 +440,7 @@ mod tests {
         let (org, tech, invite, agent) = (s(1), s(2), s(3), s(4));
         let mut doc = Fleet::create("Acme", &org, &tech, "alice", Id128([1; 16]), 10).unwrap();
         let (cert_rec, c) = cert(&org, &invite, Role::Agent, 100);
-        let claim = claim_membership(&invite, &cert_rec, &c, agent.node_id(), "ignored", 20);
+        let claim = claim_membership(&invite, &cert_rec, &c, agent.node_id(), "ignored", &[], 20);
         Fleet::put_member(&mut doc, &claim, &agent.node_id()).unwrap();
         let fleet = Fleet::read(&doc).unwrap();
         assert_eq!(fleet.role_of(&tech.node_id()), Some(Role::Technician));
@@ -467,11 +469,11 @@ mod tests {
         let (org, tech, invite, agent) = (s(1), s(2), s(3), s(4));
         let mut doc = Fleet::create("Acme", &org, &tech, "alice", Id128([1; 16]), 10).unwrap();
         let (cert_rec, c) = cert(&org, &invite, Role::Agent, 100);
-        let late = claim_membership(&invite, &cert_rec, &c, agent.node_id(), "x", 101);
+        let late = claim_membership(&invite, &cert_rec, &c, agent.node_id(), "x", &[], 101);
         Fleet::put_member(&mut doc, &late, &agent.node_id()).unwrap();
         let (foreign_rec, fc) = cert(&s(9), &invite, Role::Agent, 100);
         let other = s(5);
-        let foreign = claim_membership(&invite, &foreign_rec, &fc, other.node_id(), "x", 50);
+        let foreign = claim_membership(&invite, &foreign_rec, &fc, other.node_id(), "x", &[], 50);
         Fleet::put_member(&mut doc, &foreign, &other.node_id()).unwrap();
         let fleet = Fleet::read(&doc).unwrap();
         assert_eq!(fleet.members.len(), 1);

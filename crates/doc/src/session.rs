@@ -435,6 +435,16 @@ impl SessionView {
 
     /// Reads and verifies everything.
     pub fn read(doc: &impl ReadDoc, fleet: &Fleet) -> Result<SessionView, SessionError> {
+        Self::read_with(doc, fleet, true)
+    }
+
+    /// Reads and verifies everything but the output: what an agent's gate or a listing needs,
+    /// at a cost that does not grow with megabytes of output.
+    pub fn read_without_output(doc: &impl ReadDoc, fleet: &Fleet) -> Result<SessionView, SessionError> {
+        Self::read_with(doc, fleet, false)
+    }
+
+    fn read_with(doc: &impl ReadDoc, fleet: &Fleet, with_output: bool) -> Result<SessionView, SessionError> {
         let (info, creator) = Self::read_info(doc)?;
         if fleet.role_of(&creator) != Some(Role::Technician) {
             return Err(SessionError::NotByTechnician);
@@ -482,7 +492,7 @@ impl SessionView {
                     cmd.end = Some(e.clone());
                 }
             }
-            if let Some(list) = outputs.as_ref().and_then(|o| am::child(doc, o, &key, ObjType::List)) {
+            if let Some(list) = outputs.as_ref().filter(|_| with_output).and_then(|o| am::child(doc, o, &key, ObjType::List)) {
                 for (i, bytes) in am::list_bytes(doc, &list, 0).into_iter().enumerate() {
                     match verify_kind(&bytes, RecordKind::Output).and_then(|v| Ok((v.author, OutputChunk::decode(v.body)?))) {
                         Ok((a, c)) if a == req.target && c.request == req.id => cmd.output.push(c),

@@ -153,11 +153,11 @@ async fn serve_adopt(node: &Node, peer: caisey_doc::id::NodeId, fleet_doc: DocId
 }
 
 /// Joins the org of `token` as this node. Tries each contact in the token in turn.
-pub async fn join(node: &Node, token: &InviteToken, name: &str) -> Result<Fleet> {
+pub async fn join(node: &Node, token: &InviteToken, name: &str, groups: &[String]) -> Result<Fleet> {
     if node.fleet_doc().await?.is_some() {
         bail!("this home already belongs to an org; use another --home to enroll again");
     }
-    let claim = claim_membership(&token.secret, &token.cert_record, &token.cert, node.id(), name, crate::now_ms());
+    let claim = claim_membership(&token.secret, &token.cert_record, &token.cert, node.id(), name, groups, crate::now_ms());
     let request = Request::Claim { claim: BASE64.encode(&claim) };
     let mut tried = Vec::new();
     for contact in &token.cert.contacts {

@@ -19,6 +19,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod access;
+pub mod cli;
 pub mod enroll;
 pub mod home;
 pub mod hub;

@@ -1,0 +1,328 @@
+//! `caisey-agent run`: the endpoint daemon.
+//!
+//! It keeps the agent's node connected to the org's relays, publishes the machine card and a
+//! heartbeat, watches the sessions that target this machine, and runs a command only after the
+//! local user approved that exact request over the local socket. The approval and the start are
+//! one durable change, written before the process is spawned; so a crash can leave a command
+//! *interrupted*, never run twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use caisey_doc::fleet::Fleet;
+use caisey_doc::id::{DocId, Id128};
+use caisey_doc::session::{Decision, End, EndStatus, SessionView, SessionWriter, Verdict};
+use caisey_peer::node::{Node, NodeEvent, NodeOptions};
+use caisey_peer::now_ms;
+use tracing::{info, warn};
+
+use crate::gate::{self, Action, Pending};
+use crate::local::{self, LocalHandler, LocalReply, LocalRequest, PendingItem};
+use crate::{card, runner};
+
+/// How often the agent says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct Agent {
+    node: Node,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Sessions targeting this agent, read without output.
+    views: BTreeMap<DocId, SessionView>,
+    pending: Vec<Pending>,
+    running: BTreeSet<Id128>,
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(opts: NodeOptions, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let node = Node::start(opts).await?;
+    if node.fleet_doc().await?.is_none() {
+        node.shutdown().await;
+        bail!("this agent is not enrolled; run `caisey-agent enroll TOKEN` first");
+    }
+    let agent = Agent { node: node.clone(), state: Arc::default() };
+    let mut events = node.subscribe();
+    node.keep_relays_connected();
+    agent.publish_card().await?;
+    for doc in node.sessions().await? {
+        agent.refresh(doc).await;
+    }
+    // Anything started by an earlier run and never ended is recorded as interrupted now.
+    agent.review().await;
+    let socket = node.home().socket_path();
+    let server = tokio::spawn({
+        let agent = agent.clone();
+        async move {
+            if let Err(e) = local::serve(&socket, agent).await {
+                warn!("local approval socket failed: {e:#}");
+            }
+        }
+    });
+    info!(node = %node.id().short(), "agent running");
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            ev = events.recv() => match ev {
+                Ok(NodeEvent::DocChanged(doc)) => {
+                    agent.refresh(doc).await;
+                    agent.review().await;
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    for doc in node.sessions().await? {
+                        agent.refresh(doc).await;
+                    }
+                    agent.review().await;
+                }
+                Err(_) => break,
+            },
+            _ = heartbeat.tick() => agent.heartbeat().await,
+            _ = tick.tick() => agent.review().await,
+        }
+    }
+    server.abort();
+    let _ = std::fs::remove_file(node.home().socket_path());
+    node.shutdown().await;
+    Ok(())
+}
+
+impl Agent {
+    async fn fleet_doc(&self) -> Result<DocId> {
+        self.node.fleet_doc().await?.ok_or_else(|| anyhow!("not enrolled"))
+    }
+
+    async fn publish_card(&self) -> Result<()> {
+        let fleet_doc = self.fleet_doc().await?;
+        let signer = self.node.signer().clone();
+        let addrs = self.node.addrs();
+        let card = card::read(now_ms());
+        self.node
+            .change(fleet_doc, move |d| {
+                Fleet::put_card(d, &signer, &card)?;
+                Fleet::put_presence(d, &signer, addrs, now_ms())
+            })
+            .await??;
+        Ok(())
+    }
+
+    async fn heartbeat(&self) {
+        let result = async {
+            let fleet_doc = self.fleet_doc().await?;
+            let signer = self.node.signer().clone();
+            let addrs = self.node.addrs();
+            self.node.change(fleet_doc, move |d| Fleet::put_presence(d, &signer, addrs, now_ms())).await??;
+            anyhow::Ok(())
+        };
+        if let Err(e) = result.await {
+            warn!("heartbeat failed: {e:#}");
+        }
+    }
+
+    /// Re-reads one session (if it targets us) after it changed.
+    async fn refresh(&self, doc: DocId) {
+        let me = self.node.id();
+        let Ok(fleet) = self.node.fleet().await else { return };
+        let view = self
+            .node
+            .read(doc, move |d| SessionView::read_without_output(d, &fleet).ok())
+            .await
+            .ok()
+            .flatten()
+            .flatten()
+            .filter(|v| v.targets.contains(&me));
+        if let Ok(mut st) = self.state.lock() {
+            match view {
+                Some(v) => {
+                    st.views.insert(doc, v);
+                }
+                None => {
+                    st.views.remove(&doc);
+                }
+            }
+        }
+    }
+
+    /// Recomputes what waits for the user and writes expiries and interruptions.
+    async fn review(&self) {
+        let actions = {
+            let Ok(mut st) = self.state.lock() else { return };
+            let views: Vec<(DocId, SessionView)> = st.views.iter().map(|(k, v)| (*k, v.clone())).collect();
+            let (pending, actions) = gate::review(self.node.id(), &views, &st.running, now_ms());
+            st.pending = pending;
+            actions
+        };
+        for action in actions {
+            if let Err(e) = self.act(action).await {
+                warn!("{e:#}");
+            }
+        }
+    }
+
+    async fn act(&self, action: Action) -> Result<()> {
+        let signer = self.node.signer().clone();
+        let me = self.node.id();
+        match action {
+            Action::Expire { session, request } => {
+                let Some(req) = self.request(session, request) else { return Ok(()) };
+                info!(request = %request.short(), "request expired without a decision");
+                let d = Decision {
+                    request,
+                    session,
+                    target: me,
+                    requester: req.1,
+                    command_hash: req.0.command.hash(),
+                    verdict: Verdict::Expired,
+                    decided_by: "nobody (the request expired)".into(),
+                    decided_at: now_ms(),
+                };
+                self.node.change(session, move |doc| SessionWriter::decide(doc, &signer, &d, None)).await??;
+            }
+            Action::Interrupted { session, request } => {
+                warn!(request = %request.short(), "command was running when the agent stopped; recording it as interrupted");
+                let end = End {
+                    request,
+                    session,
+                    status: EndStatus::Interrupted,
+                    exit_code: None,
+                    ended_at: now_ms(),
+                    chunks: 0,
+                    message: Some("the agent stopped while the command ran; it was not run again".into()),
+                };
+                self.node.change(session, move |doc| SessionWriter::end(doc, &signer, &end)).await??;
+            }
+        }
+        Ok(())
+    }
+
+    fn request(&self, session: DocId, id: Id128) -> Option<(caisey_doc::session::CommandRequest, caisey_doc::id::NodeId)> {
+        let st = self.state.lock().ok()?;
+        let c = st.views.get(&session)?.command(&id)?;
+        Some((c.request.clone(), c.requester))
+    }
+
+    fn find_pending(&self, prefix: &str) -> Result<Pending> {
+        let prefix = prefix.trim().to_ascii_lowercase();
+        if prefix.is_empty() {
+            bail!("give the id of a pending request (see `caisey-agent pending`)");
+        }
+        let st = self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?;
+        let matches: Vec<&Pending> = st.pending.iter().filter(|p| p.id.to_hex().starts_with(&prefix)).collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => bail!("no pending request {prefix} (see `caisey-agent pending`)"),
+            _ => bail!("{prefix} matches {} pending requests; give more of the id", matches.len()),
+        }
+    }
+
+    /// Records the local user's decision; if approved, consumes it and starts the command.
+    async fn decide(&self, prefix: &str, approve: bool) -> Result<String> {
+        let p = self.find_pending(prefix)?;
+        let fleet = self.node.fleet().await?;
+        let me = self.node.id();
+        let signer = self.node.signer().clone();
+        let machine = fleet.members.get(&me).map(|m| m.name.clone()).unwrap_or_default();
+        let (session, id) = (p.session, p.id);
+        if approve {
+            // Marked running first, so the change below is never mistaken for an interrupted run.
+            self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.insert(id);
+        }
+        let decided = self
+            .node
+            .change(session, move |doc| -> Result<Option<caisey_doc::session::CommandRequest>> {
+                // Checked again right before running, against the document as it is now.
+                let view = SessionView::read_without_output(&*doc, &fleet)?;
+                let cmd = view.command(&id).ok_or_else(|| anyhow!("request {} is no longer valid", id.short()))?;
+                if cmd.request.target != me {
+                    bail!("request {} is for another machine", id.short());
+                }
+                if cmd.decision.is_some() {
+                    bail!("request {} was already decided", id.short());
+                }
+                let now = now_ms();
+                if now > cmd.request.expires_at {
+                    bail!("request {} has expired; ask the technician to send it again", id.short());
+                }
+                let d = Decision {
+                    request: id,
+                    session,
+                    target: me,
+                    requester: cmd.requester,
+                    command_hash: cmd.request.command.hash(),
+                    verdict: if approve { Verdict::Approved } else { Verdict::Denied },
+                    decided_by: format!("local user on {machine}"),
+                    decided_at: now,
+                };
+                let wrote = SessionWriter::decide(doc, &signer, &d, approve.then_some(now))?;
+                Ok(wrote.then(|| cmd.request.clone()))
+            })
+            .await
+            .and_then(|r| r);
+        let request = match decided {
+            Ok(Some(req)) => req,
+            Ok(None) | Err(_) => {
+                self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.remove(&id);
+                return decided.and_then(|_| Err(anyhow!("request {} was already decided", id.short())));
+            }
+        };
+        if !approve {
+            info!(request = %id.short(), "denied by the local user");
+            return Ok(format!("denied {}", id.short()));
+        }
+        info!(request = %id.short(), script = %request.command.script, "approved by the local user; running");
+        let agent = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = runner::run(agent.node.clone(), session, request).await {
+                warn!(request = %id.short(), "run failed: {e:#}");
+            }
+            if let Ok(mut st) = agent.state.lock() {
+                st.running.remove(&id);
+            }
+        });
+        Ok(format!("approved {}; running", id.short()))
+    }
+
+    async fn pending_items(&self) -> Vec<PendingItem> {
+        let fleet = self.node.fleet().await.unwrap_or_default();
+        let pending = self.state.lock().map(|st| st.pending.clone()).unwrap_or_default();
+        pending
+            .into_iter()
+            .map(|p| PendingItem {
+                id: p.id,
+                session: p.session_name,
+                technician: fleet.members.get(&p.requester).map(|m| m.name.clone()).unwrap_or_else(|| "unknown".into()),
+                technician_key: p.requester,
+                shell: p.request.command.shell,
+                script: p.request.command.script,
+                cwd: p.request.command.cwd,
+                timeout_ms: p.request.command.timeout_ms,
+                description: p.request.description,
+                requested_at: p.request.requested_at,
+                expires_at: p.request.expires_at,
+            })
+            .collect()
+    }
+}
+
+impl LocalHandler for Agent {
+    async fn handle(&self, req: LocalRequest) -> LocalReply {
+        let result = match req {
+            LocalRequest::Pending => return LocalReply::Pending { pending: self.pending_items().await },
+            LocalRequest::Approve { id } => self.decide(&id, true).await,
+            LocalRequest::Deny { id } => self.decide(&id, false).await,
+        };
+        match result {
+            Ok(message) => LocalReply::Done { message },
+            Err(e) => LocalReply::Error { error: format!("{e:#}") },
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! What every Caisey binary shares on its command line: the `--home` and `--listen` flags, the
+//! log subscriber, duration parsing, and the documented exit codes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::home::{HOME_ENV, Home};
+use crate::node::NodeOptions;
+
+/// Environment variable for `--listen`.
+pub const LISTEN_ENV: &str = "CAISEY_LISTEN";
+
+/// Exit code: the remote command failed or was denied.
+pub const EXIT_REMOTE_FAILED: u8 = 1;
+/// Exit code: usage or local error.
+pub const EXIT_LOCAL_ERROR: u8 = 2;
+
+/// Flags every binary takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// This node's home: key, store, socket. Several nodes can run on one machine with several homes.
+    #[arg(long, global = true, env = HOME_ENV, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Address the node's endpoint binds and advertises (tests use 127.0.0.1:0).
+    #[arg(long, global = true, env = LISTEN_ENV, value_name = "ADDR", default_value = "0.0.0.0:0")]
+    pub listen: SocketAddr,
+}
+
+impl NodeArgs {
+    pub fn options(&self, app: &str) -> anyhow::Result<NodeOptions> {
+        Ok(NodeOptions { home: Home::new(self.home.clone(), app)?, listen: self.listen })
+    }
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings, and info for our own crates).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,caisey_peer=warn,caisey_agent=info,caisey_relay=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// Parses durations like `60s`, `10m`, `24h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 10m, 24h)"))
+}
+
+/// Runs a binary's async main on a fresh runtime, printing any error once, as one line.
+pub fn run_main<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(f: F) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the runtime: {e}");
+            return ExitCode::from(EXIT_LOCAL_ERROR);
+        }
+    };
+    match rt.block_on(f) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_LOCAL_ERROR)
+        }
+    }
+}
