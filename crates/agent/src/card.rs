@@ -12,7 +12,7 @@ pub fn read(now: u64) -> MachineCard {
     MachineCard {
         hostname: System::host_name().unwrap_or_default(),
         os_name: System::name().unwrap_or_else(|| std::env::consts::OS.to_string()),
-        os_version: System::long_os_version().or_else(System::os_version).unwrap_or_default(),
+        os_version: System::os_version().unwrap_or_default(),
         kernel: System::kernel_version().unwrap_or_default(),
         uptime_secs: System::uptime(),
         cpu: cpus.first().map(|c| c.brand().trim().to_string()).unwrap_or_default(),

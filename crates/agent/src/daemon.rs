@@ -42,7 +42,11 @@ struct State {
 
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(opts: NodeOptions, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let node = Node::start(opts).await?;
+    run_node(Node::start(opts).await?, shutdown).await
+}
+
+/// Runs the daemon on an already started node (the demo enrolls and runs on one node).
+pub async fn run_node(node: Node, shutdown: impl Future<Output = ()>) -> Result<()> {
     if node.fleet_doc().await?.is_none() {
         node.shutdown().await;
         bail!("this agent is not enrolled; run `caisey-agent enroll TOKEN` first");

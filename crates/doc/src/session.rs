@@ -509,6 +509,24 @@ impl SessionView {
         Ok(view)
     }
 
+    /// Verified output chunks of `request` from list position `from` on, and how far it read:
+    /// lets a follower fetch only what is new. Chunks failing verification are skipped here;
+    /// `read` reports them.
+    pub fn read_output_from(doc: &impl ReadDoc, request: &CommandRequest, from: usize) -> (Vec<OutputChunk>, usize) {
+        let Some(list) = am::root_map(doc, "outputs").and_then(|o| am::child(doc, &o, &request.id.to_hex(), ObjType::List)) else {
+            return (vec![], from);
+        };
+        let items = am::list_bytes(doc, &list, from);
+        let next = from + items.len();
+        let chunks = items
+            .iter()
+            .filter_map(|b| verify_kind(b, RecordKind::Output).ok().filter(|v| v.author == request.target))
+            .filter_map(|v| OutputChunk::decode(v.body).ok())
+            .filter(|c| c.request == request.id)
+            .collect();
+        (chunks, next)
+    }
+
     pub fn command(&self, id: &Id128) -> Option<&CommandView> {
         self.commands.iter().find(|c| c.request.id == *id)
     }

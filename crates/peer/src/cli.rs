@@ -34,10 +34,14 @@ impl NodeArgs {
     }
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings, and info for our own crates).
+/// Logs go to stderr, filtered by `RUST_LOG` (default: warnings, and info for daemons).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,caisey_peer=warn,caisey_agent=info,caisey_relay=info"));
+    init_tracing_with("warn,caisey_agent=info,caisey_relay=info")
+}
+
+/// Like [`init_tracing`] with another default filter.
+pub fn init_tracing_with(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 

@@ -1,1 +1,5 @@
-fn main() {}
+//! `caisey`: see the library for what it does.
+
+fn main() -> std::process::ExitCode {
+    caisey_viewer::cli::main()
+}

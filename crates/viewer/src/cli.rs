@@ -1,0 +1,340 @@
+//! `caisey`'s command line: parsing, then one function per subcommand that calls [`crate::tech`]
+//! and prints. Exit codes: 0 ok; 1 the remote command failed, was denied or expired (for a
+//! group: any machine's); 2 usage or local error.
+
+use std::collections::BTreeSet;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use caisey_doc::fleet::Role;
+use caisey_doc::session::{CommandSpec, EndStatus, Shell};
+use caisey_doc::token::{InviteToken, RelayTicket};
+use caisey_peer::cli::{EXIT_REMOTE_FAILED, NodeArgs, parse_duration, run_main};
+use caisey_peer::node::{Node, NodeEvent};
+use clap::{Parser, Subcommand};
+
+use crate::tech::{self, RunRequest, Targets};
+use crate::transcript::{Follower, OutputStyle, session_json, time};
+
+/// Caisey: run diagnostics on enrolled machines, with the user's consent, into durable sessions.
+#[derive(Debug, Parser)]
+#[command(name = "caisey", version)]
+pub struct Cli {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create an org, with this technician as its first member.
+    Init {
+        #[arg(long)]
+        org: String,
+        /// Your name as colleagues and endpoint users see it (default: $USER).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Print a one-time enrollment token.
+    #[command(subcommand)]
+    Invite(InviteKind),
+    /// Join a colleague's org as a technician, with a token from `caisey invite technician`.
+    Join {
+        token: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Manage the org's relay.
+    #[command(subcommand)]
+    Relay(RelayCommand),
+    /// List machines with their online state.
+    Machines {
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        search: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a machine or group to run a command; waits for approval and streams the output.
+    Run(RunArgs),
+    /// List sessions.
+    Sessions {
+        #[arg(long)]
+        search: Option<String>,
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a session's whole transcript (by id, id prefix or name).
+    Show {
+        session: String,
+        /// Keep streaming new events and output.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A local relay and three agents in temporary homes, running a scripted story.
+    Demo {
+        /// Print the story in the terminal (the only mode until the desktop viewer lands).
+        #[arg(long)]
+        headless: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InviteKind {
+    /// A token enrolling a machine (`caisey-agent enroll TOKEN`).
+    Agent {
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// How long the token stays valid.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// A token for a colleague (`caisey join TOKEN`).
+    Technician {
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RelayCommand {
+    /// Make a running relay the org's relay (its ticket is printed by `caisey-relay run`).
+    Add { ticket: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The machine to run on.
+    #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+    pub machine: Option<String>,
+    /// Run on every machine of this group, in parallel.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Add to the session of this name (created if new), e.g. to keep a weekly check in one thread.
+    #[arg(long)]
+    pub session: Option<String>,
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    #[arg(long, default_value = "sh")]
+    pub shell: Shell,
+    /// Kill the command after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Working directory on the machine.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Why you ask: shown to the endpoint user next to the command.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// How long the endpoint user has to approve before the request expires.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    pub expires: Duration,
+    /// Return once the request is stored (and handed to the relay when reachable).
+    #[arg(long)]
+    pub detach: bool,
+    #[arg(long)]
+    pub json: bool,
+    /// The command; its words are joined with spaces and given to the shell.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A technician's terminal shows results; only warnings and errors are logged.
+    caisey_peer::cli::init_tracing_with("warn");
+    run_main(run(cli))
+}
+
+fn default_name() -> String {
+    std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "technician".into())
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    if let Command::Demo { headless } = cli.command {
+        crate::demo::headless(headless).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let node = Node::start(cli.node.options("caisey")?).await?;
+    let result = dispatch(&node, cli.command).await;
+    node.shutdown().await;
+    result
+}
+
+async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Init { org, name } => {
+            let fleet = tech::init(node, &org, &name.unwrap_or_else(default_name)).await?;
+            println!("created org {:?}; you are its first technician ({})", fleet.org_name, node.id().short());
+            println!("next: `caisey relay add TICKET` for a relay, `caisey invite agent` for machines");
+        }
+        Command::Invite(kind) => {
+            let token = match kind {
+                InviteKind::Agent { name, groups, ttl } => tech::invite(node, Role::Agent, name, groups, ttl).await?,
+                InviteKind::Technician { name, ttl } => tech::invite(node, Role::Technician, name, vec![], ttl).await?,
+            };
+            if token.cert.contacts.len() == 1 {
+                eprintln!("note: the org has no relay, so enrolling needs this technician's node running; see `caisey relay add`");
+            }
+            println!("{}", token.encode());
+        }
+        Command::Join { token, name } => {
+            let token = InviteToken::decode(&token, caisey_peer::now_ms())?;
+            if token.cert.role != Role::Technician {
+                bail!("this token enrolls a {}; use `caisey-agent enroll` on the machine", token.cert.role);
+            }
+            let fleet = caisey_peer::enroll::join(node, &token, &name.unwrap_or_else(default_name), &[]).await?;
+            tech::go_online(node, &[]).await?;
+            println!("joined org {:?} as a technician", fleet.org_name);
+        }
+        Command::Relay(RelayCommand::Add { ticket }) => {
+            let ticket = RelayTicket::decode(&ticket)?;
+            caisey_peer::enroll::adopt_relay(node, &ticket).await?;
+            tech::go_online(node, &[]).await?;
+            println!("relay {} now serves the org; invites made from now on carry its address", ticket.node().short());
+        }
+        Command::Machines { group, search, json } => {
+            tech::go_online(node, &[]).await?;
+            let machines = tech::machines(node, group.as_deref(), search.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&machines)?);
+            } else if machines.is_empty() {
+                println!("no machines match; enroll one with `caisey invite agent`");
+            } else {
+                for m in machines {
+                    let state = if m.online { "online " } else { "offline" };
+                    let seen = m.last_seen.map(|t| format!("last seen {}", time(t))).unwrap_or_else(|| "never seen".into());
+                    let os = m.card.as_ref().map(|c| format!("{} {}", c.os_name, c.os_version)).unwrap_or_default();
+                    println!("{state}  {:<20} {:<24} {os}  ({seen})", m.name, m.groups.join(","));
+                }
+            }
+        }
+        Command::Run(args) => return run_command(node, args).await,
+        Command::Sessions { search, label, json } => {
+            tech::go_online(node, &[]).await?;
+            let sessions = tech::sessions(node, search.as_deref(), label.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sessions)?);
+            } else if sessions.is_empty() {
+                println!("no sessions match");
+            } else {
+                for s in sessions {
+                    println!("{}  {:<32} {:<22} {} command(s), {}  [{}]", s.id.short(), s.name, time(s.last_activity), s.commands, s.status, s.machines.join(","));
+                }
+            }
+        }
+        Command::Show { session, follow, json } => {
+            tech::go_online(node, &[]).await?;
+            let id = tech::find_session(node, &session).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&session_json(node, id).await?)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut follower = Follower::new(id, None, OutputStyle::Labelled);
+            let mut events = node.subscribe();
+            follower.update(node).await?;
+            while follow {
+                match events.recv().await {
+                    Ok(NodeEvent::DocChanged(d)) if d == id => {
+                        follower.update(node).await?;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    _ => {}
+                }
+            }
+        }
+        Command::Demo { .. } => unreachable!("handled before a node starts"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
+    tech::go_online(node, &[]).await?;
+    let targets = match (args.machine, args.group) {
+        (Some(m), _) => Targets::Machine(m),
+        (None, Some(g)) => Targets::Group(g),
+        (None, None) => bail!("say where to run: --machine NAME or --group GROUP"),
+    };
+    // Reach the machines directly too, when they are on this network.
+    let fleet = node.fleet().await?;
+    let members = tech::resolve_targets(&fleet, &targets)?;
+    tech::go_online(node, &tech::agent_contacts(&fleet, &members)).await?;
+    let command = CommandSpec {
+        shell: args.shell,
+        script: args.command.join(" "),
+        cwd: args.cwd,
+        env: Default::default(),
+        timeout_ms: args.timeout.as_millis() as u64,
+    };
+    let request = RunRequest { targets, session: args.session, labels: args.labels, command, description: args.description, approval_window: args.expires };
+    let mut events = node.subscribe();
+    let (session, requests) = tech::ask(node, request).await?;
+    if args.detach {
+        let relays = node.relay_contacts().await?;
+        let mut delivered = false;
+        for r in &relays {
+            delivered |= node.wait_in_sync(r.node, Duration::from_secs(5)).await?;
+        }
+        if !delivered {
+            eprintln!("warning: the relay did not confirm the request; it is stored here and goes out when this technician next connects");
+        }
+        if args.json {
+            let reqs: Vec<_> = requests.iter().map(|(id, m)| serde_json::json!({"id": id, "machine": m.name})).collect();
+            println!("{}", serde_json::json!({"session": session, "requests": reqs}));
+        } else {
+            println!("asked; session {session}");
+            for (id, m) in &requests {
+                println!("  request {} on {}", id.short(), m.name);
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let ids: BTreeSet<_> = requests.iter().map(|(id, _)| *id).collect();
+    let style = if requests.len() == 1 { OutputStyle::Passthrough } else { OutputStyle::Labelled };
+    let mut follower = Follower::new(session, Some(ids), style);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let commands = loop {
+        let commands = follower.update(node).await?;
+        if !commands.is_empty() && commands.iter().all(|c| c.is_final()) {
+            break commands;
+        }
+        tokio::select! {
+            ev = events.recv() => if let Err(tokio::sync::broadcast::error::RecvError::Closed) = ev { bail!("node stopped") },
+            _ = tick.tick() => {}
+        }
+    };
+    let code_of = |c: &caisey_doc::session::CommandView| -> u8 {
+        match &c.end {
+            Some(e) if e.status == EndStatus::Exited => e.exit_code.map(|c| (c & 0xff) as u8).unwrap_or(EXIT_REMOTE_FAILED),
+            _ => EXIT_REMOTE_FAILED,
+        }
+    };
+    if commands.len() == 1 {
+        let c = &commands[0];
+        if c.end.is_none() {
+            eprintln!("the command did not run: {}", c.status());
+        }
+        return Ok(ExitCode::from(code_of(c)));
+    }
+    println!("summary:");
+    let names: std::collections::BTreeMap<_, _> = requests.iter().map(|(id, m)| (*id, m.name.clone())).collect();
+    let mut failed = 0;
+    for c in &commands {
+        let code = code_of(c);
+        failed += usize::from(code != 0);
+        let exit = c.end.as_ref().and_then(|e| e.exit_code).map(|x| format!(" (exit {x})")).unwrap_or_default();
+        println!("  {:<20} {}{exit}", names.get(&c.request.id).cloned().unwrap_or_default(), c.status());
+    }
+    Ok(ExitCode::from(if failed == 0 { 0 } else { EXIT_REMOTE_FAILED }))
+}

@@ -1,0 +1,123 @@
+//! `caisey demo`: a whole org on this machine, in temporary homes — a relay, a technician and
+//! three agents, all real nodes on loopback — and the first story a user tries: ask a machine
+//! to run a command, approve it as the endpoint user would, read the transcript.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use caisey_agent::local::{self, LocalReply, LocalRequest};
+use caisey_doc::fleet::Role;
+use caisey_doc::session::{CommandSpec, Shell};
+use caisey_doc::token::RelayTicket;
+use caisey_peer::home::Home;
+use caisey_peer::node::{Node, NodeOptions};
+use tokio::sync::watch;
+
+use crate::tech::{self, RunRequest, Targets};
+use crate::transcript::{Follower, OutputStyle};
+
+const AGENTS: [&str; 3] = ["ws-01", "ws-02", "ws-03"];
+
+fn options(root: &std::path::Path, name: &str) -> Result<NodeOptions> {
+    Ok(NodeOptions { home: Home::new(Some(root.join(name)), name)?, listen: "127.0.0.1:0".parse()? })
+}
+
+pub async fn headless(headless: bool) -> Result<()> {
+    if !headless {
+        eprintln!("(the desktop viewer is not part of this build yet; running the scripted story in the terminal)");
+    }
+    let root = tempfile::tempdir().context("creating a temporary directory")?;
+    println!("== starting a relay, a technician and {} agents in {}", AGENTS.len(), root.path().display());
+    let relay = caisey_relay::start(options(root.path(), "relay")?).await?;
+    let technician = Node::start(options(root.path(), "technician")?).await?;
+    tech::init(&technician, "Demo Org", "you").await?;
+    let ticket = RelayTicket::decode(&caisey_relay::ticket_of(&relay))?;
+    caisey_peer::enroll::adopt_relay(&technician, &ticket).await?;
+    tech::go_online(&technician, &[]).await?;
+
+    let (stop, stopped) = watch::channel(false);
+    let mut daemons = Vec::new();
+    for name in AGENTS {
+        let token = tech::invite(&technician, Role::Agent, Some(name.into()), vec!["demo".into()], Duration::from_secs(3600)).await?;
+        let agent = Node::start(options(root.path(), name)?).await?;
+        caisey_peer::enroll::join(&agent, &token, name, &[]).await?;
+        let mut stopped = stopped.clone();
+        daemons.push(tokio::spawn(caisey_agent::daemon::run_node(agent, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })));
+    }
+    // Wait for every agent's card to reach the technician through the relay.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let machines = tech::machines(&technician, None, None).await?;
+        if machines.iter().filter(|m| m.online && m.card.is_some()).count() == AGENTS.len() {
+            for m in machines {
+                let os = m.card.map(|c| format!("{} {}", c.os_name, c.os_version)).unwrap_or_default();
+                println!("   online  {}  {os}", m.name);
+            }
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the agents did not come online within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    println!("== the technician asks ws-01 for a quick health check");
+    let script = "echo \"host: $(uname -n)\"; uptime; df -h / | tail -n 1; echo 'a warning on stderr' >&2";
+    let command = CommandSpec { shell: Shell::Sh, script: script.into(), cwd: None, env: Default::default(), timeout_ms: 30_000 };
+    let request = RunRequest {
+        targets: Targets::Machine(AGENTS[0].into()),
+        session: Some("demo: health check".into()),
+        labels: vec!["demo".into()],
+        command,
+        description: "Quick health check for the demo".into(),
+        approval_window: Duration::from_secs(600),
+    };
+    let (session, requests) = tech::ask(&technician, request).await?;
+
+    println!("== the endpoint user on ws-01 sees the request and approves it");
+    let socket = root.path().join(AGENTS[0]).join("agent.sock");
+    let id = requests[0].0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(LocalReply::Pending { pending }) = local::call(&socket, &LocalRequest::Pending).await {
+            if let Some(p) = pending.iter().find(|p| p.id == id) {
+                println!("   pending: {} asks to run: {}", p.technician, p.script);
+                break;
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the request did not reach ws-01 within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match local::call(&socket, &LocalRequest::Approve { id: id.to_hex() }).await? {
+        LocalReply::Done { message } => println!("   {message}"),
+        LocalReply::Error { error } => bail!("approving failed: {error}"),
+        LocalReply::Pending { .. } => bail!("unexpected reply"),
+    }
+
+    println!("== the transcript, as the technician sees it");
+    let mut follower = Follower::new(session, Some(BTreeSet::from([id])), OutputStyle::Labelled);
+    let mut events = technician.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let cmds = follower.update(&technician).await?;
+        if cmds.iter().all(|c| c.is_final()) {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, events.recv()).await.is_err() {
+            bail!("the command did not finish within 40 s");
+        }
+    }
+    println!("== done; stopping the demo fleet");
+    let _ = stop.send(true);
+    for d in daemons {
+        let _ = d.await;
+    }
+    technician.shutdown().await;
+    relay.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! What a technician does, as functions over a running node: the CLI, the demo and (later) the
+//! viewer call these and only differ in how they show the result.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use caisey_doc::fleet::{Contact, Fleet, InviteCert, MachineCard, Member, Role};
+use caisey_doc::id::{DocId, Id128, NodeId};
+use caisey_doc::record::Signer;
+use caisey_doc::session::{CommandRequest, CommandSpec, SessionInfo, SessionView, SessionWriter};
+use caisey_doc::token::InviteToken;
+use caisey_peer::node::Node;
+use caisey_peer::now_ms;
+use caisey_peer::wire::DocKind;
+use serde::Serialize;
+use tracing::debug;
+
+/// An agent counts as online if it was heard from within this many heartbeats.
+const ONLINE_HEARTBEATS: u32 = 3;
+
+fn random_id() -> Id128 {
+    Id128(rand::random())
+}
+
+/// Creates an org with this node as its first technician.
+pub async fn init(node: &Node, org_name: &str, my_name: &str) -> Result<Fleet> {
+    if node.fleet_doc().await?.is_some() {
+        bail!("this home already belongs to an org; use another --home for a new one");
+    }
+    let org_key = node.home().create_org_key()?;
+    let fleet_doc = random_id();
+    let doc = Fleet::create(org_name, &org_key, node.signer(), my_name, fleet_doc, now_ms())?;
+    node.create(fleet_doc, DocKind::Fleet, doc).await?;
+    node.fleet().await
+}
+
+/// Issues a one-time invite token.
+pub async fn invite(node: &Node, role: Role, name: Option<String>, groups: Vec<String>, ttl: Duration) -> Result<InviteToken> {
+    let fleet = node.fleet().await?;
+    let (Some(org_key), Some(fleet_doc)) = (fleet.org_key, fleet.fleet_doc) else {
+        bail!("this home has no org yet; run `caisey init --org NAME` or `caisey join TOKEN` first");
+    };
+    if fleet.role_of(&node.id()) != Some(Role::Technician) {
+        bail!("only technicians can invite");
+    }
+    // The org key if we hold it; otherwise our technician key, which chains back to it.
+    let authority = node.home().org_key()?.unwrap_or_else(|| node.signer().clone());
+    let mut contacts = node.relay_contacts().await?;
+    contacts.push(node.contact());
+    let secret = Signer::from_secret(rand::random());
+    let cert = InviteCert {
+        invite_id: random_id(),
+        invite_key: secret.node_id(),
+        org_key,
+        fleet_doc,
+        role,
+        name,
+        groups,
+        expires_at: now_ms() + ttl.as_millis() as u64,
+        contacts,
+    };
+    Ok(InviteToken::issue(&authority, cert, secret))
+}
+
+/// Connects to the org's relays (and any `extra` peers), then waits briefly until in sync with
+/// the first relay reached. Returns the peers reached.
+pub async fn go_online(node: &Node, extra: &[Contact]) -> Result<Vec<NodeId>> {
+    let relays = node.relay_contacts().await?;
+    let mut reached = Vec::new();
+    let dials = relays.iter().chain(extra.iter()).map(|c| {
+        let node = node.clone();
+        let c = c.clone();
+        async move {
+            let r = tokio::time::timeout(Duration::from_secs(3), node.dial(&c)).await;
+            match r {
+                Ok(Ok(())) => Some(c.node),
+                Ok(Err(e)) => {
+                    debug!("{e:#}");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+    });
+    for r in futures_join_all(dials).await.into_iter().flatten() {
+        reached.push(r);
+    }
+    if let Some(relay) = relays.iter().find(|r| reached.contains(&r.node)) {
+        node.wait_in_sync(relay.node, Duration::from_secs(5)).await?;
+    } else if !relays.is_empty() {
+        eprintln!("warning: the org's relay is unreachable; showing what this machine already has");
+    }
+    node.keep_relays_connected();
+    Ok(reached)
+}
+
+async fn futures_join_all<F: std::future::Future + Send + 'static>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}
+
+/// A machine as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub name: String,
+    pub node: NodeId,
+    pub groups: Vec<String>,
+    pub online: bool,
+    pub last_seen: Option<u64>,
+    pub card: Option<MachineCard>,
+}
+
+pub async fn machines(node: &Node, group: Option<&str>, search: Option<&str>) -> Result<Vec<Machine>> {
+    let fleet = node.fleet().await?;
+    let connected: Vec<NodeId> = node.peers().await?.into_iter().map(|p| p.peer).collect();
+    let now = now_ms();
+    let fresh = caisey_agent::daemon::HEARTBEAT.as_millis() as u64 * u64::from(ONLINE_HEARTBEATS);
+    let search = search.map(str::to_lowercase);
+    let mut out: Vec<Machine> = fleet
+        .members_with_role(Role::Agent)
+        .filter(|m| group.is_none_or(|g| m.groups.iter().any(|x| x.eq_ignore_ascii_case(g))))
+        .map(|m| {
+            let last_seen = fleet.presence.get(&m.node).map(|p| p.at);
+            Machine {
+                name: m.name.clone(),
+                node: m.node,
+                groups: m.groups.clone(),
+                online: connected.contains(&m.node) || last_seen.is_some_and(|t| now.saturating_sub(t) <= fresh),
+                last_seen,
+                card: fleet.cards.get(&m.node).cloned(),
+            }
+        })
+        .filter(|m| {
+            search.as_ref().is_none_or(|s| {
+                let card = m.card.as_ref().map(|c| format!("{} {} {}", c.hostname, c.os_name, c.os_version)).unwrap_or_default();
+                format!("{} {} {}", m.name, m.groups.join(" "), card).to_lowercase().contains(s)
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Who a run targets.
+#[derive(Debug, Clone)]
+pub enum Targets {
+    Machine(String),
+    Group(String),
+}
+
+pub fn resolve_targets(fleet: &Fleet, targets: &Targets) -> Result<Vec<Member>> {
+    let found: Vec<Member> = match targets {
+        Targets::Machine(name) => fleet.agent_by_name(name).into_iter().cloned().collect(),
+        Targets::Group(g) => fleet.agents_in_group(g).into_iter().cloned().collect(),
+    };
+    match (targets, found.len()) {
+        (Targets::Machine(name), 0) => bail!("no machine named {name:?}; see `caisey machines`"),
+        (Targets::Machine(name), n) if n > 1 => bail!("{n} machines are named {name:?}; rename one"),
+        (Targets::Group(g), 0) => bail!("no machines in group {g:?}; see `caisey machines`"),
+        _ => Ok(found),
+    }
+}
+
+/// A session as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionSummary {
+    pub id: DocId,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub machines: Vec<String>,
+    pub commands: usize,
+    pub last_activity: u64,
+    pub status: String,
+}
+
+/// Reads every valid session (without output).
+pub async fn session_views(node: &Node) -> Result<Vec<(DocId, SessionView)>> {
+    let fleet = node.fleet().await?;
+    let ids = node.sessions().await?;
+    node.with_core(move |core| {
+        ids.into_iter().filter_map(|id| Some((id, SessionView::read_without_output(core.hub.doc(&id)?, &fleet).ok()?))).collect()
+    })
+    .await
+}
+
+pub async fn sessions(node: &Node, search: Option<&str>, label: Option<&str>) -> Result<Vec<SessionSummary>> {
+    let fleet = node.fleet().await?;
+    let names: BTreeMap<NodeId, String> = fleet.members.values().map(|m| (m.node, m.name.clone())).collect();
+    let search = search.map(str::to_lowercase);
+    let mut out: Vec<SessionSummary> = session_views(node)
+        .await?
+        .into_iter()
+        .filter(|(_, v)| label.is_none_or(|l| v.info.labels.iter().any(|x| x.eq_ignore_ascii_case(l))))
+        .map(|(id, v)| {
+            let machines: Vec<String> = v.targets.iter().map(|t| names.get(t).cloned().unwrap_or_else(|| t.short())).collect();
+            let haystack = format!(
+                "{} {} {} {}",
+                v.info.name,
+                v.info.labels.join(" "),
+                machines.join(" "),
+                v.commands.iter().map(|c| c.request.command.script.as_str()).collect::<Vec<_>>().join(" ")
+            )
+            .to_lowercase();
+            (haystack, SessionSummary {
+                id,
+                name: v.info.name.clone(),
+                labels: v.info.labels.clone(),
+                machines,
+                commands: v.commands.len(),
+                last_activity: v.last_activity(),
+                status: v.commands.last().map(|c| c.status().to_string()).unwrap_or_else(|| "empty".into()),
+            })
+        })
+        .filter(|(h, _)| search.as_ref().is_none_or(|s| h.contains(s)))
+        .map(|(_, s)| s)
+        .collect();
+    out.sort_by_key(|s| std::cmp::Reverse(s.last_activity));
+    Ok(out)
+}
+
+/// Finds a session by id, unique id prefix, or exact name (the newest of that name).
+pub async fn find_session(node: &Node, key: &str) -> Result<DocId> {
+    let all = session_views(node).await?;
+    let key_l = key.to_lowercase();
+    if let Some((id, _)) = all.iter().filter(|(_, v)| v.info.name == key).max_by_key(|(_, v)| v.info.created_at) {
+        return Ok(*id);
+    }
+    let by_prefix: Vec<DocId> = all.iter().map(|(id, _)| *id).filter(|id| id.to_hex().starts_with(&key_l)).collect();
+    match by_prefix.as_slice() {
+        [one] => Ok(*one),
+        [] => bail!("no session {key:?}; see `caisey sessions`"),
+        many => bail!("{key:?} matches {} sessions; give more of the id", many.len()),
+    }
+}
+
+/// What to ask for.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub targets: Targets,
+    pub session: Option<String>,
+    pub labels: Vec<String>,
+    pub command: CommandSpec,
+    pub description: String,
+    /// How long the endpoint user has to decide.
+    pub approval_window: Duration,
+}
+
+/// Writes one request per target machine into the named session (created if new). Returns the
+/// session and `(request id, machine)` pairs. Durable locally when this returns.
+pub async fn ask(node: &Node, req: RunRequest) -> Result<(DocId, Vec<(Id128, Member)>)> {
+    let fleet = node.fleet().await?;
+    let targets = resolve_targets(&fleet, &req.targets)?;
+    let existing = match &req.session {
+        Some(name) => session_views(node).await?.into_iter().filter(|(_, v)| v.info.name == *name).max_by_key(|(_, v)| v.info.created_at).map(|(id, _)| id),
+        None => None,
+    };
+    let now = now_ms();
+    let session = match existing {
+        Some(id) => id,
+        None => {
+            let id = random_id();
+            let default_name = match &req.targets {
+                Targets::Machine(m) => format!("{m} {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now())),
+                Targets::Group(g) => format!("group {g} {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now())),
+            };
+            let org_key = fleet.org_key.ok_or_else(|| anyhow!("no org"))?;
+            let info = SessionInfo { id, name: req.session.clone().unwrap_or(default_name), labels: req.labels.clone(), created_at: now, org_key };
+            let doc = SessionWriter::create(node.signer(), &info)?;
+            node.create(id, DocKind::Session, doc).await?;
+            id
+        }
+    };
+    let requests: Vec<(CommandRequest, Member)> = targets
+        .into_iter()
+        .map(|m| {
+            let r = CommandRequest {
+                id: random_id(),
+                session,
+                target: m.node,
+                command: req.command.clone(),
+                description: req.description.clone(),
+                requested_at: now,
+                expires_at: now + req.approval_window.as_millis() as u64,
+            };
+            (r, m)
+        })
+        .collect();
+    let signer = node.signer().clone();
+    let to_write: Vec<CommandRequest> = requests.iter().map(|(r, _)| r.clone()).collect();
+    node.change(session, move |doc| -> Result<()> {
+        for r in &to_write {
+            SessionWriter::request(doc, &signer, r)?;
+        }
+        Ok(())
+    })
+    .await?
+    .context("writing the request")?;
+    Ok((session, requests.into_iter().map(|(r, m)| (r.id, m)).collect()))
+}
+
+/// Direct contacts of agents, from their presence in the fleet.
+pub fn agent_contacts(fleet: &Fleet, members: &[Member]) -> Vec<Contact> {
+    members
+        .iter()
+        .filter_map(|m| fleet.presence.get(&m.node).map(|p| Contact { node: m.node, addrs: p.addrs.clone() }))
+        .collect()
+}

@@ -1,0 +1,265 @@
+//! Showing a session: as it happens (`caisey run`, `caisey show --follow`) or at once
+//! (`caisey show`, `--json`).
+//!
+//! A [`Follower`] remembers what it already printed of each command — its events and how far
+//! into the output list it read — so each update prints only what is new and reads only new
+//! output chunks. Output from endpoints is hostile: on a terminal, control characters and escape
+//! sequences are shown, never obeyed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::Result;
+use caisey_agent::escape::visible;
+use caisey_doc::fleet::Fleet;
+use caisey_doc::id::{DocId, Id128, NodeId};
+use caisey_doc::session::{CommandView, EndStatus, SessionView, Stream, Verdict};
+use caisey_peer::node::Node;
+use serde::Serialize;
+
+pub fn time(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn name_of(fleet: &Fleet, node: &NodeId) -> String {
+    fleet.members.get(node).map(|m| m.name.clone()).unwrap_or_else(|| node.short())
+}
+
+/// How output bytes are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStyle {
+    /// One machine's run: stdout to stdout, stderr to stderr, as the command wrote them.
+    Passthrough,
+    /// Each line prefixed with the machine and stream.
+    Labelled,
+}
+
+#[derive(Default)]
+struct Seen {
+    request: bool,
+    decision: bool,
+    end: bool,
+    output_pos: usize,
+    partial: BTreeMap<u8, Vec<u8>>,
+}
+
+pub struct Follower {
+    session: DocId,
+    /// Only these commands (a run follows its own requests); all when `None`.
+    only: Option<BTreeSet<Id128>>,
+    style: OutputStyle,
+    seen: BTreeMap<Id128, Seen>,
+    header: bool,
+}
+
+impl Follower {
+    pub fn new(session: DocId, only: Option<BTreeSet<Id128>>, style: OutputStyle) -> Self {
+        Self { session, only, style, seen: BTreeMap::new(), header: false }
+    }
+
+    /// Prints whatever is new. Returns the commands it follows as they now stand.
+    pub async fn update(&mut self, node: &Node) -> Result<Vec<CommandView>> {
+        let fleet = node.fleet().await?;
+        let session = self.session;
+        let f2 = fleet.clone();
+        let Some(view) = node.read(session, move |d| SessionView::read_without_output(d, &f2)).await? else {
+            anyhow::bail!("session {} is not here", session.short());
+        };
+        let view = view?;
+        if !self.header && self.style == OutputStyle::Labelled {
+            let labels = if view.info.labels.is_empty() { String::new() } else { format!("  labels: {}", view.info.labels.join(", ")) };
+            println!("session {:?} ({}){labels}", view.info.name, view.info.id);
+            for q in &view.quarantined {
+                println!("!! quarantined {}: {} (not shown as genuine)", q.place, q.why);
+            }
+        }
+        self.header = true;
+        let mut followed = Vec::new();
+        for cmd in view.commands {
+            if self.only.as_ref().is_some_and(|o| !o.contains(&cmd.request.id)) {
+                continue;
+            }
+            self.print_new(node, &fleet, &cmd).await?;
+            followed.push(cmd);
+        }
+        std::io::stdout().flush()?;
+        std::io::stderr().flush()?;
+        Ok(followed)
+    }
+
+    async fn print_new(&mut self, node: &Node, fleet: &Fleet, cmd: &CommandView) -> Result<()> {
+        let machine = name_of(fleet, &cmd.request.target);
+        let style = self.style;
+        let seen = self.seen.entry(cmd.request.id).or_default();
+        let status = |line: String| match style {
+            OutputStyle::Passthrough => eprintln!("{line}"),
+            OutputStyle::Labelled => println!("{line}"),
+        };
+        if !seen.request {
+            seen.request = true;
+            let c = &cmd.request.command;
+            status(format!(
+                "── {}  {} asked {} to run ({}, timeout {}s){}:",
+                time(cmd.request.requested_at),
+                name_of(fleet, &cmd.requester),
+                machine,
+                c.shell,
+                c.timeout_ms / 1000,
+                c.cwd.as_ref().map(|d| format!(" in {}", visible(d))).unwrap_or_default()
+            ));
+            for line in visible(&c.script).lines() {
+                status(format!("     {line}"));
+            }
+            if cmd.decision.is_none() {
+                status(format!("   waiting for approval on {machine}…"));
+            }
+        }
+        if let (false, Some(d)) = (seen.decision, &cmd.decision) {
+            seen.decision = true;
+            let what = match d.verdict {
+                Verdict::Approved => format!("approved by {}", visible(&d.decided_by)),
+                Verdict::Denied => format!("denied by {}", visible(&d.decided_by)),
+                Verdict::Expired => "expired: nobody approved it in time".to_string(),
+            };
+            status(format!("── {}  {machine}: {what}", time(d.decided_at)));
+        }
+        // Output: only the chunks appended since last time.
+        let (request, from) = (cmd.request.clone(), seen.output_pos);
+        let (chunks, next) = node.read(self.session, move |d| SessionView::read_output_from(d, &request, from)).await?.unwrap_or_default();
+        seen.output_pos = next;
+        for chunk in chunks {
+            write_output(style, &machine, seen, chunk.stream, &chunk.data)?;
+        }
+        if let (false, Some(e)) = (seen.end, &cmd.end) {
+            seen.end = true;
+            flush_partial(style, &machine, seen)?;
+            let took = cmd.start.as_ref().map(|s| format!(" after {:.2}s", e.ended_at.saturating_sub(s.started_at) as f64 / 1000.0)).unwrap_or_default();
+            let what = match (e.status, e.exit_code) {
+                (EndStatus::Exited, Some(code)) => format!("exited with code {code}{took}"),
+                (EndStatus::Exited, None) => format!("ended by a signal{took}"),
+                (EndStatus::TimedOut, _) => format!("timed out{took}"),
+                (EndStatus::Interrupted, _) => "interrupted: the agent stopped while it ran (not run again)".to_string(),
+                (EndStatus::FailedToStart, _) => "failed to start".to_string(),
+            };
+            let msg = e.message.as_ref().map(|m| format!(" ({})", visible(m))).unwrap_or_default();
+            status(format!("── {}  {machine}: {what}{msg}", time(e.ended_at)));
+        }
+        Ok(())
+    }
+}
+
+fn stream_tag(s: Stream) -> u8 {
+    match s {
+        Stream::Stdout => 1,
+        Stream::Stderr => 2,
+    }
+}
+
+fn write_output(style: OutputStyle, machine: &str, seen: &mut Seen, stream: Stream, data: &[u8]) -> Result<()> {
+    match style {
+        OutputStyle::Passthrough => {
+            let raw_ok = match stream {
+                Stream::Stdout => !std::io::stdout().is_terminal(),
+                Stream::Stderr => !std::io::stderr().is_terminal(),
+            };
+            let bytes = if raw_ok { data.to_vec() } else { visible(&String::from_utf8_lossy(data)).into_bytes() };
+            match stream {
+                Stream::Stdout => std::io::stdout().write_all(&bytes)?,
+                Stream::Stderr => std::io::stderr().write_all(&bytes)?,
+            }
+        }
+        OutputStyle::Labelled => {
+            let buf = seen.partial.entry(stream_tag(stream)).or_default();
+            buf.extend_from_slice(data);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                print_line(machine, stream, &line[..line.len() - 1]);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn flush_partial(style: OutputStyle, machine: &str, seen: &mut Seen) -> Result<()> {
+    if style == OutputStyle::Labelled {
+        for (tag, buf) in std::mem::take(&mut seen.partial) {
+            if !buf.is_empty() {
+                print_line(machine, if tag == 1 { Stream::Stdout } else { Stream::Stderr }, &buf);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_line(machine: &str, stream: Stream, line: &[u8]) {
+    let tag = match stream {
+        Stream::Stdout => "out",
+        Stream::Stderr => "err",
+    };
+    println!("   [{machine} {tag}] {}", visible(&String::from_utf8_lossy(line)));
+}
+
+/// The JSON form of a whole session (`caisey show --json`).
+#[derive(Debug, Serialize)]
+pub struct SessionJson {
+    pub id: DocId,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub machines: Vec<String>,
+    pub commands: Vec<CommandJson>,
+    pub quarantined: Vec<caisey_doc::session::Quarantined>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CommandJson {
+    pub id: Id128,
+    pub machine: String,
+    pub requester: String,
+    pub shell: String,
+    pub script: String,
+    pub status: String,
+    pub exit_code: Option<i32>,
+    pub requested_at: u64,
+    pub decided_by: Option<String>,
+    pub started_at: Option<u64>,
+    pub ended_at: Option<u64>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
+    let fleet = node.fleet().await?;
+    let f2 = fleet.clone();
+    let view = node.read(session, move |d| SessionView::read(d, &f2)).await?.ok_or_else(|| anyhow::anyhow!("no such session"))??;
+    let commands = view
+        .commands
+        .iter()
+        .map(|c| {
+            let text = |s: Stream| String::from_utf8_lossy(&c.output.iter().filter(|o| o.stream == s).flat_map(|o| o.data.iter().copied()).collect::<Vec<u8>>()).into_owned();
+            CommandJson {
+                id: c.request.id,
+                machine: name_of(&fleet, &c.request.target),
+                requester: name_of(&fleet, &c.requester),
+                shell: c.request.command.shell.to_string(),
+                script: c.request.command.script.clone(),
+                status: c.status().to_string(),
+                exit_code: c.end.as_ref().and_then(|e| e.exit_code),
+                requested_at: c.request.requested_at,
+                decided_by: c.decision.as_ref().map(|d| d.decided_by.clone()),
+                started_at: c.start.as_ref().map(|s| s.started_at),
+                ended_at: c.end.as_ref().map(|e| e.ended_at),
+                stdout: text(Stream::Stdout),
+                stderr: text(Stream::Stderr),
+            }
+        })
+        .collect();
+    Ok(SessionJson {
+        id: session,
+        name: view.info.name.clone(),
+        labels: view.info.labels.clone(),
+        machines: view.targets.iter().map(|t| name_of(&fleet, t)).collect(),
+        commands,
+        quarantined: view.quarantined,
+    })
+}
