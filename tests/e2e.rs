@@ -1,1 +1,191 @@
+//! End-to-end: the real binaries, several homes, loopback only. Each test builds its own org so
+//! they can run in parallel.
 
+use std::time::Duration;
+
+use caisey_tests::{Org, World, wait_for};
+
+const SCRIPT_BOTH_STREAMS: &str = "echo hello; echo oops >&2; exit 3";
+
+#[test]
+fn approved_command_streams_both_outputs_and_exits_with_the_remote_code() {
+    let org = Org::new(&[("ws-01", "accounting")]);
+    let _agent = org.world.start_agent("ws-01");
+    org.join_technician("bob");
+    let run = org.world.spawn("caisey", "alice", &["run", "--machine", "ws-01", "--", SCRIPT_BOTH_STREAMS]);
+    let id = org.world.wait_pending("ws-01");
+    org.world.agent_cmd("ws-01", &["approve", &id]).ok();
+    let out = run.wait(Duration::from_secs(30));
+    assert_eq!(out.code(), 3, "{out:?}");
+    assert!(out.stdout.contains("hello"), "{out:?}");
+    assert!(out.stderr.contains("oops"), "{out:?}");
+    // The colleague who joined sees it too.
+    let sessions = org.world.caisey("bob", &["sessions", "--json"]).ok();
+    let list: serde_json::Value = serde_json::from_str(&sessions.stdout).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert!(list[0]["id"].is_string() && list[0]["name"].is_string());
+}
+
+#[test]
+fn denied_command_never_runs_and_run_exits_1() {
+    let org = Org::new(&[("ws-01", "accounting")]);
+    let _agent = org.world.start_agent("ws-01");
+    let marker = org.world.root.path().join("ran-anyway");
+    let script = format!("touch {}", marker.display());
+    let run = org.world.spawn("caisey", "alice", &["run", "--machine", "ws-01", "--", &script]);
+    let id = org.world.wait_pending("ws-01");
+    org.world.agent_cmd("ws-01", &["deny", &id]).ok();
+    let out = run.wait(Duration::from_secs(30));
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(out.stderr.contains("denied"), "{out:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!marker.exists(), "the denied command ran");
+    // Approving after the denial is refused too.
+    let again = org.world.agent_cmd("ws-01", &["approve", &id]);
+    assert_eq!(again.code(), 2);
+    assert!(!marker.exists());
+}
+
+#[test]
+fn killing_the_technician_mid_command_loses_nothing_and_a_colleague_sees_it_all() {
+    let org = Org::new(&[("ws-01", "accounting")]);
+    let _agent = org.world.start_agent("ws-01");
+    org.join_technician("bob");
+    let script = "for i in 1 2 3 4 5 6 7 8 9 10; do echo line $i; sleep 1; done; exit 0";
+    let run = org.world.spawn("caisey", "alice", &["run", "--machine", "ws-01", "--session", "long", "--", script]);
+    let id = org.world.wait_pending("ws-01");
+    org.world.agent_cmd("ws-01", &["approve", &id]).ok();
+    wait_for(Duration::from_secs(15), || run.stdout().contains("line 2").then_some(())).expect("output streamed to alice");
+    run.kill9();
+    let done = wait_for(Duration::from_secs(40), || {
+        let s = org.show_json("bob", "long")?;
+        (s["commands"][0]["status"] == "exited").then_some(s)
+    })
+    .expect("bob sees the command finish");
+    let stdout = done["commands"][0]["stdout"].as_str().unwrap_or_default().to_string();
+    for i in 1..=10 {
+        assert!(stdout.contains(&format!("line {i}\n")), "missing line {i}: {stdout:?}");
+    }
+    assert_eq!(done["commands"][0]["exit_code"], 0);
+}
+
+#[test]
+fn store_and_forward_through_the_relay_when_never_online_together() {
+    let org = Org::new(&[("ws-01", "accounting")]);
+    // The agent has been online once (so it is known), then is stopped.
+    org.world.start_agent("ws-01").stop();
+    let asked = org.world.caisey("alice", &["run", "--detach", "--machine", "ws-01", "--session", "sf", "--", "echo forwarded-$((6*7))"]).ok();
+    assert!(asked.stdout.contains("asked"), "{asked:?}");
+    let agent = org.world.start_agent("ws-01");
+    let id = org.world.wait_pending("ws-01");
+    org.world.agent_cmd("ws-01", &["approve", &id]).ok();
+    // Wait until the relay holds the result (show only talks to relays), then stop the agent.
+    wait_for(Duration::from_secs(30), || (org.show_json("alice", "sf")?["commands"][0]["status"] == "exited").then_some(()))
+        .expect("result reached the relay");
+    agent.stop();
+    let s = org.show_json("alice", "sf").expect("show");
+    assert_eq!(s["commands"][0]["stdout"], "forwarded-42\n");
+    assert_eq!(s["commands"][0]["exit_code"], 0);
+}
+
+#[test]
+fn relay_restart_loses_nothing() {
+    let mut org = Org::new(&[("ws-01", "accounting")]);
+    let agent = org.world.start_agent("ws-01");
+    let run = org.world.spawn("caisey", "alice", &["run", "--machine", "ws-01", "--session", "before-restart", "--", "echo kept"]);
+    let id = org.world.wait_pending("ws-01");
+    org.world.agent_cmd("ws-01", &["approve", &id]).ok();
+    assert_eq!(run.wait(Duration::from_secs(30)).code(), 0);
+    drop(agent);
+    // Hard stop, then the same home again.
+    org.relay.take().expect("relay").kill9();
+    let (relay, ticket) = org.world.start_relay("relay");
+    org.relay = Some(relay);
+    assert_eq!(ticket, org.ticket, "the relay came back at another address");
+    // A colleague who never met the relay before the restart gets the old session from it.
+    org.join_technician("carol");
+    let s = org.show_json("carol", "before-restart").expect("carol sees the session");
+    assert_eq!(s["commands"][0]["stdout"], "kept\n");
+}
+
+#[test]
+fn group_run_returns_one_labelled_result_per_machine() {
+    let org = Org::new(&[("ws-01", "accounting"), ("ws-02", "accounting"), ("ws-03", "accounting"), ("other", "sales")]);
+    let _agents: Vec<_> = ["ws-01", "ws-02", "ws-03", "other"].iter().map(|a| org.world.start_agent(a)).collect();
+    let run = org.world.spawn("caisey", "alice", &["run", "--group", "accounting", "--", "echo group-ok"]);
+    for a in ["ws-01", "ws-02", "ws-03"] {
+        let id = org.world.wait_pending(a);
+        org.world.agent_cmd(a, &["approve", &id]).ok();
+    }
+    let out = run.wait(Duration::from_secs(30));
+    assert_eq!(out.code(), 0, "{out:?}");
+    for a in ["ws-01", "ws-02", "ws-03"] {
+        assert!(out.stdout.contains(&format!("[{a} out] group-ok")), "{a} missing: {}", out.stdout);
+    }
+    assert!(!out.stdout.contains("[other"), "a machine outside the group ran it");
+    let pending_other = org.world.agent_cmd("other", &["pending", "--json"]).ok();
+    assert_eq!(pending_other.stdout.trim(), "[]");
+}
+
+#[test]
+fn used_expired_and_damaged_tokens_are_refused_with_one_clear_line() {
+    let org = Org::new(&[]);
+    let token = org.invite_agent("ws-01", "accounting", "1h");
+    org.world.agent_cmd("ws-01", &["enroll", &token]).ok();
+
+    let used = org.world.agent_cmd("ws-02", &["enroll", &token]);
+    assert_eq!(used.code(), 2);
+    assert_one_line(&used.stderr, "already used");
+
+    let short = org.invite_agent("ws-03", "accounting", "1s");
+    std::thread::sleep(Duration::from_millis(1500));
+    let expired = org.world.agent_cmd("ws-03", &["enroll", &short]);
+    assert_eq!(expired.code(), 2);
+    assert_one_line(&expired.stderr, "expired");
+
+    let fresh = org.invite_agent("ws-04", "accounting", "1h");
+    let mut chars: Vec<char> = fresh.chars().collect();
+    let mid = chars.len() / 2;
+    chars[mid] = if chars[mid] == 'a' { 'b' } else { 'a' };
+    let damaged: String = chars.into_iter().collect();
+    let out = org.world.agent_cmd("ws-04", &["enroll", &damaged]);
+    assert_eq!(out.code(), 2);
+    assert_one_line(&out.stderr, "damaged");
+    // The good token still works after the damaged copy was refused.
+    org.world.agent_cmd("ws-04", &["enroll", &fresh]).ok();
+}
+
+fn assert_one_line(stderr: &str, needle: &str) {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got {stderr:?}");
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(needle), "{stderr:?}");
+}
+
+#[test]
+fn a_non_member_cannot_fetch_a_session_document() {
+    let org = Org::new(&[("ws-01", "accounting")]);
+    org.world.caisey("alice", &["run", "--detach", "--machine", "ws-01", "--session", "secret", "--", "echo s3cret"]).ok();
+    let sessions: serde_json::Value = serde_json::from_str(&org.world.caisey("alice", &["sessions", "--json"]).ok().stdout).expect("json");
+    let session: caisey_doc::id::Id128 = sessions[0]["id"].as_str().expect("id").parse().expect("session id");
+    let ticket = caisey_doc::token::RelayTicket::decode(&org.ticket).expect("ticket");
+    let received = tokio::runtime::Runtime::new().expect("runtime").block_on(caisey_tests::probe::fetch_as_stranger(&ticket, session));
+    assert!(received.iter().all(|doc| *doc != session), "the relay sent the session to a stranger");
+    assert!(received.is_empty(), "the relay sent documents to a stranger: {received:?}");
+}
+
+#[test]
+fn bad_command_lines_get_one_clear_error() {
+    let world = World::new();
+    let out = world.caisey("t", &["machines"]);
+    // No org yet: nothing to list, but no crash either.
+    assert_eq!(out.code(), 0, "{out:?}");
+    let out = world.caisey("t", &["relay", "add", "not-a-ticket"]);
+    assert_eq!(out.code(), 2);
+    assert_one_line(&out.stderr, "not a caisey relay ticket");
+    let out = world.caisey("t", &["run", "--machine", "nope", "--", "true"]);
+    assert_eq!(out.code(), 2);
+    assert_one_line(&out.stderr, "no machine named");
+    let out = world.agent_cmd("a", &["approve", "abc"]);
+    assert_eq!(out.code(), 2);
+    assert_one_line(&out.stderr, "agent is not running");
+}
