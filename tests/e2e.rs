@@ -55,7 +55,8 @@ fn killing_the_technician_mid_command_loses_nothing_and_a_colleague_sees_it_all(
     let run = org.world.spawn("caisey", "alice", &["run", "--machine", "ws-01", "--session", "long", "--", script]);
     let id = org.world.wait_pending("ws-01");
     org.world.agent_cmd("ws-01", &["approve", &id]).ok();
-    wait_for(Duration::from_secs(15), || run.stdout().contains("line 2").then_some(())).expect("output streamed to alice");
+    wait_for(Duration::from_secs(15), || run.stdout().contains("line 2").then_some(()))
+        .expect("output streamed to alice");
     run.kill9();
     let done = wait_for(Duration::from_secs(40), || {
         let s = org.show_json("bob", "long")?;
@@ -74,14 +75,19 @@ fn store_and_forward_through_the_relay_when_never_online_together() {
     let org = Org::new(&[("ws-01", "accounting")]);
     // The agent has been online once (so it is known), then is stopped.
     org.world.start_agent("ws-01").stop();
-    let asked = org.world.caisey("alice", &["run", "--detach", "--machine", "ws-01", "--session", "sf", "--", "echo forwarded-$((6*7))"]).ok();
+    let asked = org
+        .world
+        .caisey("alice", &["run", "--detach", "--machine", "ws-01", "--session", "sf", "--", "echo forwarded-$((6*7))"])
+        .ok();
     assert!(asked.stdout.contains("asked"), "{asked:?}");
     let agent = org.world.start_agent("ws-01");
     let id = org.world.wait_pending("ws-01");
     org.world.agent_cmd("ws-01", &["approve", &id]).ok();
     // Wait until the relay holds the result (show only talks to relays), then stop the agent.
-    wait_for(Duration::from_secs(30), || (org.show_json("alice", "sf")?["commands"][0]["status"] == "exited").then_some(()))
-        .expect("result reached the relay");
+    wait_for(Duration::from_secs(30), || {
+        (org.show_json("alice", "sf")?["commands"][0]["status"] == "exited").then_some(())
+    })
+    .expect("result reached the relay");
     agent.stop();
     let s = org.show_json("alice", "sf").expect("show");
     assert_eq!(s["commands"][0]["stdout"], "forwarded-42\n");
@@ -92,7 +98,11 @@ fn store_and_forward_through_the_relay_when_never_online_together() {
 fn relay_restart_loses_nothing() {
     let mut org = Org::new(&[("ws-01", "accounting")]);
     let agent = org.world.start_agent("ws-01");
-    let run = org.world.spawn("caisey", "alice", &["run", "--machine", "ws-01", "--session", "before-restart", "--", "echo kept"]);
+    let run = org.world.spawn(
+        "caisey",
+        "alice",
+        &["run", "--machine", "ws-01", "--session", "before-restart", "--", "echo kept"],
+    );
     let id = org.world.wait_pending("ws-01");
     org.world.agent_cmd("ws-01", &["approve", &id]).ok();
     assert_eq!(run.wait(Duration::from_secs(30)).code(), 0);
@@ -110,7 +120,8 @@ fn relay_restart_loses_nothing() {
 
 #[test]
 fn group_run_returns_one_labelled_result_per_machine() {
-    let org = Org::new(&[("ws-01", "accounting"), ("ws-02", "accounting"), ("ws-03", "accounting"), ("other", "sales")]);
+    let org =
+        Org::new(&[("ws-01", "accounting"), ("ws-02", "accounting"), ("ws-03", "accounting"), ("other", "sales")]);
     let _agents: Vec<_> = ["ws-01", "ws-02", "ws-03", "other"].iter().map(|a| org.world.start_agent(a)).collect();
     let run = org.world.spawn("caisey", "alice", &["run", "--group", "accounting", "--", "echo group-ok"]);
     for a in ["ws-01", "ws-02", "ws-03"] {
@@ -164,11 +175,16 @@ fn assert_one_line(stderr: &str, needle: &str) {
 #[test]
 fn a_non_member_cannot_fetch_a_session_document() {
     let org = Org::new(&[("ws-01", "accounting")]);
-    org.world.caisey("alice", &["run", "--detach", "--machine", "ws-01", "--session", "secret", "--", "echo s3cret"]).ok();
-    let sessions: serde_json::Value = serde_json::from_str(&org.world.caisey("alice", &["sessions", "--json"]).ok().stdout).expect("json");
+    org.world
+        .caisey("alice", &["run", "--detach", "--machine", "ws-01", "--session", "secret", "--", "echo s3cret"])
+        .ok();
+    let sessions: serde_json::Value =
+        serde_json::from_str(&org.world.caisey("alice", &["sessions", "--json"]).ok().stdout).expect("json");
     let session: caisey_doc::id::Id128 = sessions[0]["id"].as_str().expect("id").parse().expect("session id");
     let ticket = caisey_doc::token::RelayTicket::decode(&org.ticket).expect("ticket");
-    let received = tokio::runtime::Runtime::new().expect("runtime").block_on(caisey_tests::probe::fetch_as_stranger(&ticket, session));
+    let received = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(caisey_tests::probe::fetch_as_stranger(&ticket, session));
     assert!(received.iter().all(|doc| *doc != session), "the relay sent the session to a stranger");
     assert!(received.is_empty(), "the relay sent documents to a stranger: {received:?}");
 }

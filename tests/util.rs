@@ -35,7 +35,13 @@ impl Output {
 
     /// Panics with everything printed unless the command succeeded.
     pub fn ok(self) -> Self {
-        assert!(self.status.success(), "command failed ({}):\nstdout: {}\nstderr: {}", self.status, self.stdout, self.stderr);
+        assert!(
+            self.status.success(),
+            "command failed ({}):\nstdout: {}\nstderr: {}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
         self
     }
 }
@@ -186,8 +192,10 @@ impl World {
     /// Starts an enrolled agent's daemon and waits until its local socket answers.
     pub fn start_agent(&self, home: &str) -> Running {
         let agent = self.spawn("caisey-agent", home, &["run"]);
-        wait_for(Duration::from_secs(20), || self.command("caisey-agent", home, &["pending"]).output().is_ok_and(|o| o.status.success()).then_some(()))
-            .unwrap_or_else(|| panic!("agent {home} did not start: {}", agent.stderr()));
+        wait_for(Duration::from_secs(20), || {
+            self.command("caisey-agent", home, &["pending"]).output().is_ok_and(|o| o.status.success()).then_some(())
+        })
+        .unwrap_or_else(|| panic!("agent {home} did not start: {}", agent.stderr()));
         agent
     }
 
@@ -238,7 +246,12 @@ impl Org {
     }
 
     pub fn invite_agent(&self, name: &str, group: &str, ttl: &str) -> String {
-        self.world.caisey("alice", &["invite", "agent", "--name", name, "--group", group, "--ttl", ttl]).ok().stdout.trim().to_string()
+        self.world
+            .caisey("alice", &["invite", "agent", "--name", name, "--group", group, "--ttl", ttl])
+            .ok()
+            .stdout
+            .trim()
+            .to_string()
     }
 
     pub fn enroll_agent(&self, name: &str, group: &str) {
@@ -248,7 +261,8 @@ impl Org {
 
     /// A colleague joins with a fresh home.
     pub fn join_technician(&self, name: &str) {
-        let token = self.world.caisey("alice", &["invite", "technician", "--name", name]).ok().stdout.trim().to_string();
+        let token =
+            self.world.caisey("alice", &["invite", "technician", "--name", name]).ok().stdout.trim().to_string();
         self.world.caisey(name, &["join", &token]).ok();
     }
 

@@ -65,9 +65,9 @@ fn ticket_path(home: &Path) -> std::path::PathBuf {
 
 fn read_ticket(home: &Path) -> Result<String> {
     let path = ticket_path(home);
-    std::fs::read_to_string(&path)
-        .map(|t| t.trim().to_string())
-        .with_context(|| format!("no ticket in {}; has `caisey-relay run` been started with this --home?", home.display()))
+    std::fs::read_to_string(&path).map(|t| t.trim().to_string()).with_context(|| {
+        format!("no ticket in {}; has `caisey-relay run` been started with this --home?", home.display())
+    })
 }
 
 /// Starts a relay node; `on_ready` gets its ticket once it listens. Runs until `shutdown`.

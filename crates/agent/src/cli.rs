@@ -65,7 +65,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             node.shutdown().await;
             let fleet = result?;
             let me = fleet.members.get(&node.id()).map(|m| (m.name.clone(), m.groups.join(", "))).unwrap_or_default();
-            println!("enrolled as {:?} in org {:?} (groups: {})", me.0, fleet.org_name, if me.1.is_empty() { "none" } else { &me.1 });
+            println!(
+                "enrolled as {:?} in org {:?} (groups: {})",
+                me.0,
+                fleet.org_name,
+                if me.1.is_empty() { "none" } else { &me.1 }
+            );
             println!("start the agent with: caisey-agent run");
             Ok(ExitCode::SUCCESS)
         }
@@ -89,11 +94,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 for p in pending {
                     let left = p.expires_at.saturating_sub(caisey_peer::now_ms()) / 1000;
-                    println!("{}  from {} ({}) in session {:?}, expires in {left}s", p.id.short(), p.technician, p.technician_key.short(), p.session);
+                    println!(
+                        "{}  from {} ({}) in session {:?}, expires in {left}s",
+                        p.id.short(),
+                        p.technician,
+                        p.technician_key.short(),
+                        p.session
+                    );
                     if !p.description.is_empty() {
                         println!("    why: {}", crate::escape::visible(&p.description));
                     }
-                    println!("    {} (timeout {}s{}):", p.shell, p.timeout_ms / 1000, p.cwd.map(|c| format!(", in {c}")).unwrap_or_default());
+                    println!(
+                        "    {} (timeout {}s{}):",
+                        p.shell,
+                        p.timeout_ms / 1000,
+                        p.cwd.map(|c| format!(", in {c}")).unwrap_or_default()
+                    );
                     for line in crate::escape::visible(&p.script).lines() {
                         println!("      {line}");
                     }

@@ -208,7 +208,11 @@ impl Agent {
         Ok(())
     }
 
-    fn request(&self, session: DocId, id: Id128) -> Option<(caisey_doc::session::CommandRequest, caisey_doc::id::NodeId)> {
+    fn request(
+        &self,
+        session: DocId,
+        id: Id128,
+    ) -> Option<(caisey_doc::session::CommandRequest, caisey_doc::id::NodeId)> {
         let st = self.state.lock().ok()?;
         let c = st.views.get(&session)?.command(&id)?;
         Some((c.request.clone(), c.requester))

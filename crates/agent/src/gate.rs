@@ -29,14 +29,21 @@ pub enum Action {
     Interrupted { session: DocId, request: Id128 },
 }
 
-pub fn review(me: NodeId, sessions: &[(DocId, SessionView)], running: &BTreeSet<Id128>, now: u64) -> (Vec<Pending>, Vec<Action>) {
+pub fn review(
+    me: NodeId,
+    sessions: &[(DocId, SessionView)],
+    running: &BTreeSet<Id128>,
+    now: u64,
+) -> (Vec<Pending>, Vec<Action>) {
     let mut pending = Vec::new();
     let mut actions = Vec::new();
     for (doc, view) in sessions {
         for cmd in view.commands.iter().filter(|c| c.request.target == me) {
             let id = cmd.request.id;
             match (&cmd.decision, &cmd.start, &cmd.end) {
-                (None, _, _) if now > cmd.request.expires_at => actions.push(Action::Expire { session: *doc, request: id }),
+                (None, _, _) if now > cmd.request.expires_at => {
+                    actions.push(Action::Expire { session: *doc, request: id })
+                }
                 (None, _, _) => pending.push(Pending {
                     id,
                     session: *doc,
@@ -67,15 +74,38 @@ mod tests {
         let tech = Signer::from_secret([2; 32]);
         let agent = Signer::from_secret([3; 32]);
         let mut fleet_doc = Fleet::create("Acme", &org, &tech, "alice", Id128([0; 16]), 0).unwrap();
-        let m = caisey_doc::fleet::Membership { node: agent.node_id(), role: caisey_doc::fleet::Role::Agent, name: "ws".into(), groups: vec![], at: 0, invite: None };
-        Fleet::put_member(&mut fleet_doc, &org.sign(caisey_doc::record::RecordKind::Membership, &m), &agent.node_id()).unwrap();
-        let info = SessionInfo { id: Id128([1; 16]), name: "s".into(), labels: vec![], created_at: 0, org_key: org.node_id() };
+        let m = caisey_doc::fleet::Membership {
+            node: agent.node_id(),
+            role: caisey_doc::fleet::Role::Agent,
+            name: "ws".into(),
+            groups: vec![],
+            at: 0,
+            invite: None,
+        };
+        Fleet::put_member(&mut fleet_doc, &org.sign(caisey_doc::record::RecordKind::Membership, &m), &agent.node_id())
+            .unwrap();
+        let info =
+            SessionInfo { id: Id128([1; 16]), name: "s".into(), labels: vec![], created_at: 0, org_key: org.node_id() };
         (tech, agent, Fleet::read(&fleet_doc).unwrap(), info)
     }
 
     fn request(info: &SessionInfo, target: NodeId, n: u8) -> CommandRequest {
-        let command = CommandSpec { shell: Shell::Sh, script: "true".into(), cwd: None, env: Default::default(), timeout_ms: 1000 };
-        CommandRequest { id: Id128([n; 16]), session: info.id, target, command, description: String::new(), requested_at: n as u64, expires_at: 100 }
+        let command = CommandSpec {
+            shell: Shell::Sh,
+            script: "true".into(),
+            cwd: None,
+            env: Default::default(),
+            timeout_ms: 1000,
+        };
+        CommandRequest {
+            id: Id128([n; 16]),
+            session: info.id,
+            target,
+            command,
+            description: String::new(),
+            requested_at: n as u64,
+            expires_at: 100,
+        }
     }
 
     #[test]
@@ -88,7 +118,16 @@ mod tests {
         }
         // Request 3 was approved and started by an earlier run of the agent.
         let req3 = request(&info, me, 3);
-        let d = Decision { request: req3.id, session: info.id, target: me, requester: tech.node_id(), command_hash: req3.command.hash(), verdict: Verdict::Approved, decided_by: "local user".into(), decided_at: 5 };
+        let d = Decision {
+            request: req3.id,
+            session: info.id,
+            target: me,
+            requester: tech.node_id(),
+            command_hash: req3.command.hash(),
+            verdict: Verdict::Approved,
+            decided_by: "local user".into(),
+            decided_at: 5,
+        };
         SessionWriter::decide(&mut doc, &agent, &d, Some(5)).unwrap();
         let view = SessionView::read(&doc, &fleet).unwrap();
         let sessions = vec![(info.id, view)];

@@ -88,9 +88,9 @@ fn restrict(path: &Path) -> Result<()> {
 
 /// Sends one request to the daemon whose home holds `path`.
 pub async fn call(path: &Path, req: &LocalRequest) -> Result<LocalReply> {
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|_| anyhow!("the agent is not running (no socket at {}); start it with `caisey-agent run`", path.display()))?;
+    let stream = UnixStream::connect(path).await.map_err(|_| {
+        anyhow!("the agent is not running (no socket at {}); start it with `caisey-agent run`", path.display())
+    })?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');

@@ -29,7 +29,9 @@ pub fn shell_command(shell: Shell, script: &str) -> (String, Vec<String>) {
     match shell {
         Shell::Sh => ("sh".into(), vec!["-c".into(), script.into()]),
         Shell::Bash => ("bash".into(), vec!["-c".into(), script.into()]),
-        Shell::Pwsh => ("pwsh".into(), vec!["-NoProfile".into(), "-NonInteractive".into(), "-Command".into(), script.into()]),
+        Shell::Pwsh => {
+            ("pwsh".into(), vec!["-NoProfile".into(), "-NonInteractive".into(), "-Command".into(), script.into()])
+        }
         Shell::Cmd => ("cmd".into(), vec!["/C".into(), script.into()]),
     }
 }
@@ -148,7 +150,13 @@ async fn pump(mut reader: impl AsyncReadExt + Unpin, stream: Stream, tx: mpsc::S
     }
 }
 
-async fn flush(node: &Node, session: DocId, batch: &mut Batch, request: caisey_doc::id::Id128, seq: &mut u64) -> Result<()> {
+async fn flush(
+    node: &Node,
+    session: DocId,
+    batch: &mut Batch,
+    request: caisey_doc::id::Id128,
+    seq: &mut u64,
+) -> Result<()> {
     if batch.segments.is_empty() {
         return Ok(());
     }
@@ -158,7 +166,15 @@ async fn flush(node: &Node, session: DocId, batch: &mut Batch, request: caisey_d
     Ok(())
 }
 
-async fn write_end(node: &Node, session: DocId, req: &CommandRequest, status: EndStatus, exit_code: Option<i32>, chunks: u64, message: Option<String>) -> Result<()> {
+async fn write_end(
+    node: &Node,
+    session: DocId,
+    req: &CommandRequest,
+    status: EndStatus,
+    exit_code: Option<i32>,
+    chunks: u64,
+    message: Option<String>,
+) -> Result<()> {
     if let Some(m) = &message {
         warn!(request = %req.id.short(), "{m}");
     }
@@ -183,7 +199,10 @@ mod tests {
         let mut seq = 0;
         let chunks = b.take_chunks(Id128([0; 16]), &mut seq);
         let shape: Vec<(Stream, usize)> = chunks.iter().map(|c| (c.stream, c.data.len())).collect();
-        assert_eq!(shape, vec![(Stream::Stdout, 2), (Stream::Stderr, 1), (Stream::Stdout, MAX_CHUNK), (Stream::Stdout, 1)]);
+        assert_eq!(
+            shape,
+            vec![(Stream::Stdout, 2), (Stream::Stderr, 1), (Stream::Stdout, MAX_CHUNK), (Stream::Stdout, 1)]
+        );
         assert_eq!(seq, 4);
         assert_eq!(b.bytes, 0);
     }

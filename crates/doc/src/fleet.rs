@@ -178,12 +178,7 @@ impl Fleet {
         fleet_doc: Id128,
         now: u64,
     ) -> Result<Automerge, FleetError> {
-        let genesis = OrgGenesis {
-            name: org_name.to_string(),
-            org_key: org.node_id(),
-            fleet_doc,
-            created_at: now,
-        };
+        let genesis = OrgGenesis { name: org_name.to_string(), org_key: org.node_id(), fleet_doc, created_at: now };
         let member = Membership {
             node: founder.node_id(),
             role: Role::Technician,
@@ -344,7 +339,9 @@ impl Fleet {
                 Ok((author, body)) if author.to_hex() == key && self.members.contains_key(&author) => {
                     accept(self, author, body)
                 }
-                Ok(_) => self.rejected.push(Rejected { key: format!("{map}/{key}"), why: "not written by that member".into() }),
+                Ok(_) => self
+                    .rejected
+                    .push(Rejected { key: format!("{map}/{key}"), why: "not written by that member".into() }),
                 Err(why) => self.rejected.push(Rejected { key: format!("{map}/{key}"), why }),
             }
         }
@@ -369,9 +366,7 @@ impl Fleet {
     }
 
     pub fn agents_in_group(&self, group: &str) -> Vec<&Member> {
-        self.members_with_role(Role::Agent)
-            .filter(|m| m.groups.iter().any(|g| g.eq_ignore_ascii_case(group)))
-            .collect()
+        self.members_with_role(Role::Agent).filter(|m| m.groups.iter().any(|g| g.eq_ignore_ascii_case(group))).collect()
     }
 
     /// The distinct groups in use.
@@ -454,9 +449,23 @@ mod tests {
     fn a_relay_or_stranger_cannot_add_members() {
         let (org, tech, relay, stranger) = (s(1), s(2), s(3), s(4));
         let mut doc = Fleet::create("Acme", &org, &tech, "alice", Id128([1; 16]), 10).unwrap();
-        let relay_m = Membership { node: relay.node_id(), role: Role::Relay, name: "relay".into(), groups: vec![], at: 11, invite: None };
+        let relay_m = Membership {
+            node: relay.node_id(),
+            role: Role::Relay,
+            name: "relay".into(),
+            groups: vec![],
+            at: 11,
+            invite: None,
+        };
         Fleet::put_member(&mut doc, &tech.sign(RecordKind::Membership, &relay_m), &relay.node_id()).unwrap();
-        let m = Membership { node: stranger.node_id(), role: Role::Technician, name: "eve".into(), groups: vec![], at: 12, invite: None };
+        let m = Membership {
+            node: stranger.node_id(),
+            role: Role::Technician,
+            name: "eve".into(),
+            groups: vec![],
+            at: 12,
+            invite: None,
+        };
         Fleet::put_member(&mut doc, &relay.sign(RecordKind::Membership, &m), &stranger.node_id()).unwrap();
         let fleet = Fleet::read(&doc).unwrap();
         assert_eq!(fleet.role_of(&relay.node_id()), Some(Role::Relay));

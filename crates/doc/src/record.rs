@@ -212,10 +212,7 @@ mod tests {
         let mut relabelled = rec.clone();
         relabelled[3] = RecordKind::Request as u8;
         assert_eq!(verify(&relabelled), Err(RecordError::BadSignature));
-        assert!(matches!(
-            verify_kind(&rec, RecordKind::Request),
-            Err(RecordError::WrongKind { .. })
-        ));
+        assert!(matches!(verify_kind(&rec, RecordKind::Request), Err(RecordError::WrongKind { .. })));
     }
 
     proptest! {

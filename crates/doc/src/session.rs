@@ -259,7 +259,11 @@ impl SessionWriter {
     }
 
     /// Adds a target agent (if not already there) and a request for it.
-    pub fn request(doc: &mut Automerge, signer: &Signer, req: &CommandRequest) -> Result<(), automerge::AutomergeError> {
+    pub fn request(
+        doc: &mut Automerge,
+        signer: &Signer,
+        req: &CommandRequest,
+    ) -> Result<(), automerge::AutomergeError> {
         let target = Target { session: req.session, node: req.target, at: req.requested_at };
         let target_rec = signer.sign(RecordKind::Target, &target);
         let req_rec = signer.sign(RecordKind::Request, req);
@@ -287,7 +291,10 @@ impl SessionWriter {
         let key = decision.request.to_hex();
         let decision_rec = signer.sign(RecordKind::Decision, decision);
         let start_rec = start_at.map(|at| {
-            signer.sign(RecordKind::Start, &Start { request: decision.request, session: decision.session, started_at: at })
+            signer.sign(
+                RecordKind::Start,
+                &Start { request: decision.request, session: decision.session, started_at: at },
+            )
         });
         doc.transact::<_, _, automerge::AutomergeError>(|tx| {
             let decisions = am::ensure_root_map(tx, "decisions")?;
@@ -308,7 +315,11 @@ impl SessionWriter {
     }
 
     /// Appends output chunks (already cut to `MAX_CHUNK`) to a request's output list.
-    pub fn append_output(doc: &mut Automerge, signer: &Signer, chunks: &[OutputChunk]) -> Result<(), automerge::AutomergeError> {
+    pub fn append_output(
+        doc: &mut Automerge,
+        signer: &Signer,
+        chunks: &[OutputChunk],
+    ) -> Result<(), automerge::AutomergeError> {
         if chunks.is_empty() {
             return Ok(());
         }
@@ -449,7 +460,13 @@ impl SessionView {
         if fleet.role_of(&creator) != Some(Role::Technician) {
             return Err(SessionError::NotByTechnician);
         }
-        let mut view = SessionView { targets: Self::read_targets(doc, fleet), info, creator, commands: vec![], quarantined: vec![] };
+        let mut view = SessionView {
+            targets: Self::read_targets(doc, fleet),
+            info,
+            creator,
+            commands: vec![],
+            quarantined: vec![],
+        };
         let mut q = Vec::new();
         let requests = read_map::<CommandRequest>(doc, "requests", RecordKind::Request, &mut q);
         let decisions = read_map::<Decision>(doc, "decisions", RecordKind::Decision, &mut q);
@@ -463,23 +480,41 @@ impl SessionView {
                 continue;
             }
             if req.id.to_hex() != key || req.session != view.info.id {
-                q.push(Quarantined { place, author: Some(author), why: "request stored under the wrong id or session".into() });
+                q.push(Quarantined {
+                    place,
+                    author: Some(author),
+                    why: "request stored under the wrong id or session".into(),
+                });
                 continue;
             }
             // Everything after the request must be written by the agent it targets.
             let by_target = |what: &str, author: NodeId, q: &mut Vec<Quarantined>| {
                 let ok = author == req.target;
                 if !ok {
-                    q.push(Quarantined { place: format!("{what}/{key}"), author: Some(author), why: format!("{what} not written by the target agent") });
+                    q.push(Quarantined {
+                        place: format!("{what}/{key}"),
+                        author: Some(author),
+                        why: format!("{what} not written by the target agent"),
+                    });
                 }
                 ok
             };
-            let mut cmd = CommandView { requester: author, request: req.clone(), decision: None, decided_by_node: None, start: None, end: None, output: vec![] };
-            if let Some((a, d)) = decisions.get(&key) {
-                if by_target("decisions", *a, &mut q) && d.request == req.id && d.command_hash == req.command.hash() {
-                    cmd.decision = Some(d.clone());
-                    cmd.decided_by_node = Some(*a);
-                }
+            let mut cmd = CommandView {
+                requester: author,
+                request: req.clone(),
+                decision: None,
+                decided_by_node: None,
+                start: None,
+                end: None,
+                output: vec![],
+            };
+            if let Some((a, d)) = decisions.get(&key)
+                && by_target("decisions", *a, &mut q)
+                && d.request == req.id
+                && d.command_hash == req.command.hash()
+            {
+                cmd.decision = Some(d.clone());
+                cmd.decided_by_node = Some(*a);
             }
             if let Some((a, s)) = starts.get(&key) {
                 let approved = cmd.decision.as_ref().is_some_and(|d| d.verdict == Verdict::Approved);
@@ -487,17 +522,30 @@ impl SessionView {
                     cmd.start = Some(s.clone());
                 }
             }
-            if let Some((a, e)) = ends.get(&key) {
-                if by_target("ends", *a, &mut q) && e.request == req.id {
-                    cmd.end = Some(e.clone());
-                }
+            if let Some((a, e)) = ends.get(&key)
+                && by_target("ends", *a, &mut q)
+                && e.request == req.id
+            {
+                cmd.end = Some(e.clone());
             }
-            if let Some(list) = outputs.as_ref().filter(|_| with_output).and_then(|o| am::child(doc, o, &key, ObjType::List)) {
+            if let Some(list) =
+                outputs.as_ref().filter(|_| with_output).and_then(|o| am::child(doc, o, &key, ObjType::List))
+            {
                 for (i, bytes) in am::list_bytes(doc, &list, 0).into_iter().enumerate() {
-                    match verify_kind(&bytes, RecordKind::Output).and_then(|v| Ok((v.author, OutputChunk::decode(v.body)?))) {
+                    match verify_kind(&bytes, RecordKind::Output)
+                        .and_then(|v| Ok((v.author, OutputChunk::decode(v.body)?)))
+                    {
                         Ok((a, c)) if a == req.target && c.request == req.id => cmd.output.push(c),
-                        Ok((a, _)) => q.push(Quarantined { place: format!("outputs/{key}/{i}"), author: Some(a), why: "output not written by the target agent".into() }),
-                        Err(e) => q.push(Quarantined { place: format!("outputs/{key}/{i}"), author: None, why: e.to_string() }),
+                        Ok((a, _)) => q.push(Quarantined {
+                            place: format!("outputs/{key}/{i}"),
+                            author: Some(a),
+                            why: "output not written by the target agent".into(),
+                        }),
+                        Err(e) => q.push(Quarantined {
+                            place: format!("outputs/{key}/{i}"),
+                            author: None,
+                            why: e.to_string(),
+                        }),
                     }
                 }
                 cmd.output.sort_by_key(|c| c.seq);
@@ -513,7 +561,9 @@ impl SessionView {
     /// lets a follower fetch only what is new. Chunks failing verification are skipped here;
     /// `read` reports them.
     pub fn read_output_from(doc: &impl ReadDoc, request: &CommandRequest, from: usize) -> (Vec<OutputChunk>, usize) {
-        let Some(list) = am::root_map(doc, "outputs").and_then(|o| am::child(doc, &o, &request.id.to_hex(), ObjType::List)) else {
+        let Some(list) =
+            am::root_map(doc, "outputs").and_then(|o| am::child(doc, &o, &request.id.to_hex(), ObjType::List))
+        else {
             return (vec![], from);
         };
         let items = am::list_bytes(doc, &list, from);
@@ -535,7 +585,13 @@ impl SessionView {
     pub fn last_activity(&self) -> u64 {
         self.commands
             .iter()
-            .flat_map(|c| [Some(c.request.requested_at), c.decision.as_ref().map(|d| d.decided_at), c.end.as_ref().map(|e| e.ended_at)])
+            .flat_map(|c| {
+                [
+                    Some(c.request.requested_at),
+                    c.decision.as_ref().map(|d| d.decided_at),
+                    c.end.as_ref().map(|e| e.ended_at),
+                ]
+            })
             .flatten()
             .max()
             .unwrap_or(self.info.created_at)

@@ -54,7 +54,10 @@ impl InviteToken {
         const WHAT: &str = "invite token";
         let body = s.trim().strip_prefix(INVITE_PREFIX).ok_or(TokenError::WrongPrefix(WHAT, INVITE_PREFIX))?;
         let raw = BASE32_NOPAD.decode(body.to_ascii_uppercase().as_bytes()).map_err(|_| TokenError::Corrupted(WHAT))?;
-        let len = raw.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize).ok_or(TokenError::Corrupted(WHAT))?;
+        let len = raw
+            .get(..4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or(TokenError::Corrupted(WHAT))?;
         if raw.len() != 4 + len + 32 {
             return Err(TokenError::Corrupted(WHAT));
         }

@@ -96,7 +96,12 @@ async fn serve_claim(node: &Node, peer: caisey_doc::id::NodeId, claim: Vec<u8>) 
         if fleet.members.contains_key(&peer) {
             // Already enrolled (a retried claim): hand the fleet back.
         } else {
-            let Some(cert) = m.invite.as_deref().and_then(|c| verify_kind(c, RecordKind::InviteCert).ok()).and_then(|c| c.json::<caisey_doc::fleet::InviteCert>().ok()) else {
+            let Some(cert) = m
+                .invite
+                .as_deref()
+                .and_then(|c| verify_kind(c, RecordKind::InviteCert).ok())
+                .and_then(|c| c.json::<caisey_doc::fleet::InviteCert>().ok())
+            else {
                 return refused("the claim carries no valid invite");
             };
             if fleet.invite_used(&cert.invite_id) {
@@ -111,7 +116,10 @@ async fn serve_claim(node: &Node, peer: caisey_doc::id::NodeId, claim: Vec<u8>) 
             if !Fleet::read(&trial)?.members.contains_key(&peer) {
                 return refused("the invite was not issued by this org");
             }
-            let (r, out) = core.hub.change(fleet_id, now, |doc| Fleet::put_member(doc, &claim, &peer)).ok_or_else(|| anyhow!("fleet missing"))?;
+            let (r, out) = core
+                .hub
+                .change(fleet_id, now, |doc| Fleet::put_member(doc, &claim, &peer))
+                .ok_or_else(|| anyhow!("fleet missing"))?;
             r?;
             core.apply(out)?;
             info!(peer = %peer.short(), role = %m.role, name = %m.name, "enrolled");
@@ -157,7 +165,8 @@ pub async fn join(node: &Node, token: &InviteToken, name: &str, groups: &[String
     if node.fleet_doc().await?.is_some() {
         bail!("this home already belongs to an org; use another --home to enroll again");
     }
-    let claim = claim_membership(&token.secret, &token.cert_record, &token.cert, node.id(), name, groups, crate::now_ms());
+    let claim =
+        claim_membership(&token.secret, &token.cert_record, &token.cert, node.id(), name, groups, crate::now_ms());
     let request = Request::Claim { claim: BASE64.encode(&claim) };
     let mut tried = Vec::new();
     for contact in &token.cert.contacts {
@@ -176,34 +185,51 @@ pub async fn join(node: &Node, token: &InviteToken, name: &str, groups: &[String
         if fleet.role_of(&node.id()) != Some(token.cert.role) {
             bail!("the org did not record this node's membership");
         }
-        let relays: Vec<Contact> = token.cert.contacts.iter().filter(|c| fleet.role_of(&c.node) == Some(Role::Relay)).cloned().collect();
+        let relays: Vec<Contact> =
+            token.cert.contacts.iter().filter(|c| fleet.role_of(&c.node) == Some(Role::Relay)).cloned().collect();
         node.set_setting(SETTING_RELAYS, serde_json::to_vec(&relays)?).await?;
         return Ok(fleet);
     }
     if tried.is_empty() {
-        bail!("the token names nobody to enroll with; ask the technician to add a relay (caisey relay add) and invite again");
+        bail!(
+            "the token names nobody to enroll with; ask the technician to add a relay (caisey relay add) and invite again"
+        );
     }
-    bail!("could not reach the org to enroll (tried {}); is the relay or the inviting technician running?", tried.join("; "))
+    bail!(
+        "could not reach the org to enroll (tried {}); is the relay or the inviting technician running?",
+        tried.join("; ")
+    )
 }
 
 /// Makes the relay at `ticket` this org's relay (technician side).
 pub async fn adopt_relay(node: &Node, ticket: &RelayTicket) -> Result<()> {
-    let fleet_doc = node.fleet_doc().await?.ok_or_else(|| anyhow!("this home has no org yet; run `caisey init` or `caisey join` first"))?;
+    let fleet_doc = node
+        .fleet_doc()
+        .await?
+        .ok_or_else(|| anyhow!("this home has no org yet; run `caisey init` or `caisey join` first"))?;
     let relay = ticket.node();
-    let member = Membership { node: relay, role: Role::Relay, name: format!("relay-{}", relay.short()), groups: vec![], at: crate::now_ms(), invite: None };
+    let member = Membership {
+        node: relay,
+        role: Role::Relay,
+        name: format!("relay-{}", relay.short()),
+        groups: vec![],
+        at: crate::now_ms(),
+        invite: None,
+    };
     let record = node.signer().sign(RecordKind::Membership, &member);
     node.change(fleet_doc, move |d| Fleet::put_member(d, &record, &relay)).await??;
     let bytes = node.read(fleet_doc, Automerge::save).await?.unwrap_or_default();
     let request = Request::Adopt { fleet_doc, fleet: BASE64.encode(&bytes) };
-    let reply = tokio::time::timeout(Duration::from_secs(10), exchange(node, &ticket.0, &request))
-        .await
-        .map_err(|_| anyhow!("the relay did not answer within 10 s; is `caisey-relay run` running at {}?", ticket.0.addrs.join(", ")))??;
+    let reply =
+        tokio::time::timeout(Duration::from_secs(10), exchange(node, &ticket.0, &request)).await.map_err(|_| {
+            anyhow!(
+                "the relay did not answer within 10 s; is `caisey-relay run` running at {}?",
+                ticket.0.addrs.join(", ")
+            )
+        })??;
     welcome(reply)?;
-    let mut relays: Vec<Contact> = node
-        .setting(SETTING_RELAYS)
-        .await?
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
+    let mut relays: Vec<Contact> =
+        node.setting(SETTING_RELAYS).await?.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     relays.retain(|c| c.node != relay);
     relays.push(ticket.0.clone());
     node.set_setting(SETTING_RELAYS, serde_json::to_vec(&relays)?).await?;

@@ -23,7 +23,9 @@ impl Home {
     pub fn new(dir: Option<PathBuf>, app: &str) -> Result<Self> {
         let dir = match dir {
             Some(d) => d,
-            None => default_data_dir().context("no --home given and no data directory (set HOME or CAISEY_HOME)")?.join(app),
+            None => {
+                default_data_dir().context("no --home given and no data directory (set HOME or CAISEY_HOME)")?.join(app)
+            }
         };
         fs::create_dir_all(&dir).with_context(|| format!("creating home directory {}", dir.display()))?;
         restrict(&dir, 0o700)?;
@@ -89,7 +91,8 @@ fn load_or_create_key(path: &Path) -> Result<Signer> {
 #[cfg(unix)]
 fn restrict(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).with_context(|| format!("setting permissions on {}", path.display()))
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting permissions on {}", path.display()))
 }
 
 #[cfg(not(unix))]

@@ -36,23 +36,60 @@ const COMPACT_FLOOR: usize = 1024 * 1024;
 #[derive(Debug)]
 pub enum Input {
     /// A connection to `peer` is up; `stored` holds sync states persisted from earlier sessions.
-    Connected { peer: NodeId, conn: ConnId, stored: Vec<(DocId, Vec<u8>)> },
-    Disconnected { peer: NodeId, conn: ConnId },
-    Frame { peer: NodeId, conn: ConnId, frame: Frame },
+    Connected {
+        peer: NodeId,
+        conn: ConnId,
+        stored: Vec<(DocId, Vec<u8>)>,
+    },
+    Disconnected {
+        peer: NodeId,
+        conn: ConnId,
+    },
+    Frame {
+        peer: NodeId,
+        conn: ConnId,
+        frame: Frame,
+    },
 }
 
 #[derive(Debug, PartialEq)]
 pub enum Output {
     /// Make these bytes durable for `doc`. `compact`: they replace everything stored before.
-    PersistDoc { doc: DocId, kind: DocKind, bytes: Vec<u8>, compact: bool },
-    PersistSyncState { doc: DocId, peer: NodeId, state: Vec<u8> },
-    Send { peer: NodeId, conn: ConnId, frame: Frame },
-    Disconnect { peer: NodeId, conn: ConnId, reason: String },
+    PersistDoc {
+        doc: DocId,
+        kind: DocKind,
+        bytes: Vec<u8>,
+        compact: bool,
+    },
+    PersistSyncState {
+        doc: DocId,
+        peer: NodeId,
+        state: Vec<u8>,
+    },
+    Send {
+        peer: NodeId,
+        conn: ConnId,
+        frame: Frame,
+    },
+    Disconnect {
+        peer: NodeId,
+        conn: ConnId,
+        reason: String,
+    },
     /// A peer sent something we ignored (not fatal); for the log.
-    Ignored { peer: NodeId, reason: String },
-    DocChanged { doc: DocId },
-    PeerUp { peer: NodeId },
-    PeerDown { peer: NodeId },
+    Ignored {
+        peer: NodeId,
+        reason: String,
+    },
+    DocChanged {
+        doc: DocId,
+    },
+    PeerUp {
+        peer: NodeId,
+    },
+    PeerDown {
+        peer: NodeId,
+    },
 }
 
 struct Entry {
@@ -90,7 +127,11 @@ pub struct Hub {
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub").field("me", &self.me).field("docs", &self.docs.len()).field("peers", &self.peers.len()).finish()
+        f.debug_struct("Hub")
+            .field("me", &self.me)
+            .field("docs", &self.docs.len())
+            .field("peers", &self.peers.len())
+            .finish()
     }
 }
 
@@ -106,7 +147,14 @@ impl Hub {
     /// Adds a document read from the store at startup.
     pub fn load(&mut self, id: DocId, kind: DocKind, bytes: &[u8]) -> Result<(), automerge::AutomergeError> {
         let doc = Automerge::load(bytes)?;
-        let mut entry = Entry { kind, saved_heads: doc.get_heads(), doc, compacted_len: bytes.len(), incremental_len: 0, targets: vec![] };
+        let mut entry = Entry {
+            kind,
+            saved_heads: doc.get_heads(),
+            doc,
+            compacted_len: bytes.len(),
+            incremental_len: 0,
+            targets: vec![],
+        };
         if kind == DocKind::Fleet {
             self.fleet_doc = Some(id);
             self.fleet = Fleet::read(&entry.doc).unwrap_or_default();
@@ -125,7 +173,17 @@ impl Hub {
         let mut out = Vec::new();
         // Registered empty, then changed: the one code path persists, re-derives access and offers.
         let empty = Automerge::new();
-        self.docs.insert(id, Entry { kind, saved_heads: empty.get_heads(), doc: empty, compacted_len: 0, incremental_len: 0, targets: vec![] });
+        self.docs.insert(
+            id,
+            Entry {
+                kind,
+                saved_heads: empty.get_heads(),
+                doc: empty,
+                compacted_len: 0,
+                incremental_len: 0,
+                targets: vec![],
+            },
+        );
         if kind == DocKind::Fleet {
             self.fleet_doc = Some(id);
         }
@@ -166,7 +224,10 @@ impl Hub {
     }
 
     pub fn peers(&self) -> Vec<PeerInfo> {
-        self.peers.iter().map(|(p, s)| PeerInfo { peer: *p, connected_at: s.connected_at, last_heard: s.last_heard }).collect()
+        self.peers
+            .iter()
+            .map(|(p, s)| PeerInfo { peer: *p, connected_at: s.connected_at, last_heard: s.last_heard })
+            .collect()
     }
 
     /// True once `peer` has answered and holds exactly our heads of every document it may hold.
@@ -177,7 +238,10 @@ impl Hub {
         }
         self.docs.iter().filter(|(_, e)| may_share(&self.fleet, peer, e.kind, &e.targets)).all(|(id, e)| {
             let ours: BTreeSet<_> = e.doc.get_heads().into_iter().collect();
-            p.states.get(id).and_then(|s| s.their_heads.as_ref()).is_some_and(|h| h.iter().copied().collect::<BTreeSet<_>>() == ours)
+            p.states
+                .get(id)
+                .and_then(|s| s.their_heads.as_ref())
+                .is_some_and(|h| h.iter().copied().collect::<BTreeSet<_>>() == ours)
         })
     }
 
@@ -198,7 +262,14 @@ impl Hub {
         out
     }
 
-    fn on_connected(&mut self, peer: NodeId, conn: ConnId, stored: Vec<(DocId, Vec<u8>)>, now: u64, out: &mut Vec<Output>) {
+    fn on_connected(
+        &mut self,
+        peer: NodeId,
+        conn: ConnId,
+        stored: Vec<(DocId, Vec<u8>)>,
+        now: u64,
+        out: &mut Vec<Output>,
+    ) {
         if self.fleet.role_of(&peer).is_none() {
             out.push(Output::Disconnect { peer, conn, reason: "not a member of this org".into() });
             return;
@@ -207,7 +278,8 @@ impl Hub {
             self.save_states(peer, &old, out);
             out.push(Output::Disconnect { peer, conn: old.conn, reason: "replaced by a newer connection".into() });
         }
-        let states = stored.into_iter().filter_map(|(doc, bytes)| Some((doc, SyncState::decode(&bytes).ok()?))).collect();
+        let states =
+            stored.into_iter().filter_map(|(doc, bytes)| Some((doc, SyncState::decode(&bytes).ok()?))).collect();
         self.peers.insert(peer, Peer { conn, connected_at: now, last_heard: None, states });
         out.push(Output::PeerUp { peer });
         let ids: Vec<DocId> = self.docs.keys().copied().collect();
@@ -239,16 +311,32 @@ impl Hub {
         match self.docs.get(&id) {
             Some(e) if e.kind != kind => return out.push(drop("sent a document under the wrong kind")),
             Some(e) if !may_share(&self.fleet, &peer, e.kind, &e.targets) => {
-                return out.push(Output::Ignored { peer, reason: format!("changes to document {} it may not hold", id.short()) });
+                return out.push(Output::Ignored {
+                    peer,
+                    reason: format!("changes to document {} it may not hold", id.short()),
+                });
             }
             Some(_) => {}
             None if kind == DocKind::Fleet => return out.push(drop("offered a fleet document of another org")),
             None if !may_introduce_session(&self.fleet, &peer) => {
-                return out.push(Output::Ignored { peer, reason: format!("offered session {} but may not introduce sessions", id.short()) });
+                return out.push(Output::Ignored {
+                    peer,
+                    reason: format!("offered session {} but may not introduce sessions", id.short()),
+                });
             }
             None => {
                 let doc = Automerge::new();
-                self.docs.insert(id, Entry { kind, saved_heads: doc.get_heads(), doc, compacted_len: 0, incremental_len: 0, targets: vec![] });
+                self.docs.insert(
+                    id,
+                    Entry {
+                        kind,
+                        saved_heads: doc.get_heads(),
+                        doc,
+                        compacted_len: 0,
+                        incremental_len: 0,
+                        targets: vec![],
+                    },
+                );
             }
         }
         let message = match Message::decode(&message) {
@@ -290,7 +378,8 @@ impl Hub {
             self.fleet = Fleet::read(&entry.doc).unwrap_or_default();
             self.refresh_targets();
             // Anyone no longer a member goes.
-            let gone: Vec<(NodeId, ConnId)> = self.peers.iter().filter(|(p, _)| self.fleet.role_of(p).is_none()).map(|(p, s)| (*p, s.conn)).collect();
+            let gone: Vec<(NodeId, ConnId)> =
+                self.peers.iter().filter(|(p, _)| self.fleet.role_of(p).is_none()).map(|(p, s)| (*p, s.conn)).collect();
             for (peer, conn) in gone {
                 out.push(Output::Disconnect { peer, conn, reason: "no longer a member".into() });
             }
@@ -324,7 +413,11 @@ impl Hub {
         }
         let state = p.states.entry(id).or_default();
         if let Some(msg) = entry.doc.generate_sync_message(state) {
-            out.push(Output::Send { peer, conn: p.conn, frame: Frame::Sync { doc: id, kind: entry.kind, message: msg.encode() } });
+            out.push(Output::Send {
+                peer,
+                conn: p.conn,
+                frame: Frame::Sync { doc: id, kind: entry.kind, message: msg.encode() },
+            });
         }
     }
 }
@@ -437,7 +530,14 @@ mod tests {
         let fleet_id = Id128([9; 16]);
         let mut fleet = Fleet::create("Acme", &org, &tech, "alice", fleet_id, 0).unwrap();
         let mut add = |s: &Signer, role, name: &str| {
-            let m = Membership { node: s.node_id(), role, name: name.into(), groups: vec!["g".into()], at: 0, invite: None };
+            let m = Membership {
+                node: s.node_id(),
+                role,
+                name: name.into(),
+                groups: vec!["g".into()],
+                at: 0,
+                invite: None,
+            };
             Fleet::put_member(&mut fleet, &org.sign(RecordKind::Membership, &m), &s.node_id()).unwrap();
         };
         add(&relay, Role::Relay, "relay");
@@ -458,8 +558,22 @@ mod tests {
         let id = Id128([sid; 16]);
         let info = SessionInfo { id, name: format!("s{sid}"), labels: vec![], created_at: 0, org_key: o.org.node_id() };
         let mut doc = SessionWriter::create(&o.tech, &info).unwrap();
-        let command = CommandSpec { shell: Shell::Sh, script: "uptime".into(), cwd: None, env: Default::default(), timeout_ms: 1000 };
-        let req = CommandRequest { id: Id128([sid + 100; 16]), session: id, target, command, description: String::new(), requested_at: 1, expires_at: 10 };
+        let command = CommandSpec {
+            shell: Shell::Sh,
+            script: "uptime".into(),
+            cwd: None,
+            env: Default::default(),
+            timeout_ms: 1000,
+        };
+        let req = CommandRequest {
+            id: Id128([sid + 100; 16]),
+            session: id,
+            target,
+            command,
+            description: String::new(),
+            requested_at: 1,
+            expires_at: 10,
+        };
         SessionWriter::request(&mut doc, &o.tech, &req).unwrap();
         (id, doc)
     }
@@ -468,7 +582,12 @@ mod tests {
     fn a_session_reaches_its_agent_through_the_relay_but_not_other_agents() {
         let o = org(2);
         let (t, r, a0, a1) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id(), o.agents[1].node_id());
-        let mut net = Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0]), hub_with_fleet(&o, &o.agents[1])]);
+        let mut net = Net::new(vec![
+            hub_with_fleet(&o, &o.tech),
+            hub_with_fleet(&o, &o.relay),
+            hub_with_fleet(&o, &o.agents[0]),
+            hub_with_fleet(&o, &o.agents[1]),
+        ]);
         net.connect(a0, r);
         net.connect(a1, r);
         net.run_until_quiescent();
@@ -487,7 +606,8 @@ mod tests {
     fn store_and_forward_while_technician_and_agent_are_never_online_together() {
         let o = org(1);
         let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
-        let mut net = Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
+        let mut net =
+            Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
         net.connect(t, r);
         let (sid, doc) = session_for(&o, a, 2);
         net.create(t, sid, DocKind::Session, doc);
@@ -499,7 +619,8 @@ mod tests {
         net.run_until_quiescent();
         let agent = o.agents[0].clone();
         net.change(a, sid, |d| {
-            let chunk = OutputChunk { request: Id128([102; 16]), seq: 0, stream: Stream::Stdout, data: b"up 3 days".to_vec() };
+            let chunk =
+                OutputChunk { request: Id128([102; 16]), seq: 0, stream: Stream::Stdout, data: b"up 3 days".to_vec() };
             SessionWriter::append_output(d, &agent, &[chunk]).unwrap();
         });
         net.run_until_quiescent();
@@ -527,7 +648,14 @@ mod tests {
         // Even a frame asking for the session gets nothing back.
         let mut probe = Automerge::new();
         let msg = probe.generate_sync_message(&mut SyncState::new()).unwrap();
-        let out = relay.handle(2, Input::Frame { peer: stranger.node_id(), conn: 1, frame: Frame::Sync { doc: sid, kind: DocKind::Session, message: msg.encode() } });
+        let out = relay.handle(
+            2,
+            Input::Frame {
+                peer: stranger.node_id(),
+                conn: 1,
+                frame: Frame::Sync { doc: sid, kind: DocKind::Session, message: msg.encode() },
+            },
+        );
         assert!(out.is_empty(), "relay {r:?} answered a stranger: {out:?}");
         probe.set_actor(automerge::ActorId::random());
     }
@@ -538,7 +666,14 @@ mod tests {
         let mut relay = hub_with_fleet(&o, &o.relay);
         let t = o.tech.node_id();
         relay.handle(0, Input::Connected { peer: t, conn: 5, stored: vec![] });
-        let out = relay.handle(1, Input::Frame { peer: t, conn: 5, frame: Frame::Sync { doc: Id128([4; 16]), kind: DocKind::Session, message: vec![0xff; 40] } });
+        let out = relay.handle(
+            1,
+            Input::Frame {
+                peer: t,
+                conn: 5,
+                frame: Frame::Sync { doc: Id128([4; 16]), kind: DocKind::Session, message: vec![0xff; 40] },
+            },
+        );
         assert!(out.iter().any(|o| matches!(o, Output::Disconnect { .. })), "{out:?}");
     }
 
@@ -546,7 +681,8 @@ mod tests {
     fn concurrent_output_from_partitioned_peers_converges_in_any_order() {
         let o = org(1);
         let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
-        let mut net = Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
+        let mut net =
+            Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
         net.connect(t, a);
         let (sid, doc) = session_for(&o, a, 4);
         net.create(t, sid, DocKind::Session, doc);
@@ -565,8 +701,22 @@ mod tests {
         }
         let tech = o.tech.clone();
         net.change(t, sid, move |d| {
-            let command = CommandSpec { shell: Shell::Sh, script: "df".into(), cwd: None, env: Default::default(), timeout_ms: 1000 };
-            let req = CommandRequest { id: Id128([55; 16]), session: sid, target: a, command, description: String::new(), requested_at: 2, expires_at: 10 };
+            let command = CommandSpec {
+                shell: Shell::Sh,
+                script: "df".into(),
+                cwd: None,
+                env: Default::default(),
+                timeout_ms: 1000,
+            };
+            let req = CommandRequest {
+                id: Id128([55; 16]),
+                session: sid,
+                target: a,
+                command,
+                description: String::new(),
+                requested_at: 2,
+                expires_at: 10,
+            };
             SessionWriter::request(d, &tech, &req).unwrap();
         });
         net.connect(a, r);

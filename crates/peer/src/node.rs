@@ -45,7 +45,8 @@ pub enum NodeEvent {
 
 /// Handles `caisey/enroll/1` connections; set by nodes that can enroll others (technicians,
 /// relays). Kept as a callback so this module does not depend on enrollment policy.
-pub type EnrollHandler = Arc<dyn Fn(Node, Connection) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+pub type EnrollHandler =
+    Arc<dyn Fn(Node, Connection) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
 
 type Job = Box<dyn FnOnce(&mut Core) + Send>;
 
@@ -95,11 +96,11 @@ impl Core {
                 }
                 Output::Disconnect { peer, conn, reason } => {
                     warn!(peer = %peer.short(), %reason, "dropping connection");
-                    if let Some((c, _, handle)) = self.outboxes.get(&peer) {
-                        if *c == conn {
-                            handle.close(2u32.into(), reason.as_bytes());
-                            self.outboxes.remove(&peer);
-                        }
+                    if let Some((c, _, handle)) = self.outboxes.get(&peer)
+                        && *c == conn
+                    {
+                        handle.close(2u32.into(), reason.as_bytes());
+                        self.outboxes.remove(&peer);
                     }
                 }
                 Output::Ignored { peer, reason } => warn!(peer = %peer.short(), %reason, "ignored"),
@@ -233,9 +234,14 @@ impl Node {
     }
 
     /// Changes a document; when this returns the change is durable and on its way to peers.
-    pub async fn change<R: Send + 'static>(&self, doc: DocId, f: impl FnOnce(&mut Automerge) -> R + Send + 'static) -> Result<R> {
+    pub async fn change<R: Send + 'static>(
+        &self,
+        doc: DocId,
+        f: impl FnOnce(&mut Automerge) -> R + Send + 'static,
+    ) -> Result<R> {
         self.with_core(move |core| {
-            let (r, out) = core.hub.change(doc, crate::now_ms(), f).ok_or_else(|| anyhow!("no document {}", doc.short()))?;
+            let (r, out) =
+                core.hub.change(doc, crate::now_ms(), f).ok_or_else(|| anyhow!("no document {}", doc.short()))?;
             core.apply(out)?;
             Ok(r)
         })
@@ -252,7 +258,11 @@ impl Node {
     }
 
     /// Reads a document, if we hold it.
-    pub async fn read<R: Send + 'static>(&self, doc: DocId, f: impl FnOnce(&Automerge) -> R + Send + 'static) -> Result<Option<R>> {
+    pub async fn read<R: Send + 'static>(
+        &self,
+        doc: DocId,
+        f: impl FnOnce(&Automerge) -> R + Send + 'static,
+    ) -> Result<Option<R>> {
         self.with_core(move |core| core.hub.doc(&doc).map(f)).await
     }
 
@@ -323,9 +333,8 @@ impl Node {
             if self.in_sync_with(peer).await? {
                 return Ok(true);
             }
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Err(_) => return Ok(false),
-                Ok(_) => {}
+            if let Err(_) = tokio::time::timeout_at(deadline, events.recv()).await {
+                return Ok(false);
             }
         }
     }
@@ -363,7 +372,8 @@ impl Node {
                 if node.shared.endpoint.is_closed() {
                     return;
                 }
-                let connected: Vec<NodeId> = node.peers().await.map(|p| p.iter().map(|i| i.peer).collect()).unwrap_or_default();
+                let connected: Vec<NodeId> =
+                    node.peers().await.map(|p| p.iter().map(|i| i.peer).collect()).unwrap_or_default();
                 let mut all_up = true;
                 for relay in node.relay_contacts().await.unwrap_or_default() {
                     if connected.contains(&relay.node) {
@@ -413,7 +423,8 @@ impl Node {
 
 fn endpoint_addr(contact: &Contact) -> Result<EndpointAddr> {
     let key = PublicKey::from_bytes(&contact.node.0).context("invalid node id")?;
-    let addrs: Vec<TransportAddr> = contact.addrs.iter().filter_map(|a| a.parse::<SocketAddr>().ok()).map(TransportAddr::Ip).collect();
+    let addrs: Vec<TransportAddr> =
+        contact.addrs.iter().filter_map(|a| a.parse::<SocketAddr>().ok()).map(TransportAddr::Ip).collect();
     if addrs.is_empty() {
         return Err(anyhow!("no usable address known for {}", contact.node.short()));
     }
@@ -424,10 +435,10 @@ fn endpoint_addr(contact: &Contact) -> Result<EndpointAddr> {
 /// port from the last run when it is free, so peers holding our old address still find us.
 async fn bind(signer: &Signer, listen: SocketAddr, store: &Store) -> Result<Endpoint> {
     let mut candidates = Vec::new();
-    if listen.port() == 0 {
-        if let Some(port) = store.setting(SETTING_PORT)?.and_then(|b| b.try_into().ok()).map(u16::from_be_bytes) {
-            candidates.push(SocketAddr::new(listen.ip(), port));
-        }
+    if listen.port() == 0
+        && let Some(port) = store.setting(SETTING_PORT)?.and_then(|b| b.try_into().ok()).map(u16::from_be_bytes)
+    {
+        candidates.push(SocketAddr::new(listen.ip(), port));
     }
     candidates.push(listen);
     let mut last_err = None;
@@ -441,7 +452,10 @@ async fn bind(signer: &Signer, listen: SocketAddr, store: &Store) -> Result<Endp
         match builder.bind().await {
             Ok(ep) => {
                 if let Some(bound) = ep.bound_sockets().first() {
-                    store.apply(&[Write::Setting { key: SETTING_PORT.into(), value: bound.port().to_be_bytes().to_vec() }])?;
+                    store.apply(&[Write::Setting {
+                        key: SETTING_PORT.into(),
+                        value: bound.port().to_be_bytes().to_vec(),
+                    }])?;
                 }
                 return Ok(ep);
             }
@@ -460,10 +474,10 @@ async fn run_core(mut core: Core, mut inbox: mpsc::Receiver<Cmd>) {
                 core.handle(Input::Connected { peer, conn, stored });
             }
             Cmd::Input(input) => {
-                if let Input::Disconnected { peer, conn } = &input {
-                    if core.outboxes.get(peer).is_some_and(|(c, _, _)| c == conn) {
-                        core.outboxes.remove(peer);
-                    }
+                if let Input::Disconnected { peer, conn } = &input
+                    && core.outboxes.get(peer).is_some_and(|(c, _, _)| c == conn)
+                {
+                    core.outboxes.remove(peer);
                 }
                 core.handle(input);
             }

@@ -94,10 +94,10 @@ impl Store {
         for entry in t.iter()? {
             let (k, v) = entry?;
             let (doc, p) = k.value();
-            if p == peer.0.as_slice() {
-                if let Ok(doc) = <[u8; 16]>::try_from(doc) {
-                    out.push((Id128(doc), v.value().to_vec()));
-                }
+            if p == peer.0.as_slice()
+                && let Ok(doc) = <[u8; 16]>::try_from(doc)
+            {
+                out.push((Id128(doc), v.value().to_vec()));
             }
         }
         Ok(out)

@@ -185,7 +185,9 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
                 InviteKind::Technician { name, ttl } => tech::invite(node, Role::Technician, name, vec![], ttl).await?,
             };
             if token.cert.contacts.len() == 1 {
-                eprintln!("note: the org has no relay, so enrolling needs this technician's node running; see `caisey relay add`");
+                eprintln!(
+                    "note: the org has no relay, so enrolling needs this technician's node running; see `caisey relay add`"
+                );
             }
             println!("{}", token.encode());
         }
@@ -214,7 +216,8 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
             } else {
                 for m in machines {
                     let state = if m.online { "online " } else { "offline" };
-                    let seen = m.last_seen.map(|t| format!("last seen {}", time(t))).unwrap_or_else(|| "never seen".into());
+                    let seen =
+                        m.last_seen.map(|t| format!("last seen {}", time(t))).unwrap_or_else(|| "never seen".into());
                     let os = m.card.as_ref().map(|c| format!("{} {}", c.os_name, c.os_version)).unwrap_or_default();
                     println!("{state}  {:<20} {:<24} {os}  ({seen})", m.name, m.groups.join(","));
                 }
@@ -230,7 +233,15 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
                 println!("no sessions match");
             } else {
                 for s in sessions {
-                    println!("{}  {:<32} {:<22} {} command(s), {}  [{}]", s.id.short(), s.name, time(s.last_activity), s.commands, s.status, s.machines.join(","));
+                    println!(
+                        "{}  {:<32} {:<22} {} command(s), {}  [{}]",
+                        s.id.short(),
+                        s.name,
+                        time(s.last_activity),
+                        s.commands,
+                        s.status,
+                        s.machines.join(",")
+                    );
                 }
             }
         }
@@ -244,7 +255,10 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
             let mut follower = Follower::new(id, None, OutputStyle::Labelled);
             let mut events = node.subscribe();
             follower.update(node).await?;
-            while follow {
+            if !follow {
+                return Ok(ExitCode::SUCCESS);
+            }
+            loop {
                 match events.recv().await {
                     Ok(NodeEvent::DocChanged(d)) if d == id => {
                         follower.update(node).await?;
@@ -277,7 +291,14 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
         env: Default::default(),
         timeout_ms: args.timeout.as_millis() as u64,
     };
-    let request = RunRequest { targets, session: args.session, labels: args.labels, command, description: args.description, approval_window: args.expires };
+    let request = RunRequest {
+        targets,
+        session: args.session,
+        labels: args.labels,
+        command,
+        description: args.description,
+        approval_window: args.expires,
+    };
     let mut events = node.subscribe();
     let (session, requests) = tech::ask(node, request).await?;
     if args.detach {
@@ -287,10 +308,13 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
             delivered |= node.wait_in_sync(r.node, Duration::from_secs(5)).await?;
         }
         if !delivered {
-            eprintln!("warning: the relay did not confirm the request; it is stored here and goes out when this technician next connects");
+            eprintln!(
+                "warning: the relay did not confirm the request; it is stored here and goes out when this technician next connects"
+            );
         }
         if args.json {
-            let reqs: Vec<_> = requests.iter().map(|(id, m)| serde_json::json!({"id": id, "machine": m.name})).collect();
+            let reqs: Vec<_> =
+                requests.iter().map(|(id, m)| serde_json::json!({"id": id, "machine": m.name})).collect();
             println!("{}", serde_json::json!({"session": session, "requests": reqs}));
         } else {
             println!("asked; session {session}");
@@ -316,7 +340,9 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
     };
     let code_of = |c: &caisey_doc::session::CommandView| -> u8 {
         match &c.end {
-            Some(e) if e.status == EndStatus::Exited => e.exit_code.map(|c| (c & 0xff) as u8).unwrap_or(EXIT_REMOTE_FAILED),
+            Some(e) if e.status == EndStatus::Exited => {
+                e.exit_code.map(|c| (c & 0xff) as u8).unwrap_or(EXIT_REMOTE_FAILED)
+            }
             _ => EXIT_REMOTE_FAILED,
         }
     };

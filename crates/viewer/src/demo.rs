@@ -39,7 +39,9 @@ pub async fn headless(headless: bool) -> Result<()> {
     let (stop, stopped) = watch::channel(false);
     let mut daemons = Vec::new();
     for name in AGENTS {
-        let token = tech::invite(&technician, Role::Agent, Some(name.into()), vec!["demo".into()], Duration::from_secs(3600)).await?;
+        let token =
+            tech::invite(&technician, Role::Agent, Some(name.into()), vec!["demo".into()], Duration::from_secs(3600))
+                .await?;
         let agent = Node::start(options(root.path(), name)?).await?;
         caisey_peer::enroll::join(&agent, &token, name, &[]).await?;
         let mut stopped = stopped.clone();
@@ -66,7 +68,8 @@ pub async fn headless(headless: bool) -> Result<()> {
 
     println!("== the technician asks ws-01 for a quick health check");
     let script = "echo \"host: $(uname -n)\"; uptime; df -h / | tail -n 1; echo 'a warning on stderr' >&2";
-    let command = CommandSpec { shell: Shell::Sh, script: script.into(), cwd: None, env: Default::default(), timeout_ms: 30_000 };
+    let command =
+        CommandSpec { shell: Shell::Sh, script: script.into(), cwd: None, env: Default::default(), timeout_ms: 30_000 };
     let request = RunRequest {
         targets: Targets::Machine(AGENTS[0].into()),
         session: Some("demo: health check".into()),
@@ -82,11 +85,11 @@ pub async fn headless(headless: bool) -> Result<()> {
     let id = requests[0].0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(LocalReply::Pending { pending }) = local::call(&socket, &LocalRequest::Pending).await {
-            if let Some(p) = pending.iter().find(|p| p.id == id) {
-                println!("   pending: {} asks to run: {}", p.technician, p.script);
-                break;
-            }
+        if let Ok(LocalReply::Pending { pending }) = local::call(&socket, &LocalRequest::Pending).await
+            && let Some(p) = pending.iter().find(|p| p.id == id)
+        {
+            println!("   pending: {} asks to run: {}", p.technician, p.script);
+            break;
         }
         if tokio::time::Instant::now() > deadline {
             bail!("the request did not reach ws-01 within 20 s");

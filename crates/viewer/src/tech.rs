@@ -36,7 +36,13 @@ pub async fn init(node: &Node, org_name: &str, my_name: &str) -> Result<Fleet> {
 }
 
 /// Issues a one-time invite token.
-pub async fn invite(node: &Node, role: Role, name: Option<String>, groups: Vec<String>, ttl: Duration) -> Result<InviteToken> {
+pub async fn invite(
+    node: &Node,
+    role: Role,
+    name: Option<String>,
+    groups: Vec<String>,
+    ttl: Duration,
+) -> Result<InviteToken> {
     let fleet = node.fleet().await?;
     let (Some(org_key), Some(fleet_doc)) = (fleet.org_key, fleet.fleet_doc) else {
         bail!("this home has no org yet; run `caisey init --org NAME` or `caisey join TOKEN` first");
@@ -142,7 +148,11 @@ pub async fn machines(node: &Node, group: Option<&str>, search: Option<&str>) ->
         })
         .filter(|m| {
             search.as_ref().is_none_or(|s| {
-                let card = m.card.as_ref().map(|c| format!("{} {} {}", c.hostname, c.os_name, c.os_version)).unwrap_or_default();
+                let card = m
+                    .card
+                    .as_ref()
+                    .map(|c| format!("{} {} {}", c.hostname, c.os_name, c.os_version))
+                    .unwrap_or_default();
                 format!("{} {} {}", m.name, m.groups.join(" "), card).to_lowercase().contains(s)
             })
         })
@@ -188,7 +198,9 @@ pub async fn session_views(node: &Node) -> Result<Vec<(DocId, SessionView)>> {
     let fleet = node.fleet().await?;
     let ids = node.sessions().await?;
     node.with_core(move |core| {
-        ids.into_iter().filter_map(|id| Some((id, SessionView::read_without_output(core.hub.doc(&id)?, &fleet).ok()?))).collect()
+        ids.into_iter()
+            .filter_map(|id| Some((id, SessionView::read_without_output(core.hub.doc(&id)?, &fleet).ok()?)))
+            .collect()
     })
     .await
 }
@@ -202,7 +214,8 @@ pub async fn sessions(node: &Node, search: Option<&str>, label: Option<&str>) ->
         .into_iter()
         .filter(|(_, v)| label.is_none_or(|l| v.info.labels.iter().any(|x| x.eq_ignore_ascii_case(l))))
         .map(|(id, v)| {
-            let machines: Vec<String> = v.targets.iter().map(|t| names.get(t).cloned().unwrap_or_else(|| t.short())).collect();
+            let machines: Vec<String> =
+                v.targets.iter().map(|t| names.get(t).cloned().unwrap_or_else(|| t.short())).collect();
             let haystack = format!(
                 "{} {} {} {}",
                 v.info.name,
@@ -211,15 +224,18 @@ pub async fn sessions(node: &Node, search: Option<&str>, label: Option<&str>) ->
                 v.commands.iter().map(|c| c.request.command.script.as_str()).collect::<Vec<_>>().join(" ")
             )
             .to_lowercase();
-            (haystack, SessionSummary {
-                id,
-                name: v.info.name.clone(),
-                labels: v.info.labels.clone(),
-                machines,
-                commands: v.commands.len(),
-                last_activity: v.last_activity(),
-                status: v.commands.last().map(|c| c.status().to_string()).unwrap_or_else(|| "empty".into()),
-            })
+            (
+                haystack,
+                SessionSummary {
+                    id,
+                    name: v.info.name.clone(),
+                    labels: v.info.labels.clone(),
+                    machines,
+                    commands: v.commands.len(),
+                    last_activity: v.last_activity(),
+                    status: v.commands.last().map(|c| c.status().to_string()).unwrap_or_else(|| "empty".into()),
+                },
+            )
         })
         .filter(|(h, _)| search.as_ref().is_none_or(|s| h.contains(s)))
         .map(|(_, s)| s)
@@ -261,7 +277,12 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<(DocId, Vec<(Id128, Mem
     let fleet = node.fleet().await?;
     let targets = resolve_targets(&fleet, &req.targets)?;
     let existing = match &req.session {
-        Some(name) => session_views(node).await?.into_iter().filter(|(_, v)| v.info.name == *name).max_by_key(|(_, v)| v.info.created_at).map(|(id, _)| id),
+        Some(name) => session_views(node)
+            .await?
+            .into_iter()
+            .filter(|(_, v)| v.info.name == *name)
+            .max_by_key(|(_, v)| v.info.created_at)
+            .map(|(id, _)| id),
         None => None,
     };
     let now = now_ms();
@@ -270,11 +291,21 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<(DocId, Vec<(Id128, Mem
         None => {
             let id = random_id();
             let default_name = match &req.targets {
-                Targets::Machine(m) => format!("{m} {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now())),
-                Targets::Group(g) => format!("group {g} {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now())),
+                Targets::Machine(m) => {
+                    format!("{m} {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now()))
+                }
+                Targets::Group(g) => {
+                    format!("group {g} {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now()))
+                }
             };
             let org_key = fleet.org_key.ok_or_else(|| anyhow!("no org"))?;
-            let info = SessionInfo { id, name: req.session.clone().unwrap_or(default_name), labels: req.labels.clone(), created_at: now, org_key };
+            let info = SessionInfo {
+                id,
+                name: req.session.clone().unwrap_or(default_name),
+                labels: req.labels.clone(),
+                created_at: now,
+                org_key,
+            };
             let doc = SessionWriter::create(node.signer(), &info)?;
             node.create(id, DocKind::Session, doc).await?;
             id

@@ -68,7 +68,11 @@ impl Follower {
         };
         let view = view?;
         if !self.header && self.style == OutputStyle::Labelled {
-            let labels = if view.info.labels.is_empty() { String::new() } else { format!("  labels: {}", view.info.labels.join(", ")) };
+            let labels = if view.info.labels.is_empty() {
+                String::new()
+            } else {
+                format!("  labels: {}", view.info.labels.join(", "))
+            };
             println!("session {:?} ({}){labels}", view.info.name, view.info.id);
             for q in &view.quarantined {
                 println!("!! quarantined {}: {} (not shown as genuine)", q.place, q.why);
@@ -126,7 +130,10 @@ impl Follower {
         }
         // Output: only the chunks appended since last time.
         let (request, from) = (cmd.request.clone(), seen.output_pos);
-        let (chunks, next) = node.read(self.session, move |d| SessionView::read_output_from(d, &request, from)).await?.unwrap_or_default();
+        let (chunks, next) = node
+            .read(self.session, move |d| SessionView::read_output_from(d, &request, from))
+            .await?
+            .unwrap_or_default();
         seen.output_pos = next;
         for chunk in chunks {
             write_output(style, &machine, seen, chunk.stream, &chunk.data)?;
@@ -134,12 +141,18 @@ impl Follower {
         if let (false, Some(e)) = (seen.end, &cmd.end) {
             seen.end = true;
             flush_partial(style, &machine, seen)?;
-            let took = cmd.start.as_ref().map(|s| format!(" after {:.2}s", e.ended_at.saturating_sub(s.started_at) as f64 / 1000.0)).unwrap_or_default();
+            let took = cmd
+                .start
+                .as_ref()
+                .map(|s| format!(" after {:.2}s", e.ended_at.saturating_sub(s.started_at) as f64 / 1000.0))
+                .unwrap_or_default();
             let what = match (e.status, e.exit_code) {
                 (EndStatus::Exited, Some(code)) => format!("exited with code {code}{took}"),
                 (EndStatus::Exited, None) => format!("ended by a signal{took}"),
                 (EndStatus::TimedOut, _) => format!("timed out{took}"),
-                (EndStatus::Interrupted, _) => "interrupted: the agent stopped while it ran (not run again)".to_string(),
+                (EndStatus::Interrupted, _) => {
+                    "interrupted: the agent stopped while it ran (not run again)".to_string()
+                }
                 (EndStatus::FailedToStart, _) => "failed to start".to_string(),
             };
             let msg = e.message.as_ref().map(|m| format!(" ({})", visible(m))).unwrap_or_default();
@@ -231,12 +244,24 @@ pub struct CommandJson {
 pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
     let fleet = node.fleet().await?;
     let f2 = fleet.clone();
-    let view = node.read(session, move |d| SessionView::read(d, &f2)).await?.ok_or_else(|| anyhow::anyhow!("no such session"))??;
+    let view = node
+        .read(session, move |d| SessionView::read(d, &f2))
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no such session"))??;
     let commands = view
         .commands
         .iter()
         .map(|c| {
-            let text = |s: Stream| String::from_utf8_lossy(&c.output.iter().filter(|o| o.stream == s).flat_map(|o| o.data.iter().copied()).collect::<Vec<u8>>()).into_owned();
+            let text = |s: Stream| {
+                String::from_utf8_lossy(
+                    &c.output
+                        .iter()
+                        .filter(|o| o.stream == s)
+                        .flat_map(|o| o.data.iter().copied())
+                        .collect::<Vec<u8>>(),
+                )
+                .into_owned()
+            };
             CommandJson {
                 id: c.request.id,
                 machine: name_of(&fleet, &c.request.target),
