@@ -331,10 +331,9 @@ impl SessionWriter {
                 Some(list) => list,
                 None => tx.put_object(&outputs, &key, ObjType::List)?,
             };
-            let mut at = tx.length(&list);
-            for r in records {
+            let start = tx.length(&list);
+            for (at, r) in (start..).zip(records) {
                 tx.insert(&list, at, r)?;
-                at += 1;
             }
             Ok(())
         })

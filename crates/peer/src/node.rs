@@ -333,7 +333,7 @@ impl Node {
             if self.in_sync_with(peer).await? {
                 return Ok(true);
             }
-            if let Err(_) = tokio::time::timeout_at(deadline, events.recv()).await {
+            if tokio::time::timeout_at(deadline, events.recv()).await.is_err() {
                 return Ok(false);
             }
         }
