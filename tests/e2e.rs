@@ -205,3 +205,29 @@ fn bad_command_lines_get_one_clear_error() {
     assert_eq!(out.code(), 2);
     assert_one_line(&out.stderr, "agent is not running");
 }
+
+#[test]
+fn an_agent_killed_mid_command_records_it_interrupted_and_never_runs_it_again() {
+    let org = Org::new(&[("ws-01", "accounting")]);
+    let agent = org.world.start_agent("ws-01");
+    let marker = org.world.root.path().join("runs");
+    let script = format!("echo started >> {}; echo started; sleep 20", marker.display());
+    org.world.caisey("alice", &["run", "--detach", "--machine", "ws-01", "--session", "crash", "--", &script]).ok();
+    let id = org.world.wait_pending("ws-01");
+    org.world.agent_cmd("ws-01", &["approve", &id]).ok();
+    wait_for(Duration::from_secs(30), || {
+        org.show_json("alice", "crash")?["commands"][0]["stdout"].as_str()?.contains("started").then_some(())
+    })
+    .expect("the command started and its output reached the relay");
+    agent.kill9();
+    let _agent = org.world.start_agent("ws-01");
+    let s = wait_for(Duration::from_secs(30), || {
+        let s = org.show_json("alice", "crash")?;
+        (s["commands"][0]["status"] == "interrupted").then_some(s)
+    })
+    .expect("the restarted agent records the command as interrupted");
+    assert_eq!(s["commands"][0]["exit_code"], serde_json::Value::Null);
+    std::thread::sleep(Duration::from_secs(2));
+    let runs = std::fs::read_to_string(&marker).expect("marker");
+    assert_eq!(runs.lines().count(), 1, "the command ran again after the restart: {runs:?}");
+}

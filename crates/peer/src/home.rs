@@ -27,8 +27,12 @@ impl Home {
                 default_data_dir().context("no --home given and no data directory (set HOME or CAISEY_HOME)")?.join(app)
             }
         };
-        fs::create_dir_all(&dir).with_context(|| format!("creating home directory {}", dir.display()))?;
-        restrict(&dir, 0o700)?;
+        // Only a directory we create is locked down; an existing one keeps its owner's choice
+        // (the key and the socket restrict themselves).
+        if !dir.exists() {
+            fs::create_dir_all(&dir).with_context(|| format!("creating home directory {}", dir.display()))?;
+            restrict(&dir, 0o700)?;
+        }
         Ok(Self { dir })
     }
 

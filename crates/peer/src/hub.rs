@@ -106,6 +106,8 @@ struct Peer {
     conn: ConnId,
     connected_at: u64,
     last_heard: Option<u64>,
+    /// The documents the peer said it offers us (and we would accept), once its index arrived.
+    index: Option<BTreeSet<DocId>>,
     states: BTreeMap<DocId, SyncState>,
 }
 
@@ -230,19 +232,24 @@ impl Hub {
             .collect()
     }
 
-    /// True once `peer` has answered and holds exactly our heads of every document it may hold.
+    /// True once we hold every document `peer` offered, and it holds exactly our heads of every
+    /// document it may hold: nothing left to exchange.
     pub fn in_sync_with(&self, peer: &NodeId) -> bool {
         let Some(p) = self.peers.get(peer) else { return false };
-        if p.last_heard.is_none() {
-            return false;
-        }
-        self.docs.iter().filter(|(_, e)| may_share(&self.fleet, peer, e.kind, &e.targets)).all(|(id, e)| {
+        let Some(index) = &p.index else { return false };
+        let in_sync = |id: &DocId, e: &Entry| {
             let ours: BTreeSet<_> = e.doc.get_heads().into_iter().collect();
             p.states
                 .get(id)
                 .and_then(|s| s.their_heads.as_ref())
                 .is_some_and(|h| h.iter().copied().collect::<BTreeSet<_>>() == ours)
-        })
+        };
+        index.iter().all(|id| self.docs.get(id).is_some_and(|e| in_sync(id, e)))
+            && self
+                .docs
+                .iter()
+                .filter(|(_, e)| may_share(&self.fleet, peer, e.kind, &e.targets))
+                .all(|(id, e)| in_sync(id, e))
     }
 
     pub fn handle(&mut self, now: u64, input: Input) -> Vec<Output> {
@@ -280,8 +287,15 @@ impl Hub {
         }
         let states =
             stored.into_iter().filter_map(|(doc, bytes)| Some((doc, SyncState::decode(&bytes).ok()?))).collect();
-        self.peers.insert(peer, Peer { conn, connected_at: now, last_heard: None, states });
+        self.peers.insert(peer, Peer { conn, connected_at: now, last_heard: None, index: None, states });
         out.push(Output::PeerUp { peer });
+        let offered: Vec<(DocId, DocKind)> = self
+            .docs
+            .iter()
+            .filter(|(_, e)| may_share(&self.fleet, &peer, e.kind, &e.targets))
+            .map(|(id, e)| (*id, e.kind))
+            .collect();
+        out.push(Output::Send { peer, conn, frame: Frame::Index { docs: offered } });
         let ids: Vec<DocId> = self.docs.keys().copied().collect();
         for id in ids {
             self.offer(peer, id, out);
@@ -304,8 +318,25 @@ impl Hub {
     }
 
     fn on_frame(&mut self, peer: NodeId, conn: ConnId, frame: Frame, now: u64, out: &mut Vec<Output>) {
-        let Frame::Sync { doc: id, kind, message } = frame else {
-            return; // a second Hello is harmless
+        let (id, kind, message) = match frame {
+            Frame::Sync { doc, kind, message } => (doc, kind, message),
+            Frame::Index { docs } => {
+                // Only what we would accept counts; the rest will never arrive here.
+                let accepted = docs
+                    .into_iter()
+                    .filter(|(id, kind)| match (self.docs.get(id), kind) {
+                        (Some(e), _) => e.kind == *kind,
+                        (None, DocKind::Session) => may_introduce_session(&self.fleet, &peer),
+                        (None, DocKind::Fleet) => false,
+                    })
+                    .map(|(id, _)| id)
+                    .collect();
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.index = Some(accepted);
+                }
+                return;
+            }
+            Frame::Hello { .. } => return, // a second Hello is harmless
         };
         let drop = |reason: &str| Output::Disconnect { peer, conn, reason: reason.to_string() };
         match self.docs.get(&id) {
@@ -603,6 +634,34 @@ mod tests {
     }
 
     #[test]
+    fn a_fresh_technician_is_not_in_sync_until_every_offered_session_arrived() {
+        let o = org(1);
+        let (t, r) = (o.tech.node_id(), o.relay.node_id());
+        let mut relay = hub_with_fleet(&o, &o.relay);
+        for sid in 1..=3 {
+            let (id, doc) = session_for(&o, o.agents[0].node_id(), sid);
+            relay.create(id, DocKind::Session, doc, 0);
+        }
+        let mut net = Net::new(vec![hub_with_fleet(&o, &o.tech), relay]);
+        net.connect(t, r);
+        // Step by step: whenever some session is still missing, the technician is not in sync.
+        let mut saw_partial = false;
+        let mut steps = 0;
+        while let Some((at, input)) = net.queue.pop_front() {
+            steps += 1;
+            let out = net.hubs.get_mut(&at).unwrap().handle(steps, input);
+            net.apply(at, out);
+            let sessions_here = net.hubs[&t].docs().filter(|(_, k)| *k == DocKind::Session).count();
+            if sessions_here < 3 {
+                saw_partial = true;
+                assert!(!net.hubs[&t].in_sync_with(&r), "in sync with only {sessions_here} of 3 sessions");
+            }
+        }
+        assert!(saw_partial);
+        assert!(net.hubs[&t].in_sync_with(&r));
+    }
+
+    #[test]
     fn store_and_forward_while_technician_and_agent_are_never_online_together() {
         let o = org(1);
         let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
@@ -644,7 +703,7 @@ mod tests {
         let (sid, doc) = session_for(&o, o.agents[0].node_id(), 3);
         relay.create(sid, DocKind::Session, doc, 0);
         let out = relay.handle(1, Input::Connected { peer: stranger.node_id(), conn: 1, stored: vec![] });
-        assert!(matches!(out.as_slice(), [Output::Disconnect { .. }]));
+        assert!(matches!(out.as_slice(), [Output::Disconnect { .. }]), "{out:?}");
         // Even a frame asking for the session gets nothing back.
         let mut probe = Automerge::new();
         let msg = probe.generate_sync_message(&mut SyncState::new()).unwrap();

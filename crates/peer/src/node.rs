@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
@@ -29,8 +29,8 @@ use crate::hub::{ConnId, Hub, Input, Output, PeerInfo};
 use crate::store::{Store, Write};
 use crate::wire::{DocKind, ENROLL_ALPN, Frame, SYNC_ALPN};
 
-/// Frames queued for one peer before it counts as too slow.
-const OUTBOX: usize = 4096;
+/// Bytes queued for one peer before it counts as too slow (a frame past this is refused).
+const OUTBOX_BYTES: usize = crate::wire::MAX_FRAME;
 const SETTING_PORT: &str = "listen_port";
 /// Settings key for relay contacts learnt from a token or `relay add`.
 pub const SETTING_RELAYS: &str = "relays";
@@ -51,16 +51,37 @@ pub type EnrollHandler =
 type Job = Box<dyn FnOnce(&mut Core) + Send>;
 
 enum Cmd {
-    Connected { peer: NodeId, conn: ConnId, outbox: mpsc::Sender<Vec<u8>>, handle: Connection },
+    Connected { peer: NodeId, outbox: Outbox },
     Input(Input),
     Run(Job),
+}
+
+/// Frames on their way to one peer's connection, bounded by bytes rather than count: a
+/// thousand small offers at connect are fine, a peer that stops reading is not.
+struct Outbox {
+    conn: ConnId,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+    handle: Connection,
+}
+
+impl Outbox {
+    /// Queues a frame; false if the peer is too far behind.
+    fn push(&self, frame: Vec<u8>) -> bool {
+        let len = frame.len();
+        if self.queued.load(Ordering::Relaxed) + len > OUTBOX_BYTES {
+            return false;
+        }
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        self.tx.send(frame).is_ok()
+    }
 }
 
 /// The core task's state: the hub, the store, and a way to reach each connected peer.
 pub struct Core {
     pub hub: Hub,
     pub store: Store,
-    outboxes: std::collections::BTreeMap<NodeId, (ConnId, mpsc::Sender<Vec<u8>>, Connection)>,
+    outboxes: std::collections::BTreeMap<NodeId, Outbox>,
     events: broadcast::Sender<NodeEvent>,
 }
 
@@ -84,22 +105,17 @@ impl Core {
         for o in outputs {
             match o {
                 Output::Send { peer, conn, frame } => {
-                    let Some((c, tx, handle)) = self.outboxes.get(&peer) else { continue };
-                    if *c != conn {
-                        continue;
-                    }
-                    if tx.try_send(frame.encode()).is_err() {
+                    let Some(outbox) = self.outboxes.get(&peer).filter(|o| o.conn == conn) else { continue };
+                    if !outbox.push(frame.encode()) {
                         warn!(peer = %peer.short(), "peer is not keeping up; disconnecting");
-                        handle.close(1u32.into(), b"too slow");
+                        outbox.handle.close(1u32.into(), b"too slow");
                         self.outboxes.remove(&peer);
                     }
                 }
                 Output::Disconnect { peer, conn, reason } => {
                     warn!(peer = %peer.short(), %reason, "dropping connection");
-                    if let Some((c, _, handle)) = self.outboxes.get(&peer)
-                        && *c == conn
-                    {
-                        handle.close(2u32.into(), reason.as_bytes());
+                    if let Some(outbox) = self.outboxes.get(&peer).filter(|o| o.conn == conn) {
+                        outbox.handle.close(2u32.into(), reason.as_bytes());
                         self.outboxes.remove(&peer);
                     }
                 }
@@ -396,13 +412,11 @@ impl Node {
     async fn register(&self, handle: Connection, send: SendStream, recv: RecvStream) -> Result<()> {
         let peer = NodeId(*handle.remote_id().as_bytes());
         let conn = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (outbox, rx) = mpsc::channel(OUTBOX);
-        self.shared
-            .cmd
-            .send(Cmd::Connected { peer, conn, outbox, handle: handle.clone() })
-            .await
-            .map_err(|_| anyhow!("node has stopped"))?;
-        tokio::spawn(write_loop(send, rx));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let outbox = Outbox { conn, tx, queued: queued.clone(), handle: handle.clone() };
+        self.shared.cmd.send(Cmd::Connected { peer, outbox }).await.map_err(|_| anyhow!("node has stopped"))?;
+        tokio::spawn(write_loop(send, rx, queued));
         tokio::spawn(read_loop(self.shared.cmd.clone(), peer, conn, handle, recv));
         Ok(())
     }
@@ -411,7 +425,7 @@ impl Node {
     pub async fn shutdown(&self) {
         let _ = self
             .with_core(|core| {
-                let peers: Vec<(NodeId, ConnId)> = core.outboxes.iter().map(|(p, (c, _, _))| (*p, *c)).collect();
+                let peers: Vec<(NodeId, ConnId)> = core.outboxes.iter().map(|(p, o)| (*p, o.conn)).collect();
                 for (peer, conn) in peers {
                     core.handle(Input::Disconnected { peer, conn });
                 }
@@ -468,14 +482,18 @@ async fn bind(signer: &Signer, listen: SocketAddr, store: &Store) -> Result<Endp
 async fn run_core(mut core: Core, mut inbox: mpsc::Receiver<Cmd>) {
     while let Some(cmd) = inbox.recv().await {
         match cmd {
-            Cmd::Connected { peer, conn, outbox, handle } => {
+            Cmd::Connected { peer, outbox } => {
                 let stored = core.store.sync_states(&peer).unwrap_or_default();
-                core.outboxes.insert(peer, (conn, outbox, handle));
+                let conn = outbox.conn;
+                // A newer connection from the same peer replaces the old one.
+                if let Some(old) = core.outboxes.insert(peer, outbox) {
+                    old.handle.close(4u32.into(), b"replaced by a newer connection");
+                }
                 core.handle(Input::Connected { peer, conn, stored });
             }
             Cmd::Input(input) => {
                 if let Input::Disconnected { peer, conn } = &input
-                    && core.outboxes.get(peer).is_some_and(|(c, _, _)| c == conn)
+                    && core.outboxes.get(peer).is_some_and(|o| o.conn == *conn)
                 {
                     core.outboxes.remove(peer);
                 }
@@ -549,9 +567,11 @@ async fn read_loop(cmd: mpsc::Sender<Cmd>, peer: NodeId, conn: ConnId, handle: C
     let _ = cmd.send(Cmd::Input(Input::Disconnected { peer, conn })).await;
 }
 
-async fn write_loop(mut send: SendStream, mut rx: mpsc::Receiver<Vec<u8>>) {
+async fn write_loop(mut send: SendStream, mut rx: mpsc::UnboundedReceiver<Vec<u8>>, queued: Arc<AtomicUsize>) {
     while let Some(bytes) = rx.recv().await {
-        if send.write_all(&bytes).await.is_err() {
+        let written = send.write_all(&bytes).await;
+        queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+        if written.is_err() {
             break;
         }
     }

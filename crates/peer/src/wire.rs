@@ -25,8 +25,34 @@ pub enum DocKind {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Hello { version: u16 },
-    Sync { doc: Id128, kind: DocKind, message: Vec<u8> },
+    Hello {
+        version: u16,
+    },
+    Sync {
+        doc: Id128,
+        kind: DocKind,
+        message: Vec<u8>,
+    },
+    /// Sent once on connect, before any offer: every document the sender will offer. Lets the
+    /// receiver tell "in sync" from "has not heard of everything yet".
+    Index {
+        docs: Vec<(Id128, DocKind)>,
+    },
+}
+
+fn kind_byte(kind: DocKind) -> u8 {
+    match kind {
+        DocKind::Fleet => 1,
+        DocKind::Session => 2,
+    }
+}
+
+fn kind_of(b: u8) -> Result<DocKind, FrameError> {
+    match b {
+        1 => Ok(DocKind::Fleet),
+        2 => Ok(DocKind::Session),
+        _ => Err(FrameError::Malformed("unknown document kind")),
+    }
 }
 
 /// Why bytes from a peer are not a frame.
@@ -57,11 +83,15 @@ impl Frame {
             Frame::Sync { doc, kind, message } => {
                 body.push(2);
                 body.extend_from_slice(&doc.0);
-                body.push(match kind {
-                    DocKind::Fleet => 1,
-                    DocKind::Session => 2,
-                });
+                body.push(kind_byte(*kind));
                 body.extend_from_slice(message);
+            }
+            Frame::Index { docs } => {
+                body.push(3);
+                for (doc, kind) in docs {
+                    body.extend_from_slice(&doc.0);
+                    body.push(kind_byte(*kind));
+                }
             }
         }
         let mut out = Vec::with_capacity(4 + body.len());
@@ -99,12 +129,23 @@ impl Frame {
                 }
                 let mut doc = [0u8; 16];
                 doc.copy_from_slice(&body[1..17]);
-                let kind = match body[17] {
-                    1 => DocKind::Fleet,
-                    2 => DocKind::Session,
-                    _ => return Err(FrameError::Malformed("unknown document kind")),
-                };
+                let kind = kind_of(body[17])?;
                 Ok(Frame::Sync { doc: Id128(doc), kind, message: body[18..].to_vec() })
+            }
+            Some(3) => {
+                let entries = &body[1..];
+                if entries.len() % 17 != 0 {
+                    return Err(FrameError::Malformed("index entries must be 17 bytes each"));
+                }
+                let docs = entries
+                    .chunks_exact(17)
+                    .map(|e| {
+                        let mut doc = [0u8; 16];
+                        doc.copy_from_slice(&e[..16]);
+                        Ok((Id128(doc), kind_of(e[16])?))
+                    })
+                    .collect::<Result<_, FrameError>>()?;
+                Ok(Frame::Index { docs })
             }
             _ => Err(FrameError::Malformed("unknown frame tag")),
         }
@@ -117,7 +158,12 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        for f in [Frame::hello(), Frame::Sync { doc: Id128([3; 16]), kind: DocKind::Session, message: vec![1, 2, 3] }] {
+        for f in [
+            Frame::hello(),
+            Frame::Sync { doc: Id128([3; 16]), kind: DocKind::Session, message: vec![1, 2, 3] },
+            Frame::Index { docs: vec![(Id128([1; 16]), DocKind::Fleet), (Id128([2; 16]), DocKind::Session)] },
+            Frame::Index { docs: vec![] },
+        ] {
             let bytes = f.encode();
             let len = Frame::check_len([bytes[0], bytes[1], bytes[2], bytes[3]]).unwrap();
             assert_eq!(Frame::decode(&bytes[4..4 + len]).unwrap(), f);
@@ -129,6 +175,7 @@ mod tests {
         assert_eq!(Frame::check_len(u32::MAX.to_be_bytes()), Err(FrameError::TooLarge(u32::MAX as usize)));
         assert!(Frame::decode(&[9]).is_err());
         assert!(Frame::decode(&[2, 0]).is_err());
+        assert!(Frame::decode(&[3, 0, 0]).is_err());
         assert_eq!(Frame::decode(&[1, 0, 9]), Err(FrameError::Version(9)));
     }
 }
