@@ -134,7 +134,7 @@ impl Frame {
             }
             Some(3) => {
                 let entries = &body[1..];
-                if entries.len() % 17 != 0 {
+                if !entries.len().is_multiple_of(17) {
                     return Err(FrameError::Malformed("index entries must be 17 bytes each"));
                 }
                 let docs = entries
