@@ -19,10 +19,23 @@ fn approved_command_streams_both_outputs_and_exits_with_the_remote_code() {
     assert_eq!(out.code(), 3, "{out:?}");
     assert!(out.stdout.contains("hello"), "{out:?}");
     assert!(out.stderr.contains("oops"), "{out:?}");
+    // A command that outlives its timeout is killed and reported, as JSON for scripts.
+    let run = org.world.spawn(
+        "caisey",
+        "alice",
+        &["run", "--json", "--timeout", "1s", "--machine", "ws-01", "--", "sleep 30"],
+    );
+    let id = org.world.wait_pending("ws-01");
+    org.world.agent_cmd("ws-01", &["approve", &id]).ok();
+    let out = run.wait(Duration::from_secs(30));
+    assert_eq!(out.code(), 1, "{out:?}");
+    let results: serde_json::Value = serde_json::from_str(&out.stdout).expect("run --json prints JSON");
+    assert_eq!(results[0]["status"], "timed out", "{results}");
+    assert_eq!(results[0]["machine"], "ws-01");
     // The colleague who joined sees it too.
     let sessions = org.world.caisey("bob", &["sessions", "--json"]).ok();
     let list: serde_json::Value = serde_json::from_str(&sessions.stdout).expect("json");
-    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
     assert!(list[0]["id"].is_string() && list[0]["name"].is_string());
 }
 

@@ -325,8 +325,12 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let ids: BTreeSet<_> = requests.iter().map(|(id, _)| *id).collect();
-    let style = if requests.len() == 1 { OutputStyle::Passthrough } else { OutputStyle::Labelled };
-    let mut follower = Follower::new(session, Some(ids), style);
+    let style = match (args.json, requests.len()) {
+        (true, _) => OutputStyle::Silent,
+        (false, 1) => OutputStyle::Passthrough,
+        (false, _) => OutputStyle::Labelled,
+    };
+    let mut follower = Follower::new(session, Some(ids.clone()), style);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let commands = loop {
         let commands = follower.update(node).await?;
@@ -346,12 +350,22 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
             _ => EXIT_REMOTE_FAILED,
         }
     };
+    if args.json {
+        // For scripts and cron: one JSON array, one object per machine, when all are done.
+        let results: Vec<_> =
+            session_json(node, session).await?.commands.into_iter().filter(|c| ids.contains(&c.id)).collect();
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    }
     if commands.len() == 1 {
         let c = &commands[0];
-        if c.end.is_none() {
+        if c.end.is_none() && !args.json {
             eprintln!("the command did not run: {}", c.status());
         }
         return Ok(ExitCode::from(code_of(c)));
+    }
+    if args.json {
+        let failed = commands.iter().any(|c| code_of(c) != 0);
+        return Ok(ExitCode::from(if failed { EXIT_REMOTE_FAILED } else { 0 }));
     }
     println!("summary:");
     let names: std::collections::BTreeMap<_, _> = requests.iter().map(|(id, m)| (*id, m.name.clone())).collect();

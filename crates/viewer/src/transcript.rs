@@ -33,6 +33,8 @@ pub enum OutputStyle {
     Passthrough,
     /// Each line prefixed with the machine and stream.
     Labelled,
+    /// Nothing printed (the caller prints a summary, e.g. JSON).
+    Silent,
 }
 
 #[derive(Default)]
@@ -99,6 +101,7 @@ impl Follower {
         let status = |line: String| match style {
             OutputStyle::Passthrough => eprintln!("{line}"),
             OutputStyle::Labelled => println!("{line}"),
+            OutputStyle::Silent => {}
         };
         if !seen.request {
             seen.request = true;
@@ -171,6 +174,7 @@ fn stream_tag(s: Stream) -> u8 {
 
 fn write_output(style: OutputStyle, machine: &str, seen: &mut Seen, stream: Stream, data: &[u8]) -> Result<()> {
     match style {
+        OutputStyle::Silent => {}
         OutputStyle::Passthrough => {
             let raw_ok = match stream {
                 Stream::Stdout => !std::io::stdout().is_terminal(),
