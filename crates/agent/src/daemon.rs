@@ -13,10 +13,12 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 use caisey_doc::fleet::Fleet;
+use caisey_doc::id::NodeId;
 use caisey_doc::id::{DocId, Id128};
-use caisey_doc::session::{Decision, End, EndStatus, SessionView, SessionWriter, Verdict};
+use caisey_doc::session::{CommandRequest, Decision, End, EndStatus, SessionView, SessionWriter, Start, Verdict};
 use caisey_peer::node::{Node, NodeEvent, NodeOptions};
 use caisey_peer::now_ms;
+use caisey_peer::store::Write;
 use tracing::{info, warn};
 
 use crate::gate::{self, Action, Pending};
@@ -177,19 +179,22 @@ impl Agent {
         let me = self.node.id();
         match action {
             Action::Expire { session, request } => {
-                let Some(req) = self.request(session, request) else { return Ok(()) };
+                let Some((req, requester)) = self.request(session, request) else { return Ok(()) };
                 info!(request = %request.short(), "request expired without a decision");
+                let now = now_ms();
                 let d = Decision {
                     request,
                     session,
                     target: me,
-                    requester: req.1,
-                    command_hash: req.0.command.hash(),
+                    requester,
+                    command_hash: req.command.hash(),
                     verdict: Verdict::Expired,
                     decided_by: "nobody (the request expired)".into(),
-                    decided_at: now_ms(),
+                    decided_at: now,
+                    expires_at: now,
+                    nonce: Id128(rand::random()),
                 };
-                self.node.change(session, move |doc| SessionWriter::decide(doc, &signer, &d, None)).await??;
+                self.node.change(session, move |doc| SessionWriter::decide(doc, &signer, &d)).await??;
             }
             Action::Interrupted { session, request } => {
                 warn!(request = %request.short(), "command was running when the agent stopped; recording it as interrupted");
@@ -204,15 +209,14 @@ impl Agent {
                 };
                 self.node.change(session, move |doc| SessionWriter::end(doc, &signer, &end)).await??;
             }
+            Action::RunApproved { session, request } => {
+                self.consume_and_run(session, request, None).await?;
+            }
         }
         Ok(())
     }
 
-    fn request(
-        &self,
-        session: DocId,
-        id: Id128,
-    ) -> Option<(caisey_doc::session::CommandRequest, caisey_doc::id::NodeId)> {
+    fn request(&self, session: DocId, id: Id128) -> Option<(CommandRequest, NodeId)> {
         let st = self.state.lock().ok()?;
         let c = st.views.get(&session)?.command(&id)?;
         Some((c.request.clone(), c.requester))
@@ -221,72 +225,115 @@ impl Agent {
     fn find_pending(&self, prefix: &str) -> Result<Pending> {
         let prefix = prefix.trim().to_ascii_lowercase();
         if prefix.is_empty() {
-            bail!("give the id of a pending request (see `caisey-agent pending`)");
+            bail!("give the code of a pending request (see `caisey-agent pending`)");
         }
         let st = self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?;
-        let matches: Vec<&Pending> = st.pending.iter().filter(|p| p.id.to_hex().starts_with(&prefix)).collect();
+        let matches: Vec<&Pending> = st.pending.iter().filter(|p| p.code.to_hex().starts_with(&prefix)).collect();
         match matches.as_slice() {
             [one] => Ok((*one).clone()),
-            [] => bail!("no pending request {prefix} (see `caisey-agent pending`)"),
-            _ => bail!("{prefix} matches {} pending requests; give more of the id", matches.len()),
+            [] => {
+                bail!("no pending request {prefix}; it may have changed or been decided (see `caisey-agent pending`)")
+            }
+            _ => bail!("{prefix} matches {} pending requests; give more of the code", matches.len()),
         }
     }
 
-    /// Records the local user's decision; if approved, consumes it and starts the command.
+    /// The local user's decision on the request with approval code `prefix`.
     async fn decide(&self, prefix: &str, approve: bool) -> Result<String> {
         let p = self.find_pending(prefix)?;
         let fleet = self.node.fleet().await?;
         let me = self.node.id();
-        let signer = self.node.signer().clone();
         let machine = fleet.members.get(&me).map(|m| m.name.clone()).unwrap_or_default();
-        let (session, id) = (p.session, p.id);
+        let now = now_ms();
+        let decision = Decision {
+            request: p.id,
+            session: p.session,
+            target: me,
+            requester: p.requester,
+            command_hash: p.request.command.hash(),
+            verdict: if approve { Verdict::Approved } else { Verdict::Denied },
+            decided_by: format!("local user on {machine}"),
+            decided_at: now,
+            expires_at: now,
+            nonce: Id128(rand::random()),
+        };
         if approve {
-            // Marked running first, so the change below is never mistaken for an interrupted run.
-            self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.insert(id);
+            self.consume_and_run(p.session, p.id, Some((decision, p.code))).await?;
+            return Ok(format!("approved {}; running", p.code.short()));
         }
-        let decided = self
-            .node
-            .change(session, move |doc| -> Result<Option<caisey_doc::session::CommandRequest>> {
-                // Checked again right before running, against the document as it is now.
+        let (session, id, code, signer) = (p.session, p.id, p.code, self.node.signer().clone());
+        self.node
+            .change(session, move |doc| -> Result<()> {
                 let view = SessionView::read_without_output(&*doc, &fleet)?;
-                let cmd = view.command(&id).ok_or_else(|| anyhow!("request {} is no longer valid", id.short()))?;
-                if cmd.request.target != me {
-                    bail!("request {} is for another machine", id.short());
-                }
-                if cmd.decision.is_some() {
-                    bail!("request {} was already decided", id.short());
-                }
+                check_still_pending(&view, id, code, me, now)?;
+                Ok(SessionWriter::decide(doc, &signer, &decision)?)
+            })
+            .await??;
+        info!(request = %id.short(), "denied by the local user");
+        Ok(format!("denied {}", code.short()))
+    }
+
+    /// The one way a command starts: re-checks the approval against the document as it is now,
+    /// records its nonce as consumed and the start in the session (with the local decision, if
+    /// it is one), durably, and only then spawns the process.
+    async fn consume_and_run(&self, session: DocId, id: Id128, local: Option<(Decision, Id128)>) -> Result<()> {
+        let fleet = self.node.fleet().await?;
+        let me = self.node.id();
+        let signer = self.node.signer().clone();
+        // Marked running first, so the change below is never mistaken for an interrupted run.
+        self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.insert(id);
+        let consumed = self
+            .node
+            .with_core(move |core| -> Result<CommandRequest> {
                 let now = now_ms();
-                if now > cmd.request.expires_at {
-                    bail!("request {} has expired; ask the technician to send it again", id.short());
-                }
-                let d = Decision {
-                    request: id,
-                    session,
-                    target: me,
-                    requester: cmd.requester,
-                    command_hash: cmd.request.command.hash(),
-                    verdict: if approve { Verdict::Approved } else { Verdict::Denied },
-                    decided_by: format!("local user on {machine}"),
-                    decided_at: now,
+                let doc = core.hub.doc(&session).ok_or_else(|| anyhow!("session {} is gone", session.short()))?;
+                let view = SessionView::read_without_output(doc, &fleet)?;
+                let (approved_by, nonce) = match &local {
+                    Some((d, code)) => {
+                        check_still_pending(&view, id, *code, me, now)?;
+                        (me, d.nonce)
+                    }
+                    None => {
+                        let cmd = view.command(&id).ok_or_else(|| anyhow!("request {} is not valid", id.short()))?;
+                        let (Some(d), Some(by)) = (&cmd.decision, cmd.decided_by_node) else {
+                            bail!("request {} has no valid approval", id.short());
+                        };
+                        if d.verdict != Verdict::Approved || cmd.start.is_some() {
+                            bail!("request {} is not approved or already started", id.short());
+                        }
+                        if now > d.expires_at {
+                            bail!("the approval of {} expired before it could be used", id.short());
+                        }
+                        (by, d.nonce)
+                    }
                 };
-                let wrote = SessionWriter::decide(doc, &signer, &d, approve.then_some(now))?;
-                Ok(wrote.then(|| cmd.request.clone()))
+                let key = format!("consumed/{nonce}");
+                if core.store.setting(&key)?.is_some() {
+                    bail!("approval {} was already used; it is never used twice", nonce.short());
+                }
+                let request =
+                    view.command(&id).map(|c| c.request.clone()).ok_or_else(|| anyhow!("request vanished"))?;
+                core.store.apply(&[Write::Setting { key, value: now.to_be_bytes().to_vec() }])?;
+                let start = Start { request: id, session, started_at: now, approved_by, nonce };
+                let decision = local.as_ref().map(|(d, _)| d.clone());
+                let (written, out) = core
+                    .hub
+                    .change(session, now, |doc| SessionWriter::start(doc, &signer, decision.as_ref(), &start))
+                    .ok_or_else(|| anyhow!("session {} is gone", session.short()))?;
+                written?;
+                core.apply(out)?;
+                Ok(request)
             })
             .await
             .and_then(|r| r);
-        let request = match decided {
-            Ok(Some(req)) => req,
-            Ok(None) | Err(_) => {
+        let request = match consumed {
+            Ok(request) => request,
+            Err(e) => {
                 self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.remove(&id);
-                return decided.and_then(|_| Err(anyhow!("request {} was already decided", id.short())));
+                return Err(e);
             }
         };
-        if !approve {
-            info!(request = %id.short(), "denied by the local user");
-            return Ok(format!("denied {}", id.short()));
-        }
-        info!(request = %id.short(), script = %request.command.script, "approved by the local user; running");
+        info!(request = %id.short(), script = %request.command.script, "approved; running");
         let agent = self.clone();
         tokio::spawn(async move {
             if let Err(e) = runner::run(agent.node.clone(), session, request).await {
@@ -296,7 +343,7 @@ impl Agent {
                 st.running.remove(&id);
             }
         });
-        Ok(format!("approved {}; running", id.short()))
+        Ok(())
     }
 
     async fn pending_items(&self) -> Vec<PendingItem> {
@@ -305,7 +352,8 @@ impl Agent {
         pending
             .into_iter()
             .map(|p| PendingItem {
-                id: p.id,
+                id: p.code,
+                request: p.id,
                 session: p.session_name,
                 technician: fleet.members.get(&p.requester).map(|m| m.name.clone()).unwrap_or_else(|| "unknown".into()),
                 technician_key: p.requester,
@@ -319,6 +367,25 @@ impl Agent {
             })
             .collect()
     }
+}
+
+/// Refuses a local decision unless the request is still undecided, unexpired, for this
+/// machine, and carries exactly the command whose approval code the user was shown.
+fn check_still_pending(view: &SessionView, id: Id128, code: Id128, me: NodeId, now: u64) -> Result<()> {
+    let cmd = view.command(&id).ok_or_else(|| anyhow!("request {} is no longer valid", id.short()))?;
+    if cmd.request.target != me {
+        bail!("request {} is for another machine", id.short());
+    }
+    if cmd.request.approval_code() != code {
+        bail!("the command changed since it was shown; review it again with `caisey-agent pending`");
+    }
+    if cmd.decision.is_some() {
+        bail!("request {} was already decided", id.short());
+    }
+    if now > cmd.request.expires_at {
+        bail!("request {} has expired; ask the technician to send it again", id.short());
+    }
+    Ok(())
 }
 
 impl LocalHandler for Agent {

@@ -14,7 +14,9 @@ use serde::Serialize;
 /// A request waiting for the endpoint user's decision.
 #[derive(Debug, Clone, Serialize)]
 pub struct Pending {
-    /// The request id; `approve`/`deny` accept any unique prefix of it.
+    /// The approval code (see `CommandRequest::approval_code`): names the request and its exact
+    /// command. `approve`/`deny` accept any unique prefix of it.
+    pub code: Id128,
     pub id: Id128,
     pub session: DocId,
     pub session_name: String,
@@ -25,8 +27,19 @@ pub struct Pending {
 /// Something the agent must write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    Expire { session: DocId, request: Id128 },
-    Interrupted { session: DocId, request: Id128 },
+    Expire {
+        session: DocId,
+        request: Id128,
+    },
+    Interrupted {
+        session: DocId,
+        request: Id128,
+    },
+    /// A designated approver approved it: consume the approval and run.
+    RunApproved {
+        session: DocId,
+        request: Id128,
+    },
 }
 
 pub fn review(
@@ -40,11 +53,14 @@ pub fn review(
     for (doc, view) in sessions {
         for cmd in view.commands.iter().filter(|c| c.request.target == me) {
             let id = cmd.request.id;
-            match (&cmd.decision, &cmd.start, &cmd.end) {
+            // An approval not used before it expired is as good as none.
+            let decision = cmd.decision.as_ref().filter(|d| cmd.start.is_some() || now <= d.expires_at);
+            match (decision, &cmd.start, &cmd.end) {
                 (None, _, _) if now > cmd.request.expires_at => {
                     actions.push(Action::Expire { session: *doc, request: id })
                 }
                 (None, _, _) => pending.push(Pending {
+                    code: cmd.request.approval_code(),
                     id,
                     session: *doc,
                     session_name: view.info.name.clone(),
@@ -53,6 +69,11 @@ pub fn review(
                 }),
                 (Some(d), Some(_), None) if d.verdict == Verdict::Approved && !running.contains(&id) => {
                     actions.push(Action::Interrupted { session: *doc, request: id })
+                }
+                (Some(d), None, None)
+                    if d.verdict == Verdict::Approved && cmd.decided_by_node != Some(me) && !running.contains(&id) =>
+                {
+                    actions.push(Action::RunApproved { session: *doc, request: id })
                 }
                 _ => {}
             }
@@ -75,6 +96,7 @@ mod tests {
         let agent = Signer::from_secret([3; 32]);
         let mut fleet_doc = Fleet::create("Acme", &org, &tech, "alice", Id128([0; 16]), 0).unwrap();
         let m = caisey_doc::fleet::Membership {
+            approves: vec![],
             node: agent.node_id(),
             role: caisey_doc::fleet::Role::Agent,
             name: "ws".into(),
@@ -127,8 +149,11 @@ mod tests {
             verdict: Verdict::Approved,
             decided_by: "local user".into(),
             decided_at: 5,
+            expires_at: 100,
+            nonce: Id128([9; 16]),
         };
-        SessionWriter::decide(&mut doc, &agent, &d, Some(5)).unwrap();
+        let start = Start { request: req3.id, session: info.id, started_at: 5, approved_by: me, nonce: d.nonce };
+        SessionWriter::start(&mut doc, &agent, Some(&d), &start).unwrap();
         let view = SessionView::read(&doc, &fleet).unwrap();
         let sessions = vec![(info.id, view)];
 

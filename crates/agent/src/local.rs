@@ -26,7 +26,10 @@ pub enum LocalRequest {
 /// A request as the endpoint user sees it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PendingItem {
+    /// The approval code to type: names the request and its exact command.
     pub id: Id128,
+    /// The request id.
+    pub request: Id128,
     pub session: String,
     pub technician: String,
     pub technician_key: NodeId,

@@ -29,6 +29,9 @@ pub enum Role {
     Agent,
     /// Stores and forwards every document; no authority.
     Relay,
+    /// A designated remote approver (e.g. a client's operations manager): approves or denies
+    /// requests for the machines and groups named in its membership, never its own.
+    Approver,
 }
 
 impl std::fmt::Display for Role {
@@ -37,6 +40,7 @@ impl std::fmt::Display for Role {
             Role::Technician => "technician",
             Role::Agent => "agent",
             Role::Relay => "relay",
+            Role::Approver => "approver",
         })
     }
 }
@@ -61,6 +65,9 @@ pub struct InviteCert {
     pub role: Role,
     pub name: Option<String>,
     pub groups: Vec<String>,
+    /// For approver invites: the machine names and group names it may approve for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approves: Vec<String>,
     pub expires_at: u64,
     /// Nodes the enrolling node may contact to enroll (the org relay, the inviter):
     /// `(node id, socket addresses)`.
@@ -81,6 +88,9 @@ pub struct Membership {
     pub role: Role,
     pub name: String,
     pub groups: Vec<String>,
+    /// Approvers only: machine and group names it may approve for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approves: Vec<String>,
     pub at: u64,
     /// When the author is an invite key: the certificate (a signed `InviteCert` record).
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_hex")]
@@ -145,6 +155,7 @@ pub struct Member {
     pub role: Role,
     pub name: String,
     pub groups: Vec<String>,
+    pub approves: Vec<String>,
     pub joined_at: u64,
     pub invite_id: Option<Id128>,
 }
@@ -180,6 +191,7 @@ impl Fleet {
     ) -> Result<Automerge, FleetError> {
         let genesis = OrgGenesis { name: org_name.to_string(), org_key: org.node_id(), fleet_doc, created_at: now };
         let member = Membership {
+            approves: vec![],
             node: founder.node_id(),
             role: Role::Technician,
             name: founder_name.to_string(),
@@ -304,6 +316,7 @@ impl Fleet {
             role: m.role,
             name: m.name.clone(),
             groups: m.groups.clone(),
+            approves: m.approves.clone(),
             joined_at: m.at,
             invite_id,
         };
@@ -316,7 +329,11 @@ impl Fleet {
         if cert.invite_key != v.author {
             return Err("claim not signed by the invite's key".into());
         }
-        if cert.org_key != genesis.org_key || cert.role != m.role || m.at > cert.expires_at {
+        if cert.org_key != genesis.org_key
+            || cert.role != m.role
+            || m.at > cert.expires_at
+            || m.approves != cert.approves
+        {
             return Err("claim does not match its invite (org, role or expiry)".into());
         }
         Ok(self.is_authority(genesis, &cv.author).then(|| member(Some(cert.invite_id))))
@@ -353,6 +370,17 @@ impl Fleet {
 
     pub fn members_with_role(&self, role: Role) -> impl Iterator<Item = &Member> {
         self.members.values().filter(move |m| m.role == role)
+    }
+
+    /// Whether `approver` is a designated approver for the machine `target` (by its name or one
+    /// of its groups).
+    pub fn may_approve(&self, approver: &NodeId, target: &NodeId) -> bool {
+        let (Some(a), Some(t)) = (self.members.get(approver), self.members.get(target)) else { return false };
+        a.role == Role::Approver
+            && t.role == Role::Agent
+            && a.approves
+                .iter()
+                .any(|s| s.eq_ignore_ascii_case(&t.name) || t.groups.iter().any(|g| g.eq_ignore_ascii_case(s)))
     }
 
     /// Whether an invite has been claimed by anyone.
@@ -401,6 +429,7 @@ pub fn claim_membership(
         role: cert.role,
         name: cert.name.clone().unwrap_or_else(|| name.to_string()),
         groups: if cert.groups.is_empty() { groups.to_vec() } else { cert.groups.clone() },
+        approves: cert.approves.clone(),
         at: now,
         invite: Some(cert_record.to_vec()),
     };
@@ -424,6 +453,7 @@ mod tests {
             role,
             name: Some("ws-01".into()),
             groups: vec!["accounting".into()],
+            approves: vec![],
             expires_at,
             contacts: vec![],
         };
@@ -450,6 +480,7 @@ mod tests {
         let (org, tech, relay, stranger) = (s(1), s(2), s(3), s(4));
         let mut doc = Fleet::create("Acme", &org, &tech, "alice", Id128([1; 16]), 10).unwrap();
         let relay_m = Membership {
+            approves: vec![],
             node: relay.node_id(),
             role: Role::Relay,
             name: "relay".into(),
@@ -459,6 +490,7 @@ mod tests {
         };
         Fleet::put_member(&mut doc, &tech.sign(RecordKind::Membership, &relay_m), &relay.node_id()).unwrap();
         let m = Membership {
+            approves: vec![],
             node: stranger.node_id(),
             role: Role::Technician,
             name: "eve".into(),

@@ -124,6 +124,21 @@ pub struct CommandRequest {
     pub expires_at: u64,
 }
 
+impl CommandRequest {
+    /// The code the endpoint user approves by: it names this request *and* this exact command,
+    /// so if the command changed after it was shown, the code the user typed no longer matches.
+    pub fn approval_code(&self) -> Id128 {
+        let mut h = Sha256::new();
+        h.update(b"caisey/approval-code/v1");
+        h.update(self.id.0);
+        h.update(self.command.hash());
+        let digest: [u8; 32] = h.finalize().into();
+        let mut code = [0u8; 16];
+        code.copy_from_slice(&digest[..16]);
+        Id128(code)
+    }
+}
+
 /// What became of a request before it ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -146,6 +161,10 @@ pub struct Decision {
     /// Who decided, in words ("local user on ws-01").
     pub decided_by: String,
     pub decided_at: u64,
+    /// An approval is void after this (a remote approval not used in time must be asked again).
+    pub expires_at: u64,
+    /// Makes every approval unique; the agent records the nonces it consumed.
+    pub nonce: Id128,
 }
 
 /// The agent began running an approved command. Written in the same change as the approval is
@@ -155,6 +174,9 @@ pub struct Start {
     pub request: Id128,
     pub session: Id128,
     pub started_at: u64,
+    /// The approval consumed: its author and nonce.
+    pub approved_by: NodeId,
+    pub nonce: Id128,
 }
 
 /// Which pipe a chunk came from.
@@ -280,38 +302,43 @@ impl SessionWriter {
         Ok(())
     }
 
-    /// Records a decision; if approved, consumes it by recording the start in the same change and
-    /// creating the output list. Returns false (and writes nothing) if a decision already exists.
-    pub fn decide(
-        doc: &mut Automerge,
-        signer: &Signer,
-        decision: &Decision,
-        start_at: Option<u64>,
-    ) -> Result<bool, automerge::AutomergeError> {
-        let key = decision.request.to_hex();
-        let decision_rec = signer.sign(RecordKind::Decision, decision);
-        let start_rec = start_at.map(|at| {
-            signer.sign(
-                RecordKind::Start,
-                &Start { request: decision.request, session: decision.session, started_at: at },
-            )
-        });
+    /// Records a decision. The caller has checked (with [`SessionView`]) that no valid decision
+    /// exists yet; an invalid one in the way (a forgery) is simply replaced.
+    pub fn decide(doc: &mut Automerge, signer: &Signer, decision: &Decision) -> Result<(), automerge::AutomergeError> {
+        let rec = signer.sign(RecordKind::Decision, decision);
         doc.transact::<_, _, automerge::AutomergeError>(|tx| {
             let decisions = am::ensure_root_map(tx, "decisions")?;
-            if am::bytes_at(tx, &decisions, &key).is_some() {
-                return Ok(false);
-            }
-            tx.put(&decisions, &key, decision_rec)?;
-            if let Some(start) = start_rec {
-                let starts = am::ensure_root_map(tx, "starts")?;
-                tx.put(&starts, &key, start)?;
-                let outputs = am::ensure_root_map(tx, "outputs")?;
-                tx.put_object(&outputs, &key, ObjType::List)?;
-            }
-            Ok(true)
+            tx.put(&decisions, decision.request.to_hex(), rec)?;
+            Ok(())
         })
-        .map(|ok| ok.result)
-        .map_err(|f| f.error)
+        .map_err(|f| f.error)?;
+        Ok(())
+    }
+
+    /// The agent consumes an approval: records the start and creates the output list, in one
+    /// change. With `decision`, the local user's approval is written in that same change.
+    pub fn start(
+        doc: &mut Automerge,
+        signer: &Signer,
+        decision: Option<&Decision>,
+        start: &Start,
+    ) -> Result<(), automerge::AutomergeError> {
+        let key = start.request.to_hex();
+        let decision_rec = decision.map(|d| signer.sign(RecordKind::Decision, d));
+        let start_rec = signer.sign(RecordKind::Start, start);
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            if let Some(rec) = decision_rec {
+                let decisions = am::ensure_root_map(tx, "decisions")?;
+                tx.put(&decisions, &key, rec)?;
+            }
+            let starts = am::ensure_root_map(tx, "starts")?;
+            tx.put(&starts, &key, start_rec)?;
+            let outputs = am::ensure_root_map(tx, "outputs")?;
+            tx.put_object(&outputs, &key, ObjType::List)?;
+            Ok(())
+        })
+        .map_err(|f| f.error)?;
+        Ok(())
     }
 
     /// Appends output chunks (already cut to `MAX_CHUNK`) to a request's output list.
@@ -507,18 +534,30 @@ impl SessionView {
                 end: None,
                 output: vec![],
             };
-            if let Some((a, d)) = decisions.get(&key)
-                && by_target("decisions", *a, &mut q)
-                && d.request == req.id
-                && d.command_hash == req.command.hash()
-            {
-                cmd.decision = Some(d.clone());
-                cmd.decided_by_node = Some(*a);
+            if let Some((a, d)) = decisions.get(&key) {
+                match check_decision(fleet, &view.info, &req, author, *a, d) {
+                    Ok(()) => {
+                        cmd.decision = Some(d.clone());
+                        cmd.decided_by_node = Some(*a);
+                    }
+                    Err(why) => q.push(Quarantined { place: format!("decisions/{key}"), author: Some(*a), why }),
+                }
             }
             if let Some((a, s)) = starts.get(&key) {
-                let approved = cmd.decision.as_ref().is_some_and(|d| d.verdict == Verdict::Approved);
-                if by_target("starts", *a, &mut q) && s.request == req.id && approved {
-                    cmd.start = Some(s.clone());
+                // A start must consume exactly the approval shown above.
+                let consumed = cmd.decision.as_ref().is_some_and(|d| {
+                    d.verdict == Verdict::Approved && Some(s.approved_by) == cmd.decided_by_node && s.nonce == d.nonce
+                });
+                if by_target("starts", *a, &mut q) {
+                    if s.request == req.id && consumed {
+                        cmd.start = Some(s.clone());
+                    } else {
+                        q.push(Quarantined {
+                            place: format!("starts/{key}"),
+                            author: Some(*a),
+                            why: "start without a matching valid approval".into(),
+                        });
+                    }
                 }
             }
             if let Some((a, e)) = ends.get(&key)
@@ -595,6 +634,36 @@ impl SessionView {
             .max()
             .unwrap_or(self.info.created_at)
     }
+}
+
+/// Whether `author` may have written decision `d` on request `req` (written by `requester`).
+///
+/// A decision is believed only if it names this session, request, machine, requester and the
+/// hash of the command as it stands now — so a decision copied to another session, machine or
+/// request, or a command edited after it was approved, is refused — and if its author is the
+/// target agent (its local user decided) or a designated approver of that machine other than
+/// the requester.
+pub fn check_decision(
+    fleet: &Fleet,
+    info: &SessionInfo,
+    req: &CommandRequest,
+    requester: NodeId,
+    author: NodeId,
+    d: &Decision,
+) -> Result<(), String> {
+    if d.request != req.id || d.session != info.id || d.target != req.target || d.requester != requester {
+        return Err("decision names another request, session, machine or requester (replayed?)".into());
+    }
+    if d.command_hash != req.command.hash() {
+        return Err("decision is for a different command than the one requested (edited after approval?)".into());
+    }
+    if author == requester {
+        return Err("nobody may approve their own request".into());
+    }
+    if author != req.target && !fleet.may_approve(&author, &req.target) {
+        return Err("decision by someone who may not approve for this machine".into());
+    }
+    Ok(())
 }
 
 /// Verifies every record in `ROOT[map]`, quarantining what fails.

@@ -117,6 +117,7 @@ mod tests {
             role: Role::Agent,
             name: None,
             groups: vec![],
+            approves: vec![],
             expires_at,
             contacts: vec![Contact { node: NodeId([5; 32]), addrs: vec!["127.0.0.1:4000".into()] }],
         };

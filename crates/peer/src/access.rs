@@ -2,8 +2,9 @@
 //! changes to it, so a peer can never write into a document it could not read.
 //!
 //! - The fleet document: every member.
-//! - A session: technicians and relays (they hand sessions off and store them), and the agents
-//!   the session targets. Other agents never learn it exists.
+//! - A session: technicians and relays (they hand sessions off and store them), the agents the
+//!   session targets, and the approvers designated for one of those agents. Other agents and
+//!   approvers never learn it exists.
 
 use caisey_doc::fleet::{Fleet, Role};
 use caisey_doc::id::NodeId;
@@ -17,6 +18,7 @@ pub fn may_share(fleet: &Fleet, peer: &NodeId, kind: DocKind, targets: &[NodeId]
         (DocKind::Fleet, Some(_)) => true,
         (DocKind::Session, Some(Role::Technician | Role::Relay)) => true,
         (DocKind::Session, Some(Role::Agent)) => targets.contains(peer),
+        (DocKind::Session, Some(Role::Approver)) => targets.iter().any(|t| fleet.may_approve(peer, t)),
     }
 }
 

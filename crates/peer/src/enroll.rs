@@ -209,6 +209,7 @@ pub async fn adopt_relay(node: &Node, ticket: &RelayTicket) -> Result<()> {
         .ok_or_else(|| anyhow!("this home has no org yet; run `caisey init` or `caisey join` first"))?;
     let relay = ticket.node();
     let member = Membership {
+        approves: vec![],
         node: relay,
         role: Role::Relay,
         name: format!("relay-{}", relay.short()),

@@ -562,6 +562,7 @@ mod tests {
         let mut fleet = Fleet::create("Acme", &org, &tech, "alice", fleet_id, 0).unwrap();
         let mut add = |s: &Signer, role, name: &str| {
             let m = Membership {
+                approves: vec![],
                 node: s.node_id(),
                 role,
                 name: name.into(),

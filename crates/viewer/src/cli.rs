@@ -69,6 +69,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Requests waiting for you, a designated approver.
+    Pending {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a request as a designated approver (by its code from `caisey pending`).
+    Approve { id: String },
+    /// Deny a request as a designated approver.
+    Deny { id: String },
     /// Show a session's whole transcript (by id, id prefix or name).
     Show {
         session: String,
@@ -95,6 +104,19 @@ pub enum InviteKind {
         #[arg(long = "group")]
         groups: Vec<String>,
         /// How long the token stays valid.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// A token for a designated approver, e.g. a client's contact (`caisey join TOKEN`).
+    Approver {
+        #[arg(long)]
+        name: Option<String>,
+        /// A machine it may approve for (repeatable).
+        #[arg(long = "machine")]
+        machines: Vec<String>,
+        /// A group it may approve for (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
     },
@@ -181,8 +203,19 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
         }
         Command::Invite(kind) => {
             let token = match kind {
-                InviteKind::Agent { name, groups, ttl } => tech::invite(node, Role::Agent, name, groups, ttl).await?,
-                InviteKind::Technician { name, ttl } => tech::invite(node, Role::Technician, name, vec![], ttl).await?,
+                InviteKind::Agent { name, groups, ttl } => {
+                    tech::invite(node, Role::Agent, name, groups, vec![], ttl).await?
+                }
+                InviteKind::Technician { name, ttl } => {
+                    tech::invite(node, Role::Technician, name, vec![], vec![], ttl).await?
+                }
+                InviteKind::Approver { name, machines, groups, ttl } => {
+                    if machines.is_empty() && groups.is_empty() {
+                        bail!("say what the approver may approve: --machine NAME or --group GROUP");
+                    }
+                    let scope = machines.into_iter().chain(groups).collect();
+                    tech::invite(node, Role::Approver, name, vec![], scope, ttl).await?
+                }
             };
             if token.cert.contacts.len() == 1 {
                 eprintln!(
@@ -193,12 +226,12 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
         }
         Command::Join { token, name } => {
             let token = InviteToken::decode(&token, caisey_peer::now_ms())?;
-            if token.cert.role != Role::Technician {
+            if !matches!(token.cert.role, Role::Technician | Role::Approver) {
                 bail!("this token enrolls a {}; use `caisey-agent enroll` on the machine", token.cert.role);
             }
             let fleet = caisey_peer::enroll::join(node, &token, &name.unwrap_or_else(default_name), &[]).await?;
             tech::go_online(node, &[]).await?;
-            println!("joined org {:?} as a technician", fleet.org_name);
+            println!("joined org {:?} as {}", fleet.org_name, token.cert.role);
         }
         Command::Relay(RelayCommand::Add { ticket }) => {
             let ticket = RelayTicket::decode(&ticket)?;
@@ -268,6 +301,25 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Pending { json } => {
+            tech::go_online(node, &[]).await?;
+            let awaiting = tech::awaiting_approval(node).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&awaiting)?);
+            } else if awaiting.is_empty() {
+                println!("nothing is waiting for your approval");
+            } else {
+                for a in awaiting {
+                    let who = format!("{} asks {} to run ({})", a.technician, a.machine, a.shell);
+                    println!("{}  {who} in session {:?}:", a.id.short(), a.session_name);
+                    for line in caisey_agent::escape::visible(&a.script).lines() {
+                        println!("      {line}");
+                    }
+                }
+            }
+        }
+        Command::Approve { id } => return remote_decision(node, &id, true).await,
+        Command::Deny { id } => return remote_decision(node, &id, false).await,
         Command::Demo { .. } => unreachable!("handled before a node starts"),
     }
     Ok(ExitCode::SUCCESS)
@@ -377,4 +429,19 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
         println!("  {:<20} {}{exit}", names.get(&c.request.id).cloned().unwrap_or_default(), c.status());
     }
     Ok(ExitCode::from(if failed == 0 { 0 } else { EXIT_REMOTE_FAILED }))
+}
+
+async fn remote_decision(node: &Node, code: &str, approve: bool) -> Result<ExitCode> {
+    tech::go_online(node, &[]).await?;
+    let a = tech::decide_remote(node, code, approve).await?;
+    let mut delivered = false;
+    for r in node.relay_contacts().await? {
+        delivered |= node.wait_in_sync(r.node, Duration::from_secs(5)).await?;
+    }
+    let verb = if approve { "approved" } else { "denied" };
+    println!("{verb} {} on {} ({})", a.id.short(), a.machine, caisey_agent::escape::visible(&a.script));
+    if !delivered {
+        eprintln!("warning: the relay did not confirm; the decision goes out when this node next connects");
+    }
+    Ok(ExitCode::SUCCESS)
 }

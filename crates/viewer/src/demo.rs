@@ -39,9 +39,15 @@ pub async fn headless(headless: bool) -> Result<()> {
     let (stop, stopped) = watch::channel(false);
     let mut daemons = Vec::new();
     for name in AGENTS {
-        let token =
-            tech::invite(&technician, Role::Agent, Some(name.into()), vec!["demo".into()], Duration::from_secs(3600))
-                .await?;
+        let token = tech::invite(
+            &technician,
+            Role::Agent,
+            Some(name.into()),
+            vec!["demo".into()],
+            vec![],
+            Duration::from_secs(3600),
+        )
+        .await?;
         let agent = Node::start(options(root.path(), name)?).await?;
         caisey_peer::enroll::join(&agent, &token, name, &[]).await?;
         let mut stopped = stopped.clone();

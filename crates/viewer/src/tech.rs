@@ -41,6 +41,7 @@ pub async fn invite(
     role: Role,
     name: Option<String>,
     groups: Vec<String>,
+    approves: Vec<String>,
     ttl: Duration,
 ) -> Result<InviteToken> {
     let fleet = node.fleet().await?;
@@ -63,6 +64,7 @@ pub async fn invite(
         role,
         name,
         groups,
+        approves,
         expires_at: now_ms() + ttl.as_millis() as u64,
         contacts,
     };
@@ -345,4 +347,101 @@ pub fn agent_contacts(fleet: &Fleet, members: &[Member]) -> Vec<Contact> {
         .iter()
         .filter_map(|m| fleet.presence.get(&m.node).map(|p| Contact { node: m.node, addrs: p.addrs.clone() }))
         .collect()
+}
+
+/// A request a designated approver may decide.
+#[derive(Debug, Clone, Serialize)]
+pub struct Awaiting {
+    /// The approval code (names the request and its exact command).
+    pub id: Id128,
+    pub request: Id128,
+    pub session: DocId,
+    pub session_name: String,
+    pub machine: String,
+    pub technician: String,
+    pub shell: String,
+    pub script: String,
+    pub description: String,
+    pub requested_at: u64,
+    pub expires_at: u64,
+}
+
+/// Requests this node (a designated approver) may approve or deny now.
+pub async fn awaiting_approval(node: &Node) -> Result<Vec<Awaiting>> {
+    let fleet = node.fleet().await?;
+    let me = node.id();
+    let now = now_ms();
+    let name = |n: &NodeId| fleet.members.get(n).map(|m| m.name.clone()).unwrap_or_else(|| n.short());
+    let mut out = Vec::new();
+    for (session, view) in session_views(node).await? {
+        for c in &view.commands {
+            let open = c.decision.is_none() && c.start.is_none() && now <= c.request.expires_at;
+            if open && c.requester != me && fleet.may_approve(&me, &c.request.target) {
+                out.push(Awaiting {
+                    id: c.request.approval_code(),
+                    request: c.request.id,
+                    session,
+                    session_name: view.info.name.clone(),
+                    machine: name(&c.request.target),
+                    technician: name(&c.requester),
+                    shell: c.request.command.shell.to_string(),
+                    script: c.request.command.script.clone(),
+                    description: c.request.description.clone(),
+                    requested_at: c.request.requested_at,
+                    expires_at: c.request.expires_at,
+                });
+            }
+        }
+    }
+    out.sort_by_key(|a| a.requested_at);
+    Ok(out)
+}
+
+/// A designated approver's decision on the request with approval code `code` (a unique prefix).
+/// The approval stays usable until the request itself expires.
+pub async fn decide_remote(node: &Node, code: &str, approve: bool) -> Result<Awaiting> {
+    let code = code.trim().to_ascii_lowercase();
+    let all = awaiting_approval(node).await?;
+    let found: Vec<&Awaiting> = all.iter().filter(|a| !code.is_empty() && a.id.to_hex().starts_with(&code)).collect();
+    let a = match found.as_slice() {
+        [one] => (*one).clone(),
+        [] => bail!(
+            "nothing awaits your approval under {code:?}; it may have changed or been decided (see `caisey pending`)"
+        ),
+        many => bail!("{code:?} matches {} requests; give more of the code", many.len()),
+    };
+    let fleet = node.fleet().await?;
+    let signer = node.signer().clone();
+    let me_name = fleet.members.get(&node.id()).map(|m| m.name.clone()).unwrap_or_default();
+    let (session, id, expected) = (a.session, a.request, a.id);
+    node.change(session, move |doc| -> Result<()> {
+        let view = SessionView::read_without_output(&*doc, &fleet)?;
+        let cmd = view.command(&id).ok_or_else(|| anyhow!("request {} is no longer valid", id.short()))?;
+        if cmd.request.approval_code() != expected {
+            bail!("the command changed since it was listed; review it again with `caisey pending`");
+        }
+        if cmd.decision.is_some() {
+            bail!("request {} was already decided", id.short());
+        }
+        let now = now_ms();
+        let d = caisey_doc::session::Decision {
+            request: id,
+            session,
+            target: cmd.request.target,
+            requester: cmd.requester,
+            command_hash: cmd.request.command.hash(),
+            verdict: if approve {
+                caisey_doc::session::Verdict::Approved
+            } else {
+                caisey_doc::session::Verdict::Denied
+            },
+            decided_by: format!("approver {me_name}"),
+            decided_at: now,
+            expires_at: cmd.request.expires_at,
+            nonce: random_id(),
+        };
+        Ok(SessionWriter::decide(doc, &signer, &d)?)
+    })
+    .await??;
+    Ok(a)
 }
