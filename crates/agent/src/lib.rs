@@ -10,7 +10,6 @@
 //! - [`runner`]: runs an approved command, streaming batched output into the session.
 //! - [`local`]: the local socket protocol for `pending`, `approve`, `deny`.
 //! - [`card`]: the machine card, from `sysinfo`.
-//! - [`escape`]: showing hostile text without letting it act.
 //! - [`cli`]: the command line.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -18,7 +17,9 @@
 pub mod card;
 pub mod cli;
 pub mod daemon;
-pub mod escape;
 pub mod gate;
 pub mod local;
 pub mod runner;
+
+/// Hostile text made visible; lives in `caisey-doc` so every surface shares it.
+pub use caisey_doc::text as escape;

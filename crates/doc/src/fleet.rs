@@ -228,6 +228,56 @@ impl Fleet {
         put_in(doc, "cards", &signer.node_id().to_hex(), &signer.sign(RecordKind::MachineCard, card))
     }
 
+    /// Rebuilds the verified fleet from a genesis record and membership records alone (as
+    /// carried by a published transcript), with the same chain rules as [`Fleet::read`].
+    pub fn from_records(genesis: &[u8], members: &[Vec<u8>]) -> Result<Fleet, FleetError> {
+        let mut doc = Automerge::new();
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(ROOT, "genesis", genesis.to_vec())?;
+            let map = tx.put_object(ROOT, "members", automerge::ObjType::Map)?;
+            for record in members {
+                let node = crate::record::verify(record).ok().and_then(|v| v.json::<Membership>().ok()).map(|m| m.node);
+                if let Some(node) = node {
+                    tx.put(&map, node.to_hex(), record.clone())?;
+                }
+            }
+            Ok(())
+        })
+        .map_err(|f| f.error)?;
+        Self::read(&doc)
+    }
+
+    /// The raw membership records of `nodes` and of every member their membership chains
+    /// through (who signed them, who signed their invites): what a third party needs to check
+    /// those memberships back to the org key, and no more.
+    pub fn membership_chain(doc: &impl ReadDoc, nodes: &BTreeSet<NodeId>) -> Vec<Vec<u8>> {
+        let Some(map) = am::root_map(doc, "members") else { return vec![] };
+        let mut wanted: Vec<NodeId> = nodes.iter().copied().collect();
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        while let Some(node) = wanted.pop() {
+            if !seen.insert(node) {
+                continue;
+            }
+            let Some(bytes) = am::bytes_at(doc, &map, &node.to_hex()) else { continue };
+            if let Ok(v) = verify_kind(&bytes, RecordKind::Membership) {
+                wanted.push(v.author);
+                if let Ok(m) = v.json::<Membership>() {
+                    let cert_author =
+                        m.invite.as_deref().and_then(|c| verify_kind(c, RecordKind::InviteCert).ok()).map(|c| c.author);
+                    wanted.extend(cert_author);
+                }
+            }
+            out.push(bytes);
+        }
+        out
+    }
+
+    /// The raw genesis record.
+    pub fn genesis_record(doc: &impl ReadDoc) -> Option<Vec<u8>> {
+        am::bytes_at(doc, &ROOT, "genesis")
+    }
+
     /// Reads and verifies a fleet document.
     pub fn read(doc: &impl ReadDoc) -> Result<Fleet, FleetError> {
         let genesis_bytes = am::bytes_at(doc, &ROOT, "genesis").ok_or(FleetError::NoGenesis)?;

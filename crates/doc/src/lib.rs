@@ -11,6 +11,9 @@
 //!   chunks and ends. [`session::SessionView::read`] verifies who wrote what and quarantines the
 //!   rest.
 //! - [`token`]: invite tokens and relay tickets, the strings people paste.
+//! - [`redact`], [`transcript`]: public, redacted, signed transcripts built from a snapshot, their
+//!   offline verification and their HTML page.
+//! - [`text`]: showing hostile text without letting it act.
 //!
 //! A request travels like this: a technician writes a `CommandRequest` into a session; the
 //! target agent's user approves, and the agent writes the `Decision` and `Start` in one change;
@@ -39,7 +42,10 @@ mod am;
 pub mod fleet;
 pub mod id;
 pub mod record;
+pub mod redact;
 pub mod session;
+pub mod text;
 pub mod token;
+pub mod transcript;
 
 pub use automerge;

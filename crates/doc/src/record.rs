@@ -128,6 +128,25 @@ impl Signer {
     }
 }
 
+impl Signer {
+    /// A signature over `domain | message`, for artifacts that are not records (transcripts).
+    pub fn sign_detached(&self, domain: &[u8], message: &[u8]) -> [u8; 64] {
+        let mut m = Vec::with_capacity(domain.len() + message.len());
+        m.extend_from_slice(domain);
+        m.extend_from_slice(message);
+        self.key.sign(&m).to_bytes()
+    }
+}
+
+/// Checks a signature made by [`Signer::sign_detached`].
+pub fn verify_detached(author: &NodeId, domain: &[u8], message: &[u8], signature: &[u8; 64]) -> bool {
+    let Ok(key) = VerifyingKey::from_bytes(&author.0) else { return false };
+    let mut m = Vec::with_capacity(domain.len() + message.len());
+    m.extend_from_slice(domain);
+    m.extend_from_slice(message);
+    key.verify(&m, &Signature::from_bytes(signature)).is_ok()
+}
+
 fn signed_message(kind: u8, author: &NodeId, body: &[u8]) -> Vec<u8> {
     let mut msg = Vec::with_capacity(DOMAIN.len() + 2 + 32 + body.len());
     msg.extend_from_slice(DOMAIN);

@@ -615,6 +615,19 @@ impl SessionView {
         (chunks, next)
     }
 
+    /// The stored bytes of the record at `map[key]` (`requests`, `decisions`, `starts`, `ends`).
+    pub fn raw_record(doc: &impl ReadDoc, map: &str, key: &Id128) -> Option<Vec<u8>> {
+        am::root_map(doc, map).and_then(|m| am::bytes_at(doc, &m, &key.to_hex()))
+    }
+
+    /// The stored output chunk records of a request, in list order.
+    pub fn raw_output(doc: &impl ReadDoc, request: &Id128) -> Vec<Vec<u8>> {
+        am::root_map(doc, "outputs")
+            .and_then(|o| am::child(doc, &o, &request.to_hex(), ObjType::List))
+            .map(|list| am::list_bytes(doc, &list, 0))
+            .unwrap_or_default()
+    }
+
     pub fn command(&self, id: &Id128) -> Option<&CommandView> {
         self.commands.iter().find(|c| c.request.id == *id)
     }

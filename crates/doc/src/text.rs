@@ -1,4 +1,4 @@
-//! Making hostile text visible instead of letting it act: a command or description from a
+//! Making hostile text visible instead of letting it act (terminal, consent window, HTML): a command or description from a
 //! technician's node is shown with control characters, escape sequences and bidi overrides
 //! spelled out, so it cannot move the cursor, recolour the terminal or reorder what is read.
 

@@ -1,0 +1,747 @@
+//! Public transcripts: a *new* artifact built from a reviewed snapshot of a session, never the
+//! session document with parts deleted (Automerge keeps all history).
+//!
+//! What it carries: the org's genesis record and just the membership records needed to chain
+//! every author back to the org key; for each command the original signed records (request,
+//! decision, start, output chunks, end) wherever nothing in them was redacted, so a reader checks
+//! them exactly as an agent would; and where something was redacted, the redacted content
+//! instead, marked as such, with the original signature *withheld* (a signature or hash over a
+//! redacted secret would let anyone test guesses of it). Every secret becomes the same fixed
+//! marker, so its length is not revealed. The whole is signed by the publishing technician and
+//! names the session heads it was built from.
+//!
+//! The file is canonical JSON (`serde_json` of these types, compact): [`verify`] re-serializes
+//! what it parsed and refuses any byte that differs. The HTML page (see [`html`]) embeds that JSON
+//! and is itself a pure function of it, so a page is verified by re-rendering it.
+
+use std::collections::BTreeSet;
+
+use automerge::ReadDoc;
+use data_encoding::BASE64;
+use serde::{Deserialize, Serialize};
+
+use crate::fleet::{Fleet, FleetError, Role};
+use crate::id::{Id128, NodeId};
+use crate::record::{RecordKind, Signer, verify_detached, verify_kind};
+use crate::redact::Redactor;
+use crate::session::{
+    CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, SessionError, SessionInfo, SessionView, Start,
+    Stream, Verdict, check_decision,
+};
+
+pub mod html;
+
+pub const FORMAT: &str = "caisey-transcript/1";
+const DOMAIN: &[u8] = b"caisey/transcript/v1\0";
+
+/// The published file: the transcript and the publisher's signature over its canonical bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TranscriptFile {
+    pub transcript: Transcript,
+    pub publisher: NodeId,
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transcript {
+    pub format: String,
+    pub org_name: String,
+    /// The org's genesis record (base64), signed by the org key.
+    pub genesis: String,
+    /// Membership records (base64) chaining every author here back to the org key.
+    pub members: Vec<String>,
+    pub session: Id128,
+    pub name: String,
+    pub labels: Vec<String>,
+    /// The session's Automerge heads this was built from.
+    pub heads: Vec<String>,
+    pub published_at: u64,
+    pub commands: Vec<TCommand>,
+    /// Commands the publisher chose to leave out (their ids only).
+    pub omitted: Vec<Id128>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TCommand {
+    pub id: Id128,
+    pub request: Part,
+    pub decision: Option<Part>,
+    pub start: Option<Part>,
+    pub end: Option<Part>,
+    pub stdout: Output,
+    pub stderr: Output,
+    pub redactions: Vec<Redaction>,
+}
+
+/// A record, as signed by its author or as redacted by the publisher.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "form", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Part {
+    Signed {
+        record: String,
+    },
+    /// The record with secrets replaced; its signature withheld. `body` is the record's JSON.
+    Redacted {
+        author: NodeId,
+        body: serde_json::Value,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "form", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Output {
+    /// The original chunk records (base64), in order.
+    Signed { chunks: Vec<String> },
+    /// The stream's text with secrets replaced.
+    Redacted { text: String },
+}
+
+/// Where something was hidden: which field, by which rule, how many times.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redaction {
+    pub field: String,
+    pub rule: String,
+    pub count: u32,
+}
+
+/// Why a transcript could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    #[error("the fleet document is unusable: {0}")]
+    Fleet(#[from] FleetError),
+    #[error("the session is unusable: {0}")]
+    Session(#[from] SessionError),
+    #[error("only a technician of the org can publish a transcript")]
+    NotATechnician,
+}
+
+/// Why a transcript is not genuine.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VerifyError {
+    #[error("not a caisey transcript: {0}")]
+    Malformed(String),
+    #[error("the file was modified: it is not byte for byte what was signed")]
+    NotCanonical,
+    #[error("the page was modified: it does not match the transcript it carries")]
+    PageModified,
+    #[error("the publisher's signature does not match the transcript")]
+    BadSignature,
+    #[error("the org chain does not hold: {0}")]
+    Chain(String),
+    #[error("command {command}: {what}")]
+    Record { command: String, what: String },
+}
+
+/// What to leave out.
+#[derive(Debug, Clone)]
+pub struct ShareOptions {
+    pub redactor: Redactor,
+    /// Commands to leave out entirely.
+    pub omit: BTreeSet<Id128>,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    BASE64.encode(bytes)
+}
+
+/// Builds and signs a transcript of `session_doc` as it is now.
+pub fn build(
+    session_doc: &automerge::Automerge,
+    fleet_doc: &impl ReadDoc,
+    options: &ShareOptions,
+    publisher: &Signer,
+    now: u64,
+) -> Result<TranscriptFile, BuildError> {
+    let fleet = Fleet::read(fleet_doc)?;
+    if fleet.role_of(&publisher.node_id()) != Some(Role::Technician) {
+        return Err(BuildError::NotATechnician);
+    }
+    let view = SessionView::read(session_doc, &fleet)?;
+    let redactor = &options.redactor;
+    let mut authors = BTreeSet::from([publisher.node_id()]);
+    let mut commands = Vec::new();
+    let mut omitted = Vec::new();
+    for cmd in &view.commands {
+        let id = cmd.request.id;
+        if options.omit.contains(&id) {
+            omitted.push(id);
+            continue;
+        }
+        authors.extend([cmd.requester, cmd.request.target]);
+        authors.extend(cmd.decided_by_node);
+        let raw = |map| SessionView::raw_record(session_doc, map, &id).map(|b| b64(&b)).unwrap_or_default();
+        let mut redactions = Vec::new();
+        let mut hide = |field: &str, text: &str| {
+            let (out, found) = redactor.redact(text);
+            for (rule, count) in found {
+                redactions.push(Redaction { field: field.to_string(), rule, count });
+            }
+            out
+        };
+
+        let mut req = cmd.request.clone();
+        req.command.script = hide("script", &req.command.script);
+        req.description = hide("description", &req.description);
+        req.command.cwd = req.command.cwd.as_deref().map(|c| hide("cwd", c));
+        for (k, v) in req.command.env.iter_mut() {
+            *v = hide(&format!("env {k}"), v);
+        }
+        let request_redacted = req != cmd.request;
+        let request = if request_redacted {
+            Part::Redacted { author: cmd.requester, body: serde_json::to_value(&req).unwrap_or_default() }
+        } else {
+            Part::Signed { record: raw("requests") }
+        };
+        // A decision signs the hash of the exact command: with the command redacted, that hash
+        // would let anyone test guesses of the secret, so it is withheld with the signature.
+        let decision = cmd.decision.as_ref().map(|d| {
+            if request_redacted {
+                let mut body = serde_json::to_value(d).unwrap_or_default();
+                if let Some(o) = body.as_object_mut() {
+                    o.remove("command_hash");
+                }
+                Part::Redacted { author: cmd.decided_by_node.unwrap_or(cmd.request.target), body }
+            } else {
+                Part::Signed { record: raw("decisions") }
+            }
+        });
+        let start = cmd.start.as_ref().map(|_| Part::Signed { record: raw("starts") });
+        let end = cmd.end.as_ref().map(|e| {
+            let message = e.message.as_deref().map(|m| hide("exit message", m));
+            if message.as_deref() == e.message.as_deref() {
+                Part::Signed { record: raw("ends") }
+            } else {
+                let body = serde_json::to_value(End { message, ..e.clone() }).unwrap_or_default();
+                Part::Redacted { author: cmd.request.target, body }
+            }
+        });
+        let chunks = SessionView::raw_output(session_doc, &id);
+        let mut output = |stream: Stream, field: &str| {
+            let mine: Vec<&OutputChunk> = cmd.output.iter().filter(|c| c.stream == stream).collect();
+            let text = String::from_utf8_lossy(&mine.iter().flat_map(|c| c.data.iter().copied()).collect::<Vec<u8>>())
+                .into_owned();
+            let hidden = hide(field, &text);
+            if hidden != text {
+                return Output::Redacted { text: hidden };
+            }
+            let seqs: BTreeSet<u64> = mine.iter().map(|c| c.seq).collect();
+            let records = chunks
+                .iter()
+                .filter(|b| {
+                    verify_kind(b, RecordKind::Output)
+                        .ok()
+                        .filter(|v| v.author == cmd.request.target)
+                        .and_then(|v| OutputChunk::decode(v.body).ok())
+                        .is_some_and(|c| c.request == id && c.stream == stream && seqs.contains(&c.seq))
+                })
+                .map(|b| b64(b))
+                .collect();
+            Output::Signed { chunks: records }
+        };
+        let stdout = output(Stream::Stdout, "stdout");
+        let stderr = output(Stream::Stderr, "stderr");
+        commands.push(TCommand { id, request, decision, start, end, stdout, stderr, redactions });
+    }
+    let members = Fleet::membership_chain(fleet_doc, &authors).iter().map(|b| b64(b)).collect();
+    let transcript = Transcript {
+        format: FORMAT.into(),
+        org_name: fleet.org_name.clone(),
+        genesis: Fleet::genesis_record(fleet_doc).map(|b| b64(&b)).unwrap_or_default(),
+        members,
+        session: view.info.id,
+        name: redactor.redact(&view.info.name).0,
+        labels: view.info.labels.iter().map(|l| redactor.redact(l).0).collect(),
+        heads: session_doc.get_heads().iter().map(|h| h.to_string()).collect(),
+        published_at: now,
+        commands,
+        omitted,
+    };
+    let signature = publisher.sign_detached(DOMAIN, &canonical(&transcript));
+    Ok(TranscriptFile { transcript, publisher: publisher.node_id(), signature: hex::encode(signature) })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], command: &Id128) -> Result<T, VerifyError> {
+    serde_json::from_slice(body).map_err(|e| VerifyError::Record { command: command.short(), what: e.to_string() })
+}
+
+fn parse_value<T: serde::de::DeserializeOwned>(v: &serde_json::Value, command: &Id128) -> Result<T, VerifyError> {
+    T::deserialize(v).map_err(|e| VerifyError::Record { command: command.short(), what: e.to_string() })
+}
+
+fn canonical<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+impl TranscriptFile {
+    /// The bytes of the `.json` file.
+    pub fn to_json(&self) -> Vec<u8> {
+        canonical(self)
+    }
+}
+
+/// A verified transcript, ready to show: who asked, who approved, what ran, how it ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct Checked {
+    pub org_name: String,
+    pub org_key: NodeId,
+    pub publisher: String,
+    pub publisher_key: NodeId,
+    pub session: Id128,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub heads: Vec<String>,
+    pub published_at: u64,
+    pub commands: Vec<CheckedCommand>,
+    pub omitted: Vec<Id128>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckedCommand {
+    pub id: Id128,
+    pub machine: String,
+    pub machine_key: NodeId,
+    pub requester: String,
+    pub requester_key: NodeId,
+    pub command: CommandSpec,
+    pub description: String,
+    pub requested_at: u64,
+    /// False where the publisher redacted it: then only the publisher vouches for it.
+    pub request_signed: bool,
+    pub decision: Option<CheckedDecision>,
+    pub started_at: Option<u64>,
+    pub end: Option<CheckedEnd>,
+    pub stdout: String,
+    pub stderr: String,
+    pub stdout_signed: bool,
+    pub stderr_signed: bool,
+    pub redactions: Vec<Redaction>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckedDecision {
+    pub verdict: Verdict,
+    pub decided_by: String,
+    pub decided_by_key: NodeId,
+    pub decided_at: u64,
+    pub signed: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckedEnd {
+    pub status: EndStatus,
+    pub exit_code: Option<i32>,
+    pub ended_at: u64,
+    pub message: Option<String>,
+    pub signed: bool,
+}
+
+/// Verifies a transcript file, JSON or HTML.
+pub fn verify(bytes: &[u8]) -> Result<(TranscriptFile, Checked), VerifyError> {
+    if bytes.starts_with(html::DOCTYPE.as_bytes()) {
+        let json =
+            html::extract(bytes).ok_or_else(|| VerifyError::Malformed("no transcript data in the page".into()))?;
+        let (file, checked) = verify_json(json.as_bytes())?;
+        if html::render(&file, &checked).as_bytes() != bytes {
+            return Err(VerifyError::PageModified);
+        }
+        return Ok((file, checked));
+    }
+    verify_json(bytes)
+}
+
+fn verify_json(bytes: &[u8]) -> Result<(TranscriptFile, Checked), VerifyError> {
+    let file: TranscriptFile = serde_json::from_slice(bytes).map_err(|e| VerifyError::Malformed(e.to_string()))?;
+    let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    if canonical(&file) != body {
+        return Err(VerifyError::NotCanonical);
+    }
+    let t = &file.transcript;
+    if t.format != FORMAT {
+        return Err(VerifyError::Malformed(format!("unknown format {:?}", t.format)));
+    }
+    let mut sig = [0u8; 64];
+    hex::decode_to_slice(&file.signature, &mut sig).map_err(|_| VerifyError::BadSignature)?;
+    if !verify_detached(&file.publisher, DOMAIN, &canonical(t), &sig) {
+        return Err(VerifyError::BadSignature);
+    }
+    let de = |s: &str| BASE64.decode(s.as_bytes()).map_err(|_| VerifyError::Malformed("bad base64".into()));
+    let genesis = de(&t.genesis)?;
+    let members = t.members.iter().map(|m| de(m)).collect::<Result<Vec<_>, _>>()?;
+    let fleet = Fleet::from_records(&genesis, &members).map_err(|e| VerifyError::Chain(e.to_string()))?;
+    let org_key = fleet.org_key.ok_or_else(|| VerifyError::Chain("no org key".into()))?;
+    if fleet.org_name != t.org_name {
+        return Err(VerifyError::Chain("org name differs from the genesis record".into()));
+    }
+    if fleet.role_of(&file.publisher) != Some(Role::Technician) {
+        return Err(VerifyError::Chain("the publisher is not a technician of the org".into()));
+    }
+    let name_of = |n: &NodeId| fleet.members.get(n).map(|m| m.name.clone()).unwrap_or_else(|| n.short());
+    let info = SessionInfo { id: t.session, name: t.name.clone(), labels: t.labels.clone(), created_at: 0, org_key };
+    let mut commands = Vec::new();
+    for c in &t.commands {
+        let fail = |what: String| VerifyError::Record { command: c.id.short(), what };
+        let signed = |part: &str, kind: RecordKind| -> Result<(NodeId, Vec<u8>), VerifyError> {
+            let bytes = de(part)?;
+            let v = verify_kind(&bytes, kind).map_err(|e| fail(format!("{kind:?}: {e}")))?;
+            Ok((v.author, v.body.to_vec()))
+        };
+        let (requester, req, request_signed): (NodeId, CommandRequest, bool) = match &c.request {
+            Part::Signed { record } => {
+                let (a, body) = signed(record, RecordKind::Request)?;
+                (a, parse_json(&body, &c.id)?, true)
+            }
+            Part::Redacted { author, body } => (*author, parse_value(body, &c.id)?, false),
+        };
+        if req.id != c.id || req.session != t.session {
+            return Err(fail("request names another command or session".into()));
+        }
+        if fleet.role_of(&requester) != Some(Role::Technician) {
+            return Err(fail("requested by someone who is not a technician of the org".into()));
+        }
+        let decision = match &c.decision {
+            None => None,
+            Some(Part::Signed { record }) => {
+                let (a, body) = signed(record, RecordKind::Decision)?;
+                let d: Decision = parse_json(&body, &c.id)?;
+                if !request_signed {
+                    return Err(fail("a signed decision on a redacted request".into()));
+                }
+                check_decision(&fleet, &info, &req, requester, a, &d).map_err(fail)?;
+                Some(CheckedDecision {
+                    verdict: d.verdict,
+                    decided_by: d.decided_by,
+                    decided_by_key: a,
+                    decided_at: d.decided_at,
+                    signed: true,
+                })
+            }
+            Some(Part::Redacted { author, body }) => {
+                let get = |k: &str| body.get(k).cloned().unwrap_or_default();
+                Some(CheckedDecision {
+                    verdict: serde_json::from_value(get("verdict")).map_err(|e| fail(e.to_string()))?,
+                    decided_by: get("decided_by").as_str().unwrap_or_default().to_string(),
+                    decided_by_key: *author,
+                    decided_at: get("decided_at").as_u64().unwrap_or_default(),
+                    signed: false,
+                })
+            }
+        };
+        let by_machine = |a: NodeId, what: &str| {
+            if a == req.target { Ok(()) } else { Err(fail(format!("{what} not written by the machine"))) }
+        };
+        let started_at = match &c.start {
+            Some(Part::Signed { record }) => {
+                let (a, body) = signed(record, RecordKind::Start)?;
+                by_machine(a, "start")?;
+                let s: Start = parse_json(&body, &c.id)?;
+                Some(s.started_at)
+            }
+            Some(Part::Redacted { .. }) => return Err(fail("a start is never redacted".into())),
+            None => None,
+        };
+        let end = match &c.end {
+            Some(Part::Signed { record }) => {
+                let (a, body) = signed(record, RecordKind::End)?;
+                by_machine(a, "end")?;
+                let e: End = parse_json(&body, &c.id)?;
+                (e.request == c.id).then_some(()).ok_or_else(|| fail("end names another command".into()))?;
+                Some(CheckedEnd {
+                    status: e.status,
+                    exit_code: e.exit_code,
+                    ended_at: e.ended_at,
+                    message: e.message,
+                    signed: true,
+                })
+            }
+            Some(Part::Redacted { body, .. }) => {
+                let e: End = parse_value(body, &c.id)?;
+                Some(CheckedEnd {
+                    status: e.status,
+                    exit_code: e.exit_code,
+                    ended_at: e.ended_at,
+                    message: e.message,
+                    signed: false,
+                })
+            }
+            None => None,
+        };
+        let output = |o: &Output, stream: Stream| -> Result<(String, bool), VerifyError> {
+            match o {
+                Output::Redacted { text } => Ok((text.clone(), false)),
+                Output::Signed { chunks } => {
+                    let mut data = Vec::new();
+                    let mut last = None;
+                    for ch in chunks {
+                        let (a, body) = signed(ch, RecordKind::Output)?;
+                        by_machine(a, "output")?;
+                        let chunk = OutputChunk::decode(&body).map_err(|e| fail(e.to_string()))?;
+                        if chunk.request != c.id || chunk.stream != stream || last.is_some_and(|l| chunk.seq <= l) {
+                            return Err(fail("output chunks out of place or order".into()));
+                        }
+                        last = Some(chunk.seq);
+                        data.extend_from_slice(&chunk.data);
+                    }
+                    Ok((String::from_utf8_lossy(&data).into_owned(), true))
+                }
+            }
+        };
+        let (stdout, stdout_signed) = output(&c.stdout, Stream::Stdout)?;
+        let (stderr, stderr_signed) = output(&c.stderr, Stream::Stderr)?;
+        commands.push(CheckedCommand {
+            id: c.id,
+            machine: name_of(&req.target),
+            machine_key: req.target,
+            requester: name_of(&requester),
+            requester_key: requester,
+            command: req.command,
+            description: req.description,
+            requested_at: req.requested_at,
+            request_signed,
+            decision,
+            started_at,
+            end,
+            stdout,
+            stderr,
+            stdout_signed,
+            stderr_signed,
+            redactions: c.redactions.clone(),
+        });
+    }
+    let checked = Checked {
+        org_name: t.org_name.clone(),
+        org_key,
+        publisher: name_of(&file.publisher),
+        publisher_key: file.publisher,
+        session: t.session,
+        name: t.name.clone(),
+        labels: t.labels.clone(),
+        heads: t.heads.clone(),
+        published_at: t.published_at,
+        commands,
+        omitted: t.omitted.clone(),
+    };
+    Ok((file, checked))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::Membership;
+    use crate::session::*;
+    use proptest::prelude::*;
+
+    struct World {
+        tech: Signer,
+        agent: Signer,
+        fleet_doc: automerge::Automerge,
+    }
+
+    fn world() -> World {
+        let org = Signer::from_secret([1; 32]);
+        let tech = Signer::from_secret([2; 32]);
+        let agent = Signer::from_secret([3; 32]);
+        let mut fleet_doc = Fleet::create("Acme", &org, &tech, "alice", Id128([0; 16]), 0).unwrap();
+        let m = Membership {
+            approves: vec![],
+            node: agent.node_id(),
+            role: Role::Agent,
+            name: "ws-01".into(),
+            groups: vec![],
+            at: 0,
+            invite: None,
+        };
+        Fleet::put_member(&mut fleet_doc, &org.sign(RecordKind::Membership, &m), &agent.node_id()).unwrap();
+        World { tech, agent, fleet_doc }
+    }
+
+    /// A session with one command that ran and printed `stdout`.
+    fn session(w: &World, script: &str, stdout: &[u8]) -> automerge::Automerge {
+        let info = SessionInfo {
+            id: Id128([7; 16]),
+            name: "disk".into(),
+            labels: vec![],
+            created_at: 0,
+            org_key: NodeId([0; 32]),
+        };
+        let mut doc = SessionWriter::create(&w.tech, &info).unwrap();
+        let command = CommandSpec {
+            shell: Shell::Sh,
+            script: script.into(),
+            cwd: None,
+            env: Default::default(),
+            timeout_ms: 60_000,
+        };
+        let req = CommandRequest {
+            id: Id128([8; 16]),
+            session: info.id,
+            target: w.agent.node_id(),
+            command,
+            description: "check".into(),
+            requested_at: 1_000,
+            expires_at: 100_000,
+        };
+        SessionWriter::request(&mut doc, &w.tech, &req).unwrap();
+        let d = Decision {
+            request: req.id,
+            session: info.id,
+            target: req.target,
+            requester: w.tech.node_id(),
+            command_hash: req.command.hash(),
+            verdict: Verdict::Approved,
+            decided_by: "local user on ws-01".into(),
+            decided_at: 2_000,
+            expires_at: 2_000,
+            nonce: Id128([9; 16]),
+        };
+        let start =
+            Start { request: req.id, session: info.id, started_at: 2_000, approved_by: req.target, nonce: d.nonce };
+        SessionWriter::start(&mut doc, &w.agent, Some(&d), &start).unwrap();
+        let chunks: Vec<OutputChunk> = stdout
+            .chunks(7)
+            .enumerate()
+            .map(|(i, c)| OutputChunk { request: req.id, seq: i as u64, stream: Stream::Stdout, data: c.to_vec() })
+            .collect();
+        SessionWriter::append_output(&mut doc, &w.agent, &chunks).unwrap();
+        let end = End {
+            request: req.id,
+            session: info.id,
+            status: EndStatus::Exited,
+            exit_code: Some(3),
+            ended_at: 3_000,
+            chunks: chunks.len() as u64,
+            message: None,
+        };
+        SessionWriter::end(&mut doc, &w.agent, &end).unwrap();
+        doc
+    }
+
+    fn share(w: &World, doc: &automerge::Automerge) -> TranscriptFile {
+        let options = ShareOptions { redactor: Redactor::new(&[]).unwrap(), omit: BTreeSet::new() };
+        build(doc, &w.fleet_doc, &options, &w.tech, 5_000).unwrap()
+    }
+
+    #[test]
+    fn an_unredacted_transcript_verifies_with_every_signature() {
+        let w = world();
+        let file = share(&w, &session(&w, "df -h", b"/dev/sda1 50%\n"));
+        let (_, checked) = verify(&file.to_json()).unwrap();
+        let c = &checked.commands[0];
+        assert!(c.request_signed && c.stdout_signed && c.decision.as_ref().unwrap().signed);
+        assert_eq!(c.end.as_ref().unwrap().exit_code, Some(3));
+        assert_eq!(c.stdout, "/dev/sda1 50%\n");
+        assert_eq!((c.requester.as_str(), c.machine.as_str()), ("alice", "ws-01"));
+    }
+
+    #[test]
+    fn any_flipped_byte_fails_json_and_html() {
+        let w = world();
+        let file = share(&w, &session(&w, "df -h", b"ok\n"));
+        let json = file.to_json();
+        let (_, checked) = verify(&json).unwrap();
+        let page = html::render(&file, &checked).into_bytes();
+        assert!(verify(&page).is_ok());
+        for bytes in [json, page] {
+            // 400 positions spread over the whole file (every one would take minutes: each check
+            // verifies every signature), plus the first and last bytes.
+            let step = (bytes.len() / 400).max(1);
+            for i in (0..bytes.len()).step_by(step).chain([bytes.len() - 1]) {
+                let mut bad = bytes.clone();
+                bad[i] ^= 0x01;
+                assert!(verify(&bad).is_err(), "flip at {i} of {} accepted", bytes.len());
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_output_renders_inert() {
+        let w = world();
+        let evil = b"<script>alert(1)</script><img src=x onerror=alert(2)>\x1b[31mred\x1b[0m\x1b]0;title\x07\n";
+        let file = share(&w, &session(&w, "cat evil", evil));
+        let (_, checked) = verify(&file.to_json()).unwrap();
+        let page = html::render(&file, &checked);
+        assert!(!page.contains("<script"), "script tag survived");
+        assert!(!page.contains("<img"), "markup survived");
+        assert!(!page.contains('\u{1b}') && !page.contains('\u{7}'), "terminal escapes survived");
+        assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(verify(page.as_bytes()).is_ok());
+    }
+
+    fn encodings(secret: &str) -> Vec<String> {
+        let b = secret.as_bytes();
+        vec![
+            secret.to_string(),
+            BASE64.encode(b),
+            data_encoding::BASE64URL_NOPAD.encode(b),
+            hex::encode(b),
+            data_encoding::BASE32_NOPAD.encode(b),
+            secret.chars().map(|c| format!("%{:02X}", c as u32)).collect(),
+        ]
+    }
+
+    /// Every string in the artifact that decodes as base64, decoded: a secret must not hide
+    /// inside an embedded record either.
+    fn decoded_blobs(json: &[u8]) -> Vec<Vec<u8>> {
+        fn walk(v: &serde_json::Value, out: &mut Vec<Vec<u8>>) {
+            match v {
+                serde_json::Value::String(s) => out.extend(BASE64.decode(s.as_bytes()).ok()),
+                serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+                serde_json::Value::Object(o) => o.values().for_each(|v| walk(v, out)),
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        walk(&serde_json::from_slice(json).unwrap(), &mut out);
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn a_planted_secret_leaves_no_trace(secret in "[A-Za-z0-9]{6,24}", before in "[a-z ]{0,12}") {
+            let w = world();
+            let script = format!("{before}echo password={secret}");
+            let output = format!("{before}password={secret}\nall good\n");
+            let file = share(&w, &session(&w, &script, output.as_bytes()));
+            let json = file.to_json();
+            let (_, checked) = verify(&json).unwrap();
+            let page = html::render(&file, &checked);
+            for artifact in [&json[..], page.as_bytes()] {
+                let text = String::from_utf8_lossy(artifact).to_lowercase();
+                for enc in encodings(&secret) {
+                    let at = text.find(&enc.to_lowercase());
+                    prop_assert!(at.is_none(), "{enc} found: …{}…", at.map(|i| &text[i.saturating_sub(80)..(i + 40).min(text.len())]).unwrap_or(""));
+                }
+            }
+            for blob in decoded_blobs(&json) {
+                let text = String::from_utf8_lossy(&blob).to_lowercase();
+                prop_assert!(!text.contains(&secret.to_lowercase()), "secret inside an embedded record");
+            }
+            prop_assert!(checked.commands[0].stdout.contains("password=[REDACTED:password]"));
+            prop_assert!(!checked.commands[0].request_signed);
+            prop_assert!(!checked.commands[0].decision.as_ref().unwrap().signed);
+            // The exit code still comes with its machine's signature.
+            prop_assert!(checked.commands[0].end.as_ref().unwrap().signed);
+        }
+    }
+
+    #[test]
+    fn forged_publisher_and_foreign_org_fail() {
+        let w = world();
+        let doc = session(&w, "df -h", b"ok\n");
+        // A stranger (not a technician) cannot publish.
+        let stranger = Signer::from_secret([66; 32]);
+        let options = ShareOptions { redactor: Redactor::new(&[]).unwrap(), omit: BTreeSet::new() };
+        assert!(matches!(build(&doc, &w.fleet_doc, &options, &stranger, 1), Err(BuildError::NotATechnician)));
+        // Re-signing a genuine transcript with another key is caught.
+        let mut file = share(&w, &doc);
+        file.publisher = stranger.node_id();
+        file.signature = hex::encode(stranger.sign_detached(DOMAIN, &canonical(&file.transcript)));
+        assert!(matches!(verify(&file.to_json()), Err(VerifyError::Chain(_))));
+    }
+}

@@ -1,0 +1,177 @@
+//! The transcript as a self-contained HTML page.
+//!
+//! Output from endpoints is hostile. Everything shown goes through [`crate::text::visible`]
+//! (control characters and escape sequences spelled out) and then maud's escaping (`& < > "`),
+//! so no markup, script or terminal escape from an endpoint survives. The page has no script at
+//! all, one inline style allowed by its hash in the Content-Security-Policy, and the canonical
+//! transcript JSON in a hidden `<pre>`, from which `caisey verify` re-renders the page and
+//! compares it byte for byte.
+
+use maud::{DOCTYPE as MAUD_DOCTYPE, Markup, PreEscaped, html};
+use sha2::{Digest, Sha256};
+
+use super::{Checked, CheckedCommand, TranscriptFile};
+use crate::session::{EndStatus, Verdict};
+use crate::text::visible;
+
+pub const DOCTYPE: &str = "<!DOCTYPE html>";
+const DATA_ID: &str = "caisey-transcript";
+
+const STYLE: &str = "body{font:15px/1.45 system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#1d2430}\
+h1{font-size:1.5em;margin-bottom:.2em}.meta{color:#5a6472;font-size:.9em}\
+section{border:1px solid #d7dce3;border-radius:8px;padding:1em;margin:1.2em 0}\
+pre{background:#f5f7fa;padding:.6em;border-radius:6px;overflow-x:auto;white-space:pre-wrap;word-break:break-word}\
+pre.err{background:#fff4f2}.ok{color:#17733a}.bad{color:#b3261e}.note{color:#8a5a00}\
+table{border-collapse:collapse}td{padding:.15em .8em .15em 0;vertical-align:top}";
+
+/// The CSP source for the page's one inline style.
+pub fn style_hash() -> String {
+    format!("'sha256-{}'", data_encoding::BASE64.encode(&Sha256::digest(STYLE.as_bytes())))
+}
+
+/// The Content-Security-Policy the page is served with: nothing may load or run.
+pub fn content_security_policy() -> String {
+    format!(
+        "default-src 'none'; style-src {}; img-src 'none'; script-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        style_hash()
+    )
+}
+
+/// A UTC timestamp for people, from milliseconds since the epoch.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn genuine(signed: bool) -> Markup {
+    html! {
+        @if signed { span.ok { "✔ signed by its author" } } @else { span.note { "redacted by the publisher: signature withheld" } }
+    }
+}
+
+fn command_ui(c: &CheckedCommand) -> Markup {
+    html! {
+        section {
+            h2 { "Command on " (visible(&c.machine)) }
+            table {
+                tr { td { "Asked by" } td { (visible(&c.requester)) " (" (c.requester_key.short()) "), " (utc(c.requested_at)) " — " (genuine(c.request_signed)) } }
+                tr { td { "Shell" } td { (c.command.shell) ", timeout " (c.command.timeout_ms / 1000) " s" @if let Some(cwd) = &c.command.cwd { ", in " (visible(cwd)) } } }
+                @if !c.description.is_empty() { tr { td { "Why" } td { (visible(&c.description)) } } }
+                tr { td { "Decision" } td {
+                    @match &c.decision {
+                        None => span.note { "none yet" },
+                        Some(d) => {
+                            @match d.verdict {
+                                Verdict::Approved => span.ok { "approved" },
+                                Verdict::Denied => span.bad { "denied" },
+                                Verdict::Expired => span.note { "expired" },
+                            }
+                            " by " (visible(&d.decided_by)) " (" (d.decided_by_key.short()) "), " (utc(d.decided_at)) " — " (genuine(d.signed))
+                        }
+                    }
+                } }
+                @if let Some(s) = c.started_at { tr { td { "Started" } td { (utc(s)) } } }
+                tr { td { "Ended" } td {
+                    @match &c.end {
+                        None => span.note { "not finished when published" },
+                        Some(e) => {
+                            @match (e.status, e.exit_code) {
+                                (EndStatus::Exited, Some(0)) => span.ok { "exit code 0" },
+                                (EndStatus::Exited, Some(code)) => span.bad { "exit code " (code) },
+                                (EndStatus::Exited, None) => span.bad { "ended by a signal" },
+                                (EndStatus::TimedOut, _) => span.bad { "timed out" },
+                                (EndStatus::Interrupted, _) => span.bad { "interrupted (agent stopped; not run again)" },
+                                (EndStatus::FailedToStart, _) => span.bad { "failed to start" },
+                            }
+                            ", " (utc(e.ended_at))
+                            @if let Some(m) = &e.message { " — " (visible(m)) }
+                            " — " (genuine(e.signed))
+                        }
+                    }
+                } }
+            }
+            h3 { "Command" }
+            pre { (visible(&c.command.script)) }
+            h3 { "Output" }
+            p.meta { "stdout — " (genuine(c.stdout_signed)) }
+            pre { (visible(&c.stdout)) }
+            @if !c.stderr.is_empty() {
+                p.meta { "stderr — " (genuine(c.stderr_signed)) }
+                pre.err { (visible(&c.stderr)) }
+            }
+            @if !c.redactions.is_empty() {
+                p.note { "Redacted here: "
+                    @for (i, r) in c.redactions.iter().enumerate() {
+                        @if i > 0 { ", " }
+                        (r.count) "× " (r.rule) " in " (r.field)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Renders the page. A pure function of the verified transcript.
+pub fn render(file: &TranscriptFile, c: &Checked) -> String {
+    let data = String::from_utf8_lossy(&file.to_json()).into_owned();
+    let page = html! {
+        (MAUD_DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                meta name="referrer" content="no-referrer";
+                title { "Caisey transcript: " (visible(&c.name)) }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                h1 { (visible(&c.name)) }
+                p.meta {
+                    (visible(&c.org_name)) " · published by " (visible(&c.publisher)) " (" (c.publisher_key.short()) ") on " (utc(c.published_at))
+                    @if !c.labels.is_empty() { " · labels: " (visible(&c.labels.join(", "))) }
+                }
+                p.meta {
+                    "A read-only, reviewed copy of a Caisey session, signed by its publisher and chained to the org key "
+                    (c.org_key.short()) ". Check it offline with " code { "caisey verify" } " on this page. Built from session "
+                    (c.session.short()) " at heads " (c.heads.iter().map(|h| &h[..h.len().min(12)]).collect::<Vec<_>>().join(", ")) "."
+                }
+                @if !c.omitted.is_empty() { p.note { (c.omitted.len()) " command(s) left out by the publisher." } }
+                @for cmd in &c.commands { (command_ui(cmd)) }
+                pre id=(DATA_ID) hidden { (data) }
+            }
+        }
+    };
+    page.into_string()
+}
+
+/// The transcript JSON carried by a page.
+pub fn extract(page: &[u8]) -> Option<String> {
+    let page = std::str::from_utf8(page).ok()?;
+    let marker = format!("id=\"{DATA_ID}\"");
+    let start = page.find(&marker)?;
+    let open_end = start + page[start..].find('>')? + 1;
+    let close = open_end + page[open_end..].find("</pre>")?;
+    let escaped = &page[open_end..close];
+    Some(escaped.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&amp;", "&"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc(1_795_219_200_000), "2026-11-21 00:00:00 UTC");
+        assert_eq!(super::utc(951_782_400_000 + 3_723_000), "2000-02-29 01:02:03 UTC");
+    }
+}
