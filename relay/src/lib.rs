@@ -7,7 +7,8 @@
 //! membership, requests or approvals, only store and forward what members signed.
 //!
 //! It also serves enrollment (`caisey/enroll/1`): new agents and technicians claim their invite
-//! here, and a technician adopts a fresh relay with `caisey relay add TICKET`.
+//! here, and a technician adopts a fresh relay with `caisey relay add TICKET`. With `--http`, it
+//! serves the transcripts technicians publish (`caisey/publish/1`) as read-only pages ([`http`]).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -23,6 +24,8 @@ use caisey_peer::node::{Node, NodeOptions};
 use clap::{Parser, Subcommand};
 use tracing::info;
 
+pub mod http;
+
 /// The Caisey relay: stores and forwards the org's sessions so nothing waits on both ends being online.
 #[derive(Debug, Parser)]
 #[command(name = "caisey-relay", version)]
@@ -36,7 +39,15 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the relay; prints its ticket (for `caisey relay add`) when it starts.
-    Run,
+    Run {
+        /// Serve published transcripts over HTTP at this address (e.g. 0.0.0.0:8080).
+        #[arg(long, value_name = "ADDR")]
+        http: Option<std::net::SocketAddr>,
+        /// The base URL links should use, when the relay is reached through another name (a
+        /// reverse proxy, a DNS name). Default: http://ADDR as bound.
+        #[arg(long, value_name = "URL", requires = "http")]
+        public_url: Option<String>,
+    },
     /// Print the ticket of the relay in this home again.
     Ticket,
 }
@@ -47,8 +58,9 @@ pub fn main() -> ExitCode {
     run_main(async move {
         let opts = cli.node.options("caisey-relay")?;
         match cli.command {
-            Command::Run => {
-                run(opts, |ticket| println!("{ticket}"), async {
+            Command::Run { http, public_url } => {
+                let http = http.map(|addr| HttpOptions { addr, public_url });
+                run(opts, http, |ticket| println!("{ticket}"), async {
                     let _ = tokio::signal::ctrl_c().await;
                 })
                 .await?
@@ -70,9 +82,21 @@ fn read_ticket(home: &Path) -> Result<String> {
     })
 }
 
+/// Where to serve transcripts over HTTP.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    pub addr: std::net::SocketAddr,
+    pub public_url: Option<String>,
+}
+
 /// Starts a relay node; `on_ready` gets its ticket once it listens. Runs until `shutdown`.
-pub async fn run(opts: NodeOptions, on_ready: impl FnOnce(String), shutdown: impl Future<Output = ()>) -> Result<()> {
-    let node = start(opts).await?;
+pub async fn run(
+    opts: NodeOptions,
+    http: Option<HttpOptions>,
+    on_ready: impl FnOnce(String),
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let node = start(opts, http).await?;
     on_ready(ticket_of(&node));
     shutdown.await;
     node.shutdown().await;
@@ -80,9 +104,23 @@ pub async fn run(opts: NodeOptions, on_ready: impl FnOnce(String), shutdown: imp
 }
 
 /// Starts a relay node and returns it (for in-process use: the demo, tests).
-pub async fn start(opts: NodeOptions) -> Result<Node> {
+pub async fn start(opts: NodeOptions, http: Option<HttpOptions>) -> Result<Node> {
     let node = Node::start(opts).await?;
-    node.set_enroll_handler(caisey_peer::enroll::handler(true));
+    node.serve_protocol(caisey_peer::wire::ENROLL_ALPN, caisey_peer::enroll::handler(true));
+    let base = match http {
+        Some(h) => {
+            let listener = tokio::net::TcpListener::bind(h.addr)
+                .await
+                .with_context(|| format!("could not listen for HTTP on {}", h.addr))?;
+            let bound = listener.local_addr()?;
+            let base = h.public_url.unwrap_or_else(|| format!("http://{bound}"));
+            eprintln!("serving transcripts at {base}");
+            tokio::spawn(http::serve(listener, node.clone()));
+            Some(base)
+        }
+        None => None,
+    };
+    node.serve_protocol(caisey_peer::wire::PUBLISH_ALPN, caisey_peer::publish::handler(base));
     let ticket = ticket_of(&node);
     std::fs::write(ticket_path(node.home().dir()), format!("{ticket}\n")).context("writing the ticket file")?;
     // Our addresses may have changed since the last run: tell the org.

@@ -19,14 +19,13 @@ use caisey_doc::id::DocId;
 use caisey_doc::record::{RecordKind, verify_kind};
 use caisey_doc::token::{InviteToken, RelayTicket};
 use data_encoding::BASE64;
-use iroh::endpoint::{Connection, RecvStream, SendStream};
+use iroh::endpoint::Connection;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::node::{EnrollHandler, Node, SETTING_RELAYS};
-use crate::wire::DocKind;
-
-const MAX_MESSAGE: usize = 32 * 1024 * 1024;
+use crate::node::{Node, ProtocolHandler, SETTING_RELAYS};
+use crate::rpc::{read_msg, write_msg};
+use crate::wire::{DocKind, ENROLL_ALPN};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -43,7 +42,7 @@ enum Reply {
 }
 
 /// The enrollment service. Technicians and relays serve claims; only relays accept adoption.
-pub fn handler(accept_adoption: bool) -> EnrollHandler {
+pub fn handler(accept_adoption: bool) -> ProtocolHandler {
     std::sync::Arc::new(move |node, conn| Box::pin(serve(node, conn, accept_adoption)))
 }
 
@@ -249,7 +248,7 @@ fn welcome(reply: Reply) -> Result<(DocId, Fleet)> {
 }
 
 async fn exchange(node: &Node, contact: &Contact, request: &Request) -> Result<Reply> {
-    let conn = node.connect_enroll(contact).await?;
+    let conn = node.connect(contact, ENROLL_ALPN).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     write_msg(&mut send, request).await?;
     send.finish()?;
@@ -264,23 +263,4 @@ async fn exchange(node: &Node, contact: &Contact, request: &Request) -> Result<R
     }
     conn.close(0u32.into(), b"done");
     Ok(reply)
-}
-
-async fn write_msg<T: Serialize>(send: &mut SendStream, msg: &T) -> Result<()> {
-    let body = serde_json::to_vec(msg)?;
-    send.write_all(&(body.len() as u32).to_be_bytes()).await?;
-    send.write_all(&body).await?;
-    Ok(())
-}
-
-async fn read_msg<T: for<'de> Deserialize<'de>>(recv: &mut RecvStream) -> Result<T> {
-    let mut prefix = [0u8; 4];
-    recv.read_exact(&mut prefix).await?;
-    let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_MESSAGE {
-        bail!("message of {len} bytes is too large");
-    }
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await?;
-    Ok(serde_json::from_slice(&body)?)
 }

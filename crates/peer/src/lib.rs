@@ -24,6 +24,8 @@ pub mod enroll;
 pub mod home;
 pub mod hub;
 pub mod node;
+pub mod publish;
+pub mod rpc;
 pub mod store;
 pub mod wire;
 

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use crate::home::Home;
 use crate::hub::{ConnId, Hub, Input, Output, PeerInfo};
 use crate::store::{Store, Write};
-use crate::wire::{DocKind, ENROLL_ALPN, Frame, SYNC_ALPN};
+use crate::wire::{DocKind, EXTRA_ALPNS, Frame, SYNC_ALPN};
 
 /// Bytes queued for one peer before it counts as too slow (a frame past this is refused).
 const OUTBOX_BYTES: usize = crate::wire::MAX_FRAME;
@@ -43,9 +43,9 @@ pub enum NodeEvent {
     PeerDown(NodeId),
 }
 
-/// Handles `caisey/enroll/1` connections; set by nodes that can enroll others (technicians,
-/// relays). Kept as a callback so this module does not depend on enrollment policy.
-pub type EnrollHandler =
+/// Serves one of the small protocols (enrollment, publishing) on an accepted connection. Kept
+/// as a callback so this module does not depend on their policies.
+pub type ProtocolHandler =
     Arc<dyn Fn(Node, Connection) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
 
 type Job = Box<dyn FnOnce(&mut Core) + Send>;
@@ -163,7 +163,7 @@ struct Shared {
     events: broadcast::Sender<NodeEvent>,
     next_conn: AtomicU64,
     home: Home,
-    enroll: std::sync::Mutex<Option<EnrollHandler>>,
+    handlers: std::sync::Mutex<std::collections::BTreeMap<Vec<u8>, ProtocolHandler>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -199,7 +199,7 @@ impl Node {
                 events,
                 next_conn: AtomicU64::new(1),
                 home: opts.home,
-                enroll: std::sync::Mutex::new(None),
+                handlers: Default::default(),
             }),
         };
         tokio::spawn(accept_loop(node.clone()));
@@ -232,10 +232,10 @@ impl Node {
         self.shared.events.subscribe()
     }
 
-    /// Lets this node enroll others over `caisey/enroll/1`.
-    pub fn set_enroll_handler(&self, handler: EnrollHandler) {
-        if let Ok(mut h) = self.shared.enroll.lock() {
-            *h = Some(handler);
+    /// Serves `alpn` (one of [`crate::wire::EXTRA_ALPNS`]) with `handler`.
+    pub fn serve_protocol(&self, alpn: &[u8], handler: ProtocolHandler) {
+        if let Ok(mut h) = self.shared.handlers.lock() {
+            h.insert(alpn.to_vec(), handler);
         }
     }
 
@@ -369,12 +369,12 @@ impl Node {
         self.register(conn, send, recv).await
     }
 
-    /// Opens a connection for enrollment or adoption (`caisey/enroll/1`).
-    pub async fn connect_enroll(&self, contact: &Contact) -> Result<Connection> {
+    /// Opens a connection for one of the small protocols (enrollment, publishing).
+    pub async fn connect(&self, contact: &Contact, alpn: &[u8]) -> Result<Connection> {
         let addr = endpoint_addr(contact)?;
         self.shared
             .endpoint
-            .connect(addr, ENROLL_ALPN)
+            .connect(addr, alpn)
             .await
             .with_context(|| format!("could not reach {} at {}", contact.node.short(), contact.addrs.join(", ")))
     }
@@ -459,7 +459,7 @@ async fn bind(signer: &Signer, listen: SocketAddr, store: &Store) -> Result<Endp
     for addr in candidates {
         let builder = Endpoint::builder(presets::Minimal)
             .secret_key(SecretKey::from_bytes(&signer.secret()))
-            .alpns(vec![SYNC_ALPN.to_vec(), ENROLL_ALPN.to_vec()])
+            .alpns(std::iter::once(SYNC_ALPN).chain(EXTRA_ALPNS.iter().copied()).map(<[u8]>::to_vec).collect())
             .clear_ip_transports()
             .bind_addr(addr)
             .map_err(|e| anyhow!("invalid --listen address {addr}: {e}"))?;
@@ -512,11 +512,11 @@ async fn accept_loop(node: Node) {
                 Ok(c) => c,
                 Err(e) => return debug!("incoming connection failed: {e}"),
             };
-            if conn.alpn() == ENROLL_ALPN {
-                let handler = node.shared.enroll.lock().ok().and_then(|h| h.clone());
+            if conn.alpn() != SYNC_ALPN {
+                let handler = node.shared.handlers.lock().ok().and_then(|h| h.get(conn.alpn()).cloned());
                 match handler {
                     Some(h) => h(node.clone(), conn).await,
-                    None => conn.close(3u32.into(), b"this node does not enroll others"),
+                    None => conn.close(3u32.into(), b"this node does not serve that protocol"),
                 }
                 return;
             }

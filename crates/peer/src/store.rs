@@ -17,6 +17,8 @@ const DOC_CHUNKS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("d
 const DOC_KINDS: TableDefinition<&[u8], u8> = TableDefinition::new("doc_kinds");
 const SYNC_STATES: TableDefinition<(&[u8], &[u8]), &[u8]> = TableDefinition::new("sync_states");
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+/// Published transcripts (relays): link id -> publisher key (32 bytes) followed by the JSON.
+const PUBLISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("published");
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,7 @@ impl Store {
         tx.open_table(DOC_KINDS)?;
         tx.open_table(SYNC_STATES)?;
         tx.open_table(SETTINGS)?;
+        tx.open_table(PUBLISHED)?;
         tx.commit()?;
         Ok(Self { db })
     }
@@ -101,6 +104,38 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// A published transcript: its publisher and JSON.
+    pub fn published(&self, id: &str) -> Result<Option<(NodeId, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PUBLISHED)?;
+        Ok(t.get(id)?.and_then(|v| {
+            let v = v.value();
+            let key: [u8; 32] = v.get(..32)?.try_into().ok()?;
+            Some((NodeId(key), v[32..].to_vec()))
+        }))
+    }
+
+    pub fn publish(&self, id: &str, publisher: &NodeId, json: &[u8]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(PUBLISHED)?;
+            let mut value = Vec::with_capacity(32 + json.len());
+            value.extend_from_slice(&publisher.0);
+            value.extend_from_slice(json);
+            t.insert(id, value.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Withdraws a transcript; false if there was none.
+    pub fn unpublish(&self, id: &str) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write()?;
+        let existed = tx.open_table(PUBLISHED)?.remove(id)?.is_some();
+        tx.commit()?;
+        Ok(existed)
     }
 
     pub fn setting(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {

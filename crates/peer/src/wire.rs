@@ -10,6 +10,10 @@ use caisey_doc::id::Id128;
 pub const SYNC_ALPN: &[u8] = b"caisey/sync/1";
 /// The protocol id for enrollment and relay adoption (the only one non-members may speak).
 pub const ENROLL_ALPN: &[u8] = b"caisey/enroll/1";
+/// The protocol id for publishing transcripts to a relay.
+pub const PUBLISH_ALPN: &[u8] = b"caisey/publish/1";
+/// Protocols besides sync that an endpoint accepts (served when a handler is set).
+pub const EXTRA_ALPNS: &[&[u8]] = &[ENROLL_ALPN, PUBLISH_ALPN];
 /// Largest frame we accept or send. A sync message can carry a whole document when a peer is far
 /// behind, so this also bounds the largest document that can be synced in one step.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;

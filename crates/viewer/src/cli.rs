@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use caisey_doc::fleet::Role;
 use caisey_doc::session::{CommandSpec, EndStatus, Shell};
 use caisey_doc::token::{InviteToken, RelayTicket};
@@ -87,6 +87,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Publish a redacted, signed, read-only transcript of a session; prints its link.
+    Share {
+        session: String,
+        /// Also hide what matches this regular expression (repeatable). Common secrets are
+        /// always hidden: passwords, tokens, keys, bearer headers, private keys.
+        #[arg(long = "redact", value_name = "PATTERN")]
+        redact: Vec<String>,
+        /// Leave this command out entirely (its id or a unique prefix; repeatable).
+        #[arg(long = "omit", value_name = "COMMAND")]
+        omit: Vec<String>,
+        /// Write the HTML page to FILE instead of (or, with a relay, as well as) publishing.
+        /// A FILE ending in .json gets the JSON transcript.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Withdraw a published transcript (its link or link id).
+    Unshare { link: String },
+    /// Check a transcript's signatures and org chain, offline (a file) or from its link.
+    /// Exits 1 if it is not genuine.
+    Verify { file: String },
     /// A local relay and three agents in temporary homes, running a scripted story.
     Demo {
         /// Print the story in the terminal (the only mode until the desktop viewer lands).
@@ -187,6 +207,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Demo { headless } = cli.command {
         crate::demo::headless(headless).await?;
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Verify { file } = &cli.command {
+        return verify(file).await;
     }
     let node = Node::start(cli.node.options("caisey")?).await?;
     let result = dispatch(&node, cli.command).await;
@@ -320,7 +343,50 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
         }
         Command::Approve { id } => return remote_decision(node, &id, true).await,
         Command::Deny { id } => return remote_decision(node, &id, false).await,
-        Command::Demo { .. } => unreachable!("handled before a node starts"),
+        Command::Share { session, redact, omit, out } => {
+            tech::go_online(node, &[]).await?;
+            let id = tech::find_session(node, &session).await?;
+            let file = tech::build_transcript(node, id, &redact, &omit).await?;
+            let (_, checked) = caisey_doc::transcript::verify(&file.to_json())?;
+            for c in &checked.commands {
+                for r in &c.redactions {
+                    eprintln!(
+                        "redacted {}× {} in the {} of {} on {}",
+                        r.count,
+                        r.rule,
+                        r.field,
+                        c.id.short(),
+                        c.machine
+                    );
+                }
+            }
+            let relays = node.relay_contacts().await?;
+            if out.is_none() && relays.is_empty() {
+                bail!("the org has no relay to publish to; write the page with --out FILE");
+            }
+            if let Some(path) = &out {
+                let bytes = if path.extension().is_some_and(|e| e == "json") {
+                    file.to_json()
+                } else {
+                    caisey_doc::transcript::html::render(&file, &checked).into_bytes()
+                };
+                std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+            if out.is_none() {
+                let url = caisey_peer::publish::publish(node, &relays[0], &file).await?;
+                println!("{url}");
+            }
+        }
+        Command::Unshare { link } => {
+            let id =
+                link.trim_end_matches('/').rsplit('/').next().unwrap_or_default().trim_end_matches(".json").to_string();
+            let relays = node.relay_contacts().await?;
+            let relay = relays.first().ok_or_else(|| anyhow::anyhow!("the org has no relay; nothing is published"))?;
+            caisey_peer::publish::unpublish(node, relay, &id).await?;
+            println!("withdrawn: {id}");
+        }
+        Command::Verify { .. } | Command::Demo { .. } => unreachable!("handled before a node starts"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -442,6 +508,92 @@ async fn remote_decision(node: &Node, code: &str, approve: bool) -> Result<ExitC
     println!("{verb} {} on {} ({})", a.id.short(), a.machine, caisey_agent::escape::visible(&a.script));
     if !delivered {
         eprintln!("warning: the relay did not confirm; the decision goes out when this node next connects");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `caisey verify`: no node, no network beyond fetching the link.
+async fn verify(source: &str) -> Result<ExitCode> {
+    let bytes = if source.starts_with("http://") || source.starts_with("https://") {
+        // The TLS stack is shared with iroh, which leaves the choice of crypto provider to us.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let response = reqwest::get(source).await.with_context(|| format!("fetching {source}"))?;
+        if !response.status().is_success() {
+            bail!("{source} answered {}", response.status());
+        }
+        response.bytes().await?.to_vec()
+    } else {
+        std::fs::read(source).with_context(|| format!("reading {source}"))?
+    };
+    let checked = match caisey_doc::transcript::verify(&bytes) {
+        Ok((_, checked)) => checked,
+        Err(e) => {
+            eprintln!("error: NOT GENUINE: {e}");
+            return Ok(ExitCode::from(EXIT_REMOTE_FAILED));
+        }
+    };
+    let visible = caisey_agent::escape::visible;
+    let seal =
+        |signed: bool| if signed { "signed by its author" } else { "redacted; vouched for by the publisher only" };
+    println!(
+        "genuine: {:?}, org {:?} (org key {})",
+        visible(&checked.name),
+        visible(&checked.org_name),
+        checked.org_key.short()
+    );
+    println!(
+        "published by {} ({}) at {}",
+        visible(&checked.publisher),
+        checked.publisher_key.short(),
+        time(checked.published_at)
+    );
+    println!("built from session {} at heads {}", checked.session, checked.heads.join(", "));
+    for c in &checked.commands {
+        println!("command {} on {} ({})", c.id.short(), visible(&c.machine), c.machine_key.short());
+        println!(
+            "  asked by {} ({}) at {} [{}]:",
+            visible(&c.requester),
+            c.requester_key.short(),
+            time(c.requested_at),
+            seal(c.request_signed)
+        );
+        for line in visible(&c.command.script).lines() {
+            println!("      {line}");
+        }
+        match &c.decision {
+            Some(d) => println!(
+                "  {:?} by {} ({}) at {} [{}]",
+                d.verdict,
+                visible(&d.decided_by),
+                d.decided_by_key.short(),
+                time(d.decided_at),
+                seal(d.signed)
+            ),
+            None => println!("  no decision"),
+        }
+        match &c.end {
+            Some(e) => println!(
+                "  ended: {:?}, exit code {} at {} [{}]",
+                e.status,
+                e.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "none".into()),
+                time(e.ended_at),
+                seal(e.signed)
+            ),
+            None => println!("  not finished"),
+        }
+        println!(
+            "  stdout: {} bytes [{}]; stderr: {} bytes [{}]",
+            c.stdout.len(),
+            seal(c.stdout_signed),
+            c.stderr.len(),
+            seal(c.stderr_signed)
+        );
+        for r in &c.redactions {
+            println!("  redacted: {}× {} in {}", r.count, r.rule, r.field);
+        }
+    }
+    if !checked.omitted.is_empty() {
+        println!("{} command(s) left out by the publisher", checked.omitted.len());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -29,7 +29,7 @@ pub async fn headless(headless: bool) -> Result<()> {
     }
     let root = tempfile::tempdir().context("creating a temporary directory")?;
     println!("== starting a relay, a technician and {} agents in {}", AGENTS.len(), root.path().display());
-    let relay = caisey_relay::start(options(root.path(), "relay")?).await?;
+    let relay = caisey_relay::start(options(root.path(), "relay")?, None).await?;
     let technician = Node::start(options(root.path(), "technician")?).await?;
     tech::init(&technician, "Demo Org", "you").await?;
     let ticket = RelayTicket::decode(&caisey_relay::ticket_of(&relay))?;

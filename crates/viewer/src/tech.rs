@@ -445,3 +445,41 @@ pub async fn decide_remote(node: &Node, code: &str, approve: bool) -> Result<Awa
     .await??;
     Ok(a)
 }
+
+/// Builds a signed, redacted transcript of a session as it stands now. `omit` takes command
+/// ids or unique prefixes of them.
+pub async fn build_transcript(
+    node: &Node,
+    session: DocId,
+    redact: &[String],
+    omit: &[String],
+) -> Result<caisey_doc::transcript::TranscriptFile> {
+    let redactor = caisey_doc::redact::Redactor::new(redact)?;
+    let fleet = node.fleet().await?;
+    let fleet_doc = fleet.fleet_doc.ok_or_else(|| anyhow!("this home has no org"))?;
+    let ids: Vec<Id128> = node
+        .read(session, move |d| {
+            SessionView::read_without_output(d, &fleet).map(|v| v.commands.iter().map(|c| c.request.id).collect())
+        })
+        .await?
+        .ok_or_else(|| anyhow!("no session {}", session.short()))??;
+    let mut leave_out = std::collections::BTreeSet::new();
+    for prefix in omit {
+        let p = prefix.to_ascii_lowercase();
+        match ids.iter().filter(|id| id.to_hex().starts_with(&p)).collect::<Vec<_>>().as_slice() {
+            [one] => {
+                leave_out.insert(**one);
+            }
+            [] => bail!("no command {prefix:?} in this session (see `caisey show`)"),
+            _ => bail!("{prefix:?} matches several commands; give more of the id"),
+        }
+    }
+    let options = caisey_doc::transcript::ShareOptions { redactor, omit: leave_out };
+    let signer = node.signer().clone();
+    node.with_core(move |core| -> Result<_> {
+        let s = core.hub.doc(&session).ok_or_else(|| anyhow!("no session"))?;
+        let f = core.hub.doc(&fleet_doc).ok_or_else(|| anyhow!("no fleet"))?;
+        Ok(caisey_doc::transcript::build(s, f, &options, &signer, now_ms())?)
+    })
+    .await?
+}
