@@ -177,7 +177,12 @@ impl World {
 
     /// Starts a relay and returns it with its ticket (the first line it prints).
     pub fn start_relay(&self, home: &str) -> (Running, String) {
-        let mut child = self.command("caisey-relay", home, &["run"]).spawn().expect("spawn relay");
+        self.start_relay_with(home, &[])
+    }
+
+    pub fn start_relay_with(&self, home: &str, extra: &[&str]) -> (Running, String) {
+        let args: Vec<&str> = std::iter::once("run").chain(extra.iter().copied()).collect();
+        let mut child = self.command("caisey-relay", home, &args).spawn().expect("spawn relay");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut ticket = String::new();
         stdout.read_line(&mut ticket).expect("relay ticket");
@@ -234,8 +239,17 @@ pub struct Org {
 impl Org {
     /// `agents`: `(name, group)` pairs to enroll.
     pub fn new(agents: &[(&str, &str)]) -> Self {
+        Self::with_relay_args(agents, &[])
+    }
+
+    /// Like [`Org::new`], the relay also serving transcripts over HTTP.
+    pub fn with_http(agents: &[(&str, &str)]) -> Self {
+        Self::with_relay_args(agents, &["--http", "127.0.0.1:0"])
+    }
+
+    fn with_relay_args(agents: &[(&str, &str)], relay_args: &[&str]) -> Self {
         let world = World::new();
-        let (relay, ticket) = world.start_relay("relay");
+        let (relay, ticket) = world.start_relay_with("relay", relay_args);
         world.caisey("alice", &["init", "--org", "Acme", "--name", "alice"]).ok();
         world.caisey("alice", &["relay", "add", &ticket]).ok();
         let org = Org { world, relay: Some(relay), ticket };
@@ -323,5 +337,156 @@ pub mod probe {
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), ep.close()).await;
         received
+    }
+}
+
+/// A minimal HTTP/1.1 GET over loopback: status, raw headers (lowercased), body.
+pub fn http_get(url: &str) -> (u16, String, Vec<u8>) {
+    use std::io::Write;
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut s = std::net::TcpStream::connect(host).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").expect("request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("response");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("header end");
+    let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, head, raw[split + 4..].to_vec())
+}
+
+/// Writing into sessions as a technician's node would, bypassing the CLI: how an attacker who
+/// controls a member's node forges, replays or edits records.
+pub mod forge {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use caisey_doc::automerge::ReadDoc;
+    use caisey_doc::automerge::transaction::Transactable;
+    use caisey_doc::id::Id128;
+    use caisey_doc::record::RecordKind;
+    use caisey_doc::session::{CommandRequest, Decision, SessionView, Verdict};
+    use caisey_peer::home::Home;
+    use caisey_peer::node::{Node, NodeOptions};
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Runtime::new().expect("runtime").block_on(f)
+    }
+
+    async fn open(home: &Path) -> Node {
+        let opts = NodeOptions {
+            home: Home::new(Some(home.to_path_buf()), "caisey").expect("home"),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+        };
+        let node = Node::start(opts).await.expect("node");
+        caisey_viewer::tech::go_online(&node, &[]).await.expect("online");
+        node
+    }
+
+    /// Runs `edit` on the raw session document named `session`, then hands the change to the relay.
+    fn edit(
+        home: &Path,
+        session: &str,
+        edit: impl FnOnce(&Node, &mut caisey_doc::automerge::Automerge) + Send + 'static,
+    ) {
+        block_on(async {
+            let node = open(home).await;
+            let id = caisey_viewer::tech::find_session(&node, session).await.expect("session");
+            let n = node.clone();
+            node.change(id, move |doc| edit(&n, doc)).await.expect("change");
+            for r in node.relay_contacts().await.expect("relays") {
+                assert!(
+                    node.wait_in_sync(r.node, Duration::from_secs(10)).await.expect("sync"),
+                    "relay did not take the forgery"
+                );
+            }
+            node.shutdown().await;
+        })
+    }
+
+    fn first_request(doc: &caisey_doc::automerge::Automerge) -> CommandRequest {
+        let requests = match doc.get(caisey_doc::automerge::ROOT, "requests").expect("get") {
+            Some((_, id)) => id,
+            None => panic!("no requests"),
+        };
+        let key = doc.keys(&requests).next().expect("a request");
+        let (value, _) = doc.get(&requests, key.as_str()).expect("get").expect("request");
+        let bytes = value.as_bytes().expect("bytes").to_vec();
+        caisey_doc::record::verify(&bytes).expect("genuine request").json().expect("request body")
+    }
+
+    /// The node at `home` writes an approval of the first request in `session`, signed with its
+    /// own key, with every field right but the authority to approve.
+    pub fn approve_as(home: &Path, session: &str) {
+        edit(home, session, |node, doc| {
+            let req = first_request(doc);
+            let requester = {
+                let requests = doc.get(caisey_doc::automerge::ROOT, "requests").expect("get").expect("map").1;
+                let (v, _) = doc.get(&requests, req.id.to_hex()).expect("get").expect("req");
+                caisey_doc::record::verify(v.as_bytes().expect("bytes")).expect("genuine").author
+            };
+            let d = Decision {
+                request: req.id,
+                session: req.session,
+                target: req.target,
+                requester,
+                command_hash: req.command.hash(),
+                verdict: Verdict::Approved,
+                decided_by: "local user on the machine (forged)".into(),
+                decided_at: caisey_peer::now_ms(),
+                expires_at: req.expires_at,
+                nonce: Id128(rand_bytes()),
+            };
+            caisey_doc::session::SessionWriter::decide(doc, node.signer(), &d).expect("write");
+        });
+    }
+
+    /// Copies the decision record of the first request of `from` onto the first request of `to`.
+    pub fn replay_decision(home: &Path, from: &str, to: &str) {
+        let record = block_on(async {
+            let node = open(home).await;
+            let id = caisey_viewer::tech::find_session(&node, from).await.expect("session");
+            let rec = node
+                .read(id, |doc| {
+                    let req = first_request(doc);
+                    SessionView::raw_record(doc, "decisions", &req.id).expect("a decision to replay")
+                })
+                .await
+                .expect("read")
+                .expect("doc");
+            node.shutdown().await;
+            rec
+        });
+        assert_eq!(caisey_doc::record::verify(&record).expect("genuine").kind, RecordKind::Decision);
+        edit(home, to, move |_, doc| {
+            let req = first_request(doc);
+            let decisions = doc.get(caisey_doc::automerge::ROOT, "decisions").expect("get").expect("map").1;
+            doc.transact::<_, _, caisey_doc::automerge::AutomergeError>(|tx| {
+                tx.put(&decisions, req.id.to_hex(), record.clone())?;
+                Ok(())
+            })
+            .expect("replay");
+        });
+    }
+
+    /// The requester rewrites its request with another script, keeping its id (and signing it).
+    pub fn edit_script(home: &Path, session: &str, script: &str) {
+        let script = script.to_string();
+        edit(home, session, move |node, doc| {
+            let mut req = first_request(doc);
+            req.command.script = script;
+            let requests = doc.get(caisey_doc::automerge::ROOT, "requests").expect("get").expect("map").1;
+            let record = node.signer().sign(RecordKind::Request, &req);
+            doc.transact::<_, _, caisey_doc::automerge::AutomergeError>(|tx| {
+                tx.put(&requests, req.id.to_hex(), record)?;
+                Ok(())
+            })
+            .expect("edit");
+        });
+    }
+
+    fn rand_bytes() -> [u8; 16] {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        t.to_le_bytes()
     }
 }

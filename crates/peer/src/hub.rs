@@ -252,6 +252,33 @@ impl Hub {
                 .all(|(id, e)| in_sync(id, e))
     }
 
+    /// Why [`Hub::in_sync_with`] is false, for logs: each lagging document and what is missing.
+    pub fn sync_lag(&self, peer: &NodeId) -> Vec<String> {
+        let Some(p) = self.peers.get(peer) else { return vec!["not connected".into()] };
+        let Some(index) = &p.index else { return vec!["no index received yet".into()] };
+        let mut lag = Vec::new();
+        let shared =
+            self.docs.iter().filter(|(_, e)| may_share(&self.fleet, peer, e.kind, &e.targets)).map(|(id, _)| *id);
+        for id in index.iter().copied().chain(shared).collect::<BTreeSet<_>>() {
+            let Some(e) = self.docs.get(&id) else {
+                lag.push(format!("{}: offered but not received", id.short()));
+                continue;
+            };
+            let theirs = p.states.get(&id).and_then(|s| s.their_heads.clone());
+            let ours = e.doc.get_heads();
+            if theirs.as_ref().map(|h| h.iter().collect::<BTreeSet<_>>()) != Some(ours.iter().collect()) {
+                lag.push(format!(
+                    "{} ({:?}): ours {} heads, theirs {:?}",
+                    id.short(),
+                    e.kind,
+                    ours.len(),
+                    theirs.map(|h| h.len())
+                ));
+            }
+        }
+        lag
+    }
+
     pub fn handle(&mut self, now: u64, input: Input) -> Vec<Output> {
         let mut out = Vec::new();
         match input {

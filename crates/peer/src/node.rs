@@ -349,7 +349,20 @@ impl Node {
             if self.in_sync_with(peer).await? {
                 return Ok(true);
             }
-            if tokio::time::timeout_at(deadline, events.recv()).await.is_err() {
+            // The message that completes a sync may change no document (it only tells us the
+            // peer's heads), so no event announces it: re-check on a short tick as well.
+            let tick = tokio::time::sleep(Duration::from_millis(25));
+            if tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    _ = events.recv() => {}
+                    _ = tick => {}
+                }
+            })
+            .await
+            .is_err()
+            {
+                let lag = self.with_core(move |core| core.hub.sync_lag(&peer)).await?;
+                debug!(peer = %peer.short(), ?lag, "not in sync before the deadline");
                 return Ok(false);
             }
         }

@@ -1,0 +1,162 @@
+//! Issue 3 end to end: approvals bound to the command, forgeries and replays refused, and
+//! public transcripts served inert, redacted and verifiable.
+
+use std::time::Duration;
+
+use caisey_tests::{Org, forge, http_get, wait_for};
+
+fn pending_ids(org: &Org, agent: &str) -> Vec<serde_json::Value> {
+    let out = org.world.agent_cmd(agent, &["pending", "--json"]).ok();
+    serde_json::from_str::<serde_json::Value>(&out.stdout).expect("json").as_array().cloned().unwrap_or_default()
+}
+
+fn quarantine_reasons(org: &Org, session: &str) -> String {
+    org.show_json("alice", session).map(|s| s["quarantined"].to_string()).unwrap_or_default()
+}
+
+#[test]
+fn a_forged_or_self_approval_is_never_executed_and_the_user_can_still_decide() {
+    let org = Org::new(&[("ws-01", "accounting")]);
+    let _agent = org.world.start_agent("ws-01");
+    org.join_technician("bob");
+    let marker = org.world.root.path().join("forged-ran");
+    let script = format!("touch {}", marker.display());
+    org.world.caisey("alice", &["run", "--detach", "--machine", "ws-01", "--session", "forged", "--", &script]).ok();
+    org.world.wait_pending("ws-01");
+
+    // A colleague's node approves on the machine's behalf.
+    forge::approve_as(&org.world.home("bob"), "forged");
+    wait_for(Duration::from_secs(15), || quarantine_reasons(&org, "forged").contains("may not approve").then_some(()))
+        .expect("bob's approval is quarantined");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!marker.exists(), "a forged approval ran the command");
+    assert_eq!(pending_ids(&org, "ws-01").len(), 1, "the request must still wait for the user");
+
+    // The requester approves its own request.
+    forge::approve_as(&org.world.home("alice"), "forged");
+    wait_for(Duration::from_secs(15), || quarantine_reasons(&org, "forged").contains("own request").then_some(()))
+        .expect("self-approval is quarantined");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!marker.exists(), "a self-approval ran the command");
+
+    // The endpoint user still decides, and only that runs it.
+    let code = org.world.wait_pending("ws-01");
+    org.world.agent_cmd("ws-01", &["approve", &code]).ok();
+    wait_for(Duration::from_secs(15), || marker.exists().then_some(())).expect("the user's approval runs it");
+}
+
+#[test]
+fn remote_approvals_run_once_and_are_refused_when_replayed_or_the_command_was_edited() {
+    let org = Org::new(&[("ws-01", "accounting"), ("ws-02", "accounting")]);
+    let ws01 = org.world.start_agent("ws-01");
+    let _ws02 = org.world.start_agent("ws-02");
+    let token = org.world.caisey("alice", &["invite", "approver", "--name", "carol", "--group", "accounting"]).ok();
+    org.world.caisey("carol", &["join", token.stdout.trim()]).ok();
+    let mark = |n: &str| org.world.root.path().join(n);
+    let run = |session: &str, machine: &str, file: &str| {
+        let script = format!("echo ran >> {}", mark(file).display());
+        org.world.caisey("alice", &["run", "--detach", "--machine", machine, "--session", session, "--", &script]).ok();
+    };
+    let carol_approves = |session: &str| {
+        let code = wait_for(Duration::from_secs(20), || {
+            let out = org.world.command("caisey", "carol", &["pending", "--json"]).output().ok()?;
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let mine = list.as_array()?.iter().find(|p| p["session_name"] == session)?;
+            mine.get("id")?.as_str().map(str::to_string)
+        })
+        .expect("carol sees the request");
+        org.world.caisey("carol", &["approve", &code]).ok();
+    };
+
+    // A designated approver's approval runs the command, once.
+    run("s1", "ws-01", "m1");
+    carol_approves("s1");
+    wait_for(Duration::from_secs(20), || mark("m1").exists().then_some(())).expect("carol's approval ran it");
+    let s1 = wait_for(Duration::from_secs(20), || {
+        let s = org.show_json("alice", "s1")?;
+        (s["commands"][0]["status"] == "exited").then_some(s)
+    })
+    .expect("finished");
+    assert_eq!(s1["commands"][0]["decided_by"], "approver carol");
+
+    // Her approval copied onto another machine's request, and into another session on the same machine.
+    run("s2", "ws-02", "m2");
+    run("s3", "ws-01", "m3");
+    org.world.wait_pending("ws-02");
+    forge::replay_decision(&org.world.home("alice"), "s1", "s2");
+    forge::replay_decision(&org.world.home("alice"), "s1", "s3");
+    for s in ["s2", "s3"] {
+        wait_for(Duration::from_secs(15), || quarantine_reasons(&org, s).contains("replayed").then_some(()))
+            .unwrap_or_else(|| panic!("replay into {s} not flagged"));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!mark("m2").exists() && !mark("m3").exists(), "a replayed approval ran a command");
+    assert_eq!(std::fs::read_to_string(mark("m1")).expect("m1").lines().count(), 1, "the approval was used twice");
+
+    // Approved while the machine is off, then edited by the requester before it runs.
+    ws01.stop();
+    run("s4", "ws-01", "m4");
+    carol_approves("s4");
+    forge::edit_script(&org.world.home("alice"), "s4", &format!("echo edited >> {}", mark("m4").display()));
+    let _ws01 = org.world.start_agent("ws-01");
+    wait_for(Duration::from_secs(15), || {
+        quarantine_reasons(&org, "s4").contains("edited after approval").then_some(())
+    })
+    .expect("the edit is flagged");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!mark("m4").exists(), "a command edited after approval ran");
+    let pending = pending_ids(&org, "ws-01");
+    assert!(
+        pending.iter().any(|p| p["script"].as_str().is_some_and(|s| s.contains("edited"))),
+        "the edited command must be asked again: {pending:?}"
+    );
+}
+
+#[test]
+fn a_shared_transcript_is_inert_redacted_served_and_verifiable_until_a_byte_flips() {
+    let org = Org::with_http(&[("ws-01", "accounting")]);
+    let _agent = org.world.start_agent("ws-01");
+    let script = r#"echo password=hunter2; printf '<script>alert(1)</script><b>bold</b>\033[31mred\033[0m\n'; exit 4"#;
+    let run = org.world.spawn("caisey", "alice", &["run", "--machine", "ws-01", "--session", "evil", "--", script]);
+    let code = org.world.wait_pending("ws-01");
+    org.world.agent_cmd("ws-01", &["approve", &code]).ok();
+    assert_eq!(run.wait(Duration::from_secs(30)).code(), 4);
+
+    let shared = org.world.caisey("alice", &["share", "evil"]).ok();
+    let link = shared.stdout.trim().to_string();
+    assert!(link.starts_with("http://127.0.0.1:") && link.contains("/t/"), "{shared:?}");
+    let id = link.rsplit('/').next().unwrap_or_default();
+    assert!(id.len() >= 26, "link id too short to be unguessable: {id}");
+
+    let (status, headers, page) = http_get(&link);
+    assert_eq!(status, 200);
+    assert!(headers.contains("content-security-policy: default-src 'none'"), "{headers}");
+    assert!(headers.contains("script-src 'none'"), "{headers}");
+    assert!(headers.contains("x-content-type-options: nosniff"), "{headers}");
+    let html = String::from_utf8(page.clone()).expect("utf-8");
+    assert!(!html.to_lowercase().contains("<script"), "a script element survived");
+    assert!(!html.contains("<b>"), "markup from the endpoint survived");
+    assert!(!html.contains('\u{1b}'), "an ANSI escape survived");
+    assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    let (_, _, json) = http_get(&format!("{link}.json"));
+    for artifact in [&page, &json] {
+        assert!(!String::from_utf8_lossy(artifact).contains("hunter2"), "the password leaked");
+    }
+    assert!(html.contains("password=[REDACTED:password]"));
+
+    let verified = org.world.caisey("alice", &["verify", &link]).ok();
+    assert!(verified.stdout.contains("exit code 4"), "{verified:?}");
+    let file = org.world.root.path().join("downloaded.html");
+    std::fs::write(&file, &page).expect("save");
+    org.world.caisey("alice", &["verify", file.to_str().expect("path")]).ok();
+    let mut flipped = page.clone();
+    let at = flipped.len() / 3;
+    flipped[at] ^= 0x20;
+    std::fs::write(&file, &flipped).expect("save");
+    let bad = org.world.caisey("alice", &["verify", file.to_str().expect("path")]);
+    assert_eq!(bad.code(), 1, "{bad:?}");
+    assert!(bad.stderr.contains("NOT GENUINE"), "{bad:?}");
+
+    org.world.caisey("alice", &["unshare", &link]).ok();
+    assert_eq!(http_get(&link).0, 404);
+}
