@@ -704,3 +704,151 @@ fn read_map<T: serde::de::DeserializeOwned>(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::Membership;
+    use proptest::prelude::*;
+
+    fn signer(seed: u8) -> Signer {
+        Signer::from_secret([seed; 32])
+    }
+
+    /// A fleet with technician 2 and agents 3 and 4, and a session with one request per agent.
+    fn base() -> (Fleet, Automerge, Vec<CommandRequest>) {
+        let org = signer(1);
+        let mut fleet_doc = Fleet::create("Acme", &org, &signer(2), "alice", Id128([0; 16]), 0).unwrap();
+        for (seed, name) in [(3, "ws-01"), (4, "ws-02")] {
+            let m = Membership {
+                approves: vec![],
+                node: signer(seed).node_id(),
+                role: Role::Agent,
+                name: name.into(),
+                groups: vec![],
+                at: 0,
+                invite: None,
+            };
+            Fleet::put_member(&mut fleet_doc, &org.sign(RecordKind::Membership, &m), &m.node).unwrap();
+        }
+        let fleet = Fleet::read(&fleet_doc).unwrap();
+        let info =
+            SessionInfo { id: Id128([1; 16]), name: "s".into(), labels: vec![], created_at: 0, org_key: org.node_id() };
+        let mut doc = SessionWriter::create(&signer(2), &info).unwrap();
+        let mut reqs = Vec::new();
+        for (i, seed) in [3u8, 4].into_iter().enumerate() {
+            let command = CommandSpec {
+                shell: Shell::Sh,
+                script: format!("job {i}"),
+                cwd: None,
+                env: Default::default(),
+                timeout_ms: 1000,
+            };
+            let r = CommandRequest {
+                id: Id128([10 + i as u8; 16]),
+                session: info.id,
+                target: signer(seed).node_id(),
+                command,
+                description: String::new(),
+                requested_at: i as u64,
+                expires_at: 1_000,
+            };
+            SessionWriter::request(&mut doc, &signer(2), &r).unwrap();
+            reqs.push(r);
+        }
+        (fleet, doc, reqs)
+    }
+
+    /// Each agent decides, starts, streams `n` chunks and ends, on its own fork.
+    fn agent_changes(base: &Automerge, req: &CommandRequest, seed: u8, n: u64) -> Vec<automerge::Change> {
+        let agent = signer(seed);
+        let mut doc = base.fork();
+        let d = Decision {
+            request: req.id,
+            session: req.session,
+            target: req.target,
+            requester: signer(2).node_id(),
+            command_hash: req.command.hash(),
+            verdict: Verdict::Approved,
+            decided_by: "local user".into(),
+            decided_at: 1,
+            expires_at: 1,
+            nonce: Id128([seed; 16]),
+        };
+        let start =
+            Start { request: req.id, session: req.session, started_at: 1, approved_by: req.target, nonce: d.nonce };
+        SessionWriter::start(&mut doc, &agent, Some(&d), &start).unwrap();
+        for seq in 0..n {
+            let c = OutputChunk {
+                request: req.id,
+                seq,
+                stream: Stream::Stdout,
+                data: format!("line {seq}\n").into_bytes(),
+            };
+            SessionWriter::append_output(&mut doc, &agent, &[c]).unwrap();
+        }
+        let end = End {
+            request: req.id,
+            session: req.session,
+            status: EndStatus::Exited,
+            exit_code: Some(0),
+            ended_at: 2,
+            chunks: n,
+            message: None,
+        };
+        SessionWriter::end(&mut doc, &agent, &end).unwrap();
+        doc.get_changes(&base.get_heads())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Two agents write concurrently; their changes arrive at a peer in any order (and any
+        /// split into batches): every peer ends with the same document and the same verified view.
+        #[test]
+        fn merging_valid_documents_in_any_order_converges(
+            n1 in 0u64..6,
+            n2 in 0u64..6,
+            order in proptest::collection::vec(any::<proptest::sample::Index>(), 0..40),
+        ) {
+            let (fleet, doc, reqs) = base();
+            let mut changes = agent_changes(&doc, &reqs[0], 3, n1);
+            changes.extend(agent_changes(&doc, &reqs[1], 4, n2));
+            let mut shuffled = changes.clone();
+            for (i, idx) in order.iter().enumerate() {
+                let j = idx.index(shuffled.len().max(1));
+                let len = shuffled.len();
+                if len > 0 {
+                    shuffled.swap(i % len, j);
+                }
+            }
+            let mut a = doc.fork();
+            a.apply_changes(changes).unwrap();
+            let mut b = doc.fork();
+            for c in shuffled {
+                b.apply_changes([c]).unwrap();
+            }
+            prop_assert_eq!(a.get_heads(), b.get_heads());
+            let (va, vb) = (SessionView::read(&a, &fleet).unwrap(), SessionView::read(&b, &fleet).unwrap());
+            prop_assert!(va.quarantined.is_empty());
+            prop_assert_eq!(serde_json::to_string(&va).unwrap(), serde_json::to_string(&vb).unwrap());
+            prop_assert_eq!(va.commands[0].output.len() as u64, n1);
+            prop_assert_eq!(va.commands[1].output.len() as u64, n2);
+            prop_assert!(va.commands.iter().all(|c| c.status() == "exited"));
+        }
+    }
+
+    #[test]
+    fn a_record_under_another_records_key_or_from_the_wrong_author_is_quarantined() {
+        let (fleet, mut doc, reqs) = base();
+        // Agent 4 writes output into agent 3's command.
+        let c = OutputChunk { request: reqs[0].id, seq: 0, stream: Stream::Stdout, data: b"fake".to_vec() };
+        SessionWriter::append_output(&mut doc, &signer(4), &[c]).unwrap();
+        let view = SessionView::read(&doc, &fleet).unwrap();
+        assert!(view.commands[0].output.is_empty());
+        assert!(
+            view.quarantined.iter().any(|q| q.why.contains("not written by the target agent")),
+            "{:?}",
+            view.quarantined
+        );
+    }
+}
