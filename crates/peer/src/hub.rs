@@ -100,6 +100,9 @@ struct Entry {
     incremental_len: usize,
     /// For sessions: the agents it is shared with, re-derived on every change.
     targets: Vec<NodeId>,
+    /// For sessions: how many records (besides output) failed verification, to notice which
+    /// peer brought new ones.
+    quarantined: usize,
 }
 
 struct Peer {
@@ -156,12 +159,17 @@ impl Hub {
             compacted_len: bytes.len(),
             incremental_len: 0,
             targets: vec![],
+            quarantined: 0,
         };
         if kind == DocKind::Fleet {
             self.fleet_doc = Some(id);
             self.fleet = Fleet::read(&entry.doc).unwrap_or_default();
         }
         entry.targets = targets_of(&entry, &self.fleet);
+        if kind == DocKind::Session {
+            entry.quarantined =
+                SessionView::read_without_output(&entry.doc, &self.fleet).map(|v| v.quarantined.len()).unwrap_or(0);
+        }
         self.docs.insert(id, entry);
         // Targets depend on the fleet, which may load after the sessions.
         if kind == DocKind::Fleet {
@@ -184,6 +192,7 @@ impl Hub {
                 compacted_len: 0,
                 incremental_len: 0,
                 targets: vec![],
+                quarantined: 0,
             },
         );
         if kind == DocKind::Fleet {
@@ -393,6 +402,7 @@ impl Hub {
                         compacted_len: 0,
                         incremental_len: 0,
                         targets: vec![],
+                        quarantined: 0,
                     },
                 );
             }
@@ -404,8 +414,21 @@ impl Hub {
         let Some(entry) = self.docs.get_mut(&id) else { return };
         let state = self.peers.get_mut(&peer).map(|p| p.states.entry(id).or_default());
         let Some(state) = state else { return };
+        let before = entry.doc.get_heads();
         if let Err(e) = entry.doc.receive_sync_message(state, message) {
             return out.push(drop(&format!("sync message could not be applied: {e}")));
+        }
+        if entry.kind == DocKind::Session && entry.doc.get_heads() != before {
+            let now_quarantined =
+                SessionView::read_without_output(&entry.doc, &self.fleet).map(|v| v.quarantined.len()).unwrap_or(0);
+            if now_quarantined > entry.quarantined {
+                let n = now_quarantined - entry.quarantined;
+                out.push(Output::Ignored {
+                    peer,
+                    reason: format!("delivered {n} invalid record(s) in session {}; quarantined", id.short()),
+                });
+            }
+            entry.quarantined = now_quarantined;
         }
         self.after_change(id, now, out);
         self.offer(peer, id, out);
