@@ -12,6 +12,18 @@ fn approved_command_streams_both_outputs_and_exits_with_the_remote_code() {
     let org = Org::new(&[("ws-01", "accounting")]);
     let _agent = org.world.start_agent("ws-01");
     org.join_technician("bob");
+    // The machine shows up online with its card, for a colleague too.
+    for tech in ["alice", "bob"] {
+        let machine = wait_for(Duration::from_secs(20), || {
+            let out = org.world.command("caisey", tech, &["machines", "--json"]).output().ok()?;
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let m = list.as_array()?.first()?.clone();
+            (m["online"] == true && m["card"]["hostname"].is_string()).then_some(m)
+        })
+        .unwrap_or_else(|| panic!("{tech} does not see ws-01 online with its card"));
+        assert_eq!(machine["name"], "ws-01");
+        assert_eq!(machine["groups"][0], "accounting");
+    }
     let run = org.world.spawn("caisey", "alice", &["run", "--machine", "ws-01", "--", SCRIPT_BOTH_STREAMS]);
     let id = org.world.wait_pending("ws-01");
     org.world.agent_cmd("ws-01", &["approve", &id]).ok();
@@ -243,4 +255,20 @@ fn an_agent_killed_mid_command_records_it_interrupted_and_never_runs_it_again() 
     std::thread::sleep(Duration::from_secs(2));
     let runs = std::fs::read_to_string(&marker).expect("marker");
     assert_eq!(runs.lines().count(), 1, "the command ran again after the restart: {runs:?}");
+}
+
+#[test]
+fn the_readme_demo_runs_its_story_to_the_end() {
+    let world = World::new();
+    let mut cmd = std::process::Command::new(caisey_tests::bin("caisey"));
+    cmd.args(["demo", "--headless"]).env("RUST_LOG", "error").env("TMPDIR", world.root.path());
+    let out = cmd.output().expect("demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for machine in ["ws-01", "ws-02", "ws-03"] {
+        assert!(stdout.contains(&format!("online  {machine}")), "{stdout}");
+    }
+    assert!(stdout.contains("[ws-01 out] host: "), "{stdout}");
+    assert!(stdout.contains("[ws-01 err] a warning on stderr"), "{stdout}");
+    assert!(stdout.contains("ws-01: exited with code 0"), "{stdout}");
 }

@@ -12,21 +12,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
-use caisey_doc::fleet::Fleet;
 use caisey_doc::id::NodeId;
 use caisey_doc::id::{DocId, Id128};
+use caisey_doc::machine::{MachineDoc, machine_doc_id};
 use caisey_doc::session::{CommandRequest, Decision, End, EndStatus, SessionView, SessionWriter, Start, Verdict};
 use caisey_peer::node::{Node, NodeEvent, NodeOptions};
 use caisey_peer::now_ms;
 use caisey_peer::store::Write;
-use tracing::{info, warn};
+use caisey_peer::wire::DocKind;
+use tracing::{debug, info, warn};
 
 use crate::gate::{self, Action, Pending};
 use crate::local::{self, LocalHandler, LocalReply, LocalRequest, PendingItem};
 use crate::{card, runner};
 
 /// How often the agent says it is alive.
-pub const HEARTBEAT: Duration = Duration::from_secs(10);
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 pub struct Agent {
@@ -103,33 +104,27 @@ pub async fn run_node(node: Node, shutdown: impl Future<Output = ()>) -> Result<
 }
 
 impl Agent {
-    async fn fleet_doc(&self) -> Result<DocId> {
-        self.node.fleet_doc().await?.ok_or_else(|| anyhow!("not enrolled"))
-    }
-
+    /// Writes the machine card and presence into this agent's machine document (created on the
+    /// first run), which syncs to technicians, relays and this machine's approvers only.
     async fn publish_card(&self) -> Result<()> {
-        let fleet_doc = self.fleet_doc().await?;
+        let id = machine_doc_id(&self.node.id());
         let signer = self.node.signer().clone();
         let addrs = self.node.addrs();
         let card = card::read(now_ms());
-        self.node
-            .change(fleet_doc, move |d| {
-                Fleet::put_card(d, &signer, &card)?;
-                Fleet::put_presence(d, &signer, addrs, now_ms())
-            })
-            .await??;
+        if self.node.read(id, |_| ()).await?.is_none() {
+            let doc = MachineDoc::create(&signer, &card, addrs, now_ms())?;
+            return self.node.create(id, DocKind::Machine, doc).await;
+        }
+        self.node.change(id, move |d| MachineDoc::put(d, &signer, Some(&card), addrs, now_ms())).await??;
         Ok(())
     }
 
     async fn heartbeat(&self) {
-        let result = async {
-            let fleet_doc = self.fleet_doc().await?;
-            let signer = self.node.signer().clone();
-            let addrs = self.node.addrs();
-            self.node.change(fleet_doc, move |d| Fleet::put_presence(d, &signer, addrs, now_ms())).await??;
-            anyhow::Ok(())
-        };
-        if let Err(e) = result.await {
+        let id = machine_doc_id(&self.node.id());
+        let signer = self.node.signer().clone();
+        let addrs = self.node.addrs();
+        let result = self.node.change(id, move |d| MachineDoc::put(d, &signer, None, addrs, now_ms())).await;
+        if let Err(e) = result.and_then(|r| r.map_err(Into::into)) {
             warn!("heartbeat failed: {e:#}");
         }
     }
@@ -146,6 +141,7 @@ impl Agent {
             .flatten()
             .flatten()
             .filter(|v| v.targets.contains(&me));
+        debug!(doc = %doc.short(), targets_me = view.is_some(), "session refreshed");
         if let Ok(mut st) = self.state.lock() {
             match view {
                 Some(v) => {
@@ -194,9 +190,22 @@ impl Agent {
                     expires_at: now,
                     nonce: Id128(rand::random()),
                 };
-                self.node.change(session, move |doc| SessionWriter::decide(doc, &signer, &d)).await??;
+                let fleet = self.node.fleet().await?;
+                self.node
+                    .change(session, move |doc| -> Result<()> {
+                        // Decided meanwhile? Then it did not expire.
+                        let view = SessionView::read_without_output(&*doc, &fleet)?;
+                        if view.command(&request).is_some_and(|c| c.decision.is_none()) {
+                            SessionWriter::decide(doc, &signer, &d)?;
+                        }
+                        Ok(())
+                    })
+                    .await??;
             }
             Action::Interrupted { session, request } => {
+                if self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.contains(&request) {
+                    return Ok(());
+                }
                 warn!(request = %request.short(), "command was running when the agent stopped; recording it as interrupted");
                 let end = End {
                     request,
@@ -207,7 +216,17 @@ impl Agent {
                     chunks: 0,
                     message: Some("the agent stopped while the command ran; it was not run again".into()),
                 };
-                self.node.change(session, move |doc| SessionWriter::end(doc, &signer, &end)).await??;
+                let fleet = self.node.fleet().await?;
+                self.node
+                    .change(session, move |doc| -> Result<()> {
+                        // Only if it still has no end, as the document stands now.
+                        let view = SessionView::read_without_output(&*doc, &fleet)?;
+                        if view.command(&request).is_some_and(|c| c.start.is_some() && c.end.is_none()) {
+                            SessionWriter::end(doc, &signer, &end)?;
+                        }
+                        Ok(())
+                    })
+                    .await??;
             }
             Action::RunApproved { session, request } => {
                 self.consume_and_run(session, request, None).await?;
@@ -339,6 +358,9 @@ impl Agent {
             if let Err(e) = runner::run(agent.node.clone(), session, request).await {
                 warn!(request = %id.short(), "run failed: {e:#}");
             }
+            // The view must show the end before the command leaves `running`; otherwise a
+            // review in between would take it for a run interrupted by a crash.
+            agent.refresh(session).await;
             if let Ok(mut st) = agent.state.lock() {
                 st.running.remove(&id);
             }

@@ -6,8 +6,10 @@
 //! one-time invite key whose certificate was signed by one of those. A relay stores the fleet
 //! document but holds no authority in it, so it cannot add members on its own.
 //!
-//! Layout: `ROOT.genesis` (bytes), `ROOT.members[node]`, `ROOT.presence[node]`,
-//! `ROOT.cards[node]` (maps of signed records).
+//! Layout: `ROOT.genesis` (bytes), `ROOT.members[node]`, `ROOT.presence[node]` (maps of signed
+//! records). Only relays keep their presence here (they change address rarely and everyone needs
+//! them); agents' cards and heartbeats live in their machine documents (`crate::machine`), which
+//! the hub merges into `Fleet::presence` and `Fleet::cards` for those who hold them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -202,7 +204,7 @@ impl Fleet {
         let mut doc = Automerge::new();
         doc.transact::<_, _, automerge::AutomergeError>(|tx| {
             tx.put(ROOT, "genesis", org.sign(RecordKind::OrgGenesis, &genesis))?;
-            for key in ["members", "presence", "cards"] {
+            for key in ["members", "presence"] {
                 tx.put_object(ROOT, key, automerge::ObjType::Map)?;
             }
             Ok(())
@@ -221,11 +223,6 @@ impl Fleet {
     pub fn put_presence(doc: &mut Automerge, signer: &Signer, addrs: Vec<String>, now: u64) -> Result<(), FleetError> {
         let p = Presence { node: signer.node_id(), addrs, at: now };
         put_in(doc, "presence", &p.node.to_hex(), &signer.sign(RecordKind::Presence, &p))
-    }
-
-    /// Writes this agent's signed machine card.
-    pub fn put_card(doc: &mut Automerge, signer: &Signer, card: &MachineCard) -> Result<(), FleetError> {
-        put_in(doc, "cards", &signer.node_id().to_hex(), &signer.sign(RecordKind::MachineCard, card))
     }
 
     /// Rebuilds the verified fleet from a genesis record and membership records alone (as
@@ -297,11 +294,6 @@ impl Fleet {
         fleet.read_signed_by_self(doc, "presence", RecordKind::Presence, |f, node, p: Presence| {
             if p.node == node {
                 f.presence.insert(node, p);
-            }
-        });
-        fleet.read_signed_by_self(doc, "cards", RecordKind::MachineCard, |f, node, c: MachineCard| {
-            if f.members.get(&node).is_some_and(|m| m.role == Role::Agent) {
-                f.cards.insert(node, c);
             }
         });
         Ok(fleet)

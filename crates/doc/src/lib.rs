@@ -5,8 +5,9 @@
 //! milliseconds since the Unix epoch), no randomness (callers pass ids in).
 //!
 //! - [`record`]: every value written is a signed, self-describing record, verified on read.
-//! - [`fleet`]: one document per org: members (each chaining back to the org key), their
-//!   presence (addresses, heartbeat) and machine cards.
+//! - [`fleet`]: one document per org: members (each chaining back to the org key) and where the
+//!   relays are.
+//! - [`machine`]: one small document per agent: its machine card and heartbeat.
 //! - [`session`]: one document per session: targets, command requests, decisions, starts, output
 //!   chunks and ends. [`session::SessionView::read`] verifies who wrote what and quarantines the
 //!   rest.
@@ -41,6 +42,7 @@
 mod am;
 pub mod fleet;
 pub mod id;
+pub mod machine;
 pub mod record;
 pub mod redact;
 pub mod session;

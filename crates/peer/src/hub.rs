@@ -23,7 +23,7 @@ use caisey_doc::fleet::Fleet;
 use caisey_doc::id::{DocId, NodeId};
 use caisey_doc::session::SessionView;
 
-use crate::access::{may_introduce_session, may_share};
+use crate::access::{may_introduce, may_share};
 use crate::wire::{DocKind, Frame};
 
 /// Identifies one connection, so events from a replaced connection are told apart.
@@ -125,7 +125,10 @@ pub struct PeerInfo {
 pub struct Hub {
     me: NodeId,
     fleet_doc: Option<DocId>,
+    /// The verified fleet, with each agent's presence and card merged in from its machine document.
     fleet: Fleet,
+    /// Machine document id -> the agent it describes (derived from the fleet's agents).
+    machine_owners: BTreeMap<DocId, NodeId>,
     docs: BTreeMap<DocId, Entry>,
     peers: BTreeMap<NodeId, Peer>,
 }
@@ -142,7 +145,14 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     pub fn new(me: NodeId) -> Self {
-        Self { me, fleet_doc: None, fleet: Fleet::default(), docs: BTreeMap::new(), peers: BTreeMap::new() }
+        Self {
+            me,
+            fleet_doc: None,
+            fleet: Fleet::default(),
+            machine_owners: BTreeMap::new(),
+            docs: BTreeMap::new(),
+            peers: BTreeMap::new(),
+        }
     }
 
     pub fn me(&self) -> NodeId {
@@ -161,19 +171,19 @@ impl Hub {
             targets: vec![],
             quarantined: 0,
         };
-        if kind == DocKind::Fleet {
-            self.fleet_doc = Some(id);
-            self.fleet = Fleet::read(&entry.doc).unwrap_or_default();
-        }
-        entry.targets = targets_of(&entry, &self.fleet);
+        entry.targets = targets_of(&entry, &self.fleet, self.machine_owners.get(&id));
         if kind == DocKind::Session {
             entry.quarantined =
                 SessionView::read_without_output(&entry.doc, &self.fleet).map(|v| v.quarantined.len()).unwrap_or(0);
         }
         self.docs.insert(id, entry);
-        // Targets depend on the fleet, which may load after the sessions.
-        if kind == DocKind::Fleet {
-            self.refresh_targets();
+        match kind {
+            DocKind::Fleet => {
+                self.fleet_doc = Some(id);
+                self.refresh_fleet();
+            }
+            DocKind::Machine => self.merge_machine(id),
+            DocKind::Session => {}
         }
         Ok(())
     }
@@ -362,8 +372,7 @@ impl Hub {
                     .into_iter()
                     .filter(|(id, kind)| match (self.docs.get(id), kind) {
                         (Some(e), _) => e.kind == *kind,
-                        (None, DocKind::Session) => may_introduce_session(&self.fleet, &peer),
-                        (None, DocKind::Fleet) => false,
+                        (None, kind) => may_introduce(&self.fleet, &peer, *kind, self.machine_owners.get(id).copied()),
                     })
                     .map(|(id, _)| id)
                     .collect();
@@ -385,26 +394,27 @@ impl Hub {
             }
             Some(_) => {}
             None if kind == DocKind::Fleet => return out.push(drop("offered a fleet document of another org")),
-            None if !may_introduce_session(&self.fleet, &peer) => {
+            None if !may_introduce(&self.fleet, &peer, kind, self.machine_owners.get(&id).copied()) => {
                 return out.push(Output::Ignored {
                     peer,
-                    reason: format!("offered session {} but may not introduce sessions", id.short()),
+                    reason: format!("offered {kind:?} document {} it may not introduce", id.short()),
                 });
             }
             None => {
                 let doc = Automerge::new();
-                self.docs.insert(
-                    id,
-                    Entry {
-                        kind,
-                        saved_heads: doc.get_heads(),
-                        doc,
-                        compacted_len: 0,
-                        incremental_len: 0,
-                        targets: vec![],
-                        quarantined: 0,
-                    },
-                );
+                let mut entry = Entry {
+                    kind,
+                    saved_heads: doc.get_heads(),
+                    doc,
+                    compacted_len: 0,
+                    incremental_len: 0,
+                    targets: vec![],
+                    quarantined: 0,
+                };
+                // Now, not at the first change: a first sync message usually carries none, and
+                // the owner of a machine document must be allowed to send the next one.
+                entry.targets = targets_of(&entry, &self.fleet, self.machine_owners.get(&id));
+                self.docs.insert(id, entry);
             }
         }
         let message = match Message::decode(&message) {
@@ -454,10 +464,13 @@ impl Hub {
         };
         out.push(Output::PersistDoc { doc: id, kind: entry.kind, bytes, compact });
         out.push(Output::DocChanged { doc: id });
-        let fleet_changed = entry.kind == DocKind::Fleet;
+        let kind = entry.kind;
+        let fleet_changed = kind == DocKind::Fleet;
+        if kind == DocKind::Machine {
+            self.merge_machine(id);
+        }
         if fleet_changed {
-            self.fleet = Fleet::read(&entry.doc).unwrap_or_default();
-            self.refresh_targets();
+            self.refresh_fleet();
             // Anyone no longer a member goes.
             let gone: Vec<(NodeId, ConnId)> =
                 self.peers.iter().filter(|(p, _)| self.fleet.role_of(p).is_none()).map(|(p, s)| (*p, s.conn)).collect();
@@ -465,7 +478,7 @@ impl Hub {
                 out.push(Output::Disconnect { peer, conn, reason: "no longer a member".into() });
             }
         } else if let Some(entry) = self.docs.get(&id) {
-            let targets = targets_of(entry, &self.fleet);
+            let targets = targets_of(entry, &self.fleet, self.machine_owners.get(&id));
             if let Some(e) = self.docs.get_mut(&id) {
                 e.targets = targets;
             }
@@ -479,10 +492,35 @@ impl Hub {
         }
     }
 
-    fn refresh_targets(&mut self) {
-        let fleet = &self.fleet;
-        for e in self.docs.values_mut() {
-            e.targets = targets_of(e, fleet);
+    /// Re-reads the fleet document, then everything derived from it: which agent each machine
+    /// document describes, their presence and cards, and every document's targets.
+    fn refresh_fleet(&mut self) {
+        let Some(doc) = self.fleet_doc.and_then(|id| self.docs.get(&id)) else { return };
+        self.fleet = Fleet::read(&doc.doc).unwrap_or_default();
+        self.machine_owners = self
+            .fleet
+            .members_with_role(caisey_doc::fleet::Role::Agent)
+            .map(|m| (caisey_doc::machine::machine_doc_id(&m.node), m.node))
+            .collect();
+        let machines: Vec<DocId> = self.machine_owners.keys().copied().collect();
+        for id in machines {
+            self.merge_machine(id);
+        }
+        let (fleet, owners) = (&self.fleet, &self.machine_owners);
+        for (id, e) in self.docs.iter_mut() {
+            e.targets = targets_of(e, fleet, owners.get(id));
+        }
+    }
+
+    /// Takes an agent's presence and card from its machine document into the fleet view.
+    fn merge_machine(&mut self, id: DocId) {
+        let (Some(owner), Some(entry)) = (self.machine_owners.get(&id), self.docs.get(&id)) else { return };
+        let (presence, card) = caisey_doc::machine::MachineDoc::read(&entry.doc, owner);
+        if let Some(p) = presence {
+            self.fleet.presence.insert(*owner, p);
+        }
+        if let Some(c) = card {
+            self.fleet.cards.insert(*owner, c);
         }
     }
 
@@ -503,10 +541,11 @@ impl Hub {
     }
 }
 
-fn targets_of(entry: &Entry, fleet: &Fleet) -> Vec<NodeId> {
+fn targets_of(entry: &Entry, fleet: &Fleet, machine_owner: Option<&NodeId>) -> Vec<NodeId> {
     match entry.kind {
         DocKind::Fleet => vec![],
         DocKind::Session => SessionView::read_targets(&entry.doc, fleet),
+        DocKind::Machine => machine_owner.into_iter().copied().collect(),
     }
 }
 
@@ -743,6 +782,29 @@ mod tests {
         let fleet = Fleet::read(&o.fleet).unwrap();
         let view = SessionView::read(net.hubs[&t].doc(&sid).unwrap(), &fleet).unwrap();
         assert_eq!(view.commands[0].output[0].data, b"up 3 days");
+    }
+
+    #[test]
+    fn an_agent_s_machine_document_reaches_technicians_through_the_relay() {
+        let o = org(1);
+        let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
+        let mut net =
+            Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
+        net.connect(a, r);
+        net.connect(t, r);
+        net.run_until_quiescent();
+        let id = caisey_doc::machine::machine_doc_id(&a);
+        let card = caisey_doc::fleet::MachineCard { hostname: "ws-0".into(), ..Default::default() };
+        let doc = caisey_doc::machine::MachineDoc::create(&o.agents[0], &card, vec!["127.0.0.1:9".into()], 7).unwrap();
+        net.create(a, id, DocKind::Machine, doc);
+        net.run_until_quiescent();
+        // A later heartbeat must flow too (the relay's entry was made by the first, change-less message).
+        let agent = o.agents[0].clone();
+        net.change(a, id, move |d| caisey_doc::machine::MachineDoc::put(d, &agent, None, vec![], 8).unwrap());
+        net.run_until_quiescent();
+        assert_eq!(net.hubs[&t].fleet().presence.get(&a).map(|p| p.at), Some(8));
+        assert_eq!(net.hubs[&t].fleet().cards.get(&a).map(|c| c.hostname.as_str()), Some("ws-0"));
+        assert_eq!(net.heads(r, id), net.heads(a, id));
     }
 
     #[test]

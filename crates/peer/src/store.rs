@@ -79,7 +79,11 @@ impl Store {
         for entry in kinds.iter()? {
             let (id, kind) = entry?;
             let Ok(id) = <[u8; 16]>::try_from(id.value()) else { continue };
-            let kind = if kind.value() == 1 { DocKind::Fleet } else { DocKind::Session };
+            let kind = match kind.value() {
+                1 => DocKind::Fleet,
+                3 => DocKind::Machine,
+                _ => DocKind::Session,
+            };
             let mut bytes = Vec::new();
             for c in chunks.range((id.as_slice(), 0)..=(id.as_slice(), u64::MAX))? {
                 bytes.extend_from_slice(c?.1.value());
@@ -159,7 +163,14 @@ impl Store {
                 match w {
                     Write::Doc { doc, kind, bytes, compact } => {
                         let id = doc.0.as_slice();
-                        kinds.insert(id, if *kind == DocKind::Fleet { 1 } else { 2 })?;
+                        kinds.insert(
+                            id,
+                            match kind {
+                                DocKind::Fleet => 1,
+                                DocKind::Session => 2,
+                                DocKind::Machine => 3,
+                            },
+                        )?;
                         let next = match chunks.range((id, 0)..=(id, u64::MAX))?.next_back() {
                             Some(last) => last?.0.value().1 + 1,
                             None => 0,

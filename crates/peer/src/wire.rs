@@ -25,6 +25,8 @@ const PROTOCOL_VERSION: u16 = 1;
 pub enum DocKind {
     Fleet,
     Session,
+    /// One agent's card and heartbeat (`caisey_doc::machine`).
+    Machine,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +50,7 @@ fn kind_byte(kind: DocKind) -> u8 {
     match kind {
         DocKind::Fleet => 1,
         DocKind::Session => 2,
+        DocKind::Machine => 3,
     }
 }
 
@@ -55,6 +58,7 @@ fn kind_of(b: u8) -> Result<DocKind, FrameError> {
     match b {
         1 => Ok(DocKind::Fleet),
         2 => Ok(DocKind::Session),
+        3 => Ok(DocKind::Machine),
         _ => Err(FrameError::Malformed("unknown document kind")),
     }
 }

@@ -67,7 +67,9 @@ pub async fn headless(headless: bool) -> Result<()> {
             break;
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("the agents did not come online within 20 s");
+            let seen: Vec<String> =
+                machines.iter().map(|m| format!("{} online={} card={}", m.name, m.online, m.card.is_some())).collect();
+            bail!("the agents did not come online within 20 s (seen: {})", seen.join("; "));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -90,19 +92,19 @@ pub async fn headless(headless: bool) -> Result<()> {
     let socket = root.path().join(AGENTS[0]).join("agent.sock");
     let id = requests[0].0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    let code = loop {
         if let Ok(LocalReply::Pending { pending }) = local::call(&socket, &LocalRequest::Pending).await
-            && let Some(p) = pending.iter().find(|p| p.id == id)
+            && let Some(p) = pending.iter().find(|p| p.request == id)
         {
             println!("   pending: {} asks to run: {}", p.technician, p.script);
-            break;
+            break p.id;
         }
         if tokio::time::Instant::now() > deadline {
             bail!("the request did not reach ws-01 within 20 s");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    match local::call(&socket, &LocalRequest::Approve { id: id.to_hex() }).await? {
+    };
+    match local::call(&socket, &LocalRequest::Approve { id: code.to_hex() }).await? {
         LocalReply::Done { message } => println!("   {message}"),
         LocalReply::Error { error } => bail!("approving failed: {error}"),
         LocalReply::Pending { .. } => bail!("unexpected reply"),

@@ -153,9 +153,7 @@ impl Follower {
                 (EndStatus::Exited, Some(code)) => format!("exited with code {code}{took}"),
                 (EndStatus::Exited, None) => format!("ended by a signal{took}"),
                 (EndStatus::TimedOut, _) => format!("timed out{took}"),
-                (EndStatus::Interrupted, _) => {
-                    "interrupted: the agent stopped while it ran (not run again)".to_string()
-                }
+                (EndStatus::Interrupted, _) => "interrupted".to_string(),
                 (EndStatus::FailedToStart, _) => "failed to start".to_string(),
             };
             let msg = e.message.as_ref().map(|m| format!(" ({})", visible(m))).unwrap_or_default();
