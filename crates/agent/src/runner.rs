@@ -1,7 +1,9 @@
 //! Runs one approved command and streams its output into the session.
 //!
-//! Output is batched: whatever arrived is flushed every `FLUSH_EVERY` or once `FLUSH_BYTES` are
-//! waiting, as one Automerge change of one or more chunk records (each at most `MAX_CHUNK`).
+//! Output is batched: output arriving after a quiet spell is written at once (low latency for a
+//! line now and then); otherwise whatever arrived is flushed every `FLUSH_EVERY` or once
+//! `FLUSH_BYTES` are waiting, as one Automerge change of one or more chunk records (each at most
+//! `MAX_CHUNK`).
 //! Stdout and stderr keep their relative order within and across batches. Each flush is durable
 //! in the agent's store before it is sent anywhere (see `caisey_peer::node`).
 
@@ -96,6 +98,7 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
     let deadline = started + Duration::from_millis(req.command.timeout_ms);
     let mut batch = Batch::default();
     let mut ticker = tokio::time::interval(FLUSH_EVERY);
+    let mut last_flush = tokio::time::Instant::now() - FLUSH_EVERY;
     let mut status = None;
     let mut pipes_open = true;
     let mut drain_until = None;
@@ -104,8 +107,11 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
             piece = rx.recv(), if pipes_open => match piece {
                 Some((stream, data)) => {
                     batch.push(stream, &data);
-                    if batch.bytes >= FLUSH_BYTES {
+                    // A line after a quiet spell goes out at once; a chatty command is batched
+                    // to one change per FLUSH_EVERY (or per FLUSH_BYTES).
+                    if batch.bytes >= FLUSH_BYTES || last_flush.elapsed() >= FLUSH_EVERY {
                         flush(&node, session, &mut batch, req.id, &mut seq).await?;
+                        last_flush = tokio::time::Instant::now();
                     }
                 }
                 None => pipes_open = false,
@@ -121,7 +127,10 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
                 drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
             },
             _ = ticker.tick() => {
-                flush(&node, session, &mut batch, req.id, &mut seq).await?;
+                if !batch.segments.is_empty() {
+                    flush(&node, session, &mut batch, req.id, &mut seq).await?;
+                    last_flush = tokio::time::Instant::now();
+                }
                 if drain_until.is_some_and(|t| tokio::time::Instant::now() >= t) {
                     break;
                 }

@@ -418,7 +418,7 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
         approval_window: args.expires,
     };
     let mut events = node.subscribe();
-    let (session, requests) = tech::ask(node, request).await?;
+    let asked = tech::ask(node, request).await?;
     if args.detach {
         let relays = node.relay_contacts().await?;
         let mut delivered = false;
@@ -431,28 +431,33 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
             );
         }
         if args.json {
-            let reqs: Vec<_> =
-                requests.iter().map(|(id, m)| serde_json::json!({"id": id, "machine": m.name})).collect();
-            println!("{}", serde_json::json!({"session": session, "requests": reqs}));
+            let reqs: Vec<_> = asked
+                .iter()
+                .map(|a| serde_json::json!({"session": a.session, "id": a.request, "machine": a.machine.name}))
+                .collect();
+            println!("{}", serde_json::Value::Array(reqs));
         } else {
-            println!("asked; session {session}");
-            for (id, m) in &requests {
-                println!("  request {} on {}", id.short(), m.name);
+            for a in &asked {
+                println!("asked {} (request {}, session {})", a.machine.name, a.request.short(), a.session.short());
             }
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let ids: BTreeSet<_> = requests.iter().map(|(id, _)| *id).collect();
-    let style = match (args.json, requests.len()) {
+    let ids: BTreeSet<_> = asked.iter().map(|a| a.request).collect();
+    let style = match (args.json, asked.len()) {
         (true, _) => OutputStyle::Silent,
         (false, 1) => OutputStyle::Passthrough,
         (false, _) => OutputStyle::Labelled,
     };
-    let mut follower = Follower::new(session, Some(ids.clone()), style);
+    let mut followers: Vec<Follower> =
+        asked.iter().map(|a| Follower::new(a.session, Some(BTreeSet::from([a.request])), style)).collect();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let commands = loop {
-        let commands = follower.update(node).await?;
-        if !commands.is_empty() && commands.iter().all(|c| c.is_final()) {
+        let mut commands = Vec::new();
+        for f in &mut followers {
+            commands.extend(f.update(node).await?);
+        }
+        if commands.len() == asked.len() && commands.iter().all(|c| c.is_final()) {
             break commands;
         }
         tokio::select! {
@@ -470,8 +475,10 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
     };
     if args.json {
         // For scripts and cron: one JSON array, one object per machine, when all are done.
-        let results: Vec<_> =
-            session_json(node, session).await?.commands.into_iter().filter(|c| ids.contains(&c.id)).collect();
+        let mut results = Vec::new();
+        for session in asked.iter().map(|a| a.session).collect::<BTreeSet<_>>() {
+            results.extend(session_json(node, session).await?.commands.into_iter().filter(|c| ids.contains(&c.id)));
+        }
         println!("{}", serde_json::to_string_pretty(&results)?);
     }
     if commands.len() == 1 {
@@ -486,7 +493,7 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
         return Ok(ExitCode::from(if failed { EXIT_REMOTE_FAILED } else { 0 }));
     }
     println!("summary:");
-    let names: std::collections::BTreeMap<_, _> = requests.iter().map(|(id, m)| (*id, m.name.clone())).collect();
+    let names: std::collections::BTreeMap<_, _> = asked.iter().map(|a| (a.request, a.machine.name.clone())).collect();
     let mut failed = 0;
     for c in &commands {
         let code = code_of(c);

@@ -86,11 +86,11 @@ pub async fn headless(headless: bool) -> Result<()> {
         description: "Quick health check for the demo".into(),
         approval_window: Duration::from_secs(600),
     };
-    let (session, requests) = tech::ask(&technician, request).await?;
+    let asked = tech::ask(&technician, request).await?;
+    let (session, id) = (asked[0].session, asked[0].request);
 
     println!("== the endpoint user on ws-01 sees the request and approves it");
     let socket = root.path().join(AGENTS[0]).join("agent.sock");
-    let id = requests[0].0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let code = loop {
         if let Ok(LocalReply::Pending { pending }) = local::call(&socket, &LocalRequest::Pending).await

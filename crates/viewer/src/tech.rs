@@ -273,72 +273,67 @@ pub struct RunRequest {
     pub approval_window: Duration,
 }
 
-/// Writes one request per target machine into the named session (created if new). Returns the
-/// session and `(request id, machine)` pairs. Durable locally when this returns.
-pub async fn ask(node: &Node, req: RunRequest) -> Result<(DocId, Vec<(Id128, Member)>)> {
+/// One request on its way: which session holds it, its id, and the machine.
+#[derive(Debug, Clone)]
+pub struct Asked {
+    pub session: DocId,
+    pub request: Id128,
+    pub machine: Member,
+}
+
+/// Writes one request per target machine. Each machine gets its own session, so machines never
+/// see each other's commands or output: for one machine the session is `--session NAME` (or a
+/// dated default); in a group run each machine's session is `NAME (machine)`. An existing session
+/// of that name is continued (a weekly check stays one thread). Durable locally when this returns.
+pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
     let fleet = node.fleet().await?;
     let targets = resolve_targets(&fleet, &req.targets)?;
-    let existing = match &req.session {
-        Some(name) => session_views(node)
-            .await?
-            .into_iter()
-            .filter(|(_, v)| v.info.name == *name)
-            .max_by_key(|(_, v)| v.info.created_at)
-            .map(|(id, _)| id),
-        None => None,
+    let org_key = fleet.org_key.ok_or_else(|| anyhow!("no org"))?;
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let base = match (&req.session, &req.targets) {
+        (Some(name), _) => name.clone(),
+        (None, Targets::Machine(m)) => format!("{m} {stamp}"),
+        (None, Targets::Group(g)) => format!("group {g} {stamp}"),
     };
+    let group = matches!(req.targets, Targets::Group(_));
+    let mut existing: BTreeMap<String, DocId> = BTreeMap::new();
+    let mut newest: BTreeMap<String, u64> = BTreeMap::new();
+    for (id, v) in session_views(node).await? {
+        if newest.get(&v.info.name).is_none_or(|t| v.info.created_at >= *t) {
+            newest.insert(v.info.name.clone(), v.info.created_at);
+            existing.insert(v.info.name.clone(), id);
+        }
+    }
     let now = now_ms();
-    let session = match existing {
-        Some(id) => id,
-        None => {
-            let id = random_id();
-            let default_name = match &req.targets {
-                Targets::Machine(m) => {
-                    format!("{m} {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now()))
-                }
-                Targets::Group(g) => {
-                    format!("group {g} {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now()))
-                }
-            };
-            let org_key = fleet.org_key.ok_or_else(|| anyhow!("no org"))?;
-            let info = SessionInfo {
-                id,
-                name: req.session.clone().unwrap_or(default_name),
-                labels: req.labels.clone(),
-                created_at: now,
-                org_key,
-            };
-            let doc = SessionWriter::create(node.signer(), &info)?;
-            node.create(id, DocKind::Session, doc).await?;
-            id
-        }
-    };
-    let requests: Vec<(CommandRequest, Member)> = targets
-        .into_iter()
-        .map(|m| {
-            let r = CommandRequest {
-                id: random_id(),
-                session,
-                target: m.node,
-                command: req.command.clone(),
-                description: req.description.clone(),
-                requested_at: now,
-                expires_at: now + req.approval_window.as_millis() as u64,
-            };
-            (r, m)
-        })
-        .collect();
-    let signer = node.signer().clone();
-    let to_write: Vec<CommandRequest> = requests.iter().map(|(r, _)| r.clone()).collect();
-    node.change(session, move |doc| -> Result<()> {
-        for r in &to_write {
-            SessionWriter::request(doc, &signer, r)?;
-        }
-        Ok(())
-    })
-    .await?
-    .context("writing the request")?;
-    Ok((session, requests.into_iter().map(|(r, m)| (r.id, m)).collect()))
+    let mut asked = Vec::new();
+    for machine in targets {
+        let name = if group { format!("{base} ({})", machine.name) } else { base.clone() };
+        let session = match existing.get(&name) {
+            Some(id) => *id,
+            None => {
+                let id = random_id();
+                let info = SessionInfo { id, name, labels: req.labels.clone(), created_at: now, org_key };
+                node.create(id, DocKind::Session, SessionWriter::create(node.signer(), &info)?).await?;
+                id
+            }
+        };
+        let r = CommandRequest {
+            id: random_id(),
+            session,
+            target: machine.node,
+            command: req.command.clone(),
+            description: req.description.clone(),
+            requested_at: now,
+            expires_at: now + req.approval_window.as_millis() as u64,
+        };
+        let signer = node.signer().clone();
+        let request = r.clone();
+        node.change(session, move |doc| SessionWriter::request(doc, &signer, &request))
+            .await?
+            .context("writing the request")?;
+        asked.push(Asked { session, request: r.id, machine });
+    }
+    Ok(asked)
 }
 
 /// Direct contacts of agents, from their presence in the fleet.

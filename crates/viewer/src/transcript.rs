@@ -69,7 +69,8 @@ impl Follower {
             anyhow::bail!("session {} is not here", session.short());
         };
         let view = view?;
-        if !self.header && self.style == OutputStyle::Labelled {
+        // A whole session shown (not just the requests a run follows) opens with its header.
+        if !self.header && self.style == OutputStyle::Labelled && self.only.is_none() {
             let labels = if view.info.labels.is_empty() {
                 String::new()
             } else {
