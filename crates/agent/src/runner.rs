@@ -107,6 +107,14 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
             piece = rx.recv(), if pipes_open => match piece {
                 Some((stream, data)) => {
                     batch.push(stream, &data);
+                    // Take whatever else is already waiting, so a fast command's changes grow
+                    // while the previous one commits instead of queueing up.
+                    while batch.bytes < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok((stream, data)) => batch.push(stream, &data),
+                            Err(_) => break,
+                        }
+                    }
                     // A line after a quiet spell goes out at once; a chatty command is batched
                     // to one change per FLUSH_EVERY (or per FLUSH_BYTES).
                     if batch.bytes >= FLUSH_BYTES || last_flush.elapsed() >= FLUSH_EVERY {
@@ -142,6 +150,7 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
     }
     flush(&node, session, &mut batch, req.id, &mut seq).await?;
     let (status, code, message) = status.unwrap_or((EndStatus::Exited, None, None));
+    tracing::debug!(request = %req.id.short(), chunks = seq, took = ?started.elapsed(), "command finished");
     write_end(&node, session, &req, status, code, seq, message).await
 }
 
@@ -158,6 +167,10 @@ async fn pump(mut reader: impl AsyncReadExt + Unpin, stream: Stream, tx: mpsc::S
         }
     }
 }
+
+/// At most this much output goes into one change (a command writing faster than changes commit
+/// gets bigger changes, not a growing backlog).
+const MAX_BATCH: usize = 4 * 1024 * 1024;
 
 async fn flush(
     node: &Node,

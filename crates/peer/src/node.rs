@@ -273,6 +273,19 @@ impl Node {
         .await?
     }
 
+    /// Adds many new documents in one durable transaction (a group run creates one per machine).
+    pub async fn create_many(&self, docs: Vec<(DocId, DocKind, Automerge)>) -> Result<()> {
+        self.with_core(move |core| {
+            let now = crate::now_ms();
+            let mut out = Vec::new();
+            for (id, kind, content) in docs {
+                out.extend(core.hub.create(id, kind, content, now));
+            }
+            core.apply(out)
+        })
+        .await?
+    }
+
     /// Reads a document, if we hold it.
     pub async fn read<R: Send + 'static>(
         &self,
@@ -417,7 +430,11 @@ impl Node {
                 }
                 let wait = if all_up { Duration::from_millis(500) } else { backoff };
                 backoff = (backoff * 2).min(Duration::from_secs(5));
-                tokio::time::sleep(wait).await;
+                // Stop at once when the node shuts down, so its store is released promptly.
+                tokio::select! {
+                    _ = node.shared.endpoint.closed() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
             }
         });
     }

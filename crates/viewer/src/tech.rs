@@ -298,7 +298,9 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
     let group = matches!(req.targets, Targets::Group(_));
     let mut existing: BTreeMap<String, DocId> = BTreeMap::new();
     let mut newest: BTreeMap<String, u64> = BTreeMap::new();
-    for (id, v) in session_views(node).await? {
+    // Only a session the technician named is continued; a generated name always starts afresh.
+    let views = if req.session.is_some() { session_views(node).await? } else { vec![] };
+    for (id, v) in views {
         if newest.get(&v.info.name).is_none_or(|t| v.info.created_at >= *t) {
             newest.insert(v.info.name.clone(), v.info.created_at);
             existing.insert(v.info.name.clone(), id);
@@ -306,17 +308,10 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
     }
     let now = now_ms();
     let mut asked = Vec::new();
+    let mut new_sessions = Vec::new();
     for machine in targets {
         let name = if group { format!("{base} ({})", machine.name) } else { base.clone() };
-        let session = match existing.get(&name) {
-            Some(id) => *id,
-            None => {
-                let id = random_id();
-                let info = SessionInfo { id, name, labels: req.labels.clone(), created_at: now, org_key };
-                node.create(id, DocKind::Session, SessionWriter::create(node.signer(), &info)?).await?;
-                id
-            }
-        };
+        let session = existing.get(&name).copied().unwrap_or_else(random_id);
         let r = CommandRequest {
             id: random_id(),
             session,
@@ -327,12 +322,21 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
             expires_at: now + req.approval_window.as_millis() as u64,
         };
         let signer = node.signer().clone();
-        let request = r.clone();
-        node.change(session, move |doc| SessionWriter::request(doc, &signer, &request))
-            .await?
-            .context("writing the request")?;
+        if existing.contains_key(&name) {
+            let request = r.clone();
+            node.change(session, move |doc| SessionWriter::request(doc, &signer, &request))
+                .await?
+                .context("writing the request")?;
+        } else {
+            // A new session and its request, built here and stored with the others in one go.
+            let info = SessionInfo { id: session, name, labels: req.labels.clone(), created_at: now, org_key };
+            let mut doc = SessionWriter::create(&signer, &info)?;
+            SessionWriter::request(&mut doc, &signer, &r)?;
+            new_sessions.push((session, DocKind::Session, doc));
+        }
         asked.push(Asked { session, request: r.id, machine });
     }
+    node.create_many(new_sessions).await?;
     Ok(asked)
 }
 

@@ -1,0 +1,211 @@
+//! # caisey-bench: what a technician waits for, measured
+//!
+//! Every row runs real parts: iroh endpoints on 127.0.0.1, redb files in temporary homes, the
+//! agent daemon (approvals through its local socket, commands through the real runner) and the
+//! sync code, in one process ([`org`]), or as separate processes where memory and CPU of one node
+//! are the point. `cargo run --release -p caisey-bench` runs the full sizes and writes
+//! `docs/benchmarks.md`; `-- --quick` runs tiny sizes in seconds (part of the test command, so the
+//! benchmark keeps working).
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod org;
+pub mod rows;
+
+use std::time::Duration;
+
+/// Sizes for one run.
+#[derive(Debug, Clone)]
+pub struct Sizes {
+    pub stream_bytes: usize,
+    pub latency_lines: usize,
+    pub groups: Vec<usize>,
+    pub offline_commands: usize,
+    pub big_commands: usize,
+    pub big_each: usize,
+    pub idle: Duration,
+    pub relay_agents: usize,
+}
+
+impl Sizes {
+    pub fn full() -> Self {
+        Self {
+            stream_bytes: 64 << 20,
+            latency_lines: 200,
+            groups: vec![10, 100, 1000],
+            offline_commands: 10_000,
+            big_commands: 1000,
+            big_each: 100 << 10,
+            idle: Duration::from_secs(60),
+            relay_agents: 1000,
+        }
+    }
+
+    pub fn quick() -> Self {
+        Self {
+            stream_bytes: 1 << 20,
+            latency_lines: 20,
+            groups: vec![3],
+            offline_commands: 50,
+            big_commands: 20,
+            big_each: 10 << 10,
+            idle: Duration::from_secs(2),
+            relay_agents: 5,
+        }
+    }
+}
+
+/// One line of the table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub measure: String,
+    pub result: String,
+    pub target: String,
+    /// `Some(true)` met, `Some(false)` missed, `None` report only.
+    pub met: Option<bool>,
+}
+
+fn row(measure: impl Into<String>, result: impl Into<String>, target: &str, met: Option<bool>) -> Row {
+    Row { measure: measure.into(), result: result.into(), target: target.into(), met }
+}
+
+fn failed(measure: &str, target: &str, e: anyhow::Error) -> Row {
+    row(measure, format!("failed: {e:#}"), target, Some(false))
+}
+
+/// Runs every row, printing each as it completes.
+pub async fn run(sizes: &Sizes) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut push = |r: Row| {
+        eprintln!("  {} → {}", r.measure, r.result);
+        rows.push(r);
+    };
+    let mib = sizes.stream_bytes as f64 / (1 << 20) as f64;
+    match rows::streaming(sizes.stream_bytes).await {
+        Ok((caisey, raw, agent_disk, relay_disk)) => {
+            let ratio = caisey / raw;
+            push(row(
+                format!("output streamed agent → doc → technician ({mib:.0} MiB)"),
+                format!("{caisey:.1} MiB/s"),
+                "",
+                None,
+            ));
+            push(row("same bytes over a raw iroh stream", format!("{raw:.1} MiB/s"), "", None));
+            push(row("ratio caisey / raw", format!("{ratio:.2}"), "≥ 0.5", Some(ratio >= 0.5)));
+            let (a, r) = (agent_disk as f64 / sizes.stream_bytes as f64, relay_disk as f64 / sizes.stream_bytes as f64);
+            push(row("bytes on disk per output byte: agent store", format!("{a:.2}"), "≤ 1.2", Some(a <= 1.2)));
+            push(row("bytes on disk per output byte: relay store", format!("{r:.2}"), "≤ 1.2", Some(r <= 1.2)));
+        }
+        Err(e) => push(failed("output streaming and disk use", "ratio ≥ 0.5, ≤ 1.2", e)),
+    }
+    match rows::line_latency(sizes.latency_lines).await {
+        Ok(l) => {
+            let (p50, p99) = (rows::percentile(&l, 0.5), rows::percentile(&l, 0.99));
+            push(row(
+                format!("one output line written → in technician's doc, p50 / p99 ({} lines)", l.len()),
+                format!("{p50:.1} ms / {p99:.1} ms"),
+                "≤ 30 ms / ≤ 150 ms",
+                Some(p50 <= 30.0 && p99 <= 150.0),
+            ));
+        }
+        Err(e) => push(failed("line latency", "≤ 30 ms / ≤ 150 ms", e)),
+    }
+    for &n in &sizes.groups {
+        let target = if n >= 1000 { "≤ 3 s" } else { "" };
+        match rows::group_run(n).await {
+            Ok(s) => push(row(
+                format!("group run on {n} agents until every exit code is back"),
+                format!("{s:.2} s"),
+                target,
+                (n >= 1000).then_some(s <= 3.0),
+            )),
+            Err(e) => push(failed(&format!("group run on {n} agents"), target, e)),
+        }
+    }
+    match rows::offline_catch_up(sizes.offline_commands).await {
+        Ok(s) => push(row(
+            format!("technician offline while {} commands ran: reconnect until synced", sizes.offline_commands),
+            format!("{s:.2} s"),
+            "≤ 2 s",
+            Some(s <= 2.0),
+        )),
+        Err(e) => push(failed("offline catch-up", "≤ 2 s", e)),
+    }
+    let big_mib = (sizes.big_commands * sizes.big_each) as f64 / (1 << 20) as f64;
+    match rows::open_big_session(sizes.big_commands, sizes.big_each).await {
+        Ok((load, list)) => push(row(
+            format!(
+                "open a session of {} commands / {big_mib:.0} MiB output: node start+load, then list",
+                sizes.big_commands
+            ),
+            format!("{load:.0} ms + {list:.0} ms"),
+            "≤ 200 ms",
+            Some(load + list <= 200.0),
+        )),
+        Err(e) => push(failed("open a big session", "≤ 200 ms", e)),
+    }
+    let secs = sizes.idle.as_secs();
+    match rows::agent_idle(sizes.idle).await {
+        Ok((rss, cpu)) => push(row(
+            format!("agent idle {secs} s (own process): RSS, CPU time"),
+            format!("{rss:.1} MiB, {cpu:.2} s"),
+            "≤ 25 MiB, ≈ 0",
+            Some(rss <= 25.0 && cpu <= 0.05 * secs as f64),
+        )),
+        Err(e) => push(failed("agent idle", "≤ 25 MiB, ≈ 0", e)),
+    }
+    match rows::relay_idle(sizes.relay_agents, sizes.idle).await {
+        Ok((rss, cpu)) => push(row(
+            format!("relay (own process) with {} connected idle agents, {secs} s: RSS, CPU", sizes.relay_agents),
+            format!("{rss:.1} MiB, {cpu:.2} s"),
+            "report; ≤ 200 MiB",
+            Some(rss <= 200.0),
+        )),
+        Err(e) => push(failed("relay with idle agents", "≤ 200 MiB", e)),
+    }
+    rows
+}
+
+/// The markdown table.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::from("| measure | result | target | |\n|---|---|---|---|\n");
+    for r in rows {
+        let mark = match r.met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "",
+        };
+        out.push_str(&format!("| {} | {} | {} | {mark} |\n", r.measure, r.result, r.target));
+    }
+    out
+}
+
+/// What the numbers were taken on.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().next().map(|l| {
+                l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0 / 1024.0
+            })
+        })
+        .unwrap_or(0.0);
+    format!("{cpu}, {cores} cores, {mem:.0} GiB RAM, {} {}", std::env::consts::OS, std::env::consts::ARCH)
+}
+
+pub fn report_markdown(rows: &[Row], took: Duration) -> String {
+    format!(
+        "# Benchmarks\n\nMachine: {}. Run took {:.0} s.\n\nReproduce: `cargo run --release -p caisey-bench` (writes this file); `cargo run -p caisey-bench -- --quick` for tiny sizes.\n\nEvery row runs real iroh endpoints on 127.0.0.1, real redb files, the real agent daemon and runner, and the real sync code; see `crates/bench/src/rows.rs` for how each is taken.\n\n{}",
+        machine(),
+        took.as_secs_f64(),
+        table(rows)
+    )
+}

@@ -1,0 +1,552 @@
+//! One function per row of the table. Each builds what it measures from real parts and tears
+//! it down; timings are wall-clock from the moment the user would act to the moment the
+//! technician's node holds the result.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use caisey_doc::automerge::Automerge;
+use caisey_doc::fleet::Contact;
+use caisey_doc::id::{DocId, Id128};
+use caisey_doc::session::{
+    CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, SessionInfo, SessionView, SessionWriter, Shell,
+    Start, Stream, Verdict,
+};
+use caisey_peer::node::{Node, NodeEvent};
+use caisey_peer::wire::DocKind;
+use caisey_viewer::tech::{self, RunRequest, Targets};
+use iroh::endpoint::presets;
+use iroh::{Endpoint, Watcher as _};
+
+use crate::org::{Org, options};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn spec(script: String) -> CommandSpec {
+    CommandSpec { shell: Shell::Sh, script, cwd: None, env: Default::default(), timeout_ms: 3_600_000 }
+}
+
+fn run_request(targets: Targets, session: &str, script: String) -> RunRequest {
+    RunRequest {
+        targets,
+        session: Some(session.into()),
+        labels: vec![],
+        command: spec(script),
+        description: "benchmark".into(),
+        approval_window: Duration::from_secs(3600),
+    }
+}
+
+/// Waits until the technician holds the end of every `(session, request)`.
+async fn wait_ends(tech: &Node, wanted: &[(DocId, Id128)], timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut events = tech.subscribe();
+    let mut left: Vec<(DocId, Id128)> = wanted.to_vec();
+    loop {
+        let fleet = tech.fleet().await?;
+        let check = left.clone();
+        let done: Vec<bool> = tech
+            .with_core(move |core| {
+                check
+                    .iter()
+                    .map(|(s, r)| {
+                        core.hub
+                            .doc(s)
+                            .and_then(|d| SessionView::read_without_output(d, &fleet).ok())
+                            .and_then(|v| v.command(r).map(|c| c.end.is_some()))
+                            .unwrap_or(false)
+                    })
+                    .collect()
+            })
+            .await?;
+        left = left.into_iter().zip(done).filter(|(_, d)| !d).map(|(w, _)| w).collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        let wait = tokio::time::timeout_at(deadline, async {
+            // Drain a burst of events before re-checking: checking is not free.
+            let _ = events.recv().await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            while events.try_recv().is_ok() {}
+        });
+        if wait.await.is_err() {
+            bail!("{} of {} commands had not ended after {timeout:?}", left.len(), wanted.len());
+        }
+    }
+}
+
+fn output_bytes(doc: &Automerge, req: &CommandRequest) -> usize {
+    SessionView::read_output_from(doc, req, 0).0.iter().map(|c| c.data.len()).sum()
+}
+
+/// Output streamed agent → session document → technician, and the same bytes over a raw iroh
+/// stream. Returns (caisey MiB/s, raw MiB/s, agent store bytes, relay store bytes).
+pub async fn streaming(size: usize) -> Result<(f64, f64, u64, u64)> {
+    let mut org = Org::new(1, "bench", None).await?;
+    org.start_agents().await?;
+    let agent = &org.agents[0];
+    let agent_node = agent.node.clone().ok_or_else(|| anyhow!("agent not started"))?;
+    org.tech.dial(&Contact { node: agent.node_id, addrs: agent_node.addrs() }).await?;
+    let script = format!("head -c {size} /dev/urandom | base64 -w 0 | head -c {size}");
+    let asked = tech::ask(&org.tech, run_request(Targets::Machine(agent.name.clone()), "stream", script)).await?;
+    let (session, request) = (asked[0].session, asked[0].request);
+    let started = Instant::now();
+    Org::approve(&agent.socket(), request).await?;
+    wait_ends(&org.tech, &[(session, request)], Duration::from_secs(600)).await?;
+    let elapsed = started.elapsed();
+    let fleet = org.tech.fleet().await?;
+    let got = org
+        .tech
+        .read(session, move |d| {
+            let view = SessionView::read_without_output(d, &fleet).ok()?;
+            Some(output_bytes(d, &view.command(&request)?.request))
+        })
+        .await?
+        .flatten()
+        .unwrap_or(0);
+    if got != size {
+        bail!("the technician holds {got} of {size} output bytes");
+    }
+    let relay = org.relay.clone().ok_or_else(|| anyhow!("no relay"))?;
+    relay.wait_in_sync(agent.node_id, Duration::from_secs(120)).await?;
+    let agent_disk = std::fs::metadata(agent.home.join("store.redb"))?.len();
+    let relay_disk = std::fs::metadata(org.root.path().join("relay").join("store.redb"))?.len();
+    org.stop().await?;
+    let raw = raw_iroh(size).await?;
+    Ok((size as f64 / MIB / elapsed.as_secs_f64(), raw, agent_disk, relay_disk))
+}
+
+/// MiB/s of `size` bytes over one bi-stream between two iroh endpoints on loopback.
+pub async fn raw_iroh(size: usize) -> Result<f64> {
+    const ALPN: &[u8] = b"caisey/bench-raw/1";
+    let bind = |alpns: Vec<Vec<u8>>| async move {
+        Endpoint::builder(presets::Minimal)
+            .alpns(alpns)
+            .clear_ip_transports()
+            .bind_addr("127.0.0.1:0")?
+            .bind()
+            .await
+            .map_err(anyhow::Error::from)
+    };
+    let server = bind(vec![ALPN.to_vec()]).await?;
+    let client = bind(vec![]).await?;
+    let addr = server.watch_addr().get();
+    let receiver = tokio::spawn({
+        let server = server.clone();
+        async move {
+            let incoming = server.accept().await.ok_or_else(|| anyhow!("no connection"))?;
+            let conn = incoming.await?;
+            let (_send, mut recv) = conn.accept_bi().await?;
+            let mut total = 0usize;
+            let mut buf = vec![0u8; 256 * 1024];
+            while let Some(n) = recv.read(&mut buf).await? {
+                total += n;
+            }
+            conn.close(0u32.into(), b"done");
+            anyhow::Ok(total)
+        }
+    });
+    let conn = client.connect(addr, ALPN).await?;
+    let (mut send, _recv) = conn.open_bi().await?;
+    let block: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < size {
+        let n = block.len().min(size - sent);
+        send.write_all(&block[..n]).await?;
+        sent += n;
+    }
+    send.finish()?;
+    let received = receiver.await??;
+    let elapsed = started.elapsed();
+    if received != size {
+        bail!("raw stream delivered {received} of {size} bytes");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.close()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), server.close()).await;
+    Ok(size as f64 / MIB / elapsed.as_secs_f64())
+}
+
+/// Milliseconds from a line being written by the command to it being in the technician's
+/// document, for `lines` lines written every 50 ms. Returns the sorted latencies.
+pub async fn line_latency(lines: usize) -> Result<Vec<f64>> {
+    let mut org = Org::new(1, "bench", None).await?;
+    org.start_agents().await?;
+    let agent = &org.agents[0];
+    let agent_node = agent.node.clone().ok_or_else(|| anyhow!("agent not started"))?;
+    org.tech.dial(&Contact { node: agent.node_id, addrs: agent_node.addrs() }).await?;
+    let script = format!("for i in $(seq 1 {lines}); do date +%s%N; sleep 0.05; done");
+    let asked = tech::ask(&org.tech, run_request(Targets::Machine(agent.name.clone()), "latency", script)).await?;
+    let (session, request) = (asked[0].session, asked[0].request);
+    let fleet = org.tech.fleet().await?;
+    let req = org
+        .tech
+        .read(session, move |d| {
+            SessionView::read_without_output(d, &fleet)
+                .ok()
+                .and_then(|v| v.command(&request).map(|c| c.request.clone()))
+        })
+        .await?
+        .flatten()
+        .ok_or_else(|| anyhow!("request not found"))?;
+    let mut events = org.tech.subscribe();
+    Org::approve(&agent.socket(), request).await?;
+    let mut latencies = Vec::new();
+    let (mut pos, mut partial) = (0usize, String::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60 + lines as u64);
+    while latencies.len() < lines {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => bail!("only {} of {lines} lines arrived", latencies.len()),
+            Ok(Ok(NodeEvent::DocChanged(d))) if d == session => {}
+            Ok(_) => continue,
+        }
+        let r = req.clone();
+        let (chunks, next) =
+            org.tech.read(session, move |d| SessionView::read_output_from(d, &r, pos)).await?.unwrap_or_default();
+        let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as f64;
+        pos = next;
+        for c in chunks.iter().filter(|c| c.stream == Stream::Stdout) {
+            partial.push_str(&String::from_utf8_lossy(&c.data));
+        }
+        while let Some(i) = partial.find('\n') {
+            let line: String = partial.drain(..=i).collect();
+            if let Ok(t) = line.trim().parse::<f64>() {
+                latencies.push((now_ns - t) / 1e6);
+            }
+        }
+    }
+    org.stop().await?;
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies)
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Seconds from asking a group of `n` agents until every exit code is back at the technician;
+/// each agent's user approves over its local socket as soon as the request shows up.
+pub async fn group_run(n: usize) -> Result<f64> {
+    let mut org = Org::new(n, "bench", None).await?;
+    org.start_agents().await?;
+    let started = Instant::now();
+    let asked = tech::ask(&org.tech, run_request(Targets::Group("bench".into()), "group", "echo ok".into())).await?;
+    let mut approvals = Vec::new();
+    for a in &asked {
+        let socket = org
+            .agents
+            .iter()
+            .find(|x| x.node_id == a.machine.node)
+            .map(|x| x.socket())
+            .ok_or_else(|| anyhow!("agent"))?;
+        let request = a.request;
+        approvals.push(tokio::spawn(async move { Org::approve(&socket, request).await }));
+    }
+    let wanted: Vec<(DocId, Id128)> = asked.iter().map(|a| (a.session, a.request)).collect();
+    wait_ends(&org.tech, &wanted, Duration::from_secs(300)).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    for a in approvals {
+        a.await??;
+    }
+    org.stop().await?;
+    Ok(elapsed)
+}
+
+/// The technician is offline while one agent runs `commands` commands; seconds from the
+/// technician's node starting again to being in sync with the relay (holding every result).
+pub async fn offline_catch_up(commands: usize) -> Result<f64> {
+    let mut org = Org::new(1, "bench", None).await?;
+    org.start_agents().await?;
+    let (agent_id, agent_node) =
+        (org.agents[0].node_id, org.agents[0].node.clone().ok_or_else(|| anyhow!("agent not started"))?);
+    let fleet = org.tech.fleet().await?;
+    let org_key = fleet.org_key.ok_or_else(|| anyhow!("no org"))?;
+    // The technician queues the commands, hands them to the relay, and goes away.
+    let session = Id128(rand_id());
+    let info = SessionInfo { id: session, name: "offline".into(), labels: vec![], created_at: 0, org_key };
+    let mut doc = SessionWriter::create(org.tech.signer(), &info)?;
+    let mut reqs = Vec::new();
+    for i in 0..commands {
+        let r = CommandRequest {
+            id: Id128(rand_id()),
+            session,
+            target: agent_id,
+            command: spec(format!("check {i}")),
+            description: String::new(),
+            requested_at: i as u64,
+            expires_at: u64::MAX,
+        };
+        SessionWriter::request(&mut doc, org.tech.signer(), &r)?;
+        reqs.push(r);
+    }
+    org.tech.create(session, DocKind::Session, doc).await?;
+    let relay_id = org.relay_contact.node;
+    org.tech.wait_in_sync(relay_id, Duration::from_secs(120)).await?;
+    let tech_home = org.root.path().join("tech");
+    org.tech.shutdown().await;
+    let org = org.without_tech();
+    // What the agent writes for each command it runs: decision, start, output, end (100 per change).
+    let me = agent_id;
+    let tech_id = fleet
+        .members
+        .values()
+        .find(|m| m.role == caisey_doc::fleet::Role::Technician)
+        .map(|m| m.node)
+        .ok_or_else(|| anyhow!("no technician"))?;
+    for batch in reqs.chunks(100) {
+        let batch = batch.to_vec();
+        let signer = agent_node.signer().clone();
+        agent_node
+            .change(session, move |doc| -> Result<()> {
+                for r in &batch {
+                    let d = Decision {
+                        request: r.id,
+                        session,
+                        target: me,
+                        requester: tech_id,
+                        command_hash: r.command.hash(),
+                        verdict: Verdict::Approved,
+                        decided_by: "local user".into(),
+                        decided_at: 1,
+                        expires_at: 1,
+                        nonce: Id128(rand_id()),
+                    };
+                    let start = Start { request: r.id, session, started_at: 1, approved_by: me, nonce: d.nonce };
+                    SessionWriter::start(doc, &signer, Some(&d), &start)?;
+                    let out = OutputChunk { request: r.id, seq: 0, stream: Stream::Stdout, data: b"ok\n".to_vec() };
+                    SessionWriter::append_output(doc, &signer, &[out])?;
+                    let end = End {
+                        request: r.id,
+                        session,
+                        status: EndStatus::Exited,
+                        exit_code: Some(0),
+                        ended_at: 2,
+                        chunks: 1,
+                        message: None,
+                    };
+                    SessionWriter::end(doc, &signer, &end)?;
+                }
+                Ok(())
+            })
+            .await??;
+    }
+    if let Some(relay) = &org.relay {
+        relay.wait_in_sync(me, Duration::from_secs(300)).await?;
+    }
+    // Back online.
+    let started = Instant::now();
+    let tech = reopen(&tech_home).await?;
+    tech.dial(&org.relay_contact).await?;
+    if !tech.wait_in_sync(relay_id, Duration::from_secs(300)).await? {
+        bail!("the technician did not catch up");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let fleet = tech.fleet().await?;
+    let ended = tech
+        .read(session, move |d| {
+            SessionView::read_without_output(d, &fleet).map(|v| v.commands.iter().filter(|c| c.end.is_some()).count())
+        })
+        .await?
+        .ok_or_else(|| anyhow!("session missing"))??;
+    if ended != commands {
+        bail!("after catching up the technician sees {ended} of {commands} results");
+    }
+    org.with_tech(tech).stop().await?;
+    Ok(elapsed)
+}
+
+/// Starts a node again on a home whose previous node is shutting down (its store may still be
+/// closing for a moment).
+async fn reopen(home: &Path) -> Result<Node> {
+    let mut last = None;
+    for _ in 0..100 {
+        match Node::start(options(home)?).await {
+            Ok(node) => return Ok(node),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(last.unwrap_or_else(|| anyhow!("could not reopen {}", home.display())))
+}
+
+fn rand_id() -> [u8; 16] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u8; 16];
+    for half in out.chunks_mut(8) {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+        );
+        half.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    out
+}
+
+/// A session of `commands` commands with `each` bytes of output each, stored on a technician's
+/// node; milliseconds from starting that node to listing the session's commands (as
+/// `(start and load ms, list ms)`).
+pub async fn open_big_session(commands: usize, each: usize) -> Result<(f64, f64)> {
+    let org = Org::new(1, "bench", None).await?;
+    let agent = &org.agents[0];
+    let agent_signer = caisey_peer::home::Home::new(Some(agent.home.clone()), "bench")?.node_key()?;
+    let fleet = org.tech.fleet().await?;
+    let org_key = fleet.org_key.ok_or_else(|| anyhow!("no org"))?;
+    let session = Id128(rand_id());
+    let info = SessionInfo { id: session, name: "big".into(), labels: vec![], created_at: 0, org_key };
+    let signer = org.tech.signer().clone();
+    let mut doc = SessionWriter::create(&signer, &info)?;
+    let chunk: Vec<u8> = (0..32 * 1024).map(|i| b'a' + (i * 13 % 26) as u8).collect();
+    for i in 0..commands {
+        let r = CommandRequest {
+            id: Id128(rand_id()),
+            session,
+            target: agent.node_id,
+            command: spec(format!("collect logs {i}")),
+            description: String::new(),
+            requested_at: i as u64,
+            expires_at: u64::MAX,
+        };
+        SessionWriter::request(&mut doc, &signer, &r)?;
+        let d = Decision {
+            request: r.id,
+            session,
+            target: agent.node_id,
+            requester: signer.node_id(),
+            command_hash: r.command.hash(),
+            verdict: Verdict::Approved,
+            decided_by: "local user".into(),
+            decided_at: 1,
+            expires_at: 1,
+            nonce: Id128(rand_id()),
+        };
+        let start = Start { request: r.id, session, started_at: 1, approved_by: agent.node_id, nonce: d.nonce };
+        SessionWriter::start(&mut doc, &agent_signer, Some(&d), &start)?;
+        let mut seq = 0u64;
+        let mut left = each;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            let c = OutputChunk { request: r.id, seq, stream: Stream::Stdout, data: chunk[..n].to_vec() };
+            SessionWriter::append_output(&mut doc, &agent_signer, &[c])?;
+            seq += 1;
+            left -= n;
+        }
+        let end = End {
+            request: r.id,
+            session,
+            status: EndStatus::Exited,
+            exit_code: Some(0),
+            ended_at: 2,
+            chunks: seq,
+            message: None,
+        };
+        SessionWriter::end(&mut doc, &agent_signer, &end)?;
+    }
+    org.tech.create(session, DocKind::Session, doc).await?;
+    let tech_home = org.root.path().join("tech");
+    org.tech.shutdown().await;
+    drop(org.tech);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let tech = reopen(&tech_home).await?;
+    let loaded = started.elapsed();
+    let fleet = tech.fleet().await?;
+    let listed = tech
+        .read(session, move |d| SessionView::read_without_output(d, &fleet).map(|v| v.commands.len()))
+        .await?
+        .ok_or_else(|| anyhow!("session missing"))??;
+    let total = started.elapsed();
+    if listed != commands {
+        bail!("listed {listed} of {commands} commands");
+    }
+    tech.shutdown().await;
+    if let Some(r) = org.relay {
+        r.shutdown().await;
+    }
+    Ok((loaded.as_secs_f64() * 1000.0, (total - loaded).as_secs_f64() * 1000.0))
+}
+
+/// RSS (MiB) and CPU seconds of process `pid` over `window`, after a settling period.
+pub async fn watch_process(pid: u32, settle: Duration, window: Duration) -> Result<(f64, f64)> {
+    tokio::time::sleep(settle).await;
+    let cpu0 = cpu_seconds(pid)?;
+    tokio::time::sleep(window).await;
+    let cpu1 = cpu_seconds(pid)?;
+    Ok((rss_mib(pid)?, cpu1 - cpu0))
+}
+
+fn rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("reading /proc status")?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS"))?;
+    Ok(kb / 1024.0)
+}
+
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("reading /proc stat")?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or_else(|| anyhow!("bad stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    Ok(ticks / 100.0)
+}
+
+/// A process running this binary in a daemon mode, killed when dropped.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An enrolled agent running as its own process, idle for `window`: (RSS MiB, CPU s).
+pub async fn agent_idle(window: Duration) -> Result<(f64, f64)> {
+    let org = Org::new(1, "bench", None).await?;
+    let home = org.agents[0].home.clone();
+    let child = Child(
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("--agent-daemon")
+            .arg(&home)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let result = watch_process(child.0.id(), Duration::from_secs(3), window).await;
+    drop(child);
+    org.stop().await?;
+    result
+}
+
+/// A relay as its own process with `agents` idle agents connected (each a real daemon, here):
+/// (RSS MiB, CPU s over `window`).
+pub async fn relay_idle(agents: usize, window: Duration) -> Result<(f64, f64)> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir()?;
+    let mut relay = Child(
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("--relay-daemon")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let stdout = relay.0.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let ticket = std::io::BufReader::new(stdout).lines().next().ok_or_else(|| anyhow!("relay printed nothing"))??;
+    let mut org = Org::new(agents, "bench", Some((dir.path(), ticket.trim()))).await?;
+    org.start_agents().await?;
+    let result = watch_process(relay.0.id(), Duration::from_secs(2), window).await;
+    org.stop().await?;
+    drop(relay);
+    result
+}
