@@ -33,6 +33,9 @@ pub const HEARTBEAT: Duration = Duration::from_secs(15);
 pub struct Agent {
     node: Node,
     state: Arc<Mutex<State>>,
+    /// One refresh at a time: a refresh reads a session, then stores its view; interleaved, an
+    /// older read could be stored over a newer one.
+    refreshing: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Default)]
@@ -54,7 +57,7 @@ pub async fn run_node(node: Node, shutdown: impl Future<Output = ()>) -> Result<
         node.shutdown().await;
         bail!("this agent is not enrolled; run `caisey-agent enroll TOKEN` first");
     }
-    let agent = Agent { node: node.clone(), state: Arc::default() };
+    let agent = Agent { node: node.clone(), state: Arc::default(), refreshing: Arc::default() };
     let mut events = node.subscribe();
     node.keep_relays_connected();
     agent.publish_card().await?;
@@ -131,14 +134,16 @@ impl Agent {
 
     /// Re-reads one session (if it targets us) after it changed.
     async fn refresh(&self, doc: DocId) {
+        let _one_at_a_time = self.refreshing.lock().await;
         let me = self.node.id();
-        let Ok(fleet) = self.node.fleet().await else { return };
+        // Read where the fleet is, rather than copying it for every change of every session.
         let view = self
             .node
-            .read(doc, move |d| SessionView::read_without_output(d, &fleet).ok())
+            .with_core(move |core| {
+                core.hub.doc(&doc).and_then(|d| SessionView::read_without_output(d, core.hub.fleet()).ok())
+            })
             .await
             .ok()
-            .flatten()
             .flatten()
             .filter(|v| v.targets.contains(&me));
         debug!(doc = %doc.short(), targets_me = view.is_some(), "session refreshed");
@@ -206,7 +211,6 @@ impl Agent {
                 if self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.contains(&request) {
                     return Ok(());
                 }
-                warn!(request = %request.short(), "command was running when the agent stopped; recording it as interrupted");
                 let end = End {
                     request,
                     session,
@@ -222,6 +226,7 @@ impl Agent {
                         // Only if it still has no end, as the document stands now.
                         let view = SessionView::read_without_output(&*doc, &fleet)?;
                         if view.command(&request).is_some_and(|c| c.start.is_some() && c.end.is_none()) {
+                            warn!(request = %request.short(), "command was running when the agent stopped; recording it as interrupted");
                             SessionWriter::end(doc, &signer, &end)?;
                         }
                         Ok(())
@@ -369,15 +374,16 @@ impl Agent {
     }
 
     async fn pending_items(&self) -> Vec<PendingItem> {
-        let fleet = self.node.fleet().await.unwrap_or_default();
         let pending = self.state.lock().map(|st| st.pending.clone()).unwrap_or_default();
-        pending
-            .into_iter()
-            .map(|p| PendingItem {
+        let mut items = Vec::with_capacity(pending.len());
+        for p in pending {
+            let technician =
+                self.node.member_name(p.requester).await.ok().flatten().unwrap_or_else(|| "unknown".into());
+            items.push(PendingItem {
                 id: p.code,
                 request: p.id,
                 session: p.session_name,
-                technician: fleet.members.get(&p.requester).map(|m| m.name.clone()).unwrap_or_else(|| "unknown".into()),
+                technician,
                 technician_key: p.requester,
                 shell: p.request.command.shell,
                 script: p.request.command.script,
@@ -386,8 +392,9 @@ impl Agent {
                 description: p.request.description,
                 requested_at: p.request.requested_at,
                 expires_at: p.request.expires_at,
-            })
-            .collect()
+            });
+        }
+        items
     }
 }
 

@@ -73,6 +73,14 @@ fn failed(measure: &str, target: &str, e: anyhow::Error) -> Row {
     row(measure, format!("failed: {e:#}"), target, Some(false))
 }
 
+/// The environment variable naming the rows to run (comma-separated: stream, latency, group,
+/// offline, open, agent, relay); all when unset. For profiling one row.
+pub const ONLY_ENV: &str = "CAISEY_BENCH_ONLY";
+
+fn wanted(row: &str) -> bool {
+    std::env::var(ONLY_ENV).map(|v| v.split(',').any(|r| r.trim() == row)).unwrap_or(true)
+}
+
 /// Runs every row, printing each as it completes.
 pub async fn run(sizes: &Sizes) -> Vec<Row> {
     let mut rows = Vec::new();
@@ -81,36 +89,41 @@ pub async fn run(sizes: &Sizes) -> Vec<Row> {
         rows.push(r);
     };
     let mib = sizes.stream_bytes as f64 / (1 << 20) as f64;
-    match rows::streaming(sizes.stream_bytes).await {
-        Ok((caisey, raw, agent_disk, relay_disk)) => {
-            let ratio = caisey / raw;
-            push(row(
-                format!("output streamed agent → doc → technician ({mib:.0} MiB)"),
-                format!("{caisey:.1} MiB/s"),
-                "",
-                None,
-            ));
-            push(row("same bytes over a raw iroh stream", format!("{raw:.1} MiB/s"), "", None));
-            push(row("ratio caisey / raw", format!("{ratio:.2}"), "≥ 0.5", Some(ratio >= 0.5)));
-            let (a, r) = (agent_disk as f64 / sizes.stream_bytes as f64, relay_disk as f64 / sizes.stream_bytes as f64);
-            push(row("bytes on disk per output byte: agent store", format!("{a:.2}"), "≤ 1.2", Some(a <= 1.2)));
-            push(row("bytes on disk per output byte: relay store", format!("{r:.2}"), "≤ 1.2", Some(r <= 1.2)));
+    if wanted("stream") {
+        match rows::streaming(sizes.stream_bytes).await {
+            Ok((caisey, raw, agent_disk, relay_disk)) => {
+                let ratio = caisey / raw;
+                push(row(
+                    format!("output streamed agent → doc → technician ({mib:.0} MiB)"),
+                    format!("{caisey:.1} MiB/s"),
+                    "",
+                    None,
+                ));
+                push(row("same bytes over a raw iroh stream", format!("{raw:.1} MiB/s"), "", None));
+                push(row("ratio caisey / raw", format!("{ratio:.2}"), "≥ 0.5", Some(ratio >= 0.5)));
+                let (a, r) =
+                    (agent_disk as f64 / sizes.stream_bytes as f64, relay_disk as f64 / sizes.stream_bytes as f64);
+                push(row("bytes on disk per output byte: agent store", format!("{a:.2}"), "≤ 1.2", Some(a <= 1.2)));
+                push(row("bytes on disk per output byte: relay store", format!("{r:.2}"), "≤ 1.2", Some(r <= 1.2)));
+            }
+            Err(e) => push(failed("output streaming and disk use", "ratio ≥ 0.5, ≤ 1.2", e)),
         }
-        Err(e) => push(failed("output streaming and disk use", "ratio ≥ 0.5, ≤ 1.2", e)),
     }
-    match rows::line_latency(sizes.latency_lines).await {
-        Ok(l) => {
-            let (p50, p99) = (rows::percentile(&l, 0.5), rows::percentile(&l, 0.99));
-            push(row(
-                format!("one output line written → in technician's doc, p50 / p99 ({} lines)", l.len()),
-                format!("{p50:.1} ms / {p99:.1} ms"),
-                "≤ 30 ms / ≤ 150 ms",
-                Some(p50 <= 30.0 && p99 <= 150.0),
-            ));
+    if wanted("latency") {
+        match rows::line_latency(sizes.latency_lines).await {
+            Ok(l) => {
+                let (p50, p99) = (rows::percentile(&l, 0.5), rows::percentile(&l, 0.99));
+                push(row(
+                    format!("one output line written → in technician's doc, p50 / p99 ({} lines)", l.len()),
+                    format!("{p50:.1} ms / {p99:.1} ms"),
+                    "≤ 30 ms / ≤ 150 ms",
+                    Some(p50 <= 30.0 && p99 <= 150.0),
+                ));
+            }
+            Err(e) => push(failed("line latency", "≤ 30 ms / ≤ 150 ms", e)),
         }
-        Err(e) => push(failed("line latency", "≤ 30 ms / ≤ 150 ms", e)),
     }
-    for &n in &sizes.groups {
+    for &n in sizes.groups.iter().filter(|_| wanted("group")) {
         let target = if n >= 1000 { "≤ 3 s" } else { "" };
         match rows::group_run(n).await {
             Ok(s) => push(row(
@@ -122,46 +135,54 @@ pub async fn run(sizes: &Sizes) -> Vec<Row> {
             Err(e) => push(failed(&format!("group run on {n} agents"), target, e)),
         }
     }
-    match rows::offline_catch_up(sizes.offline_commands).await {
-        Ok(s) => push(row(
-            format!("technician offline while {} commands ran: reconnect until synced", sizes.offline_commands),
-            format!("{s:.2} s"),
-            "≤ 2 s",
-            Some(s <= 2.0),
-        )),
-        Err(e) => push(failed("offline catch-up", "≤ 2 s", e)),
+    if wanted("offline") {
+        match rows::offline_catch_up(sizes.offline_commands).await {
+            Ok(s) => push(row(
+                format!("technician offline while {} commands ran: reconnect until synced", sizes.offline_commands),
+                format!("{s:.2} s"),
+                "≤ 2 s",
+                Some(s <= 2.0),
+            )),
+            Err(e) => push(failed("offline catch-up", "≤ 2 s", e)),
+        }
     }
     let big_mib = (sizes.big_commands * sizes.big_each) as f64 / (1 << 20) as f64;
-    match rows::open_big_session(sizes.big_commands, sizes.big_each).await {
-        Ok((load, list)) => push(row(
-            format!(
-                "open a session of {} commands / {big_mib:.0} MiB output: node start+load, then list",
-                sizes.big_commands
-            ),
-            format!("{load:.0} ms + {list:.0} ms"),
-            "≤ 200 ms",
-            Some(load + list <= 200.0),
-        )),
-        Err(e) => push(failed("open a big session", "≤ 200 ms", e)),
+    if wanted("open") {
+        match rows::open_big_session(sizes.big_commands, sizes.big_each).await {
+            Ok((load, list)) => push(row(
+                format!(
+                    "open a session of {} commands / {big_mib:.0} MiB output: node start+load, then list",
+                    sizes.big_commands
+                ),
+                format!("{load:.0} ms + {list:.0} ms"),
+                "≤ 200 ms",
+                Some(load + list <= 200.0),
+            )),
+            Err(e) => push(failed("open a big session", "≤ 200 ms", e)),
+        }
     }
     let secs = sizes.idle.as_secs();
-    match rows::agent_idle(sizes.idle).await {
-        Ok((rss, cpu)) => push(row(
-            format!("agent idle {secs} s (own process): RSS, CPU time"),
-            format!("{rss:.1} MiB, {cpu:.2} s"),
-            "≤ 25 MiB, ≈ 0",
-            Some(rss <= 25.0 && cpu <= 0.05 * secs as f64),
-        )),
-        Err(e) => push(failed("agent idle", "≤ 25 MiB, ≈ 0", e)),
+    if wanted("agent") {
+        match rows::agent_idle(sizes.idle).await {
+            Ok((rss, cpu)) => push(row(
+                format!("agent idle {secs} s (own process): RSS, CPU time"),
+                format!("{rss:.1} MiB, {cpu:.2} s"),
+                "≤ 25 MiB, ≈ 0",
+                Some(rss <= 25.0 && cpu <= 0.05 * secs as f64),
+            )),
+            Err(e) => push(failed("agent idle", "≤ 25 MiB, ≈ 0", e)),
+        }
     }
-    match rows::relay_idle(sizes.relay_agents, sizes.idle).await {
-        Ok((rss, cpu)) => push(row(
-            format!("relay (own process) with {} connected idle agents, {secs} s: RSS, CPU", sizes.relay_agents),
-            format!("{rss:.1} MiB, {cpu:.2} s"),
-            "report; ≤ 200 MiB",
-            Some(rss <= 200.0),
-        )),
-        Err(e) => push(failed("relay with idle agents", "≤ 200 MiB", e)),
+    if wanted("relay") {
+        match rows::relay_idle(sizes.relay_agents, sizes.idle).await {
+            Ok((rss, cpu)) => push(row(
+                format!("relay (own process) with {} connected idle agents, {secs} s: RSS, CPU", sizes.relay_agents),
+                format!("{rss:.1} MiB, {cpu:.2} s"),
+                "report; ≤ 200 MiB",
+                Some(rss <= 200.0),
+            )),
+            Err(e) => push(failed("relay with idle agents", "≤ 200 MiB", e)),
+        }
     }
     rows
 }

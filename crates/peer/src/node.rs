@@ -325,28 +325,41 @@ impl Node {
     /// Relays to keep in touch with: members with the relay role (addresses from their presence),
     /// plus any remembered from a token or `relay add`.
     pub async fn relay_contacts(&self) -> Result<Vec<Contact>> {
-        let fleet = self.fleet().await?;
-        let mut out: Vec<Contact> = self
-            .setting(SETTING_RELAYS)
-            .await?
-            .and_then(|b| serde_json::from_slice::<Vec<Contact>>(&b).ok())
-            .unwrap_or_default();
-        for relay in fleet.members_with_role(Role::Relay) {
-            if let Some(p) = fleet.presence.get(&relay.node) {
-                match out.iter_mut().find(|c| c.node == relay.node) {
-                    Some(c) => {
-                        for a in &p.addrs {
-                            if !c.addrs.contains(a) {
-                                c.addrs.push(a.clone());
+        let me = self.id();
+        // Read in place: this runs every half second on every node, and cloning the fleet of a
+        // large org each time would cost more than everything else an idle node does.
+        self.with_core(move |core| {
+            let mut out: Vec<Contact> = core
+                .store
+                .setting(SETTING_RELAYS)
+                .ok()
+                .flatten()
+                .and_then(|b| serde_json::from_slice::<Vec<Contact>>(&b).ok())
+                .unwrap_or_default();
+            let fleet = core.hub.fleet();
+            for relay in fleet.members_with_role(Role::Relay) {
+                if let Some(p) = fleet.presence.get(&relay.node) {
+                    match out.iter_mut().find(|c| c.node == relay.node) {
+                        Some(c) => {
+                            for a in &p.addrs {
+                                if !c.addrs.contains(a) {
+                                    c.addrs.push(a.clone());
+                                }
                             }
                         }
+                        None => out.push(Contact { node: relay.node, addrs: p.addrs.clone() }),
                     }
-                    None => out.push(Contact { node: relay.node, addrs: p.addrs.clone() }),
                 }
             }
-        }
-        out.retain(|c| c.node != self.id());
-        Ok(out)
+            out.retain(|c| c.node != me);
+            out
+        })
+        .await
+    }
+
+    /// A member's name, without copying the fleet.
+    pub async fn member_name(&self, node: NodeId) -> Result<Option<String>> {
+        self.with_core(move |core| core.hub.fleet().members.get(&node).map(|m| m.name.clone())).await
     }
 
     /// Whether `peer` is connected and holds everything we hold that it may hold.
