@@ -454,7 +454,10 @@ impl Hub {
         let incremental = entry.doc.save_after(&entry.saved_heads);
         entry.saved_heads = heads;
         let (bytes, compact) = if entry.incremental_len + incremental.len() > entry.compacted_len.max(COMPACT_FLOOR) {
-            let full = entry.doc.save();
+            // Uncompressed: command output is mostly incompressible or already written once, and
+            // deflating the whole document on every compaction dominated streaming CPU (measured
+            // with perf on caisey-bench: about half of all samples in zlib).
+            let full = entry.doc.save_nocompress();
             entry.compacted_len = full.len();
             entry.incremental_len = 0;
             (full, true)
