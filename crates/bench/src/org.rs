@@ -137,24 +137,33 @@ impl Org {
     }
 
     /// Approves (as the endpoint user, over the local socket) the pending request `request` on
-    /// `agent`, waiting for it to arrive.
-    pub async fn approve(agent_socket: &Path, request: Id128) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    /// `agent`, asking the socket again each time the agent's documents change — as a consent
+    /// window would be woken — rather than polling it.
+    pub async fn approve(agent: &Agent, request: Id128) -> Result<()> {
+        let mut events = agent.node.as_ref().map(Node::subscribe);
+        let socket = agent.socket();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
         loop {
-            if let Ok(LocalReply::Pending { pending }) = local::call(agent_socket, &LocalRequest::Pending).await
+            if let Ok(LocalReply::Pending { pending }) = local::call(&socket, &LocalRequest::Pending).await
                 && let Some(p) = pending.iter().find(|p| p.request == request)
             {
-                return match local::call(agent_socket, &LocalRequest::Approve { id: p.id.to_hex() }).await? {
+                return match local::call(&socket, &LocalRequest::Approve { id: p.id.to_hex() }).await? {
                     LocalReply::Done { .. } => Ok(()),
                     other => Err(anyhow!("approve failed: {other:?}")),
                 };
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("request {} never became pending at {}", request.short(), agent_socket.display());
+                bail!("request {} never became pending at {}", request.short(), socket.display());
             }
-            // The endpoint user notices within 20 ms; faster polling by a thousand users would only
-            // load the machine that is being measured.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            match &mut events {
+                // A change to the agent's documents is when a request can have arrived; the
+                // agent reviews it right after, so give the review a moment.
+                Some(ev) => {
+                    let _ = tokio::time::timeout(Duration::from_millis(200), ev.recv()).await;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
         }
     }
 

@@ -38,40 +38,57 @@ fn run_request(targets: Targets, session: &str, script: String) -> RunRequest {
     }
 }
 
-/// Waits until the technician holds the end of every `(session, request)`.
+/// Waits until the technician holds the end of every `(session, request)`, re-reading only the
+/// sessions that changed (re-reading all of them on every change would cost more than what is
+/// measured, at a thousand sessions).
 async fn wait_ends(tech: &Node, wanted: &[(DocId, Id128)], timeout: Duration) -> Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut events = tech.subscribe();
-    let mut left: Vec<(DocId, Id128)> = wanted.to_vec();
+    let mut left: std::collections::BTreeMap<DocId, Vec<Id128>> = std::collections::BTreeMap::new();
+    for (s, r) in wanted {
+        left.entry(*s).or_default().push(*r);
+    }
+    let mut changed: std::collections::BTreeSet<DocId> = left.keys().copied().collect();
     loop {
-        let fleet = tech.fleet().await?;
-        let check = left.clone();
-        let done: Vec<bool> = tech
+        let check: Vec<(DocId, Vec<Id128>)> =
+            changed.iter().filter_map(|s| left.get(s).map(|r| (*s, r.clone()))).collect();
+        let done: Vec<DocId> = tech
             .with_core(move |core| {
                 check
-                    .iter()
-                    .map(|(s, r)| {
+                    .into_iter()
+                    .filter(|(s, reqs)| {
                         core.hub
                             .doc(s)
-                            .and_then(|d| SessionView::read_without_output(d, &fleet).ok())
-                            .and_then(|v| v.command(r).map(|c| c.end.is_some()))
-                            .unwrap_or(false)
+                            .and_then(|d| SessionView::read_without_output(d, core.hub.fleet()).ok())
+                            .is_some_and(|v| reqs.iter().all(|r| v.command(r).is_some_and(|c| c.end.is_some())))
                     })
+                    .map(|(s, _)| s)
                     .collect()
             })
             .await?;
-        left = left.into_iter().zip(done).filter(|(_, d)| !d).map(|(w, _)| w).collect();
+        for s in done {
+            left.remove(&s);
+        }
+        changed.clear();
         if left.is_empty() {
             return Ok(());
         }
-        let wait = tokio::time::timeout_at(deadline, async {
-            // Drain a burst of events before re-checking: checking is not free.
-            let _ = events.recv().await;
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            while events.try_recv().is_ok() {}
-        });
-        if wait.await.is_err() {
-            bail!("{} of {} commands had not ended after {timeout:?}", left.len(), wanted.len());
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => bail!(
+                "{} of {} commands had not ended after {timeout:?}",
+                left.values().map(Vec::len).sum::<usize>(),
+                wanted.len()
+            ),
+            Ok(Ok(NodeEvent::DocChanged(d))) => {
+                changed.insert(d);
+            }
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => changed.extend(left.keys().copied()),
+            Ok(_) => {}
+        }
+        while let Ok(ev) = events.try_recv() {
+            if let NodeEvent::DocChanged(d) = ev {
+                changed.insert(d);
+            }
         }
     }
 }
@@ -92,7 +109,7 @@ pub async fn streaming(size: usize) -> Result<(f64, f64, u64, u64)> {
     let asked = tech::ask(&org.tech, run_request(Targets::Machine(agent.name.clone()), "stream", script)).await?;
     let (session, request) = (asked[0].session, asked[0].request);
     let started = Instant::now();
-    Org::approve(&agent.socket(), request).await?;
+    Org::approve(agent, request).await?;
     wait_ends(&org.tech, &[(session, request)], Duration::from_secs(600)).await?;
     let elapsed = started.elapsed();
     let fleet = org.tech.fleet().await?;
@@ -191,7 +208,7 @@ pub async fn line_latency(lines: usize) -> Result<Vec<f64>> {
         .flatten()
         .ok_or_else(|| anyhow!("request not found"))?;
     let mut events = org.tech.subscribe();
-    Org::approve(&agent.socket(), request).await?;
+    Org::approve(agent, request).await?;
     let mut latencies = Vec::new();
     let (mut pos, mut partial) = (0usize, String::new());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60 + lines as u64);
@@ -236,16 +253,12 @@ pub async fn group_run(n: usize) -> Result<f64> {
     org.start_agents().await?;
     let started = Instant::now();
     let asked = tech::ask(&org.tech, run_request(Targets::Group("bench".into()), "group", "echo ok".into())).await?;
+    let org = std::sync::Arc::new(org);
     let mut approvals = Vec::new();
     for a in &asked {
-        let socket = org
-            .agents
-            .iter()
-            .find(|x| x.node_id == a.machine.node)
-            .map(|x| x.socket())
-            .ok_or_else(|| anyhow!("agent"))?;
-        let request = a.request;
-        approvals.push(tokio::spawn(async move { Org::approve(&socket, request).await }));
+        let index = org.agents.iter().position(|x| x.node_id == a.machine.node).ok_or_else(|| anyhow!("agent"))?;
+        let (org, request) = (org.clone(), a.request);
+        approvals.push(tokio::spawn(async move { Org::approve(&org.agents[index], request).await }));
     }
     let wanted: Vec<(DocId, Id128)> = asked.iter().map(|a| (a.session, a.request)).collect();
     wait_ends(&org.tech, &wanted, Duration::from_secs(300)).await?;
@@ -253,6 +266,7 @@ pub async fn group_run(n: usize) -> Result<f64> {
     for a in approvals {
         a.await??;
     }
+    let org = std::sync::Arc::into_inner(org).ok_or_else(|| anyhow!("org still shared"))?;
     org.stop().await?;
     Ok(elapsed)
 }

@@ -452,17 +452,28 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
     let mut followers: Vec<Follower> =
         asked.iter().map(|a| Follower::new(a.session, Some(BTreeSet::from([a.request])), style)).collect();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // Each machine's latest view; only followers whose session changed are updated (a group of
+    // hundreds would otherwise re-read every session on every change).
+    let mut latest: Vec<Option<caisey_doc::session::CommandView>> = vec![None; followers.len()];
+    let mut changed: BTreeSet<caisey_doc::id::DocId> = asked.iter().map(|a| a.session).collect();
     let commands = loop {
-        let mut commands = Vec::new();
-        for f in &mut followers {
-            commands.extend(f.update(node).await?);
+        for (i, f) in followers.iter_mut().enumerate() {
+            if changed.contains(&asked[i].session) {
+                latest[i] = f.update(node).await?.into_iter().next();
+            }
         }
-        if commands.len() == asked.len() && commands.iter().all(|c| c.is_final()) {
-            break commands;
+        changed.clear();
+        if latest.iter().all(|c| c.as_ref().is_some_and(|c| c.is_final())) {
+            break latest.iter().flatten().cloned().collect::<Vec<_>>();
         }
         tokio::select! {
-            ev = events.recv() => if let Err(tokio::sync::broadcast::error::RecvError::Closed) = ev { bail!("node stopped") },
-            _ = tick.tick() => {}
+            ev = events.recv() => match ev {
+                Ok(NodeEvent::DocChanged(d)) => { changed.insert(d); }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => bail!("node stopped"),
+                _ => changed.extend(asked.iter().map(|a| a.session)),
+            },
+            // A slow tick re-reads everything, in case an event was missed.
+            _ = tick.tick() => changed.extend(asked.iter().map(|a| a.session)),
         }
     };
     let code_of = |c: &caisey_doc::session::CommandView| -> u8 {
