@@ -22,6 +22,8 @@ use tracing::warn;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 const FLUSH_BYTES: usize = 32 * 1024;
+/// Output after this long without any is the start of a new burst, and goes out at once.
+const QUIET: Duration = Duration::from_millis(10);
 /// After the process exits, how long to wait for its pipes to close (a background child may
 /// hold them open).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -99,6 +101,7 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
     let mut batch = Batch::default();
     let mut ticker = tokio::time::interval(FLUSH_EVERY);
     let mut last_flush = tokio::time::Instant::now() - FLUSH_EVERY;
+    let mut last_data = tokio::time::Instant::now() - QUIET;
     let mut status = None;
     let mut pipes_open = true;
     let mut drain_until = None;
@@ -106,6 +109,8 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
         tokio::select! {
             piece = rx.recv(), if pipes_open => match piece {
                 Some((stream, data)) => {
+                    let new_burst = last_data.elapsed() >= QUIET;
+                    last_data = tokio::time::Instant::now();
                     batch.push(stream, &data);
                     // Take whatever else is already waiting, so a fast command's changes grow
                     // while the previous one commits instead of queueing up.
@@ -115,9 +120,9 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
                             Err(_) => break,
                         }
                     }
-                    // A line after a quiet spell goes out at once; a chatty command is batched
-                    // to one change per FLUSH_EVERY (or per FLUSH_BYTES).
-                    if batch.bytes >= FLUSH_BYTES || last_flush.elapsed() >= FLUSH_EVERY {
+                    // The first output after a quiet spell goes out at once; a chatty command is
+                    // batched to one change per FLUSH_EVERY (or per FLUSH_BYTES).
+                    if new_burst || batch.bytes >= FLUSH_BYTES || last_flush.elapsed() >= FLUSH_EVERY {
                         flush(&node, session, &mut batch, req.id, &mut seq).await?;
                         last_flush = tokio::time::Instant::now();
                     }

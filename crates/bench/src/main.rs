@@ -39,7 +39,8 @@ fn main() -> ExitCode {
                 let started = std::time::Instant::now();
                 let rows = caisey_bench::run(&sizes).await;
                 println!("{}", caisey_bench::table(&rows));
-                if !quick {
+                // A partial run (CAISEY_BENCH_ONLY) must not replace the full report.
+                if !quick && std::env::var(caisey_bench::ONLY_ENV).is_err() {
                     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/benchmarks.md");
                     std::fs::write(&path, caisey_bench::report_markdown(&rows, started.elapsed()))?;
                     eprintln!("wrote {}", path.display());

@@ -367,7 +367,9 @@ impl Node {
         self.with_core(move |core| core.hub.in_sync_with(&peer)).await
     }
 
-    /// Waits until in sync with `peer`, or `timeout`. Returns whether it got there.
+    /// Waits until in sync with `peer`, or `timeout`. Returns whether it got there. "In sync" is
+    /// as of the peer's last message: a peer still producing changes may already be ahead again.
+    /// Right for catching up with a relay; to wait for a specific result, wait on the content.
     pub async fn wait_in_sync(&self, peer: NodeId, timeout: Duration) -> Result<bool> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut events = self.subscribe();
