@@ -93,6 +93,19 @@ async fn wait_ends(tech: &Node, wanted: &[(DocId, Id128)], timeout: Duration) ->
     }
 }
 
+/// An org with one running agent that the technician also reaches directly (as on a LAN), asked
+/// to run `script` in session `name`; not yet approved.
+async fn one_agent_asked(name: &str, script: String) -> Result<(Org, DocId, Id128)> {
+    let mut org = Org::new(1, "bench", None).await?;
+    org.start_agents().await?;
+    let agent = &org.agents[0];
+    let agent_node = agent.node.clone().ok_or_else(|| anyhow!("agent not started"))?;
+    org.tech.dial(&Contact { node: agent.node_id, addrs: agent_node.addrs() }).await?;
+    let asked = tech::ask(&org.tech, run_request(Targets::Machine(agent.name.clone()), name, script)).await?;
+    let (session, request) = (asked[0].session, asked[0].request);
+    Ok((org, session, request))
+}
+
 fn output_bytes(doc: &Automerge, req: &CommandRequest) -> usize {
     SessionView::read_output_from(doc, req, 0).0.iter().map(|c| c.data.len()).sum()
 }
@@ -100,14 +113,9 @@ fn output_bytes(doc: &Automerge, req: &CommandRequest) -> usize {
 /// Output streamed agent → session document → technician, and the same bytes over a raw iroh
 /// stream. Returns (caisey MiB/s, raw MiB/s, agent store bytes, relay store bytes).
 pub async fn streaming(size: usize) -> Result<(f64, f64, u64, u64)> {
-    let mut org = Org::new(1, "bench", None).await?;
-    org.start_agents().await?;
-    let agent = &org.agents[0];
-    let agent_node = agent.node.clone().ok_or_else(|| anyhow!("agent not started"))?;
-    org.tech.dial(&Contact { node: agent.node_id, addrs: agent_node.addrs() }).await?;
     let script = format!("head -c {size} /dev/urandom | base64 -w 0 | head -c {size}");
-    let asked = tech::ask(&org.tech, run_request(Targets::Machine(agent.name.clone()), "stream", script)).await?;
-    let (session, request) = (asked[0].session, asked[0].request);
+    let (org, session, request) = one_agent_asked("stream", script).await?;
+    let agent = &org.agents[0];
     let started = Instant::now();
     Org::approve(agent, request).await?;
     wait_ends(&org.tech, &[(session, request)], Duration::from_secs(600)).await?;
@@ -188,14 +196,9 @@ pub async fn raw_iroh(size: usize) -> Result<f64> {
 /// Milliseconds from a line being written by the command to it being in the technician's
 /// document, for `lines` lines written every 50 ms. Returns the sorted latencies.
 pub async fn line_latency(lines: usize) -> Result<Vec<f64>> {
-    let mut org = Org::new(1, "bench", None).await?;
-    org.start_agents().await?;
-    let agent = &org.agents[0];
-    let agent_node = agent.node.clone().ok_or_else(|| anyhow!("agent not started"))?;
-    org.tech.dial(&Contact { node: agent.node_id, addrs: agent_node.addrs() }).await?;
     let script = format!("for i in $(seq 1 {lines}); do date +%s%N; sleep 0.05; done");
-    let asked = tech::ask(&org.tech, run_request(Targets::Machine(agent.name.clone()), "latency", script)).await?;
-    let (session, request) = (asked[0].session, asked[0].request);
+    let (org, session, request) = one_agent_asked("latency", script).await?;
+    let agent = &org.agents[0];
     let fleet = org.tech.fleet().await?;
     let req = org
         .tech
