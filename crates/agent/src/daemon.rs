@@ -44,6 +44,9 @@ struct State {
     views: BTreeMap<DocId, SessionView>,
     pending: Vec<Pending>,
     running: BTreeSet<Id128>,
+    /// Requests a (remote) approval could not start, e.g. because this machine's user had denied
+    /// them first: not retried.
+    refused: BTreeSet<Id128>,
 }
 
 /// Runs the daemon until `shutdown` resolves.
@@ -195,17 +198,14 @@ impl Agent {
                     expires_at: now,
                     nonce: Id128(rand::random()),
                 };
-                let fleet = self.node.fleet().await?;
-                self.node
-                    .change(session, move |doc| -> Result<()> {
-                        // Decided meanwhile? Then it did not expire.
-                        let view = SessionView::read_without_output(&*doc, &fleet)?;
-                        if view.command(&request).is_some_and(|c| c.decision.is_none()) {
-                            SessionWriter::decide(doc, &signer, &d)?;
-                        }
-                        Ok(())
-                    })
-                    .await??;
+                self.record_decision(session, request, b"expired", move |view, doc| {
+                    // Decided meanwhile? Then it did not expire.
+                    if view.command(&request).is_some_and(|c| c.decision.is_none()) {
+                        SessionWriter::decide(doc, &signer, &d)?;
+                    }
+                    Ok(())
+                })
+                .await?;
             }
             Action::Interrupted { session, request } => {
                 if self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.contains(&request) {
@@ -234,7 +234,13 @@ impl Agent {
                     .await??;
             }
             Action::RunApproved { session, request } => {
-                self.consume_and_run(session, request, None).await?;
+                if self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.refused.contains(&request) {
+                    return Ok(());
+                }
+                if let Err(e) = self.consume_and_run(session, request, None).await {
+                    self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.refused.insert(request);
+                    return Err(e.context("an approval could not be used"));
+                }
             }
         }
         Ok(())
@@ -286,15 +292,42 @@ impl Agent {
             return Ok(format!("approved {}; running", p.code.short()));
         }
         let (session, id, code, signer) = (p.session, p.id, p.code, self.node.signer().clone());
-        self.node
-            .change(session, move |doc| -> Result<()> {
-                let view = SessionView::read_without_output(&*doc, &fleet)?;
-                check_still_pending(&view, id, code, me, now)?;
-                Ok(SessionWriter::decide(doc, &signer, &decision)?)
-            })
-            .await??;
+        self.record_decision(session, id, b"denied", move |view, doc| {
+            check_still_pending(view, id, code, me, now)?;
+            Ok(SessionWriter::decide(doc, &signer, &decision)?)
+        })
+        .await?;
         info!(request = %id.short(), "denied by the local user");
         Ok(format!("denied {}", code.short()))
+    }
+
+    /// Writes a denial or expiry into the session (via `write`, which checks the session as it is
+    /// now) and remembers it in this agent's store in the same transaction, so that no approval
+    /// merged in later can start the request.
+    async fn record_decision(
+        &self,
+        session: DocId,
+        id: Id128,
+        what: &'static [u8],
+        write: impl FnOnce(&SessionView, &mut caisey_doc::automerge::Automerge) -> Result<()> + Send + 'static,
+    ) -> Result<()> {
+        self.node
+            .with_core(move |core| -> Result<()> {
+                let now = now_ms();
+                let fleet = core.hub.fleet().clone();
+                let mut result = Ok(());
+                let (_, out) = core
+                    .hub
+                    .change(session, now, |doc| {
+                        result = SessionView::read_without_output(&*doc, &fleet)
+                            .map_err(anyhow::Error::from)
+                            .and_then(|view| write(&view, doc));
+                    })
+                    .ok_or_else(|| anyhow!("session {} is gone", session.short()))?;
+                result?;
+                core.apply_with(vec![Write::Setting { key: request_key(&id), value: what.to_vec() }], out)
+            })
+            .await?
     }
 
     /// The one way a command starts: re-checks the approval against the document as it is now,
@@ -304,8 +337,11 @@ impl Agent {
         let fleet = self.node.fleet().await?;
         let me = self.node.id();
         let signer = self.node.signer().clone();
-        // Marked running first, so the change below is never mistaken for an interrupted run.
-        self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.insert(id);
+        // Marked running first, so the change below is never mistaken for an interrupted run;
+        // and only one caller at a time may try to start a request.
+        if !self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.insert(id) {
+            bail!("request {} is already being started or running", id.short());
+        }
         let consumed = self
             .node
             .with_core(move |core| -> Result<CommandRequest> {
@@ -325,7 +361,7 @@ impl Agent {
                         if d.verdict != Verdict::Approved || cmd.start.is_some() {
                             bail!("request {} is not approved or already started", id.short());
                         }
-                        if now > d.expires_at {
+                        if now > d.expires_at || now > cmd.request.expires_at {
                             bail!("the approval of {} expired before it could be used", id.short());
                         }
                         (by, d.nonce)
@@ -335,9 +371,17 @@ impl Agent {
                 if core.store.setting(&key)?.is_some() {
                     bail!("approval {} was already used; it is never used twice", nonce.short());
                 }
+                // What this agent decided or started is remembered here, whatever a merge of the
+                // session later shows: a request is started at most once, never after a denial.
+                if let Some(done) = core.store.setting(&request_key(&id))? {
+                    bail!("request {} was already {} on this machine", id.short(), String::from_utf8_lossy(&done));
+                }
                 let request =
                     view.command(&id).map(|c| c.request.clone()).ok_or_else(|| anyhow!("request vanished"))?;
-                core.store.apply(&[Write::Setting { key, value: now.to_be_bytes().to_vec() }])?;
+                let consumed = vec![
+                    Write::Setting { key, value: now.to_be_bytes().to_vec() },
+                    Write::Setting { key: request_key(&id), value: b"started".to_vec() },
+                ];
                 let start = Start { request: id, session, started_at: now, approved_by, nonce };
                 let decision = local.as_ref().map(|(d, _)| d.clone());
                 let (written, out) = core
@@ -345,7 +389,8 @@ impl Agent {
                     .change(session, now, |doc| SessionWriter::start(doc, &signer, decision.as_ref(), &start))
                     .ok_or_else(|| anyhow!("session {} is gone", session.short()))?;
                 written?;
-                core.apply(out)?;
+                // The nonce, the local record and the start: one transaction.
+                core.apply_with(consumed, out)?;
                 Ok(request)
             })
             .await
@@ -396,6 +441,11 @@ impl Agent {
         }
         items
     }
+}
+
+/// The store key under which this agent remembers what it did with a request.
+fn request_key(id: &Id128) -> String {
+    format!("request/{id}")
 }
 
 /// Refuses a local decision unless the request is still undecided, unexpired, for this

@@ -459,11 +459,13 @@ impl SessionView {
     /// The agents this session is shared with, as its technicians recorded them.
     pub fn read_targets(doc: &impl ReadDoc, fleet: &Fleet) -> Vec<NodeId> {
         let mut out = Vec::new();
+        // A Target record copied from another session names that session: not believed here.
+        let Ok((info, _)) = Self::read_info(doc) else { return out };
         let Some(obj) = am::root_map(doc, "targets") else { return out };
         for (key, bytes) in am::byte_entries(doc, &obj) {
             let Ok(v) = verify_kind(&bytes, RecordKind::Target) else { continue };
             let Ok(t) = v.json::<Target>() else { continue };
-            if t.node.to_hex() == key && fleet.role_of(&v.author) == Some(Role::Technician) {
+            if t.node.to_hex() == key && t.session == info.id && fleet.role_of(&v.author) == Some(Role::Technician) {
                 out.push(t.node);
             }
         }
@@ -835,6 +837,30 @@ mod tests {
             prop_assert_eq!(va.commands[1].output.len() as u64, n2);
             prop_assert!(va.commands.iter().all(|c| c.status() == "exited"));
         }
+    }
+
+    #[test]
+    fn a_target_record_copied_from_another_session_does_not_share_this_one() {
+        let (fleet, _, _) = base();
+        let tech = signer(2);
+        let other = SessionInfo {
+            id: Id128([2; 16]),
+            name: "b".into(),
+            labels: vec![],
+            created_at: 0,
+            org_key: signer(1).node_id(),
+        };
+        let mut b = SessionWriter::create(&tech, &other).unwrap();
+        // A Target(agent 4) record signed for session [1;16], copied into session [2;16].
+        let copied =
+            tech.sign(RecordKind::Target, &Target { session: Id128([1; 16]), node: signer(4).node_id(), at: 0 });
+        b.transact::<_, _, automerge::AutomergeError>(|tx| {
+            let targets = am::ensure_root_map(tx, "targets")?;
+            tx.put(&targets, signer(4).node_id().to_hex(), copied.clone())?;
+            Ok(())
+        })
+        .unwrap();
+        assert!(SessionView::read_targets(&b, &fleet).is_empty());
     }
 
     #[test]

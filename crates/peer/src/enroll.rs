@@ -25,6 +25,9 @@ use tracing::{info, warn};
 
 use crate::node::{Node, ProtocolHandler, SETTING_RELAYS};
 use crate::rpc::{read_msg, write_msg};
+
+/// The largest enrollment request read from a peer not yet known.
+const ENROLL_MAX: usize = 16 * 1024 * 1024;
 use crate::wire::{DocKind, ENROLL_ALPN};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -50,7 +53,8 @@ async fn serve(node: Node, conn: Connection, accept_adoption: bool) {
     let peer = caisey_doc::id::NodeId(*conn.remote_id().as_bytes());
     let result = async {
         let (mut send, mut recv) = conn.accept_bi().await?;
-        let reply = match read_msg::<Request>(&mut recv).await {
+        // Anyone may knock here: a claim is small, an adoption carries the fleet document.
+        let reply = match read_msg::<Request>(&mut recv, ENROLL_MAX).await {
             Ok(Request::Claim { claim }) => match BASE64.decode(claim.as_bytes()) {
                 Ok(claim) => serve_claim(&node, peer, claim).await,
                 Err(_) => refused("claim is not valid base64"),
@@ -252,7 +256,7 @@ async fn exchange(node: &Node, contact: &Contact, request: &Request) -> Result<R
     let (mut send, mut recv) = conn.open_bi().await?;
     write_msg(&mut send, request).await?;
     send.finish()?;
-    let reply: Reply = read_msg(&mut recv).await?;
+    let reply: Reply = read_msg(&mut recv, crate::rpc::MAX_MESSAGE).await?;
     if let Reply::Welcome { fleet_doc, fleet } = &reply {
         // Keep the fleet we were given: it is how this node learns the org.
         if node.fleet_doc().await?.is_none() {

@@ -171,7 +171,7 @@ impl Hub {
             targets: vec![],
             quarantined: 0,
         };
-        entry.targets = targets_of(&entry, &self.fleet, self.machine_owners.get(&id));
+        entry.targets = targets_of(&id, &entry, &self.fleet, self.machine_owners.get(&id));
         if kind == DocKind::Session {
             entry.quarantined =
                 SessionView::read_without_output(&entry.doc, &self.fleet).map(|v| v.quarantined.len()).unwrap_or(0);
@@ -384,8 +384,15 @@ impl Hub {
             Frame::Hello { .. } => return, // a second Hello is harmless
         };
         let drop = |reason: &str| Output::Disconnect { peer, conn, reason: reason.to_string() };
+        let ignore = |reason: String| Output::Ignored { peer, reason };
+        // A machine document's id is derived from its agent: nothing else may take that id.
+        if kind != DocKind::Machine && self.machine_owners.contains_key(&id) {
+            return out.push(ignore(format!("a {kind:?} document under machine document id {}", id.short())));
+        }
         match self.docs.get(&id) {
-            Some(e) if e.kind != kind => return out.push(drop("sent a document under the wrong kind")),
+            Some(e) if e.kind != kind => {
+                return out.push(ignore(format!("document {} offered as {kind:?}, held as {:?}", id.short(), e.kind)));
+            }
             Some(e) if !may_share(&self.fleet, &peer, e.kind, &e.targets) => {
                 return out.push(Output::Ignored {
                     peer,
@@ -413,7 +420,7 @@ impl Hub {
                 };
                 // Now, not at the first change: a first sync message usually carries none, and
                 // the owner of a machine document must be allowed to send the next one.
-                entry.targets = targets_of(&entry, &self.fleet, self.machine_owners.get(&id));
+                entry.targets = targets_of(&id, &entry, &self.fleet, self.machine_owners.get(&id));
                 self.docs.insert(id, entry);
             }
         }
@@ -429,13 +436,18 @@ impl Hub {
             return out.push(drop(&format!("sync message could not be applied: {e}")));
         }
         if entry.kind == DocKind::Session && entry.doc.get_heads() != before {
-            let now_quarantined =
-                SessionView::read_without_output(&entry.doc, &self.fleet).map(|v| v.quarantined.len()).unwrap_or(0);
+            let quarantined =
+                SessionView::read_without_output(&entry.doc, &self.fleet).map(|v| v.quarantined).unwrap_or_default();
+            let now_quarantined = quarantined.len();
             if now_quarantined > entry.quarantined {
                 let n = now_quarantined - entry.quarantined;
+                let why = quarantined.last().map(|q| format!("{}: {}", q.place, q.why)).unwrap_or_default();
                 out.push(Output::Ignored {
                     peer,
-                    reason: format!("delivered {n} invalid record(s) in session {}; quarantined", id.short()),
+                    reason: format!(
+                        "delivered {n} invalid record(s) in session {}, quarantined (last: {why})",
+                        id.short()
+                    ),
                 });
             }
             entry.quarantined = now_quarantined;
@@ -481,7 +493,7 @@ impl Hub {
                 out.push(Output::Disconnect { peer, conn, reason: "no longer a member".into() });
             }
         } else if let Some(entry) = self.docs.get(&id) {
-            let targets = targets_of(entry, &self.fleet, self.machine_owners.get(&id));
+            let targets = targets_of(&id, entry, &self.fleet, self.machine_owners.get(&id));
             if let Some(e) = self.docs.get_mut(&id) {
                 e.targets = targets;
             }
@@ -499,7 +511,16 @@ impl Hub {
     /// document describes, their presence and cards, and every document's targets.
     fn refresh_fleet(&mut self) {
         let Some(doc) = self.fleet_doc.and_then(|id| self.docs.get(&id)) else { return };
-        self.fleet = Fleet::read(&doc.doc).unwrap_or_default();
+        // A fleet document that no longer reads (e.g. its genesis overwritten) changes nothing:
+        // the last good fleet stays, rather than every member being disconnected.
+        match Fleet::read(&doc.doc) {
+            Ok(fleet) => self.fleet = fleet,
+            Err(e) if self.fleet.org_key.is_some() => {
+                tracing::warn!("the fleet document no longer reads ({e}); keeping the last good fleet");
+                return;
+            }
+            Err(_) => self.fleet = Fleet::default(),
+        }
         self.machine_owners = self
             .fleet
             .members_with_role(caisey_doc::fleet::Role::Agent)
@@ -511,7 +532,7 @@ impl Hub {
         }
         let (fleet, owners) = (&self.fleet, &self.machine_owners);
         for (id, e) in self.docs.iter_mut() {
-            e.targets = targets_of(e, fleet, owners.get(id));
+            e.targets = targets_of(id, e, fleet, owners.get(id));
         }
     }
 
@@ -544,10 +565,14 @@ impl Hub {
     }
 }
 
-fn targets_of(entry: &Entry, fleet: &Fleet, machine_owner: Option<&NodeId>) -> Vec<NodeId> {
+fn targets_of(id: &DocId, entry: &Entry, fleet: &Fleet, machine_owner: Option<&NodeId>) -> Vec<NodeId> {
     match entry.kind {
         DocKind::Fleet => vec![],
-        DocKind::Session => SessionView::read_targets(&entry.doc, fleet),
+        // A session whose info names another id is a copy: shared with no agent.
+        DocKind::Session => match SessionView::read_info(&entry.doc) {
+            Ok((info, _)) if info.id == *id => SessionView::read_targets(&entry.doc, fleet),
+            _ => vec![],
+        },
         DocKind::Machine => machine_owner.into_iter().copied().collect(),
     }
 }
@@ -833,6 +858,27 @@ mod tests {
         );
         assert!(out.is_empty(), "relay {r:?} answered a stranger: {out:?}");
         probe.set_actor(automerge::ActorId::random());
+    }
+
+    #[test]
+    fn a_fleet_that_stops_reading_leaves_the_last_good_one_in_force() {
+        let o = org(1);
+        let (r, a) = (o.relay.node_id(), o.agents[0].node_id());
+        let mut net = Net::new(vec![hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
+        net.connect(a, r);
+        net.run_until_quiescent();
+        let before = net.heads(r, o.fleet_id);
+        // The agent deletes the org's genesis record in its copy of the fleet.
+        net.change(a, o.fleet_id, |d| {
+            use automerge::transaction::Transactable;
+            d.transact::<_, _, automerge::AutomergeError>(|tx| tx.delete(automerge::ROOT, "genesis")).unwrap();
+        });
+        net.run_until_quiescent();
+        // Automerge changes are not signed, so the relay takes the change; but it keeps the last
+        // fleet that read, instead of disconnecting every member.
+        assert_ne!(net.heads(r, o.fleet_id), before);
+        assert_eq!(net.hubs[&r].fleet().role_of(&a), Some(Role::Agent));
+        assert!(net.hubs[&r].peers().iter().any(|p| p.peer == a), "the relay dropped its members");
     }
 
     #[test]

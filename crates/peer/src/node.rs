@@ -88,7 +88,13 @@ pub struct Core {
 impl Core {
     /// Carries out the hub's outputs: persist all, then send, then tell the application.
     pub fn apply(&mut self, outputs: Vec<Output>) -> Result<()> {
-        let mut writes = Vec::new();
+        self.apply_with(Vec::new(), outputs)
+    }
+
+    /// Like [`Core::apply`], with `extra` writes committed in the same transaction (an agent
+    /// records an approval as consumed atomically with the start it writes).
+    pub fn apply_with(&mut self, extra: Vec<Write>, outputs: Vec<Output>) -> Result<()> {
+        let mut writes = extra;
         for o in &outputs {
             match o {
                 Output::PersistDoc { doc, kind, bytes, compact } => {
@@ -567,7 +573,8 @@ async fn accept_loop(node: Node) {
             }
             let result = async {
                 let (send, mut recv) = conn.accept_bi().await?;
-                match read_frame(&mut recv).await? {
+                // Membership is checked after the hello: until then, read no more than a hello.
+                match read_frame_within(&mut recv, 16).await? {
                     Frame::Hello { .. } => {}
                     _ => return Err(anyhow!("expected hello")),
                 }
@@ -583,9 +590,16 @@ async fn accept_loop(node: Node) {
 }
 
 async fn read_frame(recv: &mut RecvStream) -> Result<Frame> {
+    read_frame_within(recv, crate::wire::MAX_FRAME).await
+}
+
+async fn read_frame_within(recv: &mut RecvStream, max: usize) -> Result<Frame> {
     let mut prefix = [0u8; 4];
     recv.read_exact(&mut prefix).await?;
     let len = Frame::check_len(prefix)?;
+    if len > max {
+        return Err(crate::wire::FrameError::TooLarge(len).into());
+    }
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body).await?;
     Ok(Frame::decode(&body)?)

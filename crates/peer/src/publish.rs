@@ -47,7 +47,10 @@ async fn serve(node: Node, conn: Connection, http_base: Option<String>) {
     let peer = NodeId(*conn.remote_id().as_bytes());
     let result = async {
         let (mut send, mut recv) = conn.accept_bi().await?;
-        let reply = match read_msg::<Request>(&mut recv).await {
+        // Only a technician's transcript is worth reading: check who asks before reading it.
+        let is_technician = node.fleet().await.map(|f| f.role_of(&peer) == Some(Role::Technician)).unwrap_or(false);
+        let limit = if is_technician { crate::rpc::MAX_MESSAGE } else { 1024 };
+        let reply = match read_msg::<Request>(&mut recv, limit).await {
             Ok(req) => handle(&node, peer, req, http_base.as_deref())
                 .await
                 .unwrap_or_else(|e| Reply::Refused { reason: format!("{e:#}") }),
@@ -109,7 +112,7 @@ async fn call(node: &Node, relay: &Contact, req: &Request) -> Result<Reply> {
     let (mut send, mut recv) = conn.open_bi().await?;
     write_msg(&mut send, req).await?;
     send.finish()?;
-    let reply = read_msg(&mut recv).await?;
+    let reply = read_msg(&mut recv, crate::rpc::MAX_MESSAGE).await?;
     conn.close(0u32.into(), b"done");
     Ok(reply)
 }

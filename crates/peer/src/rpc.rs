@@ -18,11 +18,13 @@ pub async fn write_msg<T: Serialize>(send: &mut SendStream, msg: &T) -> Result<(
     Ok(())
 }
 
-pub async fn read_msg<T: for<'de> Deserialize<'de>>(recv: &mut RecvStream) -> Result<T> {
+/// Reads one message of at most `max` bytes (callers bound what an unauthenticated or
+/// not-yet-authorized peer can make them allocate).
+pub async fn read_msg<T: for<'de> Deserialize<'de>>(recv: &mut RecvStream, max: usize) -> Result<T> {
     let mut prefix = [0u8; 4];
     recv.read_exact(&mut prefix).await?;
     let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_MESSAGE {
+    if len > max.min(MAX_MESSAGE) {
         bail!("message of {len} bytes is too large");
     }
     let mut body = vec![0u8; len];
