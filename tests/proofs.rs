@@ -160,3 +160,26 @@ fn a_shared_transcript_is_inert_redacted_served_and_verifiable_until_a_byte_flip
     org.world.caisey("alice", &["unshare", &link]).ok();
     assert_eq!(http_get(&link).0, 404);
 }
+
+#[test]
+fn a_denied_request_never_runs_even_when_an_approval_is_merged_in_afterwards() {
+    let org = Org::new(&[("ws-01", "accounting")]);
+    let _agent = org.world.start_agent("ws-01");
+    let token = org.world.caisey("alice", &["invite", "approver", "--name", "carol", "--machine", "ws-01"]).ok();
+    org.world.caisey("carol", &["join", token.stdout.trim()]).ok();
+    let marker = org.world.root.path().join("ran-after-denial");
+    let script = format!("touch {}", marker.display());
+    org.world.caisey("alice", &["run", "--detach", "--machine", "ws-01", "--session", "denied", "--", &script]).ok();
+    let code = org.world.wait_pending("ws-01");
+    org.world.agent_cmd("ws-01", &["deny", &code]).ok();
+    // A genuine approval by the designated approver, written over the denial (as a merge of a
+    // concurrent decision could leave it).
+    forge::approve_as(&org.world.home("carol"), "denied");
+    wait_for(Duration::from_secs(15), || {
+        let s = org.show_json("alice", "denied")?;
+        s["commands"][0]["decided_by"].as_str()?.contains("forged").then_some(())
+    })
+    .expect("the approval reached the session");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!marker.exists(), "a request the machine's user denied ran");
+}
