@@ -321,19 +321,7 @@ pub async fn offline_catch_up(commands: usize) -> Result<f64> {
         agent_node
             .change(session, move |doc| -> Result<()> {
                 for r in &batch {
-                    let d = Decision {
-                        request: r.id,
-                        session,
-                        target: me,
-                        requester: tech_id,
-                        command_hash: r.command.hash(),
-                        verdict: Verdict::Approved,
-                        decided_by: "local user".into(),
-                        decided_at: 1,
-                        expires_at: 1,
-                        nonce: Id128(rand_id()),
-                    };
-                    let start = Start { request: r.id, session, started_at: 1, approved_by: me, nonce: d.nonce };
+                    let (d, start) = approved_start(r, me, tech_id);
                     SessionWriter::start(doc, &signer, Some(&d), &start)?;
                     let out = OutputChunk { request: r.id, seq: 0, stream: Stream::Stdout, data: b"ok\n".to_vec() };
                     SessionWriter::append_output(doc, &signer, &[out])?;
@@ -411,6 +399,28 @@ async fn reopen(home: &Path) -> Result<Node> {
     Err(last.unwrap_or_else(|| anyhow!("could not reopen {}", home.display())))
 }
 
+/// The decision and start a machine's local approval of `r` produces (for synthesized history).
+fn approved_start(
+    r: &CommandRequest,
+    agent: caisey_doc::id::NodeId,
+    requester: caisey_doc::id::NodeId,
+) -> (Decision, Start) {
+    let d = Decision {
+        request: r.id,
+        session: r.session,
+        target: agent,
+        requester,
+        command_hash: r.command.hash(),
+        verdict: Verdict::Approved,
+        decided_by: "local user".into(),
+        decided_at: 1,
+        expires_at: 1,
+        nonce: Id128(rand_id()),
+    };
+    let start = Start { request: r.id, session: r.session, started_at: 1, approved_by: agent, nonce: d.nonce };
+    (d, start)
+}
+
 fn rand_id() -> [u8; 16] {
     use std::hash::{BuildHasher, Hasher};
     let mut out = [0u8; 16];
@@ -449,19 +459,7 @@ pub async fn open_big_session(commands: usize, each: usize) -> Result<(f64, f64)
             expires_at: u64::MAX,
         };
         SessionWriter::request(&mut doc, &signer, &r)?;
-        let d = Decision {
-            request: r.id,
-            session,
-            target: agent.node_id,
-            requester: signer.node_id(),
-            command_hash: r.command.hash(),
-            verdict: Verdict::Approved,
-            decided_by: "local user".into(),
-            decided_at: 1,
-            expires_at: 1,
-            nonce: Id128(rand_id()),
-        };
-        let start = Start { request: r.id, session, started_at: 1, approved_by: agent.node_id, nonce: d.nonce };
+        let (d, start) = approved_start(&r, agent.node_id, signer.node_id());
         SessionWriter::start(&mut doc, &agent_signer, Some(&d), &start)?;
         let mut seq = 0u64;
         let mut left = each;
