@@ -325,15 +325,7 @@ pub async fn offline_catch_up(commands: usize) -> Result<f64> {
                     SessionWriter::start(doc, &signer, Some(&d), &start)?;
                     let out = OutputChunk { request: r.id, seq: 0, stream: Stream::Stdout, data: b"ok\n".to_vec() };
                     SessionWriter::append_output(doc, &signer, &[out])?;
-                    let end = End {
-                        request: r.id,
-                        session,
-                        status: EndStatus::Exited,
-                        exit_code: Some(0),
-                        ended_at: 2,
-                        chunks: 1,
-                        message: None,
-                    };
+                    let end = exited(r, 1);
                     SessionWriter::end(doc, &signer, &end)?;
                 }
                 Ok(())
@@ -421,6 +413,19 @@ fn approved_start(
     (d, start)
 }
 
+/// The end a successful run of `r` records after `chunks` output chunks.
+fn exited(r: &CommandRequest, chunks: u64) -> End {
+    End {
+        request: r.id,
+        session: r.session,
+        status: EndStatus::Exited,
+        exit_code: Some(0),
+        ended_at: 2,
+        chunks,
+        message: None,
+    }
+}
+
 fn rand_id() -> [u8; 16] {
     use std::hash::{BuildHasher, Hasher};
     let mut out = [0u8; 16];
@@ -470,15 +475,7 @@ pub async fn open_big_session(commands: usize, each: usize) -> Result<(f64, f64)
             seq += 1;
             left -= n;
         }
-        let end = End {
-            request: r.id,
-            session,
-            status: EndStatus::Exited,
-            exit_code: Some(0),
-            ended_at: 2,
-            chunks: seq,
-            message: None,
-        };
+        let end = exited(&r, seq);
         SessionWriter::end(&mut doc, &agent_signer, &end)?;
     }
     org.tech.create(session, DocKind::Session, doc).await?;

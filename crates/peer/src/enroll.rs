@@ -184,10 +184,12 @@ pub async fn join(node: &Node, token: &InviteToken, name: &str, groups: &[String
                 continue;
             }
         };
-        let (_, fleet) = welcome(reply)?;
+        let (fleet_doc, doc, fleet) = welcome(reply)?;
         if fleet.role_of(&node.id()) != Some(token.cert.role) {
             bail!("the org did not record this node's membership");
         }
+        // The fleet we were given is how this node learns the org.
+        node.create(fleet_doc, DocKind::Fleet, doc).await?;
         let relays: Vec<Contact> =
             token.cert.contacts.iter().filter(|c| fleet.role_of(&c.node) == Some(Role::Relay)).cloned().collect();
         node.set_setting(SETTING_RELAYS, serde_json::to_vec(&relays)?).await?;
@@ -240,13 +242,15 @@ pub async fn adopt_relay(node: &Node, ticket: &RelayTicket) -> Result<()> {
     Ok(())
 }
 
-fn welcome(reply: Reply) -> Result<(DocId, Fleet)> {
+/// The fleet a `Welcome` carries, decoded and verified; the refusal reason otherwise.
+fn welcome(reply: Reply) -> Result<(DocId, Automerge, Fleet)> {
     match reply {
         Reply::Refused { reason } => bail!("refused: {reason}"),
         Reply::Welcome { fleet_doc, fleet } => {
             let bytes = BASE64.decode(fleet.as_bytes()).context("fleet in reply is not base64")?;
             let doc = Automerge::load(&bytes).context("fleet in reply does not load")?;
-            Ok((fleet_doc, Fleet::read(&doc)?))
+            let verified = Fleet::read(&doc)?;
+            Ok((fleet_doc, doc, verified))
         }
     }
 }
@@ -257,14 +261,6 @@ async fn exchange(node: &Node, contact: &Contact, request: &Request) -> Result<R
     write_msg(&mut send, request).await?;
     send.finish()?;
     let reply: Reply = read_msg(&mut recv, crate::rpc::MAX_MESSAGE).await?;
-    if let Reply::Welcome { fleet_doc, fleet } = &reply {
-        // Keep the fleet we were given: it is how this node learns the org.
-        if node.fleet_doc().await?.is_none() {
-            let bytes = BASE64.decode(fleet.as_bytes()).context("fleet in reply is not base64")?;
-            let doc = Automerge::load(&bytes).context("fleet in reply does not load")?;
-            node.create(*fleet_doc, DocKind::Fleet, doc).await?;
-        }
-    }
     conn.close(0u32.into(), b"done");
     Ok(reply)
 }

@@ -168,6 +168,8 @@ struct Shared {
     cmd: mpsc::Sender<Cmd>,
     events: broadcast::Sender<NodeEvent>,
     next_conn: AtomicU64,
+    /// Whether the relay keepalive runs (it is started once, however often it is asked for).
+    keeping_relays: std::sync::atomic::AtomicBool,
     home: Home,
     handlers: std::sync::Mutex<std::collections::BTreeMap<Vec<u8>, ProtocolHandler>>,
 }
@@ -204,6 +206,7 @@ impl Node {
                 cmd,
                 events,
                 next_conn: AtomicU64::new(1),
+                keeping_relays: Default::default(),
                 home: opts.home,
                 handlers: Default::default(),
             }),
@@ -428,6 +431,9 @@ impl Node {
 
     /// Keeps a connection to every relay, redialling with backoff, until the node stops.
     pub fn keep_relays_connected(&self) {
+        if self.shared.keeping_relays.swap(true, Ordering::SeqCst) {
+            return;
+        }
         let node = self.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);

@@ -15,7 +15,8 @@ use crate::wire::DocKind;
 
 const DOC_CHUNKS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("doc_chunks");
 const DOC_KINDS: TableDefinition<&[u8], u8> = TableDefinition::new("doc_kinds");
-const SYNC_STATES: TableDefinition<(&[u8], &[u8]), &[u8]> = TableDefinition::new("sync_states");
+/// `(peer, doc) -> state`: peer first, so a connecting peer's states are one range read.
+const SYNC_STATES: TableDefinition<(&[u8], &[u8]), &[u8]> = TableDefinition::new("peer_sync_states");
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 /// Published transcripts (relays): link id -> publisher key (32 bytes) followed by the JSON.
 const PUBLISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("published");
@@ -98,12 +99,10 @@ impl Store {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(SYNC_STATES)?;
         let mut out = Vec::new();
-        for entry in t.iter()? {
+        let (lo, hi): (&[u8], &[u8]) = (&[], &[0xff; 17]);
+        for entry in t.range((peer.0.as_slice(), lo)..=(peer.0.as_slice(), hi))? {
             let (k, v) = entry?;
-            let (doc, p) = k.value();
-            if p == peer.0.as_slice()
-                && let Ok(doc) = <[u8; 16]>::try_from(doc)
-            {
+            if let Ok(doc) = <[u8; 16]>::try_from(k.value().1) {
                 out.push((Id128(doc), v.value().to_vec()));
             }
         }
@@ -181,7 +180,7 @@ impl Store {
                         chunks.insert((id, next), bytes.as_slice())?;
                     }
                     Write::SyncState { doc, peer, state } => {
-                        states.insert((doc.0.as_slice(), peer.0.as_slice()), state.as_slice())?;
+                        states.insert((peer.0.as_slice(), doc.0.as_slice()), state.as_slice())?;
                     }
                     Write::Setting { key, value } => {
                         settings.insert(key.as_str(), value.as_slice())?;
@@ -213,5 +212,20 @@ mod tests {
         }
         let s = Store::open(&path).unwrap();
         assert_eq!(s.load_docs().unwrap(), vec![(id, DocKind::Session, b"XYz".to_vec())]);
+    }
+
+    #[test]
+    fn sync_states_are_read_per_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("s.redb")).unwrap();
+        let (a, b) = (NodeId([1; 32]), NodeId([2; 32]));
+        let w = |peer, doc: u8, state: &[u8]| Write::SyncState { doc: Id128([doc; 16]), peer, state: state.to_vec() };
+        s.apply(&[w(a, 1, b"a1"), w(b, 1, b"b1"), w(a, 2, b"a2"), w(b, 3, b"b3")]).unwrap();
+        assert_eq!(
+            s.sync_states(&a).unwrap(),
+            vec![(Id128([1; 16]), b"a1".to_vec()), (Id128([2; 16]), b"a2".to_vec())]
+        );
+        assert_eq!(s.sync_states(&b).unwrap().len(), 2);
+        assert!(s.sync_states(&NodeId([3; 32])).unwrap().is_empty());
     }
 }

@@ -76,12 +76,11 @@ pub async fn invite(
 pub async fn go_online(node: &Node, extra: &[Contact]) -> Result<Vec<NodeId>> {
     let relays = node.relay_contacts().await?;
     let mut reached = Vec::new();
-    let dials = relays.iter().chain(extra.iter()).map(|c| {
+    let mut dials = tokio::task::JoinSet::new();
+    for c in relays.iter().chain(extra.iter()).cloned() {
         let node = node.clone();
-        let c = c.clone();
-        async move {
-            let r = tokio::time::timeout(Duration::from_secs(3), node.dial(&c)).await;
-            match r {
+        dials.spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(3), node.dial(&c)).await {
                 Ok(Ok(())) => Some(c.node),
                 Ok(Err(e)) => {
                     debug!("{e:#}");
@@ -89,10 +88,10 @@ pub async fn go_online(node: &Node, extra: &[Contact]) -> Result<Vec<NodeId>> {
                 }
                 Err(_) => None,
             }
-        }
-    });
-    for r in futures_join_all(dials).await.into_iter().flatten() {
-        reached.push(r);
+        });
+    }
+    while let Some(done) = dials.join_next().await {
+        reached.extend(done.ok().flatten());
     }
     if let Some(relay) = relays.iter().find(|r| reached.contains(&r.node)) {
         node.wait_in_sync(relay.node, Duration::from_secs(5)).await?;
@@ -101,20 +100,6 @@ pub async fn go_online(node: &Node, extra: &[Contact]) -> Result<Vec<NodeId>> {
     }
     node.keep_relays_connected();
     Ok(reached)
-}
-
-async fn futures_join_all<F: std::future::Future + Send + 'static>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::new();
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
 }
 
 /// A machine as listed.
