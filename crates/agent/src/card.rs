@@ -1,6 +1,6 @@
 //! The machine card: what technicians see about an endpoint before asking it anything.
 
-use caisey_doc::fleet::MachineCard;
+use caisey_doc::fleet::{MachineCard, Software};
 use sysinfo::System;
 
 /// Reads the card from the running system.
@@ -20,5 +20,45 @@ pub fn read(now: u64) -> MachineCard {
         memory_total: sys.total_memory(),
         memory_used: sys.used_memory(),
         at: now,
+        software: installed_software(),
+    }
+}
+
+/// At most this many packages go on the card (it travels in every technician's copy).
+const MAX_SOFTWARE: usize = 5000;
+
+/// Installed packages from dpkg's database, where there is one; empty elsewhere.
+fn installed_software() -> Vec<Software> {
+    std::fs::read_to_string("/var/lib/dpkg/status").map(|s| parse_dpkg_status(&s)).unwrap_or_default()
+}
+
+/// The installed packages in a dpkg status file (stanzas of `Field: value` lines).
+fn parse_dpkg_status(status: &str) -> Vec<Software> {
+    let mut out = Vec::new();
+    for stanza in status.split("\n\n") {
+        let field = |name: &str| {
+            stanza.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')).map(str::trim))
+        };
+        if field("Status").is_some_and(|s| s.ends_with(" installed"))
+            && let (Some(name), Some(version)) = (field("Package"), field("Version"))
+        {
+            out.push(Software { name: name.to_string(), version: version.to_string() });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out.truncate(MAX_SOFTWARE);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dpkg_status_lists_only_installed_packages() {
+        let status = "Package: curl\nStatus: install ok installed\nVersion: 7.88\n\n\
+                      Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n\n\
+                      Package: bash\nStatus: install ok installed\nPriority: required\nVersion: 5.2\n";
+        let got: Vec<(String, String)> =
+            super::parse_dpkg_status(status).into_iter().map(|s| (s.name, s.version)).collect();
+        assert_eq!(got, vec![("bash".into(), "5.2".into()), ("curl".into(), "7.88".into())]);
     }
 }

@@ -43,12 +43,44 @@ pub enum Command {
     Approve { id: String },
     /// Deny a pending request; it never runs.
     Deny { id: String },
+    /// Open the consent window: see each request as it arrives, approve or deny it.
+    Prompt,
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     caisey_peer::cli::init_tracing();
+    if let Command::Prompt = cli.command {
+        // A window needs the main thread, so this one does not run on the async runtime.
+        return match cli.node.options("caisey-agent").and_then(|o| prompt_window(o.home.socket_path())) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(caisey_peer::cli::EXIT_LOCAL_ERROR)
+            }
+        };
+    }
     run_main(run(cli))
+}
+
+/// Opens the consent window on the daemon at `socket`, until it is closed.
+fn prompt_window(socket: std::path::PathBuf) -> Result<()> {
+    struct Window(crate::prompt::PromptApp);
+    impl eframe::App for Window {
+        fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+            self.0.show(ui);
+        }
+    }
+    let app = crate::prompt::PromptApp::connect(socket)?;
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_inner_size([720.0, 620.0])
+            .with_title("Caisey: approval needed"),
+        ..Default::default()
+    };
+    eframe::run_native("caisey-prompt", options, Box::new(|_cc| Ok(Box::new(Window(app))))).map_err(|e| {
+        anyhow::anyhow!("could not open the consent window ({e}); `caisey-agent pending` works without a display")
+    })
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -120,6 +152,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Approve { id } => decide(&opts, LocalRequest::Approve { id }).await,
         Command::Deny { id } => decide(&opts, LocalRequest::Deny { id }).await,
+        Command::Prompt => bail!("the consent window is opened by `main`"),
     }
 }
 

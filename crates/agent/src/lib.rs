@@ -9,6 +9,7 @@
 //! - [`gate`]: the pure decision of what waits, what expired, what was interrupted.
 //! - [`runner`]: runs an approved command, streaming batched output into the session.
 //! - [`local`]: the local socket protocol for `pending`, `approve`, `deny`.
+//! - [`prompt`]: the consent window, `caisey-agent prompt`.
 //! - [`card`]: the machine card, from `sysinfo`.
 //! - [`cli`]: the command line.
 
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod daemon;
 pub mod gate;
 pub mod local;
+pub mod prompt;
 pub mod runner;
 
 /// Hostile text made visible; lives in `caisey-doc` so every surface shares it.

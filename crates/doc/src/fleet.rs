@@ -120,6 +120,16 @@ pub struct MachineCard {
     pub memory_total: u64,
     pub memory_used: u64,
     pub at: u64,
+    /// Installed packages, where the agent knows how to list them (dpkg today), sorted by name.
+    #[serde(default)]
+    pub software: Vec<Software>,
+}
+
+/// One installed package.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Software {
+    pub name: String,
+    pub version: String,
 }
 
 mod opt_hex {

@@ -38,6 +38,7 @@ pub enum RecordKind {
     Start = 14,
     Output = 15,
     End = 16,
+    SessionMeta = 17,
 }
 
 impl RecordKind {
@@ -56,6 +57,7 @@ impl RecordKind {
             14 => Start,
             15 => Output,
             16 => End,
+            17 => SessionMeta,
             _ => return None,
         })
     }

@@ -1,7 +1,8 @@
 //! The session document: one per investigation, holding every command asked, every decision,
 //! and every byte of output, as signed records.
 //!
-//! Layout: `ROOT.info` (bytes), and maps keyed by node or request id:
+//! Layout: `ROOT.info` (bytes), `ROOT["meta:<technician>"]` (each technician's latest rename or
+//! relabel; the newest across technicians wins), and maps keyed by node or request id:
 //! `targets[node]`, `requests[req]`, `decisions[req]`, `starts[req]`, `ends[req]`, and
 //! `outputs[req]` — a list of output chunk records (one Automerge op per chunk, whatever its
 //! size, so megabytes of output stay cheap). Only the session's creator makes the top-level maps
@@ -35,6 +36,18 @@ pub struct SessionInfo {
     pub created_at: u64,
     pub org_key: NodeId,
 }
+
+/// A technician's rename or relabel of a session. Each technician has one slot (so two renaming
+/// at once never hide each other's record); readers take the newest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionMeta {
+    pub session: Id128,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub at: u64,
+}
+
+const META_PREFIX: &str = "meta:";
 
 /// Adds an agent to a session, so the session syncs to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -368,6 +381,17 @@ impl SessionWriter {
         Ok(())
     }
 
+    /// Renames and relabels the session (the signer's slot; the newest across technicians wins).
+    pub fn rename(doc: &mut Automerge, signer: &Signer, meta: &SessionMeta) -> Result<(), automerge::AutomergeError> {
+        let rec = signer.sign(RecordKind::SessionMeta, meta);
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(ROOT, format!("{META_PREFIX}{}", signer.node_id().to_hex()), rec)?;
+            Ok(())
+        })
+        .map_err(|f| f.error)?;
+        Ok(())
+    }
+
     pub fn end(doc: &mut Automerge, signer: &Signer, end: &End) -> Result<(), automerge::AutomergeError> {
         let rec = signer.sign(RecordKind::End, end);
         doc.transact::<_, _, automerge::AutomergeError>(|tx| {
@@ -429,8 +453,11 @@ impl CommandView {
 /// The verified view of a session document.
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionView {
+    /// As opened, with the name and labels of the newest rename applied.
     pub info: SessionInfo,
     pub creator: NodeId,
+    /// Who gave the session its current name, if it was renamed.
+    pub renamed_by: Option<NodeId>,
     pub targets: Vec<NodeId>,
     pub commands: Vec<CommandView>,
     pub quarantined: Vec<Quarantined>,
@@ -472,6 +499,38 @@ impl SessionView {
         out
     }
 
+    /// The newest valid rename, by any technician of this org, of this very session.
+    fn read_meta(
+        doc: &impl ReadDoc,
+        fleet: &Fleet,
+        info: &SessionInfo,
+        q: &mut Vec<Quarantined>,
+    ) -> Option<(NodeId, SessionMeta)> {
+        let mut newest: Option<(NodeId, SessionMeta)> = None;
+        for (key, bytes) in am::byte_entries(doc, &ROOT) {
+            let Some(slot) = key.strip_prefix(META_PREFIX) else { continue };
+            let checked = verify_kind(&bytes, RecordKind::SessionMeta).map_err(|e| e.to_string()).and_then(|v| {
+                let meta: SessionMeta = v.json().map_err(|e| e.to_string())?;
+                if fleet.role_of(&v.author) != Some(Role::Technician) {
+                    Err("rename not written by a technician".to_string())
+                } else if v.author.to_hex() != slot || meta.session != info.id {
+                    Err("rename stored in another's slot or for another session".to_string())
+                } else {
+                    Ok((v.author, meta))
+                }
+            });
+            match checked {
+                Ok((author, meta)) => {
+                    if newest.as_ref().is_none_or(|(a, m)| (meta.at, author) > (m.at, *a)) {
+                        newest = Some((author, meta));
+                    }
+                }
+                Err(why) => q.push(Quarantined { place: key, author: None, why }),
+            }
+        }
+        newest
+    }
+
     /// Reads and verifies everything.
     pub fn read(doc: &impl ReadDoc, fleet: &Fleet) -> Result<SessionView, SessionError> {
         Self::read_with(doc, fleet, true)
@@ -488,14 +547,21 @@ impl SessionView {
         if fleet.role_of(&creator) != Some(Role::Technician) {
             return Err(SessionError::NotByTechnician);
         }
+        let mut q = Vec::new();
+        let renamed = Self::read_meta(doc, fleet, &info, &mut q);
         let mut view = SessionView {
             targets: Self::read_targets(doc, fleet),
             info,
             creator,
+            renamed_by: None,
             commands: vec![],
             quarantined: vec![],
         };
-        let mut q = Vec::new();
+        if let Some((author, meta)) = renamed {
+            view.info.name = meta.name;
+            view.info.labels = meta.labels;
+            view.renamed_by = Some(author);
+        }
         let requests = read_map::<CommandRequest>(doc, "requests", RecordKind::Request, &mut q);
         let decisions = read_map::<Decision>(doc, "decisions", RecordKind::Decision, &mut q);
         let starts = read_map::<Start>(doc, "starts", RecordKind::Start, &mut q);
@@ -837,6 +903,25 @@ mod tests {
             prop_assert_eq!(va.commands[1].output.len() as u64, n2);
             prop_assert!(va.commands.iter().all(|c| c.status() == "exited"));
         }
+    }
+
+    #[test]
+    fn the_newest_rename_by_a_technician_wins_and_an_agents_is_quarantined() {
+        let (fleet, mut doc, _) = base();
+        let meta =
+            |name: &str, at| SessionMeta { session: Id128([1; 16]), name: name.into(), labels: vec!["wk".into()], at };
+        SessionWriter::rename(&mut doc, &signer(2), &meta("disk check", 5)).unwrap();
+        let v = SessionView::read_without_output(&doc, &fleet).unwrap();
+        assert_eq!((v.info.name.as_str(), v.info.labels.clone()), ("disk check", vec!["wk".to_string()]));
+        assert_eq!(v.renamed_by, Some(signer(2).node_id()));
+        // An agent may not rename; its record is quarantined and the technician's name stays.
+        SessionWriter::rename(&mut doc, &signer(3), &meta("pwned", 9)).unwrap();
+        let v = SessionView::read_without_output(&doc, &fleet).unwrap();
+        assert_eq!(v.info.name, "disk check");
+        assert!(v.quarantined.iter().any(|q| q.place.starts_with("meta:") && q.why.contains("technician")));
+        // A later rename by the same technician replaces the earlier one.
+        SessionWriter::rename(&mut doc, &signer(2), &meta("weekly disk check", 10)).unwrap();
+        assert_eq!(SessionView::read_without_output(&doc, &fleet).unwrap().info.name, "weekly disk check");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use caisey_peer::node::{Node, NodeEvent};
 use clap::{Parser, Subcommand};
 
 use crate::tech::{self, RunRequest, Targets};
-use crate::transcript::{Follower, OutputStyle, session_json, time};
+use crate::transcript::{ExportFormat, Follower, OutputStyle, session_json, time};
 
 /// Caisey: run diagnostics on enrolled machines, with the user's consent, into durable sessions.
 #[derive(Debug, Parser)]
@@ -23,8 +23,9 @@ use crate::transcript::{Follower, OutputStyle, session_json, time};
 pub struct Cli {
     #[command(flatten)]
     pub node: NodeArgs,
+    /// Without a subcommand, the desktop viewer opens.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,11 +108,22 @@ pub enum Command {
     /// Check a transcript's signatures and org chain, offline (a file) or from its link.
     /// Exits 1 if it is not genuine.
     Verify { file: String },
-    /// A local relay and three agents in temporary homes, running a scripted story.
+    /// A local relay and three agents in temporary homes: runs a first command, then opens the
+    /// viewer on them.
     Demo {
-        /// Print the story in the terminal (the only mode until the desktop viewer lands).
+        /// Tell the story in the terminal instead of opening the viewer.
         #[arg(long)]
         headless: bool,
+    },
+    /// Write a session to a file as JSON or CSV (one row per command).
+    Export {
+        /// Session name, id or unique id prefix.
+        session: String,
+        #[arg(long, value_enum, default_value = "json")]
+        format: ExportFormat,
+        /// Where to write (default: standard output).
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
     },
 }
 
@@ -196,7 +208,20 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // A technician's terminal shows results; only warnings and errors are logged.
     caisey_peer::cli::init_tracing_with("warn");
-    run_main(run(cli))
+    // The window needs the main thread; the node gets a runtime beside it.
+    let window = match &cli.command {
+        None => Some(cli.node.options("caisey").and_then(crate::gui::run)),
+        Some(Command::Demo { headless: false }) => Some(crate::gui::demo()),
+        Some(_) => None,
+    };
+    match window {
+        Some(Ok(())) => ExitCode::SUCCESS,
+        Some(Err(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(caisey_peer::cli::EXIT_LOCAL_ERROR)
+        }
+        None => run_main(run(cli)),
+    }
 }
 
 fn default_name() -> String {
@@ -204,15 +229,16 @@ fn default_name() -> String {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    if let Command::Demo { headless } = cli.command {
-        crate::demo::headless(headless).await?;
+    let Some(command) = cli.command else { bail!("the viewer is opened by `main`") };
+    if let Command::Demo { .. } = command {
+        crate::demo::headless().await?;
         return Ok(ExitCode::SUCCESS);
     }
-    if let Command::Verify { file } = &cli.command {
+    if let Command::Verify { file } = &command {
         return verify(file).await;
     }
     let node = Node::start(cli.node.options("caisey")?).await?;
-    let result = dispatch(&node, cli.command).await;
+    let result = dispatch(&node, command).await;
     node.shutdown().await;
     result
 }
@@ -376,6 +402,18 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
             if out.is_none() {
                 let url = caisey_peer::publish::publish(node, &relays[0], &file).await?;
                 println!("{url}");
+            }
+        }
+        Command::Export { session, format, out } => {
+            tech::go_online(node, &[]).await?;
+            let id = tech::find_session(node, &session).await?;
+            let bytes = crate::transcript::export(node, id, format).await?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("wrote {} ({} bytes)", path.display(), bytes.len());
+                }
+                None => std::io::Write::write_all(&mut std::io::stdout(), &bytes)?,
             }
         }
         Command::Unshare { link } => {

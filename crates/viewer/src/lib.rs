@@ -8,10 +8,12 @@
 //! - [`transcript`]: showing a session, live or at once, with hostile output made inert.
 //! - [`cli`]: `caisey`'s subcommands.
 //! - [`demo`]: `caisey demo`, a whole org in temporary homes on loopback.
+//! - [`gui`]: the desktop viewer, `caisey` with no subcommand.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cli;
 pub mod demo;
+pub mod gui;
 pub mod tech;
 pub mod transcript;

@@ -109,8 +109,19 @@ pub struct Machine {
     pub node: NodeId,
     pub groups: Vec<String>,
     pub online: bool,
+    /// Connected to this node directly (not only heard of through the relay).
+    pub direct: bool,
     pub last_seen: Option<u64>,
     pub card: Option<MachineCard>,
+}
+
+impl Machine {
+    /// Whether a search (lower-case) finds this machine: by name, group, hostname or OS.
+    pub fn matches(&self, search: &str) -> bool {
+        let card =
+            self.card.as_ref().map(|c| format!("{} {} {}", c.hostname, c.os_name, c.os_version)).unwrap_or_default();
+        format!("{} {} {}", self.name, self.groups.join(" "), card).to_lowercase().contains(search)
+    }
 }
 
 pub async fn machines(node: &Node, group: Option<&str>, search: Option<&str>) -> Result<Vec<Machine>> {
@@ -129,20 +140,12 @@ pub async fn machines(node: &Node, group: Option<&str>, search: Option<&str>) ->
                 node: m.node,
                 groups: m.groups.clone(),
                 online: connected.contains(&m.node) || last_seen.is_some_and(|t| now.saturating_sub(t) <= fresh),
+                direct: connected.contains(&m.node),
                 last_seen,
                 card: fleet.cards.get(&m.node).cloned(),
             }
         })
-        .filter(|m| {
-            search.as_ref().is_none_or(|s| {
-                let card = m
-                    .card
-                    .as_ref()
-                    .map(|c| format!("{} {} {}", c.hostname, c.os_name, c.os_version))
-                    .unwrap_or_default();
-                format!("{} {} {}", m.name, m.groups.join(" "), card).to_lowercase().contains(s)
-            })
-        })
+        .filter(|m| search.as_deref().is_none_or(|s| m.matches(s)))
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
@@ -175,9 +178,20 @@ pub struct SessionSummary {
     pub name: String,
     pub labels: Vec<String>,
     pub machines: Vec<String>,
+    /// The commands asked in it, in order.
+    pub scripts: Vec<String>,
     pub commands: usize,
     pub last_activity: u64,
     pub status: String,
+}
+
+impl SessionSummary {
+    /// Whether a search (lower-case) finds this session: by name, label, machine or command text.
+    pub fn matches(&self, search: &str) -> bool {
+        [&self.name, &self.labels.join(" "), &self.machines.join(" "), &self.scripts.join(" ")]
+            .iter()
+            .any(|h| h.to_lowercase().contains(search))
+    }
 }
 
 /// Reads every valid session (without output).
@@ -200,32 +214,17 @@ pub async fn sessions(node: &Node, search: Option<&str>, label: Option<&str>) ->
         .await?
         .into_iter()
         .filter(|(_, v)| label.is_none_or(|l| v.info.labels.iter().any(|x| x.eq_ignore_ascii_case(l))))
-        .map(|(id, v)| {
-            let machines: Vec<String> =
-                v.targets.iter().map(|t| names.get(t).cloned().unwrap_or_else(|| t.short())).collect();
-            let haystack = format!(
-                "{} {} {} {}",
-                v.info.name,
-                v.info.labels.join(" "),
-                machines.join(" "),
-                v.commands.iter().map(|c| c.request.command.script.as_str()).collect::<Vec<_>>().join(" ")
-            )
-            .to_lowercase();
-            (
-                haystack,
-                SessionSummary {
-                    id,
-                    name: v.info.name.clone(),
-                    labels: v.info.labels.clone(),
-                    machines,
-                    commands: v.commands.len(),
-                    last_activity: v.last_activity(),
-                    status: v.commands.last().map(|c| c.status().to_string()).unwrap_or_else(|| "empty".into()),
-                },
-            )
+        .map(|(id, v)| SessionSummary {
+            id,
+            name: v.info.name.clone(),
+            labels: v.info.labels.clone(),
+            machines: v.targets.iter().map(|t| names.get(t).cloned().unwrap_or_else(|| t.short())).collect(),
+            scripts: v.commands.iter().map(|c| c.request.command.script.clone()).collect(),
+            commands: v.commands.len(),
+            last_activity: v.last_activity(),
+            status: v.commands.last().map(|c| c.status().to_string()).unwrap_or_else(|| "empty".into()),
         })
-        .filter(|(h, _)| search.as_ref().is_none_or(|s| h.contains(s)))
-        .map(|(_, s)| s)
+        .filter(|s| search.as_deref().is_none_or(|q| s.matches(q)))
         .collect();
     out.sort_by_key(|s| std::cmp::Reverse(s.last_activity));
     Ok(out)
@@ -466,4 +465,156 @@ pub async fn build_transcript(
         Ok(caisey_doc::transcript::build(s, f, &options, &signer, now_ms())?)
     })
     .await?
+}
+
+/// Renames and relabels a session (as this technician; the newest rename wins everywhere).
+pub async fn rename(node: &Node, session: DocId, name: &str, labels: Vec<String>) -> Result<()> {
+    let name = name.trim();
+    if name.is_empty() {
+        bail!("a session needs a name");
+    }
+    let meta = caisey_doc::session::SessionMeta {
+        session,
+        name: name.to_string(),
+        labels: labels.into_iter().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect(),
+        at: now_ms(),
+    };
+    let signer = node.signer().clone();
+    node.change(session, move |doc| caisey_doc::session::SessionWriter::rename(doc, &signer, &meta))
+        .await?
+        .context("renaming the session")?;
+    Ok(())
+}
+
+/// One run of a command, for history across weeks.
+#[derive(Debug, Clone, Serialize)]
+pub struct PastRun {
+    pub session: DocId,
+    pub session_name: String,
+    pub request: Id128,
+    pub machine: String,
+    pub script: String,
+    pub requested_at: u64,
+    pub status: String,
+    pub exit_code: Option<i32>,
+}
+
+/// Every run of `script` (whitespace-trimmed) on `machine` (or on any machine), oldest first.
+pub async fn history(node: &Node, machine: Option<NodeId>, script: &str) -> Result<Vec<PastRun>> {
+    let fleet = node.fleet().await?;
+    let wanted = script.trim();
+    let mut out = Vec::new();
+    for (session, view) in session_views(node).await? {
+        for c in &view.commands {
+            if c.request.command.script.trim() == wanted && machine.is_none_or(|m| c.request.target == m) {
+                out.push(PastRun {
+                    session,
+                    session_name: view.info.name.clone(),
+                    request: c.request.id,
+                    machine: fleet.members.get(&c.request.target).map(|m| m.name.clone()).unwrap_or_default(),
+                    script: c.request.command.script.clone(),
+                    requested_at: c.request.requested_at,
+                    status: c.status().to_string(),
+                    exit_code: c.end.as_ref().and_then(|e| e.exit_code),
+                });
+            }
+        }
+    }
+    out.sort_by_key(|r| (r.requested_at, r.request));
+    Ok(out)
+}
+
+/// The distinct commands ever run on `machine`, most recent first, with how often.
+pub async fn commands_run_on(node: &Node, machine: NodeId) -> Result<Vec<(String, usize)>> {
+    let mut seen: BTreeMap<String, (u64, usize)> = BTreeMap::new();
+    for (_, view) in session_views(node).await? {
+        for c in view.commands.iter().filter(|c| c.request.target == machine) {
+            let e = seen.entry(c.request.command.script.trim().to_string()).or_default();
+            e.0 = e.0.max(c.request.requested_at);
+            e.1 += 1;
+        }
+    }
+    let mut out: Vec<(String, u64, usize)> = seen.into_iter().map(|(s, (t, n))| (s, t, n)).collect();
+    out.sort_by_key(|(_, t, _)| std::cmp::Reverse(*t));
+    Ok(out.into_iter().map(|(s, _, n)| (s, n)).collect())
+}
+
+/// The raw output bytes of one command, stdout and stderr interleaved as written.
+pub async fn output_bytes(node: &Node, session: DocId, request: Id128) -> Result<Vec<u8>> {
+    let fleet = node.fleet().await?;
+    node.read(session, move |d| -> Result<Vec<u8>> {
+        let view = SessionView::read_without_output(d, &fleet)?;
+        let cmd = view.command(&request).ok_or_else(|| anyhow!("no command {} here", request.short()))?;
+        let (chunks, _) = SessionView::read_output_from(d, &cmd.request, 0);
+        Ok(chunks.into_iter().flat_map(|c| c.data).collect())
+    })
+    .await?
+    .ok_or_else(|| anyhow!("no session {}", session.short()))?
+}
+
+/// The same, lossily decoded (for diffs).
+pub async fn output_text(node: &Node, session: DocId, request: Id128) -> Result<String> {
+    Ok(String::from_utf8_lossy(&output_bytes(node, session, request).await?).into_owned())
+}
+
+/// A line of a diff between two runs' outputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum DiffLine {
+    Same(String),
+    Removed(String),
+    Added(String),
+}
+
+/// A line diff of two outputs (older first).
+pub fn diff(old: &str, new: &str) -> Vec<DiffLine> {
+    similar::TextDiff::from_lines(old, new)
+        .iter_all_changes()
+        .map(|c| {
+            let text = c.value().trim_end_matches('\n').to_string();
+            match c.tag() {
+                similar::ChangeTag::Equal => DiffLine::Same(text),
+                similar::ChangeTag::Delete => DiffLine::Removed(text),
+                similar::ChangeTag::Insert => DiffLine::Added(text),
+            }
+        })
+        .collect()
+}
+
+/// How this node stands with its relays: reachable or not, and how many documents hold changes
+/// the relay has not confirmed yet (written here while offline, waiting to sync).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncStatus {
+    pub relays: usize,
+    pub relays_connected: usize,
+    pub unconfirmed_docs: usize,
+}
+
+pub async fn sync_status(node: &Node) -> Result<SyncStatus> {
+    let relays = node.relay_contacts().await?;
+    let Some(first) = relays.first().map(|c| c.node) else { return Ok(SyncStatus::default()) };
+    let connected: Vec<NodeId> = node.peers().await?.into_iter().map(|p| p.peer).collect();
+    let relays_connected = relays.iter().filter(|r| connected.contains(&r.node)).count();
+    let unconfirmed_docs = node
+        .with_core(move |core| -> Result<usize> {
+            if core.hub.peers().iter().any(|p| p.peer == first) {
+                return Ok(core.hub.sync_lag(&first).len());
+            }
+            // Offline: what the relay acknowledged when we last spoke, against what we hold now.
+            let saved: BTreeMap<DocId, Vec<u8>> = core.store.sync_states(&first)?.into_iter().collect();
+            let mut n = 0;
+            for (id, _) in core.hub.docs() {
+                let Some(doc) = core.hub.doc(&id) else { continue };
+                let acked = saved
+                    .get(&id)
+                    .and_then(|b| caisey_doc::automerge::sync::State::decode(b).ok())
+                    .map(|s| s.shared_heads)
+                    .unwrap_or_default();
+                if doc.get_heads().iter().any(|h| !acked.contains(h)) {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await??;
+    Ok(SyncStatus { relays: relays.len(), relays_connected, unconfirmed_docs })
 }

@@ -291,3 +291,104 @@ pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
         quarantined: view.quarantined,
     })
 }
+
+/// A session as CSV, one row per command, for spreadsheets. Cells are quoted as RFC 4180 says,
+/// and a cell that a spreadsheet would take for a formula (`=`, `+`, `-`, `@`, tab, CR at its
+/// start) is prefixed with `'`: output and commands come from other machines and must stay text.
+pub fn session_csv(s: &SessionJson) -> String {
+    fn cell(v: &str) -> String {
+        let v = if v.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{v}") } else { v.to_string() };
+        format!("\"{}\"", v.replace('"', "\"\""))
+    }
+    let opt = |v: Option<u64>| v.map(time).unwrap_or_default();
+    let mut out = String::from(
+        "session,session_name,command_id,machine,requested_by,shell,script,status,exit_code,requested_at,decided_by,\
+         started_at,ended_at,duration_ms,stdout,stderr\r\n",
+    );
+    for c in &s.commands {
+        let duration = c.started_at.zip(c.ended_at).map(|(a, b)| b.saturating_sub(a).to_string()).unwrap_or_default();
+        let row = [
+            s.id.to_hex(),
+            s.name.clone(),
+            c.id.to_hex(),
+            c.machine.clone(),
+            c.requester.clone(),
+            c.shell.clone(),
+            c.script.clone(),
+            c.status.clone(),
+            c.exit_code.map(|e| e.to_string()).unwrap_or_default(),
+            time(c.requested_at),
+            c.decided_by.clone().unwrap_or_default(),
+            opt(c.started_at),
+            opt(c.ended_at),
+            duration,
+            c.stdout.clone(),
+            c.stderr.clone(),
+        ];
+        out.push_str(&row.iter().map(|v| cell(v)).collect::<Vec<_>>().join(","));
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// The export formats of `caisey export` and the viewer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Json,
+    Csv,
+}
+
+impl ExportFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            ExportFormat::Json => "json",
+            ExportFormat::Csv => "csv",
+        }
+    }
+}
+
+/// A session exported in `format`, as bytes to write.
+pub async fn export(node: &Node, session: DocId, format: ExportFormat) -> Result<Vec<u8>> {
+    let json = session_json(node, session).await?;
+    Ok(match format {
+        ExportFormat::Json => serde_json::to_vec_pretty(&json)?,
+        ExportFormat::Csv => session_csv(&json).into_bytes(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_quotes_cells_and_defuses_formulas() {
+        let s = SessionJson {
+            id: Id128([0; 16]),
+            name: "disk, \"weekly\"".into(),
+            labels: vec![],
+            machines: vec![],
+            commands: vec![CommandJson {
+                id: Id128([1; 16]),
+                machine: "ws-01".into(),
+                requester: "alice".into(),
+                shell: "sh".into(),
+                script: "df -h\nuptime".into(),
+                status: "exited".into(),
+                exit_code: Some(0),
+                requested_at: 0,
+                decided_by: None,
+                started_at: Some(1_000),
+                ended_at: Some(3_500),
+                stdout: "=HYPERLINK(\"http://x\")".into(),
+                stderr: String::new(),
+            }],
+            quarantined: vec![],
+        };
+        let csv = session_csv(&s);
+        let row = csv.lines().nth(1).unwrap();
+        assert!(row.contains("\"disk, \"\"weekly\"\"\""), "{row}");
+        assert!(csv.contains("\"df -h\nuptime\""), "{csv}");
+        assert!(csv.contains("\"'=HYPERLINK(\"\"http://x\"\")\""), "{csv}");
+        assert!(csv.contains(",\"2500\","), "{csv}");
+    }
+}

@@ -1,0 +1,291 @@
+//! The consent window (`caisey-agent prompt`): what the person at the endpoint sees when a
+//! technician asks to run something, and where they approve or deny that exact command.
+//!
+//! It talks only to the local daemon, over the same socket as `caisey-agent approve`. Everything
+//! in it that a technician wrote (their name, the session name, the command, the description)
+//! is hostile text: shown escaped (control and bidi characters spelled out), inside framed
+//! boxes of its own colour and font, scrolled within fixed bounds. The window's own words and
+//! buttons are outside those boxes, so no text can pose as them. Approve only becomes active a
+//! moment after a request is shown, so a click meant for something else can't approve a
+//! request that just appeared under the pointer, and it approves by the approval code, which
+//! names the exact command shown: if the command changed, the daemon refuses.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use caisey_doc::id::Id128;
+use caisey_doc::text::visible;
+use egui::{Color32, RichText, ScrollArea, Ui};
+
+use crate::local::{self, LocalReply, LocalRequest, PendingItem};
+
+/// How long Approve stays inactive after a request is first shown.
+pub const ARM_DELAY: Duration = Duration::from_millis(1200);
+/// How often the daemon is asked what is pending.
+const POLL: Duration = Duration::from_millis(500);
+
+/// What the window asks of the daemon.
+enum Ask {
+    Decide { code: Id128, approve: bool },
+}
+
+/// What comes back from the daemon.
+enum Heard {
+    Pending(Vec<PendingItem>),
+    Unreachable(String),
+    Decided { message: String },
+    Refused { error: String },
+}
+
+/// The window's state. Build it with [`PromptApp::connect`]; draw it with [`PromptApp::show`].
+pub struct PromptApp {
+    asks: mpsc::Sender<Ask>,
+    heard: mpsc::Receiver<Heard>,
+    repaint: Arc<OnceLock<egui::Context>>,
+    pending: Vec<PendingItem>,
+    /// Which request is shown, and since when (for [`ARM_DELAY`]).
+    shown: Option<(Id128, Instant)>,
+    /// The daemon's last answer or error, shown under the buttons.
+    status: Option<(bool, String)>,
+    unreachable: Option<String>,
+    /// A decision is on its way: the buttons wait for its answer.
+    deciding: bool,
+}
+
+impl std::fmt::Debug for PromptApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PromptApp").field("pending", &self.pending.len()).finish_non_exhaustive()
+    }
+}
+
+impl PromptApp {
+    /// Starts talking to the daemon whose socket is `socket` (on a thread of its own).
+    pub fn connect(socket: PathBuf) -> std::io::Result<Self> {
+        let (asks, asks_rx) = mpsc::channel::<Ask>();
+        let (heard_tx, heard) = mpsc::channel::<Heard>();
+        let repaint: Arc<OnceLock<egui::Context>> = Arc::new(OnceLock::new());
+        let wake = repaint.clone();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        std::thread::Builder::new().name("caisey-prompt".into()).spawn(move || {
+            let send = |h: Heard| {
+                let ok = heard_tx.send(h).is_ok();
+                if let Some(ctx) = wake.get() {
+                    ctx.request_repaint();
+                }
+                ok
+            };
+            loop {
+                // Decisions first, then what is pending now.
+                while let Ok(Ask::Decide { code, approve }) = asks_rx.try_recv() {
+                    if !send(decide_now(&rt, &socket, code, approve)) {
+                        return;
+                    }
+                }
+                let h = match rt.block_on(local::call(&socket, &LocalRequest::Pending)) {
+                    Ok(LocalReply::Pending { pending }) => Heard::Pending(pending),
+                    Ok(LocalReply::Error { error }) => Heard::Unreachable(error),
+                    Ok(LocalReply::Done { .. }) => Heard::Unreachable("unexpected reply".into()),
+                    Err(e) => Heard::Unreachable(format!("{e:#}")),
+                };
+                if !send(h) {
+                    return;
+                }
+                // Sleep until the next poll, or until a decision arrives.
+                match asks_rx.recv_timeout(POLL) {
+                    Ok(Ask::Decide { code, approve }) => {
+                        if !send(decide_now(&rt, &socket, code, approve)) {
+                            return;
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        })?;
+        Ok(Self {
+            asks,
+            heard,
+            repaint,
+            pending: vec![],
+            shown: None,
+            status: None,
+            unreachable: None,
+            deciding: false,
+        })
+    }
+
+    /// The requests waiting, as last heard from the daemon.
+    pub fn pending(&self) -> &[PendingItem] {
+        &self.pending
+    }
+
+    fn apply(&mut self, h: Heard) {
+        match h {
+            Heard::Pending(p) => {
+                self.pending = p;
+                self.unreachable = None;
+            }
+            Heard::Unreachable(e) => {
+                self.pending.clear();
+                self.unreachable = Some(e);
+            }
+            Heard::Decided { message } => {
+                self.deciding = false;
+                self.status = Some((false, message));
+            }
+            Heard::Refused { error } => {
+                self.deciding = false;
+                self.status = Some((true, error));
+            }
+        }
+    }
+
+    /// One frame of the window.
+    pub fn show(&mut self, ui: &mut Ui) {
+        let _ = self.repaint.set(ui.ctx().clone());
+        while let Ok(h) = self.heard.try_recv() {
+            self.apply(h);
+        }
+        let current = self.pending.first().cloned();
+        // A different request (or a changed command: its code differs) starts the delay again.
+        if current.as_ref().map(|p| p.id) != self.shown.map(|s| s.0) {
+            self.shown = current.as_ref().map(|p| (p.id, Instant::now()));
+        }
+        egui::Panel::top("prompt-title").show(ui, |ui| {
+            ui.add_space(4.0);
+            ui.heading("Caisey: a technician asks to run a command on this computer");
+            ui.add_space(4.0);
+        });
+        egui::Panel::bottom("prompt-buttons").show(ui, |ui| self.buttons(ui, current.as_ref()));
+        egui::CentralPanel::default().show(ui, |ui| match (&current, &self.unreachable) {
+            (_, Some(e)) => {
+                ui.colored_label(ui.visuals().error_fg_color, format!("The Caisey agent is not answering: {e}"));
+            }
+            (None, None) => {
+                ui.label("Nothing is waiting for your approval.");
+            }
+            (Some(p), None) => request_details(ui, p, self.pending.len()),
+        });
+        // Keep the countdown and the Approve delay moving while something is shown.
+        if current.is_some() {
+            ui.ctx().request_repaint_after(Duration::from_millis(250));
+        }
+    }
+
+    fn buttons(&mut self, ui: &mut Ui, current: Option<&PendingItem>) {
+        ui.add_space(6.0);
+        ui.horizontal(|ui| {
+            let Some(p) = current else { return };
+            let armed = self.shown.is_some_and(|(_, since)| since.elapsed() >= ARM_DELAY);
+            let enabled = armed && !self.deciding;
+            let deny = ui.add_enabled(!self.deciding, egui::Button::new(RichText::new("Deny").size(16.0)));
+            let approve = ui.add_enabled(enabled, egui::Button::new(RichText::new("Approve and run").size(16.0)));
+            if deny.clicked() {
+                self.decide(p.id, false);
+            } else if approve.clicked() {
+                self.decide(p.id, true);
+            }
+            if !armed {
+                ui.label(RichText::new("Approve is available in a moment: read the command first.").weak());
+            }
+        });
+        if let Some((error, text)) = &self.status {
+            let color = if *error { ui.visuals().error_fg_color } else { ui.visuals().text_color() };
+            ui.colored_label(color, visible(text));
+        }
+        ui.add_space(6.0);
+    }
+
+    fn decide(&mut self, code: Id128, approve: bool) {
+        self.deciding = true;
+        self.status = None;
+        if self.asks.send(Ask::Decide { code, approve }).is_err() {
+            self.deciding = false;
+            self.status = Some((true, "the connection to the agent is gone".into()));
+        }
+    }
+}
+
+fn decide_now(rt: &tokio::runtime::Runtime, socket: &std::path::Path, code: Id128, approve: bool) -> Heard {
+    let req =
+        if approve { LocalRequest::Approve { id: code.to_hex() } } else { LocalRequest::Deny { id: code.to_hex() } };
+    match rt.block_on(local::call(socket, &req)) {
+        Ok(LocalReply::Done { message }) => Heard::Decided { message },
+        Ok(LocalReply::Error { error }) => Heard::Refused { error },
+        Ok(LocalReply::Pending { .. }) => Heard::Refused { error: "unexpected reply".into() },
+        Err(e) => Heard::Refused { error: format!("{e:#}") },
+    }
+}
+
+/// Text written by the technician, on one line: escaped, newlines spelled out.
+fn one_line(text: &str) -> String {
+    visible(text).replace('\n', "\\n")
+}
+
+/// The key fingerprint in groups of four, as people compare them aloud.
+fn fingerprint(hex: &str) -> String {
+    hex.as_bytes().chunks(4).take(8).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(" ")
+}
+
+/// How many characters of `text` are shown escaped (control, escape, bidi).
+fn escaped_count(text: &str) -> usize {
+    text.chars().filter(|c| visible(&c.to_string()).len() != c.len_utf8()).count()
+}
+
+/// A framed box for technician-written text: its own background and monospace font.
+fn foreign_box(ui: &mut Ui, id: &str, text: &str, max_height: f32) {
+    egui::Frame::group(ui.style()).fill(ui.visuals().extreme_bg_color).show(ui, |ui| {
+        ScrollArea::both().id_salt(id).max_height(max_height).auto_shrink([false, true]).show(ui, |ui| {
+            ui.add(egui::Label::new(RichText::new(text).monospace()).wrap_mode(egui::TextWrapMode::Extend));
+        });
+    });
+}
+
+fn request_details(ui: &mut Ui, p: &PendingItem, waiting: usize) {
+    let now = caisey_peer::now_ms();
+    if waiting > 1 {
+        ui.label(format!("{waiting} requests are waiting; this is the oldest."));
+    }
+    egui::Grid::new("who").num_columns(2).spacing([16.0, 4.0]).show(ui, |ui| {
+        ui.label(RichText::new("Technician").strong());
+        ui.label(one_line(&p.technician));
+        ui.end_row();
+        ui.label(RichText::new("Their key").strong());
+        ui.label(RichText::new(fingerprint(&p.technician_key.to_hex())).monospace());
+        ui.end_row();
+        ui.label(RichText::new("Session").strong());
+        ui.label(one_line(&p.session));
+        ui.end_row();
+        ui.label(RichText::new("Runs with").strong());
+        let cwd = p.cwd.as_ref().map(|c| format!(", in {}", one_line(c))).unwrap_or_default();
+        ui.label(format!("{} (stopped after {} s{cwd})", p.shell, p.timeout_ms / 1000));
+        ui.end_row();
+    });
+    ui.add_space(6.0);
+    let lines = p.script.lines().count().max(1);
+    ui.label(
+        RichText::new(format!(
+            "The command, exactly as it will run ({lines} line{}, {} characters):",
+            if lines == 1 { "" } else { "s" },
+            p.script.chars().count()
+        ))
+        .strong(),
+    );
+    let hidden = escaped_count(&p.script);
+    if hidden > 0 {
+        ui.colored_label(
+            Color32::from_rgb(230, 120, 30),
+            format!("⚠ It contains {hidden} invisible or control character(s), shown as \\u{{…}}. Be careful."),
+        );
+    }
+    foreign_box(ui, "command", &visible(&p.script), 220.0);
+    ui.add_space(6.0);
+    ui.label(RichText::new("Why, in the technician's words:").strong());
+    let why = if p.description.trim().is_empty() { "(no reason given)".to_string() } else { visible(&p.description) };
+    foreign_box(ui, "description", &why, 90.0);
+    ui.add_space(6.0);
+    let left = p.expires_at.saturating_sub(now) / 1000;
+    ui.label(format!("If nobody answers, the request expires in {} min {} s and nothing runs.", left / 60, left % 60));
+}

@@ -1,0 +1,423 @@
+//! The viewer's peer, off the UI thread: a task on a tokio runtime that owns the [`Node`], turns
+//! the UI's [`Action`]s into technician operations (`tech`), and sends back [`Update`]s built
+//! from the documents as they sync.
+//!
+//! Document events arrive in floods while output streams; the backend marks what is stale and
+//! rebuilds at most every [`TICK`]: the fleet and session list at most once a second, the open
+//! session and group rows every tick, reading only output appended since the last read. Every
+//! update wakes the UI through the `egui::Context` it was given.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow};
+use caisey_doc::id::{DocId, Id128, NodeId};
+use caisey_doc::session::SessionView;
+use caisey_peer::node::{Node, NodeEvent};
+use tokio::sync::{broadcast, mpsc as tmpsc};
+
+use super::model::{GroupRow, LineSplitter, OutputAppend, OutputBuf, SharePreview, Snapshot, Update};
+use crate::tech::{self, RunRequest};
+use crate::transcript::ExportFormat;
+
+/// How often stale views are rebuilt.
+pub const TICK: Duration = Duration::from_millis(100);
+/// How often the fleet and session list are rebuilt while documents keep changing, and at the
+/// latest (machines' "online" and "last seen" age even when nothing changes).
+const LIST_EVERY: Duration = Duration::from_secs(1);
+const LIST_AT_LEAST_EVERY: Duration = Duration::from_secs(5);
+
+/// What the UI asks of the backend.
+#[derive(Debug, Clone)]
+pub enum Action {
+    OpenSession(DocId),
+    CloseSession,
+    Ask(RunRequest),
+    Rename { session: DocId, name: String, labels: Vec<String> },
+    Export { session: DocId, format: ExportFormat, path: PathBuf },
+    SaveOutput { session: DocId, request: Id128, path: PathBuf },
+    History { machine: Option<NodeId>, script: String },
+    CommandsOn(NodeId),
+    Diff { old: (DocId, Id128), new: (DocId, Id128) },
+    SharePreview { session: DocId, redact: Vec<String> },
+    Publish { session: DocId, redact: Vec<String> },
+}
+
+/// The UI's end of the backend.
+pub struct BackendHandle {
+    actions: tmpsc::UnboundedSender<Action>,
+    updates: mpsc::Receiver<Update>,
+    /// Set by the UI on its first frame; the backend wakes it through this.
+    pub repaint: Arc<OnceLock<egui::Context>>,
+}
+
+impl std::fmt::Debug for BackendHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackendHandle")
+    }
+}
+
+impl BackendHandle {
+    pub fn send(&self, action: Action) {
+        // The backend only stops when the node does; then there is nobody to tell.
+        let _ = self.actions.send(action);
+    }
+
+    /// Updates received since the last call.
+    pub fn drain(&self) -> Vec<Update> {
+        self.updates.try_iter().collect()
+    }
+}
+
+/// Starts the backend for `node` on `runtime`. When the handle is dropped it shuts the node down
+/// and the returned task ends.
+pub fn spawn(
+    runtime: &tokio::runtime::Handle,
+    node: Node,
+    go_online: bool,
+) -> (BackendHandle, tokio::task::JoinHandle<()>) {
+    let (actions, actions_rx) = tmpsc::unbounded_channel();
+    let (updates_tx, updates) = mpsc::channel();
+    let repaint = Arc::new(OnceLock::new());
+    let out = Out { tx: updates_tx, repaint: repaint.clone() };
+    let task = runtime.spawn(async move {
+        let mut backend = Backend::new(node, out);
+        backend.run(actions_rx, go_online).await;
+    });
+    (BackendHandle { actions, updates, repaint }, task)
+}
+
+struct Out {
+    tx: mpsc::Sender<Update>,
+    repaint: Arc<OnceLock<egui::Context>>,
+}
+
+impl Out {
+    fn send(&self, u: Update) {
+        let _ = self.tx.send(u);
+        if let Some(ctx) = self.repaint.get() {
+            ctx.request_repaint();
+        }
+    }
+
+    fn result(&self, r: Result<Update>) {
+        self.send(r.unwrap_or_else(|e| Update::Error(format!("{e:#}"))));
+    }
+}
+
+/// Output read so far of one command: list position and unfinished lines.
+#[derive(Default)]
+struct Reading {
+    pos: usize,
+    bytes: u64,
+    splitter: LineSplitter,
+}
+
+struct Backend {
+    node: Node,
+    out: Out,
+    open: Option<DocId>,
+    open_reading: BTreeMap<Id128, Reading>,
+    /// The group run being watched: (machine, session, request) per row.
+    group: Vec<(String, DocId, Id128)>,
+    group_reading: BTreeMap<Id128, (Reading, OutputBuf)>,
+    stale_list: bool,
+    stale_docs: BTreeSet<DocId>,
+    last_list: tokio::time::Instant,
+}
+
+impl Backend {
+    fn new(node: Node, out: Out) -> Self {
+        Self {
+            node,
+            out,
+            open: None,
+            open_reading: BTreeMap::new(),
+            group: vec![],
+            group_reading: BTreeMap::new(),
+            stale_list: true,
+            stale_docs: BTreeSet::new(),
+            last_list: tokio::time::Instant::now(),
+        }
+    }
+
+    async fn run(&mut self, mut actions: tmpsc::UnboundedReceiver<Action>, go_online: bool) {
+        let mut events = self.node.subscribe();
+        if go_online {
+            // Offline is normal: the viewer shows what this machine has and keeps retrying.
+            if let Err(e) = tech::go_online(&self.node, &[]).await {
+                self.out.send(Update::Error(format!("{e:#}")));
+            }
+        }
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                action = actions.recv() => match action {
+                    Some(a) => self.act(a).await,
+                    None => break,
+                },
+                event = events.recv() => match event {
+                    Ok(NodeEvent::DocChanged(id)) => {
+                        self.stale_docs.insert(id);
+                        self.stale_list = true;
+                    }
+                    Ok(_) => self.stale_list = true,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Missed some: treat everything as changed.
+                        self.stale_list = true;
+                        self.stale_docs.extend(self.open);
+                        self.stale_docs.extend(self.group.iter().map(|g| g.1));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = tick.tick() => self.refresh().await,
+            }
+        }
+        self.node.shutdown().await;
+    }
+
+    async fn refresh(&mut self) {
+        let since = self.last_list.elapsed();
+        if (self.stale_list && since >= LIST_EVERY) || since >= LIST_AT_LEAST_EVERY {
+            self.stale_list = false;
+            self.last_list = tokio::time::Instant::now();
+            let snapshot = self.snapshot().await;
+            self.out.result(snapshot.map(|s| Update::Snapshot(Box::new(s))));
+        }
+        let stale = std::mem::take(&mut self.stale_docs);
+        if let Some(open) = self.open.filter(|o| stale.contains(o))
+            && let Err(e) = self.read_open(open).await
+        {
+            self.out.send(Update::Error(format!("{e:#}")));
+        }
+        let rows: Vec<(String, DocId, Id128)> =
+            self.group.iter().filter(|(_, s, _)| stale.contains(s)).cloned().collect();
+        for (machine, session, request) in rows {
+            match self.read_group_row(machine, session, request).await {
+                Ok(row) => self.out.send(Update::GroupRow(row)),
+                Err(e) => self.out.send(Update::Error(format!("{e:#}"))),
+            }
+        }
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot> {
+        let fleet = self.node.fleet().await?;
+        let mut groups: Vec<String> = fleet.members.values().flat_map(|m| m.groups.iter().cloned()).collect();
+        groups.sort();
+        groups.dedup();
+        Ok(Snapshot {
+            org: fleet.org_name.clone(),
+            me: fleet.members.get(&self.node.id()).map(|m| m.name.clone()).unwrap_or_default(),
+            machines: tech::machines(&self.node, None, None).await?,
+            groups,
+            sessions: tech::sessions(&self.node, None, None).await?,
+            sync: tech::sync_status(&self.node).await?,
+        })
+    }
+
+    /// Sends the open session's records and whatever output arrived since the last read.
+    async fn read_open(&mut self, id: DocId) -> Result<()> {
+        let fleet = self.node.fleet().await?;
+        let names: BTreeMap<NodeId, String> = fleet.members.values().map(|m| (m.node, m.name.clone())).collect();
+        let positions: BTreeMap<Id128, usize> = self.open_reading.iter().map(|(k, r)| (*k, r.pos)).collect();
+        let Some(read) = self
+            .node
+            .read(id, move |d| -> Result<_> {
+                let view = SessionView::read_without_output(d, &fleet)?;
+                let chunks: Vec<_> = view
+                    .commands
+                    .iter()
+                    .map(|c| {
+                        let from = positions.get(&c.request.id).copied().unwrap_or(0);
+                        (c.request.id, SessionView::read_output_from(d, &c.request, from))
+                    })
+                    .collect();
+                Ok((view, chunks))
+            })
+            .await?
+        else {
+            return Err(anyhow!("session {} is not on this machine", id.short()));
+        };
+        let (view, chunks) = read?;
+        self.out.send(Update::SessionView { id, view: Box::new(view), names });
+        for (request, (new, pos)) in chunks {
+            let reading = self.open_reading.entry(request).or_default();
+            if pos == reading.pos && !new.is_empty() {
+                continue;
+            }
+            let first = reading.pos == 0 && reading.bytes == 0;
+            reading.pos = pos;
+            let mut lines = Vec::new();
+            for c in &new {
+                reading.bytes += c.data.len() as u64;
+                lines.extend(reading.splitter.push(c.stream, &c.data));
+            }
+            if !new.is_empty() || first {
+                let append = OutputAppend { request, lines, partial: reading.splitter.partial(), bytes: reading.bytes };
+                self.out.send(Update::Output { session: id, append });
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_group_row(&mut self, machine: String, session: DocId, request: Id128) -> Result<GroupRow> {
+        let fleet = self.node.fleet().await?;
+        let from = self.group_reading.get(&request).map(|r| r.0.pos).unwrap_or(0);
+        let (cmd, (chunks, pos)) = self
+            .node
+            .read(session, move |d| -> Result<_> {
+                let view = SessionView::read_without_output(d, &fleet)?;
+                let cmd = view.command(&request).cloned().ok_or_else(|| anyhow!("request not found"))?;
+                let out = SessionView::read_output_from(d, &cmd.request, from);
+                Ok((cmd, out))
+            })
+            .await?
+            .ok_or_else(|| anyhow!("session {} is not here", session.short()))??;
+        let (reading, buf) = self.group_reading.entry(request).or_default();
+        reading.pos = pos;
+        let mut lines = Vec::new();
+        for c in &chunks {
+            reading.bytes += c.data.len() as u64;
+            lines.extend(reading.splitter.push(c.stream, &c.data));
+        }
+        buf.apply(OutputAppend { request, lines, partial: reading.splitter.partial(), bytes: reading.bytes });
+        // A row keeps only a preview: the full output is one click away, in the session.
+        let keep = 200;
+        if buf.lines.len() > keep * 2 {
+            buf.lines.drain(..buf.lines.len() - keep);
+        }
+        Ok(GroupRow {
+            machine,
+            session,
+            request,
+            status: cmd.status().to_string(),
+            exit_code: cmd.end.as_ref().and_then(|e| e.exit_code),
+            output: buf.clone(),
+        })
+    }
+
+    async fn act(&mut self, action: Action) {
+        let node = &self.node;
+        match action {
+            Action::OpenSession(id) => {
+                self.open = Some(id);
+                self.open_reading.clear();
+                if let Err(e) = self.read_open(id).await {
+                    self.out.send(Update::Error(format!("{e:#}")));
+                }
+            }
+            Action::CloseSession => {
+                self.open = None;
+                self.open_reading.clear();
+            }
+            Action::Ask(req) => {
+                let group = match &req.targets {
+                    tech::Targets::Group(g) => Some(g.clone()),
+                    tech::Targets::Machine(_) => None,
+                };
+                match tech::ask(node, req).await {
+                    Ok(asked) => {
+                        self.group = asked.iter().map(|a| (a.machine.name.clone(), a.session, a.request)).collect();
+                        self.group_reading.clear();
+                        let rows = asked
+                            .iter()
+                            .map(|a| GroupRow {
+                                machine: a.machine.name.clone(),
+                                session: a.session,
+                                request: a.request,
+                                status: "waiting for approval".into(),
+                                exit_code: None,
+                                output: OutputBuf::default(),
+                            })
+                            .collect();
+                        self.stale_list = true;
+                        self.out.send(Update::Asked { group, rows });
+                    }
+                    Err(e) => self.out.send(Update::Error(format!("{e:#}"))),
+                }
+            }
+            Action::Rename { session, name, labels } => {
+                let r = tech::rename(node, session, &name, labels).await;
+                self.stale_list = true;
+                self.stale_docs.insert(session);
+                self.out.result(r.map(|()| Update::Notice(format!("renamed to {name:?}"))));
+            }
+            Action::Export { session, format, path } => {
+                let r = async {
+                    let bytes = crate::transcript::export(node, session, format).await?;
+                    std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+                    Ok(Update::Notice(format!("exported {} bytes to {}", bytes.len(), path.display())))
+                };
+                self.out.result(r.await);
+            }
+            Action::SaveOutput { session, request, path } => {
+                let r = async {
+                    let bytes = tech::output_bytes(node, session, request).await?;
+                    std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+                    Ok(Update::Notice(format!("saved {} bytes of output to {}", bytes.len(), path.display())))
+                };
+                self.out.result(r.await);
+            }
+            Action::History { machine, script } => {
+                self.out.result(tech::history(node, machine, &script).await.map(|runs| Update::History { runs }));
+            }
+            Action::CommandsOn(machine) => {
+                let r = tech::commands_run_on(node, machine).await;
+                self.out.result(r.map(|commands| Update::CommandsOn { machine, commands }));
+            }
+            Action::Diff { old, new } => {
+                let r = async {
+                    let a = tech::output_text(node, old.0, old.1).await?;
+                    let b = tech::output_text(node, new.0, new.1).await?;
+                    Ok(Update::Diff(tech::diff(&a, &b)))
+                };
+                self.out.result(r.await);
+            }
+            Action::SharePreview { session, redact } => {
+                self.out.result(share_preview(node, session, &redact).await.map(Update::SharePreview));
+            }
+            Action::Publish { session, redact } => {
+                let r = async {
+                    let file = tech::build_transcript(node, session, &redact, &[]).await?;
+                    let relays = node.relay_contacts().await?;
+                    let relay = relays.first().ok_or_else(|| anyhow!("the org has no relay to publish to"))?;
+                    let url = caisey_peer::publish::publish(node, relay, &file).await?;
+                    Ok(Update::Shared { url })
+                };
+                self.out.result(r.await);
+            }
+        }
+    }
+}
+
+/// What sharing `session` would publish: the redactions made and the lines they touch.
+async fn share_preview(node: &Node, session: DocId, redact: &[String]) -> Result<SharePreview> {
+    let file = tech::build_transcript(node, session, redact, &[]).await?;
+    let (_, checked) = caisey_doc::transcript::verify(&file.to_json())?;
+    let mut preview =
+        SharePreview { session, commands: checked.commands.len(), redactions: vec![], redacted_lines: vec![] };
+    for c in &checked.commands {
+        for r in &c.redactions {
+            preview.redactions.push(format!(
+                "{}× {} in the {} of {} on {}",
+                r.count,
+                r.rule,
+                r.field,
+                c.id.short(),
+                c.machine
+            ));
+        }
+        for text in [&c.command.script, &c.stdout, &c.stderr] {
+            for line in text.lines().filter(|l| l.contains("[REDACTED")) {
+                if preview.redacted_lines.len() < 200 {
+                    preview.redacted_lines.push(caisey_doc::text::visible(line));
+                }
+            }
+        }
+    }
+    Ok(preview)
+}

@@ -1,0 +1,77 @@
+//! The desktop viewer (`caisey` with no subcommand): an egui window over the technician's node.
+//!
+//! The node runs on a tokio runtime beside the UI; [`backend`] is the only part that touches
+//! it. The UI ([`app`] and one module per tab) holds plain data ([`model`]) and sends actions,
+//! so it never waits on the network and can be driven headless by `egui_kittest`.
+//!
+//! ```text
+//!  egui frame ── Action ──▶ backend task ── tech::* ──▶ Node (hub, store, iroh)
+//!      ▲                         │  ◀── NodeEvent::DocChanged ──┘
+//!      └──── Update + repaint ───┘
+//! ```
+
+pub mod app;
+pub mod backend;
+mod compose;
+mod fleet;
+mod history;
+pub mod model;
+mod sessions;
+pub mod widgets;
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use caisey_peer::node::{Node, NodeOptions};
+
+pub use app::{Tab, ViewerApp};
+pub use fleet::connectivity;
+pub use sessions::file_name;
+
+impl eframe::App for ViewerApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.show(ui);
+    }
+}
+
+/// Opens the viewer window on `app` and returns when it is closed.
+pub fn open_window(title: &str, app: ViewerApp) -> Result<()> {
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default().with_inner_size([1280.0, 800.0]).with_title(title),
+        ..Default::default()
+    };
+    eframe::run_native(title, options, Box::new(|_cc| Ok(Box::new(app)))).map_err(|e| {
+        anyhow!("could not open the viewer window ({e}); without a display, use the subcommands (`caisey --help`)")
+    })
+}
+
+/// `caisey`: the viewer on this home's node, until the window is closed.
+pub fn run(opts: NodeOptions) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let node = rt.block_on(Node::start(opts))?;
+    if rt.block_on(node.fleet_doc())?.is_none() {
+        rt.block_on(node.shutdown());
+        bail!("this home belongs to no org yet: `caisey init --org NAME`, `caisey join TOKEN`, or try `caisey demo`");
+    }
+    let (handle, backend) = backend::spawn(rt.handle(), node, true);
+    let shown = open_window("Caisey", ViewerApp::new(handle));
+    // The handle is gone with the window: the backend sees its channel close and stops the node.
+    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), backend).await });
+    shown
+}
+
+/// `caisey demo`: the demo org, then the viewer on its technician with the story's session open.
+pub fn demo() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let fleet = rt.block_on(crate::demo::DemoFleet::start())?;
+    println!("== opening the viewer; in this demo the machines' users approve every request");
+    let approver = rt.block_on(async { fleet.approve_everything() });
+    let (handle, backend) = backend::spawn(rt.handle(), fleet.technician.clone(), false);
+    let mut app = ViewerApp::new(handle);
+    app.open_session(fleet.session);
+    let shown = open_window("Caisey demo", app);
+    approver.abort();
+    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), backend).await });
+    rt.block_on(fleet.stop());
+    shown
+}

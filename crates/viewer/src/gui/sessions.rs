@@ -1,0 +1,293 @@
+//! The Sessions tab (search, list) and the Session tab: the transcript as a timeline of
+//! requests, decisions and runs with their output, plus rename, export and share.
+
+use caisey_doc::session::{CommandView, EndStatus, Verdict};
+use caisey_peer::now_ms;
+use egui::{RichText, Ui};
+
+use super::app::{Share, ViewerApp};
+use super::backend::Action;
+use super::model::OpenSession;
+use super::widgets::{ago, bytes, duration, hostile_block, labelled_input, one_line, output_view, time};
+use crate::transcript::ExportFormat;
+
+impl ViewerApp {
+    pub(super) fn sessions_tab(&mut self, ui: &mut Ui) {
+        labelled_input(ui, "Search sessions", &mut self.session_search, "name, label, machine or command");
+        ui.separator();
+        let q = self.session_search.trim().to_lowercase();
+        let now = now_ms();
+        let list: Vec<_> = self.snapshot.sessions.iter().filter(|s| q.is_empty() || s.matches(&q)).cloned().collect();
+        if list.is_empty() {
+            ui.label(if self.snapshot.sessions.is_empty() { "No sessions yet." } else { "No session matches." });
+        }
+        egui::ScrollArea::vertical().id_salt("session-list").show(ui, |ui| {
+            egui::Grid::new("sessions").num_columns(5).striped(true).spacing([18.0, 6.0]).show(ui, |ui| {
+                for h in ["Session", "Labels", "Machines", "Last activity", "Status"] {
+                    ui.label(RichText::new(h).strong());
+                }
+                ui.end_row();
+                for s in list {
+                    if ui.link(one_line(&s.name)).clicked() {
+                        self.open_session(s.id);
+                    }
+                    ui.label(one_line(&s.labels.join(", ")));
+                    ui.label(one_line(&s.machines.join(", ")));
+                    ui.label(ago(s.last_activity, now));
+                    ui.label(format!(
+                        "{} ({} command{})",
+                        s.status,
+                        s.commands,
+                        if s.commands == 1 { "" } else { "s" }
+                    ));
+                    ui.end_row();
+                }
+            });
+        });
+    }
+
+    pub(super) fn session_tab(&mut self, ui: &mut Ui) {
+        let Some(open) = self.open.take() else {
+            ui.label("Loading the session…");
+            return;
+        };
+        self.session_header(ui, &open);
+        ui.separator();
+        egui::ScrollArea::vertical().id_salt("timeline").auto_shrink([false, false]).show(ui, |ui| {
+            if !open.view.quarantined.is_empty() {
+                ui.colored_label(
+                    ui.visuals().error_fg_color,
+                    format!(
+                        "{} record(s) failed verification and are not shown as genuine:",
+                        open.view.quarantined.len()
+                    ),
+                );
+                for q in &open.view.quarantined {
+                    ui.label(one_line(&format!("  {}: {}", q.place, q.why)));
+                }
+                ui.separator();
+            }
+            if open.view.commands.is_empty() {
+                ui.label("No commands in this session yet.");
+            }
+            for cmd in &open.view.commands {
+                self.command_entry(ui, &open, cmd);
+                ui.add_space(10.0);
+            }
+        });
+        self.open = Some(open);
+    }
+
+    fn session_header(&mut self, ui: &mut Ui, open: &OpenSession) {
+        let info = &open.view.info;
+        let mut rename = None;
+        match &mut self.renaming {
+            Some((name, labels)) => {
+                labelled_input(ui, "Session name", name, "what this investigation is");
+                labelled_input(ui, "Labels", labels, "comma-separated, e.g. weekly, disk");
+                ui.horizontal(|ui| {
+                    if ui.button("Save name").clicked() {
+                        rename = Some(Some((name.clone(), labels.split(',').map(str::to_string).collect())));
+                    } else if ui.button("Cancel").clicked() {
+                        rename = Some(None);
+                    }
+                });
+            }
+            None => {
+                ui.horizontal(|ui| {
+                    ui.heading(one_line(&info.name));
+                    for l in &info.labels {
+                        ui.label(RichText::new(one_line(l)).background_color(ui.visuals().faint_bg_color));
+                    }
+                    if ui.button("Rename / label").clicked() {
+                        self.renaming = Some((info.name.clone(), info.labels.join(", ")));
+                    }
+                });
+            }
+        }
+        if let Some(done) = rename {
+            self.renaming = None;
+            if let Some((name, labels)) = done {
+                self.send(Action::Rename { session: open.id, name, labels });
+            }
+        }
+        let machines: Vec<String> = open.view.targets.iter().map(|t| one_line(&open.name_of(t))).collect();
+        ui.label(format!(
+            "opened by {} at {}  ·  machines: {}  ·  id {}",
+            one_line(&open.name_of(&open.view.creator)),
+            time(info.created_at),
+            machines.join(", "),
+            open.id.short()
+        ));
+        ui.horizontal(|ui| {
+            ui.checkbox(&mut self.follow, "Follow output");
+            let label = ui.label("Export to folder");
+            ui.add(egui::TextEdit::singleline(&mut self.export_dir).desired_width(220.0)).labelled_by(label.id);
+            for format in [ExportFormat::Json, ExportFormat::Csv] {
+                let ext = format.extension();
+                if ui.button(format!("Export {}", ext.to_uppercase())).clicked() {
+                    let path = std::path::Path::new(&self.export_dir).join(file_name(&info.name, ext));
+                    self.send(Action::Export { session: open.id, format, path });
+                }
+            }
+            if ui.button("Share…").clicked() {
+                self.share = Some(Share::default());
+                self.send(Action::SharePreview { session: open.id, redact: vec![] });
+            }
+        });
+        self.share_panel(ui, open);
+    }
+
+    fn share_panel(&mut self, ui: &mut Ui, open: &OpenSession) {
+        let Some(share) = &mut self.share else { return };
+        let mut action = None;
+        let mut close = false;
+        egui::Frame::group(ui.style()).show(ui, |ui| {
+            ui.label(RichText::new("Share a public, redacted, read-only transcript").strong());
+            ui.label("Secrets the built-in rules know (passwords, tokens, keys) are always redacted; add your own patterns below.");
+            labelled_input(ui, "Also redact", &mut share.redact, "regular expressions, comma-separated");
+            let redact: Vec<String> =
+                share.redact.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect();
+            match &share.preview {
+                None => {
+                    ui.label("Preparing the preview…");
+                }
+                Some(p) => {
+                    ui.label(format!("{} command(s) will be published.", p.commands));
+                    if p.redactions.is_empty() {
+                        ui.label("Nothing was redacted.");
+                    }
+                    for r in &p.redactions {
+                        ui.label(format!("redacted {}", one_line(r)));
+                    }
+                    if !p.redacted_lines.is_empty() {
+                        hostile_block(ui, "redacted-lines", &p.redacted_lines.join("\n"), 160.0);
+                    }
+                }
+            }
+            ui.horizontal(|ui| {
+                if ui.button("Preview again").clicked() {
+                    action = Some(Action::SharePreview { session: open.id, redact: redact.clone() });
+                }
+                if share.preview.is_some() && share.url.is_none() && ui.button("Publish").clicked() {
+                    action = Some(Action::Publish { session: open.id, redact });
+                }
+                if let Some(url) = &share.url {
+                    ui.label(url);
+                    if ui.button("Copy link").clicked() {
+                        ui.ctx().copy_text(url.clone());
+                    }
+                }
+                if ui.button("Close").clicked() {
+                    close = true;
+                }
+            });
+        });
+        if close {
+            self.share = None;
+        }
+        if let Some(a) = action {
+            if matches!(a, Action::SharePreview { .. })
+                && let Some(s) = &mut self.share
+            {
+                s.preview = None;
+            }
+            self.send(a);
+        }
+    }
+
+    fn command_entry(&mut self, ui: &mut Ui, open: &OpenSession, cmd: &CommandView) {
+        let r = &cmd.request;
+        let machine = one_line(&open.name_of(&r.target));
+        egui::Frame::group(ui.style()).show(ui, |ui| {
+            ui.set_width(ui.available_width());
+            ui.horizontal(|ui| {
+                ui.label(RichText::new(time(r.requested_at)).weak());
+                ui.label(
+                    RichText::new(format!("{} asked {machine}", one_line(&open.name_of(&cmd.requester)))).strong(),
+                );
+                ui.label(format!(
+                    "({}, timeout {} s{})",
+                    r.command.shell,
+                    r.command.timeout_ms / 1000,
+                    r.command.cwd.as_ref().map(|c| format!(", in {}", one_line(c))).unwrap_or_default()
+                ));
+            });
+            hostile_block(ui, ("script", r.id), &r.command.script, 120.0);
+            if !r.description.is_empty() {
+                ui.label(format!("why: {}", one_line(&r.description)));
+            }
+            // Decision.
+            match &cmd.decision {
+                None if now_ms() > r.expires_at => {
+                    ui.label("nobody approved it in time");
+                }
+                None => {
+                    ui.colored_label(ui.visuals().warn_fg_color, format!("waiting for approval on {machine}…"));
+                }
+                Some(d) => {
+                    let who = one_line(&d.decided_by);
+                    let text = match d.verdict {
+                        Verdict::Approved => format!("approved by {who} at {}", time(d.decided_at)),
+                        Verdict::Denied => format!("denied by {who} at {}", time(d.decided_at)),
+                        Verdict::Expired => format!("expired at {}: nobody approved it in time", time(d.decided_at)),
+                    };
+                    let color = if d.verdict == Verdict::Approved {
+                        ui.visuals().text_color()
+                    } else {
+                        ui.visuals().warn_fg_color
+                    };
+                    ui.colored_label(color, text);
+                }
+            }
+            // Execution.
+            if let Some(s) = &cmd.start {
+                let status = match &cmd.end {
+                    None => format!("running since {} on {machine}", time(s.started_at)),
+                    Some(e) => {
+                        let took = duration(e.ended_at.saturating_sub(s.started_at));
+                        let what = match (e.status, e.exit_code) {
+                            (EndStatus::Exited, Some(c)) => format!("exit code {c}"),
+                            (EndStatus::Exited, None) => "ended by a signal".into(),
+                            (EndStatus::TimedOut, _) => "timed out".into(),
+                            (EndStatus::Interrupted, _) => "interrupted".into(),
+                            (EndStatus::FailedToStart, _) => "failed to start".into(),
+                        };
+                        let msg = e.message.as_ref().map(|m| format!(" ({})", one_line(m))).unwrap_or_default();
+                        format!("ran {took} on {machine}: {what}{msg}")
+                    }
+                };
+                let failed = cmd.end.as_ref().is_some_and(|e| e.exit_code != Some(0));
+                let color = if failed { ui.visuals().error_fg_color } else { ui.visuals().text_color() };
+                ui.colored_label(color, RichText::new(status).strong());
+            } else if let Some(e) = &cmd.end {
+                ui.label(format!("{} at {}", cmd.status(), time(e.ended_at)));
+            }
+            if let Some(out) = open.outputs.get(&r.id).filter(|o| o.rows() > 0) {
+                ui.horizontal(|ui| {
+                    ui.label(RichText::new(format!("output: {} lines, {}", out.rows(), bytes(out.bytes))).weak());
+                    if ui.button("Copy output").clicked() {
+                        ui.ctx().copy_text(out.text());
+                    }
+                    if ui.button("Save output").clicked() {
+                        let path = std::path::Path::new(&self.export_dir)
+                            .join(file_name(&format!("{} {} output", open.view.info.name, machine), "txt"));
+                        self.send(Action::SaveOutput { session: open.id, request: r.id, path });
+                    }
+                    if ui.button("Runs over time").clicked() {
+                        self.show_history(Some(r.target), r.command.script.clone());
+                    }
+                });
+                output_view(ui, ("output", r.id), out, 320.0, self.follow);
+            }
+        });
+    }
+}
+
+/// A file name for `name`: letters, digits, `-` and `_` kept, the rest `_`.
+pub fn file_name(name: &str, ext: &str) -> String {
+    let stem: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    let stem = stem.trim_matches('_');
+    format!("{}.{ext}", if stem.is_empty() { "session" } else { stem })
+}
