@@ -297,6 +297,9 @@ impl Agent {
             Ok(SessionWriter::decide(doc, &signer, &decision)?)
         })
         .await?;
+        // Re-read now, so the denied request leaves the pending list at once.
+        self.refresh(session).await;
+        self.review().await;
         info!(request = %id.short(), "denied by the local user");
         Ok(format!("denied {}", code.short()))
     }

@@ -53,8 +53,11 @@ pub fn review(
     for (doc, view) in sessions {
         for cmd in view.commands.iter().filter(|c| c.request.target == me) {
             let id = cmd.request.id;
-            // An approval not used before it expired is as good as none.
-            let decision = cmd.decision.as_ref().filter(|d| cmd.start.is_some() || now <= d.expires_at);
+            // An approval not used before it expired is as good as none; a denial is final.
+            let decision = cmd
+                .decision
+                .as_ref()
+                .filter(|d| d.verdict != Verdict::Approved || cmd.start.is_some() || now <= d.expires_at);
             match (decision, &cmd.start, &cmd.end) {
                 (None, _, _) if now > cmd.request.expires_at => {
                     actions.push(Action::Expire { session: *doc, request: id })
@@ -170,5 +173,31 @@ mod tests {
         // Another agent's requests are none of this agent's business.
         let (pending, _) = review(tech.node_id(), &sessions, &running, 50);
         assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn a_denied_request_stays_decided_after_the_denial_is_old() {
+        let (tech, agent, fleet, info) = setup();
+        let me = agent.node_id();
+        let mut doc = SessionWriter::create(&tech, &info).unwrap();
+        let req = request(&info, me, 1);
+        SessionWriter::request(&mut doc, &tech, &req).unwrap();
+        let d = Decision {
+            request: req.id,
+            session: info.id,
+            target: me,
+            requester: tech.node_id(),
+            command_hash: req.command.hash(),
+            verdict: Verdict::Denied,
+            decided_by: "local user".into(),
+            decided_at: 5,
+            expires_at: 5,
+            nonce: Id128([9; 16]),
+        };
+        SessionWriter::decide(&mut doc, &agent, &d).unwrap();
+        let sessions = vec![(info.id, SessionView::read(&doc, &fleet).unwrap())];
+        let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 50);
+        assert!(pending.is_empty(), "a denied request is not pending again: {pending:?}");
+        assert!(actions.is_empty(), "{actions:?}");
     }
 }

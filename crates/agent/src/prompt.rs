@@ -277,7 +277,7 @@ fn request_details(ui: &mut Ui, p: &PendingItem, waiting: usize) {
     if hidden > 0 {
         ui.colored_label(
             Color32::from_rgb(230, 120, 30),
-            format!("⚠ It contains {hidden} invisible or control character(s), shown as \\u{{…}}. Be careful."),
+            format!("Warning: it contains {hidden} invisible or control character(s), shown as \\u{{…}}. Be careful."),
         );
     }
     foreign_box(ui, "command", &visible(&p.script), 220.0);

@@ -16,6 +16,17 @@ pub fn connectivity(m: &Machine) -> &'static str {
     }
 }
 
+/// A green dot for online, a hollow grey one for offline.
+fn status_dot(ui: &mut Ui, online: bool) {
+    let (rect, _) = ui.allocate_exact_size(egui::vec2(12.0, 12.0), egui::Sense::hover());
+    let painter = ui.painter();
+    if online {
+        painter.circle_filled(rect.center(), 5.0, egui::Color32::from_rgb(60, 170, 90));
+    } else {
+        painter.circle_stroke(rect.center(), 4.5, egui::Stroke::new(1.0, ui.visuals().weak_text_color()));
+    }
+}
+
 impl ViewerApp {
     pub(super) fn fleet_tab(&mut self, ui: &mut Ui) {
         egui::Panel::left("machines").resizable(true).default_size(340.0).show(ui, |ui| {
@@ -80,13 +91,8 @@ impl ViewerApp {
         }
         egui::ScrollArea::vertical().id_salt("machine-list").show(ui, |ui| {
             for (node, text, online) in rows {
-                let dot = if online {
-                    RichText::new("●").color(egui::Color32::from_rgb(60, 170, 90))
-                } else {
-                    RichText::new("○").weak()
-                };
                 ui.horizontal(|ui| {
-                    ui.label(dot);
+                    status_dot(ui, online);
                     if ui.selectable_label(self.selected_machine == Some(node), text).clicked() {
                         self.selected_machine = Some(node);
                     }

@@ -1,0 +1,254 @@
+//! The viewer and the consent window, driven headless with egui_kittest (by role and label) on
+//! a real org: the relay and agents are the real binaries on loopback, the viewer's backend is a
+//! real node on a colleague's home, the consent window talks to a real agent's socket.
+
+use std::time::{Duration, Instant};
+
+use caisey_agent::prompt::{ARM_DELAY, PromptApp};
+use caisey_peer::home::Home;
+use caisey_peer::node::{Node, NodeOptions};
+use caisey_tests::{Org, wait_for};
+use caisey_viewer::gui::{Tab, ViewerApp, backend};
+use egui_kittest::Harness;
+use egui_kittest::kittest::{NodeT, Queryable};
+
+/// Steps the UI until `done` holds, or fails with `what`.
+fn step_until<S>(h: &mut Harness<'_, S>, timeout: Duration, what: &str, done: impl Fn(&Harness<'_, S>) -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        h.step();
+        if done(h) {
+            return;
+        }
+        if Instant::now() > deadline {
+            let labels: Vec<String> = h
+                .root()
+                .children_recursive()
+                .filter_map(|n| {
+                    let n = n.accesskit_node();
+                    n.label().or_else(|| n.value())
+                })
+                .collect();
+            panic!("timed out waiting for: {what}; the UI shows: {labels:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Focuses a text field and types into it, as a user clicking it would.
+trait TypeInto {
+    fn type_into(&self, text: &str);
+}
+
+impl TypeInto for egui_kittest::Node<'_> {
+    fn type_into(&self, text: &str) {
+        self.focus();
+        self.type_text(text);
+    }
+}
+
+fn shows<S>(h: &Harness<'_, S>, text: &str) -> bool {
+    h.query_all_by_label_contains(text).next().is_some()
+}
+
+/// The viewer of technician `name` in `org`, its node on `rt`.
+fn viewer<'a>(org: &Org, name: &str, rt: &tokio::runtime::Runtime) -> Harness<'a, ViewerApp> {
+    let opts = NodeOptions {
+        home: Home::new(Some(org.world.home(name)), "caisey").expect("home"),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+    };
+    let node = rt.block_on(Node::start(opts)).expect("node");
+    let (handle, _task) = backend::spawn(rt.handle(), node, true);
+    Harness::builder()
+        .with_size([1280.0, 900.0])
+        .build_ui_state(|ui, app: &mut ViewerApp| app.show(ui), ViewerApp::new(handle))
+}
+
+fn approve_next(org: &Org, agent: &str) {
+    let id = org.world.wait_pending(agent);
+    org.world.agent_cmd(agent, &["approve", &id]).ok();
+}
+
+#[test]
+fn fleet_search_filters_machines_and_opens_a_machine_card() {
+    let org = Org::new(&[("ws-01", "lab"), ("ws-02", "office"), ("db-01", "lab")]);
+    let _agents: Vec<_> = ["ws-01", "ws-02", "db-01"].iter().map(|a| org.world.start_agent(a)).collect();
+    org.join_technician("bob");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut h = viewer(&org, "bob", &rt);
+    step_until(&mut h, Duration::from_secs(30), "three machines online", |h| {
+        h.state().snapshot.machines.iter().filter(|m| m.online && m.card.is_some()).count() == 3
+    });
+    assert!(shows(&h, "db-01") && shows(&h, "ws-02"));
+
+    h.get_by_label("Search machines").type_into("ws-");
+    h.run_steps(2);
+    assert_eq!(h.state().fleet_search, "ws-");
+    assert!(shows(&h, "ws-01") && shows(&h, "ws-02"), "both ws- machines stay");
+    assert!(!shows(&h, "db-01"), "db-01 is filtered out by the search");
+
+    h.get_by_label_contains("ws-01").click();
+    h.run_steps(2);
+    for field in ["Hostname", "OS", "Uptime", "CPU", "Memory", "Connectivity", "Last seen", "Groups"] {
+        assert!(h.query_by_label(field).is_some(), "the card shows {field}");
+    }
+    assert!(shows(&h, "via relay") || shows(&h, "direct"), "connectivity is shown");
+    assert!(shows(&h, "lab"), "the card shows ws-01's group");
+
+    // The group filter: only lab machines, whatever the search.
+    h.get_by_label("Search machines").focus();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.key_press(egui::Key::Backspace);
+    h.run_steps(2);
+    h.get_by_role_and_label(egui::accesskit::Role::ComboBox, "Group").click();
+    h.run_steps(2);
+    h.get_by_label("office").click();
+    h.run_steps(3);
+    assert!(shows(&h, "ws-02"), "ws-02 is in office");
+    assert!(!shows(&h, "db-01") && h.query_by_label_contains("ws-01   ").is_none(), "lab machines are filtered out");
+}
+
+#[test]
+fn a_command_composed_in_the_viewer_streams_its_output_into_the_session_view() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    org.join_technician("bob");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut h = viewer(&org, "bob", &rt);
+    step_until(&mut h, Duration::from_secs(30), "ws-01 listed", |h| shows(h, "ws-01"));
+    h.get_by_label_contains("ws-01").click();
+    h.run_steps(2);
+    h.get_by_label("Run a command on ws-01").click();
+    h.run_steps(2);
+    assert_eq!(h.state().tab, Tab::Run);
+    h.get_by_label("Description").type_into("checking the printer spooler");
+    h.get_by_label("Command").type_into("echo hello-from-the-viewer; echo on-stderr >&2; exit 4");
+    h.run_steps(2);
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Send").click();
+    step_until(&mut h, Duration::from_secs(20), "waiting for approval", |h| shows(h, "waiting for approval"));
+    approve_next(&org, "ws-01");
+    step_until(&mut h, Duration::from_secs(30), "output and exit code", |h| {
+        shows(h, "hello-from-the-viewer") && shows(h, "on-stderr") && shows(h, "exit code 4")
+    });
+    assert!(shows(&h, "approved by local user"), "the approval is on the timeline");
+
+    // Rename and label the session; the list shows it under its new name.
+    h.get_by_label("Rename / label").click();
+    h.run_steps(2);
+    h.get_by_label("Session name").focus();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.get_by_label("Session name").type_into("spooler check");
+    h.get_by_label("Labels").type_into("printers");
+    h.get_by_label("Save name").click();
+    step_until(&mut h, Duration::from_secs(10), "renamed", |h| {
+        h.state().snapshot.sessions.iter().any(|s| s.name == "spooler check" && s.labels == ["printers"])
+    });
+    // Search the session list by label, then export it.
+    h.get_by_label("Sessions").click();
+    h.run_steps(2);
+    h.get_by_label("Search sessions").type_into("printers");
+    h.run_steps(2);
+    assert!(shows(&h, "spooler check"));
+    let out = org.world.caisey("alice", &["export", "spooler check", "--format", "csv"]).ok();
+    assert!(out.stdout.contains("hello-from-the-viewer") && out.stdout.contains("\"4\""), "{}", out.stdout);
+}
+
+#[test]
+fn a_group_run_shows_one_row_per_machine_as_each_finishes() {
+    let org = Org::new(&[("ws-01", "lab"), ("ws-02", "lab"), ("ws-03", "lab")]);
+    let _agents: Vec<_> = ["ws-01", "ws-02", "ws-03"].iter().map(|a| org.world.start_agent(a)).collect();
+    org.join_technician("bob");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut h = viewer(&org, "bob", &rt);
+    step_until(&mut h, Duration::from_secs(30), "groups known", |h| h.state().snapshot.groups == ["lab"]);
+    h.get_by_label("Run").click();
+    h.run_steps(2);
+    h.get_by_role_and_label(egui::accesskit::Role::RadioButton, "Group").click();
+    h.run_steps(1);
+    h.get_by_role_and_label(egui::accesskit::Role::ComboBox, "Target").click();
+    h.run_steps(2);
+    h.get_by_label("lab").click();
+    h.run_steps(2);
+    h.get_by_label("Command").type_into("echo row-output");
+    h.run_steps(1);
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Send").click();
+    step_until(&mut h, Duration::from_secs(20), "three rows", |h| {
+        h.state().group_run.as_ref().is_some_and(|g| g.rows.len() == 3)
+    });
+    // One machine answers first: its row is done while the others still wait.
+    approve_next(&org, "ws-02");
+    step_until(&mut h, Duration::from_secs(30), "ws-02 done", |h| shows(h, "1 of 3 machines done"));
+    let rows = &h.state().group_run.as_ref().expect("group run").rows;
+    let waiting = rows.iter().filter(|r| r.status == "waiting for approval").count();
+    assert_eq!(waiting, 2, "{rows:?}");
+    approve_next(&org, "ws-01");
+    approve_next(&org, "ws-03");
+    step_until(&mut h, Duration::from_secs(30), "all done", |h| shows(h, "3 of 3 machines done"));
+    for m in ["ws-01", "ws-02", "ws-03"] {
+        assert!(shows(&h, m), "a row for {m}");
+    }
+    assert_eq!(h.query_all_by_label("row-output").count(), 3, "each row shows its output");
+    assert_eq!(h.query_all_by_label("0").count(), 3, "each row shows exit code 0");
+}
+
+#[test]
+fn the_consent_window_shows_hostile_commands_inert_and_approves_and_denies() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    let mut h = Harness::builder().with_size([720.0, 620.0]).build_ui_state(
+        |ui, app: &mut PromptApp| app.show(ui),
+        PromptApp::connect(org.world.home("ws-01").join("agent.sock")).expect("prompt"),
+    );
+    step_until(&mut h, Duration::from_secs(10), "idle", |h| shows(h, "Nothing is waiting"));
+
+    // A command dressed up to fool the reader: an escape sequence that would clear a terminal,
+    // a right-to-left override that reverses what follows, and text posing as the window.
+    let hostile = "echo fine\u{1b}[2J\u{202e}txt.exe\n# Approve and run\n\u{7}true";
+    let asked = org.world.spawn(
+        "caisey",
+        "alice",
+        &["run", "--json", "--machine", "ws-01", "--detach", "--description", "routine\u{202e} check", "--", hostile],
+    );
+    step_until(&mut h, Duration::from_secs(30), "the request", |h| shows(h, "exactly as it will run"));
+    assert!(shows(&h, "alice"), "the technician is named");
+    assert!(shows(&h, "\\u{1b}[2J") && shows(&h, "\\u{202e}txt.exe") && shows(&h, "\\u{7}true"), "escapes spelled out");
+    assert!(shows(&h, "it contains 3 invisible or control character"), "the user is warned");
+    assert!(shows(&h, "routine\\u{202e} check"), "the description is escaped too");
+    // No label anywhere carries a raw control or bidi character.
+    for node in h.root().children_recursive() {
+        let node = node.accesskit_node();
+        for text in [node.label(), node.value()].into_iter().flatten() {
+            assert!(!text.chars().any(|c| c == '\u{1b}' || c == '\u{202e}' || c == '\u{7}'), "raw in {text:?}");
+        }
+    }
+    // The command's fake "Approve and run" line is text in the command box, not a button.
+    assert_eq!(h.query_all_by_role_and_label(egui::accesskit::Role::Button, "Approve and run").count(), 1);
+
+    // Approve only arms after a moment.
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Approve and run").click();
+    h.run_steps(2);
+    assert!(shows(&h, "exactly as it will run"), "a click before the delay does nothing");
+    std::thread::sleep(ARM_DELAY);
+    h.run_steps(2);
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Approve and run").click();
+    step_until(&mut h, Duration::from_secs(20), "approved", |h| shows(h, "approved"));
+    let asked: serde_json::Value =
+        serde_json::from_str(&asked.wait(Duration::from_secs(30)).ok().stdout).expect("json");
+    let session = asked[0]["session"].as_str().expect("session id").to_string();
+    let shown = wait_for(Duration::from_secs(30), || {
+        let s = org.show_json("alice", &session)?;
+        (s["commands"][0]["status"] == "exited").then_some(s)
+    })
+    .expect("the approved command ran");
+    assert!(shown["commands"][0]["stdout"].as_str().is_some_and(|o| o.starts_with("fine")), "{shown}");
+
+    // Deny: the next request never runs.
+    let marker = org.world.root.path().join("ran-anyway");
+    let script = format!("touch {}", marker.display());
+    org.world.caisey("alice", &["run", "--machine", "ws-01", "--detach", "--", &script]).ok();
+    step_until(&mut h, Duration::from_secs(30), "second request", |h| shows(h, "ran-anyway"));
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Deny").click();
+    step_until(&mut h, Duration::from_secs(20), "denied", |h| shows(h, "denied") && shows(h, "Nothing is waiting"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!marker.exists(), "a denied command never runs");
+}
