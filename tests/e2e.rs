@@ -261,7 +261,9 @@ fn an_agent_killed_mid_command_records_it_interrupted_and_never_runs_it_again() 
 fn the_readme_demo_runs_its_story_to_the_end() {
     let world = World::new();
     let mut cmd = std::process::Command::new(caisey_tests::bin("caisey"));
-    cmd.args(["demo", "--headless"]).env("RUST_LOG", "error").env("TMPDIR", world.root.path());
+    // As on a fresh machine without a display (CI): the demo tells its story in the terminal.
+    cmd.args(["demo"]).env("RUST_LOG", "error").env("TMPDIR", world.root.path());
+    cmd.env_remove("DISPLAY").env_remove("WAYLAND_DISPLAY");
     let out = cmd.output().expect("demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "demo failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
@@ -271,4 +273,5 @@ fn the_readme_demo_runs_its_story_to_the_end() {
     assert!(stdout.contains("[ws-01 out] host: "), "{stdout}");
     assert!(stdout.contains("[ws-01 err] a warning on stderr"), "{stdout}");
     assert!(stdout.contains("ws-01: exited with code 0"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no display here"), "says why there is no window");
 }

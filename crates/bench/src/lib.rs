@@ -25,6 +25,7 @@ pub struct Sizes {
     pub big_each: usize,
     pub idle: Duration,
     pub relay_agents: usize,
+    pub viewer_bytes: usize,
 }
 
 impl Sizes {
@@ -38,6 +39,7 @@ impl Sizes {
             big_each: 100 << 10,
             idle: Duration::from_secs(60),
             relay_agents: 1000,
+            viewer_bytes: 10 << 20,
         }
     }
 
@@ -51,6 +53,7 @@ impl Sizes {
             big_each: 10 << 10,
             idle: Duration::from_secs(2),
             relay_agents: 5,
+            viewer_bytes: 256 << 10,
         }
     }
 }
@@ -74,7 +77,7 @@ fn failed(measure: &str, target: &str, e: anyhow::Error) -> Row {
 }
 
 /// The environment variable naming the rows to run (comma-separated: stream, latency, group,
-/// offline, open, agent, relay); all when unset. For profiling one row.
+/// offline, open, viewer, agent, relay); all when unset. For profiling one row.
 pub const ONLY_ENV: &str = "CAISEY_BENCH_ONLY";
 
 fn wanted(row: &str) -> bool {
@@ -159,6 +162,20 @@ pub async fn run(sizes: &Sizes) -> Vec<Row> {
                 Some(load + list <= 200.0),
             )),
             Err(e) => push(failed("open a big session", "≤ 200 ms", e)),
+        }
+    }
+    if wanted("viewer") {
+        let mb = sizes.viewer_bytes as f64 / (1 << 20) as f64;
+        match rows::viewer_frames(sizes.viewer_bytes).await {
+            Ok((frames, p50, max, step_max)) => push(row(
+                format!(
+                    "viewer following {mb:.1} MiB of output ({frames} frames): frame p50 / max (whole harness step max)"
+                ),
+                format!("{p50:.1} ms / {max:.1} ms ({step_max:.1} ms)"),
+                "no frame over 50 ms",
+                Some(max <= 50.0 && step_max <= 50.0),
+            )),
+            Err(e) => push(failed("viewer frame times", "no frame over 50 ms", e)),
         }
     }
     let secs = sizes.idle.as_secs();

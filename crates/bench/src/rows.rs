@@ -582,3 +582,47 @@ pub async fn relay_idle(agents: usize, window: Duration) -> Result<(f64, f64)> {
     drop(relay);
     result
 }
+
+/// Frame times of the viewer (the real `ViewerApp` and backend, in a headless egui harness at
+/// one frame per 16 ms) following a session while its command writes `size` bytes of output.
+/// Returns (frames, p50 and max of the viewer's own frame code, max of a whole harness step
+/// including egui's tessellation and AccessKit tree, all in ms).
+pub async fn viewer_frames(size: usize) -> Result<(usize, f64, f64, f64)> {
+    use caisey_viewer::gui::{ViewerApp, backend};
+    // base64 lines of 76 characters: about 130,000 lines for 10 MB.
+    let script = format!("head -c {size} /dev/urandom | base64 -w 76 | head -c {size}");
+    let (org, session, request) = one_agent_asked("viewer", script).await?;
+    let (handle, task) = backend::spawn(&tokio::runtime::Handle::current(), org.tech.clone(), false);
+    let frames = tokio::task::spawn_blocking(move || -> Result<Vec<(f64, f64)>> {
+        let mut app = ViewerApp::new(handle);
+        app.open_session(session);
+        let mut h = egui_kittest::Harness::builder()
+            .with_size([1280.0, 900.0])
+            .build_ui_state(|ui, app: &mut ViewerApp| app.show(ui), app);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut times = Vec::new();
+        loop {
+            let t = Instant::now();
+            h.step();
+            times.push((h.state().last_frame.as_secs_f64() * 1e3, t.elapsed().as_secs_f64() * 1e3));
+            let open = h.state().open.as_ref();
+            let received = open.and_then(|o| o.outputs.get(&request)).is_some_and(|b| b.bytes as usize >= size);
+            let ended = open.and_then(|o| o.view.command(&request)).is_some_and(|c| c.end.is_some());
+            if received && ended {
+                return Ok(times);
+            }
+            if Instant::now() > deadline {
+                bail!("the viewer did not receive all output within 600 s");
+            }
+            std::thread::sleep(Duration::from_millis(16));
+        }
+    });
+    Org::approve(&org.agents[0], request).await?;
+    let times = frames.await??;
+    let _ = task.await;
+    org.stop().await?;
+    let mut own: Vec<f64> = times.iter().map(|t| t.0).collect();
+    own.sort_by(f64::total_cmp);
+    let step_max = times.iter().map(|t| t.1).fold(0.0, f64::max);
+    Ok((times.len(), percentile(&own, 0.5), own.last().copied().unwrap_or(0.0), step_max))
+}

@@ -111,7 +111,8 @@ pub enum Command {
     /// A local relay and three agents in temporary homes: runs a first command, then opens the
     /// viewer on them.
     Demo {
-        /// Tell the story in the terminal instead of opening the viewer.
+        /// Tell the story in the terminal instead of opening the viewer (also what happens
+        /// where there is no display).
         #[arg(long)]
         headless: bool,
     },
@@ -211,7 +212,7 @@ pub fn main() -> ExitCode {
     // The window needs the main thread; the node gets a runtime beside it.
     let window = match &cli.command {
         None => Some(cli.node.options("caisey").and_then(crate::gui::run)),
-        Some(Command::Demo { headless: false }) => Some(crate::gui::demo()),
+        Some(Command::Demo { headless: false }) if has_display() => Some(crate::gui::demo()),
         Some(_) => None,
     };
     match window {
@@ -224,13 +225,23 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Whether a window can be opened here at all (X11 or Wayland).
+fn has_display() -> bool {
+    ["DISPLAY", "WAYLAND_DISPLAY"].iter().any(|v| std::env::var_os(v).is_some_and(|d| !d.is_empty()))
+}
+
 fn default_name() -> String {
     std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "technician".into())
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let Some(command) = cli.command else { bail!("the viewer is opened by `main`") };
-    if let Command::Demo { .. } = command {
+    if let Command::Demo { headless } = command {
+        if !headless {
+            eprintln!(
+                "(no display here: telling the demo's story in the terminal; the viewer needs a desktop session)"
+            );
+        }
         crate::demo::headless().await?;
         return Ok(ExitCode::SUCCESS);
     }

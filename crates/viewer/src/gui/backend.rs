@@ -72,8 +72,8 @@ impl BackendHandle {
     }
 }
 
-/// Starts the backend for `node` on `runtime`. When the handle is dropped it shuts the node down
-/// and the returned task ends.
+/// Starts the backend for `node` on `runtime`. When the handle is dropped the returned task
+/// ends; the node stays up for whoever started it to shut down.
 pub fn spawn(
     runtime: &tokio::runtime::Handle,
     node: Node,
@@ -177,7 +177,6 @@ impl Backend {
                 _ = tick.tick() => self.refresh().await,
             }
         }
-        self.node.shutdown().await;
     }
 
     async fn refresh(&mut self) {

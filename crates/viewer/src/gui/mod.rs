@@ -53,10 +53,13 @@ pub fn run(opts: NodeOptions) -> Result<()> {
         rt.block_on(node.shutdown());
         bail!("this home belongs to no org yet: `caisey init --org NAME`, `caisey join TOKEN`, or try `caisey demo`");
     }
-    let (handle, backend) = backend::spawn(rt.handle(), node, true);
+    let (handle, backend) = backend::spawn(rt.handle(), node.clone(), true);
     let shown = open_window("Caisey", ViewerApp::new(handle));
-    // The handle is gone with the window: the backend sees its channel close and stops the node.
-    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), backend).await });
+    // The handle is gone with the window: the backend sees its channel close and ends.
+    rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_secs(10), backend).await;
+        node.shutdown().await;
+    });
     shown
 }
 

@@ -240,7 +240,9 @@ mod tests {
         let mut s = LineSplitter::default();
         let lines = s.push(Stream::Stdout, &vec![b'x'; MAX_LINE_CHARS * 5 + 3]);
         assert!(lines.iter().all(|l| l.text.len() <= MAX_LINE_CHARS));
-        let shown: usize = lines.iter().map(|l| l.text.len()).sum::<usize>() + s.partial()[0].text.len();
+        let partial = s.partial();
+        assert!(lines.iter().chain(&partial).all(|l| l.text.len() <= MAX_LINE_CHARS));
+        let shown: usize = lines.iter().chain(&partial).map(|l| l.text.len()).sum();
         assert_eq!(shown, MAX_LINE_CHARS * 5 + 3);
     }
 }
