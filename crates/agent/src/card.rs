@@ -32,7 +32,16 @@ fn installed_software() -> Vec<Software> {
     std::fs::read_to_string("/var/lib/dpkg/status").map(|s| parse_dpkg_status(&s)).unwrap_or_default()
 }
 
-/// The installed packages in a dpkg status file (stanzas of `Field: value` lines).
+/// Whether a package is something a technician asks about (an application or service), rather
+/// than a library, headers, documentation or data that comes with one. Keeps the card small: on
+/// a typical Debian machine about a quarter of the packages.
+fn is_application(name: &str) -> bool {
+    const PARTS: [&str; 5] = ["lib", "fonts-", "python3-", "perl-", "x11-"];
+    const SUFFIXES: [&str; 5] = ["-dev", "-doc", "-data", "-common", "-dbg"];
+    !PARTS.iter().any(|p| name.starts_with(p)) && !SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
+/// The installed applications in a dpkg status file (stanzas of `Field: value` lines).
 fn parse_dpkg_status(status: &str) -> Vec<Software> {
     let mut out = Vec::new();
     for stanza in status.split("\n\n") {
@@ -41,6 +50,7 @@ fn parse_dpkg_status(status: &str) -> Vec<Software> {
         };
         if field("Status").is_some_and(|s| s.ends_with(" installed"))
             && let (Some(name), Some(version)) = (field("Package"), field("Version"))
+            && is_application(name)
         {
             out.push(Software { name: name.to_string(), version: version.to_string() });
         }
@@ -53,9 +63,10 @@ fn parse_dpkg_status(status: &str) -> Vec<Software> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn dpkg_status_lists_only_installed_packages() {
+    fn dpkg_status_lists_installed_applications_only() {
         let status = "Package: curl\nStatus: install ok installed\nVersion: 7.88\n\n\
                       Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n\n\
+                      Package: libc6\nStatus: install ok installed\nVersion: 2.36\n\n\
                       Package: bash\nStatus: install ok installed\nPriority: required\nVersion: 5.2\n";
         let got: Vec<(String, String)> =
             super::parse_dpkg_status(status).into_iter().map(|s| (s.name, s.version)).collect();

@@ -120,7 +120,8 @@ pub struct MachineCard {
     pub memory_total: u64,
     pub memory_used: u64,
     pub at: u64,
-    /// Installed packages, where the agent knows how to list them (dpkg today), sorted by name.
+    /// Installed applications (not libraries, headers, docs or data), where the agent knows how
+    /// to list them (dpkg today), sorted by name.
     #[serde(default)]
     pub software: Vec<Software>,
 }

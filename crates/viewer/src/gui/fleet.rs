@@ -126,7 +126,11 @@ impl ViewerApp {
                 row("Memory", format!("{} used of {}", bytes(c.memory_used), bytes(c.memory_total)));
                 row(
                     "Software",
-                    if c.software.is_empty() { "not known".into() } else { format!("{} packages", c.software.len()) },
+                    if c.software.is_empty() {
+                        "not known".into()
+                    } else {
+                        format!("{} applications", c.software.len())
+                    },
                 );
             } else {
                 row("Card", "not received yet".into());
@@ -145,7 +149,7 @@ impl ViewerApp {
         });
         if let Some(c) = m.card.as_ref().filter(|c| !c.software.is_empty()) {
             ui.add_space(8.0);
-            egui::CollapsingHeader::new(format!("Installed software ({})", c.software.len())).show(ui, |ui| {
+            egui::CollapsingHeader::new(format!("Installed applications ({})", c.software.len())).show(ui, |ui| {
                 let row_h = ui.text_style_height(&egui::TextStyle::Body);
                 egui::ScrollArea::vertical().id_salt("software").max_height(300.0).show_rows(
                     ui,
