@@ -77,12 +77,6 @@ impl PromptApp {
                 ok
             };
             loop {
-                // Decisions first, then what is pending now.
-                while let Ok(Ask::Decide { code, approve }) = asks_rx.try_recv() {
-                    if !send(decide_now(&rt, &socket, code, approve)) {
-                        return;
-                    }
-                }
                 let h = match rt.block_on(local::call(&socket, &LocalRequest::Pending)) {
                     Ok(LocalReply::Pending { pending }) => Heard::Pending(pending),
                     Ok(LocalReply::Error { error }) => Heard::Unreachable(error),
@@ -92,7 +86,7 @@ impl PromptApp {
                 if !send(h) {
                     return;
                 }
-                // Sleep until the next poll, or until a decision arrives.
+                // Wait for the next poll, answering a decision at once (then polling again).
                 match asks_rx.recv_timeout(POLL) {
                     Ok(Ask::Decide { code, approve }) => {
                         if !send(decide_now(&rt, &socket, code, approve)) {
