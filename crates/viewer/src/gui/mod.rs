@@ -68,7 +68,10 @@ pub fn demo() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let fleet = rt.block_on(crate::demo::DemoFleet::start())?;
     println!("== opening the viewer; in this demo the machines' users approve every request");
-    let approver = rt.block_on(async { fleet.approve_everything() });
+    let approver = {
+        let _in_runtime = rt.enter();
+        fleet.approve_everything()
+    };
     let (handle, backend) = backend::spawn(rt.handle(), fleet.technician.clone(), false);
     let mut app = ViewerApp::new(handle);
     app.open_session(fleet.session);
