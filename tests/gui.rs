@@ -224,13 +224,20 @@ fn the_consent_window_shows_hostile_commands_inert_and_approves_and_denies() {
     // The command's fake "Approve and run" line is text in the command box, not a button.
     assert_eq!(h.query_all_by_role_and_label(egui::accesskit::Role::Button, "Approve and run").count(), 1);
 
-    // Approve only arms after a moment.
-    h.get_by_role_and_label(egui::accesskit::Role::Button, "Approve and run").click();
+    // Approve only arms after a moment: a click right away is ignored (without the delay it would
+    // reach the daemon within milliseconds and the window would say "approved").
+    let approve = || h.get_by_role_and_label(egui::accesskit::Role::Button, "Approve and run");
+    assert!(approve().accesskit_node().is_disabled(), "Approve is inactive at first");
+    approve().click();
     h.run_steps(2);
-    assert!(shows(&h, "exactly as it will run"), "a click before the delay does nothing");
+    std::thread::sleep(Duration::from_millis(500));
+    h.run_steps(2);
+    assert!(!shows(&h, "approved") && shows(&h, "exactly as it will run"), "an early click did nothing");
     std::thread::sleep(ARM_DELAY);
     h.run_steps(2);
-    h.get_by_role_and_label(egui::accesskit::Role::Button, "Approve and run").click();
+    let approve = h.get_by_role_and_label(egui::accesskit::Role::Button, "Approve and run");
+    assert!(!approve.accesskit_node().is_disabled(), "Approve is active after the delay");
+    approve.click();
     step_until(&mut h, Duration::from_secs(20), "approved", |h| shows(h, "approved"));
     let asked: serde_json::Value =
         serde_json::from_str(&asked.wait(Duration::from_secs(30)).ok().stdout).expect("json");

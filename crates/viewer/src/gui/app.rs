@@ -310,7 +310,9 @@ impl ViewerApp {
         self.history.script = script.clone();
         self.history.runs.clear();
         self.history.diff = None;
-        self.send(Action::History { machine, script });
+        if !script.trim().is_empty() {
+            self.send(Action::History { machine, script });
+        }
         if let Some(m) = machine {
             self.send(Action::CommandsOn(m));
         }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
 use caisey_doc::id::{DocId, Id128, NodeId};
-use caisey_doc::session::SessionView;
+use caisey_doc::session::{OutputChunk, SessionView};
 use caisey_peer::node::{Node, NodeEvent};
 use tokio::sync::{broadcast, mpsc as tmpsc};
 
@@ -114,6 +114,19 @@ struct Reading {
     pos: usize,
     bytes: u64,
     splitter: LineSplitter,
+}
+
+impl Reading {
+    /// Takes in the chunks read up to list position `pos`, as what the UI appends.
+    fn take(&mut self, request: Id128, chunks: &[OutputChunk], pos: usize) -> OutputAppend {
+        self.pos = pos;
+        let mut lines = Vec::new();
+        for c in chunks {
+            self.bytes += c.data.len() as u64;
+            lines.extend(self.splitter.push(c.stream, &c.data));
+        }
+        OutputAppend { request, lines, partial: self.splitter.partial(), bytes: self.bytes }
+    }
 }
 
 struct Backend {
@@ -243,22 +256,9 @@ impl Backend {
         };
         let (view, chunks) = read?;
         self.out.send(Update::SessionView { id, view: Box::new(view), names });
-        for (request, (new, pos)) in chunks {
-            let reading = self.open_reading.entry(request).or_default();
-            if pos == reading.pos && !new.is_empty() {
-                continue;
-            }
-            let first = reading.pos == 0 && reading.bytes == 0;
-            reading.pos = pos;
-            let mut lines = Vec::new();
-            for c in &new {
-                reading.bytes += c.data.len() as u64;
-                lines.extend(reading.splitter.push(c.stream, &c.data));
-            }
-            if !new.is_empty() || first {
-                let append = OutputAppend { request, lines, partial: reading.splitter.partial(), bytes: reading.bytes };
-                self.out.send(Update::Output { session: id, append });
-            }
+        for (request, (new, pos)) in chunks.into_iter().filter(|(_, (new, _))| !new.is_empty()) {
+            let append = self.open_reading.entry(request).or_default().take(request, &new, pos);
+            self.out.send(Update::Output { session: id, append });
         }
         Ok(())
     }
@@ -277,13 +277,7 @@ impl Backend {
             .await?
             .ok_or_else(|| anyhow!("session {} is not here", session.short()))??;
         let (reading, buf) = self.group_reading.entry(request).or_default();
-        reading.pos = pos;
-        let mut lines = Vec::new();
-        for c in &chunks {
-            reading.bytes += c.data.len() as u64;
-            lines.extend(reading.splitter.push(c.stream, &c.data));
-        }
-        buf.apply(OutputAppend { request, lines, partial: reading.splitter.partial(), bytes: reading.bytes });
+        buf.apply(reading.take(request, &chunks, pos));
         // A row keeps only a preview: the full output is one click away, in the session.
         let keep = 200;
         if buf.lines.len() > keep * 2 {
