@@ -539,7 +539,9 @@ impl Hub {
     /// Takes an agent's presence and card from its machine document into the fleet view.
     fn merge_machine(&mut self, id: DocId) {
         let (Some(owner), Some(entry)) = (self.machine_owners.get(&id), self.docs.get(&id)) else { return };
-        let (presence, card) = caisey_doc::machine::MachineDoc::read(&entry.doc, owner);
+        // Relays forward cards but never show them: they keep presence only.
+        let with_card = self.fleet.role_of(&self.me) != Some(caisey_doc::fleet::Role::Relay);
+        let (presence, card) = caisey_doc::machine::MachineDoc::read(&entry.doc, owner, with_card);
         if let Some(p) = presence {
             self.fleet.presence.insert(*owner, p);
         }
