@@ -297,7 +297,8 @@ impl Agent {
             Ok(SessionWriter::decide(doc, &signer, &decision)?)
         })
         .await?;
-        // Re-read now, so the denied request leaves the pending list at once.
+        // The event loop will also see this change, but the reply must already hold: a `pending`
+        // (or the consent window's next poll) right after a deny must not list the request.
         self.refresh(session).await;
         self.review().await;
         info!(request = %id.short(), "denied by the local user");

@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use caisey_doc::id::Id128;
-use caisey_doc::text::visible;
+use caisey_doc::text::{needs_escape, visible, visible_line};
 use egui::{Color32, RichText, ScrollArea, Ui};
 
 use crate::local::{self, LocalReply, LocalRequest, PendingItem};
@@ -213,19 +213,9 @@ fn decide_now(rt: &tokio::runtime::Runtime, socket: &std::path::Path, code: Id12
     }
 }
 
-/// Text written by the technician, on one line: escaped, newlines spelled out.
-fn one_line(text: &str) -> String {
-    visible(text).replace('\n', "\\n")
-}
-
 /// The key fingerprint in groups of four, as people compare them aloud.
 fn fingerprint(hex: &str) -> String {
     hex.as_bytes().chunks(4).take(8).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(" ")
-}
-
-/// How many characters of `text` are shown escaped (control, escape, bidi).
-fn escaped_count(text: &str) -> usize {
-    text.chars().filter(|c| visible(&c.to_string()).len() != c.len_utf8()).count()
 }
 
 /// A framed box for technician-written text: its own background and monospace font.
@@ -244,16 +234,16 @@ fn request_details(ui: &mut Ui, p: &PendingItem, waiting: usize) {
     }
     egui::Grid::new("who").num_columns(2).spacing([16.0, 4.0]).show(ui, |ui| {
         ui.label(RichText::new("Technician").strong());
-        ui.label(one_line(&p.technician));
+        ui.label(visible_line(&p.technician));
         ui.end_row();
         ui.label(RichText::new("Their key").strong());
         ui.label(RichText::new(fingerprint(&p.technician_key.to_hex())).monospace());
         ui.end_row();
         ui.label(RichText::new("Session").strong());
-        ui.label(one_line(&p.session));
+        ui.label(visible_line(&p.session));
         ui.end_row();
         ui.label(RichText::new("Runs with").strong());
-        let cwd = p.cwd.as_ref().map(|c| format!(", in {}", one_line(c))).unwrap_or_default();
+        let cwd = p.cwd.as_ref().map(|c| format!(", in {}", visible_line(c))).unwrap_or_default();
         ui.label(format!("{} (stopped after {} s{cwd})", p.shell, p.timeout_ms / 1000));
         ui.end_row();
     });
@@ -267,7 +257,7 @@ fn request_details(ui: &mut Ui, p: &PendingItem, waiting: usize) {
         ))
         .strong(),
     );
-    let hidden = escaped_count(&p.script);
+    let hidden = p.script.chars().filter(|c| needs_escape(*c)).count();
     if hidden > 0 {
         ui.colored_label(
             Color32::from_rgb(230, 120, 30),

@@ -169,6 +169,10 @@ impl ViewerApp {
     fn apply(&mut self, update: Update) {
         match update {
             Update::Snapshot(s) => self.snapshot = *s,
+            Update::Machines { machines, sync } => {
+                self.snapshot.machines = machines;
+                self.snapshot.sync = sync;
+            }
             Update::SessionView { id, view, names } => match &mut self.open {
                 Some(o) if o.id == id => {
                     o.view = *view;
@@ -254,8 +258,8 @@ impl ViewerApp {
             } else {
                 format!(
                     "{} — {}",
-                    super::widgets::one_line(&self.snapshot.org),
-                    super::widgets::one_line(&self.snapshot.me)
+                    caisey_doc::text::visible_line(&self.snapshot.org),
+                    caisey_doc::text::visible_line(&self.snapshot.me)
                 )
             };
             ui.label(RichText::new(who).weak());
@@ -296,7 +300,7 @@ impl ViewerApp {
         ui.horizontal(|ui| match self.messages.back() {
             Some((error, text, _)) => {
                 let color = if *error { ui.visuals().error_fg_color } else { ui.visuals().text_color() };
-                ui.colored_label(color, super::widgets::one_line(text));
+                ui.colored_label(color, caisey_doc::text::visible_line(text));
             }
             None => {
                 ui.label(RichText::new("ready").weak());

@@ -25,10 +25,11 @@ use crate::transcript::ExportFormat;
 
 /// How often stale views are rebuilt.
 pub const TICK: Duration = Duration::from_millis(100);
-/// How often the fleet and session list are rebuilt while documents keep changing, and at the
-/// latest (machines' "online" and "last seen" age even when nothing changes).
+/// How often the fleet and session list are rebuilt while documents keep changing.
 const LIST_EVERY: Duration = Duration::from_secs(1);
-const LIST_AT_LEAST_EVERY: Duration = Duration::from_secs(5);
+/// How often machines' "online" and the sync state are re-read when nothing changes (a machine
+/// goes offline by *not* sending heartbeats; the session list does not age, so it is not re-read).
+const MACHINES_EVERY: Duration = Duration::from_secs(5);
 
 /// What the UI asks of the backend.
 #[derive(Debug, Clone)]
@@ -194,11 +195,20 @@ impl Backend {
 
     async fn refresh(&mut self) {
         let since = self.last_list.elapsed();
-        if (self.stale_list && since >= LIST_EVERY) || since >= LIST_AT_LEAST_EVERY {
+        if self.stale_list && since >= LIST_EVERY {
             self.stale_list = false;
             self.last_list = tokio::time::Instant::now();
             let snapshot = self.snapshot().await;
             self.out.result(snapshot.map(|s| Update::Snapshot(Box::new(s))));
+        } else if since >= MACHINES_EVERY {
+            self.last_list = tokio::time::Instant::now();
+            let machines = async {
+                Ok(Update::Machines {
+                    machines: tech::machines(&self.node, None, None).await?,
+                    sync: tech::sync_status(&self.node).await?,
+                })
+            };
+            self.out.result(machines.await);
         }
         let stale = std::mem::take(&mut self.stale_docs);
         if let Some(open) = self.open.filter(|o| stale.contains(o))

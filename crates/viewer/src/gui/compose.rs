@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use caisey_doc::session::{CommandSpec, Shell};
+use caisey_doc::text::visible_line;
 use egui::{RichText, Ui};
 
 use super::app::ViewerApp;
 use super::backend::Action;
-use super::widgets::{labelled_input, one_line, output_view};
+use super::widgets::{labelled_input, output_view};
 use crate::tech::{RunRequest, Targets};
 
 /// How long the endpoint user has to decide.
@@ -31,12 +32,12 @@ impl ViewerApp {
             } else {
                 self.snapshot.machines.iter().map(|m| m.name.clone()).collect()
             };
-            let shown = if c.target.is_empty() { "choose…".to_string() } else { one_line(&c.target) };
+            let shown = if c.target.is_empty() { "choose…".to_string() } else { visible_line(&c.target) };
             egui::ComboBox::from_id_salt("target")
                 .selected_text(shown)
                 .show_ui(ui, |ui| {
                     for o in options {
-                        let text = one_line(&o);
+                        let text = visible_line(&o);
                         ui.selectable_value(&mut c.target, o, text);
                     }
                 })
@@ -104,7 +105,7 @@ impl ViewerApp {
         let done = run.rows.iter().filter(|r| !matches!(r.status.as_str(), "waiting for approval" | "running")).count();
         ui.heading(format!(
             "Group {}: {done} of {} machines done",
-            one_line(run.group.as_deref().unwrap_or("")),
+            visible_line(run.group.as_deref().unwrap_or("")),
             run.rows.len()
         ));
         egui::ScrollArea::vertical().id_salt("group-rows").auto_shrink([false, false]).show(ui, |ui| {
@@ -114,7 +115,7 @@ impl ViewerApp {
                 }
                 ui.end_row();
                 for row in &run.rows {
-                    if ui.link(one_line(&row.machine)).on_hover_text("open this machine's session").clicked() {
+                    if ui.link(visible_line(&row.machine)).on_hover_text("open this machine's session").clicked() {
                         self.open_session(row.session);
                     }
                     ui.label(&row.status);

@@ -1,10 +1,11 @@
 //! The Fleet tab: machines with search and group filter, and the card of the one selected.
 
+use caisey_doc::text::visible_line;
 use caisey_peer::now_ms;
 use egui::{RichText, Ui};
 
 use super::app::{Tab, ViewerApp};
-use super::widgets::{ago, bytes, labelled_input, one_line, time};
+use super::widgets::{ago, bytes, labelled_input, time};
 use crate::tech::Machine;
 
 /// How a machine is reached right now.
@@ -60,11 +61,11 @@ impl ViewerApp {
             let label = ui.label("Group");
             let shown = self.group_filter.clone().unwrap_or_else(|| "all groups".into());
             egui::ComboBox::from_id_salt("group-filter")
-                .selected_text(one_line(&shown))
+                .selected_text(visible_line(&shown))
                 .show_ui(ui, |ui| {
                     ui.selectable_value(&mut self.group_filter, None, "all groups");
                     for g in self.snapshot.groups.clone() {
-                        let text = one_line(&g);
+                        let text = visible_line(&g);
                         ui.selectable_value(&mut self.group_filter, Some(g), text);
                     }
                 })
@@ -79,7 +80,7 @@ impl ViewerApp {
             .map(|m| {
                 let seen = m.last_seen.map(|t| ago(t, now)).unwrap_or_else(|| "never seen".into());
                 let state = if m.online { format!("online ({})", connectivity(m)) } else { format!("offline, {seen}") };
-                (m.node, format!("{}   {state}", one_line(&m.name)), m.online)
+                (m.node, format!("{}   {state}", visible_line(&m.name)), m.online)
             })
             .collect();
         if rows.is_empty() {
@@ -103,7 +104,7 @@ impl ViewerApp {
 
     fn machine_card(&mut self, ui: &mut Ui, m: &Machine) {
         let now = now_ms();
-        ui.heading(one_line(&m.name));
+        ui.heading(visible_line(&m.name));
         egui::Grid::new("machine-card").num_columns(2).striped(true).spacing([24.0, 6.0]).show(ui, |ui| {
             let mut row = |k: &str, v: String| {
                 ui.label(RichText::new(k).strong());
@@ -113,16 +114,16 @@ impl ViewerApp {
             row("Status", if m.online { "online".into() } else { "offline".into() });
             row("Connectivity", connectivity(m).into());
             row("Last seen", m.last_seen.map(|t| format!("{} ({})", ago(t, now), time(t))).unwrap_or("never".into()));
-            row("Groups", if m.groups.is_empty() { "none".into() } else { one_line(&m.groups.join(", ")) });
+            row("Groups", if m.groups.is_empty() { "none".into() } else { visible_line(&m.groups.join(", ")) });
             row("Key", m.node.short());
             if let Some(c) = &m.card {
-                row("Hostname", one_line(&c.hostname));
-                row("OS", one_line(&format!("{} {}", c.os_name, c.os_version)));
-                row("Kernel", one_line(&c.kernel));
+                row("Hostname", visible_line(&c.hostname));
+                row("OS", visible_line(&format!("{} {}", c.os_name, c.os_version)));
+                row("Kernel", visible_line(&c.kernel));
                 // The card is from the agent's start; while it is online, uptime keeps counting.
                 let up = c.uptime_secs + if m.online { now.saturating_sub(c.at) / 1000 } else { 0 };
                 row("Uptime", format!("{} days {} h {} min", up / 86_400, up % 86_400 / 3600, up % 3600 / 60));
-                row("CPU", one_line(&format!("{} × {}", c.cpu_count, c.cpu)));
+                row("CPU", visible_line(&format!("{} × {}", c.cpu_count, c.cpu)));
                 row("Memory", format!("{} used of {}", bytes(c.memory_used), bytes(c.memory_total)));
                 row(
                     "Software",
@@ -138,7 +139,7 @@ impl ViewerApp {
         });
         ui.add_space(8.0);
         ui.horizontal(|ui| {
-            if ui.button(format!("Run a command on {}", one_line(&m.name))).clicked() {
+            if ui.button(format!("Run a command on {}", visible_line(&m.name))).clicked() {
                 self.compose.target = m.name.clone();
                 self.compose.to_group = false;
                 self.tab = Tab::Run;
@@ -157,7 +158,7 @@ impl ViewerApp {
                     c.software.len(),
                     |ui, range| {
                         for s in &c.software[range] {
-                            ui.label(one_line(&format!("{}  {}", s.name, s.version)));
+                            ui.label(visible_line(&format!("{}  {}", s.name, s.version)));
                         }
                     },
                 );

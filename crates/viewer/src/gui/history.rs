@@ -1,11 +1,12 @@
 //! The History tab: the runs of one command over weeks (on one machine or all), their times and
 //! exit codes, and a line diff between the outputs of two of them.
 
+use caisey_doc::text::visible_line;
 use egui::{RichText, Ui};
 
 use super::app::ViewerApp;
 use super::backend::Action;
-use super::widgets::{hostile_block, one_line, time};
+use super::widgets::{hostile_block, time};
 use crate::tech::DiffLine;
 
 impl ViewerApp {
@@ -14,7 +15,7 @@ impl ViewerApp {
             .history
             .machine
             .and_then(|n| self.snapshot.machines.iter().find(|m| m.node == n))
-            .map(|m| one_line(&m.name));
+            .map(|m| visible_line(&m.name));
         ui.heading(match &machine_name {
             Some(m) => format!("Command history on {m}"),
             None => "Command history".to_string(),
@@ -24,7 +25,7 @@ impl ViewerApp {
         {
             let label = ui.label("Command");
             let shown =
-                if self.history.script.is_empty() { "choose…".into() } else { one_line(&self.history.script) };
+                if self.history.script.is_empty() { "choose…".into() } else { visible_line(&self.history.script) };
             let mut chosen = None;
             egui::ComboBox::from_id_salt("history-command")
                 .selected_text(shown)
@@ -32,7 +33,10 @@ impl ViewerApp {
                 .show_ui(ui, |ui| {
                     for (script, n) in &self.history.commands {
                         if ui
-                            .selectable_label(*script == self.history.script, format!("{} ({n}×)", one_line(script)))
+                            .selectable_label(
+                                *script == self.history.script,
+                                format!("{} ({n}×)", visible_line(script)),
+                            )
                             .clicked()
                         {
                             chosen = Some(script.clone());
@@ -65,9 +69,9 @@ impl ViewerApp {
                 ui.radio_value(&mut self.history.old, Some(i), "");
                 ui.radio_value(&mut self.history.new, Some(i), "");
                 ui.label(time(run.requested_at));
-                ui.label(one_line(&run.machine));
+                ui.label(visible_line(&run.machine));
                 ui.label(run.exit_code.map(|c| c.to_string()).unwrap_or_else(|| run.status.clone()));
-                if ui.link(one_line(&run.session_name)).clicked() {
+                if ui.link(visible_line(&run.session_name)).clicked() {
                     open = Some(run.session);
                 }
                 ui.end_row();

@@ -188,6 +188,11 @@ pub struct SharePreview {
 #[derive(Debug, Clone)]
 pub enum Update {
     Snapshot(Box<Snapshot>),
+    /// Machines and sync state re-read while nothing changed (online ages out).
+    Machines {
+        machines: Vec<Machine>,
+        sync: SyncStatus,
+    },
     /// The open session's records changed (sent with any new output).
     SessionView {
         id: DocId,

@@ -2,13 +2,14 @@
 //! requests, decisions and runs with their output, plus rename, export and share.
 
 use caisey_doc::session::{CommandView, EndStatus, Verdict};
+use caisey_doc::text::visible_line;
 use caisey_peer::now_ms;
 use egui::{RichText, Ui};
 
 use super::app::{Share, ViewerApp};
 use super::backend::Action;
 use super::model::OpenSession;
-use super::widgets::{ago, bytes, duration, hostile_block, labelled_input, one_line, output_view, time};
+use super::widgets::{ago, bytes, duration, hostile_block, labelled_input, output_view, time};
 use crate::transcript::ExportFormat;
 
 impl ViewerApp {
@@ -28,11 +29,11 @@ impl ViewerApp {
                 }
                 ui.end_row();
                 for s in list {
-                    if ui.link(one_line(&s.name)).clicked() {
+                    if ui.link(visible_line(&s.name)).clicked() {
                         self.open_session(s.id);
                     }
-                    ui.label(one_line(&s.labels.join(", ")));
-                    ui.label(one_line(&s.machines.join(", ")));
+                    ui.label(visible_line(&s.labels.join(", ")));
+                    ui.label(visible_line(&s.machines.join(", ")));
                     ui.label(ago(s.last_activity, now));
                     ui.label(format!(
                         "{} ({} command{})",
@@ -63,7 +64,7 @@ impl ViewerApp {
                     ),
                 );
                 for q in &open.view.quarantined {
-                    ui.label(one_line(&format!("  {}: {}", q.place, q.why)));
+                    ui.label(visible_line(&format!("  {}: {}", q.place, q.why)));
                 }
                 ui.separator();
             }
@@ -95,9 +96,9 @@ impl ViewerApp {
             }
             None => {
                 ui.horizontal(|ui| {
-                    ui.heading(one_line(&info.name));
+                    ui.heading(visible_line(&info.name));
                     for l in &info.labels {
-                        ui.label(RichText::new(one_line(l)).background_color(ui.visuals().faint_bg_color));
+                        ui.label(RichText::new(visible_line(l)).background_color(ui.visuals().faint_bg_color));
                     }
                     if ui.button("Rename / label").clicked() {
                         self.renaming = Some((info.name.clone(), info.labels.join(", ")));
@@ -111,10 +112,10 @@ impl ViewerApp {
                 self.send(Action::Rename { session: open.id, name, labels });
             }
         }
-        let machines: Vec<String> = open.view.targets.iter().map(|t| one_line(&open.name_of(t))).collect();
+        let machines: Vec<String> = open.view.targets.iter().map(|t| visible_line(&open.name_of(t))).collect();
         ui.label(format!(
             "opened by {} at {}  ·  machines: {}  ·  id {}",
-            one_line(&open.name_of(&open.view.creator)),
+            visible_line(&open.name_of(&open.view.creator)),
             time(info.created_at),
             machines.join(", "),
             open.id.short()
@@ -158,7 +159,7 @@ impl ViewerApp {
                         ui.label("Nothing was redacted.");
                     }
                     for r in &p.redactions {
-                        ui.label(format!("redacted {}", one_line(r)));
+                        ui.label(format!("redacted {}", visible_line(r)));
                     }
                     if !p.redacted_lines.is_empty() {
                         hostile_block(ui, "redacted-lines", &p.redacted_lines.join("\n"), 160.0);
@@ -198,24 +199,24 @@ impl ViewerApp {
 
     fn command_entry(&mut self, ui: &mut Ui, open: &OpenSession, cmd: &CommandView) {
         let r = &cmd.request;
-        let machine = one_line(&open.name_of(&r.target));
+        let machine = visible_line(&open.name_of(&r.target));
         egui::Frame::group(ui.style()).show(ui, |ui| {
             ui.set_width(ui.available_width());
             ui.horizontal(|ui| {
                 ui.label(RichText::new(time(r.requested_at)).weak());
                 ui.label(
-                    RichText::new(format!("{} asked {machine}", one_line(&open.name_of(&cmd.requester)))).strong(),
+                    RichText::new(format!("{} asked {machine}", visible_line(&open.name_of(&cmd.requester)))).strong(),
                 );
                 ui.label(format!(
                     "({}, timeout {} s{})",
                     r.command.shell,
                     r.command.timeout_ms / 1000,
-                    r.command.cwd.as_ref().map(|c| format!(", in {}", one_line(c))).unwrap_or_default()
+                    r.command.cwd.as_ref().map(|c| format!(", in {}", visible_line(c))).unwrap_or_default()
                 ));
             });
             hostile_block(ui, ("script", r.id), &r.command.script, 120.0);
             if !r.description.is_empty() {
-                ui.label(format!("why: {}", one_line(&r.description)));
+                ui.label(format!("why: {}", visible_line(&r.description)));
             }
             // Decision.
             match &cmd.decision {
@@ -226,7 +227,7 @@ impl ViewerApp {
                     ui.colored_label(ui.visuals().warn_fg_color, format!("waiting for approval on {machine}…"));
                 }
                 Some(d) => {
-                    let who = one_line(&d.decided_by);
+                    let who = visible_line(&d.decided_by);
                     let text = match d.verdict {
                         Verdict::Approved => format!("approved by {who} at {}", time(d.decided_at)),
                         Verdict::Denied => format!("denied by {who} at {}", time(d.decided_at)),
@@ -253,7 +254,7 @@ impl ViewerApp {
                             (EndStatus::Interrupted, _) => "interrupted".into(),
                             (EndStatus::FailedToStart, _) => "failed to start".into(),
                         };
-                        let msg = e.message.as_ref().map(|m| format!(" ({})", one_line(m))).unwrap_or_default();
+                        let msg = e.message.as_ref().map(|m| format!(" ({})", visible_line(m))).unwrap_or_default();
                         format!("ran {took} on {machine}: {what}{msg}")
                     }
                 };

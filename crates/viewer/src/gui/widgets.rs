@@ -57,11 +57,6 @@ pub fn hostile_block(ui: &mut Ui, id: impl std::hash::Hash + std::fmt::Debug, te
     });
 }
 
-/// Text from another machine on one line (names, labels): escaped, and newlines spelled out.
-pub fn one_line(text: &str) -> String {
-    visible(text).replace('\n', "\\n")
-}
-
 pub fn stream_color(ui: &Ui, stream: Stream) -> Color32 {
     match stream {
         Stream::Stdout => ui.visuals().text_color(),
