@@ -37,13 +37,22 @@ pub(crate) fn byte_entries(doc: &impl ReadDoc, obj: &ObjId) -> Vec<(String, Vec<
         .collect()
 }
 
-/// Byte values of a list from `start`, in order.
+/// The values of a list from `start`, in order, one per item so positions stay exact: a
+/// non-byte value (a peer may write anything) reads as empty bytes, which no record verifies as.
 pub(crate) fn list_bytes(doc: &impl ReadDoc, list: &ObjId, start: usize) -> Vec<Vec<u8>> {
     doc.list_range(list, start..)
-        .filter_map(|item| match item.value {
-            ValueRef::Scalar(ScalarValueRef::Bytes(b)) => Some(b.into_owned()),
-            _ => None,
+        .map(|item| match item.value {
+            ValueRef::Scalar(ScalarValueRef::Bytes(b)) => b.into_owned(),
+            _ => Vec::new(),
         })
+        .collect()
+}
+
+/// Every `(key, list)` entry of a map whose value is a list.
+pub(crate) fn child_lists(doc: &impl ReadDoc, obj: &ObjId) -> Vec<(String, ObjId)> {
+    doc.map_range(obj, ..)
+        .filter(|item| matches!(item.value, ValueRef::Object(ObjType::List)))
+        .map(|item| (item.key.to_string(), item.id()))
         .collect()
 }
 

@@ -8,9 +8,9 @@
 //! - [`fleet`]: one document per org: members (each chaining back to the org key) and where the
 //!   relays are.
 //! - [`machine`]: one small document per agent: its machine card and heartbeat.
-//! - [`session`]: one document per session: targets, command requests, decisions, starts, output
-//!   chunks and ends. [`session::SessionView::read`] verifies who wrote what and quarantines the
-//!   rest.
+//! - [`session`]: one document per session: targets, command requests, decisions, starts, signed
+//!   references to output chunks (the bytes live beside the document, by hash) and ends.
+//!   [`session::SessionView::read`] verifies who wrote what and quarantines the rest.
 //! - [`token`]: invite tokens and relay tickets, the strings people paste.
 //! - [`redact`], [`transcript`]: public, redacted, signed transcripts built from a snapshot, their
 //!   offline verification and their HTML page.
@@ -18,7 +18,8 @@
 //!
 //! A request travels like this: a technician writes a `CommandRequest` into a session; the
 //! target agent's user approves, and the agent writes the `Decision` and `Start` in one change;
-//! it appends `OutputChunk`s as the command writes; it writes an `End` with the exit code.
+//! it stores each `OutputChunk` and appends a signed reference to it as the command writes; it
+//! writes an `End` with the exit code.
 //!
 //! ```
 //! use caisey_doc::{fleet::Fleet, id::{Id128, NodeId}, record::Signer, session::*};
@@ -33,7 +34,8 @@
 //! let req = CommandRequest { id: Id128([2; 16]), session: info.id, target: NodeId([7; 32]), command, description: String::new(), requested_at: 1, expires_at: 100 };
 //! SessionWriter::request(&mut doc, &tech, &req).unwrap();
 //!
-//! let view = SessionView::read(&doc, &fleet).unwrap();
+//! let no_output_yet = std::collections::BTreeMap::new();
+//! let view = SessionView::read(&doc, &fleet, &no_output_yet).unwrap();
 //! assert_eq!(view.commands[0].status(), "waiting for approval");
 //! ```
 

@@ -4,10 +4,17 @@
 //! Layout: `ROOT.info` (bytes), `ROOT["meta:<technician>"]` (each technician's latest rename or
 //! relabel; the newest across technicians wins), and maps keyed by node or request id:
 //! `targets[node]`, `requests[req]`, `decisions[req]`, `starts[req]`, `ends[req]`, and
-//! `outputs[req]` — a list of output chunk records (one Automerge op per chunk, whatever its
-//! size, so megabytes of output stay cheap). Only the session's creator makes the top-level maps
-//! (concurrently created maps would hide each other's contents); only the target agent creates
-//! and appends to a request's output list.
+//! `outputs[req]` — a list of signed output *references* (sequence, stream, length and SHA-256
+//! of a chunk). Only the session's creator makes the top-level maps (concurrently created maps
+//! would hide each other's contents); only the target agent creates and appends to a request's
+//! output list.
+//!
+//! The output bytes themselves are not in the document. Automerge would re-encode, re-hash and
+//! re-save them at every hop and every compaction; instead each node keeps them once, by content
+//! hash, in its store, and peers fetch the chunks a reference names (see `caisey_peer::hub`). So
+//! a session with 100 MiB of output is a document of a few hundred KiB, opened in milliseconds,
+//! and its output is read only when someone looks at it ([`ChunkSource`]). A reference makes the
+//! bytes as trustworthy as the record: its signature covers the hash.
 //!
 //! `SessionView::read` verifies every record and who wrote it. Anything that fails is kept in
 //! `quarantined` with the reason, never shown as genuine and never acted upon.
@@ -200,7 +207,8 @@ pub enum Stream {
     Stderr,
 }
 
-/// A piece of output. Binary body: `request [16] | seq u64 BE | stream u8 | data`.
+/// A piece of output, with its bytes (as the runner produced them or as read back from a
+/// [`ChunkSource`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct OutputChunk {
     pub request: Id128,
@@ -210,32 +218,89 @@ pub struct OutputChunk {
 }
 
 impl OutputChunk {
+    /// What the session document records about this chunk.
+    pub fn reference(&self) -> OutputRef {
+        OutputRef {
+            request: self.request,
+            seq: self.seq,
+            stream: self.stream,
+            len: self.data.len() as u64,
+            hash: chunk_hash(&self.data),
+        }
+    }
+}
+
+/// The SHA-256 of a chunk's bytes: its name in every store and on the wire.
+pub type ChunkHash = [u8; 32];
+
+pub fn chunk_hash(data: &[u8]) -> ChunkHash {
+    Sha256::digest(data).into()
+}
+
+/// Where a node keeps output bytes, by hash. `None` means "not here (yet)": a peer has the
+/// reference but the bytes are still on their way.
+pub trait ChunkSource {
+    fn chunk(&self, hash: &ChunkHash) -> Option<Vec<u8>>;
+}
+
+impl ChunkSource for BTreeMap<ChunkHash, Vec<u8>> {
+    fn chunk(&self, hash: &ChunkHash) -> Option<Vec<u8>> {
+        self.get(hash).cloned()
+    }
+}
+
+/// The signed record of one output chunk, as stored in `outputs[req]`.
+/// Binary body: `request [16] | seq u64 BE | stream u8 | len u64 BE | sha256 [32]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputRef {
+    pub request: Id128,
+    pub seq: u64,
+    pub stream: Stream,
+    pub len: u64,
+    pub hash: ChunkHash,
+}
+
+impl OutputRef {
+    const LEN: usize = 16 + 8 + 1 + 8 + 32;
+
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(25 + self.data.len());
+        let mut b = Vec::with_capacity(Self::LEN);
         b.extend_from_slice(&self.request.0);
         b.extend_from_slice(&self.seq.to_be_bytes());
         b.push(match self.stream {
             Stream::Stdout => 1,
             Stream::Stderr => 2,
         });
-        b.extend_from_slice(&self.data);
+        b.extend_from_slice(&self.len.to_be_bytes());
+        b.extend_from_slice(&self.hash);
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, RecordError> {
-        if b.len() < 25 {
-            return Err(RecordError::Body("output chunk too short".into()));
+        if b.len() != Self::LEN {
+            return Err(RecordError::Body(format!("output reference of {} bytes, expected {}", b.len(), Self::LEN)));
         }
-        let mut request = [0u8; 16];
-        request.copy_from_slice(&b[..16]);
-        let mut seq = [0u8; 8];
-        seq.copy_from_slice(&b[16..24]);
+        let u64_at = |at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or_default());
         let stream = match b[24] {
             1 => Stream::Stdout,
             2 => Stream::Stderr,
             n => return Err(RecordError::Body(format!("unknown stream {n}"))),
         };
-        Ok(Self { request: Id128(request), seq: u64::from_be_bytes(seq), stream, data: b[25..].to_vec() })
+        let mut request = [0u8; 16];
+        request.copy_from_slice(&b[..16]);
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&b[33..]);
+        Ok(Self { request: Id128(request), seq: u64_at(16), stream, len: u64_at(25), hash })
+    }
+
+    /// The chunk this reference names, if `data` is exactly it.
+    pub fn resolve(&self, data: Vec<u8>) -> Option<OutputChunk> {
+        (data.len() as u64 == self.len && chunk_hash(&data) == self.hash).then_some(OutputChunk {
+            request: self.request,
+            seq: self.seq,
+            stream: self.stream,
+            data,
+        })
     }
 }
 
@@ -354,7 +419,8 @@ impl SessionWriter {
         Ok(())
     }
 
-    /// Appends output chunks (already cut to `MAX_CHUNK`) to a request's output list.
+    /// Appends references to output chunks (already cut to `MAX_CHUNK`) to a request's output
+    /// list. The bytes go to the node's chunk store, in the same durable write.
     pub fn append_output(
         doc: &mut Automerge,
         signer: &Signer,
@@ -364,7 +430,8 @@ impl SessionWriter {
             return Ok(());
         }
         let key = chunks[0].request.to_hex();
-        let records: Vec<Vec<u8>> = chunks.iter().map(|c| signer.sign_raw(RecordKind::Output, &c.encode())).collect();
+        let records: Vec<Vec<u8>> =
+            chunks.iter().map(|c| signer.sign_raw(RecordKind::Output, &c.reference().encode())).collect();
         doc.transact::<_, _, automerge::AutomergeError>(|tx| {
             let outputs = am::ensure_root_map(tx, "outputs")?;
             let list = match am::child(tx, &outputs, &key, ObjType::List) {
@@ -421,8 +488,10 @@ pub struct CommandView {
     pub decided_by_node: Option<NodeId>,
     pub start: Option<Start>,
     pub end: Option<End>,
-    /// Verified chunks in sequence order.
+    /// Verified chunks in sequence order, up to the first whose bytes are not here yet.
     pub output: Vec<OutputChunk>,
+    /// Bytes of output referenced but not readable yet (still on their way from a peer).
+    pub output_pending: u64,
 }
 
 impl CommandView {
@@ -531,18 +600,22 @@ impl SessionView {
         newest
     }
 
-    /// Reads and verifies everything.
-    pub fn read(doc: &impl ReadDoc, fleet: &Fleet) -> Result<SessionView, SessionError> {
-        Self::read_with(doc, fleet, true)
+    /// Reads and verifies everything, with the output bytes from `chunks`.
+    pub fn read(doc: &impl ReadDoc, fleet: &Fleet, chunks: &dyn ChunkSource) -> Result<SessionView, SessionError> {
+        Self::read_with(doc, fleet, Some(chunks))
     }
 
     /// Reads and verifies everything but the output: what an agent's gate or a listing needs,
     /// at a cost that does not grow with megabytes of output.
     pub fn read_without_output(doc: &impl ReadDoc, fleet: &Fleet) -> Result<SessionView, SessionError> {
-        Self::read_with(doc, fleet, false)
+        Self::read_with(doc, fleet, None)
     }
 
-    fn read_with(doc: &impl ReadDoc, fleet: &Fleet, with_output: bool) -> Result<SessionView, SessionError> {
+    fn read_with(
+        doc: &impl ReadDoc,
+        fleet: &Fleet,
+        chunks: Option<&dyn ChunkSource>,
+    ) -> Result<SessionView, SessionError> {
         let (info, creator) = Self::read_info(doc)?;
         if fleet.role_of(&creator) != Some(Role::Technician) {
             return Err(SessionError::NotByTechnician);
@@ -601,6 +674,7 @@ impl SessionView {
                 start: None,
                 end: None,
                 output: vec![],
+                output_pending: 0,
             };
             if let Some((a, d)) = decisions.get(&key) {
                 match check_decision(fleet, &view.info, &req, author, *a, d) {
@@ -634,14 +708,15 @@ impl SessionView {
             {
                 cmd.end = Some(e.clone());
             }
-            if let Some(list) =
-                outputs.as_ref().filter(|_| with_output).and_then(|o| am::child(doc, o, &key, ObjType::List))
+            if let (Some(list), Some(chunks)) =
+                (outputs.as_ref().and_then(|o| am::child(doc, o, &key, ObjType::List)), chunks)
             {
+                let mut refs = Vec::new();
                 for (i, bytes) in am::list_bytes(doc, &list, 0).into_iter().enumerate() {
                     match verify_kind(&bytes, RecordKind::Output)
-                        .and_then(|v| Ok((v.author, OutputChunk::decode(v.body)?)))
+                        .and_then(|v| Ok((v.author, OutputRef::decode(v.body)?)))
                     {
-                        Ok((a, c)) if a == req.target && c.request == req.id => cmd.output.push(c),
+                        Ok((a, r)) if a == req.target && r.request == req.id => refs.push(r),
                         Ok((a, _)) => q.push(Quarantined {
                             place: format!("outputs/{key}/{i}"),
                             author: Some(a),
@@ -654,7 +729,14 @@ impl SessionView {
                         }),
                     }
                 }
-                cmd.output.sort_by_key(|c| c.seq);
+                refs.sort_by_key(|r| r.seq);
+                for r in refs {
+                    match (cmd.output_pending, chunks.chunk(&r.hash).and_then(|d| r.resolve(d))) {
+                        (0, Some(chunk)) => cmd.output.push(chunk),
+                        // Output is shown in order: after a gap, everything counts as pending.
+                        _ => cmd.output_pending += r.len,
+                    }
+                }
             }
             view.commands.push(cmd);
         }
@@ -664,23 +746,61 @@ impl SessionView {
     }
 
     /// Verified output chunks of `request` from list position `from` on, and how far it read:
-    /// lets a follower fetch only what is new. Chunks failing verification are skipped here;
-    /// `read` reports them.
-    pub fn read_output_from(doc: &impl ReadDoc, request: &CommandRequest, from: usize) -> (Vec<OutputChunk>, usize) {
+    /// lets a follower fetch only what is new. It stops before the first chunk whose bytes are
+    /// not here yet, so a later call picks up from there. References failing verification are
+    /// skipped here; `read` reports them.
+    pub fn read_output_from(
+        doc: &impl ReadDoc,
+        request: &CommandRequest,
+        from: usize,
+        chunks: &dyn ChunkSource,
+    ) -> (Vec<OutputChunk>, usize) {
         let Some(list) =
             am::root_map(doc, "outputs").and_then(|o| am::child(doc, &o, &request.id.to_hex(), ObjType::List))
         else {
             return (vec![], from);
         };
-        let items = am::list_bytes(doc, &list, from);
-        let next = from + items.len();
-        let chunks = items
-            .iter()
-            .filter_map(|b| verify_kind(b, RecordKind::Output).ok().filter(|v| v.author == request.target))
-            .filter_map(|v| OutputChunk::decode(v.body).ok())
-            .filter(|c| c.request == request.id)
-            .collect();
-        (chunks, next)
+        let mut out = Vec::new();
+        let mut next = from;
+        for item in am::list_bytes(doc, &list, from) {
+            let reference = verify_kind(&item, RecordKind::Output)
+                .ok()
+                .filter(|v| v.author == request.target)
+                .and_then(|v| OutputRef::decode(v.body).ok())
+                .filter(|r| r.request == request.id);
+            if let Some(r) = reference {
+                match chunks.chunk(&r.hash).and_then(|d| r.resolve(d)) {
+                    Some(chunk) => out.push(chunk),
+                    None => break,
+                }
+            }
+            next += 1;
+        }
+        (out, next)
+    }
+
+    /// The hashes of output chunks referenced from each request's list position in `cursors`
+    /// on, advancing the cursors. Signatures are *not* checked: this only tells a peer which
+    /// bytes to fetch (a bogus reference costs a request that nobody answers); readers verify.
+    pub fn scan_output_refs(doc: &impl ReadDoc, cursors: &mut BTreeMap<String, usize>) -> Vec<ChunkHash> {
+        let Some(outputs) = am::root_map(doc, "outputs") else { return vec![] };
+        let mut hashes = Vec::new();
+        for (key, list) in am::child_lists(doc, &outputs) {
+            let cursor = cursors.entry(key).or_default();
+            if doc.length(&list) <= *cursor {
+                continue;
+            }
+            let items = am::list_bytes(doc, &list, *cursor);
+            *cursor += items.len();
+            hashes.extend(
+                items
+                    .iter()
+                    .filter_map(|b| crate::record::unverified_body(b, RecordKind::Output))
+                    .filter_map(|b| OutputRef::decode(b).ok())
+                    .map(|r| r.hash),
+            );
+        }
+        hashes
     }
 
     /// The stored bytes of the record at `map[key]` (`requests`, `decisions`, `starts`, `ends`).
@@ -688,7 +808,7 @@ impl SessionView {
         am::root_map(doc, map).and_then(|m| am::bytes_at(doc, &m, &key.to_hex()))
     }
 
-    /// The stored output chunk records of a request, in list order.
+    /// The stored output reference records of a request, in list order.
     pub fn raw_output(doc: &impl ReadDoc, request: &Id128) -> Vec<Vec<u8>> {
         am::root_map(doc, "outputs")
             .and_then(|o| am::child(doc, &o, &request.to_hex(), ObjType::List))
@@ -827,6 +947,15 @@ mod tests {
         (fleet, doc, reqs)
     }
 
+    fn line(seq: u64) -> Vec<u8> {
+        format!("line {seq}\n").into_bytes()
+    }
+
+    /// The bytes of every chunk `agent_changes` writes.
+    fn all_chunks(runs: &[(&CommandRequest, u64)]) -> BTreeMap<ChunkHash, Vec<u8>> {
+        runs.iter().flat_map(|(_, n)| (0..*n).map(|seq| (chunk_hash(&line(seq)), line(seq)))).collect()
+    }
+
     /// Each agent decides, starts, streams `n` chunks and ends, on its own fork.
     fn agent_changes(base: &Automerge, req: &CommandRequest, seed: u8, n: u64) -> Vec<automerge::Change> {
         let agent = signer(seed);
@@ -851,7 +980,7 @@ mod tests {
                 request: req.id,
                 seq,
                 stream: Stream::Stdout,
-                data: format!("line {seq}\n").into_bytes(),
+                data: line(seq),
             };
             SessionWriter::append_output(&mut doc, &agent, &[c]).unwrap();
         }
@@ -896,7 +1025,8 @@ mod tests {
                 b.apply_changes([c]).unwrap();
             }
             prop_assert_eq!(a.get_heads(), b.get_heads());
-            let (va, vb) = (SessionView::read(&a, &fleet).unwrap(), SessionView::read(&b, &fleet).unwrap());
+            let all = all_chunks(&[(&reqs[0], n1), (&reqs[1], n2)]);
+            let (va, vb) = (SessionView::read(&a, &fleet, &all).unwrap(), SessionView::read(&b, &fleet, &all).unwrap());
             prop_assert!(va.quarantined.is_empty());
             prop_assert_eq!(serde_json::to_string(&va).unwrap(), serde_json::to_string(&vb).unwrap());
             prop_assert_eq!(va.commands[0].output.len() as u64, n1);
@@ -953,13 +1083,43 @@ mod tests {
         let (fleet, mut doc, reqs) = base();
         // Agent 4 writes output into agent 3's command.
         let c = OutputChunk { request: reqs[0].id, seq: 0, stream: Stream::Stdout, data: b"fake".to_vec() };
+        let chunks = BTreeMap::from([(chunk_hash(&c.data), c.data.clone())]);
         SessionWriter::append_output(&mut doc, &signer(4), &[c]).unwrap();
-        let view = SessionView::read(&doc, &fleet).unwrap();
+        let view = SessionView::read(&doc, &fleet, &chunks).unwrap();
         assert!(view.commands[0].output.is_empty());
         assert!(
             view.quarantined.iter().any(|q| q.why.contains("not written by the target agent")),
             "{:?}",
             view.quarantined
         );
+    }
+
+    #[test]
+    fn output_reads_in_order_up_to_the_first_chunk_not_here_yet() {
+        let (fleet, doc, reqs) = base();
+        let changes = agent_changes(&doc, &reqs[0], 3, 4);
+        let mut doc = doc.fork();
+        doc.apply_changes(changes).unwrap();
+        let mut chunks = all_chunks(&[(&reqs[0], 4)]);
+        chunks.remove(&chunk_hash(&line(2)));
+        let view = SessionView::read(&doc, &fleet, &chunks).unwrap();
+        let shown: Vec<u64> = view.commands[0].output.iter().map(|c| c.seq).collect();
+        assert_eq!(shown, vec![0, 1]);
+        assert_eq!(view.commands[0].output_pending, (line(2).len() + line(3).len()) as u64);
+        // A follower stops before the gap and resumes there once the bytes arrive.
+        let (first, next) = SessionView::read_output_from(&doc, &reqs[0], 0, &chunks);
+        assert_eq!((first.len(), next), (2, 2));
+        chunks.insert(chunk_hash(&line(2)), line(2));
+        let (rest, next) = SessionView::read_output_from(&doc, &reqs[0], next, &chunks);
+        assert_eq!((rest.iter().map(|c| c.seq).collect::<Vec<_>>(), next), (vec![2, 3], 4));
+        // Bytes that do not match the signed hash are not shown.
+        let mut wrong = all_chunks(&[(&reqs[0], 4)]);
+        wrong.insert(chunk_hash(&line(0)), b"line X\n".to_vec());
+        let view = SessionView::read(&doc, &fleet, &wrong).unwrap();
+        assert!(view.commands[0].output.is_empty());
+        // The sync scan names each referenced chunk once, from where it last stopped.
+        let mut cursors = BTreeMap::new();
+        assert_eq!(SessionView::scan_output_refs(&doc, &mut cursors).len(), 4);
+        assert!(SessionView::scan_output_refs(&doc, &mut cursors).is_empty());
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! What it carries: the org's genesis record and just the membership records needed to chain
 //! every author back to the org key; for each command the original signed records (request,
-//! decision, start, output chunks, end) wherever nothing in them was redacted, so a reader checks
+//! decision, start, output references with their bytes, end) wherever nothing in them was
+//! redacted, so a reader checks
 //! them exactly as an agent would; and where something was redacted, the redacted content
 //! instead, marked as such, with the original signature *withheld* (a signature or hash over a
 //! redacted secret would let anyone test guesses of it). Every secret becomes the same fixed
@@ -25,13 +26,13 @@ use crate::id::{Id128, NodeId};
 use crate::record::{RecordKind, Signer, verify_detached, verify_kind};
 use crate::redact::Redactor;
 use crate::session::{
-    CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, SessionError, SessionInfo, SessionView, Start,
-    Stream, Verdict, check_decision,
+    ChunkSource, CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, OutputRef, SessionError,
+    SessionInfo, SessionView, Start, Stream, Verdict, check_decision,
 };
 
 pub mod html;
 
-pub const FORMAT: &str = "caisey-transcript/1";
+pub const FORMAT: &str = "caisey-transcript/2";
 const DOMAIN: &[u8] = b"caisey/transcript/v1\0";
 
 /// The published file: the transcript and the publisher's signature over its canonical bytes.
@@ -93,10 +94,18 @@ pub enum Part {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "form", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Output {
-    /// The original chunk records (base64), in order.
-    Signed { chunks: Vec<String> },
+    /// The original signed chunk references with the bytes they name, in order.
+    Signed { chunks: Vec<SignedChunk> },
     /// The stream's text with secrets replaced.
     Redacted { text: String },
+}
+
+/// One output reference record and the bytes whose hash and length it signs (both base64).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedChunk {
+    pub record: String,
+    pub data: String,
 }
 
 /// Where something was hidden: which field, by which rule, how many times.
@@ -118,6 +127,8 @@ pub enum BuildError {
     Session(#[from] SessionError),
     #[error("only a technician of the org can publish a transcript")]
     NotATechnician,
+    #[error("{0} byte(s) of output have not arrived here yet; share once the session has synced")]
+    OutputPending(u64),
 }
 
 /// Why a transcript is not genuine.
@@ -153,6 +164,7 @@ fn b64(bytes: &[u8]) -> String {
 /// Builds and signs a transcript of `session_doc` as it is now.
 pub fn build(
     session_doc: &automerge::Automerge,
+    chunks: &dyn ChunkSource,
     fleet_doc: &impl ReadDoc,
     options: &ShareOptions,
     publisher: &Signer,
@@ -162,7 +174,12 @@ pub fn build(
     if fleet.role_of(&publisher.node_id()) != Some(Role::Technician) {
         return Err(BuildError::NotATechnician);
     }
-    let view = SessionView::read(session_doc, &fleet)?;
+    let view = SessionView::read(session_doc, &fleet, chunks)?;
+    let pending: u64 =
+        view.commands.iter().filter(|c| !options.omit.contains(&c.request.id)).map(|c| c.output_pending).sum();
+    if pending > 0 {
+        return Err(BuildError::OutputPending(pending));
+    }
     let redactor = &options.redactor;
     let mut authors = BTreeSet::from([publisher.node_id()]);
     let mut commands = Vec::new();
@@ -221,7 +238,7 @@ pub fn build(
                 Part::Redacted { author: cmd.request.target, body }
             }
         });
-        let chunks = SessionView::raw_output(session_doc, &id);
+        let references = SessionView::raw_output(session_doc, &id);
         let mut output = |stream: Stream, field: &str| {
             let mine: Vec<&OutputChunk> = cmd.output.iter().filter(|c| c.stream == stream).collect();
             let text = String::from_utf8_lossy(&mine.iter().flat_map(|c| c.data.iter().copied()).collect::<Vec<u8>>())
@@ -230,17 +247,14 @@ pub fn build(
             if hidden != text {
                 return Output::Redacted { text: hidden };
             }
-            let seqs: BTreeSet<u64> = mine.iter().map(|c| c.seq).collect();
-            let records = chunks
+            let records = references
                 .iter()
-                .filter(|b| {
-                    verify_kind(b, RecordKind::Output)
-                        .ok()
-                        .filter(|v| v.author == cmd.request.target)
-                        .and_then(|v| OutputChunk::decode(v.body).ok())
-                        .is_some_and(|c| c.request == id && c.stream == stream && seqs.contains(&c.seq))
+                .filter_map(|b| {
+                    let v = verify_kind(b, RecordKind::Output).ok().filter(|v| v.author == cmd.request.target)?;
+                    let r = OutputRef::decode(v.body).ok().filter(|r| r.request == id && r.stream == stream)?;
+                    let chunk = mine.iter().find(|c| c.seq == r.seq)?;
+                    Some(SignedChunk { record: b64(b), data: b64(&chunk.data) })
                 })
-                .map(|b| b64(b))
                 .collect();
             Output::Signed { chunks: records }
         };
@@ -478,13 +492,15 @@ fn verify_json(bytes: &[u8]) -> Result<(TranscriptFile, Checked), VerifyError> {
                     let mut data = Vec::new();
                     let mut last = None;
                     for ch in chunks {
-                        let (a, body) = signed(ch, RecordKind::Output)?;
+                        let (a, body) = signed(&ch.record, RecordKind::Output)?;
                         by_machine(a, "output")?;
-                        let chunk = OutputChunk::decode(&body).map_err(|e| fail(e.to_string()))?;
-                        if chunk.request != c.id || chunk.stream != stream || last.is_some_and(|l| chunk.seq <= l) {
+                        let r = OutputRef::decode(&body).map_err(|e| fail(e.to_string()))?;
+                        if r.request != c.id || r.stream != stream || last.is_some_and(|l| r.seq <= l) {
                             return Err(fail("output chunks out of place or order".into()));
                         }
-                        last = Some(chunk.seq);
+                        last = Some(r.seq);
+                        let bytes = BASE64.decode(ch.data.as_bytes()).map_err(|_| fail("output is not base64".into()))?;
+                        let chunk = r.resolve(bytes).ok_or_else(|| fail("output bytes do not match their signed hash".into()))?;
                         data.extend_from_slice(&chunk.data);
                     }
                     Ok((String::from_utf8_lossy(&data).into_owned(), true))
@@ -535,6 +551,7 @@ mod tests {
     use crate::fleet::Membership;
     use crate::session::*;
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     struct World {
         tech: Signer,
@@ -560,8 +577,11 @@ mod tests {
         World { tech, agent, fleet_doc }
     }
 
+    /// A session document and the output bytes it references.
+    type Session = (automerge::Automerge, BTreeMap<ChunkHash, Vec<u8>>);
+
     /// A session with one command that ran and printed `stdout`.
-    fn session(w: &World, script: &str, stdout: &[u8]) -> automerge::Automerge {
+    fn session(w: &World, script: &str, stdout: &[u8]) -> Session {
         let info = SessionInfo {
             id: Id128([7; 16]),
             name: "disk".into(),
@@ -618,12 +638,12 @@ mod tests {
             message: None,
         };
         SessionWriter::end(&mut doc, &w.agent, &end).unwrap();
-        doc
+        (doc, chunks.iter().map(|c| (chunk_hash(&c.data), c.data.clone())).collect())
     }
 
-    fn share(w: &World, doc: &automerge::Automerge) -> TranscriptFile {
+    fn share(w: &World, (doc, chunks): &Session) -> TranscriptFile {
         let options = ShareOptions { redactor: Redactor::new(&[]).unwrap(), omit: BTreeSet::new() };
-        build(doc, &w.fleet_doc, &options, &w.tech, 5_000).unwrap()
+        build(doc, chunks, &w.fleet_doc, &options, &w.tech, 5_000).unwrap()
     }
 
     #[test]
@@ -737,11 +757,30 @@ mod tests {
         // A stranger (not a technician) cannot publish.
         let stranger = Signer::from_secret([66; 32]);
         let options = ShareOptions { redactor: Redactor::new(&[]).unwrap(), omit: BTreeSet::new() };
-        assert!(matches!(build(&doc, &w.fleet_doc, &options, &stranger, 1), Err(BuildError::NotATechnician)));
+        assert!(matches!(build(&doc.0, &doc.1, &w.fleet_doc, &options, &stranger, 1), Err(BuildError::NotATechnician)));
         // Re-signing a genuine transcript with another key is caught.
         let mut file = share(&w, &doc);
         file.publisher = stranger.node_id();
         file.signature = hex::encode(stranger.sign_detached(DOMAIN, &canonical(&file.transcript)));
         assert!(matches!(verify(&file.to_json()), Err(VerifyError::Chain(_))));
+    }
+
+    #[test]
+    fn output_not_here_yet_is_not_shared_and_swapped_bytes_fail() {
+        let w = world();
+        let (doc, chunks) = session(&w, "df -h", b"/dev/sda1 50%\n");
+        let options = ShareOptions { redactor: Redactor::new(&[]).unwrap(), omit: BTreeSet::new() };
+        let missing: BTreeMap<ChunkHash, Vec<u8>> = chunks.iter().skip(1).map(|(h, d)| (*h, d.clone())).collect();
+        assert!(matches!(
+            build(&doc, &missing, &w.fleet_doc, &options, &w.tech, 1),
+            Err(BuildError::OutputPending(n)) if n > 0
+        ));
+        // Bytes swapped between two signed references (same length) are caught by the hash.
+        let mut file = share(&w, &(doc, chunks));
+        let Output::Signed { chunks } = &mut file.transcript.commands[0].stdout else { panic!("not signed") };
+        let (a, b) = (chunks[0].data.clone(), chunks[1].data.clone());
+        (chunks[0].data, chunks[1].data) = (b, a);
+        file.signature = hex::encode(w.tech.sign_detached(DOMAIN, &canonical(&file.transcript)));
+        assert!(matches!(verify(&file.to_json()), Err(VerifyError::Record { .. })));
     }
 }
