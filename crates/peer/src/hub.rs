@@ -13,18 +13,23 @@
 //!   connected peer allowed to hold it — that is what makes a relay forward, and streaming live.
 //! - On a fleet change: membership may have changed, so re-offer everything and drop peers who
 //!   are no longer members.
+//! - Output bytes: a session references its output chunks by hash; the bytes travel beside the
+//!   document. When new references arrive from a peer, ask that peer for the chunks we lack
+//!   (`Want`); answer every `Want` with the chunks we hold and `Lacking` for the rest, and send
+//!   those on when they arrive. Bytes are persisted before they are forwarded, and only bytes
+//!   whose hash a session references are accepted.
 //! - A hostile peer (non-member, malformed message, foreign org) is disconnected with a reason.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::sync::{Message, State as SyncState, SyncDoc};
 use automerge::{Automerge, ChangeHash};
 use caisey_doc::fleet::Fleet;
 use caisey_doc::id::{DocId, NodeId};
-use caisey_doc::session::SessionView;
+use caisey_doc::session::{ChunkHash, SessionView, chunk_hash};
 
 use crate::access::{may_introduce, may_share};
-use crate::wire::{DocKind, Frame};
+use crate::wire::{DocKind, Frame, MAX_HASHES};
 
 /// Identifies one connection, so events from a replaced connection are told apart.
 pub type ConnId = u64;
@@ -66,6 +71,18 @@ pub enum Output {
         peer: NodeId,
         state: Vec<u8>,
     },
+    /// Make an output chunk durable, under its hash.
+    PersistChunk {
+        hash: ChunkHash,
+        data: Vec<u8>,
+    },
+    /// Send `peer` these chunks of `doc` from the store (each as a `Frame::Chunk`).
+    SendChunks {
+        peer: NodeId,
+        conn: ConnId,
+        doc: DocId,
+        hashes: Vec<ChunkHash>,
+    },
     Send {
         peer: NodeId,
         conn: ConnId,
@@ -103,6 +120,56 @@ struct Entry {
     /// For sessions: how many records (besides output) failed verification, to notice which
     /// peer brought new ones.
     quarantined: usize,
+    /// For sessions: the output chunks referenced, and which we hold.
+    output: OutputIndex,
+}
+
+impl Entry {
+    fn new(kind: DocKind, doc: Automerge) -> Self {
+        Entry {
+            kind,
+            saved_heads: doc.get_heads(),
+            doc,
+            compacted_len: 0,
+            incremental_len: 0,
+            targets: vec![],
+            quarantined: 0,
+            output: OutputIndex::default(),
+        }
+    }
+}
+
+/// What a session's output references, and which of those bytes this node holds. Bounded by
+/// the document: only referenced hashes are tracked.
+#[derive(Default)]
+struct OutputIndex {
+    /// How far each request's output list has been scanned.
+    cursors: BTreeMap<String, usize>,
+    /// Every referenced chunk: true once its bytes are in our store.
+    held: HashMap<ChunkHash, bool>,
+    /// Peers that asked for chunks we do not hold yet; they get them when they arrive.
+    wanted_by: HashMap<ChunkHash, BTreeSet<NodeId>>,
+}
+
+impl OutputIndex {
+    /// Scans references added since the last scan; returns the chunks we now know we lack.
+    fn scan(&mut self, doc: &Automerge, held: &dyn Fn(&ChunkHash) -> bool) -> Vec<ChunkHash> {
+        let mut missing = Vec::new();
+        for hash in SessionView::scan_output_refs(doc, &mut self.cursors) {
+            if let std::collections::hash_map::Entry::Vacant(v) = self.held.entry(hash) {
+                let have = held(&hash);
+                v.insert(have);
+                if !have {
+                    missing.push(hash);
+                }
+            }
+        }
+        missing
+    }
+
+    fn missing(&self) -> Vec<ChunkHash> {
+        self.held.iter().filter(|(_, have)| !**have).map(|(h, _)| *h).collect()
+    }
 }
 
 struct Peer {
@@ -112,6 +179,8 @@ struct Peer {
     /// The documents the peer said it offers us (and we would accept), once its index arrived.
     index: Option<BTreeSet<DocId>>,
     states: BTreeMap<DocId, SyncState>,
+    /// Output chunks we asked this peer for and it has not answered yet.
+    asked: BTreeSet<(DocId, ChunkHash)>,
 }
 
 /// What the hub knows about a connected peer.
@@ -159,22 +228,23 @@ impl Hub {
         self.me
     }
 
-    /// Adds a document read from the store at startup.
-    pub fn load(&mut self, id: DocId, kind: DocKind, bytes: &[u8]) -> Result<(), automerge::AutomergeError> {
+    /// Adds a document read from the store at startup; `held` says which output chunks the
+    /// store has.
+    pub fn load(
+        &mut self,
+        id: DocId,
+        kind: DocKind,
+        bytes: &[u8],
+        held: &dyn Fn(&ChunkHash) -> bool,
+    ) -> Result<(), automerge::AutomergeError> {
         let doc = Automerge::load(bytes)?;
-        let mut entry = Entry {
-            kind,
-            saved_heads: doc.get_heads(),
-            doc,
-            compacted_len: bytes.len(),
-            incremental_len: 0,
-            targets: vec![],
-            quarantined: 0,
-        };
+        let mut entry = Entry::new(kind, doc);
+        entry.compacted_len = bytes.len();
         entry.targets = targets_of(&id, &entry, &self.fleet, self.machine_owners.get(&id));
         if kind == DocKind::Session {
             entry.quarantined =
                 SessionView::read_without_output(&entry.doc, &self.fleet).map(|v| v.quarantined.len()).unwrap_or(0);
+            entry.output.scan(&entry.doc, held);
         }
         self.docs.insert(id, entry);
         match kind {
@@ -192,26 +262,15 @@ impl Hub {
     pub fn create(&mut self, id: DocId, kind: DocKind, doc: Automerge, now: u64) -> Vec<Output> {
         let mut out = Vec::new();
         // Registered empty, then changed: the one code path persists, re-derives access and offers.
-        let empty = Automerge::new();
-        self.docs.insert(
-            id,
-            Entry {
-                kind,
-                saved_heads: empty.get_heads(),
-                doc: empty,
-                compacted_len: 0,
-                incremental_len: 0,
-                targets: vec![],
-                quarantined: 0,
-            },
-        );
+        self.docs.insert(id, Entry::new(kind, Automerge::new()));
         if kind == DocKind::Fleet {
             self.fleet_doc = Some(id);
         }
         if let Some(entry) = self.docs.get_mut(&id) {
             entry.doc = doc;
         }
-        self.after_change(id, now, &mut out);
+        let missing = self.after_change(id, now, &mut out);
+        self.ask_everyone(id, missing, &mut out);
         out
     }
 
@@ -220,8 +279,20 @@ impl Hub {
         let entry = self.docs.get_mut(&id)?;
         let r = f(&mut entry.doc);
         let mut out = Vec::new();
-        self.after_change(id, now, &mut out);
+        let missing = self.after_change(id, now, &mut out);
+        self.ask_everyone(id, missing, &mut out);
         Some((r, out))
+    }
+
+    /// Takes output bytes produced here (an agent's runner) for session `id`. Call it before
+    /// the change that references them and carry out both outputs together, so the bytes are
+    /// durable no later than their references.
+    pub fn hold_chunks(&mut self, id: DocId, chunks: Vec<Vec<u8>>) -> Vec<Output> {
+        let mut out = Vec::new();
+        for data in chunks {
+            self.take_chunk(id, None, chunk_hash(&data), data, &mut out);
+        }
+        out
     }
 
     pub fn doc(&self, id: &DocId) -> Option<&Automerge> {
@@ -263,7 +334,8 @@ impl Hub {
                 .and_then(|s| s.their_heads.as_ref())
                 .is_some_and(|h| h.iter().copied().collect::<BTreeSet<_>>() == ours)
         };
-        index.iter().all(|id| self.docs.get(id).is_some_and(|e| in_sync(id, e)))
+        p.asked.is_empty()
+            && index.iter().all(|id| self.docs.get(id).is_some_and(|e| in_sync(id, e)))
             && self
                 .docs
                 .iter()
@@ -276,6 +348,9 @@ impl Hub {
         let Some(p) = self.peers.get(peer) else { return vec!["not connected".into()] };
         let Some(index) = &p.index else { return vec!["no index received yet".into()] };
         let mut lag = Vec::new();
+        if !p.asked.is_empty() {
+            lag.push(format!("{} output chunk(s) asked of it, not answered yet", p.asked.len()));
+        }
         let shared =
             self.docs.iter().filter(|(_, e)| may_share(&self.fleet, peer, e.kind, &e.targets)).map(|(id, _)| *id);
         for id in index.iter().copied().chain(shared).collect::<BTreeSet<_>>() {
@@ -333,7 +408,10 @@ impl Hub {
         }
         let states =
             stored.into_iter().filter_map(|(doc, bytes)| Some((doc, SyncState::decode(&bytes).ok()?))).collect();
-        self.peers.insert(peer, Peer { conn, connected_at: now, last_heard: None, index: None, states });
+        self.peers.insert(
+            peer,
+            Peer { conn, connected_at: now, last_heard: None, index: None, states, asked: BTreeSet::new() },
+        );
         out.push(Output::PeerUp { peer });
         let offered: Vec<(DocId, DocKind)> = self
             .docs
@@ -345,6 +423,9 @@ impl Hub {
         let ids: Vec<DocId> = self.docs.keys().copied().collect();
         for id in ids {
             self.offer(peer, id, out);
+            // Output still missing here may be on this peer (a reconnecting agent, say).
+            let missing = self.docs.get(&id).map(|e| e.output.missing()).unwrap_or_default();
+            self.ask(peer, id, missing, out);
         }
     }
 
@@ -366,6 +447,22 @@ impl Hub {
     fn on_frame(&mut self, peer: NodeId, conn: ConnId, frame: Frame, now: u64, out: &mut Vec<Output>) {
         let (id, kind, message) = match frame {
             Frame::Sync { doc, kind, message } => (doc, kind, message),
+            Frame::Want { doc, hashes } => return self.on_want(peer, conn, doc, hashes, out),
+            Frame::Chunk { doc, data } => {
+                let hash = chunk_hash(&data);
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.asked.remove(&(doc, hash));
+                }
+                return self.take_chunk(doc, Some(peer), hash, data, out);
+            }
+            Frame::Lacking { doc, hashes } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    hashes.iter().for_each(|h| {
+                        p.asked.remove(&(doc, *h));
+                    });
+                }
+                return;
+            }
             Frame::Index { docs } => {
                 // Only what we would accept counts; the rest will never arrive here.
                 let accepted = docs
@@ -408,16 +505,7 @@ impl Hub {
                 });
             }
             None => {
-                let doc = Automerge::new();
-                let mut entry = Entry {
-                    kind,
-                    saved_heads: doc.get_heads(),
-                    doc,
-                    compacted_len: 0,
-                    incremental_len: 0,
-                    targets: vec![],
-                    quarantined: 0,
-                };
+                let mut entry = Entry::new(kind, Automerge::new());
                 // Now, not at the first change: a first sync message usually carries none, and
                 // the owner of a machine document must be allowed to send the next one.
                 entry.targets = targets_of(&id, &entry, &self.fleet, self.machine_owners.get(&id));
@@ -452,17 +540,101 @@ impl Hub {
             }
             entry.quarantined = now_quarantined;
         }
-        self.after_change(id, now, out);
+        let missing = self.after_change(id, now, out);
+        // Whoever sent the references holds the bytes, or will.
+        self.ask(peer, id, missing, out);
         self.offer(peer, id, out);
     }
 
-    /// Persists and announces whatever changed in `id` since it was last saved.
-    fn after_change(&mut self, id: DocId, _now: u64, out: &mut Vec<Output>) {
-        let Some(entry) = self.docs.get_mut(&id) else { return };
-        let heads = entry.doc.get_heads();
-        if heads == entry.saved_heads {
+    /// A peer asks for output chunks: send what we hold, say what we lack, and remember who
+    /// is waiting for it.
+    fn on_want(&mut self, peer: NodeId, conn: ConnId, doc: DocId, hashes: Vec<ChunkHash>, out: &mut Vec<Output>) {
+        let (mut have, mut lacking) = (Vec::new(), Vec::new());
+        match self.docs.get_mut(&doc) {
+            Some(e) if e.kind == DocKind::Session && may_share(&self.fleet, &peer, e.kind, &e.targets) => {
+                for h in hashes {
+                    match e.output.held.get(&h) {
+                        Some(true) => have.push(h),
+                        Some(false) => {
+                            e.output.wanted_by.entry(h).or_default().insert(peer);
+                            lacking.push(h);
+                        }
+                        None => lacking.push(h),
+                    }
+                }
+            }
+            // Nothing is said about documents it may not hold: all "lacking".
+            _ => lacking = hashes,
+        }
+        if !have.is_empty() {
+            out.push(Output::SendChunks { peer, conn, doc, hashes: have });
+        }
+        if !lacking.is_empty() {
+            out.push(Output::Send { peer, conn, frame: Frame::Lacking { doc, hashes: lacking } });
+        }
+    }
+
+    /// Output bytes arrived (from `from`, or produced here): keep them if `doc` references them
+    /// and we lacked them, then pass them to whoever asked us.
+    fn take_chunk(&mut self, doc: DocId, from: Option<NodeId>, hash: ChunkHash, data: Vec<u8>, out: &mut Vec<Output>) {
+        let Some(e) = self.docs.get_mut(&doc).filter(|e| e.kind == DocKind::Session) else { return };
+        match (from, e.output.held.get(&hash)) {
+            // Received: only bytes we referenced and lacked (duplicates are normal; ignored).
+            (Some(_), Some(false)) | (None, Some(false) | None) => {}
+            _ => return,
+        }
+        e.output.held.insert(hash, true);
+        let waiting = e.output.wanted_by.remove(&hash).unwrap_or_default();
+        let targets = e.targets.clone();
+        out.push(Output::PersistChunk { hash, data: data.clone() });
+        if from.is_some() {
+            out.push(Output::DocChanged { doc });
+        }
+        for peer in waiting.into_iter().filter(|p| Some(*p) != from) {
+            if let Some(p) = self.peers.get(&peer)
+                && may_share(&self.fleet, &peer, DocKind::Session, &targets)
+            {
+                out.push(Output::Send { peer, conn: p.conn, frame: Frame::Chunk { doc, data: data.clone() } });
+            }
+        }
+    }
+
+    /// Asks `peer` for output chunks of `doc` (if it may hold the session).
+    fn ask(&mut self, peer: NodeId, doc: DocId, hashes: Vec<ChunkHash>, out: &mut Vec<Output>) {
+        let (Some(e), Some(p)) = (self.docs.get(&doc), self.peers.get_mut(&peer)) else { return };
+        if hashes.is_empty() || !may_share(&self.fleet, &peer, e.kind, &e.targets) {
             return;
         }
+        for batch in hashes.chunks(MAX_HASHES) {
+            p.asked.extend(batch.iter().map(|h| (doc, *h)));
+            out.push(Output::Send { peer, conn: p.conn, frame: Frame::Want { doc, hashes: batch.to_vec() } });
+        }
+    }
+
+    /// Asks every connected peer that may hold `doc` (references made here without their bytes,
+    /// which a well-behaved node never does, or a document created from elsewhere).
+    fn ask_everyone(&mut self, doc: DocId, hashes: Vec<ChunkHash>, out: &mut Vec<Output>) {
+        if hashes.is_empty() {
+            return;
+        }
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            self.ask(peer, doc, hashes.clone(), out);
+        }
+    }
+
+    /// Persists and announces whatever changed in `id` since it was last saved; returns the
+    /// output chunks it newly references that we lack.
+    fn after_change(&mut self, id: DocId, _now: u64, out: &mut Vec<Output>) -> Vec<ChunkHash> {
+        let Some(entry) = self.docs.get_mut(&id) else { return vec![] };
+        let heads = entry.doc.get_heads();
+        if heads == entry.saved_heads {
+            return vec![];
+        }
+        let missing = match entry.kind {
+            DocKind::Session => entry.output.scan(&entry.doc, &|_| false),
+            _ => vec![],
+        };
         let incremental = entry.doc.save_after(&entry.saved_heads);
         entry.saved_heads = heads;
         let (bytes, compact) = if entry.incremental_len + incremental.len() > entry.compacted_len.max(COMPACT_FLOOR) {
@@ -505,6 +677,7 @@ impl Hub {
                 self.offer(peer, *doc, out);
             }
         }
+        missing
     }
 
     /// Re-reads the fleet document, then everything derived from it: which agent each machine
@@ -597,6 +770,8 @@ mod tests {
         next_conn: ConnId,
         conns: BTreeMap<(NodeId, NodeId), ConnId>,
         persisted: BTreeMap<NodeId, usize>,
+        /// Each hub's chunk store.
+        chunks: BTreeMap<NodeId, BTreeMap<ChunkHash, Vec<u8>>>,
     }
 
     impl Net {
@@ -608,6 +783,7 @@ mod tests {
                 next_conn: 1,
                 conns: BTreeMap::new(),
                 persisted: BTreeMap::new(),
+                chunks: BTreeMap::new(),
             }
         }
         fn connect(&mut self, a: NodeId, b: NodeId) {
@@ -634,6 +810,15 @@ mod tests {
                         self.queue.push_back((peer, Input::Frame { peer: at, conn, frame }));
                     }
                     Output::PersistDoc { .. } => *self.persisted.entry(at).or_default() += 1,
+                    Output::PersistChunk { hash, data } => {
+                        self.chunks.entry(at).or_default().insert(hash, data);
+                    }
+                    Output::SendChunks { peer, conn, doc, hashes } if self.links.contains(&(at, peer)) => {
+                        for h in hashes {
+                            let data = self.chunks[&at][&h].clone();
+                            self.queue.push_back((peer, Input::Frame { peer: at, conn, frame: Frame::Chunk { doc, data } }));
+                        }
+                    }
                     Output::Disconnect { peer, .. } => {
                         self.links.remove(&(at, peer));
                         self.links.remove(&(peer, at));
@@ -654,6 +839,16 @@ mod tests {
         fn change(&mut self, at: NodeId, doc: DocId, f: impl FnOnce(&mut Automerge)) {
             let (_, out) = self.hubs.get_mut(&at).unwrap().change(doc, 0, f).unwrap();
             self.apply(at, out);
+        }
+        /// An agent's runner: stores the bytes, then appends their references.
+        fn output(&mut self, at: NodeId, doc: DocId, agent: &Signer, chunks: Vec<OutputChunk>) {
+            let out = self.hubs.get_mut(&at).unwrap().hold_chunks(doc, chunks.iter().map(|c| c.data.clone()).collect());
+            self.apply(at, out);
+            self.change(at, doc, |d| SessionWriter::append_output(d, agent, &chunks).unwrap());
+        }
+        fn view(&self, at: NodeId, doc: DocId, fleet: &Fleet) -> SessionView {
+            let none = BTreeMap::new();
+            SessionView::read(self.hubs[&at].doc(&doc).unwrap(), fleet, self.chunks.get(&at).unwrap_or(&none)).unwrap()
         }
         fn create(&mut self, at: NodeId, id: DocId, kind: DocKind, doc: Automerge) {
             let out = self.hubs.get_mut(&at).unwrap().create(id, kind, doc, 0);
@@ -701,7 +896,7 @@ mod tests {
 
     fn hub_with_fleet(o: &Org, s: &Signer) -> Hub {
         let mut h = Hub::new(s.node_id());
-        h.load(o.fleet_id, DocKind::Fleet, &o.fleet.save()).unwrap();
+        h.load(o.fleet_id, DocKind::Fleet, &o.fleet.save(), &|_| false).unwrap();
         h
     }
 
@@ -796,12 +991,8 @@ mod tests {
 
         net.connect(a, r);
         net.run_until_quiescent();
-        let agent = o.agents[0].clone();
-        net.change(a, sid, |d| {
-            let chunk =
-                OutputChunk { request: Id128([102; 16]), seq: 0, stream: Stream::Stdout, data: b"up 3 days".to_vec() };
-            SessionWriter::append_output(d, &agent, &[chunk]).unwrap();
-        });
+        let chunk = OutputChunk { request: Id128([102; 16]), seq: 0, stream: Stream::Stdout, data: b"up 3 days".to_vec() };
+        net.output(a, sid, &o.agents[0], vec![chunk]);
         net.run_until_quiescent();
         net.disconnect(a, r);
         net.run_until_quiescent();
@@ -810,8 +1001,9 @@ mod tests {
         net.run_until_quiescent();
         assert_eq!(net.heads(t, sid), net.heads(a, sid));
         let fleet = Fleet::read(&o.fleet).unwrap();
-        let view = SessionView::read(net.hubs[&t].doc(&sid).unwrap(), &fleet).unwrap();
+        let view = net.view(t, sid, &fleet);
         assert_eq!(view.commands[0].output[0].data, b"up 3 days");
+        assert!(net.hubs[&t].in_sync_with(&r));
     }
 
     #[test]
@@ -913,13 +1105,9 @@ mod tests {
         net.disconnect(t, a);
         net.run_until_quiescent();
         // Both write while apart; then they meet only through the relay, in either order.
-        let agent = o.agents[0].clone();
         for seq in 0..20 {
-            let agent = agent.clone();
-            net.change(a, sid, move |d| {
-                let c = OutputChunk { request: Id128([104; 16]), seq, stream: Stream::Stdout, data: vec![b'x'; 100] };
-                SessionWriter::append_output(d, &agent, &[c]).unwrap();
-            });
+            let c = OutputChunk { request: Id128([104; 16]), seq, stream: Stream::Stdout, data: vec![seq as u8; 100] };
+            net.output(a, sid, &o.agents[0], vec![c]);
         }
         let tech = o.tech.clone();
         net.change(t, sid, move |d| {
@@ -948,9 +1136,11 @@ mod tests {
         assert_eq!(net.heads(t, sid), net.heads(a, sid));
         assert_eq!(net.heads(r, sid), net.heads(a, sid));
         let fleet = Fleet::read(&o.fleet).unwrap();
-        let view = SessionView::read(net.hubs[&r].doc(&sid).unwrap(), &fleet).unwrap();
-        assert_eq!(view.commands.len(), 2);
-        assert_eq!(view.commands.iter().map(|c| c.output.len()).sum::<usize>(), 20);
+        for at in [r, t] {
+            let view = net.view(at, sid, &fleet);
+            assert_eq!(view.commands.len(), 2);
+            assert_eq!(view.commands.iter().map(|c| c.output.len()).sum::<usize>(), 20);
+        }
         assert!(net.persisted[&r] > 0);
     }
 }

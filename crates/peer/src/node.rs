@@ -19,6 +19,7 @@ use automerge::Automerge;
 use caisey_doc::fleet::{Contact, Fleet, Role};
 use caisey_doc::id::{DocId, NodeId};
 use caisey_doc::record::Signer;
+use caisey_doc::session::ChunkSource;
 use iroh::endpoint::{Connection, RecvStream, SendStream, presets};
 use iroh::{Endpoint, EndpointAddr, PublicKey, SecretKey, TransportAddr};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -103,6 +104,7 @@ impl Core {
                 Output::PersistSyncState { doc, peer, state } => {
                     writes.push(Write::SyncState { doc: *doc, peer: *peer, state: state.clone() })
                 }
+                Output::PersistChunk { hash, data } => writes.push(Write::Chunk { hash: *hash, data: data.clone() }),
                 _ => {}
             }
         }
@@ -110,12 +112,18 @@ impl Core {
         self.store.apply(&writes).context("persisting documents")?;
         for o in outputs {
             match o {
-                Output::Send { peer, conn, frame } => {
-                    let Some(outbox) = self.outboxes.get(&peer).filter(|o| o.conn == conn) else { continue };
-                    if !outbox.push(frame.encode()) {
-                        warn!(peer = %peer.short(), "peer is not keeping up; disconnecting");
-                        outbox.handle.close(1u32.into(), b"too slow");
-                        self.outboxes.remove(&peer);
+                Output::Send { peer, conn, frame } => self.send(peer, conn, &frame),
+                Output::SendChunks { peer, conn, doc, hashes } => {
+                    let stored = self.store.chunks().context("reading output chunks")?;
+                    let mut lacking = Vec::new();
+                    for hash in hashes {
+                        match stored.chunk(&hash) {
+                            Some(data) => self.send(peer, conn, &Frame::Chunk { doc, data }),
+                            None => lacking.push(hash),
+                        }
+                    }
+                    if !lacking.is_empty() {
+                        self.send(peer, conn, &Frame::Lacking { doc, hashes: lacking });
                     }
                 }
                 Output::Disconnect { peer, conn, reason } => {
@@ -135,10 +143,20 @@ impl Core {
                 Output::PeerDown { peer } => {
                     let _ = self.events.send(NodeEvent::PeerDown(peer));
                 }
-                Output::PersistDoc { .. } | Output::PersistSyncState { .. } => {}
+                Output::PersistDoc { .. } | Output::PersistSyncState { .. } | Output::PersistChunk { .. } => {}
             }
         }
         Ok(())
+    }
+
+    /// Queues a frame for `peer` on connection `conn`; a peer too far behind is disconnected.
+    fn send(&mut self, peer: NodeId, conn: ConnId, frame: &Frame) {
+        let Some(outbox) = self.outboxes.get(&peer).filter(|o| o.conn == conn) else { return };
+        if !outbox.push(frame.encode()) {
+            warn!(peer = %peer.short(), "peer is not keeping up; disconnecting");
+            outbox.handle.close(1u32.into(), b"too slow");
+            self.outboxes.remove(&peer);
+        }
     }
 
     fn handle(&mut self, input: Input) {
@@ -190,7 +208,7 @@ impl Node {
         // The fleet first, so sessions can be checked against it as they load.
         docs.sort_by_key(|(_, kind, _)| *kind != DocKind::Fleet);
         for (id, kind, bytes) in docs {
-            if let Err(e) = hub.load(id, kind, &bytes) {
+            if let Err(e) = hub.load(id, kind, &bytes, &|h| store.has_chunk(h)) {
                 warn!(doc = %id.short(), "stored document could not be loaded, skipping it: {e}");
             }
         }
@@ -291,6 +309,38 @@ impl Node {
                 out.extend(core.hub.create(id, kind, content, now));
             }
             core.apply(out)
+        })
+        .await?
+    }
+
+    /// Appends output to session `doc`: the bytes go to the store and `f` writes their
+    /// references, in one durable transaction.
+    pub async fn append_output<R: Send + 'static>(
+        &self,
+        doc: DocId,
+        chunks: Vec<Vec<u8>>,
+        f: impl FnOnce(&mut Automerge) -> R + Send + 'static,
+    ) -> Result<R> {
+        self.with_core(move |core| {
+            let mut out = core.hub.hold_chunks(doc, chunks);
+            let (r, more) =
+                core.hub.change(doc, crate::now_ms(), f).ok_or_else(|| anyhow!("no document {}", doc.short()))?;
+            out.extend(more);
+            core.apply(out)?;
+            Ok(r)
+        })
+        .await?
+    }
+
+    /// Reads a session document together with the output bytes held here.
+    pub async fn read_with_output<R: Send + 'static>(
+        &self,
+        doc: DocId,
+        f: impl FnOnce(&Automerge, &dyn ChunkSource) -> R + Send + 'static,
+    ) -> Result<Option<R>> {
+        self.with_core(move |core| {
+            let chunks = core.store.chunks()?;
+            Ok(core.hub.doc(&doc).map(|d| f(d, &chunks)))
         })
         .await?
     }

@@ -1,5 +1,6 @@
 //! Durable state in one redb file: documents as an incremental stream of Automerge chunks,
-//! per-peer sync states, and small settings.
+//! output chunks by hash (written once, never rewritten), per-peer sync states, and small
+//! settings.
 //!
 //! A document is stored as `(doc, seq) -> bytes`; loading concatenates the chunks (Automerge
 //! loads concatenated saves and change chunks). Appending output costs one small chunk, not a
@@ -9,12 +10,15 @@
 use std::path::Path;
 
 use caisey_doc::id::{DocId, Id128, NodeId};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use caisey_doc::session::{ChunkHash, ChunkSource};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::wire::DocKind;
 
 const DOC_CHUNKS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("doc_chunks");
 const DOC_KINDS: TableDefinition<&[u8], u8> = TableDefinition::new("doc_kinds");
+/// Output bytes, by SHA-256: sessions reference them, they are not in the documents.
+const OUTPUT_CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("output_chunks");
 /// `(peer, doc) -> state`: peer first, so a connecting peer's states are one range read.
 const SYNC_STATES: TableDefinition<(&[u8], &[u8]), &[u8]> = TableDefinition::new("peer_sync_states");
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
@@ -47,6 +51,7 @@ from_redb!(redb::Error, redb::TransactionError, redb::TableError, redb::StorageE
 pub enum Write {
     Doc { doc: DocId, kind: DocKind, bytes: Vec<u8>, compact: bool },
     SyncState { doc: DocId, peer: NodeId, state: Vec<u8> },
+    Chunk { hash: ChunkHash, data: Vec<u8> },
     Setting { key: String, value: Vec<u8> },
 }
 
@@ -64,6 +69,7 @@ impl Store {
         let tx = db.begin_write()?;
         tx.open_table(DOC_CHUNKS)?;
         tx.open_table(DOC_KINDS)?;
+        tx.open_table(OUTPUT_CHUNKS)?;
         tx.open_table(SYNC_STATES)?;
         tx.open_table(SETTINGS)?;
         tx.open_table(PUBLISHED)?;
@@ -92,6 +98,17 @@ impl Store {
             out.push((Id128(id), kind, bytes));
         }
         Ok(out)
+    }
+
+    /// Whether the output chunk `hash` is stored (a failed read counts as "no": it is fetched
+    /// again).
+    pub fn has_chunk(&self, hash: &ChunkHash) -> bool {
+        self.chunks().is_ok_and(|c| c.table.get(hash.as_slice()).is_ok_and(|v| v.is_some()))
+    }
+
+    /// A consistent view of the stored output chunks, to read a session's output from.
+    pub fn chunks(&self) -> Result<StoredChunks, StoreError> {
+        Ok(StoredChunks { table: self.db.begin_read()?.open_table(OUTPUT_CHUNKS)? })
     }
 
     /// Sync states saved for `peer`.
@@ -158,6 +175,7 @@ impl Store {
             let mut kinds = tx.open_table(DOC_KINDS)?;
             let mut states = tx.open_table(SYNC_STATES)?;
             let mut settings = tx.open_table(SETTINGS)?;
+            let mut output = tx.open_table(OUTPUT_CHUNKS)?;
             for w in writes {
                 match w {
                     Write::Doc { doc, kind, bytes, compact } => {
@@ -185,11 +203,25 @@ impl Store {
                     Write::Setting { key, value } => {
                         settings.insert(key.as_str(), value.as_slice())?;
                     }
+                    Write::Chunk { hash, data } => {
+                        output.insert(hash.as_slice(), data.as_slice())?;
+                    }
                 }
             }
         }
         tx.commit()?;
         Ok(())
+    }
+}
+
+/// Output chunks as of one read transaction.
+pub struct StoredChunks {
+    table: ReadOnlyTable<&'static [u8], &'static [u8]>,
+}
+
+impl ChunkSource for StoredChunks {
+    fn chunk(&self, hash: &ChunkHash) -> Option<Vec<u8>> {
+        self.table.get(hash.as_slice()).ok().flatten().map(|v| v.value().to_vec())
     }
 }
 
@@ -212,6 +244,19 @@ mod tests {
         }
         let s = Store::open(&path).unwrap();
         assert_eq!(s.load_docs().unwrap(), vec![(id, DocKind::Session, b"XYz".to_vec())]);
+    }
+
+    #[test]
+    fn output_chunks_are_read_back_by_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("s.redb")).unwrap();
+        let data = b"Filesystem Size Used\n".to_vec();
+        let hash = caisey_doc::session::chunk_hash(&data);
+        assert!(!s.has_chunk(&hash));
+        s.apply(&[Write::Chunk { hash, data: data.clone() }]).unwrap();
+        assert!(s.has_chunk(&hash));
+        assert_eq!(s.chunks().unwrap().chunk(&hash), Some(data));
+        assert_eq!(s.chunks().unwrap().chunk(&[0; 32]), None);
     }
 
     #[test]

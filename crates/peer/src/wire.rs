@@ -1,10 +1,13 @@
 //! Frames on a sync stream: `len u32 BE | tag u8 | payload`.
 //!
 //! The stream starts with the dialer's `Hello`; after that both sides send `Sync` frames
-//! carrying one Automerge sync message for one document. Lengths are checked before anything is
-//! allocated, so a hostile peer can't make us buffer more than `MAX_FRAME`.
+//! carrying one Automerge sync message for one document, and `Want`/`Chunk`/`Lacking` frames
+//! that move the output bytes a session references (they are not in the document). Lengths are
+//! checked before anything is allocated, so a hostile peer can't make us buffer more than
+//! `MAX_FRAME`.
 
 use caisey_doc::id::Id128;
+use caisey_doc::session::ChunkHash;
 
 /// The versioned protocol id for document sync.
 pub const SYNC_ALPN: &[u8] = b"caisey/sync/1";
@@ -17,7 +20,9 @@ pub const EXTRA_ALPNS: &[&[u8]] = &[ENROLL_ALPN, PUBLISH_ALPN];
 /// Largest frame we accept or send. A sync message can carry a whole document when a peer is far
 /// behind, so this also bounds the largest document that can be synced in one step.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
-const PROTOCOL_VERSION: u16 = 1;
+/// Most chunk hashes one `Want` or `Lacking` frame may name (a sender splits longer lists).
+pub const MAX_HASHES: usize = 4096;
+const PROTOCOL_VERSION: u16 = 2;
 
 /// Which schema a document follows; travels with every sync message so a receiver knows what it
 /// is being offered before it holds any of it.
@@ -43,6 +48,22 @@ pub enum Frame {
     /// receiver tell "in sync" from "has not heard of everything yet".
     Index {
         docs: Vec<(Id128, DocKind)>,
+    },
+    /// "Send me these output chunks of session `doc`." Always answered, chunk by chunk or with
+    /// `Lacking`.
+    Want {
+        doc: Id128,
+        hashes: Vec<ChunkHash>,
+    },
+    /// The bytes of one output chunk; the receiver checks them against the hash it referenced.
+    Chunk {
+        doc: Id128,
+        data: Vec<u8>,
+    },
+    /// "I do not hold these yet": they follow as `Chunk`s when they reach the sender.
+    Lacking {
+        doc: Id128,
+        hashes: Vec<ChunkHash>,
     },
 }
 
@@ -101,6 +122,16 @@ impl Frame {
                     body.push(kind_byte(*kind));
                 }
             }
+            Frame::Want { doc, hashes } | Frame::Lacking { doc, hashes } => {
+                body.push(if matches!(self, Frame::Want { .. }) { 4 } else { 6 });
+                body.extend_from_slice(&doc.0);
+                hashes.iter().for_each(|h| body.extend_from_slice(h));
+            }
+            Frame::Chunk { doc, data } => {
+                body.push(5);
+                body.extend_from_slice(&doc.0);
+                body.extend_from_slice(data);
+            }
         }
         let mut out = Vec::with_capacity(4 + body.len());
         out.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -155,9 +186,27 @@ impl Frame {
                     .collect::<Result<_, FrameError>>()?;
                 Ok(Frame::Index { docs })
             }
+            Some(tag @ (4 | 6)) => {
+                let doc = doc_at(body)?;
+                let entries = &body[17..];
+                if !entries.len().is_multiple_of(32) || entries.len() / 32 > MAX_HASHES {
+                    return Err(FrameError::Malformed("chunk hash list of the wrong length"));
+                }
+                let hashes = entries.chunks_exact(32).map(|h| h.try_into().unwrap_or([0; 32])).collect();
+                Ok(if *tag == 4 { Frame::Want { doc, hashes } } else { Frame::Lacking { doc, hashes } })
+            }
+            Some(5) => Ok(Frame::Chunk { doc: doc_at(body)?, data: body[17..].to_vec() }),
             _ => Err(FrameError::Malformed("unknown frame tag")),
         }
     }
+}
+
+/// The document id after a frame's tag.
+fn doc_at(body: &[u8]) -> Result<Id128, FrameError> {
+    let id = body.get(1..17).ok_or(FrameError::Malformed("frame too short for a document id"))?;
+    let mut doc = [0u8; 16];
+    doc.copy_from_slice(id);
+    Ok(Id128(doc))
 }
 
 #[cfg(test)]
@@ -171,6 +220,10 @@ mod tests {
             Frame::Sync { doc: Id128([3; 16]), kind: DocKind::Session, message: vec![1, 2, 3] },
             Frame::Index { docs: vec![(Id128([1; 16]), DocKind::Fleet), (Id128([2; 16]), DocKind::Session)] },
             Frame::Index { docs: vec![] },
+            Frame::Want { doc: Id128([4; 16]), hashes: vec![[1; 32], [2; 32]] },
+            Frame::Lacking { doc: Id128([4; 16]), hashes: vec![[3; 32]] },
+            Frame::Chunk { doc: Id128([5; 16]), data: b"df output".to_vec() },
+            Frame::Chunk { doc: Id128([5; 16]), data: vec![] },
         ] {
             let bytes = f.encode();
             let len = Frame::check_len([bytes[0], bytes[1], bytes[2], bytes[3]]).unwrap();
@@ -184,6 +237,10 @@ mod tests {
         assert!(Frame::decode(&[9]).is_err());
         assert!(Frame::decode(&[2, 0]).is_err());
         assert!(Frame::decode(&[3, 0, 0]).is_err());
+        assert!(Frame::decode(&[4, 0, 0]).is_err());
+        assert!(Frame::decode(&[[4u8].as_slice(), &[0; 16], &[0; 31]].concat()).is_err());
+        let too_many = [[4u8].as_slice(), &[0; 16], &vec![0; 32 * (MAX_HASHES + 1)]].concat();
+        assert!(Frame::decode(&too_many).is_err());
         assert_eq!(Frame::decode(&[1, 0, 9]), Err(FrameError::Version(9)));
     }
 }
