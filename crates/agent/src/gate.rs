@@ -157,7 +157,7 @@ mod tests {
         };
         let start = Start { request: req3.id, session: info.id, started_at: 5, approved_by: me, nonce: d.nonce };
         SessionWriter::start(&mut doc, &agent, Some(&d), &start).unwrap();
-        let view = SessionView::read(&doc, &fleet).unwrap();
+        let view = SessionView::read_without_output(&doc, &fleet).unwrap();
         let sessions = vec![(info.id, view)];
 
         let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 50);
@@ -195,7 +195,7 @@ mod tests {
             nonce: Id128([9; 16]),
         };
         SessionWriter::decide(&mut doc, &agent, &d).unwrap();
-        let sessions = vec![(info.id, SessionView::read(&doc, &fleet).unwrap())];
+        let sessions = vec![(info.id, SessionView::read_without_output(&doc, &fleet).unwrap())];
         let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 50);
         assert!(pending.is_empty(), "a denied request is not pending again: {pending:?}");
         assert!(actions.is_empty(), "{actions:?}");

@@ -189,7 +189,8 @@ async fn flush(
     }
     let chunks = batch.take_chunks(request, seq);
     let signer = node.signer().clone();
-    node.change(session, move |doc| SessionWriter::append_output(doc, &signer, &chunks)).await??;
+    let bytes = chunks.iter().map(|c| c.data.clone()).collect();
+    node.append_output(session, bytes, move |doc| SessionWriter::append_output(doc, &signer, &chunks)).await??;
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use caisey_doc::automerge::Automerge;
 use caisey_doc::fleet::Contact;
 use caisey_doc::id::{DocId, Id128};
 use caisey_doc::session::{
-    CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, SessionInfo, SessionView, SessionWriter, Shell,
+    ChunkSource, CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, SessionInfo, SessionView, SessionWriter, Shell,
     Start, Stream, Verdict,
 };
 use caisey_peer::node::{Node, NodeEvent};
@@ -106,8 +106,8 @@ async fn one_agent_asked(name: &str, script: String) -> Result<(Org, DocId, Id12
     Ok((org, session, request))
 }
 
-fn output_bytes(doc: &Automerge, req: &CommandRequest) -> usize {
-    SessionView::read_output_from(doc, req, 0).0.iter().map(|c| c.data.len()).sum()
+fn output_bytes(doc: &Automerge, req: &CommandRequest, stored: &dyn ChunkSource) -> usize {
+    SessionView::read_output_from(doc, req, 0, stored).0.iter().map(|c| c.data.len()).sum()
 }
 
 /// Output streamed agent → session document → technician, and the same bytes over a raw iroh
@@ -123,9 +123,9 @@ pub async fn streaming(size: usize) -> Result<(f64, f64, u64, u64)> {
     let fleet = org.tech.fleet().await?;
     let got = org
         .tech
-        .read(session, move |d| {
+        .read_with_output(session, move |d, stored| {
             let view = SessionView::read_without_output(d, &fleet).ok()?;
-            Some(output_bytes(d, &view.command(&request)?.request))
+            Some(output_bytes(d, &view.command(&request)?.request, stored))
         })
         .await?
         .flatten()
@@ -223,7 +223,7 @@ pub async fn line_latency(lines: usize) -> Result<Vec<f64>> {
         }
         let r = req.clone();
         let (chunks, next) =
-            org.tech.read(session, move |d| SessionView::read_output_from(d, &r, pos)).await?.unwrap_or_default();
+            org.tech.read_with_output(session, move |d, stored| SessionView::read_output_from(d, &r, pos, stored)).await?.unwrap_or_default();
         let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as f64;
         pos = next;
         for c in chunks.iter().filter(|c| c.stream == Stream::Stdout) {
@@ -319,7 +319,7 @@ pub async fn offline_catch_up(commands: usize) -> Result<f64> {
         let batch = batch.to_vec();
         let signer = agent_node.signer().clone();
         agent_node
-            .change(session, move |doc| -> Result<()> {
+            .append_output(session, vec![b"ok\n".to_vec()], move |doc| -> Result<()> {
                 for r in &batch {
                     let (d, start) = approved_start(r, me, tech_id);
                     SessionWriter::start(doc, &signer, Some(&d), &start)?;
@@ -452,7 +452,7 @@ pub async fn open_big_session(commands: usize, each: usize) -> Result<(f64, f64)
     let info = SessionInfo { id: session, name: "big".into(), labels: vec![], created_at: 0, org_key };
     let signer = org.tech.signer().clone();
     let mut doc = SessionWriter::create(&signer, &info)?;
-    let chunk: Vec<u8> = (0..32 * 1024).map(|i| b'a' + (i * 13 % 26) as u8).collect();
+    let mut stored = Vec::new();
     for i in 0..commands {
         let r = CommandRequest {
             id: Id128(rand_id()),
@@ -469,9 +469,12 @@ pub async fn open_big_session(commands: usize, each: usize) -> Result<(f64, f64)
         let mut seq = 0u64;
         let mut left = each;
         while left > 0 {
-            let n = left.min(chunk.len());
-            let c = OutputChunk { request: r.id, seq, stream: Stream::Stdout, data: chunk[..n].to_vec() };
-            SessionWriter::append_output(&mut doc, &agent_signer, &[c])?;
+            let n = left.min(32 * 1024);
+            // Distinct bytes per chunk, as real output: nothing is shared between commands.
+            let data: Vec<u8> = (0..n).map(|j| b'a' + ((i * 7 + seq as usize * 3 + j * 13) % 26) as u8).collect();
+            let c = OutputChunk { request: r.id, seq, stream: Stream::Stdout, data };
+            SessionWriter::append_output(&mut doc, &agent_signer, std::slice::from_ref(&c))?;
+            stored.push(c.data);
             seq += 1;
             left -= n;
         }
@@ -479,6 +482,12 @@ pub async fn open_big_session(commands: usize, each: usize) -> Result<(f64, f64)
         SessionWriter::end(&mut doc, &agent_signer, &end)?;
     }
     org.tech.create(session, DocKind::Session, doc).await?;
+    org.tech
+        .with_core(move |core| {
+            let out = core.hub.hold_chunks(session, stored);
+            core.apply(out)
+        })
+        .await??;
     let tech_home = org.root.path().join("tech");
     org.tech.shutdown().await;
     drop(org.tech);

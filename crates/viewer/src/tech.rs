@@ -462,7 +462,8 @@ pub async fn build_transcript(
     node.with_core(move |core| -> Result<_> {
         let s = core.hub.doc(&session).ok_or_else(|| anyhow!("no session"))?;
         let f = core.hub.doc(&fleet_doc).ok_or_else(|| anyhow!("no fleet"))?;
-        Ok(caisey_doc::transcript::build(s, f, &options, &signer, now_ms())?)
+        let chunks = core.store.chunks()?;
+        Ok(caisey_doc::transcript::build(s, &chunks, f, &options, &signer, now_ms())?)
     })
     .await?
 }
@@ -542,10 +543,10 @@ pub async fn commands_run_on(node: &Node, machine: NodeId) -> Result<Vec<(String
 /// The raw output bytes of one command, stdout and stderr interleaved as written.
 pub async fn output_bytes(node: &Node, session: DocId, request: Id128) -> Result<Vec<u8>> {
     let fleet = node.fleet().await?;
-    node.read(session, move |d| -> Result<Vec<u8>> {
+    node.read_with_output(session, move |d, stored| -> Result<Vec<u8>> {
         let view = SessionView::read_without_output(d, &fleet)?;
         let cmd = view.command(&request).ok_or_else(|| anyhow!("no command {} here", request.short()))?;
-        let (chunks, _) = SessionView::read_output_from(d, &cmd.request, 0);
+        let (chunks, _) = SessionView::read_output_from(d, &cmd.request, 0, stored);
         Ok(chunks.into_iter().flat_map(|c| c.data).collect())
     })
     .await?

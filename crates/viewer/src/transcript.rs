@@ -135,7 +135,7 @@ impl Follower {
         // Output: only the chunks appended since last time.
         let (request, from) = (cmd.request.clone(), seen.output_pos);
         let (chunks, next) = node
-            .read(self.session, move |d| SessionView::read_output_from(d, &request, from))
+            .read_with_output(self.session, move |d, stored| SessionView::read_output_from(d, &request, from, stored))
             .await?
             .unwrap_or_default();
         seen.output_pos = next;
@@ -248,7 +248,7 @@ pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
     let fleet = node.fleet().await?;
     let f2 = fleet.clone();
     let view = node
-        .read(session, move |d| SessionView::read(d, &f2))
+        .read_with_output(session, move |d, stored| SessionView::read(d, &f2, stored))
         .await?
         .ok_or_else(|| anyhow::anyhow!("no such session"))??;
     let commands = view

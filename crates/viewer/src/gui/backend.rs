@@ -248,14 +248,14 @@ impl Backend {
         let positions: BTreeMap<Id128, usize> = self.open_reading.iter().map(|(k, r)| (*k, r.pos)).collect();
         let Some(read) = self
             .node
-            .read(id, move |d| -> Result<_> {
+            .read_with_output(id, move |d, stored| -> Result<_> {
                 let view = SessionView::read_without_output(d, &fleet)?;
                 let chunks: Vec<_> = view
                     .commands
                     .iter()
                     .map(|c| {
                         let from = positions.get(&c.request.id).copied().unwrap_or(0);
-                        (c.request.id, SessionView::read_output_from(d, &c.request, from))
+                        (c.request.id, SessionView::read_output_from(d, &c.request, from, stored))
                     })
                     .collect();
                 Ok((view, chunks))
@@ -278,10 +278,10 @@ impl Backend {
         let from = self.group_reading.get(&request).map(|r| r.0.pos).unwrap_or(0);
         let (cmd, (chunks, pos)) = self
             .node
-            .read(session, move |d| -> Result<_> {
+            .read_with_output(session, move |d, stored| -> Result<_> {
                 let view = SessionView::read_without_output(d, &fleet)?;
                 let cmd = view.command(&request).cloned().ok_or_else(|| anyhow!("request not found"))?;
-                let out = SessionView::read_output_from(d, &cmd.request, from);
+                let out = SessionView::read_output_from(d, &cmd.request, from, stored);
                 Ok((cmd, out))
             })
             .await?
