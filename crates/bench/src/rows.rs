@@ -38,7 +38,8 @@ fn run_request(targets: Targets, session: &str, script: String) -> RunRequest {
     }
 }
 
-/// Waits until the technician holds the end of every `(session, request)`, re-reading only the
+/// Waits until the technician holds the end of every `(session, request)` and all output,
+/// re-reading only the
 /// sessions that changed (re-reading all of them on every change would cost more than what is
 /// measured, at a thousand sessions).
 async fn wait_ends(tech: &Node, wanted: &[(DocId, Id128)], timeout: Duration) -> Result<()> {
@@ -57,10 +58,12 @@ async fn wait_ends(tech: &Node, wanted: &[(DocId, Id128)], timeout: Duration) ->
                 check
                     .into_iter()
                     .filter(|(s, reqs)| {
-                        core.hub
-                            .doc(s)
-                            .and_then(|d| SessionView::read_without_output(d, core.hub.fleet()).ok())
-                            .is_some_and(|v| reqs.iter().all(|r| v.command(r).is_some_and(|c| c.end.is_some())))
+                        core.hub.missing_output(s) == 0
+                            && core
+                                .hub
+                                .doc(s)
+                                .and_then(|d| SessionView::read_without_output(d, core.hub.fleet()).ok())
+                                .is_some_and(|v| reqs.iter().all(|r| v.command(r).is_some_and(|c| c.end.is_some())))
                     })
                     .map(|(s, _)| s)
                     .collect()

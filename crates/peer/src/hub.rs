@@ -299,6 +299,12 @@ impl Hub {
         self.docs.get(id).map(|e| &e.doc)
     }
 
+    /// How many output chunks session `id` references that are not here yet (0 for other
+    /// documents): a command's end is only the whole story once this is 0.
+    pub fn missing_output(&self, id: &DocId) -> usize {
+        self.docs.get(id).map(|e| e.output.held.values().filter(|have| !**have).count()).unwrap_or(0)
+    }
+
     pub fn kind(&self, id: &DocId) -> Option<DocKind> {
         self.docs.get(id).map(|e| e.kind)
     }

@@ -418,7 +418,10 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
         Command::Export { session, format, out } => {
             tech::go_online(node, &[]).await?;
             let id = tech::find_session(node, &session).await?;
-            let bytes = crate::transcript::export(node, id, format).await?;
+            let (bytes, pending) = crate::transcript::export(node, id, format).await?;
+            if pending > 0 {
+                eprintln!("warning: {pending} bytes of output have not reached this machine yet; the export has the rest");
+            }
             match out {
                 Some(path) => {
                     std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;

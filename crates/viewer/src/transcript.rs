@@ -60,15 +60,26 @@ impl Follower {
         Self { session, only, style, seen: BTreeMap::new(), header: false }
     }
 
-    /// Prints whatever is new. Returns the commands it follows as they now stand.
+    /// Prints whatever is new. Returns the commands it follows as shown so far: while output
+    /// of the session is still on its way here, no command counts as ended yet (an end record
+    /// can overtake the last output chunks).
     pub async fn update(&mut self, node: &Node) -> Result<Vec<CommandView>> {
         let fleet = node.fleet().await?;
         let session = self.session;
         let f2 = fleet.clone();
-        let Some(view) = node.read(session, move |d| SessionView::read_without_output(d, &f2)).await? else {
+        let Some((view, missing)) = node
+            .with_core(move |core| {
+                let view = core.hub.doc(&session).map(|d| SessionView::read_without_output(d, &f2))?;
+                Some((view, core.hub.missing_output(&session)))
+            })
+            .await?
+        else {
             anyhow::bail!("session {} is not here", session.short());
         };
-        let view = view?;
+        let mut view = view?;
+        if missing > 0 {
+            view.commands.iter_mut().for_each(|c| c.end = None);
+        }
         // A whole session shown (not just the requests a run follows) opens with its header.
         if !self.header && self.style == OutputStyle::Labelled && self.only.is_none() {
             let labels = if view.info.labels.is_empty() {
@@ -242,6 +253,9 @@ pub struct CommandJson {
     pub ended_at: Option<u64>,
     pub stdout: String,
     pub stderr: String,
+    /// Bytes of output referenced but not on this machine yet (still syncing); the text above
+    /// is what is here.
+    pub output_pending: u64,
 }
 
 pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
@@ -279,6 +293,7 @@ pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
                 ended_at: c.end.as_ref().map(|e| e.ended_at),
                 stdout: text(Stream::Stdout),
                 stderr: text(Stream::Stderr),
+                output_pending: c.output_pending,
             }
         })
         .collect();
@@ -348,12 +363,16 @@ impl ExportFormat {
 }
 
 /// A session exported in `format`, as bytes to write.
-pub async fn export(node: &Node, session: DocId, format: ExportFormat) -> Result<Vec<u8>> {
+/// The session as `format`, and how many bytes of its output are not here yet (the export
+/// holds what is).
+pub async fn export(node: &Node, session: DocId, format: ExportFormat) -> Result<(Vec<u8>, u64)> {
     let json = session_json(node, session).await?;
-    Ok(match format {
+    let pending = json.commands.iter().map(|c| c.output_pending).sum();
+    let bytes = match format {
         ExportFormat::Json => serde_json::to_vec_pretty(&json)?,
         ExportFormat::Csv => session_csv(&json).into_bytes(),
-    })
+    };
+    Ok((bytes, pending))
 }
 
 #[cfg(test)]
@@ -381,6 +400,7 @@ mod tests {
                 ended_at: Some(3_500),
                 stdout: "=HYPERLINK(\"http://x\")".into(),
                 stderr: String::new(),
+                output_pending: 0,
             }],
             quarantined: vec![],
         };

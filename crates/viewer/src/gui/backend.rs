@@ -351,9 +351,13 @@ impl Backend {
             }
             Action::Export { session, format, path } => {
                 let r = async {
-                    let bytes = crate::transcript::export(node, session, format).await?;
+                    let (bytes, pending) = crate::transcript::export(node, session, format).await?;
                     std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
-                    Ok(Update::Notice(format!("exported {} bytes to {}", bytes.len(), path.display())))
+                    let missing = match pending {
+                        0 => String::new(),
+                        n => format!(" ({n} bytes of output are not on this machine yet)"),
+                    };
+                    Ok(Update::Notice(format!("exported {} bytes to {}{missing}", bytes.len(), path.display())))
                 };
                 self.out.result(r.await);
             }
