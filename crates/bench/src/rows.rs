@@ -138,11 +138,18 @@ pub async fn streaming(size: usize) -> Result<(f64, f64, u64, u64)> {
     }
     let relay = org.relay.clone().ok_or_else(|| anyhow!("no relay"))?;
     relay.wait_in_sync(agent.node_id, Duration::from_secs(120)).await?;
-    let agent_disk = std::fs::metadata(agent.home.join("store.redb"))?.len();
-    let relay_disk = std::fs::metadata(org.root.path().join("relay").join("store.redb"))?.len();
+    let agent_disk = store_bytes(&agent.home)?;
+    let relay_disk = store_bytes(&org.root.path().join("relay"))?;
     org.stop().await?;
     let raw = raw_iroh(size).await?;
     Ok((size as f64 / MIB / elapsed.as_secs_f64(), raw, agent_disk, relay_disk))
+}
+
+/// Bytes a node's store takes on disk: the redb file and the output log beside it.
+fn store_bytes(home: &Path) -> Result<u64> {
+    let redb = std::fs::metadata(home.join("store.redb"))?.len();
+    let log = std::fs::metadata(home.join("store.chunks")).map(|m| m.len()).unwrap_or(0);
+    Ok(redb + log)
 }
 
 /// MiB/s of `size` bytes over one bi-stream between two iroh endpoints on loopback.

@@ -115,15 +115,19 @@ impl Core {
                 Output::Send { peer, conn, frame } => self.send(peer, conn, &frame),
                 Output::SendChunks { peer, conn, doc, hashes } => {
                     let stored = self.store.chunks().context("reading output chunks")?;
-                    let mut lacking = Vec::new();
+                    let (mut frames, mut lacking) = (Vec::new(), Vec::new());
                     for hash in hashes {
                         match stored.chunk(&hash) {
-                            Some(data) => self.send(peer, conn, &Frame::Chunk { doc, data }),
+                            Some(data) => frames.push(Frame::Chunk { doc, data }),
                             None => lacking.push(hash),
                         }
                     }
+                    drop(stored);
                     if !lacking.is_empty() {
-                        self.send(peer, conn, &Frame::Lacking { doc, hashes: lacking });
+                        frames.push(Frame::Lacking { doc, hashes: lacking });
+                    }
+                    for frame in frames {
+                        self.send(peer, conn, &frame);
                     }
                 }
                 Output::Disconnect { peer, conn, reason } => {
@@ -159,9 +163,9 @@ impl Core {
         }
     }
 
-    fn handle(&mut self, input: Input) {
-        let out = self.hub.handle(crate::now_ms(), input);
-        if let Err(e) = self.apply(out) {
+    /// Carries out the outputs gathered so far (see [`run_core`]).
+    fn flush(&mut self, pending: &mut Vec<Output>) {
+        if let Err(e) = self.apply(std::mem::take(pending)) {
             warn!("{e:#}");
         }
     }
@@ -533,9 +537,11 @@ impl Node {
         let _ = self
             .with_core(|core| {
                 let peers: Vec<(NodeId, ConnId)> = core.outboxes.iter().map(|(p, o)| (*p, o.conn)).collect();
+                let mut out = Vec::new();
                 for (peer, conn) in peers {
-                    core.handle(Input::Disconnected { peer, conn });
+                    out.extend(core.hub.handle(crate::now_ms(), Input::Disconnected { peer, conn }));
                 }
+                core.flush(&mut out);
             })
             .await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.close()).await;
@@ -586,28 +592,48 @@ async fn bind(signer: &Signer, listen: SocketAddr, store: &Store) -> Result<Endp
     Err(last_err.unwrap_or_else(|| anyhow!("could not bind")))
 }
 
+/// Inputs handled before their outputs are carried out together, at most.
+const BATCH: usize = 64;
+
+/// The core task. Whatever is already queued is handled before one durable write: a burst of
+/// frames (output chunks streaming in) costs one redb commit, not one each. Outputs keep their
+/// order, and nothing is sent before the whole batch is on disk.
 async fn run_core(mut core: Core, mut inbox: mpsc::Receiver<Cmd>) {
-    while let Some(cmd) = inbox.recv().await {
-        match cmd {
-            Cmd::Connected { peer, outbox } => {
-                let stored = core.store.sync_states(&peer).unwrap_or_default();
-                let conn = outbox.conn;
-                // A newer connection from the same peer replaces the old one.
-                if let Some(old) = core.outboxes.insert(peer, outbox) {
-                    old.handle.close(4u32.into(), b"replaced by a newer connection");
+    let mut pending = Vec::new();
+    while let Some(first) = inbox.recv().await {
+        let mut next = Some(first);
+        let mut handled = 0;
+        while let Some(cmd) = next.take() {
+            match cmd {
+                Cmd::Connected { peer, outbox } => {
+                    let stored = core.store.sync_states(&peer).unwrap_or_default();
+                    let conn = outbox.conn;
+                    // A newer connection from the same peer replaces the old one.
+                    if let Some(old) = core.outboxes.insert(peer, outbox) {
+                        old.handle.close(4u32.into(), b"replaced by a newer connection");
+                    }
+                    pending.extend(core.hub.handle(crate::now_ms(), Input::Connected { peer, conn, stored }));
                 }
-                core.handle(Input::Connected { peer, conn, stored });
-            }
-            Cmd::Input(input) => {
-                if let Input::Disconnected { peer, conn } = &input
-                    && core.outboxes.get(peer).is_some_and(|o| o.conn == *conn)
-                {
-                    core.outboxes.remove(peer);
+                Cmd::Input(input) => {
+                    if let Input::Disconnected { peer, conn } = &input
+                        && core.outboxes.get(peer).is_some_and(|o| o.conn == *conn)
+                    {
+                        core.outboxes.remove(peer);
+                    }
+                    pending.extend(core.hub.handle(crate::now_ms(), input));
                 }
-                core.handle(input);
+                // A job sees everything before it carried out.
+                Cmd::Run(job) => {
+                    core.flush(&mut pending);
+                    job(&mut core);
+                }
             }
-            Cmd::Run(job) => job(&mut core),
+            handled += 1;
+            if handled < BATCH {
+                next = inbox.try_recv().ok();
+            }
         }
+        core.flush(&mut pending);
     }
 }
 

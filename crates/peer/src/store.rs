@@ -1,13 +1,20 @@
-//! Durable state in one redb file: documents as an incremental stream of Automerge chunks,
-//! output chunks by hash (written once, never rewritten), per-peer sync states, and small
-//! settings.
+//! Durable state: one redb file for documents (an incremental stream of Automerge chunks),
+//! per-peer sync states and small settings, and beside it an append-only log of output bytes.
 //!
 //! A document is stored as `(doc, seq) -> bytes`; loading concatenates the chunks (Automerge
-//! loads concatenated saves and change chunks). Appending output costs one small chunk, not a
-//! rewrite; the hub decides when a full save replaces the chunks (compaction). Every `apply`
-//! is one redb transaction with one fsync, so a batch of outputs from the hub is all-or-nothing.
+//! loads concatenated saves and change chunks). The hub decides when a full save replaces the
+//! chunks (compaction). Every `apply` is one redb transaction, so a batch of outputs from the
+//! hub is all-or-nothing.
+//!
+//! Output bytes go to `<store>.chunks`, written once at the end and never rewritten; redb keeps
+//! each chunk's place (hash -> offset, length) and how long the log is. So a byte of output costs
+//! about one byte on disk: a copy-on-write B-tree holding 64 KiB values, and a file that grows
+//! by doubling, cost two to three. The log is written and synced *before* the transaction that
+//! records it commits; bytes past the recorded length (a crash in between) are cut off at open.
 
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::session::{ChunkHash, ChunkSource};
@@ -17,8 +24,10 @@ use crate::wire::DocKind;
 
 const DOC_CHUNKS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("doc_chunks");
 const DOC_KINDS: TableDefinition<&[u8], u8> = TableDefinition::new("doc_kinds");
-/// Output bytes, by SHA-256: sessions reference them, they are not in the documents.
-const OUTPUT_CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("output_chunks");
+/// Where each output chunk is in the log, by SHA-256: `(offset, length)`.
+const OUTPUT_INDEX: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("output_index");
+/// Settings key: how many bytes of the output log are committed.
+const LOG_LEN: &str = "output_log_len";
 /// `(peer, doc) -> state`: peer first, so a connecting peer's states are one range read.
 const SYNC_STATES: TableDefinition<(&[u8], &[u8]), &[u8]> = TableDefinition::new("peer_sync_states");
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
@@ -33,6 +42,8 @@ pub enum StoreError {
     InUse(String),
     #[error("store: {0}")]
     Redb(String),
+    #[error("output log {path}: {what}")]
+    Log { path: String, what: String },
 }
 
 macro_rules! from_redb {
@@ -58,23 +69,50 @@ pub enum Write {
 #[derive(Debug)]
 pub struct Store {
     db: Database,
+    log: File,
+    log_path: PathBuf,
+    /// Committed length of the log: where the next chunk goes.
+    log_len: AtomicU64,
 }
 
 impl Store {
+    /// Opens (or creates) the store at `path` and its output log beside it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.display().to_string()),
             other => StoreError::Redb(format!("opening {}: {other}", path.display())),
         })?;
+        let log_path = path.with_extension("chunks");
+        let log_err = |what: String| StoreError::Log { path: log_path.display().to_string(), what };
+        let log = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&log_path)
+            .map_err(|e| log_err(e.to_string()))?;
         let tx = db.begin_write()?;
+        let committed = tx
+            .open_table(SETTINGS)?
+            .get(LOG_LEN)?
+            .and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        let on_disk = log.metadata().map_err(|e| log_err(e.to_string()))?.len();
+        if on_disk < committed {
+            return Err(log_err(format!(
+                "{on_disk} bytes, but the store records {committed}: it was truncated or replaced"
+            )));
+        }
+        // Bytes past the committed length were never recorded (a crash mid-write): drop them.
+        log.set_len(committed).map_err(|e| log_err(e.to_string()))?;
         tx.open_table(DOC_CHUNKS)?;
         tx.open_table(DOC_KINDS)?;
-        tx.open_table(OUTPUT_CHUNKS)?;
+        tx.open_table(OUTPUT_INDEX)?;
         tx.open_table(SYNC_STATES)?;
         tx.open_table(SETTINGS)?;
         tx.open_table(PUBLISHED)?;
         tx.commit()?;
-        Ok(Self { db })
+        Ok(Self { db, log, log_path, log_len: AtomicU64::new(committed) })
     }
 
     /// Every document, as the concatenation of its stored chunks.
@@ -103,12 +141,37 @@ impl Store {
     /// Whether the output chunk `hash` is stored (a failed read counts as "no": it is fetched
     /// again).
     pub fn has_chunk(&self, hash: &ChunkHash) -> bool {
-        self.chunks().is_ok_and(|c| c.table.get(hash.as_slice()).is_ok_and(|v| v.is_some()))
+        self.chunks().is_ok_and(|c| c.index.get(hash.as_slice()).is_ok_and(|v| v.is_some()))
     }
 
     /// A consistent view of the stored output chunks, to read a session's output from.
-    pub fn chunks(&self) -> Result<StoredChunks, StoreError> {
-        Ok(StoredChunks { table: self.db.begin_read()?.open_table(OUTPUT_CHUNKS)? })
+    pub fn chunks(&self) -> Result<StoredChunks<'_>, StoreError> {
+        Ok(StoredChunks { index: self.db.begin_read()?.open_table(OUTPUT_INDEX)?, log: &self.log })
+    }
+
+    /// Appends the chunks not stored yet to the log and syncs it; returns their index entries
+    /// and the log's new length, for the transaction that commits them.
+    fn append_chunks(
+        &self,
+        index: &redb::Table<&[u8], (u64, u64)>,
+        chunks: &[(&ChunkHash, &Vec<u8>)],
+    ) -> Result<(Vec<(ChunkHash, u64, u64)>, u64), StoreError> {
+        let start = self.log_len.load(Ordering::Acquire);
+        let mut buf = Vec::new();
+        let mut placed: Vec<(ChunkHash, u64, u64)> = Vec::new();
+        for (hash, data) in chunks {
+            if index.get(hash.as_slice())?.is_some() || placed.iter().any(|(h, _, _)| h == *hash) {
+                continue;
+            }
+            placed.push((**hash, start + buf.len() as u64, data.len() as u64));
+            buf.extend_from_slice(data);
+        }
+        if !buf.is_empty() {
+            let log_err = |e: std::io::Error| StoreError::Log { path: self.log_path.display().to_string(), what: e.to_string() };
+            write_at(&self.log, &buf, start).map_err(log_err)?;
+            self.log.sync_data().map_err(log_err)?;
+        }
+        Ok((placed, start + buf.len() as u64))
     }
 
     /// Sync states saved for `peer`.
@@ -170,12 +233,28 @@ impl Store {
             return Ok(());
         }
         let tx = self.db.begin_write()?;
+        let mut new_log_len = None;
         {
             let mut chunks = tx.open_table(DOC_CHUNKS)?;
             let mut kinds = tx.open_table(DOC_KINDS)?;
             let mut states = tx.open_table(SYNC_STATES)?;
             let mut settings = tx.open_table(SETTINGS)?;
-            let mut output = tx.open_table(OUTPUT_CHUNKS)?;
+            let mut index = tx.open_table(OUTPUT_INDEX)?;
+            let output: Vec<(&ChunkHash, &Vec<u8>)> = writes
+                .iter()
+                .filter_map(|w| match w {
+                    Write::Chunk { hash, data } => Some((hash, data)),
+                    _ => None,
+                })
+                .collect();
+            if !output.is_empty() {
+                let (placed, len) = self.append_chunks(&index, &output)?;
+                for (hash, offset, n) in placed {
+                    index.insert(hash.as_slice(), (offset, n))?;
+                }
+                settings.insert(LOG_LEN, len.to_be_bytes().as_slice())?;
+                new_log_len = Some(len);
+            }
             for w in writes {
                 match w {
                     Write::Doc { doc, kind, bytes, compact } => {
@@ -203,31 +282,72 @@ impl Store {
                     Write::Setting { key, value } => {
                         settings.insert(key.as_str(), value.as_slice())?;
                     }
-                    Write::Chunk { hash, data } => {
-                        output.insert(hash.as_slice(), data.as_slice())?;
-                    }
+                    Write::Chunk { .. } => {} // appended above
                 }
             }
         }
         tx.commit()?;
+        if let Some(len) = new_log_len {
+            self.log_len.store(len, Ordering::Release);
+        }
         Ok(())
     }
 }
 
 /// Output chunks as of one read transaction.
-pub struct StoredChunks {
-    table: ReadOnlyTable<&'static [u8], &'static [u8]>,
+pub struct StoredChunks<'a> {
+    index: ReadOnlyTable<&'static [u8], (u64, u64)>,
+    log: &'a File,
 }
 
-impl ChunkSource for StoredChunks {
+impl ChunkSource for StoredChunks<'_> {
+    /// `None` also when the log can't be read: the bytes are then simply not shown.
     fn chunk(&self, hash: &ChunkHash) -> Option<Vec<u8>> {
-        self.table.get(hash.as_slice()).ok().flatten().map(|v| v.value().to_vec())
+        let (offset, len) = self.index.get(hash.as_slice()).ok()??.value();
+        let mut buf = vec![0; usize::try_from(len).ok()?];
+        read_at(self.log, &mut buf, offset).ok()?;
+        Some(buf)
     }
+}
+
+#[cfg(unix)]
+fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+}
+
+#[cfg(unix)]
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn write_at(file: &File, mut buf: &[u8], mut offset: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let n = std::os::windows::fs::FileExt::seek_write(file, buf, offset)?;
+        buf = &buf[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(windows)]
+fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match std::os::windows::fs::FileExt::seek_read(file, buf, offset)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
 
     #[test]
     fn chunks_append_compact_and_reload() {
@@ -257,6 +377,32 @@ mod tests {
         assert!(s.has_chunk(&hash));
         assert_eq!(s.chunks().unwrap().chunk(&hash), Some(data));
         assert_eq!(s.chunks().unwrap().chunk(&[0; 32]), None);
+    }
+
+    #[test]
+    fn output_log_cuts_unrecorded_bytes_and_refuses_a_truncated_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let data = vec![7u8; 70_000];
+        let hash = caisey_doc::session::chunk_hash(&data);
+        {
+            let s = Store::open(&path).unwrap();
+            // The same chunk twice (two sessions printing the same thing) is stored once.
+            s.apply(&[Write::Chunk { hash, data: data.clone() }, Write::Chunk { hash, data: data.clone() }]).unwrap();
+            s.apply(&[Write::Chunk { hash, data: data.clone() }]).unwrap();
+        }
+        let log = path.with_extension("chunks");
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 70_000);
+        // A crash after the log write, before the commit: the tail is dropped at open.
+        std::fs::OpenOptions::new().append(true).open(&log).unwrap().write_all(b"half a chunk").unwrap();
+        {
+            let s = Store::open(&path).unwrap();
+            assert_eq!(std::fs::metadata(&log).unwrap().len(), 70_000);
+            assert_eq!(s.chunks().unwrap().chunk(&hash), Some(data));
+        }
+        std::fs::OpenOptions::new().write(true).open(&log).unwrap().set_len(10).unwrap();
+        let err = Store::open(&path).unwrap_err().to_string();
+        assert!(err.contains("truncated or replaced"), "{err}");
     }
 
     #[test]
