@@ -192,11 +192,48 @@ pub fn verify(bytes: &[u8]) -> Result<Verified<'_>, RecordError> {
     let mut sig = [0u8; 64];
     sig.copy_from_slice(&bytes[36..100]);
     let body = &bytes[HEADER_LEN..];
-    let key = VerifyingKey::from_bytes(&author).map_err(|_| RecordError::BadAuthorKey)?;
     let author = NodeId(author);
-    key.verify(&signed_message(kind as u8, &author, body), &Signature::from_bytes(&sig))
-        .map_err(|_| RecordError::BadSignature)?;
+    if !checked::contains(bytes) {
+        let key = VerifyingKey::from_bytes(&author.0).map_err(|_| RecordError::BadAuthorKey)?;
+        key.verify(&signed_message(kind as u8, &author, body), &Signature::from_bytes(&sig))
+            .map_err(|_| RecordError::BadSignature)?;
+        checked::insert(bytes);
+    }
     Ok(Verified { kind, author, body })
+}
+
+/// Records whose signature has already been checked, by their exact bytes. Documents are read
+/// again on every change, and most of their records never change; a signature check costs
+/// ~50 µs, a lookup well under one. The key is the whole record (compared byte for byte), so a
+/// record differing anywhere is checked afresh. Bounded: cleared when it outgrows `LIMIT`.
+mod checked {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    const LIMIT: usize = 16 * 1024 * 1024;
+    /// Larger records (rare: machine cards) are not worth keeping.
+    const LARGEST: usize = 4096;
+
+    static CHECKED: Mutex<Option<(HashSet<Box<[u8]>>, usize)>> = Mutex::new(None);
+
+    pub(super) fn contains(bytes: &[u8]) -> bool {
+        CHECKED.lock().is_ok_and(|c| c.as_ref().is_some_and(|(set, _)| set.contains(bytes)))
+    }
+
+    pub(super) fn insert(bytes: &[u8]) {
+        if bytes.len() > LARGEST {
+            return;
+        }
+        let Ok(mut guard) = CHECKED.lock() else { return };
+        let (set, total) = guard.get_or_insert_with(Default::default);
+        if *total + bytes.len() > LIMIT {
+            set.clear();
+            *total = 0;
+        }
+        if set.insert(bytes.into()) {
+            *total += bytes.len();
+        }
+    }
 }
 
 /// The body of a record of `kind`, *without* checking its signature: for routing only (a peer
@@ -232,6 +269,17 @@ mod tests {
         assert_eq!(v.author, s.node_id());
         assert_eq!(v.body, b"hello");
         assert_eq!(v.kind, RecordKind::Output);
+    }
+
+    #[test]
+    fn a_record_checked_before_is_still_refused_when_any_byte_differs() {
+        let rec = signer(1).sign_raw(RecordKind::Decision, b"{\"verdict\":\"denied\"}");
+        assert!(verify(&rec).is_ok());
+        assert!(verify(&rec).is_ok(), "second read (from the cache) differs");
+        let mut forged = rec.clone();
+        let last = forged.len() - 3;
+        forged[last] = b'X';
+        assert_eq!(verify(&forged), Err(RecordError::BadSignature));
     }
 
     #[test]

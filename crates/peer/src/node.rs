@@ -1,6 +1,6 @@
 //! The driver: runs a [`Hub`] on tokio and iroh.
 //!
-//! One task (the *core*) owns the hub and the store and carries out the hub's outputs in order:
+//! One thread (the *core*) owns the hub and the store and carries out the hub's outputs in order:
 //! first one redb transaction for everything to persist, then the sends. Connection tasks only
 //! move frames between QUIC streams and the core. So when [`Node::change`] returns, the change
 //! is on disk, and a peer only ever hears of what a crash could not lose.
@@ -55,6 +55,8 @@ enum Cmd {
     Connected { peer: NodeId, outbox: Outbox },
     Input(Input),
     Run(Job),
+    /// Close the store and end the core; says so once the store is closed.
+    Stop(oneshot::Sender<()>),
 }
 
 /// Frames on their way to one peer's connection, bounded by bytes rather than count: a
@@ -220,7 +222,13 @@ impl Node {
         let (cmd, inbox) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
         let core = Core { hub, store, outboxes: Default::default(), events: events.clone() };
-        tokio::spawn(run_core(core, inbox));
+        // Its own thread: every commit waits for fsync, which must not stall the tasks that move
+        // packets (on a 2-core machine, two cores syncing at once would stop all networking).
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new().name("caisey-core".into()).spawn(move || {
+            let _in_runtime = runtime.enter();
+            run_core(core, inbox)
+        })?;
         let node = Node {
             shared: Arc::new(Shared {
                 signer,
@@ -532,7 +540,8 @@ impl Node {
         Ok(())
     }
 
-    /// Closes every connection and the endpoint, saving sync states.
+    /// Closes every connection and the endpoint, saving sync states, then the store: the node
+    /// answers nothing after this.
     pub async fn shutdown(&self) {
         let _ = self
             .with_core(|core| {
@@ -545,6 +554,11 @@ impl Node {
             })
             .await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.close()).await;
+        // The store is closed when this returns, so the same home can be opened again at once.
+        let (tx, rx) = oneshot::channel();
+        if self.shared.cmd.send(Cmd::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 }
 
@@ -598,9 +612,9 @@ const BATCH: usize = 64;
 /// The core task. Whatever is already queued is handled before one durable write: a burst of
 /// frames (output chunks streaming in) costs one redb commit, not one each. Outputs keep their
 /// order, and nothing is sent before the whole batch is on disk.
-async fn run_core(mut core: Core, mut inbox: mpsc::Receiver<Cmd>) {
+fn run_core(mut core: Core, mut inbox: mpsc::Receiver<Cmd>) {
     let mut pending = Vec::new();
-    while let Some(first) = inbox.recv().await {
+    while let Some(first) = inbox.blocking_recv() {
         let mut next = Some(first);
         let mut handled = 0;
         while let Some(cmd) = next.take() {
@@ -626,6 +640,12 @@ async fn run_core(mut core: Core, mut inbox: mpsc::Receiver<Cmd>) {
                 Cmd::Run(job) => {
                     core.flush(&mut pending);
                     job(&mut core);
+                }
+                Cmd::Stop(done) => {
+                    core.flush(&mut pending);
+                    drop(core);
+                    let _ = done.send(());
+                    return;
                 }
             }
             handled += 1;
