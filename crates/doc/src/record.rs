@@ -194,7 +194,7 @@ pub fn verify(bytes: &[u8]) -> Result<Verified<'_>, RecordError> {
     let body = &bytes[HEADER_LEN..];
     let author = NodeId(author);
     if !checked::contains(bytes) {
-        let key = VerifyingKey::from_bytes(&author.0).map_err(|_| RecordError::BadAuthorKey)?;
+        let key = checked::key(&author.0).ok_or(RecordError::BadAuthorKey)?;
         key.verify(&signed_message(kind as u8, &author, body), &Signature::from_bytes(&sig))
             .map_err(|_| RecordError::BadSignature)?;
         checked::insert(bytes);
@@ -207,10 +207,32 @@ pub fn verify(bytes: &[u8]) -> Result<Verified<'_>, RecordError> {
 /// ~50 µs, a lookup well under one. The key is the whole record (compared byte for byte), so a
 /// record differing anywhere is checked afresh. Bounded: cleared when it outgrows `LIMIT`.
 mod checked {
-    use std::collections::HashSet;
+    use std::collections::{HashMap, HashSet};
     use std::sync::Mutex;
 
-    const LIMIT: usize = 16 * 1024 * 1024;
+    use ed25519_dalek::VerifyingKey;
+
+    const LIMIT: usize = 8 * 1024 * 1024;
+    /// Authors whose key is kept decompressed (an org has a handful to thousands).
+    const KEYS: usize = 4096;
+
+    static AUTHORS: Mutex<Option<HashMap<[u8; 32], VerifyingKey>>> = Mutex::new(None);
+
+    /// The author's key, decompressed once (decompressing costs about a quarter of a check).
+    pub(super) fn key(author: &[u8; 32]) -> Option<VerifyingKey> {
+        if let Some(k) = AUTHORS.lock().ok().and_then(|m| m.as_ref().and_then(|m| m.get(author).copied())) {
+            return Some(k);
+        }
+        let k = VerifyingKey::from_bytes(author).ok()?;
+        if let Ok(mut guard) = AUTHORS.lock() {
+            let keys = guard.get_or_insert_with(HashMap::new);
+            if keys.len() >= KEYS {
+                keys.clear();
+            }
+            keys.insert(*author, k);
+        }
+        Some(k)
+    }
     /// Larger records (rare: machine cards) are not worth keeping.
     const LARGEST: usize = 4096;
 
