@@ -160,7 +160,7 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
 }
 
 async fn pump(mut reader: impl AsyncReadExt + Unpin, stream: Stream, tx: mpsc::Sender<(Stream, Vec<u8>)>) {
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
         match reader.read(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -189,8 +189,9 @@ async fn flush(
     }
     let chunks = batch.take_chunks(request, seq);
     let signer = node.signer().clone();
-    let bytes = chunks.iter().map(|c| c.data.clone()).collect();
-    node.append_output(session, bytes, move |doc| SessionWriter::append_output(doc, &signer, &chunks)).await??;
+    let refs: Vec<_> = chunks.iter().map(OutputChunk::reference).collect();
+    let held = refs.iter().zip(chunks).map(|(r, c)| (r.hash, c.data)).collect();
+    node.append_output(session, held, move |doc| SessionWriter::append_output(doc, &signer, &refs)).await??;
     Ok(())
 }
 

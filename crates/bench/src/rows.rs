@@ -10,8 +10,8 @@ use caisey_doc::automerge::Automerge;
 use caisey_doc::fleet::Contact;
 use caisey_doc::id::{DocId, Id128};
 use caisey_doc::session::{
-    ChunkSource, CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, SessionInfo, SessionView, SessionWriter, Shell,
-    Start, Stream, Verdict,
+    ChunkSource, CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, SessionInfo, SessionView,
+    SessionWriter, Shell, Start, Stream, Verdict, chunk_hash,
 };
 use caisey_peer::node::{Node, NodeEvent};
 use caisey_peer::wire::DocKind;
@@ -232,8 +232,11 @@ pub async fn line_latency(lines: usize) -> Result<Vec<f64>> {
             Ok(_) => continue,
         }
         let r = req.clone();
-        let (chunks, next) =
-            org.tech.read_with_output(session, move |d, stored| SessionView::read_output_from(d, &r, pos, stored)).await?.unwrap_or_default();
+        let (chunks, next) = org
+            .tech
+            .read_with_output(session, move |d, stored| SessionView::read_output_from(d, &r, pos, stored))
+            .await?
+            .unwrap_or_default();
         let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as f64;
         pos = next;
         for c in chunks.iter().filter(|c| c.stream == Stream::Stdout) {
@@ -329,12 +332,12 @@ pub async fn offline_catch_up(commands: usize) -> Result<f64> {
         let batch = batch.to_vec();
         let signer = agent_node.signer().clone();
         agent_node
-            .append_output(session, vec![b"ok\n".to_vec()], move |doc| -> Result<()> {
+            .append_output(session, vec![(chunk_hash(b"ok\n"), b"ok\n".to_vec())], move |doc| -> Result<()> {
                 for r in &batch {
                     let (d, start) = approved_start(r, me, tech_id);
                     SessionWriter::start(doc, &signer, Some(&d), &start)?;
                     let out = OutputChunk { request: r.id, seq: 0, stream: Stream::Stdout, data: b"ok\n".to_vec() };
-                    SessionWriter::append_output(doc, &signer, &[out])?;
+                    SessionWriter::append_output(doc, &signer, &[out.reference()])?;
                     let end = exited(r, 1);
                     SessionWriter::end(doc, &signer, &end)?;
                 }
@@ -483,8 +486,9 @@ pub async fn open_big_session(commands: usize, each: usize) -> Result<(f64, f64)
             // Distinct bytes per chunk, as real output: nothing is shared between commands.
             let data: Vec<u8> = (0..n).map(|j| b'a' + ((i * 7 + seq as usize * 3 + j * 13) % 26) as u8).collect();
             let c = OutputChunk { request: r.id, seq, stream: Stream::Stdout, data };
-            SessionWriter::append_output(&mut doc, &agent_signer, std::slice::from_ref(&c))?;
-            stored.push(c.data);
+            let r = c.reference();
+            SessionWriter::append_output(&mut doc, &agent_signer, &[r])?;
+            stored.push((r.hash, c.data));
             seq += 1;
             left -= n;
         }

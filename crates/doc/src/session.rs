@@ -32,7 +32,7 @@ use crate::id::{Id128, NodeId};
 use crate::record::{RecordError, RecordKind, Signer, verify, verify_kind};
 
 /// Largest output chunk a runner writes; bigger writes are split.
-pub const MAX_CHUNK: usize = 64 * 1024;
+pub const MAX_CHUNK: usize = 1024 * 1024;
 
 /// A session's name and labels, signed by the technician who opened it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -424,14 +424,13 @@ impl SessionWriter {
     pub fn append_output(
         doc: &mut Automerge,
         signer: &Signer,
-        chunks: &[OutputChunk],
+        refs: &[OutputRef],
     ) -> Result<(), automerge::AutomergeError> {
-        if chunks.is_empty() {
+        if refs.is_empty() {
             return Ok(());
         }
-        let key = chunks[0].request.to_hex();
-        let records: Vec<Vec<u8>> =
-            chunks.iter().map(|c| signer.sign_raw(RecordKind::Output, &c.reference().encode())).collect();
+        let key = refs[0].request.to_hex();
+        let records: Vec<Vec<u8>> = refs.iter().map(|r| signer.sign_raw(RecordKind::Output, &r.encode())).collect();
         doc.transact::<_, _, automerge::AutomergeError>(|tx| {
             let outputs = am::ensure_root_map(tx, "outputs")?;
             let list = match am::child(tx, &outputs, &key, ObjType::List) {
@@ -976,13 +975,8 @@ mod tests {
             Start { request: req.id, session: req.session, started_at: 1, approved_by: req.target, nonce: d.nonce };
         SessionWriter::start(&mut doc, &agent, Some(&d), &start).unwrap();
         for seq in 0..n {
-            let c = OutputChunk {
-                request: req.id,
-                seq,
-                stream: Stream::Stdout,
-                data: line(seq),
-            };
-            SessionWriter::append_output(&mut doc, &agent, &[c]).unwrap();
+            let c = OutputChunk { request: req.id, seq, stream: Stream::Stdout, data: line(seq) };
+            SessionWriter::append_output(&mut doc, &agent, &[c.reference()]).unwrap();
         }
         let end = End {
             request: req.id,
@@ -1084,7 +1078,7 @@ mod tests {
         // Agent 4 writes output into agent 3's command.
         let c = OutputChunk { request: reqs[0].id, seq: 0, stream: Stream::Stdout, data: b"fake".to_vec() };
         let chunks = BTreeMap::from([(chunk_hash(&c.data), c.data.clone())]);
-        SessionWriter::append_output(&mut doc, &signer(4), &[c]).unwrap();
+        SessionWriter::append_output(&mut doc, &signer(4), &[c.reference()]).unwrap();
         let view = SessionView::read(&doc, &fleet, &chunks).unwrap();
         assert!(view.commands[0].output.is_empty());
         assert!(

@@ -499,8 +499,11 @@ fn verify_json(bytes: &[u8]) -> Result<(TranscriptFile, Checked), VerifyError> {
                             return Err(fail("output chunks out of place or order".into()));
                         }
                         last = Some(r.seq);
-                        let bytes = BASE64.decode(ch.data.as_bytes()).map_err(|_| fail("output is not base64".into()))?;
-                        let chunk = r.resolve(bytes).ok_or_else(|| fail("output bytes do not match their signed hash".into()))?;
+                        let bytes =
+                            BASE64.decode(ch.data.as_bytes()).map_err(|_| fail("output is not base64".into()))?;
+                        let chunk = r
+                            .resolve(bytes)
+                            .ok_or_else(|| fail("output bytes do not match their signed hash".into()))?;
                         data.extend_from_slice(&chunk.data);
                     }
                     Ok((String::from_utf8_lossy(&data).into_owned(), true))
@@ -627,7 +630,8 @@ mod tests {
             .enumerate()
             .map(|(i, c)| OutputChunk { request: req.id, seq: i as u64, stream: Stream::Stdout, data: c.to_vec() })
             .collect();
-        SessionWriter::append_output(&mut doc, &w.agent, &chunks).unwrap();
+        let refs: Vec<OutputRef> = chunks.iter().map(OutputChunk::reference).collect();
+        SessionWriter::append_output(&mut doc, &w.agent, &refs).unwrap();
         let end = End {
             request: req.id,
             session: info.id,

@@ -287,10 +287,11 @@ impl Hub {
     /// Takes output bytes produced here (an agent's runner) for session `id`. Call it before
     /// the change that references them and carry out both outputs together, so the bytes are
     /// durable no later than their references.
-    pub fn hold_chunks(&mut self, id: DocId, chunks: Vec<Vec<u8>>) -> Vec<Output> {
+    /// Each chunk comes with its hash, computed once for its reference.
+    pub fn hold_chunks(&mut self, id: DocId, chunks: Vec<(ChunkHash, Vec<u8>)>) -> Vec<Output> {
         let mut out = Vec::new();
-        for data in chunks {
-            self.take_chunk(id, None, chunk_hash(&data), data, &mut out);
+        for (hash, data) in chunks {
+            self.take_chunk(id, None, hash, data, &mut out);
         }
         out
     }
@@ -592,16 +593,17 @@ impl Hub {
         e.output.held.insert(hash, true);
         let waiting = e.output.wanted_by.remove(&hash).unwrap_or_default();
         let targets = e.targets.clone();
-        out.push(Output::PersistChunk { hash, data: data.clone() });
-        if from.is_some() {
-            out.push(Output::DocChanged { doc });
-        }
         for peer in waiting.into_iter().filter(|p| Some(*p) != from) {
             if let Some(p) = self.peers.get(&peer)
                 && may_share(&self.fleet, &peer, DocKind::Session, &targets)
             {
                 out.push(Output::Send { peer, conn: p.conn, frame: Frame::Chunk { doc, data: data.clone() } });
             }
+        }
+        // Persisting comes first when carried out (the driver persists before it sends).
+        out.push(Output::PersistChunk { hash, data });
+        if from.is_some() {
+            out.push(Output::DocChanged { doc });
         }
     }
 
@@ -822,7 +824,8 @@ mod tests {
                     Output::SendChunks { peer, conn, doc, hashes } if self.links.contains(&(at, peer)) => {
                         for h in hashes {
                             let data = self.chunks[&at][&h].clone();
-                            self.queue.push_back((peer, Input::Frame { peer: at, conn, frame: Frame::Chunk { doc, data } }));
+                            self.queue
+                                .push_back((peer, Input::Frame { peer: at, conn, frame: Frame::Chunk { doc, data } }));
                         }
                     }
                     Output::Disconnect { peer, .. } => {
@@ -848,9 +851,11 @@ mod tests {
         }
         /// An agent's runner: stores the bytes, then appends their references.
         fn output(&mut self, at: NodeId, doc: DocId, agent: &Signer, chunks: Vec<OutputChunk>) {
-            let out = self.hubs.get_mut(&at).unwrap().hold_chunks(doc, chunks.iter().map(|c| c.data.clone()).collect());
+            let held = chunks.iter().map(|c| (chunk_hash(&c.data), c.data.clone())).collect();
+            let out = self.hubs.get_mut(&at).unwrap().hold_chunks(doc, held);
             self.apply(at, out);
-            self.change(at, doc, |d| SessionWriter::append_output(d, agent, &chunks).unwrap());
+            let refs: Vec<OutputRef> = chunks.iter().map(OutputChunk::reference).collect();
+            self.change(at, doc, |d| SessionWriter::append_output(d, agent, &refs).unwrap());
         }
         fn view(&self, at: NodeId, doc: DocId, fleet: &Fleet) -> SessionView {
             let none = BTreeMap::new();
@@ -997,7 +1002,8 @@ mod tests {
 
         net.connect(a, r);
         net.run_until_quiescent();
-        let chunk = OutputChunk { request: Id128([102; 16]), seq: 0, stream: Stream::Stdout, data: b"up 3 days".to_vec() };
+        let chunk =
+            OutputChunk { request: Id128([102; 16]), seq: 0, stream: Stream::Stdout, data: b"up 3 days".to_vec() };
         net.output(a, sid, &o.agents[0], vec![chunk]);
         net.run_until_quiescent();
         net.disconnect(a, r);

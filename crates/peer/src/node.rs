@@ -19,7 +19,7 @@ use automerge::Automerge;
 use caisey_doc::fleet::{Contact, Fleet, Role};
 use caisey_doc::id::{DocId, NodeId};
 use caisey_doc::record::Signer;
-use caisey_doc::session::ChunkSource;
+use caisey_doc::session::{ChunkHash, ChunkSource};
 use iroh::endpoint::{Connection, RecvStream, SendStream, presets};
 use iroh::{Endpoint, EndpointAddr, PublicKey, SecretKey, TransportAddr};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -52,7 +52,10 @@ pub type ProtocolHandler =
 type Job = Box<dyn FnOnce(&mut Core) + Send>;
 
 enum Cmd {
-    Connected { peer: NodeId, outbox: Outbox },
+    Connected {
+        peer: NodeId,
+        outbox: Outbox,
+    },
     Input(Input),
     Run(Job),
     /// Close the store and end the core; says so once the store is closed.
@@ -98,18 +101,21 @@ impl Core {
     /// records an approval as consumed atomically with the start it writes).
     pub fn apply_with(&mut self, extra: Vec<Write>, outputs: Vec<Output>) -> Result<()> {
         let mut writes = extra;
-        for o in &outputs {
-            match o {
-                Output::PersistDoc { doc, kind, bytes, compact } => {
-                    writes.push(Write::Doc { doc: *doc, kind: *kind, bytes: bytes.clone(), compact: *compact })
+        // What to persist is taken out (not copied: output chunks are large); the rest follows.
+        let outputs: Vec<Output> = outputs
+            .into_iter()
+            .filter_map(|o| {
+                match o {
+                    Output::PersistDoc { doc, kind, bytes, compact } => {
+                        writes.push(Write::Doc { doc, kind, bytes, compact })
+                    }
+                    Output::PersistSyncState { doc, peer, state } => writes.push(Write::SyncState { doc, peer, state }),
+                    Output::PersistChunk { hash, data } => writes.push(Write::Chunk { hash, data }),
+                    other => return Some(other),
                 }
-                Output::PersistSyncState { doc, peer, state } => {
-                    writes.push(Write::SyncState { doc: *doc, peer: *peer, state: state.clone() })
-                }
-                Output::PersistChunk { hash, data } => writes.push(Write::Chunk { hash: *hash, data: data.clone() }),
-                _ => {}
-            }
-        }
+                None
+            })
+            .collect();
         // Nothing is sent if it could not be made durable.
         self.store.apply(&writes).context("persisting documents")?;
         for o in outputs {
@@ -325,16 +331,17 @@ impl Node {
         .await?
     }
 
-    /// Appends output to session `doc`: the bytes go to the store and `f` writes their
-    /// references, in one durable transaction.
+    /// Appends output to session `doc`: the bytes (with their hashes) go to the store and `f`
+    /// writes their references, in one durable transaction.
     pub async fn append_output<R: Send + 'static>(
         &self,
         doc: DocId,
-        chunks: Vec<Vec<u8>>,
+        chunks: Vec<(ChunkHash, Vec<u8>)>,
         f: impl FnOnce(&mut Automerge) -> R + Send + 'static,
     ) -> Result<R> {
         self.with_core(move |core| {
             let mut out = core.hub.hold_chunks(doc, chunks);
+            // (chunks: each with the hash its reference signs, computed once by the caller)
             let (r, more) =
                 core.hub.change(doc, crate::now_ms(), f).ok_or_else(|| anyhow!("no document {}", doc.short()))?;
             out.extend(more);

@@ -167,7 +167,8 @@ impl Store {
             buf.extend_from_slice(data);
         }
         if !buf.is_empty() {
-            let log_err = |e: std::io::Error| StoreError::Log { path: self.log_path.display().to_string(), what: e.to_string() };
+            let log_err =
+                |e: std::io::Error| StoreError::Log { path: self.log_path.display().to_string(), what: e.to_string() };
             write_at(&self.log, &buf, start).map_err(log_err)?;
             self.log.sync_data().map_err(log_err)?;
         }

@@ -420,7 +420,9 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
             let id = tech::find_session(node, &session).await?;
             let (bytes, pending) = crate::transcript::export(node, id, format).await?;
             if pending > 0 {
-                eprintln!("warning: {pending} bytes of output have not reached this machine yet; the export has the rest");
+                eprintln!(
+                    "warning: {pending} bytes of output have not reached this machine yet; the export has the rest"
+                );
             }
             match out {
                 Some(path) => {
