@@ -126,11 +126,7 @@ impl Agent {
     }
 
     async fn heartbeat(&self) {
-        let id = machine_doc_id(&self.node.id());
-        let signer = self.node.signer().clone();
-        let addrs = self.node.addrs();
-        let result = self.node.change(id, move |d| MachineDoc::put(d, &signer, None, addrs, now_ms())).await;
-        if let Err(e) = result.and_then(|r| r.map_err(Into::into)) {
+        if let Err(e) = self.node.announce_presence().await {
             warn!("heartbeat failed: {e:#}");
         }
     }

@@ -1,10 +1,13 @@
-//! One small document per agent: its machine card and its heartbeat (presence).
+//! One small document per agent: its machine card and its presence as of the card.
 //!
-//! They change often (a heartbeat every few seconds, per agent) and only technicians, relays and
-//! the machine's approvers need them. Kept in the fleet document, every agent would receive and
-//! re-verify every other agent's heartbeat: work growing with the square of the fleet. Here each
-//! agent's document syncs only to those who need it. Its id is derived from the agent's node id,
-//! so anyone can find it, and only records the agent signed are believed.
+//! Only technicians, relays and the machine's approvers need them. Kept in the fleet document,
+//! every agent would receive and re-verify every other agent's card: work growing with the
+//! square of the fleet. Here each agent's document syncs only to those who need it. Its id is
+//! derived from the agent's node id, so anyone can find it, and only records the agent signed
+//! are believed. It changes when the agent starts or its card changes. The heartbeat every few
+//! seconds is *not* written here (a document keeps every value ever written, so it would grow
+//! without end): it travels as its own signed frame, and only the newest is kept
+//! (`caisey_peer::hub`).
 
 use automerge::transaction::Transactable;
 use automerge::{Automerge, ROOT, ReadDoc};
@@ -62,8 +65,7 @@ impl MachineDoc {
     }
 
     /// The presence and (when `with_card`) the card `owner` signed; anything else in the document
-    /// is ignored. Presence changes every heartbeat; the card rarely, and only technicians look at
-    /// it, so a relay skips verifying and parsing it on every heartbeat.
+    /// is ignored. Only technicians look at the card, so a relay skips verifying and parsing it.
     pub fn read(doc: &impl ReadDoc, owner: &NodeId, with_card: bool) -> (Option<Presence>, Option<MachineCard>) {
         let presence = am::bytes_at(doc, &ROOT, "presence")
             .and_then(|b| {

@@ -18,14 +18,18 @@
 //!   (`Want`); answer every `Want` with the chunks we hold and `Lacking` for the rest, and send
 //!   those on when they arrive. Bytes are persisted before they are forwarded, and only bytes
 //!   whose hash a session references are accepted.
+//! - Heartbeats: an agent's signed presence travels as its own frame, not as a document change
+//!   (a change every few seconds would grow every machine document's history without end). The
+//!   newest per agent is kept, persisted, and passed on to whoever may see that machine.
 //! - A hostile peer (non-member, malformed message, foreign org) is disconnected with a reason.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::sync::{Message, State as SyncState, SyncDoc};
 use automerge::{Automerge, ChangeHash};
-use caisey_doc::fleet::Fleet;
+use caisey_doc::fleet::{Fleet, Presence, Role};
 use caisey_doc::id::{DocId, NodeId};
+use caisey_doc::record::{RecordKind, verify_kind};
 use caisey_doc::session::{ChunkHash, SessionView, chunk_hash};
 
 use crate::access::{may_introduce, may_share};
@@ -70,6 +74,11 @@ pub enum Output {
         doc: DocId,
         peer: NodeId,
         state: Vec<u8>,
+    },
+    /// Make an agent's newest heartbeat durable (replacing the one before).
+    PersistPresence {
+        node: NodeId,
+        record: Vec<u8>,
     },
     /// Make an output chunk durable, under its hash.
     PersistChunk {
@@ -200,6 +209,8 @@ pub struct Hub {
     machine_owners: BTreeMap<DocId, NodeId>,
     docs: BTreeMap<DocId, Entry>,
     peers: BTreeMap<NodeId, Peer>,
+    /// Each agent's newest heartbeat, as signed (to pass on) and as read.
+    heartbeats: BTreeMap<NodeId, (Presence, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -221,7 +232,21 @@ impl Hub {
             machine_owners: BTreeMap::new(),
             docs: BTreeMap::new(),
             peers: BTreeMap::new(),
+            heartbeats: BTreeMap::new(),
         }
+    }
+
+    /// Takes a heartbeat read from the store at startup (after the fleet is loaded).
+    pub fn load_presence(&mut self, record: Vec<u8>) {
+        self.take_presence(None, record, &mut Vec::new());
+    }
+
+    /// This node's own heartbeat (an agent's signed `Presence`): kept, persisted and sent to
+    /// every connected peer that may see this machine.
+    pub fn announce(&mut self, record: Vec<u8>) -> Vec<Output> {
+        let mut out = Vec::new();
+        self.take_presence(None, record, &mut out);
+        out
     }
 
     pub fn me(&self) -> NodeId {
@@ -427,6 +452,11 @@ impl Hub {
             .map(|(id, e)| (*id, e.kind))
             .collect();
         out.push(Output::Send { peer, conn, frame: Frame::Index { docs: offered } });
+        for (node, (_, record)) in &self.heartbeats {
+            if may_share(&self.fleet, &peer, DocKind::Machine, &[*node]) {
+                out.push(Output::Send { peer, conn, frame: Frame::Presence { record: record.clone() } });
+            }
+        }
         let ids: Vec<DocId> = self.docs.keys().copied().collect();
         for id in ids {
             self.offer(peer, id, out);
@@ -455,6 +485,7 @@ impl Hub {
         let (id, kind, message) = match frame {
             Frame::Sync { doc, kind, message } => (doc, kind, message),
             Frame::Want { doc, hashes } => return self.on_want(peer, conn, doc, hashes, out),
+            Frame::Presence { record } => return self.take_presence(Some(peer), record, out),
             Frame::Chunk { doc, data } => {
                 let hash = chunk_hash(&data);
                 if let Some(p) = self.peers.get_mut(&peer) {
@@ -607,6 +638,33 @@ impl Hub {
         }
     }
 
+    /// A heartbeat arrived (from `from`, or made here): if it is an agent's own, signed and newer
+    /// than what we have, keep it and pass it on. Older or invalid ones are dropped quietly (a
+    /// heartbeat relayed by two peers arrives twice).
+    fn take_presence(&mut self, from: Option<NodeId>, record: Vec<u8>, out: &mut Vec<Output>) {
+        let Ok(v) = verify_kind(&record, RecordKind::Presence) else { return };
+        let Ok(p) = v.json::<Presence>() else { return };
+        if p.node != v.author || self.fleet.role_of(&p.node) != Some(Role::Agent) {
+            return;
+        }
+        if self.fleet.presence.get(&p.node).is_some_and(|known| known.at >= p.at) {
+            return;
+        }
+        let node = p.node;
+        self.fleet.presence.insert(node, p.clone());
+        self.heartbeats.insert(node, (p, record.clone()));
+        for (peer, state) in &self.peers {
+            if Some(*peer) != from && *peer != node && may_share(&self.fleet, peer, DocKind::Machine, &[node]) {
+                out.push(Output::Send {
+                    peer: *peer,
+                    conn: state.conn,
+                    frame: Frame::Presence { record: record.clone() },
+                });
+            }
+        }
+        out.push(Output::PersistPresence { node, record });
+    }
+
     /// Asks `peer` for output chunks of `doc` (if it may hold the session).
     fn ask(&mut self, peer: NodeId, doc: DocId, hashes: Vec<ChunkHash>, out: &mut Vec<Output>) {
         let (Some(e), Some(p)) = (self.docs.get(&doc), self.peers.get_mut(&peer)) else { return };
@@ -711,6 +769,11 @@ impl Hub {
         for id in machines {
             self.merge_machine(id);
         }
+        for (node, (p, _)) in &self.heartbeats {
+            if self.fleet.presence.get(node).is_none_or(|known| known.at < p.at) {
+                self.fleet.presence.insert(*node, p.clone());
+            }
+        }
         let (fleet, owners) = (&self.fleet, &self.machine_owners);
         for (id, e) in self.docs.iter_mut() {
             e.targets = targets_of(id, e, fleet, owners.get(id));
@@ -723,7 +786,9 @@ impl Hub {
         // Relays forward cards but never show them: they keep presence only.
         let with_card = self.fleet.role_of(&self.me) != Some(caisey_doc::fleet::Role::Relay);
         let (presence, card) = caisey_doc::machine::MachineDoc::read(&entry.doc, owner, with_card);
-        if let Some(p) = presence {
+        // The newest wins: heartbeats arrive as frames, the document holds the one written with
+        // the card.
+        if let Some(p) = presence.filter(|p| self.fleet.presence.get(owner).is_none_or(|known| known.at < p.at)) {
             self.fleet.presence.insert(*owner, p);
         }
         if let Some(c) = card {
@@ -765,7 +830,7 @@ mod tests {
     //! A deterministic network of hubs: messages are queued and delivered in one thread, so
     //! partitions and reconnects are exact and repeatable.
     use super::*;
-    use caisey_doc::fleet::{Membership, Role};
+    use caisey_doc::fleet::Membership;
     use caisey_doc::id::Id128;
     use caisey_doc::record::{RecordKind, Signer};
     use caisey_doc::session::*;
@@ -1154,5 +1219,49 @@ mod tests {
             assert_eq!(view.commands.iter().map(|c| c.output.len()).sum::<usize>(), 20);
         }
         assert!(net.persisted[&r] > 0);
+    }
+
+    #[test]
+    fn heartbeats_reach_technicians_through_the_relay_without_changing_any_document() {
+        let o = org(2);
+        let (t, r, a0, a1) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id(), o.agents[1].node_id());
+        let mut net = Net::new(vec![
+            hub_with_fleet(&o, &o.tech),
+            hub_with_fleet(&o, &o.relay),
+            hub_with_fleet(&o, &o.agents[0]),
+            hub_with_fleet(&o, &o.agents[1]),
+        ]);
+        net.connect(a0, r);
+        net.connect(a1, r);
+        net.connect(t, r);
+        net.run_until_quiescent();
+        let heads = |net: &Net| -> Vec<_> {
+            [t, r, a0, a1].iter().flat_map(|n| net.hubs[n].docs().map(|(id, _)| net.heads(*n, id))).collect()
+        };
+        let before = heads(&net);
+        let beat = |s: &Signer, node: NodeId, at| {
+            s.sign(RecordKind::Presence, &Presence { node, addrs: vec!["127.0.0.1:7".into()], at })
+        };
+        let out = net.hubs.get_mut(&a0).unwrap().announce(beat(&o.agents[0], a0, 50));
+        net.apply(a0, out);
+        net.run_until_quiescent();
+        assert_eq!(net.hubs[&t].fleet().presence.get(&a0).map(|p| p.at), Some(50));
+        assert!(net.hubs[&a1].fleet().presence.get(&a0).is_none(), "another agent saw the heartbeat");
+        // A heartbeat for a0 signed by another agent, or an older one, changes nothing.
+        let forged = Frame::Presence { record: beat(&o.agents[1], a0, 99) };
+        net.queue.push_back((r, Input::Frame { peer: a1, conn: net.conns[&(r, a1)], frame: forged }));
+        let out = net.hubs.get_mut(&a0).unwrap().announce(beat(&o.agents[0], a0, 40));
+        net.apply(a0, out);
+        net.run_until_quiescent();
+        assert_eq!(net.hubs[&t].fleet().presence.get(&a0).map(|p| p.at), Some(50));
+        assert_eq!(heads(&net), before, "a heartbeat changed a document");
+        // A technician starting afresh gets the newest heartbeat when it connects.
+        net.disconnect(t, r);
+        net.run_until_quiescent();
+        let mut fresh = hub_with_fleet(&o, &o.tech);
+        std::mem::swap(net.hubs.get_mut(&t).unwrap(), &mut fresh);
+        net.connect(t, r);
+        net.run_until_quiescent();
+        assert_eq!(net.hubs[&t].fleet().presence.get(&a0).map(|p| p.at), Some(50));
     }
 }

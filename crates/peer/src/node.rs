@@ -111,6 +111,7 @@ impl Core {
                     }
                     Output::PersistSyncState { doc, peer, state } => writes.push(Write::SyncState { doc, peer, state }),
                     Output::PersistChunk { hash, data } => writes.push(Write::Chunk { hash, data }),
+                    Output::PersistPresence { node, record } => writes.push(Write::Presence { node, record }),
                     other => return Some(other),
                 }
                 None
@@ -155,7 +156,10 @@ impl Core {
                 Output::PeerDown { peer } => {
                     let _ = self.events.send(NodeEvent::PeerDown(peer));
                 }
-                Output::PersistDoc { .. } | Output::PersistSyncState { .. } | Output::PersistChunk { .. } => {}
+                Output::PersistDoc { .. }
+                | Output::PersistSyncState { .. }
+                | Output::PersistChunk { .. }
+                | Output::PersistPresence { .. } => {}
             }
         }
         Ok(())
@@ -223,6 +227,9 @@ impl Node {
             if let Err(e) = hub.load(id, kind, &bytes, &|h| store.has_chunk(h)) {
                 warn!(doc = %id.short(), "stored document could not be loaded, skipping it: {e}");
             }
+        }
+        for record in store.presences()? {
+            hub.load_presence(record);
         }
         let endpoint = bind(&signer, opts.listen, &store).await?;
         let (cmd, inbox) = mpsc::channel(256);
@@ -326,6 +333,18 @@ impl Node {
             for (id, kind, content) in docs {
                 out.extend(core.hub.create(id, kind, content, now));
             }
+            core.apply(out)
+        })
+        .await?
+    }
+
+    /// Sends this agent's heartbeat (its signed presence: addresses, time) to every peer that
+    /// may see this machine, and keeps it. Not a document change: heartbeats leave no history.
+    pub async fn announce_presence(&self) -> Result<()> {
+        let presence = caisey_doc::fleet::Presence { node: self.id(), addrs: self.addrs(), at: crate::now_ms() };
+        let record = self.signer().sign(caisey_doc::record::RecordKind::Presence, &presence);
+        self.with_core(move |core| {
+            let out = core.hub.announce(record);
             core.apply(out)
         })
         .await?

@@ -26,6 +26,9 @@ const DOC_CHUNKS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("d
 const DOC_KINDS: TableDefinition<&[u8], u8> = TableDefinition::new("doc_kinds");
 /// Where each output chunk is in the log, by SHA-256: `(offset, length)`.
 const OUTPUT_INDEX: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("output_index");
+/// Each agent's newest heartbeat (a signed `Presence` record), by agent key: overwritten in
+/// place, so last-seen times survive a restart without any history.
+const PRESENCE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("presence");
 /// Settings key: how many bytes of the output log are committed.
 const LOG_LEN: &str = "output_log_len";
 /// `(peer, doc) -> state`: peer first, so a connecting peer's states are one range read.
@@ -63,6 +66,7 @@ pub enum Write {
     Doc { doc: DocId, kind: DocKind, bytes: Vec<u8>, compact: bool },
     SyncState { doc: DocId, peer: NodeId, state: Vec<u8> },
     Chunk { hash: ChunkHash, data: Vec<u8> },
+    Presence { node: NodeId, record: Vec<u8> },
     Setting { key: String, value: Vec<u8> },
 }
 
@@ -108,6 +112,7 @@ impl Store {
         tx.open_table(DOC_CHUNKS)?;
         tx.open_table(DOC_KINDS)?;
         tx.open_table(OUTPUT_INDEX)?;
+        tx.open_table(PRESENCE)?;
         tx.open_table(SYNC_STATES)?;
         tx.open_table(SETTINGS)?;
         tx.open_table(PUBLISHED)?;
@@ -173,6 +178,17 @@ impl Store {
             self.log.sync_data().map_err(log_err)?;
         }
         Ok((placed, start + buf.len() as u64))
+    }
+
+    /// Every stored heartbeat record.
+    pub fn presences(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PRESENCE)?;
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            out.push(entry?.1.value().to_vec());
+        }
+        Ok(out)
     }
 
     /// Sync states saved for `peer`.
@@ -241,6 +257,7 @@ impl Store {
             let mut states = tx.open_table(SYNC_STATES)?;
             let mut settings = tx.open_table(SETTINGS)?;
             let mut index = tx.open_table(OUTPUT_INDEX)?;
+            let mut presence = tx.open_table(PRESENCE)?;
             let output: Vec<(&ChunkHash, &Vec<u8>)> = writes
                 .iter()
                 .filter_map(|w| match w {
@@ -284,6 +301,9 @@ impl Store {
                         settings.insert(key.as_str(), value.as_slice())?;
                     }
                     Write::Chunk { .. } => {} // appended above
+                    Write::Presence { node, record } => {
+                        presence.insert(node.0.as_slice(), record.as_slice())?;
+                    }
                 }
             }
         }

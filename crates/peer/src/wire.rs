@@ -65,6 +65,11 @@ pub enum Frame {
         doc: Id128,
         hashes: Vec<ChunkHash>,
     },
+    /// An agent's signed heartbeat (a `Presence` record). Not part of any document: only the
+    /// newest per agent is kept, so a heartbeat every few seconds never grows history.
+    Presence {
+        record: Vec<u8>,
+    },
 }
 
 fn kind_byte(kind: DocKind) -> u8 {
@@ -132,6 +137,10 @@ impl Frame {
                 body.extend_from_slice(&doc.0);
                 body.extend_from_slice(data);
             }
+            Frame::Presence { record } => {
+                body.push(7);
+                body.extend_from_slice(record);
+            }
         }
         let mut out = Vec::with_capacity(4 + body.len());
         out.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -196,6 +205,7 @@ impl Frame {
                 Ok(if *tag == 4 { Frame::Want { doc, hashes } } else { Frame::Lacking { doc, hashes } })
             }
             Some(5) => Ok(Frame::Chunk { doc: doc_at(body)?, data: body[17..].to_vec() }),
+            Some(7) => Ok(Frame::Presence { record: body[1..].to_vec() }),
             _ => Err(FrameError::Malformed("unknown frame tag")),
         }
     }
@@ -224,6 +234,7 @@ mod tests {
             Frame::Lacking { doc: Id128([4; 16]), hashes: vec![[3; 32]] },
             Frame::Chunk { doc: Id128([5; 16]), data: b"df output".to_vec() },
             Frame::Chunk { doc: Id128([5; 16]), data: vec![] },
+            Frame::Presence { record: b"CR..".to_vec() },
         ] {
             let bytes = f.encode();
             let len = Frame::check_len([bytes[0], bytes[1], bytes[2], bytes[3]]).unwrap();
