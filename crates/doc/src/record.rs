@@ -204,15 +204,63 @@ pub fn verify(bytes: &[u8]) -> Result<Verified<'_>, RecordError> {
 
 /// Records whose signature has already been checked, by their exact bytes. Documents are read
 /// again on every change, and most of their records never change; a signature check costs
-/// ~50 µs, a lookup well under one. The key is the whole record (compared byte for byte), so a
-/// record differing anywhere is checked afresh. Bounded: cleared when it outgrows `LIMIT`.
+/// ~40 µs, a lookup well under one. The key is the whole record (compared byte for byte), so a
+/// record differing anywhere is checked afresh. Bounded by two generations of `LIMIT` bytes each:
+/// when the newer fills up, the older is dropped, and a record found in the older moves to the
+/// newer, so what is read often stays (no clearing everything mid-read).
 mod checked {
     use std::collections::{HashMap, HashSet};
     use std::sync::Mutex;
 
     use ed25519_dalek::VerifyingKey;
 
-    const LIMIT: usize = 8 * 1024 * 1024;
+    const LIMIT: usize = 4 * 1024 * 1024;
+    /// Larger records (rare: machine cards) are not worth keeping.
+    const LARGEST: usize = 4096;
+
+    #[derive(Default)]
+    struct Generations {
+        newer: HashSet<Box<[u8]>>,
+        newer_bytes: usize,
+        older: HashSet<Box<[u8]>>,
+    }
+
+    impl Generations {
+        fn insert(&mut self, bytes: &[u8]) {
+            if self.newer_bytes + bytes.len() > LIMIT {
+                self.older = std::mem::take(&mut self.newer);
+                self.newer_bytes = 0;
+            }
+            if self.newer.insert(bytes.into()) {
+                self.newer_bytes += bytes.len();
+            }
+        }
+    }
+
+    static CHECKED: Mutex<Option<Generations>> = Mutex::new(None);
+
+    pub(super) fn contains(bytes: &[u8]) -> bool {
+        let Ok(mut guard) = CHECKED.lock() else { return false };
+        let Some(g) = guard.as_mut() else { return false };
+        if g.newer.contains(bytes) {
+            return true;
+        }
+        let found = g.older.contains(bytes);
+        if found {
+            g.insert(bytes);
+        }
+        found
+    }
+
+    pub(super) fn insert(bytes: &[u8]) {
+        if bytes.len() > LARGEST {
+            return;
+        }
+        if let Ok(mut guard) = CHECKED.lock() {
+            guard.get_or_insert_with(Default::default).insert(bytes);
+        }
+    }
+
     /// Authors whose key is kept decompressed (an org has a handful to thousands).
     const KEYS: usize = 4096;
 
@@ -232,29 +280,6 @@ mod checked {
             keys.insert(*author, k);
         }
         Some(k)
-    }
-    /// Larger records (rare: machine cards) are not worth keeping.
-    const LARGEST: usize = 4096;
-
-    static CHECKED: Mutex<Option<(HashSet<Box<[u8]>>, usize)>> = Mutex::new(None);
-
-    pub(super) fn contains(bytes: &[u8]) -> bool {
-        CHECKED.lock().is_ok_and(|c| c.as_ref().is_some_and(|(set, _)| set.contains(bytes)))
-    }
-
-    pub(super) fn insert(bytes: &[u8]) {
-        if bytes.len() > LARGEST {
-            return;
-        }
-        let Ok(mut guard) = CHECKED.lock() else { return };
-        let (set, total) = guard.get_or_insert_with(Default::default);
-        if *total + bytes.len() > LIMIT {
-            set.clear();
-            *total = 0;
-        }
-        if set.insert(bytes.into()) {
-            *total += bytes.len();
-        }
     }
 }
 
