@@ -205,18 +205,23 @@ pub fn verify(bytes: &[u8]) -> Result<Verified<'_>, RecordError> {
 /// Records whose signature has already been checked, by their exact bytes. Documents are read
 /// again on every change, and most of their records never change; a signature check costs
 /// ~40 µs, a lookup well under one. The key is the whole record (compared byte for byte), so a
-/// record differing anywhere is checked afresh. Bounded by two generations of `LIMIT` bytes each:
-/// when the newer fills up, the older is dropped, and a record found in the older moves to the
-/// newer, so what is read often stays (no clearing everything mid-read).
+/// record differing anywhere is checked afresh.
+///
+/// Per thread: a node's documents are all read on its core thread, so this is in effect one
+/// cache per node (nodes in one process, as in tests and benchmarks, never vouch for each
+/// other). Bounded by two generations of `LIMIT` bytes: when the newer fills up, the older is
+/// dropped, and a record found in the older moves to the newer, so what is read often stays.
 mod checked {
+    use std::cell::RefCell;
     use std::collections::{HashMap, HashSet};
-    use std::sync::Mutex;
 
     use ed25519_dalek::VerifyingKey;
 
-    const LIMIT: usize = 4 * 1024 * 1024;
+    const LIMIT: usize = 16 * 1024 * 1024;
     /// Larger records (rare: machine cards) are not worth keeping.
     const LARGEST: usize = 4096;
+    /// Authors whose key is kept decompressed (an org has a handful to thousands).
+    const KEYS: usize = 4096;
 
     #[derive(Default)]
     struct Generations {
@@ -237,49 +242,43 @@ mod checked {
         }
     }
 
-    static CHECKED: Mutex<Option<Generations>> = Mutex::new(None);
+    thread_local! {
+        static CHECKED: RefCell<Generations> = RefCell::new(Generations::default());
+        static AUTHORS: RefCell<HashMap<[u8; 32], VerifyingKey>> = RefCell::new(HashMap::new());
+    }
 
     pub(super) fn contains(bytes: &[u8]) -> bool {
-        let Ok(mut guard) = CHECKED.lock() else { return false };
-        let Some(g) = guard.as_mut() else { return false };
-        if g.newer.contains(bytes) {
-            return true;
-        }
-        let found = g.older.contains(bytes);
-        if found {
-            g.insert(bytes);
-        }
-        found
+        CHECKED.with_borrow_mut(|g| {
+            if g.newer.contains(bytes) {
+                return true;
+            }
+            let found = g.older.contains(bytes);
+            if found {
+                g.insert(bytes);
+            }
+            found
+        })
     }
 
     pub(super) fn insert(bytes: &[u8]) {
-        if bytes.len() > LARGEST {
-            return;
-        }
-        if let Ok(mut guard) = CHECKED.lock() {
-            guard.get_or_insert_with(Default::default).insert(bytes);
+        if bytes.len() <= LARGEST {
+            CHECKED.with_borrow_mut(|g| g.insert(bytes));
         }
     }
 
-    /// Authors whose key is kept decompressed (an org has a handful to thousands).
-    const KEYS: usize = 4096;
-
-    static AUTHORS: Mutex<Option<HashMap<[u8; 32], VerifyingKey>>> = Mutex::new(None);
-
     /// The author's key, decompressed once (decompressing costs about a quarter of a check).
     pub(super) fn key(author: &[u8; 32]) -> Option<VerifyingKey> {
-        if let Some(k) = AUTHORS.lock().ok().and_then(|m| m.as_ref().and_then(|m| m.get(author).copied())) {
-            return Some(k);
-        }
-        let k = VerifyingKey::from_bytes(author).ok()?;
-        if let Ok(mut guard) = AUTHORS.lock() {
-            let keys = guard.get_or_insert_with(HashMap::new);
+        AUTHORS.with_borrow_mut(|keys| {
+            if let Some(k) = keys.get(author) {
+                return Some(*k);
+            }
+            let k = VerifyingKey::from_bytes(author).ok()?;
             if keys.len() >= KEYS {
                 keys.clear();
             }
             keys.insert(*author, k);
-        }
-        Some(k)
+            Some(k)
+        })
     }
 }
 

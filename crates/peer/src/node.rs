@@ -219,29 +219,26 @@ impl Node {
     pub async fn start(opts: NodeOptions) -> Result<Node> {
         let signer = opts.home.node_key()?;
         let store = Store::open(&opts.home.store_path())?;
-        let mut hub = Hub::new(signer.node_id());
-        let mut docs = store.load_docs()?;
-        // The fleet first, so sessions can be checked against it as they load.
-        docs.sort_by_key(|(_, kind, _)| *kind != DocKind::Fleet);
-        for (id, kind, bytes) in docs {
-            if let Err(e) = hub.load(id, kind, &bytes, &|h| store.has_chunk(h)) {
-                warn!(doc = %id.short(), "stored document could not be loaded, skipping it: {e}");
-            }
-        }
-        for record in store.presences()? {
-            hub.load_presence(record);
-        }
         let endpoint = bind(&signer, opts.listen, &store).await?;
         let (cmd, inbox) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
-        let core = Core { hub, store, outboxes: Default::default(), events: events.clone() };
         // Its own thread: every commit waits for fsync, which must not stall the tasks that move
         // packets (on a 2-core machine, two cores syncing at once would stop all networking).
+        // Documents are loaded there too, so the signatures checked while loading are the ones
+        // that thread remembers (see `caisey_doc::record`).
+        let (loaded_tx, loaded) = oneshot::channel();
         let runtime = tokio::runtime::Handle::current();
+        let (me, core_events) = (signer.node_id(), events.clone());
         std::thread::Builder::new().name("caisey-core".into()).spawn(move || {
             let _in_runtime = runtime.enter();
-            run_core(core, inbox)
+            let hub = match load_hub(me, &store) {
+                Ok(hub) => hub,
+                Err(e) => return drop(loaded_tx.send(Err(e))),
+            };
+            let _ = loaded_tx.send(Ok(()));
+            run_core(Core { hub, store, outboxes: Default::default(), events: core_events }, inbox)
         })?;
+        loaded.await.map_err(|_| anyhow!("the node's core stopped while loading"))??;
         let node = Node {
             shared: Arc::new(Shared {
                 signer,
@@ -638,6 +635,23 @@ const BATCH: usize = 64;
 /// The core task. Whatever is already queued is handled before one durable write: a burst of
 /// frames (output chunks streaming in) costs one redb commit, not one each. Outputs keep their
 /// order, and nothing is sent before the whole batch is on disk.
+/// A hub holding every stored document and heartbeat.
+fn load_hub(me: NodeId, store: &Store) -> Result<Hub> {
+    let mut hub = Hub::new(me);
+    let mut docs = store.load_docs()?;
+    // The fleet first, so sessions can be checked against it as they load.
+    docs.sort_by_key(|(_, kind, _)| *kind != DocKind::Fleet);
+    for (id, kind, bytes) in docs {
+        if let Err(e) = hub.load(id, kind, &bytes, &|h| store.has_chunk(h)) {
+            warn!(doc = %id.short(), "stored document could not be loaded, skipping it: {e}");
+        }
+    }
+    for record in store.presences()? {
+        hub.load_presence(record);
+    }
+    Ok(hub)
+}
+
 fn run_core(mut core: Core, mut inbox: mpsc::Receiver<Cmd>) {
     let mut pending = Vec::new();
     while let Some(first) = inbox.blocking_recv() {
