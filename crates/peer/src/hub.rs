@@ -1246,7 +1246,7 @@ mod tests {
         net.apply(a0, out);
         net.run_until_quiescent();
         assert_eq!(net.hubs[&t].fleet().presence.get(&a0).map(|p| p.at), Some(50));
-        assert!(net.hubs[&a1].fleet().presence.get(&a0).is_none(), "another agent saw the heartbeat");
+        assert!(!net.hubs[&a1].fleet().presence.contains_key(&a0), "another agent saw the heartbeat");
         // A heartbeat for a0 signed by another agent, or an older one, changes nothing.
         let forged = Frame::Presence { record: beat(&o.agents[1], a0, 99) };
         net.queue.push_back((r, Input::Frame { peer: a1, conn: net.conns[&(r, a1)], frame: forged }));

@@ -160,10 +160,10 @@ impl Store {
         &self,
         index: &redb::Table<&[u8], (u64, u64)>,
         chunks: &[(&ChunkHash, &Vec<u8>)],
-    ) -> Result<(Vec<(ChunkHash, u64, u64)>, u64), StoreError> {
+    ) -> Result<(Vec<Placed>, u64), StoreError> {
         let start = self.log_len.load(Ordering::Acquire);
         let mut buf = Vec::new();
-        let mut placed: Vec<(ChunkHash, u64, u64)> = Vec::new();
+        let mut placed: Vec<Placed> = Vec::new();
         for (hash, data) in chunks {
             if index.get(hash.as_slice())?.is_some() || placed.iter().any(|(h, _, _)| h == *hash) {
                 continue;
@@ -314,6 +314,9 @@ impl Store {
         Ok(())
     }
 }
+
+/// Where a chunk went in the log: hash, offset, length.
+type Placed = (ChunkHash, u64, u64);
 
 /// Output chunks as of one read transaction.
 pub struct StoredChunks<'a> {
