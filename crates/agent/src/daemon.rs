@@ -267,9 +267,13 @@ impl Agent {
     /// The local user's decision on the request with approval code `prefix`.
     async fn decide(&self, prefix: &str, approve: bool) -> Result<String> {
         let p = self.find_pending(prefix)?;
-        let fleet = self.node.fleet().await?;
         let me = self.node.id();
-        let machine = fleet.members.get(&me).map(|m| m.name.clone()).unwrap_or_default();
+        // Only our own name: not a copy of the whole fleet (a thousand members) per decision.
+        let machine = self
+            .node
+            .with_core(move |core| core.hub.fleet().members.get(&me).map(|m| m.name.clone()))
+            .await?
+            .unwrap_or_default();
         let now = now_ms();
         let decision = Decision {
             request: p.id,
@@ -334,7 +338,6 @@ impl Agent {
     /// records its nonce as consumed and the start in the session (with the local decision, if
     /// it is one), durably, and only then spawns the process.
     async fn consume_and_run(&self, session: DocId, id: Id128, local: Option<(Decision, Id128)>) -> Result<()> {
-        let fleet = self.node.fleet().await?;
         let me = self.node.id();
         let signer = self.node.signer().clone();
         // Marked running first, so the change below is never mistaken for an interrupted run;
@@ -347,7 +350,7 @@ impl Agent {
             .with_core(move |core| -> Result<CommandRequest> {
                 let now = now_ms();
                 let doc = core.hub.doc(&session).ok_or_else(|| anyhow!("session {} is gone", session.short()))?;
-                let view = SessionView::read_without_output(doc, &fleet)?;
+                let view = SessionView::read_without_output(doc, core.hub.fleet())?;
                 let (approved_by, nonce) = match &local {
                     Some((d, code)) => {
                         check_still_pending(&view, id, *code, me, now)?;
