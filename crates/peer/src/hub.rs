@@ -1264,4 +1264,40 @@ mod tests {
         net.run_until_quiescent();
         assert_eq!(net.hubs[&t].fleet().presence.get(&a0).map(|p| p.at), Some(50));
     }
+
+    #[test]
+    fn output_a_relay_lacks_is_passed_on_when_it_arrives_and_unreferenced_bytes_are_refused() {
+        let o = org(1);
+        let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
+        let mut net =
+            Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
+        net.connect(t, r);
+        net.connect(a, r);
+        let (sid, doc) = session_for(&o, a, 5);
+        net.create(t, sid, DocKind::Session, doc);
+        net.run_until_quiescent();
+        // The agent's references reach the relay, but the agent is gone before the bytes do.
+        let chunk =
+            OutputChunk { request: Id128([105; 16]), seq: 0, stream: Stream::Stdout, data: b"disk ok\n".to_vec() };
+        net.output(a, sid, &o.agents[0], vec![chunk.clone()]);
+        net.disconnect(a, r);
+        net.run_until_quiescent();
+        assert_eq!(net.heads(t, sid), net.heads(a, sid), "the references did not reach the technician");
+        assert_eq!(net.hubs[&t].missing_output(&sid), 1);
+        assert_eq!(net.hubs[&r].missing_output(&sid), 1);
+        // The relay answered "lacking": the technician is not left waiting on it.
+        assert!(net.hubs[&t].in_sync_with(&r));
+        // Bytes nobody references are not taken, whoever sends them.
+        let junk = Frame::Chunk { doc: sid, data: b"rm -rf /".to_vec() };
+        net.queue.push_back((t, Input::Frame { peer: r, conn: net.conns[&(t, r)], frame: junk }));
+        net.run_until_quiescent();
+        assert!(!net.chunks.get(&t).is_some_and(|c| c.contains_key(&chunk_hash(b"rm -rf /"))));
+        // The agent comes back: the relay fetches the chunk and passes it on to the technician.
+        net.connect(a, r);
+        net.run_until_quiescent();
+        assert_eq!(net.hubs[&t].missing_output(&sid), 0);
+        let fleet = Fleet::read(&o.fleet).unwrap();
+        assert_eq!(net.view(t, sid, &fleet).commands[0].output, vec![chunk]);
+        assert!(net.hubs[&t].in_sync_with(&r));
+    }
 }
