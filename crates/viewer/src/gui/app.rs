@@ -173,12 +173,16 @@ impl ViewerApp {
                 self.snapshot.machines = machines;
                 self.snapshot.sync = sync;
             }
-            Update::SessionView { id, view, names } => match &mut self.open {
+            Update::SessionView { id, view, names, missing_chunks } => match &mut self.open {
                 Some(o) if o.id == id => {
                     o.view = *view;
                     o.names = names;
+                    o.missing_chunks = missing_chunks;
                 }
-                _ => self.open = Some(OpenSession { id, view: *view, names, outputs: Default::default() }),
+                _ => {
+                    self.open =
+                        Some(OpenSession { id, view: *view, names, outputs: Default::default(), missing_chunks })
+                }
             },
             Update::Output { session, append } => {
                 if let Some(o) = self.open.as_mut().filter(|o| o.id == session) {

@@ -265,7 +265,8 @@ impl Backend {
             return Err(anyhow!("session {} is not on this machine", id.short()));
         };
         let (view, chunks) = read?;
-        self.out.send(Update::SessionView { id, view: Box::new(view), names });
+        let missing_chunks = self.node.with_core(move |core| core.hub.missing_output(&id)).await?;
+        self.out.send(Update::SessionView { id, view: Box::new(view), names, missing_chunks });
         for (request, (new, pos)) in chunks.into_iter().filter(|(_, (new, _))| !new.is_empty()) {
             let append = self.open_reading.entry(request).or_default().take(request, &new, pos);
             self.out.send(Update::Output { session: id, append });

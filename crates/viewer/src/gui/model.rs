@@ -154,6 +154,8 @@ pub struct OpenSession {
     pub view: SessionView,
     pub names: BTreeMap<NodeId, String>,
     pub outputs: BTreeMap<Id128, OutputBuf>,
+    /// Output chunks the session references that have not reached this machine yet.
+    pub missing_chunks: usize,
 }
 
 impl OpenSession {
@@ -198,6 +200,7 @@ pub enum Update {
         id: DocId,
         view: Box<SessionView>,
         names: BTreeMap<NodeId, String>,
+        missing_chunks: usize,
     },
     Output {
         session: DocId,

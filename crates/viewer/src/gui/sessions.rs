@@ -68,6 +68,17 @@ impl ViewerApp {
                 }
                 ui.separator();
             }
+            if open.missing_chunks > 0 {
+                ui.colored_label(
+                    ui.visuals().warn_fg_color,
+                    format!(
+                        "Output still on its way: {} chunk(s) not on this machine yet. They follow as soon as \
+                         the agent or relay that has them is reachable; output below stops where they are missing.",
+                        open.missing_chunks
+                    ),
+                );
+                ui.separator();
+            }
             if open.view.commands.is_empty() {
                 ui.label("No commands in this session yet.");
             }
