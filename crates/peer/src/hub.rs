@@ -970,6 +970,14 @@ mod tests {
         Org { org, tech, relay, agents, fleet_id, fleet }
     }
 
+    impl Org {
+        /// A network of every node of the org (technician, relay, agents), none connected yet.
+        fn net(&self) -> Net {
+            let nodes = [&self.tech, &self.relay].into_iter().chain(&self.agents);
+            Net::new(nodes.map(|s| hub_with_fleet(self, s)).collect())
+        }
+    }
+
     fn hub_with_fleet(o: &Org, s: &Signer) -> Hub {
         let mut h = Hub::new(s.node_id());
         h.load(o.fleet_id, DocKind::Fleet, &o.fleet.save(), &|_| false).unwrap();
@@ -1004,12 +1012,7 @@ mod tests {
     fn a_session_reaches_its_agent_through_the_relay_but_not_other_agents() {
         let o = org(2);
         let (t, r, a0, a1) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id(), o.agents[1].node_id());
-        let mut net = Net::new(vec![
-            hub_with_fleet(&o, &o.tech),
-            hub_with_fleet(&o, &o.relay),
-            hub_with_fleet(&o, &o.agents[0]),
-            hub_with_fleet(&o, &o.agents[1]),
-        ]);
+        let mut net = o.net();
         net.connect(a0, r);
         net.connect(a1, r);
         net.run_until_quiescent();
@@ -1056,8 +1059,7 @@ mod tests {
     fn store_and_forward_while_technician_and_agent_are_never_online_together() {
         let o = org(1);
         let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
-        let mut net =
-            Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
+        let mut net = o.net();
         net.connect(t, r);
         let (sid, doc) = session_for(&o, a, 2);
         net.create(t, sid, DocKind::Session, doc);
@@ -1087,8 +1089,7 @@ mod tests {
     fn an_agent_s_machine_document_reaches_technicians_through_the_relay() {
         let o = org(1);
         let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
-        let mut net =
-            Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
+        let mut net = o.net();
         net.connect(a, r);
         net.connect(t, r);
         net.run_until_quiescent();
@@ -1172,8 +1173,7 @@ mod tests {
     fn concurrent_output_from_partitioned_peers_converges_in_any_order() {
         let o = org(1);
         let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
-        let mut net =
-            Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
+        let mut net = o.net();
         net.connect(t, a);
         let (sid, doc) = session_for(&o, a, 4);
         net.create(t, sid, DocKind::Session, doc);
@@ -1225,12 +1225,7 @@ mod tests {
     fn heartbeats_reach_technicians_through_the_relay_without_changing_any_document() {
         let o = org(2);
         let (t, r, a0, a1) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id(), o.agents[1].node_id());
-        let mut net = Net::new(vec![
-            hub_with_fleet(&o, &o.tech),
-            hub_with_fleet(&o, &o.relay),
-            hub_with_fleet(&o, &o.agents[0]),
-            hub_with_fleet(&o, &o.agents[1]),
-        ]);
+        let mut net = o.net();
         net.connect(a0, r);
         net.connect(a1, r);
         net.connect(t, r);
@@ -1269,8 +1264,7 @@ mod tests {
     fn output_a_relay_lacks_is_passed_on_when_it_arrives_and_unreferenced_bytes_are_refused() {
         let o = org(1);
         let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
-        let mut net =
-            Net::new(vec![hub_with_fleet(&o, &o.tech), hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
+        let mut net = o.net();
         net.connect(t, r);
         net.connect(a, r);
         let (sid, doc) = session_for(&o, a, 5);
