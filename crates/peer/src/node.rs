@@ -639,10 +639,11 @@ const BATCH: usize = 64;
 fn load_hub(me: NodeId, store: &Store) -> Result<Hub> {
     let mut hub = Hub::new(me);
     let mut docs = store.load_docs()?;
+    let stored = store.chunks()?;
     // The fleet first, so sessions can be checked against it as they load.
     docs.sort_by_key(|(_, kind, _)| *kind != DocKind::Fleet);
     for (id, kind, bytes) in docs {
-        if let Err(e) = hub.load(id, kind, &bytes, &|h| store.has_chunk(h)) {
+        if let Err(e) = hub.load(id, kind, &bytes, &|h| stored.contains(h)) {
             warn!(doc = %id.short(), "stored document could not be loaded, skipping it: {e}");
         }
     }

@@ -143,12 +143,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether the output chunk `hash` is stored (a failed read counts as "no": it is fetched
-    /// again).
-    pub fn has_chunk(&self, hash: &ChunkHash) -> bool {
-        self.chunks().is_ok_and(|c| c.index.get(hash.as_slice()).is_ok_and(|v| v.is_some()))
-    }
-
     /// A consistent view of the stored output chunks, to read a session's output from.
     pub fn chunks(&self) -> Result<StoredChunks<'_>, StoreError> {
         Ok(StoredChunks { index: self.db.begin_read()?.open_table(OUTPUT_INDEX)?, log: &self.log })
@@ -324,6 +318,14 @@ pub struct StoredChunks<'a> {
     log: &'a File,
 }
 
+impl StoredChunks<'_> {
+    /// Whether the output chunk `hash` is stored (a failed read counts as "no": it is fetched
+    /// again).
+    pub fn contains(&self, hash: &ChunkHash) -> bool {
+        self.index.get(hash.as_slice()).is_ok_and(|v| v.is_some())
+    }
+}
+
 impl ChunkSource for StoredChunks<'_> {
     /// `None` also when the log can't be read: the bytes are then simply not shown.
     fn chunk(&self, hash: &ChunkHash) -> Option<Vec<u8>> {
@@ -396,9 +398,9 @@ mod tests {
         let s = Store::open(&dir.path().join("s.redb")).unwrap();
         let data = b"Filesystem Size Used\n".to_vec();
         let hash = caisey_doc::session::chunk_hash(&data);
-        assert!(!s.has_chunk(&hash));
+        assert!(!s.chunks().unwrap().contains(&hash));
         s.apply(&[Write::Chunk { hash, data: data.clone() }]).unwrap();
-        assert!(s.has_chunk(&hash));
+        assert!(s.chunks().unwrap().contains(&hash));
         assert_eq!(s.chunks().unwrap().chunk(&hash), Some(data));
         assert_eq!(s.chunks().unwrap().chunk(&[0; 32]), None);
     }
