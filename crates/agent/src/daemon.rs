@@ -121,7 +121,7 @@ impl Agent {
             let doc = MachineDoc::create(&signer, &card, addrs, now_ms())?;
             return self.node.create(id, DocKind::Machine, doc).await;
         }
-        self.node.change(id, move |d| MachineDoc::put(d, &signer, Some(&card), addrs, now_ms())).await??;
+        self.node.change(id, move |d| MachineDoc::put(d, &signer, &card, addrs, now_ms())).await??;
         Ok(())
     }
 

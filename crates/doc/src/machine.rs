@@ -39,25 +39,24 @@ impl MachineDoc {
         now: u64,
     ) -> Result<Automerge, automerge::AutomergeError> {
         let mut doc = Automerge::new();
-        Self::put(&mut doc, signer, Some(card), addrs, now)?;
+        Self::put(&mut doc, signer, card, addrs, now)?;
         Ok(doc)
     }
 
-    /// Refreshes the presence (and the card, when given).
+    /// Writes the card and the presence as of now (at start and when the card changes; the
+    /// heartbeat itself is not written here).
     pub fn put(
         doc: &mut Automerge,
         signer: &Signer,
-        card: Option<&MachineCard>,
+        card: &MachineCard,
         addrs: Vec<String>,
         now: u64,
     ) -> Result<(), automerge::AutomergeError> {
         let presence = signer.sign(RecordKind::Presence, &Presence { node: signer.node_id(), addrs, at: now });
-        let card = card.map(|c| signer.sign(RecordKind::MachineCard, c));
+        let card = signer.sign(RecordKind::MachineCard, card);
         doc.transact::<_, _, automerge::AutomergeError>(|tx| {
             tx.put(ROOT, "presence", presence)?;
-            if let Some(card) = card {
-                tx.put(ROOT, "card", card)?;
-            }
+            tx.put(ROOT, "card", card)?;
             Ok(())
         })
         .map_err(|f| f.error)?;
@@ -96,7 +95,7 @@ mod tests {
         assert_eq!((p.map(|p| p.at), c.map(|c| c.hostname)), (Some(5), Some("ws-01".to_string())));
         let (p, c) = MachineDoc::read(&doc, &agent.node_id(), false);
         assert_eq!((p.map(|p| p.at), c), (Some(5), None), "presence alone when the card is not wanted");
-        MachineDoc::put(&mut doc, &other, None, vec![], 9).unwrap();
+        MachineDoc::put(&mut doc, &other, &card, vec![], 9).unwrap();
         assert_eq!(MachineDoc::read(&doc, &agent.node_id(), true).0, None, "another node's presence was believed");
         assert_ne!(machine_doc_id(&agent.node_id()), machine_doc_id(&other.node_id()));
     }

@@ -1098,9 +1098,9 @@ mod tests {
         let doc = caisey_doc::machine::MachineDoc::create(&o.agents[0], &card, vec!["127.0.0.1:9".into()], 7).unwrap();
         net.create(a, id, DocKind::Machine, doc);
         net.run_until_quiescent();
-        // A later heartbeat must flow too (the relay's entry was made by the first, change-less message).
+        // A later card update must flow too (the relay's entry was made by the first, change-less message).
         let agent = o.agents[0].clone();
-        net.change(a, id, move |d| caisey_doc::machine::MachineDoc::put(d, &agent, None, vec![], 8).unwrap());
+        net.change(a, id, move |d| caisey_doc::machine::MachineDoc::put(d, &agent, &card, vec![], 8).unwrap());
         net.run_until_quiescent();
         assert_eq!(net.hubs[&t].fleet().presence.get(&a).map(|p| p.at), Some(8));
         assert_eq!(net.hubs[&t].fleet().cards.get(&a).map(|c| c.hostname.as_str()), Some("ws-0"));
