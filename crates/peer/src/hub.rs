@@ -183,6 +183,9 @@ impl OutputIndex {
 
 struct Peer {
     conn: ConnId,
+    /// Its role as of the current fleet. At a relay most peers are agents, and a change is
+    /// offered only to the agents a document targets, found without a fleet lookup per peer.
+    role: Option<Role>,
     connected_at: u64,
     last_heard: Option<u64>,
     /// The documents the peer said it offers us (and we would accept), once its index arrived.
@@ -430,10 +433,10 @@ impl Hub {
         now: u64,
         out: &mut Vec<Output>,
     ) {
-        if self.fleet.role_of(&peer).is_none() {
+        let Some(role) = self.fleet.role_of(&peer) else {
             out.push(Output::Disconnect { peer, conn, reason: "not a member of this org".into() });
             return;
-        }
+        };
         if let Some(old) = self.peers.remove(&peer) {
             self.save_states(peer, &old, out);
             out.push(Output::Disconnect { peer, conn: old.conn, reason: "replaced by a newer connection".into() });
@@ -442,7 +445,15 @@ impl Hub {
             stored.into_iter().filter_map(|(doc, bytes)| Some((doc, SyncState::decode(&bytes).ok()?))).collect();
         self.peers.insert(
             peer,
-            Peer { conn, connected_at: now, last_heard: None, index: None, states, asked: BTreeSet::new() },
+            Peer {
+                conn,
+                role: Some(role),
+                connected_at: now,
+                last_heard: None,
+                index: None,
+                states,
+                asked: BTreeSet::new(),
+            },
         );
         out.push(Output::PeerUp { peer });
         let offered: Vec<(DocId, DocKind)> = self
@@ -654,7 +665,11 @@ impl Hub {
         self.fleet.presence.insert(node, p.clone());
         self.heartbeats.insert(node, (p, record.clone()));
         for (peer, state) in &self.peers {
-            if Some(*peer) != from && *peer != node && may_share(&self.fleet, peer, DocKind::Machine, &[node]) {
+            // Agents never see another agent's presence: skipped without a fleet lookup.
+            if Some(*peer) != from
+                && state.role != Some(Role::Agent)
+                && may_share(&self.fleet, peer, DocKind::Machine, &[node])
+            {
                 out.push(Output::Send {
                     peer: *peer,
                     conn: state.conn,
@@ -736,7 +751,13 @@ impl Hub {
                 e.targets = targets;
             }
         }
-        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        let targets = self.docs.get(&id).map(|e| e.targets.as_slice()).unwrap_or_default();
+        let peers: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(peer, p)| fleet_changed || p.role != Some(Role::Agent) || targets.contains(peer))
+            .map(|(peer, _)| *peer)
+            .collect();
         let docs: Vec<DocId> = if fleet_changed { self.docs.keys().copied().collect() } else { vec![id] };
         for peer in peers {
             for doc in &docs {
@@ -777,6 +798,9 @@ impl Hub {
         let (fleet, owners) = (&self.fleet, &self.machine_owners);
         for (id, e) in self.docs.iter_mut() {
             e.targets = targets_of(id, e, fleet, owners.get(id));
+        }
+        for (peer, p) in self.peers.iter_mut() {
+            p.role = fleet.role_of(peer);
         }
     }
 

@@ -229,7 +229,8 @@ impl Node {
         let (loaded_tx, loaded) = oneshot::channel();
         let runtime = tokio::runtime::Handle::current();
         let (me, core_events) = (signer.node_id(), events.clone());
-        std::thread::Builder::new().name("caisey-core".into()).spawn(move || {
+        // Named after the node, so a profile of many nodes in one process tells them apart.
+        std::thread::Builder::new().name(format!("core-{}", me.short())).spawn(move || {
             let _in_runtime = runtime.enter();
             let hub = match load_hub(me, &store) {
                 Ok(hub) => hub,
