@@ -177,6 +177,16 @@ impl Verified<'_> {
 /// Checks a record's framing and signature. Says nothing yet about whether the author was
 /// *allowed* to write it: that depends on the document it sits in.
 pub fn verify(bytes: &[u8]) -> Result<Verified<'_>, RecordError> {
+    let (verified, sig) = parse(bytes)?;
+    if !checked::contains(bytes) {
+        check_signature(&verified, &sig)?;
+        checked::insert(bytes);
+    }
+    Ok(verified)
+}
+
+/// A record's framing: its parts and signature, not yet checked.
+fn parse(bytes: &[u8]) -> Result<(Verified<'_>, [u8; 64]), RecordError> {
     if bytes.len() > MAX_RECORD_LEN {
         return Err(RecordError::TooLarge(bytes.len()));
     }
@@ -191,15 +201,46 @@ pub fn verify(bytes: &[u8]) -> Result<Verified<'_>, RecordError> {
     author.copy_from_slice(&bytes[4..36]);
     let mut sig = [0u8; 64];
     sig.copy_from_slice(&bytes[36..100]);
-    let body = &bytes[HEADER_LEN..];
-    let author = NodeId(author);
-    if !checked::contains(bytes) {
-        let key = checked::key(&author.0).ok_or(RecordError::BadAuthorKey)?;
-        key.verify(&signed_message(kind as u8, &author, body), &Signature::from_bytes(&sig))
-            .map_err(|_| RecordError::BadSignature)?;
-        checked::insert(bytes);
+    Ok((Verified { kind, author: NodeId(author), body: &bytes[HEADER_LEN..] }, sig))
+}
+
+fn check_signature(record: &Verified<'_>, sig: &[u8; 64]) -> Result<(), RecordError> {
+    let key = checked::key(&record.author.0).ok_or(RecordError::BadAuthorKey)?;
+    key.verify(&signed_message(record.kind as u8, &record.author, record.body), &Signature::from_bytes(sig))
+        .map_err(|_| RecordError::BadSignature)
+}
+
+/// Whether `bytes` is a well-framed record with a good signature, without the cache (for
+/// threads that check on another thread's behalf).
+fn signature_holds(bytes: &[u8]) -> bool {
+    parse(bytes).is_ok_and(|(record, sig)| check_signature(&record, &sig).is_ok())
+}
+
+/// Below this many unchecked records, starting threads costs more than it saves.
+const PARALLEL_MIN: usize = 64;
+
+/// Checks the signatures of many records at once on every core, and remembers the good ones on
+/// this thread, so that the [`verify`] calls which follow find them already checked. Without it
+/// a document arriving whole (a technician catching up on ten thousand commands, a node opening
+/// a big session) is checked on one core. Bad records are left for `verify` to report.
+pub fn check_many(records: &[&[u8]]) {
+    let unchecked: Vec<&[u8]> =
+        records.iter().copied().filter(|r| r.len() <= checked::LARGEST && !checked::contains(r)).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    if unchecked.len() < PARALLEL_MIN || threads < 2 {
+        return;
     }
-    Ok(Verified { kind, author, body })
+    let good: Vec<&[u8]> = std::thread::scope(|scope| {
+        let parts: Vec<_> = unchecked
+            .chunks(unchecked.len().div_ceil(threads))
+            .map(|part| scope.spawn(move || part.iter().copied().filter(|r| signature_holds(r)).collect::<Vec<_>>()))
+            .collect();
+        // A part whose thread failed is simply not remembered: `verify` checks it later.
+        parts.into_iter().flat_map(|p| p.join().unwrap_or_default()).collect()
+    });
+    for record in good {
+        checked::insert(record);
+    }
 }
 
 /// Records whose signature has already been checked, by their exact bytes. Documents are read
@@ -219,7 +260,7 @@ mod checked {
 
     const LIMIT: usize = 16 * 1024 * 1024;
     /// Larger records (rare: machine cards) are not worth keeping.
-    const LARGEST: usize = 4096;
+    pub(super) const LARGEST: usize = 4096;
     /// Authors whose key is kept decompressed (an org has a handful to thousands).
     const KEYS: usize = 4096;
 
@@ -316,6 +357,30 @@ mod tests {
         assert_eq!(v.author, s.node_id());
         assert_eq!(v.body, b"hello");
         assert_eq!(v.kind, RecordKind::Output);
+    }
+
+    #[test]
+    fn checking_many_at_once_remembers_the_good_records_and_leaves_the_bad_to_verify() {
+        let s = signer(2);
+        let mut records: Vec<Vec<u8>> =
+            (0..200u32).map(|i| s.sign_raw(RecordKind::Request, format!("request {i}").as_bytes())).collect();
+        let last = records[77].len() - 1;
+        records[77][last] ^= 1;
+        records.push(b"not a record".to_vec());
+        check_many(&records.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        for (i, r) in records.iter().enumerate() {
+            match i {
+                77 => {
+                    assert!(!checked::contains(r), "a forged record was remembered as checked");
+                    assert_eq!(verify(r).map(|_| ()), Err(RecordError::BadSignature));
+                }
+                200 => assert_eq!(verify(r).map(|_| ()), Err(RecordError::Truncated)),
+                _ => {
+                    assert!(checked::contains(r), "record {i} was checked but not remembered on this thread");
+                    assert!(verify(r).is_ok());
+                }
+            }
+        }
     }
 
     #[test]
