@@ -239,9 +239,13 @@ pub fn machine() -> String {
     format!("{cpu}, {cores} cores, {mem:.0} GiB RAM, {} {}", std::env::consts::OS, std::env::consts::ARCH)
 }
 
-pub fn report_markdown(rows: &[Row], took: Duration) -> String {
+/// The report written to docs/benchmarks.md: the machine, how to reproduce, the table, and
+/// then every `## ` section of the `previous` report (the written analysis of the numbers), so
+/// a new run replaces the numbers without losing what was learned from the old ones.
+pub fn report_markdown(rows: &[Row], took: Duration, previous: &str) -> String {
+    let analysis = previous.find("\n## ").map(|at| &previous[at..]).unwrap_or("\n");
     format!(
-        "# Benchmarks\n\nMachine: {}. Run took {:.0} s.\n\nReproduce: `cargo run --release -p caisey-bench` (writes this file); `cargo run -p caisey-bench -- --quick` for tiny sizes.\n\nEvery row runs real iroh endpoints on 127.0.0.1, real redb files, the real agent daemon and runner, and the real sync code; see `crates/bench/src/rows.rs` for how each is taken.\n\n{}",
+        "# Benchmarks\n\nMachine: {} (a shared VM: numbers vary ±20 % between runs, and rows run late in a full run are slower than alone). Run took {:.0} s.\n\nReproduce: `cargo run --release -p caisey-bench` (writes this file); `cargo run -p caisey-bench -- --quick` for tiny sizes (part of the test command); `{ONLY_ENV}=stream,latency,group,offline,open,viewer,agent,relay` runs some rows without rewriting this file.\n\nEvery row runs real iroh endpoints on 127.0.0.1, real redb files, the real agent daemon and runner, and the real sync code; see `crates/bench/src/rows.rs` for how each is taken.\n\n{}{analysis}",
         machine(),
         took.as_secs_f64(),
         table(rows)

@@ -42,7 +42,8 @@ fn main() -> ExitCode {
                 // A partial run (CAISEY_BENCH_ONLY) must not replace the full report.
                 if !quick && std::env::var(caisey_bench::ONLY_ENV).is_err() {
                     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/benchmarks.md");
-                    std::fs::write(&path, caisey_bench::report_markdown(&rows, started.elapsed()))?;
+                    let previous = std::fs::read_to_string(&path).unwrap_or_default();
+                    std::fs::write(&path, caisey_bench::report_markdown(&rows, started.elapsed(), &previous))?;
                     eprintln!("wrote {}", path.display());
                 }
                 // The quick run is a test: every row must at least complete.
