@@ -224,6 +224,9 @@ const PARALLEL_MIN: usize = 64;
 /// a document arriving whole (a technician catching up on ten thousand commands, a node opening
 /// a big session) is checked on one core. Bad records are left for `verify` to report.
 pub fn check_many(records: &[&[u8]]) {
+    if records.len() < PARALLEL_MIN {
+        return;
+    }
     let unchecked: Vec<&[u8]> =
         records.iter().copied().filter(|r| r.len() <= checked::LARGEST && !checked::contains(r)).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
