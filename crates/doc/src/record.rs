@@ -216,8 +216,9 @@ fn signature_holds(bytes: &[u8]) -> bool {
     parse(bytes).is_ok_and(|(record, sig)| check_signature(&record, &sig).is_ok())
 }
 
-/// Below this many unchecked records, starting threads costs more than it saves.
-const PARALLEL_MIN: usize = 64;
+/// Below this many unchecked records, starting threads costs more than it saves (callers
+/// with fewer records need not gather them).
+pub const PARALLEL_MIN: usize = 64;
 
 /// Checks the signatures of many records at once on every core, and remembers the good ones on
 /// this thread, so that the [`verify`] calls which follow find them already checked. Without it
@@ -229,7 +230,9 @@ pub fn check_many(records: &[&[u8]]) {
     }
     let unchecked: Vec<&[u8]> =
         records.iter().copied().filter(|r| r.len() <= checked::LARGEST && !checked::contains(r)).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    // Asked once: std reads cgroup files to answer, and reads happen on every change.
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads = *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8));
     if unchecked.len() < PARALLEL_MIN || threads < 2 {
         return;
     }

@@ -876,7 +876,9 @@ fn read_map<T: serde::de::DeserializeOwned>(
     let mut out = BTreeMap::new();
     let Some(obj) = am::root_map(doc, map) else { return out };
     let entries = am::byte_entries(doc, &obj);
-    crate::record::check_many(&entries.iter().map(|(_, bytes)| bytes.as_slice()).collect::<Vec<_>>());
+    if entries.len() >= crate::record::PARALLEL_MIN {
+        crate::record::check_many(&entries.iter().map(|(_, bytes)| bytes.as_slice()).collect::<Vec<_>>());
+    }
     for (key, bytes) in entries {
         let place = format!("{map}/{key}");
         match verify(&bytes).and_then(|v| {
