@@ -1,9 +1,10 @@
 //! Runs one approved command and streams its output into the session.
 //!
-//! Output is batched: output arriving after a quiet spell is written at once (low latency for a
-//! line now and then); otherwise whatever arrived is flushed every `FLUSH_EVERY` or once
-//! `FLUSH_BYTES` are waiting, as one Automerge change of one or more chunk records (each at most
-//! `MAX_CHUNK`).
+//! Output is batched: output arriving after a quiet spell is written almost at once (low
+//! latency for a line now and then); otherwise whatever arrived is flushed every `FLUSH_EVERY`
+//! or once `FLUSH_BYTES` are waiting, as one Automerge change of one or more chunk records (each
+//! at most `MAX_CHUNK`). The output left when the command ends goes in the same change as its
+//! end, so a quick command's result is one change.
 //! Stdout and stderr keep their relative order within and across batches. Each flush is durable
 //! in the agent's store before it is sent anywhere (see `caisey_peer::node`).
 
@@ -21,9 +22,17 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
-const FLUSH_BYTES: usize = 32 * 1024;
-/// Output after this long without any is the start of a new burst, and goes out at once.
+const FLUSH_BYTES: usize = MAX_CHUNK;
+/// Output after this long without any is the start of a new burst, and goes out at once
+/// (after `SETTLE`).
 const QUIET: Duration = Duration::from_millis(10);
+/// A new burst waits this long before it is written, in case the command is about to finish:
+/// then its output and its end travel as one change (one sync round per hop instead of two),
+/// which is most of what a quick command like `hostname` makes.
+const SETTLE: Duration = Duration::from_millis(2);
+/// A command whose pipes have closed gets this much longer to exit before the output already
+/// read is written on its own.
+const EXIT_GRACE: Duration = Duration::from_millis(20);
 /// After the process exits, how long to wait for its pipes to close (a background child may
 /// hold them open).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -85,7 +94,16 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
         Ok(c) => c,
         Err(e) => {
             let message = format!("could not start {program}: {e}");
-            return write_end(&node, session, &req, EndStatus::FailedToStart, None, 0, Some(message)).await;
+            let end = |chunks| End {
+                request: req.id,
+                session,
+                status: EndStatus::FailedToStart,
+                exit_code: None,
+                ended_at: now_ms(),
+                chunks,
+                message: Some(message),
+            };
+            return write_end(&node, session, &mut Batch::default(), (req.id, &mut seq), end).await;
         }
     };
     let (tx, mut rx) = mpsc::channel::<(Stream, Vec<u8>)>(64);
@@ -102,6 +120,9 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
     let mut ticker = tokio::time::interval(FLUSH_EVERY);
     let mut last_flush = tokio::time::Instant::now() - FLUSH_EVERY;
     let mut last_data = tokio::time::Instant::now() - QUIET;
+    // When the output waiting in `batch` is due to be written (a new burst, after SETTLE).
+    let mut flush_due: Option<tokio::time::Instant> = None;
+    let mut exit_grace_given = false;
     let mut status = None;
     let mut pipes_open = true;
     let mut drain_until = None;
@@ -120,14 +141,28 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
                             Err(_) => break,
                         }
                     }
-                    // The first output after a quiet spell goes out at once; a chatty command is
-                    // batched to one change per FLUSH_EVERY (or per FLUSH_BYTES).
-                    if new_burst || batch.bytes >= FLUSH_BYTES || last_flush.elapsed() >= FLUSH_EVERY {
+                    // The first output after a quiet spell goes out almost at once; a chatty
+                    // command is batched to one change per FLUSH_EVERY (or per FLUSH_BYTES).
+                    if batch.bytes >= FLUSH_BYTES || (!new_burst && last_flush.elapsed() >= FLUSH_EVERY) {
                         flush(&node, session, &mut batch, req.id, &mut seq).await?;
                         last_flush = tokio::time::Instant::now();
+                        flush_due = None;
+                    } else if new_burst && flush_due.is_none() {
+                        flush_due = Some(last_data + SETTLE);
                     }
                 }
                 None => pipes_open = false,
+            },
+            _ = tokio::time::sleep_until(flush_due.unwrap_or(deadline)), if flush_due.is_some() => {
+                if !pipes_open && status.is_none() && !exit_grace_given {
+                    // Its pipes are closed: the command is most likely exiting.
+                    exit_grace_given = true;
+                    flush_due = Some(tokio::time::Instant::now() + EXIT_GRACE);
+                } else {
+                    flush(&node, session, &mut batch, req.id, &mut seq).await?;
+                    last_flush = tokio::time::Instant::now();
+                    flush_due = None;
+                }
             },
             exit = child.wait(), if status.is_none() => {
                 status = Some(exit.map(|s| (EndStatus::Exited, s.code(), None)).unwrap_or_else(|e| (EndStatus::Exited, None, Some(e.to_string()))));
@@ -140,7 +175,7 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
                 drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
             },
             _ = ticker.tick() => {
-                if !batch.segments.is_empty() {
+                if !batch.segments.is_empty() && flush_due.is_none() {
                     flush(&node, session, &mut batch, req.id, &mut seq).await?;
                     last_flush = tokio::time::Instant::now();
                 }
@@ -153,10 +188,11 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
             break;
         }
     }
-    flush(&node, session, &mut batch, req.id, &mut seq).await?;
     let (status, code, message) = status.unwrap_or((EndStatus::Exited, None, None));
     tracing::debug!(request = %req.id.short(), chunks = seq, took = ?started.elapsed(), "command finished");
-    write_end(&node, session, &req, status, code, seq, message).await
+    // Whatever output is left goes in the same change as the end.
+    let end = |chunks| End { request: req.id, session, status, exit_code: code, ended_at: now_ms(), chunks, message };
+    write_end(&node, session, &mut batch, (req.id, &mut seq), end).await
 }
 
 async fn pump(mut reader: impl AsyncReadExt + Unpin, stream: Stream, tx: mpsc::Sender<(Stream, Vec<u8>)>) {
@@ -195,21 +231,24 @@ async fn flush(
     Ok(())
 }
 
+/// Writes the output left in `batch` and the end (made by `end` from the total chunk count)
+/// as one change.
 async fn write_end(
     node: &Node,
     session: DocId,
-    req: &CommandRequest,
-    status: EndStatus,
-    exit_code: Option<i32>,
-    chunks: u64,
-    message: Option<String>,
+    batch: &mut Batch,
+    (request, seq): (caisey_doc::id::Id128, &mut u64),
+    end: impl FnOnce(u64) -> End,
 ) -> Result<()> {
-    if let Some(m) = &message {
-        warn!(request = %req.id.short(), "{m}");
+    let chunks = batch.take_chunks(request, seq);
+    let end = end(*seq);
+    if let Some(m) = &end.message {
+        warn!(request = %end.request.short(), "{m}");
     }
-    let end = End { request: req.id, session, status, exit_code, ended_at: now_ms(), chunks, message };
     let signer = node.signer().clone();
-    node.change(session, move |doc| SessionWriter::end(doc, &signer, &end)).await??;
+    let refs: Vec<_> = chunks.iter().map(OutputChunk::reference).collect();
+    let held = refs.iter().zip(chunks).map(|(r, c)| (r.hash, c.data)).collect();
+    node.append_output(session, held, move |doc| SessionWriter::end_with_output(doc, &signer, &refs, &end)).await??;
     Ok(())
 }
 
@@ -217,6 +256,81 @@ async fn write_end(
 mod tests {
     use super::*;
     use caisey_doc::id::Id128;
+    use caisey_doc::session::{CommandSpec, SessionInfo, SessionView};
+    use caisey_peer::home::Home;
+    use caisey_peer::node::NodeOptions;
+    use caisey_peer::wire::DocKind;
+
+    /// A node of its own with a session holding one request for `script`; returns the
+    /// node, the request and how many changes the session has so far.
+    async fn node_with_request(dir: &std::path::Path, script: &str) -> (Node, CommandRequest, usize) {
+        let home = Home::new(Some(dir.to_path_buf()), "test").unwrap();
+        let node = Node::start(NodeOptions { home, listen: "127.0.0.1:0".parse().unwrap() }).await.unwrap();
+        let session = Id128([7; 16]);
+        let info = SessionInfo { id: session, name: "t".into(), labels: vec![], created_at: 0, org_key: node.id() };
+        let mut doc = caisey_doc::session::SessionWriter::create(node.signer(), &info).unwrap();
+        let req = CommandRequest {
+            id: Id128([8; 16]),
+            session,
+            target: node.id(),
+            command: CommandSpec {
+                shell: Shell::Sh,
+                script: script.into(),
+                cwd: None,
+                env: Default::default(),
+                timeout_ms: 60_000,
+            },
+            description: String::new(),
+            requested_at: 0,
+            expires_at: u64::MAX,
+        };
+        SessionWriter::request(&mut doc, node.signer(), &req).unwrap();
+        let before = doc.get_changes(&[]).len();
+        node.create(session, DocKind::Session, doc).await.unwrap();
+        (node, req, before)
+    }
+
+    /// Changes made since `before`, and the end and output the session records for `req`.
+    async fn after_run(node: &Node, req: &CommandRequest, before: usize) -> (usize, Option<i32>, String) {
+        let r = req.clone();
+        let (changes, code, out) = node
+            .read_with_output(req.session, move |d, stored| {
+                use caisey_doc::automerge::{ROOT, ReadDoc};
+                let end_record = d
+                    .get(ROOT, "ends")
+                    .ok()
+                    .flatten()
+                    .and_then(|(_, ends)| d.get(&ends, r.id.to_hex()).ok().flatten())
+                    .and_then(|(v, _)| v.into_bytes().ok());
+                let code = end_record.and_then(|b| {
+                    caisey_doc::record::verify_kind(&b, caisey_doc::record::RecordKind::End).ok()?.json::<End>().ok()
+                });
+                let code = code.and_then(|e| e.exit_code);
+                let out: Vec<u8> =
+                    SessionView::read_output_from(d, &r, 0, stored).0.into_iter().flat_map(|c| c.data).collect();
+                (d.get_changes(&[]).len() - before, code, String::from_utf8_lossy(&out).into_owned())
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        (changes, code, out)
+    }
+
+    #[tokio::test]
+    async fn a_quick_command_s_output_and_end_are_one_change_and_a_slow_one_s_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (node, req, before) = node_with_request(dir.path(), "echo ok; exit 3").await;
+        run(node.clone(), req.session, req.clone()).await.unwrap();
+        assert_eq!(after_run(&node, &req, before).await, (1, Some(3), "ok\n".to_string()));
+        node.shutdown().await;
+
+        // Output that comes well before the end is written when it comes, not held for the end.
+        let dir = tempfile::tempdir().unwrap();
+        let (node, req, before) = node_with_request(dir.path(), "echo first; sleep 0.3; echo second").await;
+        run(node.clone(), req.session, req.clone()).await.unwrap();
+        assert_eq!(after_run(&node, &req, before).await, (2, Some(0), "first\nsecond\n".to_string()));
+        node.shutdown().await;
+    }
 
     #[test]
     fn batches_keep_stream_order_and_split_large_writes() {

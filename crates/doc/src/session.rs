@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 
 use automerge::transaction::Transactable;
-use automerge::{Automerge, ObjType, ROOT, ReadDoc};
+use automerge::{Automerge, ObjId, ObjType, ROOT, ReadDoc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -429,21 +429,32 @@ impl SessionWriter {
         if refs.is_empty() {
             return Ok(());
         }
-        let key = refs[0].request.to_hex();
-        let records: Vec<Vec<u8>> = refs.iter().map(|r| signer.sign_raw(RecordKind::Output, &r.encode())).collect();
-        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
-            let outputs = am::ensure_root_map(tx, "outputs")?;
-            let list = match am::child(tx, &outputs, &key, ObjType::List) {
-                Some(list) => list,
-                None => tx.put_object(&outputs, &key, ObjType::List)?,
+        let records = Self::sign_refs(signer, refs);
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| Self::put_refs(tx, records)).map_err(|f| f.error)?;
+        Ok(())
+    }
+
+    fn sign_refs(signer: &Signer, refs: &[OutputRef]) -> Vec<(Id128, Vec<u8>)> {
+        refs.iter().map(|r| (r.request, signer.sign_raw(RecordKind::Output, &r.encode()))).collect()
+    }
+
+    fn put_refs(tx: &mut impl Transactable, records: Vec<(Id128, Vec<u8>)>) -> Result<(), automerge::AutomergeError> {
+        let outputs = am::ensure_root_map(tx, "outputs")?;
+        let mut list: Option<(Id128, ObjId)> = None;
+        for (request, record) in records {
+            let obj = match list.take() {
+                Some((r, obj)) if r == request => obj,
+                _ => {
+                    let key = request.to_hex();
+                    match am::child(tx, &outputs, &key, ObjType::List) {
+                        Some(obj) => obj,
+                        None => tx.put_object(&outputs, &key, ObjType::List)?,
+                    }
+                }
             };
-            let start = tx.length(&list);
-            for (at, r) in (start..).zip(records) {
-                tx.insert(&list, at, r)?;
-            }
-            Ok(())
-        })
-        .map_err(|f| f.error)?;
+            tx.insert(&obj, tx.length(&obj), record)?;
+            list = Some((request, obj));
+        }
         Ok(())
     }
 
@@ -459,8 +470,21 @@ impl SessionWriter {
     }
 
     pub fn end(doc: &mut Automerge, signer: &Signer, end: &End) -> Result<(), automerge::AutomergeError> {
+        Self::end_with_output(doc, signer, &[], end)
+    }
+
+    /// The last output references of a run and its end, as one change (a quick command's
+    /// whole result then travels in one sync round).
+    pub fn end_with_output(
+        doc: &mut Automerge,
+        signer: &Signer,
+        refs: &[OutputRef],
+        end: &End,
+    ) -> Result<(), automerge::AutomergeError> {
+        let records = Self::sign_refs(signer, refs);
         let rec = signer.sign(RecordKind::End, end);
         doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            Self::put_refs(tx, records)?;
             let ends = am::ensure_root_map(tx, "ends")?;
             tx.put(&ends, end.request.to_hex(), rec)?;
             Ok(())
