@@ -96,16 +96,35 @@ async fn wait_ends(tech: &Node, wanted: &[(DocId, Id128)], timeout: Duration) ->
     }
 }
 
-/// An org with one running agent that the technician also reaches directly (as on a LAN), asked
-/// to run `script` in session `name`; not yet approved.
-async fn one_agent_asked(name: &str, script: String) -> Result<(Org, DocId, Id128)> {
+/// How output reaches the technician in a streaming row.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Route {
+    /// Technician and agent reach each other directly (as on a LAN), and no relay is running.
+    Direct,
+    /// Through the relay only: agent → relay → technician (as for a remote technician).
+    Relay,
+}
+
+/// An org with one running agent, asked to run `script` in session `name`; not yet approved.
+/// Direct: the technician dials the agent, and the relay is stopped once the request is out.
+async fn one_agent_asked(name: &str, script: String, route: Route) -> Result<(Org, DocId, Id128)> {
     let mut org = Org::new(1, "bench", None).await?;
     org.start_agents().await?;
     let agent = &org.agents[0];
     let agent_node = agent.node.clone().ok_or_else(|| anyhow!("agent not started"))?;
-    org.tech.dial(&Contact { node: agent.node_id, addrs: agent_node.addrs() }).await?;
+    if route == Route::Direct {
+        org.tech.dial(&Contact { node: agent.node_id, addrs: agent_node.addrs() }).await?;
+    }
     let asked = tech::ask(&org.tech, run_request(Targets::Machine(agent.name.clone()), name, script)).await?;
     let (session, request) = (asked[0].session, asked[0].request);
+    if route == Route::Direct {
+        if !org.tech.wait_in_sync(agent.node_id, Duration::from_secs(60)).await? {
+            bail!("the agent did not take the request");
+        }
+        if let Some(relay) = org.relay.take() {
+            relay.shutdown().await;
+        }
+    }
     Ok((org, session, request))
 }
 
@@ -113,11 +132,39 @@ fn output_bytes(doc: &Automerge, req: &CommandRequest, stored: &dyn ChunkSource)
     SessionView::read_output_from(doc, req, 0, stored).0.iter().map(|c| c.data.len()).sum()
 }
 
-/// Output streamed agent → session document → technician, and the same bytes over a raw iroh
-/// stream. Returns (caisey MiB/s, raw MiB/s, agent store bytes, relay store bytes).
-pub async fn streaming(size: usize) -> Result<(f64, f64, u64, u64)> {
-    let script = format!("head -c {size} /dev/urandom | base64 -w 0 | head -c {size}");
-    let (org, session, request) = one_agent_asked("stream", script).await?;
+/// What the streaming rows measured.
+pub struct Streaming {
+    /// MiB/s of output, agent → technician directly.
+    pub direct: f64,
+    /// MiB/s of output, agent → relay → technician.
+    pub through_relay: f64,
+    /// MiB/s of the same bytes over one raw iroh stream.
+    pub raw: f64,
+    /// MiB/s of the same bytes written and made durable in 1 MiB pieces on this disk.
+    pub durable_disk: f64,
+    /// Bytes the agent's and the relay's stores take after the relay run.
+    pub agent_disk: u64,
+    pub relay_disk: u64,
+}
+
+/// Output streamed agent → session document → technician, directly and through the relay, and
+/// the two ceilings it is held against: the same bytes over a raw iroh stream, and written
+/// durably to this disk (every node makes output durable before passing it on).
+pub async fn streaming(size: usize) -> Result<Streaming> {
+    let (direct, _) = stream_once(size, Route::Direct).await?;
+    let (through_relay, (agent_disk, relay_disk)) = stream_once(size, Route::Relay).await?;
+    let raw = raw_iroh(size).await?;
+    let durable_disk = durable_writes(size)?;
+    Ok(Streaming { direct, through_relay, raw, durable_disk, agent_disk, relay_disk })
+}
+
+/// MiB/s of `size` bytes of a command's output reaching the technician by `route`, and the
+/// bytes the agent's and relay's stores take afterwards (relay: 0 when direct).
+async fn stream_once(size: usize, route: Route) -> Result<(f64, (u64, u64))> {
+    // Lines of text that cost the command little to make, so that the row measures the
+    // pipeline (the raw row sends from memory). Nothing on the way compresses or looks inside.
+    let script = format!("yes 0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ | head -c {size}");
+    let (org, session, request) = one_agent_asked("stream", script, route).await?;
     let agent = &org.agents[0];
     let started = Instant::now();
     Org::approve(agent, request).await?;
@@ -136,13 +183,34 @@ pub async fn streaming(size: usize) -> Result<(f64, f64, u64, u64)> {
     if got != size {
         bail!("the technician holds {got} of {size} output bytes");
     }
-    let relay = org.relay.clone().ok_or_else(|| anyhow!("no relay"))?;
-    relay.wait_in_sync(agent.node_id, Duration::from_secs(120)).await?;
+    let relay_disk = match &org.relay {
+        Some(relay) => {
+            relay.wait_in_sync(agent.node_id, Duration::from_secs(120)).await?;
+            store_bytes(&org.root.path().join("relay"))?
+        }
+        None => 0,
+    };
     let agent_disk = store_bytes(&agent.home)?;
-    let relay_disk = store_bytes(&org.root.path().join("relay"))?;
     org.stop().await?;
-    let raw = raw_iroh(size).await?;
-    Ok((size as f64 / MIB / elapsed.as_secs_f64(), raw, agent_disk, relay_disk))
+    Ok((size as f64 / MIB / elapsed.as_secs_f64(), (agent_disk, relay_disk)))
+}
+
+/// MiB/s of writing `size` bytes to a fresh file on this disk in 1 MiB pieces, each made
+/// durable (`fdatasync`) before the next: what one node's store can do at most.
+fn durable_writes(size: usize) -> Result<f64> {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir()?;
+    let mut file = std::fs::File::create(dir.path().join("durable"))?;
+    let block: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let started = Instant::now();
+    let mut written = 0;
+    while written < size {
+        let n = block.len().min(size - written);
+        file.write_all(&block[..n])?;
+        file.sync_data()?;
+        written += n;
+    }
+    Ok(size as f64 / MIB / started.elapsed().as_secs_f64())
 }
 
 /// Bytes a node's store takes on disk: the redb file and the output log beside it.
@@ -207,7 +275,7 @@ pub async fn raw_iroh(size: usize) -> Result<f64> {
 /// document, for `lines` lines written every 50 ms. Returns the sorted latencies.
 pub async fn line_latency(lines: usize) -> Result<Vec<f64>> {
     let script = format!("for i in $(seq 1 {lines}); do date +%s%N; sleep 0.05; done");
-    let (org, session, request) = one_agent_asked("latency", script).await?;
+    let (org, session, request) = one_agent_asked("latency", script, Route::Relay).await?;
     let agent = &org.agents[0];
     let fleet = org.tech.fleet().await?;
     let req = org
@@ -643,7 +711,7 @@ pub async fn viewer_frames(size: usize) -> Result<(usize, f64, f64, f64)> {
     use caisey_viewer::gui::{ViewerApp, backend};
     // base64 lines of 76 characters: about 130,000 lines for 10 MB.
     let script = format!("head -c {size} /dev/urandom | base64 -w 76 | head -c {size}");
-    let (org, session, request) = one_agent_asked("viewer", script).await?;
+    let (org, session, request) = one_agent_asked("viewer", script, Route::Relay).await?;
     let (handle, task) = backend::spawn(&tokio::runtime::Handle::current(), org.tech.clone(), false);
     let frames = tokio::task::spawn_blocking(move || -> Result<Vec<(f64, f64)>> {
         let mut app = ViewerApp::new(handle);
