@@ -8,6 +8,8 @@
 //! Stdout and stderr keep their relative order within and across batches. Each flush is durable
 //! in the agent's store before it is sent anywhere (see `caisey_peer::node`).
 
+#[cfg(target_os = "linux")]
+use std::os::fd::AsFd as _;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
-const FLUSH_BYTES: usize = MAX_CHUNK;
+const FLUSH_BYTES: usize = MAX_BATCH;
 /// Output after this long without any is the start of a new burst, and goes out at once
 /// (after `SETTLE`).
 const QUIET: Duration = Duration::from_millis(10);
@@ -106,7 +108,15 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
             return write_end(&node, session, &mut Batch::default(), (req.id, &mut seq), end).await;
         }
     };
-    let (tx, mut rx) = mpsc::channel::<(Stream, Vec<u8>)>(64);
+    // Pieces are at most PIPE_BYTES: at most MAX_BATCH waits here (then the pipes, then the
+    // command, wait for us).
+    let (tx, mut rx) = mpsc::channel::<(Stream, Vec<u8>)>(MAX_BATCH / PIPE_BYTES);
+    // Bigger pipes: a command writing fast is woken (and we read) per MiB, not per 64 KiB.
+    #[cfg(target_os = "linux")]
+    for fd in [child.stdout.as_ref().map(|p| p.as_fd()), child.stderr.as_ref().map(|p| p.as_fd())].into_iter().flatten()
+    {
+        let _ = rustix::pipe::fcntl_setpipe_size(fd, PIPE_BYTES);
+    }
     if let Some(out) = child.stdout.take() {
         tokio::spawn(pump(out, Stream::Stdout, tx.clone()));
     }
@@ -196,7 +206,7 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
 }
 
 async fn pump(mut reader: impl AsyncReadExt + Unpin, stream: Stream, tx: mpsc::Sender<(Stream, Vec<u8>)>) {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; PIPE_BYTES];
     loop {
         match reader.read(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -212,6 +222,8 @@ async fn pump(mut reader: impl AsyncReadExt + Unpin, stream: Stream, tx: mpsc::S
 /// At most this much output goes into one change (a command writing faster than changes commit
 /// gets bigger changes, not a growing backlog).
 const MAX_BATCH: usize = 4 * 1024 * 1024;
+/// The pipe size asked for (Linux allows up to 1 MiB by default), and the read size.
+const PIPE_BYTES: usize = 1024 * 1024;
 
 async fn flush(
     node: &Node,
