@@ -162,8 +162,9 @@ pub async fn streaming(size: usize) -> Result<Streaming> {
 /// bytes the agent's and relay's stores take afterwards (relay: 0 when direct).
 async fn stream_once(size: usize, route: Route) -> Result<(f64, (u64, u64))> {
     // Lines of text that cost the command little to make, so that the row measures the
-    // pipeline (the raw row sends from memory). Nothing on the way compresses or looks inside.
-    let script = format!("yes 0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ | head -c {size}");
+    // pipeline (the raw row sends from memory), and that never repeat: a store keeps identical
+    // chunks once, and repeating output (`yes`) made disk use look smaller than the output.
+    let script = format!("seq 1000000000000 9999999999999 | head -c {size}");
     let (org, session, request) = one_agent_asked("stream", script, route).await?;
     let agent = &org.agents[0];
     let started = Instant::now();
