@@ -96,30 +96,15 @@ pub async fn run(sizes: &Sizes) -> Vec<Row> {
         match rows::streaming(sizes.stream_bytes).await {
             Ok(s) => {
                 let (ratio, relay_ratio) = (s.direct / s.raw, s.through_relay / s.raw);
-                push(row(
-                    format!("output streamed agent → doc → technician, direct ({mib:.0} MiB)"),
-                    format!("{:.1} MiB/s", s.direct),
-                    "",
-                    None,
-                ));
-                push(row(
-                    "the same, through the relay (agent → relay → technician)",
-                    format!("{:.1} MiB/s", s.through_relay),
-                    "",
-                    None,
-                ));
-                push(row(
-                    "same bytes over a raw iroh stream (one hop, from memory)",
-                    format!("{:.1} MiB/s", s.raw),
-                    "",
-                    None,
-                ));
-                push(row(
-                    "same bytes written to this disk, fdatasync per MiB (one writer)",
-                    format!("{:.1} MiB/s", s.durable_disk),
-                    "",
-                    None,
-                ));
+                let throughputs = [
+                    (format!("output streamed agent → doc → technician, direct ({mib:.0} MiB)"), s.direct),
+                    ("the same, through the relay (agent → relay → technician)".into(), s.through_relay),
+                    ("same bytes over a raw iroh stream (one hop, from memory)".into(), s.raw),
+                    ("same bytes written to this disk, fdatasync per MiB (one writer)".into(), s.durable_disk),
+                ];
+                for (measure, mib_per_s) in throughputs {
+                    push(row(measure, format!("{mib_per_s:.1} MiB/s"), "", None));
+                }
                 push(row("ratio caisey direct / raw", format!("{ratio:.2}"), "≥ 0.5", Some(ratio >= 0.5)));
                 push(row("ratio through the relay / raw", format!("{relay_ratio:.2}"), "", None));
                 let per_byte = |b: u64| b as f64 / sizes.stream_bytes as f64;
