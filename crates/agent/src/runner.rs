@@ -98,16 +98,16 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
         Ok(c) => c,
         Err(e) => {
             let message = format!("could not start {program}: {e}");
-            let end = |chunks| End {
+            let end = End {
                 request: req.id,
                 session,
                 status: EndStatus::FailedToStart,
                 exit_code: None,
                 ended_at: now_ms(),
-                chunks,
+                chunks: 0,
                 message: Some(message),
             };
-            return write_end(&node, session, &mut Batch::default(), (req.id, &mut seq), end).await;
+            return write_end(&node, &mut Batch::default(), &mut seq, end).await;
         }
     };
     // Pieces are at most PIPE_BYTES: at most MAX_BATCH waits here (then the pipes, then the
@@ -203,8 +203,8 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
     let (status, code, message) = status.unwrap_or((EndStatus::Exited, None, None));
     tracing::debug!(request = %req.id.short(), chunks = seq, took = ?started.elapsed(), "command finished");
     // Whatever output is left goes in the same change as the end.
-    let end = |chunks| End { request: req.id, session, status, exit_code: code, ended_at: now_ms(), chunks, message };
-    write_end(&node, session, &mut batch, (req.id, &mut seq), end).await
+    let end = End { request: req.id, session, status, exit_code: code, ended_at: now_ms(), chunks: 0, message };
+    write_end(&node, &mut batch, &mut seq, end).await
 }
 
 async fn pump(mut reader: impl AsyncReadExt + Unpin, stream: Stream, tx: mpsc::Sender<(Stream, Vec<u8>)>) {
@@ -256,22 +256,17 @@ fn prepare(
     (held, refs)
 }
 
-/// Writes the output left in `batch` and the end (made by `end` from the total chunk count)
-/// as one change.
-async fn write_end(
-    node: &Node,
-    session: DocId,
-    batch: &mut Batch,
-    (request, seq): (caisey_doc::id::Id128, &mut u64),
-    end: impl FnOnce(u64) -> End,
-) -> Result<()> {
-    let (held, refs) = prepare(batch, request, seq);
-    let end = end(*seq);
+/// Writes the output left in `batch` and `end` as one change; `end.chunks` is set here, to the
+/// run's total chunk count.
+async fn write_end(node: &Node, batch: &mut Batch, seq: &mut u64, mut end: End) -> Result<()> {
+    let (held, refs) = prepare(batch, end.request, seq);
+    end.chunks = *seq;
     if let Some(m) = &end.message {
         warn!(request = %end.request.short(), "{m}");
     }
     let signer = node.signer().clone();
-    node.append_output(session, held, move |doc| SessionWriter::end_with_output(doc, &signer, &refs, &end)).await??;
+    node.append_output(end.session, held, move |doc| SessionWriter::end_with_output(doc, &signer, &refs, &end))
+        .await??;
     Ok(())
 }
 
@@ -344,16 +339,16 @@ mod tests {
         batch.push(Stream::Stdout, b"ok\n");
         batch.push(Stream::Stderr, b"warning\n");
         let mut seq = 0;
-        let end = |chunks| End {
+        let end = End {
             request: req.id,
             session: req.session,
             status: EndStatus::Exited,
             exit_code: Some(3),
             ended_at: 1,
-            chunks,
+            chunks: 0,
             message: None,
         };
-        write_end(&node, req.session, &mut batch, (req.id, &mut seq), end).await.unwrap();
+        write_end(&node, &mut batch, &mut seq, end).await.unwrap();
         assert_eq!(seq, 2);
         assert_eq!(after_run(&node, &req, before).await, (1, Some(3), "ok\nwarning\n".to_string()));
         node.shutdown().await;
@@ -364,21 +359,19 @@ mod tests {
         // A quick command usually makes one change (output waits SETTLE for the end); output
         // that comes long before the end is written when it comes. How the first case splits
         // depends on scheduling, so only the bounds are asserted.
-        let dir = tempfile::tempdir().unwrap();
-        let (node, req, before) = node_with_request(dir.path(), "echo ok; exit 3").await;
-        run(node.clone(), req.session, req.clone()).await.unwrap();
-        let (changes, code, out) = after_run(&node, &req, before).await;
-        assert!((1..=2).contains(&changes), "{changes} changes");
-        assert_eq!((code, out.as_str()), (Some(3), "ok\n"));
-        node.shutdown().await;
-
-        let dir = tempfile::tempdir().unwrap();
-        let (node, req, before) = node_with_request(dir.path(), "echo first; sleep 0.3; echo second").await;
-        run(node.clone(), req.session, req.clone()).await.unwrap();
-        let (changes, code, out) = after_run(&node, &req, before).await;
-        assert!((2..=3).contains(&changes), "{changes} changes");
-        assert_eq!((code, out.as_str()), (Some(0), "first\nsecond\n"));
-        node.shutdown().await;
+        let cases = [
+            ("echo ok; exit 3", 1..=2, Some(3), "ok\n"),
+            ("echo first; sleep 0.3; echo second", 2..=3, Some(0), "first\nsecond\n"),
+        ];
+        for (script, changes_between, exit_code, output) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let (node, req, before) = node_with_request(dir.path(), script).await;
+            run(node.clone(), req.session, req.clone()).await.unwrap();
+            let (changes, code, out) = after_run(&node, &req, before).await;
+            assert!(changes_between.contains(&changes), "{script}: {changes} changes");
+            assert_eq!((code, out.as_str()), (exit_code, output), "{script}");
+            node.shutdown().await;
+        }
     }
 
     #[test]

@@ -96,7 +96,7 @@ async fn wait_ends(tech: &Node, wanted: &[(DocId, Id128)], timeout: Duration) ->
     }
 }
 
-/// How output reaches the technician in a streaming row.
+/// How output reaches the technician in a row that runs one command on one agent.
 #[derive(Clone, Copy, PartialEq)]
 pub enum Route {
     /// Technician and agent reach each other directly (as on a LAN), and no relay is running.

@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 
 use automerge::transaction::Transactable;
-use automerge::{Automerge, ObjId, ObjType, ROOT, ReadDoc};
+use automerge::{Automerge, ObjType, ROOT, ReadDoc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -430,30 +430,30 @@ impl SessionWriter {
             return Ok(());
         }
         let records = Self::sign_refs(signer, refs);
-        doc.transact::<_, _, automerge::AutomergeError>(|tx| Self::put_refs(tx, records)).map_err(|f| f.error)?;
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| Self::put_refs(tx, refs, records)).map_err(|f| f.error)?;
         Ok(())
     }
 
-    fn sign_refs(signer: &Signer, refs: &[OutputRef]) -> Vec<(Id128, Vec<u8>)> {
-        refs.iter().map(|r| (r.request, signer.sign_raw(RecordKind::Output, &r.encode()))).collect()
+    fn sign_refs(signer: &Signer, refs: &[OutputRef]) -> Vec<Vec<u8>> {
+        refs.iter().map(|r| signer.sign_raw(RecordKind::Output, &r.encode())).collect()
     }
 
-    fn put_refs(tx: &mut impl Transactable, records: Vec<(Id128, Vec<u8>)>) -> Result<(), automerge::AutomergeError> {
+    /// Appends signed references, all of one request's output (`refs`), to its output list.
+    fn put_refs(
+        tx: &mut impl Transactable,
+        refs: &[OutputRef],
+        records: Vec<Vec<u8>>,
+    ) -> Result<(), automerge::AutomergeError> {
+        let Some(first) = refs.first() else { return Ok(()) };
+        let key = first.request.to_hex();
         let outputs = am::ensure_root_map(tx, "outputs")?;
-        let mut list: Option<(Id128, ObjId)> = None;
-        for (request, record) in records {
-            let obj = match list.take() {
-                Some((r, obj)) if r == request => obj,
-                _ => {
-                    let key = request.to_hex();
-                    match am::child(tx, &outputs, &key, ObjType::List) {
-                        Some(obj) => obj,
-                        None => tx.put_object(&outputs, &key, ObjType::List)?,
-                    }
-                }
-            };
-            tx.insert(&obj, tx.length(&obj), record)?;
-            list = Some((request, obj));
+        let list = match am::child(tx, &outputs, &key, ObjType::List) {
+            Some(list) => list,
+            None => tx.put_object(&outputs, &key, ObjType::List)?,
+        };
+        let start = tx.length(&list);
+        for (at, r) in (start..).zip(records) {
+            tx.insert(&list, at, r)?;
         }
         Ok(())
     }
@@ -473,8 +473,8 @@ impl SessionWriter {
         Self::end_with_output(doc, signer, &[], end)
     }
 
-    /// The last output references of a run and its end, as one change (a quick command's
-    /// whole result then travels in one sync round).
+    /// The last output references of a run (all of `end`'s request) and its end, as one change
+    /// (a quick command's whole result then travels in one sync round).
     pub fn end_with_output(
         doc: &mut Automerge,
         signer: &Signer,
@@ -484,7 +484,7 @@ impl SessionWriter {
         let records = Self::sign_refs(signer, refs);
         let rec = signer.sign(RecordKind::End, end);
         doc.transact::<_, _, automerge::AutomergeError>(|tx| {
-            Self::put_refs(tx, records)?;
+            Self::put_refs(tx, refs, records)?;
             let ends = am::ensure_root_map(tx, "ends")?;
             tx.put(&ends, end.request.to_hex(), rec)?;
             Ok(())
