@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use caisey_agent::prompt::{ARM_DELAY, PromptApp};
 use caisey_peer::home::Home;
-use caisey_peer::node::{Node, NodeOptions};
+use caisey_peer::node::NodeOptions;
 use caisey_tests::{Org, wait_for};
+use caisey_viewer::client::Client;
 use caisey_viewer::gui::{Tab, ViewerApp, backend};
 use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
@@ -51,14 +52,15 @@ fn shows<S>(h: &Harness<'_, S>, text: &str) -> bool {
     h.query_all_by_label_contains(text).next().is_some()
 }
 
-/// The viewer of technician `name` in `org`, its node on `rt`.
+/// The viewer of technician `name` in `org`: a client of that home's node (the real `caisey`
+/// binary, started in the background as the viewer would start it), its backend on `rt`.
 fn viewer<'a>(org: &Org, name: &str, rt: &tokio::runtime::Runtime) -> Harness<'a, ViewerApp> {
     let opts = NodeOptions {
         home: Home::new(Some(org.world.home(name)), "caisey").expect("home"),
         listen: "127.0.0.1:0".parse().expect("addr"),
     };
-    let node = rt.block_on(Node::start(opts)).expect("node");
-    let (handle, _task) = backend::spawn(rt.handle(), node, true);
+    let client = rt.block_on(Client::connect(&opts, Some(caisey_tests::bin("caisey")))).expect("client");
+    let (handle, _task) = backend::spawn(rt.handle(), client, true);
     Harness::builder()
         .with_size([1280.0, 900.0])
         .build_ui_state(|ui, app: &mut ViewerApp| app.show(ui), ViewerApp::new(handle))
@@ -197,7 +199,7 @@ fn the_consent_window_shows_hostile_commands_inert_and_approves_and_denies() {
     let _agent = org.world.start_agent("ws-01");
     let mut h = Harness::builder().with_size([720.0, 620.0]).build_ui_state(
         |ui, app: &mut PromptApp| app.show(ui),
-        PromptApp::connect(org.world.home("ws-01").join("agent.sock")).expect("prompt"),
+        PromptApp::connect(org.world.home("ws-01").join(caisey_peer::home::SOCKET)).expect("prompt"),
     );
     step_until(&mut h, Duration::from_secs(10), "idle", |h| shows(h, "Nothing is waiting"));
 

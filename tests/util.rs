@@ -140,6 +140,16 @@ impl World {
         Self { root: tempfile::tempdir().expect("tempdir") }
     }
 
+    /// The pid of the node running in the background for `home`, if one is.
+    pub fn node_pid(&self, home: &str) -> Option<u32> {
+        node_pid(&self.home(home))
+    }
+
+    /// Stops the node of `home` (`caisey down`), as a user would before opening its store.
+    pub fn down(&self, home: &str) {
+        self.caisey(home, &["down"]).ok();
+    }
+
     pub fn home(&self, name: &str) -> PathBuf {
         self.root.path().join(name)
     }
@@ -212,6 +222,22 @@ impl World {
             list.as_array()?.first()?.get("id")?.as_str().map(str::to_string)
         })
         .unwrap_or_else(|| panic!("no request became pending on {agent}"))
+    }
+}
+
+fn node_pid(home: &Path) -> Option<u32> {
+    std::fs::read_to_string(home.join("node.pid")).ok()?.trim().parse().ok()
+}
+
+/// Nodes the `caisey` commands of a test started in the background are killed with its world.
+impl Drop for World {
+    fn drop(&mut self) {
+        let Ok(homes) = std::fs::read_dir(self.root.path()) else { return };
+        for home in homes.flatten() {
+            if let Some(pid) = node_pid(&home.path()) {
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            }
+        }
     }
 }
 
@@ -373,7 +399,9 @@ pub mod forge {
         tokio::runtime::Runtime::new().expect("runtime").block_on(f)
     }
 
+    /// Opens the store of `home` in this process, after stopping its node (which holds it).
     async fn open(home: &Path) -> Node {
+        let _ = std::process::Command::new(crate::bin("caisey")).arg("--home").arg(home).arg("down").output();
         let opts = NodeOptions {
             home: Home::new(Some(home.to_path_buf()), "caisey").expect("home"),
             listen: "127.0.0.1:0".parse().expect("addr"),

@@ -56,8 +56,7 @@ async fn transcript(State(node): State<Node>, Path(file): Path<String>) -> Respo
     if id.len() != 26 || !id.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)) {
         return not_found();
     }
-    let stored = node.with_core(move |core| core.store.published(&id)).await;
-    let Ok(Ok(Some((_, bytes)))) = stored else { return not_found() };
+    let Ok(Some(bytes)) = caisey_peer::publish::published(&node, &id).await else { return not_found() };
     if json {
         return secured(bytes.into_response(), "application/json");
     }

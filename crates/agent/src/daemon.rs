@@ -16,15 +16,15 @@ use caisey_doc::id::NodeId;
 use caisey_doc::id::{DocId, Id128};
 use caisey_doc::machine::{MachineDoc, machine_doc_id};
 use caisey_doc::session::{CommandRequest, Decision, End, EndStatus, SessionView, SessionWriter, Start, Verdict};
-use caisey_peer::node::{Node, NodeEvent, NodeOptions};
+use caisey_peer::node::{LocalRecord, Node, NodeEvent, NodeOptions};
 use caisey_peer::now_ms;
-use caisey_peer::store::Write;
 use caisey_peer::wire::DocKind;
 use tracing::{debug, info, warn};
 
 use crate::gate::{self, Action, Pending};
-use crate::local::{self, LocalHandler, LocalReply, LocalRequest, PendingItem};
+use crate::local::{AgentApi, LocalReply, LocalRequest, PendingItem};
 use crate::{card, runner};
+use caisey_peer::local::{self, Answer, Clients};
 
 /// How often the agent says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
@@ -62,18 +62,18 @@ pub async fn run_node(node: Node, shutdown: impl Future<Output = ()>) -> Result<
     }
     let agent = Agent { node: node.clone(), state: Arc::default(), refreshing: Arc::default() };
     let mut events = node.subscribe();
-    node.keep_relays_connected();
+    node.keep_connected();
     agent.publish_card().await?;
     for doc in node.sessions().await? {
         agent.refresh(doc).await;
     }
     // Anything started by an earlier run and never ended is recorded as interrupted now.
     agent.review().await;
-    let socket = node.home().socket_path();
+    let listener = local::socket::bind(&node.home().socket_path())?;
     let server = tokio::spawn({
         let agent = agent.clone();
         async move {
-            if let Err(e) = local::serve(&socket, agent).await {
+            if let Err(e) = local::serve(listener, agent, Clients::default()).await {
                 warn!("local approval socket failed: {e:#}");
             }
         }
@@ -138,11 +138,10 @@ impl Agent {
         // Read where the fleet is, rather than copying it for every change of every session.
         let view = self
             .node
-            .with_core(move |core| {
-                core.hub.doc(&doc).and_then(|d| SessionView::read_without_output(d, core.hub.fleet()).ok())
-            })
+            .read_with_fleet(doc, |d, fleet| SessionView::read_without_output(d, fleet).ok())
             .await
             .ok()
+            .flatten()
             .flatten()
             .filter(|v| v.targets.contains(&me));
         debug!(doc = %doc.short(), targets_me = view.is_some(), "session refreshed");
@@ -216,18 +215,17 @@ impl Agent {
                     chunks: 0,
                     message: Some("the agent stopped while the command ran; it was not run again".into()),
                 };
-                let fleet = self.node.fleet().await?;
                 self.node
-                    .change(session, move |doc| -> Result<()> {
+                    .change_guarded(session, move |doc, guard| {
                         // Only if it still has no end, as the document stands now.
-                        let view = SessionView::read_without_output(&*doc, &fleet)?;
+                        let view = SessionView::read_without_output(&*doc, guard.fleet())?;
                         if view.command(&request).is_some_and(|c| c.start.is_some() && c.end.is_none()) {
                             warn!(request = %request.short(), "command was running when the agent stopped; recording it as interrupted");
                             SessionWriter::end(doc, &signer, &end)?;
                         }
-                        Ok(())
+                        Ok(((), vec![]))
                     })
-                    .await??;
+                    .await?;
             }
             Action::RunApproved { session, request } => {
                 if self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.refused.contains(&request) {
@@ -269,11 +267,7 @@ impl Agent {
         let p = self.find_pending(prefix)?;
         let me = self.node.id();
         // Only our own name: not a copy of the whole fleet (a thousand members) per decision.
-        let machine = self
-            .node
-            .with_core(move |core| core.hub.fleet().members.get(&me).map(|m| m.name.clone()))
-            .await?
-            .unwrap_or_default();
+        let machine = self.node.member_name(me).await?.unwrap_or_default();
         let now = now_ms();
         let decision = Decision {
             request: p.id,
@@ -315,23 +309,14 @@ impl Agent {
         what: &'static [u8],
         write: impl FnOnce(&SessionView, &mut caisey_doc::automerge::Automerge) -> Result<()> + Send + 'static,
     ) -> Result<()> {
+        let record = LocalRecord { key: request_key(&id), value: what.to_vec() };
         self.node
-            .with_core(move |core| -> Result<()> {
-                let now = now_ms();
-                let fleet = core.hub.fleet().clone();
-                let mut result = Ok(());
-                let (_, out) = core
-                    .hub
-                    .change(session, now, |doc| {
-                        result = SessionView::read_without_output(&*doc, &fleet)
-                            .map_err(anyhow::Error::from)
-                            .and_then(|view| write(&view, doc));
-                    })
-                    .ok_or_else(|| anyhow!("session {} is gone", session.short()))?;
-                result?;
-                core.apply_with(vec![Write::Setting { key: request_key(&id), value: what.to_vec() }], out)
+            .change_guarded(session, move |doc, guard| {
+                let view = SessionView::read_without_output(&*doc, guard.fleet())?;
+                write(&view, doc)?;
+                Ok(((), vec![record]))
             })
-            .await?
+            .await
     }
 
     /// The one way a command starts: re-checks the approval against the document as it is now,
@@ -347,10 +332,9 @@ impl Agent {
         }
         let consumed = self
             .node
-            .with_core(move |core| -> Result<CommandRequest> {
+            .change_guarded(session, move |doc, guard| -> Result<(CommandRequest, Vec<LocalRecord>)> {
                 let now = now_ms();
-                let doc = core.hub.doc(&session).ok_or_else(|| anyhow!("session {} is gone", session.short()))?;
-                let view = SessionView::read_without_output(doc, core.hub.fleet())?;
+                let view = SessionView::read_without_output(&*doc, guard.fleet())?;
                 let (approved_by, nonce) = match &local {
                     Some((d, code)) => {
                         check_still_pending(&view, id, *code, me, now)?;
@@ -371,33 +355,27 @@ impl Agent {
                     }
                 };
                 let key = format!("consumed/{nonce}");
-                if core.store.setting(&key)?.is_some() {
+                if guard.local_record(&key)?.is_some() {
                     bail!("approval {} was already used; it is never used twice", nonce.short());
                 }
                 // What this agent decided or started is remembered here, whatever a merge of the
                 // session later shows: a request is started at most once, never after a denial.
-                if let Some(done) = core.store.setting(&request_key(&id))? {
+                if let Some(done) = guard.local_record(&request_key(&id))? {
                     bail!("request {} was already {} on this machine", id.short(), String::from_utf8_lossy(&done));
                 }
                 let request =
                     view.command(&id).map(|c| c.request.clone()).ok_or_else(|| anyhow!("request vanished"))?;
-                let consumed = vec![
-                    Write::Setting { key, value: now.to_be_bytes().to_vec() },
-                    Write::Setting { key: request_key(&id), value: b"started".to_vec() },
-                ];
                 let start = Start { request: id, session, started_at: now, approved_by, nonce };
                 let decision = local.as_ref().map(|(d, _)| d.clone());
-                let (written, out) = core
-                    .hub
-                    .change(session, now, |doc| SessionWriter::start(doc, &signer, decision.as_ref(), &start))
-                    .ok_or_else(|| anyhow!("session {} is gone", session.short()))?;
-                written?;
+                SessionWriter::start(doc, &signer, decision.as_ref(), &start)?;
                 // The nonce, the local record and the start: one transaction.
-                core.apply_with(consumed, out)?;
-                Ok(request)
+                let consumed = vec![
+                    LocalRecord { key, value: now.to_be_bytes().to_vec() },
+                    LocalRecord { key: request_key(&id), value: b"started".to_vec() },
+                ];
+                Ok((request, consumed))
             })
-            .await
-            .and_then(|r| r);
+            .await;
         let request = match consumed {
             Ok(request) => request,
             Err(e) => {
@@ -470,16 +448,18 @@ fn check_still_pending(view: &SessionView, id: Id128, code: Id128, me: NodeId, n
     Ok(())
 }
 
-impl LocalHandler for Agent {
-    async fn handle(&self, req: LocalRequest) -> LocalReply {
+impl caisey_peer::local::Service for Agent {
+    type Api = AgentApi;
+
+    async fn handle(&self, req: LocalRequest) -> Answer<LocalReply> {
         let result = match req {
-            LocalRequest::Pending => return LocalReply::Pending { pending: self.pending_items().await },
+            LocalRequest::Pending => return Answer::One(LocalReply::Pending { pending: self.pending_items().await }),
             LocalRequest::Approve { id } => self.decide(&id, true).await,
             LocalRequest::Deny { id } => self.decide(&id, false).await,
         };
-        match result {
+        Answer::One(match result {
             Ok(message) => LocalReply::Done { message },
             Err(e) => LocalReply::Error { error: format!("{e:#}") },
-        }
+        })
     }
 }

@@ -35,7 +35,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn socket(&self) -> PathBuf {
-        self.home.join("agent.sock")
+        self.home.join(caisey_peer::home::SOCKET)
     }
 }
 

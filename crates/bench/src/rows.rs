@@ -53,22 +53,19 @@ async fn wait_ends(tech: &Node, wanted: &[(DocId, Id128)], timeout: Duration) ->
     loop {
         let check: Vec<(DocId, Vec<Id128>)> =
             changed.iter().filter_map(|s| left.get(s).map(|r| (*s, r.clone()))).collect();
-        let done: Vec<DocId> = tech
-            .with_core(move |core| {
-                check
-                    .into_iter()
-                    .filter(|(s, reqs)| {
-                        core.hub.missing_output(s) == 0
-                            && core
-                                .hub
-                                .doc(s)
-                                .and_then(|d| SessionView::read_without_output(d, core.hub.fleet()).ok())
-                                .is_some_and(|v| reqs.iter().all(|r| v.command(r).is_some_and(|c| c.end.is_some())))
-                    })
-                    .map(|(s, _)| s)
-                    .collect()
-            })
-            .await?;
+        let mut done = Vec::new();
+        for (s, reqs) in check {
+            let ended = tech
+                .read_with_fleet(s, move |d, fleet| {
+                    SessionView::read_without_output(d, fleet)
+                        .is_ok_and(|v| reqs.iter().all(|r| v.command(r).is_some_and(|c| c.end.is_some())))
+                })
+                .await?
+                .unwrap_or(false);
+            if ended && tech.missing_output(s).await? == 0 {
+                done.push(s);
+            }
+        }
         for s in done {
             left.remove(&s);
         }
@@ -433,14 +430,13 @@ pub async fn offline_catch_up(commands: usize) -> Result<f64> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
         loop {
             let ended = relay
-                .with_core(move |core| {
-                    core.hub
-                        .doc(&session)
-                        .and_then(|d| SessionView::read_without_output(d, core.hub.fleet()).ok())
+                .read_with_fleet(session, |d, fleet| {
+                    SessionView::read_without_output(d, fleet)
                         .map(|v| v.commands.iter().filter(|c| c.end.is_some()).count())
                         .unwrap_or(0)
                 })
-                .await?;
+                .await?
+                .unwrap_or(0);
             if ended == commands {
                 break;
             }
@@ -578,12 +574,8 @@ pub async fn open_big_session(commands: usize, each: usize) -> Result<(f64, f64)
         SessionWriter::end(&mut doc, &agent_signer, &end)?;
     }
     org.tech.create(session, DocKind::Session, doc).await?;
-    org.tech
-        .with_core(move |core| {
-            let out = core.hub.hold_chunks(session, stored);
-            core.apply(out)
-        })
-        .await??;
+    // The bytes the references name, stored as an agent's runner would have sent them.
+    org.tech.append_output(session, stored, |_| ()).await?;
     let tech_home = org.root.path().join("tech");
     org.tech.shutdown().await;
     drop(org.tech);
@@ -713,7 +705,9 @@ pub async fn viewer_frames(size: usize) -> Result<(usize, f64, f64, f64)> {
     // base64 lines of 76 characters: about 130,000 lines for 10 MB.
     let script = format!("head -c {size} /dev/urandom | base64 -w 76 | head -c {size}");
     let (org, session, request) = one_agent_asked("viewer", script, Route::Relay).await?;
-    let (handle, task) = backend::spawn(&tokio::runtime::Handle::current(), org.tech.clone(), false);
+    let client =
+        caisey_viewer::client::Client::in_process(caisey_viewer::service::TechService::start(org.tech.clone(), None));
+    let (handle, task) = backend::spawn(&tokio::runtime::Handle::current(), client, false);
     let frames = tokio::task::spawn_blocking(move || -> Result<Vec<(f64, f64)>> {
         let mut app = ViewerApp::new(handle);
         app.open_session(session);

@@ -162,7 +162,7 @@ pub enum FleetError {
 }
 
 /// A verified member.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub node: NodeId,
     pub role: Role,

@@ -209,7 +209,7 @@ pub enum Stream {
 
 /// A piece of output, with its bytes (as the runner produced them or as read back from a
 /// [`ChunkSource`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputChunk {
     pub request: Id128,
     pub seq: u64,
@@ -495,7 +495,7 @@ impl SessionWriter {
 }
 
 /// A record that failed verification or was written by someone not allowed to write it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quarantined {
     pub place: String,
     pub author: Option<NodeId>,
@@ -503,7 +503,7 @@ pub struct Quarantined {
 }
 
 /// One command and everything that happened to it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommandView {
     pub request: CommandRequest,
     pub requester: NodeId,
@@ -543,7 +543,7 @@ impl CommandView {
 }
 
 /// The verified view of a session document.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionView {
     /// As opened, with the name and labels of the newest rename applied.
     pub info: SessionInfo,

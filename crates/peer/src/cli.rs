@@ -69,3 +69,19 @@ pub fn run_main<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(f: F)
         }
     }
 }
+
+/// Resolves when the process is asked to stop: Ctrl-C, or SIGTERM from a service manager.
+pub async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -12,6 +12,8 @@ use caisey_doc::record::Signer;
 
 /// The environment variable that sets `--home`.
 pub const HOME_ENV: &str = "CAISEY_HOME";
+/// The local socket's file name in a home.
+pub const SOCKET: &str = "node.sock";
 
 #[derive(Debug, Clone)]
 pub struct Home {
@@ -44,9 +46,15 @@ impl Home {
         self.dir.join("store.redb")
     }
 
-    /// The local approval socket (agents only). Lives in the home, which only its owner can enter.
+    /// The socket local clients reach the home's running node on (`crate::local`). Lives in the
+    /// home, which only its owner can enter.
     pub fn socket_path(&self) -> PathBuf {
-        self.dir.join("agent.sock")
+        self.dir.join(SOCKET)
+    }
+
+    /// Where a node started in the background writes what it logs.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("node.log")
     }
 
     /// This node's signing key, created on first use.

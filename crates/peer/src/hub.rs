@@ -304,8 +304,18 @@ impl Hub {
 
     /// Changes a document locally; returns the closure's result and what to do about the change.
     pub fn change<R>(&mut self, id: DocId, now: u64, f: impl FnOnce(&mut Automerge) -> R) -> Option<(R, Vec<Output>)> {
+        self.change_with_fleet(id, now, |doc, _| f(doc))
+    }
+
+    /// Like [`Hub::change`], with the verified fleet at hand (to check the change against it).
+    pub fn change_with_fleet<R>(
+        &mut self,
+        id: DocId,
+        now: u64,
+        f: impl FnOnce(&mut Automerge, &Fleet) -> R,
+    ) -> Option<(R, Vec<Output>)> {
         let entry = self.docs.get_mut(&id)?;
-        let r = f(&mut entry.doc);
+        let r = f(&mut entry.doc, &self.fleet);
         let mut out = Vec::new();
         let missing = self.after_change(id, now, &mut out);
         self.ask_everyone(id, missing, &mut out);

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod enroll;
 pub mod home;
 pub mod hub;
+pub mod local;
 pub mod node;
 pub mod publish;
 pub mod rpc;

@@ -44,6 +44,51 @@ pub enum NodeEvent {
     PeerDown(NodeId),
 }
 
+/// How a connection to a peer travels right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerPath {
+    /// Straight to the peer's address (on a LAN, or hole-punched through NAT).
+    Direct,
+    /// Through an iroh relay server, because no direct path could be made (yet).
+    Relayed,
+}
+
+impl PeerPath {
+    fn of(conn: &Connection) -> PeerPath {
+        let paths = conn.paths();
+        let selected = paths.iter().find(|p| p.is_selected());
+        match selected {
+            Some(p) if p.is_relay() => PeerPath::Relayed,
+            _ => PeerPath::Direct,
+        }
+    }
+}
+
+/// A record this node keeps for itself (never synced), written atomically with a change.
+#[derive(Debug, Clone)]
+pub struct LocalRecord {
+    pub key: String,
+    pub value: Vec<u8>,
+}
+
+/// What a [`Node::change_guarded`] closure may consult besides its document.
+pub struct Guard<'a> {
+    fleet: &'a Fleet,
+    store: &'a Store,
+}
+
+impl Guard<'_> {
+    pub fn fleet(&self) -> &Fleet {
+        self.fleet
+    }
+
+    /// A local record written earlier (by [`Node::change_guarded`] or [`Node::set_setting`]).
+    pub fn local_record(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.store.setting(key)?)
+    }
+}
+
 /// Serves one of the small protocols (enrollment, publishing) on an accepted connection. Kept
 /// as a callback so this module does not depend on their policies.
 pub type ProtocolHandler =
@@ -83,10 +128,11 @@ impl Outbox {
     }
 }
 
-/// The core task's state: the hub, the store, and a way to reach each connected peer.
-pub struct Core {
-    pub hub: Hub,
-    pub store: Store,
+/// The core task's state: the hub, the store, and a way to reach each connected peer. Private to
+/// this crate: everything else reads and changes documents through [`Node`]'s typed methods.
+pub(crate) struct Core {
+    pub(crate) hub: Hub,
+    pub(crate) store: Store,
     outboxes: std::collections::BTreeMap<NodeId, Outbox>,
     events: broadcast::Sender<NodeEvent>,
 }
@@ -202,8 +248,8 @@ struct Shared {
     cmd: mpsc::Sender<Cmd>,
     events: broadcast::Sender<NodeEvent>,
     next_conn: AtomicU64,
-    /// Whether the relay keepalive runs (it is started once, however often it is asked for).
-    keeping_relays: std::sync::atomic::AtomicBool,
+    /// Whether the keepalive runs (it is started once, however often it is asked for).
+    keeping_connected: std::sync::atomic::AtomicBool,
     home: Home,
     handlers: std::sync::Mutex<std::collections::BTreeMap<Vec<u8>, ProtocolHandler>>,
 }
@@ -247,7 +293,7 @@ impl Node {
                 cmd,
                 events,
                 next_conn: AtomicU64::new(1),
-                keeping_relays: Default::default(),
+                keeping_connected: Default::default(),
                 home: opts.home,
                 handlers: Default::default(),
             }),
@@ -290,7 +336,10 @@ impl Node {
     }
 
     /// Runs `f` on the core task, with exclusive access to the hub and store.
-    pub async fn with_core<R: Send + 'static>(&self, f: impl FnOnce(&mut Core) -> R + Send + 'static) -> Result<R> {
+    pub(crate) async fn with_core<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Core) -> R + Send + 'static,
+    ) -> Result<R> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |core| {
             let _ = tx.send(f(core));
@@ -390,6 +439,97 @@ impl Node {
         self.with_core(move |core| core.hub.doc(&doc).map(f)).await
     }
 
+    /// Reads a document together with the verified fleet, without copying the fleet.
+    pub async fn read_with_fleet<R: Send + 'static>(
+        &self,
+        doc: DocId,
+        f: impl FnOnce(&Automerge, &Fleet) -> R + Send + 'static,
+    ) -> Result<Option<R>> {
+        self.with_core(move |core| core.hub.doc(&doc).map(|d| f(d, core.hub.fleet()))).await
+    }
+
+    /// Reads every document of `kind`, keeping what `f` returns.
+    pub async fn read_all<R: Send + 'static>(
+        &self,
+        kind: DocKind,
+        f: impl Fn(DocId, &Automerge, &Fleet) -> Option<R> + Send + 'static,
+    ) -> Result<Vec<R>> {
+        self.with_core(move |core| {
+            let hub = &core.hub;
+            hub.docs().filter(|(_, k)| *k == kind).filter_map(|(id, _)| f(id, hub.doc(&id)?, hub.fleet())).collect()
+        })
+        .await
+    }
+
+    /// Reads session `doc` with the output bytes held here and the fleet document it belongs to
+    /// (what a transcript is built from).
+    pub async fn read_with_fleet_doc<R: Send + 'static>(
+        &self,
+        doc: DocId,
+        f: impl FnOnce(&Automerge, &Automerge, &dyn ChunkSource) -> R + Send + 'static,
+    ) -> Result<R> {
+        self.with_core(move |core| {
+            let session = core.hub.doc(&doc).ok_or_else(|| anyhow!("no session {}", doc.short()))?;
+            let fleet_doc = core.hub.fleet_doc().and_then(|id| core.hub.doc(&id)).ok_or_else(|| anyhow!("no org"))?;
+            let chunks = core.store.chunks()?;
+            Ok(f(session, fleet_doc, &chunks))
+        })
+        .await?
+    }
+
+    /// How many output chunks session `doc` references that are not here yet.
+    pub async fn missing_output(&self, doc: DocId) -> Result<usize> {
+        self.with_core(move |core| core.hub.missing_output(&doc)).await
+    }
+
+    /// Changes `doc` only if `f` succeeds. Besides the document, `f` sees the verified fleet and
+    /// this node's local records ([`Guard`]), and returns local records to write in the same
+    /// durable transaction as the change: an agent consumes an approval atomically with the
+    /// start it writes. When `f` fails, nothing is written.
+    pub async fn change_guarded<R: Send + 'static>(
+        &self,
+        doc: DocId,
+        f: impl FnOnce(&mut Automerge, &Guard<'_>) -> Result<(R, Vec<LocalRecord>)> + Send + 'static,
+    ) -> Result<R> {
+        self.with_core(move |core| {
+            let Core { hub, store, .. } = &mut *core;
+            let (result, out) = hub
+                .change_with_fleet(doc, crate::now_ms(), |d, fleet| f(d, &Guard { fleet, store }))
+                .ok_or_else(|| anyhow!("no document {}", doc.short()))?;
+            let (r, records) = result?;
+            let writes = records.into_iter().map(|LocalRecord { key, value }| Write::Setting { key, value }).collect();
+            core.apply_with(writes, out)?;
+            Ok(r)
+        })
+        .await?
+    }
+
+    /// How many documents hold changes `peer` has not confirmed: as of now when it is connected,
+    /// else as of what it acknowledged when we last spoke (written here while offline).
+    pub async fn unconfirmed_docs(&self, peer: NodeId) -> Result<usize> {
+        self.with_core(move |core| -> Result<usize> {
+            if core.hub.peers().iter().any(|p| p.peer == peer) {
+                return Ok(core.hub.sync_lag(&peer).len());
+            }
+            let saved: std::collections::BTreeMap<DocId, Vec<u8>> =
+                core.store.sync_states(&peer)?.into_iter().collect();
+            let mut n = 0;
+            for (id, _) in core.hub.docs() {
+                let Some(doc) = core.hub.doc(&id) else { continue };
+                let acked = saved
+                    .get(&id)
+                    .and_then(|b| automerge::sync::State::decode(b).ok())
+                    .map(|s| s.shared_heads)
+                    .unwrap_or_default();
+                if doc.get_heads().iter().any(|h| !acked.contains(h)) {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await?
+    }
+
     /// The verified fleet (empty before this node has joined an org).
     pub async fn fleet(&self) -> Result<Fleet> {
         self.with_core(|core| core.hub.fleet().clone()).await
@@ -408,6 +548,11 @@ impl Node {
         self.with_core(|core| core.hub.peers()).await
     }
 
+    /// Every connected peer and the path its connection uses now.
+    pub async fn peer_paths(&self) -> Result<Vec<(NodeId, PeerPath)>> {
+        self.with_core(|core| core.outboxes.iter().map(|(peer, o)| (*peer, PeerPath::of(&o.handle))).collect()).await
+    }
+
     pub async fn setting(&self, key: &'static str) -> Result<Option<Vec<u8>>> {
         self.with_core(move |core| core.store.setting(key)).await?.map_err(Into::into)
     }
@@ -420,6 +565,18 @@ impl Node {
     /// Relays to keep in touch with: members with the relay role (addresses from their presence),
     /// plus any remembered from a token or `relay add`.
     pub async fn relay_contacts(&self) -> Result<Vec<Contact>> {
+        self.contacts_of(&[Role::Relay]).await
+    }
+
+    /// The members this node keeps connected to: the org's relays and its technicians (a
+    /// technician's node serves sync like a relay, so a shop without a relay works on its LAN).
+    pub async fn hub_contacts(&self) -> Result<Vec<Contact>> {
+        self.contacts_of(&[Role::Relay, Role::Technician]).await
+    }
+
+    /// Members with one of `roles`, at the addresses of their presence (and, for relays, the
+    /// addresses remembered from a token or `relay add`), never this node itself.
+    async fn contacts_of(&self, roles: &'static [Role]) -> Result<Vec<Contact>> {
         let me = self.id();
         // Read in place: this runs every half second on every node, and cloning the fleet of a
         // large org each time would cost more than everything else an idle node does.
@@ -432,9 +589,9 @@ impl Node {
                 .and_then(|b| serde_json::from_slice::<Vec<Contact>>(&b).ok())
                 .unwrap_or_default();
             let fleet = core.hub.fleet();
-            for relay in fleet.members_with_role(Role::Relay) {
-                if let Some(p) = fleet.presence.get(&relay.node) {
-                    match out.iter_mut().find(|c| c.node == relay.node) {
+            for member in fleet.members.values().filter(|m| roles.contains(&m.role)) {
+                if let Some(p) = fleet.presence.get(&member.node) {
+                    match out.iter_mut().find(|c| c.node == member.node) {
                         Some(c) => {
                             for a in &p.addrs {
                                 if !c.addrs.contains(a) {
@@ -442,7 +599,7 @@ impl Node {
                                 }
                             }
                         }
-                        None => out.push(Contact { node: relay.node, addrs: p.addrs.clone() }),
+                        None => out.push(Contact { node: member.node, addrs: p.addrs.clone() }),
                     }
                 }
             }
@@ -515,9 +672,10 @@ impl Node {
             .with_context(|| format!("could not reach {} at {}", contact.node.short(), contact.addrs.join(", ")))
     }
 
-    /// Keeps a connection to every relay, redialling with backoff, until the node stops.
-    pub fn keep_relays_connected(&self) {
-        if self.shared.keeping_relays.swap(true, Ordering::SeqCst) {
+    /// Keeps a connection to every relay and technician ([`Node::hub_contacts`]), redialling
+    /// with backoff, until the node stops.
+    pub fn keep_connected(&self) {
+        if self.shared.keeping_connected.swap(true, Ordering::SeqCst) {
             return;
         }
         let node = self.clone();
@@ -530,15 +688,20 @@ impl Node {
                 let connected: Vec<NodeId> =
                     node.peers().await.map(|p| p.iter().map(|i| i.peer).collect()).unwrap_or_default();
                 let mut all_up = true;
-                for relay in node.relay_contacts().await.unwrap_or_default() {
-                    if connected.contains(&relay.node) {
+                let me = node.id();
+                let my_role = node.with_core(move |core| core.hub.fleet().role_of(&me)).await.ok().flatten();
+                for peer in node.hub_contacts().await.unwrap_or_default() {
+                    if !node.dials(my_role, &peer.node).await {
+                        continue;
+                    }
+                    if connected.contains(&peer.node) {
                         continue;
                     }
                     all_up = false;
-                    match tokio::time::timeout(Duration::from_secs(5), node.dial(&relay)).await {
+                    match tokio::time::timeout(Duration::from_secs(5), node.dial(&peer)).await {
                         Ok(Ok(())) => backoff = Duration::from_millis(200),
-                        Ok(Err(e)) => debug!("relay {} unreachable: {e:#}", relay.node.short()),
-                        Err(_) => debug!("relay {} timed out", relay.node.short()),
+                        Ok(Err(e)) => debug!("{} unreachable: {e:#}", peer.node.short()),
+                        Err(_) => debug!("{} timed out", peer.node.short()),
                     }
                 }
                 let wait = if all_up { Duration::from_millis(500) } else { backoff };
@@ -550,6 +713,22 @@ impl Node {
                 }
             }
         });
+    }
+
+    /// Whether this node (of role `mine`) is the one to dial `peer`, a relay or technician.
+    /// Agents and approvers dial the org's hubs; technicians dial relays; between two relays or
+    /// two technicians the one with the smaller id dials, so a pair never races to replace each
+    /// other's connection. A relay never dials a technician: it may sit behind a NAT.
+    async fn dials(&self, mine: Option<Role>, peer: &NodeId) -> bool {
+        let peer = *peer;
+        let theirs = self.with_core(move |core| core.hub.fleet().role_of(&peer)).await.ok().flatten();
+        match (mine, theirs) {
+            (Some(Role::Relay), Some(Role::Relay)) | (Some(Role::Technician), Some(Role::Technician)) => {
+                self.id() < peer
+            }
+            (Some(Role::Relay), _) => false,
+            _ => true,
+        }
     }
 
     async fn register(&self, handle: Connection, send: SendStream, recv: RecvStream) -> Result<()> {

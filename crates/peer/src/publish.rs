@@ -117,6 +117,12 @@ async fn call(node: &Node, relay: &Contact, req: &Request) -> Result<Reply> {
     Ok(reply)
 }
 
+/// A transcript published here, by link id (what the relay's HTTP pages serve).
+pub async fn published(node: &Node, id: &str) -> Result<Option<Vec<u8>>> {
+    let id = id.to_string();
+    Ok(node.with_core(move |core| core.store.published(&id)).await??.map(|(_, bytes)| bytes))
+}
+
 /// Publishes a transcript; returns its link.
 pub async fn publish(node: &Node, relay: &Contact, file: &TranscriptFile) -> Result<String> {
     let transcript = String::from_utf8(file.to_json())?;

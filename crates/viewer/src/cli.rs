@@ -7,15 +7,18 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use caisey_agent::escape::visible;
 use caisey_doc::fleet::Role;
 use caisey_doc::session::{CommandSpec, EndStatus, Shell};
 use caisey_doc::token::{InviteToken, RelayTicket};
 use caisey_peer::cli::{EXIT_REMOTE_FAILED, NodeArgs, parse_duration, run_main};
-use caisey_peer::node::{Node, NodeEvent};
+use caisey_peer::node::{NodeOptions, PeerPath};
 use clap::{Parser, Subcommand};
 
-use crate::tech::{self, RunRequest, Targets};
-use crate::transcript::{ExportFormat, Follower, OutputStyle, session_json, time};
+use crate::api::Event;
+use crate::client::Client;
+use crate::tech::{RunRequest, Targets};
+use crate::transcript::{ExportFormat, Follower, OutputStyle, time};
 
 /// Caisey: run diagnostics on enrolled machines, with the user's consent, into durable sessions.
 #[derive(Debug, Parser)]
@@ -115,6 +118,20 @@ pub enum Command {
         /// where there is no display).
         #[arg(long)]
         headless: bool,
+    },
+    /// Run this home's node in the foreground (for a service manager). Every other command is
+    /// its client and starts it in the background when it is not running.
+    Up {
+        /// Stop after this long with no client connected (default: run until stopped).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        idle_exit: Option<Duration>,
+    },
+    /// Stop this home's node.
+    Down,
+    /// What this home's node is doing: peers and how they are reached, relays, what waits to sync.
+    Status {
+        #[arg(long)]
+        json: bool,
     },
     /// Write a session to a file as JSON or CSV (one row per command).
     Export {
@@ -248,60 +265,74 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Verify { file } = &command {
         return verify(file).await;
     }
-    let node = Node::start(cli.node.options("caisey")?).await?;
-    let result = dispatch(&node, command).await;
-    node.shutdown().await;
-    result
+    let opts = cli.node.options("caisey")?;
+    match command {
+        Command::Up { idle_exit } => return up(opts, idle_exit).await,
+        Command::Down => return down(&opts).await,
+        Command::Status { json } => return status(&opts, json).await,
+        _ => {}
+    }
+    let exe = std::env::current_exe().context("finding the caisey binary to start the node with")?;
+    let client = Client::connect(&opts, Some(exe)).await?;
+    dispatch(&client, command).await
 }
 
-async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
+/// Waits for the node's first catch-up with the org, saying so when it reached nobody.
+async fn online(client: &Client) -> Result<()> {
+    if let Some(warning) = client.online().await? {
+        eprintln!("warning: {warning}");
+    }
+    Ok(())
+}
+
+async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
     match command {
         Command::Init { org, name } => {
-            let fleet = tech::init(node, &org, &name.unwrap_or_else(default_name)).await?;
-            println!("created org {:?}; you are its first technician ({})", fleet.org_name, node.id().short());
+            let org = client.init(&org, &name.unwrap_or_else(default_name)).await?;
+            println!("created org {:?}; you are its first technician ({})", org.org_name, org.me.short());
             println!("next: `caisey relay add TICKET` for a relay, `caisey invite agent` for machines");
         }
         Command::Invite(kind) => {
-            let token = match kind {
+            let (token, only_this_node) = match kind {
                 InviteKind::Agent { name, groups, ttl } => {
-                    tech::invite(node, Role::Agent, name, groups, vec![], ttl).await?
+                    client.invite(Role::Agent, name, groups, vec![], ttl).await?
                 }
                 InviteKind::Technician { name, ttl } => {
-                    tech::invite(node, Role::Technician, name, vec![], vec![], ttl).await?
+                    client.invite(Role::Technician, name, vec![], vec![], ttl).await?
                 }
                 InviteKind::Approver { name, machines, groups, ttl } => {
                     if machines.is_empty() && groups.is_empty() {
                         bail!("say what the approver may approve: --machine NAME or --group GROUP");
                     }
                     let scope = machines.into_iter().chain(groups).collect();
-                    tech::invite(node, Role::Approver, name, vec![], scope, ttl).await?
+                    client.invite(Role::Approver, name, vec![], scope, ttl).await?
                 }
             };
-            if token.cert.contacts.len() == 1 {
+            if only_this_node {
                 eprintln!(
-                    "note: the org has no relay, so enrolling needs this technician's node running; see `caisey relay add`"
+                    "note: the org has no relay: this technician's node serves the enrollment while it runs \
+                     (`caisey up` keeps it running; `caisey relay add` adds an always-on relay)"
                 );
             }
-            println!("{}", token.encode());
+            println!("{token}");
         }
         Command::Join { token, name } => {
             let token = InviteToken::decode(&token, caisey_peer::now_ms())?;
             if !matches!(token.cert.role, Role::Technician | Role::Approver) {
                 bail!("this token enrolls a {}; use `caisey-agent enroll` on the machine", token.cert.role);
             }
-            let fleet = caisey_peer::enroll::join(node, &token, &name.unwrap_or_else(default_name), &[]).await?;
-            tech::go_online(node, &[]).await?;
-            println!("joined org {:?} as {}", fleet.org_name, token.cert.role);
+            let org = client.join(&token.encode(), &name.unwrap_or_else(default_name)).await?;
+            println!("joined org {:?} as {}", org.org_name, token.cert.role);
         }
         Command::Relay(RelayCommand::Add { ticket }) => {
-            let ticket = RelayTicket::decode(&ticket)?;
-            caisey_peer::enroll::adopt_relay(node, &ticket).await?;
-            tech::go_online(node, &[]).await?;
+            let decoded = RelayTicket::decode(&ticket)?;
+            client.add_relay(&ticket).await?;
+            let ticket = decoded;
             println!("relay {} now serves the org; invites made from now on carry its address", ticket.node().short());
         }
         Command::Machines { group, search, json } => {
-            tech::go_online(node, &[]).await?;
-            let machines = tech::machines(node, group.as_deref(), search.as_deref()).await?;
+            online(client).await?;
+            let machines = client.machines(group.as_deref(), search.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&machines)?);
             } else if machines.is_empty() {
@@ -312,14 +343,24 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
                     let seen =
                         m.last_seen.map(|t| format!("last seen {}", time(t))).unwrap_or_else(|| "never seen".into());
                     let os = m.card.as_ref().map(|c| format!("{} {}", c.os_name, c.os_version)).unwrap_or_default();
-                    println!("{state}  {:<20} {:<24} {os}  ({seen})", m.name, m.groups.join(","));
+                    let path = match (m.online, m.direct) {
+                        (false, _) => "",
+                        (true, true) => "direct ",
+                        (true, false) => "via relay ",
+                    };
+                    println!(
+                        "{state}  {:<20} {:<24} {}  ({path}{seen})",
+                        visible(&m.name),
+                        visible(&m.groups.join(",")),
+                        visible(&os)
+                    );
                 }
             }
         }
-        Command::Run(args) => return run_command(node, args).await,
+        Command::Run(args) => return run_command(client, args).await,
         Command::Sessions { search, label, json } => {
-            tech::go_online(node, &[]).await?;
-            let sessions = tech::sessions(node, search.as_deref(), label.as_deref()).await?;
+            online(client).await?;
+            let sessions = client.sessions(search.as_deref(), label.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&sessions)?);
             } else if sessions.is_empty() {
@@ -339,31 +380,32 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
             }
         }
         Command::Show { session, follow, json } => {
-            tech::go_online(node, &[]).await?;
-            let id = tech::find_session(node, &session).await?;
+            online(client).await?;
+            let id = client.find_session(&session).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&session_json(node, id).await?)?);
+                println!("{}", serde_json::to_string_pretty(&client.session_json(id).await?)?);
                 return Ok(ExitCode::SUCCESS);
             }
             let mut follower = Follower::new(id, None, OutputStyle::Labelled);
-            let mut events = node.subscribe();
-            follower.update(node).await?;
+            let mut events = client.watch().await?;
+            follower.update(client).await?;
             if !follow {
                 return Ok(ExitCode::SUCCESS);
             }
             loop {
-                match events.recv().await {
-                    Ok(NodeEvent::DocChanged(d)) if d == id => {
-                        follower.update(node).await?;
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                    _ => {}
+                match events.next().await {
+                    Some(Event::DocChanged(d)) if d != id => continue,
+                    Some(Event::PeerUp(_) | Event::PeerDown(_)) => continue,
+                    Some(_) => {}
+                    // The node went away: the next one (started on demand) has everything it had.
+                    None => events = client.watch().await?,
                 }
+                follower.update(client).await?;
             }
         }
         Command::Pending { json } => {
-            tech::go_online(node, &[]).await?;
-            let awaiting = tech::awaiting_approval(node).await?;
+            online(client).await?;
+            let awaiting = client.awaiting().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&awaiting)?);
             } else if awaiting.is_empty() {
@@ -378,13 +420,13 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Approve { id } => return remote_decision(node, &id, true).await,
-        Command::Deny { id } => return remote_decision(node, &id, false).await,
+        Command::Approve { id } => return remote_decision(client, &id, true).await,
+        Command::Deny { id } => return remote_decision(client, &id, false).await,
         Command::Share { session, redact, omit, out } => {
-            tech::go_online(node, &[]).await?;
-            let id = tech::find_session(node, &session).await?;
-            let file = tech::build_transcript(node, id, &redact, &omit).await?;
-            let (_, checked) = caisey_doc::transcript::verify(&file.to_json())?;
+            online(client).await?;
+            let id = client.find_session(&session).await?;
+            let transcript = client.transcript(id, &redact, &omit).await?;
+            let (file, checked) = caisey_doc::transcript::verify(transcript.as_bytes())?;
             for c in &checked.commands {
                 for r in &c.redactions {
                     eprintln!(
@@ -397,13 +439,12 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
                     );
                 }
             }
-            let relays = node.relay_contacts().await?;
-            if out.is_none() && relays.is_empty() {
+            if out.is_none() && !client.org().await?.has_relay {
                 bail!("the org has no relay to publish to; write the page with --out FILE");
             }
             if let Some(path) = &out {
                 let bytes = if path.extension().is_some_and(|e| e == "json") {
-                    file.to_json()
+                    transcript.clone().into_bytes()
                 } else {
                     caisey_doc::transcript::html::render(&file, &checked).into_bytes()
                 };
@@ -411,14 +452,13 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
                 eprintln!("wrote {}", path.display());
             }
             if out.is_none() {
-                let url = caisey_peer::publish::publish(node, &relays[0], &file).await?;
-                println!("{url}");
+                println!("{}", client.publish(transcript).await?);
             }
         }
         Command::Export { session, format, out } => {
-            tech::go_online(node, &[]).await?;
-            let id = tech::find_session(node, &session).await?;
-            let (bytes, pending) = crate::transcript::export(node, id, format).await?;
+            online(client).await?;
+            let id = client.find_session(&session).await?;
+            let (bytes, pending) = crate::transcript::export(client, id, format).await?;
             if pending > 0 {
                 eprintln!(
                     "warning: {pending} bytes of output have not reached this machine yet; the export has the rest"
@@ -435,27 +475,23 @@ async fn dispatch(node: &Node, command: Command) -> Result<ExitCode> {
         Command::Unshare { link } => {
             let id =
                 link.trim_end_matches('/').rsplit('/').next().unwrap_or_default().trim_end_matches(".json").to_string();
-            let relays = node.relay_contacts().await?;
-            let relay = relays.first().ok_or_else(|| anyhow::anyhow!("the org has no relay; nothing is published"))?;
-            caisey_peer::publish::unpublish(node, relay, &id).await?;
+            client.unpublish(&id).await?;
             println!("withdrawn: {id}");
         }
-        Command::Verify { .. } | Command::Demo { .. } => unreachable!("handled before a node starts"),
+        Command::Verify { .. } | Command::Demo { .. } | Command::Up { .. } | Command::Down | Command::Status { .. } => {
+            unreachable!("handled before a client connects")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
-    tech::go_online(node, &[]).await?;
+async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
+    online(client).await?;
     let targets = match (args.machine, args.group) {
         (Some(m), _) => Targets::Machine(m),
         (None, Some(g)) => Targets::Group(g),
         (None, None) => bail!("say where to run: --machine NAME or --group GROUP"),
     };
-    // Reach the machines directly too, when they are on this network.
-    let fleet = node.fleet().await?;
-    let members = tech::resolve_targets(&fleet, &targets)?;
-    tech::go_online(node, &tech::agent_contacts(&fleet, &members)).await?;
     let command = CommandSpec {
         shell: args.shell,
         script: args.command.join(" "),
@@ -471,15 +507,12 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
         description: args.description,
         approval_window: args.expires,
     };
-    let mut events = node.subscribe();
-    let asked = tech::ask(node, request).await?;
+    // Watching before asking: no change of the new sessions can slip by unseen.
+    let mut events = client.watch().await?;
+    let asked = client.ask(request).await?;
     if args.detach {
-        let relays = node.relay_contacts().await?;
-        let mut delivered = false;
-        for r in &relays {
-            delivered |= node.wait_in_sync(r.node, Duration::from_secs(5)).await?;
-        }
-        if !delivered {
+        let machines = asked.iter().map(|a| a.machine.node).collect();
+        if !client.wait_delivered(machines, Duration::from_secs(5)).await? {
             eprintln!(
                 "warning: the relay did not confirm the request; it is stored here and goes out when this technician next connects"
             );
@@ -492,7 +525,8 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
             println!("{}", serde_json::Value::Array(reqs));
         } else {
             for a in &asked {
-                println!("asked {} (request {}, session {})", a.machine.name, a.request.short(), a.session.short());
+                let machine = visible(&a.machine.name);
+                println!("asked {machine} (request {}, session {})", a.request.short(), a.session.short());
             }
         }
         return Ok(ExitCode::SUCCESS);
@@ -513,7 +547,7 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
     let commands = loop {
         for (i, f) in followers.iter_mut().enumerate() {
             if changed.contains(&asked[i].session) {
-                latest[i] = f.update(node).await?.into_iter().next();
+                latest[i] = f.update(client).await?.into_iter().next();
             }
         }
         changed.clear();
@@ -521,10 +555,16 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
             break latest.iter().flatten().cloned().collect::<Vec<_>>();
         }
         tokio::select! {
-            ev = events.recv() => match ev {
-                Ok(NodeEvent::DocChanged(d)) => { changed.insert(d); }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => bail!("node stopped"),
-                _ => changed.extend(asked.iter().map(|a| a.session)),
+            ev = events.next() => match ev {
+                Some(Event::DocChanged(d)) => { changed.insert(d); }
+                Some(_) => changed.extend(asked.iter().map(|a| a.session)),
+                // The node went away (killed, or stopped): everything asked is durable, so the
+                // next node, started on demand, carries on from where this one was.
+                None => {
+                    eprintln!("warning: this home's node stopped; following the run on a new one");
+                    events = client.watch().await?;
+                    changed.extend(asked.iter().map(|a| a.session));
+                }
             },
             // A slow tick re-reads everything, in case an event was missed.
             _ = tick.tick() => changed.extend(asked.iter().map(|a| a.session)),
@@ -542,7 +582,7 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
         // For scripts and cron: one JSON array, one object per machine, when all are done.
         let mut results = Vec::new();
         for session in asked.iter().map(|a| a.session).collect::<BTreeSet<_>>() {
-            results.extend(session_json(node, session).await?.commands.into_iter().filter(|c| ids.contains(&c.id)));
+            results.extend(client.session_json(session).await?.commands.into_iter().filter(|c| ids.contains(&c.id)));
         }
         println!("{}", serde_json::to_string_pretty(&results)?);
     }
@@ -564,23 +604,105 @@ async fn run_command(node: &Node, args: RunArgs) -> Result<ExitCode> {
         let code = code_of(c);
         failed += usize::from(code != 0);
         let exit = c.end.as_ref().and_then(|e| e.exit_code).map(|x| format!(" (exit {x})")).unwrap_or_default();
-        println!("  {:<20} {}{exit}", names.get(&c.request.id).cloned().unwrap_or_default(), c.status());
+        let machine = visible(&names.get(&c.request.id).cloned().unwrap_or_default());
+        println!("  {machine:<20} {}{exit}", c.status());
     }
     Ok(ExitCode::from(if failed == 0 { 0 } else { EXIT_REMOTE_FAILED }))
 }
 
-async fn remote_decision(node: &Node, code: &str, approve: bool) -> Result<ExitCode> {
-    tech::go_online(node, &[]).await?;
-    let a = tech::decide_remote(node, code, approve).await?;
-    let mut delivered = false;
-    for r in node.relay_contacts().await? {
-        delivered |= node.wait_in_sync(r.node, Duration::from_secs(5)).await?;
-    }
+async fn remote_decision(client: &Client, code: &str, approve: bool) -> Result<ExitCode> {
+    online(client).await?;
+    let (a, delivered) = client.decide(code, approve).await?;
     let verb = if approve { "approved" } else { "denied" };
-    println!("{verb} {} on {} ({})", a.id.short(), a.machine, caisey_agent::escape::visible(&a.script));
+    println!("{verb} {} on {} ({})", a.id.short(), visible(&a.machine), visible(&a.script));
     if !delivered {
         eprintln!("warning: the relay did not confirm; the decision goes out when this node next connects");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `caisey up`: the node in the foreground, until Ctrl-C, SIGTERM or `caisey down`.
+async fn up(opts: NodeOptions, idle_exit: Option<Duration>) -> Result<ExitCode> {
+    if let Some(running) = Client::running(&opts).await? {
+        let status = running.status().await?;
+        bail!("a node is already running for this home (pid {}); `caisey down` stops it", status.pid);
+    }
+    crate::service::run(
+        opts,
+        idle_exit,
+        |node| eprintln!("caisey node {} up for {}", node.id().short(), node.home().dir().display()),
+        caisey_peer::cli::stop_signal(),
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn down(opts: &NodeOptions) -> Result<ExitCode> {
+    let Some(client) = Client::running(opts).await? else {
+        println!("no node is running for this home");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let pid = client.status().await?.pid;
+    client.stop().await?;
+    drop(client);
+    // Stopped once its socket is gone (it closes its store first).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while opts.home.socket_path().exists() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the node (pid {pid}) did not stop within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("stopped the node (pid {pid})");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(opts: &NodeOptions, json: bool) -> Result<ExitCode> {
+    let Some(client) = Client::running(opts).await? else {
+        if json {
+            println!("{}", serde_json::json!({ "running": false }));
+        } else {
+            println!("no node is running for this home; the next `caisey` command starts one (or `caisey up`)");
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let s = client.status().await?;
+    if json {
+        let mut value = serde_json::to_value(&s)?;
+        value["running"] = serde_json::Value::Bool(true);
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let up = humantime::format_duration(Duration::from_secs(s.up_ms / 1000));
+    println!("node {} ({}) of org {:?}: pid {}, up {up}", s.node.short(), visible(&s.name), visible(&s.org), s.pid);
+    println!("  listening on {}", s.addrs.join(", "));
+    match s.idle_exit_ms {
+        Some(ms) => println!(
+            "  {} client(s) connected; stops after {} without clients",
+            s.clients,
+            humantime::format_duration(Duration::from_millis(ms))
+        ),
+        None => println!("  {} client(s) connected; runs until `caisey down`", s.clients),
+    }
+    if s.relays.is_empty() {
+        println!("  relays: none (members sync directly)");
+    }
+    for r in &s.relays {
+        let state = if r.connected { "reachable" } else { "unreachable" };
+        println!("  relay {} at {}: {state}", r.node.short(), r.addrs.join(", "));
+    }
+    if s.peers.is_empty() {
+        println!("  peers: none connected");
+    }
+    for p in &s.peers {
+        let role = p.role.map(|r| r.to_string()).unwrap_or_else(|| "not a member".into());
+        let path = match p.path {
+            PeerPath::Direct => "direct",
+            PeerPath::Relayed => "relayed",
+        };
+        println!("  peer {} ({}, {role}): {path}", visible(&p.name), p.node.short());
+    }
+    println!("  {} session(s); {} document(s) waiting to sync", s.documents, s.unconfirmed_docs);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -16,6 +16,8 @@ use caisey_peer::home::Home;
 use caisey_peer::node::{Node, NodeOptions};
 use tokio::sync::watch;
 
+use crate::client::Client;
+use crate::service::TechService;
 use crate::tech::{self, RunRequest, Targets};
 use crate::transcript::{Follower, OutputStyle};
 
@@ -30,6 +32,8 @@ pub struct DemoFleet {
     root: tempfile::TempDir,
     relay: Node,
     pub technician: Node,
+    /// The technician's node as its viewer and CLI see it (in this process).
+    pub client: Client,
     /// The session the story leaves behind.
     pub session: caisey_doc::id::DocId,
     stop: watch::Sender<bool>,
@@ -52,6 +56,7 @@ impl DemoFleet {
         let relay = caisey_relay::start(options(root.path(), "relay")?, None).await?;
         let technician = Node::start(options(root.path(), "technician")?).await?;
         tech::init(&technician, "Demo Org", "you").await?;
+        let client = Client::in_process(TechService::start(technician.clone(), None));
         let ticket = RelayTicket::decode(&caisey_relay::ticket_of(&relay))?;
         caisey_peer::enroll::adopt_relay(&technician, &ticket).await?;
         tech::go_online(&technician, &[]).await?;
@@ -117,7 +122,7 @@ impl DemoFleet {
         let (session, id) = (asked[0].session, asked[0].request);
 
         println!("== the endpoint user on ws-01 sees the request and approves it");
-        let socket = root.path().join(AGENTS[0]).join("agent.sock");
+        let socket = root.path().join(AGENTS[0]).join(caisey_peer::home::SOCKET);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let code = loop {
             if let Ok(LocalReply::Pending { pending }) = local::call(&socket, &LocalRequest::Pending).await
@@ -142,7 +147,7 @@ impl DemoFleet {
         let mut events = technician.subscribe();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
         loop {
-            let cmds = follower.update(&technician).await?;
+            let cmds = follower.update(&client).await?;
             if cmds.iter().all(|c| c.is_final()) {
                 break;
             }
@@ -150,12 +155,12 @@ impl DemoFleet {
                 bail!("the command did not finish within 40 s");
             }
         }
-        Ok(DemoFleet { root, relay, technician, session, stop, daemons })
+        Ok(DemoFleet { root, relay, technician, client, session, stop, daemons })
     }
 
     /// The local socket of the demo agent `name` (what its consent window talks to).
     pub fn socket(&self, name: &str) -> std::path::PathBuf {
-        self.root.path().join(name).join("agent.sock")
+        self.root.path().join(name).join(caisey_peer::home::SOCKET)
     }
 
     /// Stands in for the demo machines' users: approves every request as it arrives, saying so.

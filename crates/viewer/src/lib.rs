@@ -4,6 +4,10 @@
 //! their side: a node (see `caisey-peer`) holding every session of the org, and the commands
 //! that act on it.
 //!
+//! - [`service`]: the home's node as a long-running process (`caisey up`, or started on demand),
+//!   serving the org like any peer and its local clients over the home's socket.
+//! - [`api`]: the typed requests and replies between the node and its clients.
+//! - [`client`]: what the CLI and the viewer hold: the node over its socket, or in process.
 //! - [`tech`]: what a technician does (init, invite, run, list), as functions over a node.
 //! - [`transcript`]: showing a session, live or at once, with hostile output made inert.
 //! - [`cli`]: `caisey`'s subcommands.
@@ -12,8 +16,12 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod api;
+pub mod background;
 pub mod cli;
+pub mod client;
 pub mod demo;
 pub mod gui;
+pub mod service;
 pub mod tech;
 pub mod transcript;

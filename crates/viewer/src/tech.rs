@@ -13,7 +13,7 @@ use caisey_doc::token::InviteToken;
 use caisey_peer::node::Node;
 use caisey_peer::now_ms;
 use caisey_peer::wire::DocKind;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::debug;
 
 /// An agent counts as online if it was heard from within this many heartbeats.
@@ -71,13 +71,15 @@ pub async fn invite(
     Ok(InviteToken::issue(&authority, cert, secret))
 }
 
-/// Connects to the org's relays (and any `extra` peers), then waits briefly until in sync with
-/// the first relay reached. Returns the peers reached.
-pub async fn go_online(node: &Node, extra: &[Contact]) -> Result<Vec<NodeId>> {
-    let relays = node.relay_contacts().await?;
+/// Connects to the org's relays and technicians (and any `extra` peers), then waits briefly
+/// until in sync with the first relay reached (or, with none, the first technician), and keeps
+/// those connections up. Returns a warning when none of them could be reached: what this
+/// machine shows may then be behind.
+pub async fn go_online(node: &Node, extra: &[Contact]) -> Result<Option<String>> {
+    let hubs = node.hub_contacts().await?;
     let mut reached = Vec::new();
     let mut dials = tokio::task::JoinSet::new();
-    for c in relays.iter().chain(extra.iter()).cloned() {
+    for c in hubs.iter().chain(extra.iter()).cloned() {
         let node = node.clone();
         dials.spawn(async move {
             match tokio::time::timeout(Duration::from_secs(3), node.dial(&c)).await {
@@ -93,17 +95,56 @@ pub async fn go_online(node: &Node, extra: &[Contact]) -> Result<Vec<NodeId>> {
     while let Some(done) = dials.join_next().await {
         reached.extend(done.ok().flatten());
     }
-    if let Some(relay) = relays.iter().find(|r| reached.contains(&r.node)) {
-        node.wait_in_sync(relay.node, Duration::from_secs(5)).await?;
-    } else if !relays.is_empty() {
-        eprintln!("warning: the org's relay is unreachable; showing what this machine already has");
+    node.keep_connected();
+    let relays = node.relay_contacts().await?;
+    let first =
+        relays.iter().find(|r| reached.contains(&r.node)).or_else(|| hubs.iter().find(|h| reached.contains(&h.node)));
+    if let Some(hub) = first {
+        node.wait_in_sync(hub.node, Duration::from_secs(5)).await?;
+        return Ok(None);
     }
-    node.keep_relays_connected();
-    Ok(reached)
+    Ok(match (relays.is_empty(), hubs.is_empty()) {
+        (false, _) => Some("the org's relay is unreachable; showing what this machine already has".into()),
+        (true, false) => Some("no other technician is reachable; showing what this machine already has".into()),
+        (true, true) => None,
+    })
+}
+
+/// Writes this node's addresses into the fleet document when they changed, so agents and
+/// colleagues can reach it (a technician's node serves them like a relay).
+pub async fn announce_addrs(node: &Node) -> Result<()> {
+    let Some(fleet_doc) = node.fleet_doc().await? else { return Ok(()) };
+    let me = node.id();
+    let addrs = node.addrs();
+    let known = node.fleet().await?.presence.get(&me).map(|p| p.addrs.clone());
+    if known.as_ref() == Some(&addrs) {
+        return Ok(());
+    }
+    let signer = node.signer().clone();
+    node.change(fleet_doc, move |d| caisey_doc::fleet::Fleet::put_presence(d, &signer, addrs, now_ms())).await??;
+    Ok(())
+}
+
+/// Waits up to `timeout` until a relay holds everything this node holds for it; with no relay,
+/// until each of `machines` does. Whether that happened.
+pub async fn wait_delivered(node: &Node, machines: &[NodeId], timeout: Duration) -> Result<bool> {
+    let relays = node.relay_contacts().await?;
+    if !relays.is_empty() {
+        let mut delivered = false;
+        for r in &relays {
+            delivered |= node.wait_in_sync(r.node, timeout).await?;
+        }
+        return Ok(delivered);
+    }
+    let mut delivered = !machines.is_empty();
+    for m in machines {
+        delivered &= node.wait_in_sync(*m, timeout).await?;
+    }
+    Ok(delivered)
 }
 
 /// A machine as listed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub name: String,
     pub node: NodeId,
@@ -152,7 +193,7 @@ pub async fn machines(node: &Node, group: Option<&str>, search: Option<&str>) ->
 }
 
 /// Who a run targets.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Targets {
     Machine(String),
     Group(String),
@@ -172,7 +213,7 @@ pub fn resolve_targets(fleet: &Fleet, targets: &Targets) -> Result<Vec<Member>> 
 }
 
 /// A session as listed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionSummary {
     pub id: DocId,
     pub name: String,
@@ -196,14 +237,8 @@ impl SessionSummary {
 
 /// Reads every valid session (without output).
 pub async fn session_views(node: &Node) -> Result<Vec<(DocId, SessionView)>> {
-    let fleet = node.fleet().await?;
-    let ids = node.sessions().await?;
-    node.with_core(move |core| {
-        ids.into_iter()
-            .filter_map(|id| Some((id, SessionView::read_without_output(core.hub.doc(&id)?, &fleet).ok()?)))
-            .collect()
-    })
-    .await
+    node.read_all(DocKind::Session, |id, doc, fleet| Some((id, SessionView::read_without_output(doc, fleet).ok()?)))
+        .await
 }
 
 pub async fn sessions(node: &Node, search: Option<&str>, label: Option<&str>) -> Result<Vec<SessionSummary>> {
@@ -246,7 +281,7 @@ pub async fn find_session(node: &Node, key: &str) -> Result<DocId> {
 }
 
 /// What to ask for.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRequest {
     pub targets: Targets,
     pub session: Option<String>,
@@ -258,7 +293,7 @@ pub struct RunRequest {
 }
 
 /// One request on its way: which session holds it, its id, and the machine.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Asked {
     pub session: DocId,
     pub request: Id128,
@@ -333,7 +368,7 @@ pub fn agent_contacts(fleet: &Fleet, members: &[Member]) -> Vec<Contact> {
 }
 
 /// A request a designated approver may decide.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Awaiting {
     /// The approval code (names the request and its exact command).
     pub id: Id128,
@@ -439,7 +474,6 @@ pub async fn build_transcript(
 ) -> Result<caisey_doc::transcript::TranscriptFile> {
     let redactor = caisey_doc::redact::Redactor::new(redact)?;
     let fleet = node.fleet().await?;
-    let fleet_doc = fleet.fleet_doc.ok_or_else(|| anyhow!("this home has no org"))?;
     let ids: Vec<Id128> = node
         .read(session, move |d| {
             SessionView::read_without_output(d, &fleet).map(|v| v.commands.iter().map(|c| c.request.id).collect())
@@ -459,13 +493,11 @@ pub async fn build_transcript(
     }
     let options = caisey_doc::transcript::ShareOptions { redactor, omit: leave_out };
     let signer = node.signer().clone();
-    node.with_core(move |core| -> Result<_> {
-        let s = core.hub.doc(&session).ok_or_else(|| anyhow!("no session"))?;
-        let f = core.hub.doc(&fleet_doc).ok_or_else(|| anyhow!("no fleet"))?;
-        let chunks = core.store.chunks()?;
-        Ok(caisey_doc::transcript::build(s, &chunks, f, &options, &signer, now_ms())?)
-    })
-    .await?
+    Ok(node
+        .read_with_fleet_doc(session, move |s, f, chunks| {
+            caisey_doc::transcript::build(s, chunks, f, &options, &signer, now_ms())
+        })
+        .await??)
 }
 
 /// Renames and relabels a session (as this technician; the newest rename wins everywhere).
@@ -488,7 +520,7 @@ pub async fn rename(node: &Node, session: DocId, name: &str, labels: Vec<String>
 }
 
 /// One run of a command, for history across weeks.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PastRun {
     pub session: DocId,
     pub session_name: String,
@@ -559,7 +591,7 @@ pub async fn output_text(node: &Node, session: DocId, request: Id128) -> Result<
 }
 
 /// A line of a diff between two runs' outputs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiffLine {
     Same(String),
     Removed(String),
@@ -583,7 +615,7 @@ pub fn diff(old: &str, new: &str) -> Vec<DiffLine> {
 
 /// How this node stands with its relays: reachable or not, and how many documents hold changes
 /// the relay has not confirmed yet (written here while offline, waiting to sync).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncStatus {
     pub relays: usize,
     pub relays_connected: usize,
@@ -595,27 +627,6 @@ pub async fn sync_status(node: &Node) -> Result<SyncStatus> {
     let Some(first) = relays.first().map(|c| c.node) else { return Ok(SyncStatus::default()) };
     let connected: Vec<NodeId> = node.peers().await?.into_iter().map(|p| p.peer).collect();
     let relays_connected = relays.iter().filter(|r| connected.contains(&r.node)).count();
-    let unconfirmed_docs = node
-        .with_core(move |core| -> Result<usize> {
-            if core.hub.peers().iter().any(|p| p.peer == first) {
-                return Ok(core.hub.sync_lag(&first).len());
-            }
-            // Offline: what the relay acknowledged when we last spoke, against what we hold now.
-            let saved: BTreeMap<DocId, Vec<u8>> = core.store.sync_states(&first)?.into_iter().collect();
-            let mut n = 0;
-            for (id, _) in core.hub.docs() {
-                let Some(doc) = core.hub.doc(&id) else { continue };
-                let acked = saved
-                    .get(&id)
-                    .and_then(|b| caisey_doc::automerge::sync::State::decode(b).ok())
-                    .map(|s| s.shared_heads)
-                    .unwrap_or_default();
-                if doc.get_heads().iter().any(|h| !acked.contains(h)) {
-                    n += 1;
-                }
-            }
-            Ok(n)
-        })
-        .await??;
+    let unconfirmed_docs = node.unconfirmed_docs(first).await?;
     Ok(SyncStatus { relays: relays.len(), relays_connected, unconfirmed_docs })
 }

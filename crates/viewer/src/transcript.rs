@@ -12,18 +12,20 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Result;
 use caisey_agent::escape::visible;
-use caisey_doc::fleet::Fleet;
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::session::{CommandView, EndStatus, SessionView, Stream, Verdict};
 use caisey_peer::node::Node;
-use serde::Serialize;
+
+use crate::api::SessionRead;
+use crate::client::Client;
+use serde::{Deserialize, Serialize};
 
 pub fn time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-fn name_of(fleet: &Fleet, node: &NodeId) -> String {
-    fleet.members.get(node).map(|m| m.name.clone()).unwrap_or_else(|| node.short())
+fn name_of(names: &BTreeMap<NodeId, String>, node: &NodeId) -> String {
+    names.get(node).cloned().unwrap_or_else(|| node.short())
 }
 
 /// How output bytes are written.
@@ -63,21 +65,9 @@ impl Follower {
     /// Prints whatever is new. Returns the commands it follows as shown so far: while output
     /// of the session is still on its way here, no command counts as ended yet (an end record
     /// can overtake the last output chunks).
-    pub async fn update(&mut self, node: &Node) -> Result<Vec<CommandView>> {
-        let fleet = node.fleet().await?;
-        let session = self.session;
-        let f2 = fleet.clone();
-        let Some((view, missing)) = node
-            .with_core(move |core| {
-                let view = core.hub.doc(&session).map(|d| SessionView::read_without_output(d, &f2))?;
-                Some((view, core.hub.missing_output(&session)))
-            })
-            .await?
-        else {
-            anyhow::bail!("session {} is not here", session.short());
-        };
-        let mut view = view?;
-        if missing > 0 {
+    pub async fn update(&mut self, client: &Client) -> Result<Vec<CommandView>> {
+        let SessionRead { mut view, missing_chunks, names } = client.session(self.session).await?;
+        if missing_chunks > 0 {
             view.commands.iter_mut().for_each(|c| c.end = None);
         }
         // A whole session shown (not just the requests a run follows) opens with its header.
@@ -98,7 +88,7 @@ impl Follower {
             if self.only.as_ref().is_some_and(|o| !o.contains(&cmd.request.id)) {
                 continue;
             }
-            self.print_new(node, &fleet, &cmd).await?;
+            self.print_new(client, &names, &cmd).await?;
             followed.push(cmd);
         }
         std::io::stdout().flush()?;
@@ -106,8 +96,8 @@ impl Follower {
         Ok(followed)
     }
 
-    async fn print_new(&mut self, node: &Node, fleet: &Fleet, cmd: &CommandView) -> Result<()> {
-        let machine = name_of(fleet, &cmd.request.target);
+    async fn print_new(&mut self, client: &Client, names: &BTreeMap<NodeId, String>, cmd: &CommandView) -> Result<()> {
+        let machine = name_of(names, &cmd.request.target);
         let style = self.style;
         let seen = self.seen.entry(cmd.request.id).or_default();
         let status = |line: String| match style {
@@ -121,7 +111,7 @@ impl Follower {
             status(format!(
                 "── {}  {} asked {} to run ({}, timeout {}s){}:",
                 time(cmd.request.requested_at),
-                name_of(fleet, &cmd.requester),
+                name_of(names, &cmd.requester),
                 machine,
                 c.shell,
                 c.timeout_ms / 1000,
@@ -144,13 +134,9 @@ impl Follower {
             status(format!("── {}  {machine}: {what}", time(d.decided_at)));
         }
         // Output: only the chunks appended since last time.
-        let (request, from) = (cmd.request.clone(), seen.output_pos);
-        let (chunks, next) = node
-            .read_with_output(self.session, move |d, stored| SessionView::read_output_from(d, &request, from, stored))
-            .await?
-            .unwrap_or_default();
-        seen.output_pos = next;
-        for chunk in chunks {
+        let read = client.output(self.session, &cmd.request, seen.output_pos).await?;
+        seen.output_pos = read.next;
+        for chunk in read.chunks {
             write_output(style, &machine, seen, chunk.stream, &chunk.data)?;
         }
         if let (false, Some(e)) = (seen.end, &cmd.end) {
@@ -228,7 +214,7 @@ fn print_line(machine: &str, stream: Stream, line: &[u8]) {
 }
 
 /// The JSON form of a whole session (`caisey show --json`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionJson {
     pub id: DocId,
     pub name: String,
@@ -238,7 +224,7 @@ pub struct SessionJson {
     pub quarantined: Vec<caisey_doc::session::Quarantined>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommandJson {
     pub id: Id128,
     pub machine: String,
@@ -260,6 +246,7 @@ pub struct CommandJson {
 
 pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
     let fleet = node.fleet().await?;
+    let names: BTreeMap<NodeId, String> = fleet.members.values().map(|m| (m.node, m.name.clone())).collect();
     let f2 = fleet.clone();
     let view = node
         .read_with_output(session, move |d, stored| SessionView::read(d, &f2, stored))
@@ -281,8 +268,8 @@ pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
             };
             CommandJson {
                 id: c.request.id,
-                machine: name_of(&fleet, &c.request.target),
-                requester: name_of(&fleet, &c.requester),
+                machine: name_of(&names, &c.request.target),
+                requester: name_of(&names, &c.requester),
                 shell: c.request.command.shell.to_string(),
                 script: c.request.command.script.clone(),
                 status: c.status().to_string(),
@@ -301,7 +288,7 @@ pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
         id: session,
         name: view.info.name.clone(),
         labels: view.info.labels.clone(),
-        machines: view.targets.iter().map(|t| name_of(&fleet, t)).collect(),
+        machines: view.targets.iter().map(|t| name_of(&names, t)).collect(),
         commands,
         quarantined: view.quarantined,
     })
@@ -365,8 +352,8 @@ impl ExportFormat {
 /// A session exported in `format`, as bytes to write.
 /// The session as `format`, and how many bytes of its output are not here yet (the export
 /// holds what is).
-pub async fn export(node: &Node, session: DocId, format: ExportFormat) -> Result<(Vec<u8>, u64)> {
-    let json = session_json(node, session).await?;
+pub async fn export(client: &Client, session: DocId, format: ExportFormat) -> Result<(Vec<u8>, u64)> {
+    let json = client.session_json(session).await?;
     let pending = json.commands.iter().map(|c| c.output_pending).sum();
     let bytes = match format {
         ExportFormat::Json => serde_json::to_vec_pretty(&json)?,

@@ -1,6 +1,7 @@
-//! The viewer's peer, off the UI thread: a task on a tokio runtime that owns the [`Node`], turns
-//! the UI's [`Action`]s into technician operations (`tech`), and sends back [`Update`]s built
-//! from the documents as they sync.
+//! The viewer's side of the home's node, off the UI thread: a task on a tokio runtime that holds
+//! a [`Client`] of the node, turns the UI's [`Action`]s into requests, and sends back [`Update`]s
+//! built from the documents as they sync. The node is another process (or, in the demo, this
+//! one); if it goes away, the next request starts a new one and the watch is taken up again.
 //!
 //! Document events arrive in floods while output streams; the backend marks what is stale and
 //! rebuilds at most every [`TICK`]: the fleet and session list at most once a second, the open
@@ -15,9 +16,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow};
 use caisey_doc::id::{DocId, Id128, NodeId};
-use caisey_doc::session::{OutputChunk, SessionView};
-use caisey_peer::node::{Node, NodeEvent};
-use tokio::sync::{broadcast, mpsc as tmpsc};
+use tokio::sync::mpsc as tmpsc;
+
+use crate::api::{Chunk, Event};
+use crate::client::{Client, Watch};
 
 use super::model::{GroupRow, LineSplitter, OutputAppend, OutputBuf, SharePreview, Snapshot, Update};
 use crate::tech::{self, RunRequest};
@@ -25,6 +27,8 @@ use crate::transcript::ExportFormat;
 
 /// How often stale views are rebuilt.
 pub const TICK: Duration = Duration::from_millis(100);
+/// How often a lost watch on the node is taken up again.
+const WATCH_RETRY: Duration = Duration::from_secs(2);
 /// How often the fleet and session list are rebuilt while documents keep changing.
 const LIST_EVERY: Duration = Duration::from_secs(1);
 /// How often machines' "online" and the sync state are re-read when nothing changes (a machine
@@ -73,11 +77,11 @@ impl BackendHandle {
     }
 }
 
-/// Starts the backend for `node` on `runtime`. When the handle is dropped the returned task
-/// ends; the node stays up for whoever started it to shut down.
+/// Starts the backend for the node `client` reaches, on `runtime`. When the handle is dropped
+/// the returned task ends; the node stays up for whoever started it to shut down.
 pub fn spawn(
     runtime: &tokio::runtime::Handle,
-    node: Node,
+    client: Client,
     go_online: bool,
 ) -> (BackendHandle, tokio::task::JoinHandle<()>) {
     let (actions, actions_rx) = tmpsc::unbounded_channel();
@@ -85,7 +89,7 @@ pub fn spawn(
     let repaint = Arc::new(OnceLock::new());
     let out = Out { tx: updates_tx, repaint: repaint.clone() };
     let task = runtime.spawn(async move {
-        let mut backend = Backend::new(node, out);
+        let mut backend = Backend::new(client, out);
         backend.run(actions_rx, go_online).await;
     });
     (BackendHandle { actions, updates, repaint }, task)
@@ -119,7 +123,7 @@ struct Reading {
 
 impl Reading {
     /// Takes in the chunks read up to list position `pos`, as what the UI appends.
-    fn take(&mut self, request: Id128, chunks: &[OutputChunk], pos: usize) -> OutputAppend {
+    fn take(&mut self, request: Id128, chunks: &[Chunk], pos: usize) -> OutputAppend {
         self.pos = pos;
         let mut lines = Vec::new();
         for c in chunks {
@@ -131,7 +135,7 @@ impl Reading {
 }
 
 struct Backend {
-    node: Node,
+    client: Client,
     out: Out,
     open: Option<DocId>,
     open_reading: BTreeMap<Id128, Reading>,
@@ -144,9 +148,9 @@ struct Backend {
 }
 
 impl Backend {
-    fn new(node: Node, out: Out) -> Self {
+    fn new(client: Client, out: Out) -> Self {
         Self {
-            node,
+            client,
             out,
             open: None,
             open_reading: BTreeMap::new(),
@@ -159,11 +163,14 @@ impl Backend {
     }
 
     async fn run(&mut self, mut actions: tmpsc::UnboundedReceiver<Action>, go_online: bool) {
-        let mut events = self.node.subscribe();
+        let mut events = self.watch().await;
+        let mut last_watch = tokio::time::Instant::now();
         if go_online {
-            // Offline is normal: the viewer shows what this machine has and keeps retrying.
-            if let Err(e) = tech::go_online(&self.node, &[]).await {
-                self.out.send(Update::Error(format!("{e:#}")));
+            // Offline is normal: the viewer shows what this machine has and the node keeps retrying.
+            match self.client.online().await {
+                Ok(Some(warning)) => self.out.send(Update::Notice(warning)),
+                Ok(None) => {}
+                Err(e) => self.out.send(Update::Error(format!("{e:#}"))),
             }
         }
         let mut tick = tokio::time::interval(TICK);
@@ -174,21 +181,41 @@ impl Backend {
                     Some(a) => self.act(a).await,
                     None => break,
                 },
-                event = events.recv() => match event {
-                    Ok(NodeEvent::DocChanged(id)) => {
+                event = next_event(&mut events) => match event {
+                    Some(Event::DocChanged(id)) => {
                         self.stale_docs.insert(id);
                         self.stale_list = true;
                     }
-                    Ok(_) => self.stale_list = true,
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        // Missed some: treat everything as changed.
+                    Some(Event::PeerUp(_) | Event::PeerDown(_)) => self.stale_list = true,
+                    // Missed some, or the node was restarted: treat everything as changed.
+                    Some(Event::Lagged) | None => {
+                        if event.is_none() {
+                            last_watch = tokio::time::Instant::now();
+                            events = self.watch().await;
+                        }
                         self.stale_list = true;
                         self.stale_docs.extend(self.open);
                         self.stale_docs.extend(self.group.iter().map(|g| g.1));
                     }
-                    Err(broadcast::error::RecvError::Closed) => break,
                 },
-                _ = tick.tick() => self.refresh().await,
+                _ = tick.tick() => {
+                    if events.is_none() && last_watch.elapsed() >= WATCH_RETRY {
+                        last_watch = tokio::time::Instant::now();
+                        events = self.watch().await;
+                    }
+                    self.refresh().await
+                }
+            }
+        }
+    }
+
+    /// The node's events; `None` (after telling the UI why) when it cannot be reached now.
+    async fn watch(&self) -> Option<Watch> {
+        match self.client.watch().await {
+            Ok(w) => Some(w),
+            Err(e) => {
+                self.out.send(Update::Error(format!("{e:#}")));
+                None
             }
         }
     }
@@ -204,8 +231,8 @@ impl Backend {
             self.last_list = tokio::time::Instant::now();
             let machines = async {
                 Ok(Update::Machines {
-                    machines: tech::machines(&self.node, None, None).await?,
-                    sync: tech::sync_status(&self.node).await?,
+                    machines: self.client.machines(None, None).await?,
+                    sync: self.client.sync_status().await?,
                 })
             };
             self.out.result(machines.await);
@@ -227,68 +254,48 @@ impl Backend {
     }
 
     async fn snapshot(&self) -> Result<Snapshot> {
-        let fleet = self.node.fleet().await?;
-        let mut groups: Vec<String> = fleet.members.values().flat_map(|m| m.groups.iter().cloned()).collect();
-        groups.sort();
-        groups.dedup();
+        let org = self.client.org().await?;
         Ok(Snapshot {
-            org: fleet.org_name.clone(),
-            me: fleet.members.get(&self.node.id()).map(|m| m.name.clone()).unwrap_or_default(),
-            machines: tech::machines(&self.node, None, None).await?,
-            groups,
-            sessions: tech::sessions(&self.node, None, None).await?,
-            sync: tech::sync_status(&self.node).await?,
+            org: org.org_name,
+            me: org.my_name,
+            machines: self.client.machines(None, None).await?,
+            groups: org.groups,
+            sessions: self.client.sessions(None, None).await?,
+            sync: self.client.sync_status().await?,
         })
     }
 
     /// Sends the open session's records and whatever output arrived since the last read.
     async fn read_open(&mut self, id: DocId) -> Result<()> {
-        let fleet = self.node.fleet().await?;
-        let names: BTreeMap<NodeId, String> = fleet.members.values().map(|m| (m.node, m.name.clone())).collect();
-        let positions: BTreeMap<Id128, usize> = self.open_reading.iter().map(|(k, r)| (*k, r.pos)).collect();
-        let Some(read) = self
-            .node
-            .read_with_output(id, move |d, stored| -> Result<_> {
-                let view = SessionView::read_without_output(d, &fleet)?;
-                let chunks: Vec<_> = view
-                    .commands
-                    .iter()
-                    .map(|c| {
-                        let from = positions.get(&c.request.id).copied().unwrap_or(0);
-                        (c.request.id, SessionView::read_output_from(d, &c.request, from, stored))
-                    })
-                    .collect();
-                Ok((view, chunks))
-            })
-            .await?
-        else {
-            return Err(anyhow!("session {} is not on this machine", id.short()));
+        let read = self.client.session(id).await?;
+        let mut appends = Vec::new();
+        for c in &read.view.commands {
+            let reading = self.open_reading.entry(c.request.id).or_default();
+            let out = self.client.output(id, &c.request, reading.pos).await?;
+            if !out.chunks.is_empty() {
+                appends.push(reading.take(c.request.id, &out.chunks, out.next));
+            }
+        }
+        let update = Update::SessionView {
+            id,
+            view: Box::new(read.view),
+            names: read.names,
+            missing_chunks: read.missing_chunks,
         };
-        let (view, chunks) = read?;
-        let missing_chunks = self.node.with_core(move |core| core.hub.missing_output(&id)).await?;
-        self.out.send(Update::SessionView { id, view: Box::new(view), names, missing_chunks });
-        for (request, (new, pos)) in chunks.into_iter().filter(|(_, (new, _))| !new.is_empty()) {
-            let append = self.open_reading.entry(request).or_default().take(request, &new, pos);
+        self.out.send(update);
+        for append in appends {
             self.out.send(Update::Output { session: id, append });
         }
         Ok(())
     }
 
     async fn read_group_row(&mut self, machine: String, session: DocId, request: Id128) -> Result<GroupRow> {
-        let fleet = self.node.fleet().await?;
+        let read = self.client.session(session).await?;
+        let cmd = read.view.command(&request).cloned().ok_or_else(|| anyhow!("request not found"))?;
         let from = self.group_reading.get(&request).map(|r| r.0.pos).unwrap_or(0);
-        let (cmd, (chunks, pos)) = self
-            .node
-            .read_with_output(session, move |d, stored| -> Result<_> {
-                let view = SessionView::read_without_output(d, &fleet)?;
-                let cmd = view.command(&request).cloned().ok_or_else(|| anyhow!("request not found"))?;
-                let out = SessionView::read_output_from(d, &cmd.request, from, stored);
-                Ok((cmd, out))
-            })
-            .await?
-            .ok_or_else(|| anyhow!("session {} is not here", session.short()))??;
+        let out = self.client.output(session, &cmd.request, from).await?;
         let (reading, buf) = self.group_reading.entry(request).or_default();
-        buf.apply(reading.take(request, &chunks, pos));
+        buf.apply(reading.take(request, &out.chunks, out.next));
         // A row keeps only a preview: the full output is one click away, in the session.
         let keep = 200;
         if buf.lines.len() > keep * 2 {
@@ -305,7 +312,7 @@ impl Backend {
     }
 
     async fn act(&mut self, action: Action) {
-        let node = &self.node;
+        let client = &self.client;
         match action {
             Action::OpenSession(id) => {
                 self.open = Some(id);
@@ -323,7 +330,7 @@ impl Backend {
                     tech::Targets::Group(g) => Some(g.clone()),
                     tech::Targets::Machine(_) => None,
                 };
-                match tech::ask(node, req).await {
+                match client.ask(req).await {
                     Ok(asked) => {
                         self.group = asked.iter().map(|a| (a.machine.name.clone(), a.session, a.request)).collect();
                         self.group_reading.clear();
@@ -345,14 +352,14 @@ impl Backend {
                 }
             }
             Action::Rename { session, name, labels } => {
-                let r = tech::rename(node, session, &name, labels).await;
+                let r = client.rename(session, &name, labels).await;
                 self.stale_list = true;
                 self.stale_docs.insert(session);
                 self.out.result(r.map(|()| Update::Notice(format!("renamed to {name:?}"))));
             }
             Action::Export { session, format, path } => {
                 let r = async {
-                    let (bytes, pending) = crate::transcript::export(node, session, format).await?;
+                    let (bytes, pending) = crate::transcript::export(client, session, format).await?;
                     std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
                     let missing = match pending {
                         0 => String::new(),
@@ -364,37 +371,34 @@ impl Backend {
             }
             Action::SaveOutput { session, request, path } => {
                 let r = async {
-                    let bytes = tech::output_bytes(node, session, request).await?;
+                    let bytes = client.output_bytes(session, request).await?;
                     std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
                     Ok(Update::Notice(format!("saved {} bytes of output to {}", bytes.len(), path.display())))
                 };
                 self.out.result(r.await);
             }
             Action::History { machine, script } => {
-                self.out.result(tech::history(node, machine, &script).await.map(|runs| Update::History { runs }));
+                self.out.result(client.history(machine, &script).await.map(|runs| Update::History { runs }));
             }
             Action::CommandsOn(machine) => {
-                let r = tech::commands_run_on(node, machine).await;
+                let r = client.commands_run_on(machine).await;
                 self.out.result(r.map(|commands| Update::CommandsOn { machine, commands }));
             }
             Action::Diff { old, new } => {
                 let r = async {
-                    let a = tech::output_text(node, old.0, old.1).await?;
-                    let b = tech::output_text(node, new.0, new.1).await?;
+                    let a = String::from_utf8_lossy(&client.output_bytes(old.0, old.1).await?).into_owned();
+                    let b = String::from_utf8_lossy(&client.output_bytes(new.0, new.1).await?).into_owned();
                     Ok(Update::Diff(tech::diff(&a, &b)))
                 };
                 self.out.result(r.await);
             }
             Action::SharePreview { session, redact } => {
-                self.out.result(share_preview(node, session, &redact).await.map(Update::SharePreview));
+                self.out.result(share_preview(client, session, &redact).await.map(Update::SharePreview));
             }
             Action::Publish { session, redact } => {
                 let r = async {
-                    let file = tech::build_transcript(node, session, &redact, &[]).await?;
-                    let relays = node.relay_contacts().await?;
-                    let relay = relays.first().ok_or_else(|| anyhow!("the org has no relay to publish to"))?;
-                    let url = caisey_peer::publish::publish(node, relay, &file).await?;
-                    Ok(Update::Shared { url })
+                    let transcript = client.transcript(session, &redact, &[]).await?;
+                    Ok(Update::Shared { url: client.publish(transcript).await? })
                 };
                 self.out.result(r.await);
             }
@@ -403,9 +407,9 @@ impl Backend {
 }
 
 /// What sharing `session` would publish: the redactions made and the lines they touch.
-async fn share_preview(node: &Node, session: DocId, redact: &[String]) -> Result<SharePreview> {
-    let file = tech::build_transcript(node, session, redact, &[]).await?;
-    let (_, checked) = caisey_doc::transcript::verify(&file.to_json())?;
+async fn share_preview(client: &Client, session: DocId, redact: &[String]) -> Result<SharePreview> {
+    let transcript = client.transcript(session, redact, &[]).await?;
+    let (_, checked) = caisey_doc::transcript::verify(transcript.as_bytes())?;
     let mut preview =
         SharePreview { session, commands: checked.commands.len(), redactions: vec![], redacted_lines: vec![] };
     for c in &checked.commands {
@@ -428,4 +432,12 @@ async fn share_preview(node: &Node, session: DocId, redact: &[String]) -> Result
         }
     }
     Ok(preview)
+}
+
+/// The next event of `events`, or never when there is no watch (the tick keeps the views fresh).
+async fn next_event(events: &mut Option<Watch>) -> Option<Event> {
+    match events {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
 }

@@ -1,12 +1,12 @@
 //! The desktop viewer (`caisey` with no subcommand): an egui window over the technician's node.
 //!
-//! The node runs on a tokio runtime beside the UI; [`backend`] is the only part that touches
-//! it. The UI ([`app`] and one module per tab) holds plain data ([`model`]) and sends actions,
+//! The home's node is another process (started on demand); [`backend`], on a tokio runtime
+//! beside the UI, is the only part that talks to it. The UI ([`app`] and one module per tab) holds plain data ([`model`]) and sends actions,
 //! so it never waits on the network and can be driven headless by `egui_kittest`.
 //!
 //! ```text
-//!  egui frame ── Action ──▶ backend task ── tech::* ──▶ Node (hub, store, iroh)
-//!      ▲                         │  ◀── NodeEvent::DocChanged ──┘
+//!  egui frame ── Action ──▶ backend task ── Request ──▶ the home's node (its own process)
+//!      ▲                         │  ◀── Event::DocChanged ──┘      over the home's socket
 //!      └──── Update + repaint ───┘
 //! ```
 
@@ -22,7 +22,9 @@ pub mod widgets;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
-use caisey_peer::node::{Node, NodeOptions};
+use caisey_peer::node::NodeOptions;
+
+use crate::client::Client;
 
 pub use app::{Tab, ViewerApp};
 pub use fleet::connectivity;
@@ -45,20 +47,20 @@ pub fn open_window(title: &str, app: ViewerApp) -> Result<()> {
     })
 }
 
-/// `caisey`: the viewer on this home's node, until the window is closed.
+/// `caisey`: the viewer on this home's node (started if it is not running), until the window is
+/// closed. The node stays up for its other clients, and stops on its own once it has none.
 pub fn run(opts: NodeOptions) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let node = rt.block_on(Node::start(opts))?;
-    if rt.block_on(node.fleet_doc())?.is_none() {
-        rt.block_on(node.shutdown());
+    let exe = std::env::current_exe()?;
+    let client = rt.block_on(Client::connect(&opts, Some(exe)))?;
+    if rt.block_on(client.org())?.my_role.is_none() {
         bail!("this home belongs to no org yet: `caisey init --org NAME`, `caisey join TOKEN`, or try `caisey demo`");
     }
-    let (handle, backend) = backend::spawn(rt.handle(), node.clone(), true);
+    let (handle, backend) = backend::spawn(rt.handle(), client, true);
     let shown = open_window("Caisey", ViewerApp::new(handle));
     // The handle is gone with the window: the backend sees its channel close and ends.
     rt.block_on(async {
         let _ = tokio::time::timeout(Duration::from_secs(10), backend).await;
-        node.shutdown().await;
     });
     shown
 }
@@ -72,7 +74,7 @@ pub fn demo() -> Result<()> {
         let _in_runtime = rt.enter();
         fleet.approve_everything()
     };
-    let (handle, backend) = backend::spawn(rt.handle(), fleet.technician.clone(), false);
+    let (handle, backend) = backend::spawn(rt.handle(), fleet.client.clone(), false);
     let mut app = ViewerApp::new(handle);
     app.open_session(fleet.session);
     let shown = open_window("Caisey demo", app);
