@@ -298,8 +298,8 @@ async fn open(opts: &NodeOptions, starter: Option<&std::path::Path>) -> Result<C
     }
     let Some(exe) = starter else { unreachable!("checked above") };
     let mut child = crate::background::start_node(exe, opts)?;
-    // Another client may be starting one at the same moment: whichever holds the store serves,
-    // and both clients connect to it.
+    // Another client may be starting one at the same moment, or an old node may still be
+    // closing the store: whichever node holds the store serves, and every client connects to it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -308,18 +308,19 @@ async fn open(opts: &NodeOptions, starter: Option<&std::path::Path>) -> Result<C
             Err(ConnectError::NotRunning(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        let exited = child.try_wait().ok().flatten();
-        if let Some(status) = exited
+        if let Some(status) = child.try_wait().ok().flatten()
             && !status.success()
-            && Connection::<TechApi>::open(&path).await.is_err()
         {
-            // It could not start; unless another one did, say why, in its own words.
+            let why = crate::background::last_error(&opts.home).unwrap_or_else(|| format!("it exited with {status}"));
+            if !why.contains("in use by another caisey process") {
+                bail!("could not start this home's node: {why}");
+            }
+            // The store is held by a node that is starting or stopping: ask again shortly.
             tokio::time::sleep(Duration::from_millis(200)).await;
             if let Ok(c) = Connection::open(&path).await {
                 return Ok(c);
             }
-            let why = crate::background::last_error(&opts.home).unwrap_or_else(|| format!("it exited with {status}"));
-            bail!("could not start this home's node: {why}");
+            child = crate::background::start_node(exe, opts)?;
         }
         if tokio::time::Instant::now() > deadline {
             bail!("this home's node did not start within 30 s; see {}", opts.home.log_path().display());

@@ -351,8 +351,10 @@ pub async fn run(
         _ = service.finished() => {}
     }
     server.abort();
+    node.shutdown().await;
+    // Gone only once the store is closed: `caisey down` waits for this, and the next node can
+    // open the store at once.
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&pid_file);
-    node.shutdown().await;
     Ok(())
 }
