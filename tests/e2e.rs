@@ -275,3 +275,77 @@ fn the_readme_demo_runs_its_story_to_the_end() {
     assert!(stdout.contains("ws-01: exited with code 0"), "{stdout}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no display here"), "says why there is no window");
 }
+
+#[test]
+fn a_shop_without_a_relay_enrolls_runs_and_hands_off_through_the_technicians_node() {
+    let world = World::new();
+    world.caisey("alice", &["init", "--org", "Shop", "--name", "alice"]).ok();
+    // The technician's node for good, as a service manager would run it.
+    world.down("alice");
+    let up = world.spawn("caisey", "alice", &["up"]);
+    wait_for(Duration::from_secs(20), || {
+        let out = world.command("caisey", "alice", &["status", "--json"]).output().ok()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (status["running"] == true).then_some(())
+    })
+    .unwrap_or_else(|| panic!("caisey up did not start: {}", up.stderr()));
+    let agents = ["ws-01", "ws-02", "ws-03"];
+    for name in agents {
+        let invite = world.caisey("alice", &["invite", "agent", "--name", name, "--group", "front"]).ok();
+        assert!(invite.stderr.contains("serves the enrollment"), "{}", invite.stderr);
+        world.agent_cmd(name, &["enroll", invite.stdout.trim()]).ok();
+    }
+    let _running: Vec<_> = agents.iter().map(|a| world.start_agent(a)).collect();
+    let run = world.spawn(
+        "caisey",
+        "alice",
+        &["run", "--group", "front", "--session", "lan", "--", "echo on-$(hostname)-ok"],
+    );
+    for a in agents {
+        let id = world.wait_pending(a);
+        world.agent_cmd(a, &["approve", &id]).ok();
+    }
+    let out = run.wait(Duration::from_secs(60));
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(out.stdout.matches("out] on-").count(), 3, "{out:?}");
+
+    // Every agent is a direct peer of the technician's node.
+    let status: serde_json::Value =
+        serde_json::from_str(&world.caisey("alice", &["status", "--json"]).ok().stdout).expect("json");
+    let peers = status["peers"].as_array().expect("peers");
+    for a in agents {
+        assert!(peers.iter().any(|p| p["name"] == a && p["path"] == "direct"), "{status}");
+    }
+    assert_eq!(status["relays"].as_array().map(Vec::len), Some(0), "{status}");
+
+    // A colleague joins through alice's node and catches up on everything.
+    let token = world.caisey("alice", &["invite", "technician", "--name", "bob"]).ok().stdout.trim().to_string();
+    world.caisey("bob", &["join", &token]).ok();
+    let seen = wait_for(Duration::from_secs(30), || {
+        let out = world.command("caisey", "bob", &["sessions", "--json"]).output().ok()?;
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (list.as_array()?.len() == 3).then_some(list)
+    });
+    assert!(seen.is_some(), "bob does not see the three sessions");
+    let shown = world.caisey("bob", &["show", "lan (ws-02)"]).ok();
+    assert!(shown.stdout.contains("exited with code 0") && shown.stdout.contains("-ok"), "{}", shown.stdout);
+
+    // `caisey down` stops the foreground node too.
+    world.down("alice");
+    let stopped = up.wait(Duration::from_secs(20));
+    assert!(stopped.status.success(), "{stopped:?}");
+}
+
+#[test]
+fn a_client_of_another_api_version_gets_one_clear_line() {
+    use std::io::{BufRead, Write};
+    let world = World::new();
+    world.caisey("alice", &["init", "--org", "Acme", "--name", "alice"]).ok();
+    let mut socket = std::os::unix::net::UnixStream::connect(world.home("alice").join("node.sock")).expect("socket");
+    socket.write_all(b"{\"api\":\"caisey-node\",\"version\":999}\n").expect("hello");
+    let mut line = String::new();
+    std::io::BufReader::new(&socket).read_line(&mut line).expect("answer");
+    assert!(line.contains("v1") && line.contains("v999") && line.contains("one version"), "{line}");
+    // And the node goes on serving clients that speak its version.
+    world.caisey("alice", &["sessions"]).ok();
+}

@@ -194,6 +194,46 @@ fn a_group_run_shows_one_row_per_machine_as_each_finishes() {
 }
 
 #[test]
+fn the_viewer_a_follow_and_a_run_share_one_home_and_outlive_its_node_being_killed() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    let first =
+        org.world.spawn("caisey", "alice", &["run", "--machine", "ws-01", "--session", "shared", "--", "echo first"]);
+    approve_next(&org, "ws-01");
+    first.wait(Duration::from_secs(60)).ok();
+    let listed: serde_json::Value =
+        serde_json::from_str(&org.world.caisey("alice", &["sessions", "--json"]).ok().stdout).expect("json");
+    let id = serde_json::from_value(listed[0]["id"].clone()).expect("session id");
+
+    // Three clients of alice's one node at once: the viewer, a follow, a run.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut h = viewer(&org, "alice", &rt);
+    h.state_mut().open_session(id);
+    step_until(&mut h, Duration::from_secs(30), "the first output", |h| shows(h, "first"));
+    let follow = org.world.spawn("caisey", "alice", &["show", "shared", "--follow"]);
+    let script = "for i in 1 2 3 4 5 6 7 8; do echo line-$i; sleep 0.5; done";
+    let run = org.world.spawn("caisey", "alice", &["run", "--machine", "ws-01", "--session", "shared", "--", script]);
+    approve_next(&org, "ws-01");
+    wait_for(Duration::from_secs(30), || follow.stdout().contains("line-2").then_some(()))
+        .unwrap_or_else(|| panic!("the follow shows no output: {}", follow.stderr()));
+
+    // The node dies mid-run; the next command starts a new one, with nothing lost.
+    let killed = org.world.node_pid("alice").expect("a node runs for alice");
+    std::process::Command::new("kill").arg("-9").arg(killed.to_string()).status().expect("kill");
+    let sessions = org.world.caisey("alice", &["sessions"]).ok();
+    assert!(sessions.stdout.contains("shared"), "{}", sessions.stdout);
+    assert_ne!(org.world.node_pid("alice"), Some(killed), "a new node serves the home");
+    let out = run.wait(Duration::from_secs(60));
+    assert_eq!(out.code(), 0, "{out:?}");
+    for i in 1..=8 {
+        assert!(out.stdout.contains(&format!("line-{i}\n")), "{out:?}");
+    }
+    wait_for(Duration::from_secs(30), || follow.stdout().contains("line-8").then_some(()))
+        .unwrap_or_else(|| panic!("the follow stopped: {}\n{}", follow.stdout(), follow.stderr()));
+    step_until(&mut h, Duration::from_secs(30), "the viewer follows on the new node", |h| shows(h, "line-8"));
+}
+
+#[test]
 fn the_consent_window_shows_hostile_commands_inert_and_approves_and_denies() {
     let org = Org::new(&[("ws-01", "lab")]);
     let _agent = org.world.start_agent("ws-01");

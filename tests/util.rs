@@ -235,7 +235,7 @@ impl Drop for World {
         let Ok(homes) = std::fs::read_dir(self.root.path()) else { return };
         for home in homes.flatten() {
             if let Some(pid) = node_pid(&home.path()) {
-                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).stderr(Stdio::null()).status();
             }
         }
     }
