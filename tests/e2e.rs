@@ -349,3 +349,56 @@ fn a_client_of_another_api_version_gets_one_clear_line() {
     // And the node goes on serving clients that speak its version.
     world.caisey("alice", &["sessions"]).ok();
 }
+
+#[test]
+fn with_two_relays_one_can_vanish_for_good_and_a_third_added_later_catches_up() {
+    let world = World::new();
+    let (relay1, ticket1) = world.start_relay("relay1");
+    let (_relay2, ticket2) = world.start_relay("relay2");
+    world.caisey("alice", &["init", "--org", "Acme", "--name", "alice"]).ok();
+    world.caisey("alice", &["relay", "add", &ticket1]).ok();
+    world.caisey("alice", &["relay", "add", &ticket2]).ok();
+    let token = world.caisey("alice", &["invite", "agent", "--name", "pc1"]).ok().stdout.trim().to_string();
+    world.agent_cmd("pc1", &["enroll", &token]).ok();
+    let agent = world.start_agent("pc1");
+    let run_on_pc1 = |word: &str| {
+        let run = world.spawn(
+            "caisey",
+            "alice",
+            &["run", "--machine", "pc1", "--session", "weekly", "--", &format!("echo {word}")],
+        );
+        let id = world.wait_pending("pc1");
+        world.agent_cmd("pc1", &["approve", &id]).ok();
+        let out = run.wait(Duration::from_secs(60));
+        assert_eq!(out.code(), 0, "{out:?}");
+        assert!(out.stdout.contains(word), "{out:?}");
+    };
+    run_on_pc1("first-run");
+
+    // The relay that enrolled pc1 is gone for good, its disk with it; alice's node restarts.
+    relay1.kill9();
+    std::fs::remove_dir_all(world.home("relay1")).expect("delete relay1's home");
+    world.down("alice");
+    run_on_pc1("second-run");
+
+    // A third relay, added afterwards, catches up with everything.
+    let (_relay3, ticket3) = world.start_relay("relay3");
+    world.caisey("alice", &["relay", "add", &ticket3]).ok();
+    let bob_token = world.caisey("alice", &["invite", "technician", "--name", "bob"]).ok().stdout.trim().to_string();
+    let relay3 = serde_json::to_value(caisey_doc::token::RelayTicket::decode(&ticket3).expect("ticket").0.node)
+        .expect("node id");
+    wait_for(Duration::from_secs(30), || {
+        let out = world.command("caisey", "alice", &["status", "--json"]).output().ok()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let relays = status["relays"].as_array()?.clone();
+        relays.iter().any(|r| r["node"] == relay3 && r["connected"] == true && r["unconfirmed_docs"] == 0).then_some(())
+    })
+    .expect("relay3 holds everything alice holds");
+    // Only relay3 is left to serve: the other relay, alice's node and the agent are all gone.
+    drop(_relay2);
+    agent.stop();
+    world.down("alice");
+    world.caisey("bob", &["join", &bob_token]).ok();
+    let shown = world.caisey("bob", &["show", "weekly"]).ok();
+    assert!(shown.stdout.contains("first-run") && shown.stdout.contains("second-run"), "{}", shown.stdout);
+}

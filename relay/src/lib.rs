@@ -123,6 +123,8 @@ pub async fn start(opts: NodeOptions, http: Option<HttpOptions>) -> Result<Node>
     node.serve_protocol(caisey_peer::wire::PUBLISH_ALPN, caisey_peer::publish::handler(base));
     let ticket = ticket_of(&node);
     std::fs::write(ticket_path(node.home().dir()), format!("{ticket}\n")).context("writing the ticket file")?;
+    // The org's other relays hold everything too: keep in sync with them (and they with us).
+    node.keep_connected();
     // Our addresses may have changed since the last run: tell the org.
     if let Some(fleet_doc) = node.fleet_doc().await? {
         let signer = node.signer().clone();

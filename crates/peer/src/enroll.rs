@@ -170,21 +170,40 @@ pub async fn join(node: &Node, token: &InviteToken, name: &str, groups: &[String
     }
     let claim =
         claim_membership(&token.secret, &token.cert_record, &token.cert, node.id(), name, groups, crate::now_ms());
-    let request = Request::Claim { claim: BASE64.encode(&claim) };
+    let request = std::sync::Arc::new(Request::Claim { claim: BASE64.encode(&claim) });
+    // Every contact at once, the first welcome wins: a claim is idempotent (a member claiming
+    // again gets the fleet back), and a contact that is gone for good costs nobody a timeout.
+    let mut asks = tokio::task::JoinSet::new();
+    for contact in token.cert.contacts.iter().cloned() {
+        let (node, request) = (node.clone(), request.clone());
+        asks.spawn(async move {
+            let reply = match tokio::time::timeout(Duration::from_secs(10), exchange(&node, &contact, &request)).await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow!("timed out")),
+            };
+            (contact.node, reply)
+        });
+    }
     let mut tried = Vec::new();
-    for contact in &token.cert.contacts {
-        let reply = match tokio::time::timeout(Duration::from_secs(10), exchange(node, contact, &request)).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(e)) => {
-                tried.push(format!("{} ({e:#})", contact.node.short()));
-                continue;
-            }
-            Err(_) => {
-                tried.push(format!("{} (timed out)", contact.node.short()));
+    let mut refused = None;
+    while let Some(done) = asks.join_next().await {
+        let Ok((contact, reply)) = done else { continue };
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                tried.push(format!("{} ({e:#})", contact.short()));
                 continue;
             }
         };
-        let (fleet_doc, doc, fleet) = welcome(reply)?;
+        let (fleet_doc, doc, fleet) = match welcome(reply) {
+            Ok(w) => w,
+            // One contact's refusal (e.g. a node of another org) is not the org's answer while
+            // others may still welcome us.
+            Err(e) => {
+                refused.get_or_insert(e);
+                continue;
+            }
+        };
         if fleet.role_of(&node.id()) != Some(token.cert.role) {
             bail!("the org did not record this node's membership");
         }
@@ -194,6 +213,9 @@ pub async fn join(node: &Node, token: &InviteToken, name: &str, groups: &[String
             token.cert.contacts.iter().filter(|c| fleet.role_of(&c.node) == Some(Role::Relay)).cloned().collect();
         node.set_setting(SETTING_RELAYS, serde_json::to_vec(&relays)?).await?;
         return Ok(fleet);
+    }
+    if let Some(e) = refused {
+        return Err(e);
     }
     if tried.is_empty() {
         bail!(

@@ -279,6 +279,8 @@ pub struct RelayStatus {
     pub node: NodeId,
     pub addrs: Vec<String>,
     pub connected: bool,
+    /// Documents holding changes this relay has not confirmed yet.
+    pub unconfirmed_docs: usize,
 }
 
 /// Bytes as base64 text in JSON (a byte array would cost four characters a byte).

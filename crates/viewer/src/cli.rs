@@ -689,7 +689,11 @@ async fn status(opts: &NodeOptions, json: bool) -> Result<ExitCode> {
     }
     for r in &s.relays {
         let state = if r.connected { "reachable" } else { "unreachable" };
-        println!("  relay {} at {}: {state}", r.node.short(), r.addrs.join(", "));
+        let waiting = match r.unconfirmed_docs {
+            0 => "holds everything here".to_string(),
+            n => format!("{n} document(s) to send it"),
+        };
+        println!("  relay {} at {}: {state}, {waiting}", r.node.short(), r.addrs.join(", "));
     }
     if s.peers.is_empty() {
         println!("  peers: none connected");

@@ -271,12 +271,16 @@ impl TechService {
         let fleet = node.fleet().await?;
         let paths = node.peer_paths().await?;
         let connected: Vec<NodeId> = paths.iter().map(|(p, _)| *p).collect();
-        let relays = node
-            .relay_contacts()
-            .await?
-            .into_iter()
-            .map(|c| RelayStatus { connected: connected.contains(&c.node), node: c.node, addrs: c.addrs })
-            .collect();
+        let mut relays = Vec::new();
+        for c in node.relay_contacts().await? {
+            let unconfirmed_docs = node.unconfirmed_docs(c.node).await?;
+            relays.push(RelayStatus {
+                connected: connected.contains(&c.node),
+                node: c.node,
+                addrs: c.addrs,
+                unconfirmed_docs,
+            });
+        }
         let peers = paths
             .into_iter()
             .map(|(peer, path)| PeerStatus {

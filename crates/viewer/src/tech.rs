@@ -76,31 +76,46 @@ pub async fn invite(
 /// those connections up. Returns a warning when none of them could be reached: what this
 /// machine shows may then be behind.
 pub async fn go_online(node: &Node, extra: &[Contact]) -> Result<Option<String>> {
+    node.keep_connected();
     let hubs = node.hub_contacts().await?;
-    let mut reached = Vec::new();
-    let mut dials = tokio::task::JoinSet::new();
-    for c in hubs.iter().chain(extra.iter()).cloned() {
-        let node = node.clone();
-        dials.spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(3), node.dial(&c)).await {
-                Ok(Ok(())) => Some(c.node),
+    let relays: Vec<NodeId> = node.relay_contacts().await?.iter().map(|c| c.node).collect();
+    let connected: Vec<NodeId> = node.peers().await?.into_iter().map(|p| p.peer).collect();
+    // Dial whoever is not connected yet, all at once; a member that is gone for good costs the
+    // dial's timeout in the background, not a wait here.
+    let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel();
+    let mut dialling = 0;
+    for c in hubs.iter().chain(extra.iter()).filter(|c| !connected.contains(&c.node)).cloned() {
+        let (node, reached_tx) = (node.clone(), reached_tx.clone());
+        dialling += 1;
+        tokio::spawn(async move {
+            let ok = match tokio::time::timeout(Duration::from_secs(3), node.dial(&c)).await {
+                Ok(Ok(())) => true,
                 Ok(Err(e)) => {
                     debug!("{e:#}");
-                    None
+                    false
                 }
-                Err(_) => None,
-            }
+                Err(_) => false,
+            };
+            let _ = reached_tx.send((c.node, ok));
         });
     }
-    while let Some(done) = dials.join_next().await {
-        reached.extend(done.ok().flatten());
+    drop(reached_tx);
+    // Catch up with the first relay reached (a relay holds everything); with no relay, with the
+    // first technician.
+    let is_hub = |n: &NodeId| hubs.iter().any(|h| h.node == *n);
+    let mut first = connected.iter().copied().find(|n| relays.contains(n));
+    let mut fallback = connected.iter().copied().find(|n| is_hub(n));
+    while first.is_none() && dialling > 0 {
+        let Some((peer, ok)) = reached.recv().await else { break };
+        dialling -= 1;
+        if ok && relays.contains(&peer) {
+            first = Some(peer);
+        } else if ok && fallback.is_none() && is_hub(&peer) {
+            fallback = Some(peer);
+        }
     }
-    node.keep_connected();
-    let relays = node.relay_contacts().await?;
-    let first =
-        relays.iter().find(|r| reached.contains(&r.node)).or_else(|| hubs.iter().find(|h| reached.contains(&h.node)));
-    if let Some(hub) = first {
-        node.wait_in_sync(hub.node, Duration::from_secs(5)).await?;
+    if let Some(hub) = first.or(fallback) {
+        node.wait_in_sync(hub, Duration::from_secs(5)).await?;
         return Ok(None);
     }
     Ok(match (relays.is_empty(), hubs.is_empty()) {
