@@ -124,9 +124,13 @@ fn collect(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
     });
 }
 
+pub mod netns;
+
 /// A temporary world of homes.
 pub struct World {
     pub root: tempfile::TempDir,
+    /// Homes placed in a network namespace: (namespace, listen address).
+    places: Mutex<std::collections::BTreeMap<String, (String, String)>>,
 }
 
 impl Default for World {
@@ -137,7 +141,7 @@ impl Default for World {
 
 impl World {
     pub fn new() -> Self {
-        Self { root: tempfile::tempdir().expect("tempdir") }
+        Self { root: tempfile::tempdir().expect("tempdir"), places: Default::default() }
     }
 
     /// The pid of the node running in the background for `home`, if one is.
@@ -154,10 +158,25 @@ impl World {
         self.root.path().join(name)
     }
 
-    /// A command for `binary` in `home`, bound to loopback.
+    /// Runs every process of `home` from now on inside namespace `ns`, listening on `listen`.
+    pub fn place(&self, home: &str, ns: &str, listen: &str) {
+        if let Ok(mut p) = self.places.lock() {
+            p.insert(home.to_string(), (ns.to_string(), listen.to_string()));
+        }
+    }
+
+    /// A command for `binary` in `home`: bound to loopback, or where [`World::place`] put it.
     pub fn command(&self, binary: &str, home: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bin(binary));
-        cmd.arg("--home").arg(self.home(home)).arg("--listen").arg("127.0.0.1:0").args(args);
+        let place = self.places.lock().ok().and_then(|p| p.get(home).cloned());
+        let (mut cmd, listen) = match place {
+            Some((ns, listen)) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &ns]).arg(bin(binary));
+                (cmd, listen)
+            }
+            None => (Command::new(bin(binary)), "127.0.0.1:0".to_string()),
+        };
+        cmd.arg("--home").arg(self.home(home)).arg("--listen").arg(listen).args(args);
         cmd.env("RUST_LOG", "error").env_remove("CAISEY_HOME").env_remove("CAISEY_LISTEN");
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use caisey_doc::fleet::{Contact, Fleet};
+use caisey_doc::fleet::Contact;
 use caisey_doc::token::RelayTicket;
 use caisey_peer::cli::{NodeArgs, run_main};
 use caisey_peer::node::{Node, NodeOptions};
@@ -25,6 +25,7 @@ use clap::{Parser, Subcommand};
 use tracing::info;
 
 pub mod http;
+pub mod traversal;
 
 /// The Caisey relay: stores and forwards the org's sessions so nothing waits on both ends being online.
 #[derive(Debug, Parser)]
@@ -105,6 +106,7 @@ pub async fn run(
 
 /// Starts a relay node and returns it (for in-process use: the demo, tests).
 pub async fn start(opts: NodeOptions, http: Option<HttpOptions>) -> Result<Node> {
+    let listen = opts.listen;
     let node = Node::start(opts).await?;
     node.serve_protocol(caisey_peer::wire::ENROLL_ALPN, caisey_peer::enroll::handler(true));
     let base = match http {
@@ -125,16 +127,35 @@ pub async fn start(opts: NodeOptions, http: Option<HttpOptions>) -> Result<Node>
     std::fs::write(ticket_path(node.home().dir()), format!("{ticket}\n")).context("writing the ticket file")?;
     // The org's other relays hold everything too: keep in sync with them (and they with us).
     node.keep_connected();
+    let (relay_server, info) = traversal::start(&node, node.home().dir(), listen.ip(), advertised_ip(&node)).await?;
+    node.set_own_relay_server(&info).await?;
     // Our addresses may have changed since the last run: tell the org.
-    if let Some(fleet_doc) = node.fleet_doc().await? {
-        let signer = node.signer().clone();
-        let addrs = node.addrs();
-        node.change(fleet_doc, move |d| Fleet::put_presence(d, &signer, addrs, caisey_peer::now_ms())).await??;
-        info!(org = %node.fleet().await?.org_name, "relay serving its org");
-    } else {
-        info!("relay waiting to be adopted with `caisey relay add`");
+    node.announce_in_fleet().await?;
+    match node.fleet_doc().await? {
+        Some(_) => info!(org = %node.fleet().await?.org_name, relay_server = %info.url, "relay serving its org"),
+        None => info!("relay waiting to be adopted with `caisey relay add`"),
     }
+    // The relay server lives as long as the node's endpoint.
+    tokio::spawn({
+        let node = node.clone();
+        async move {
+            node.closed().await;
+            let _ = relay_server.shutdown().await;
+        }
+    });
     Ok(node)
+}
+
+/// The address members reach this relay at: the first it advertises that is not loopback (on
+/// loopback alone, loopback).
+fn advertised_ip(node: &Node) -> std::net::IpAddr {
+    let addrs: Vec<std::net::SocketAddr> = node.addrs().iter().filter_map(|a| a.parse().ok()).collect();
+    addrs
+        .iter()
+        .find(|a| !a.ip().is_loopback())
+        .or(addrs.first())
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
 }
 
 pub fn ticket_of(node: &Node) -> String {

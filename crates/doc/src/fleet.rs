@@ -7,8 +7,8 @@
 //! document but holds no authority in it, so it cannot add members on its own.
 //!
 //! Layout: `ROOT.genesis` (bytes), `ROOT.members[node]`, `ROOT.presence[node]` (maps of signed
-//! records). Only relays keep their presence here (they change address rarely and everyone needs
-//! them); agents' cards and heartbeats live in their machine documents (`crate::machine`), which
+//! records). Relays and technicians keep their presence here (they change address rarely and
+//! everyone needs them; a relay's also names the iroh relay server it runs); agents' cards and heartbeats live in their machine documents (`crate::machine`), which
 //! the hub merges into `Fleet::presence` and `Fleet::cards` for those who hold them.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -105,6 +105,22 @@ pub struct Presence {
     pub node: NodeId,
     pub addrs: Vec<String>,
     pub at: u64,
+    /// A relay's iroh relay server, through which members behind NAT meet and hole-punch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_server: Option<RelayServer>,
+}
+
+/// An iroh relay server a Caisey relay runs: where members reach it, and the exact certificate
+/// they accept from it. A self-hosted relay has no domain name and no CA-signed certificate;
+/// members pin this one, which they learn from the signed fleet document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayServer {
+    /// `https://IP:PORT`.
+    pub url: String,
+    /// UDP port of its QUIC address discovery (how members learn their public address).
+    pub quic_port: Option<u16>,
+    /// The server's certificate, DER, base64.
+    pub cert: String,
 }
 
 /// What an agent tells technicians about its machine.
@@ -230,9 +246,15 @@ impl Fleet {
         put_in(doc, "members", &node.to_hex(), record)
     }
 
-    /// Writes this node's signed presence (addresses and heartbeat).
-    pub fn put_presence(doc: &mut Automerge, signer: &Signer, addrs: Vec<String>, now: u64) -> Result<(), FleetError> {
-        let p = Presence { node: signer.node_id(), addrs, at: now };
+    /// Writes this node's signed presence (addresses and heartbeat; a relay's iroh relay server).
+    pub fn put_presence(
+        doc: &mut Automerge,
+        signer: &Signer,
+        addrs: Vec<String>,
+        relay_server: Option<RelayServer>,
+        now: u64,
+    ) -> Result<(), FleetError> {
+        let p = Presence { node: signer.node_id(), addrs, at: now, relay_server };
         put_in(doc, "presence", &p.node.to_hex(), &signer.sign(RecordKind::Presence, &p))
     }
 
@@ -308,6 +330,13 @@ impl Fleet {
             }
         });
         Ok(fleet)
+    }
+
+    /// The iroh relay servers of the org's relays.
+    pub fn relay_servers(&self) -> Vec<RelayServer> {
+        self.members_with_role(Role::Relay)
+            .filter_map(|m| self.presence.get(&m.node).and_then(|p| p.relay_server.clone()))
+            .collect()
     }
 
     /// Membership is a chain: accept records signed by the org key, then repeatedly those signed

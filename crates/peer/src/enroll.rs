@@ -153,12 +153,7 @@ async fn serve_adopt(node: &Node, peer: caisey_doc::id::NodeId, fleet_doc: DocId
             info!(org = %fleet.org_name, by = %peer.short(), "relay adopted by org");
         }
     }
-    let addrs = node.addrs();
-    node.change(fleet_doc, {
-        let signer = node.signer().clone();
-        move |d| Fleet::put_presence(d, &signer, addrs, crate::now_ms())
-    })
-    .await??;
+    node.announce_in_fleet().await?;
     let bytes = node.read(fleet_doc, Automerge::save).await?.unwrap_or_default();
     Ok(Reply::Welcome { fleet_doc, fleet: BASE64.encode(&bytes) })
 }

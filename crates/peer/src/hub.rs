@@ -1269,7 +1269,7 @@ mod tests {
         };
         let before = heads(&net);
         let beat = |s: &Signer, node: NodeId, at| {
-            s.sign(RecordKind::Presence, &Presence { node, addrs: vec!["127.0.0.1:7".into()], at })
+            s.sign(RecordKind::Presence, &Presence { node, addrs: vec!["127.0.0.1:7".into()], at, relay_server: None })
         };
         let out = net.hubs.get_mut(&a0).unwrap().announce(beat(&o.agents[0], a0, 50));
         net.apply(a0, out);

@@ -28,6 +28,7 @@ pub mod node;
 pub mod publish;
 pub mod rpc;
 pub mod store;
+pub mod traversal;
 pub mod wire;
 
 pub use caisey_doc as doc;

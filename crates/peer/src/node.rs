@@ -21,18 +21,21 @@ use caisey_doc::id::{DocId, NodeId};
 use caisey_doc::record::Signer;
 use caisey_doc::session::{ChunkHash, ChunkSource};
 use iroh::endpoint::{Connection, RecvStream, SendStream, presets};
-use iroh::{Endpoint, EndpointAddr, PublicKey, SecretKey, TransportAddr};
+use iroh::{Endpoint, EndpointAddr, PublicKey, RelayMode, SecretKey, TransportAddr};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::home::Home;
 use crate::hub::{ConnId, Hub, Input, Output, PeerInfo};
 use crate::store::{Store, Write};
+use crate::traversal::RelayServers;
 use crate::wire::{DocKind, EXTRA_ALPNS, Frame, SYNC_ALPN};
 
 /// Bytes queued for one peer before it counts as too slow (a frame past this is refused).
 const OUTBOX_BYTES: usize = crate::wire::MAX_FRAME;
 const SETTING_PORT: &str = "listen_port";
+/// Settings key for the iroh relay server this node runs (relays only).
+const SETTING_RELAY_SERVER: &str = "relay_server";
 /// Settings key for relay contacts learnt from a token or `relay add`.
 pub const SETTING_RELAYS: &str = "relays";
 
@@ -252,6 +255,7 @@ struct Shared {
     keeping_connected: std::sync::atomic::AtomicBool,
     home: Home,
     handlers: std::sync::Mutex<std::collections::BTreeMap<Vec<u8>, ProtocolHandler>>,
+    relay_servers: RelayServers,
 }
 
 impl std::fmt::Debug for Node {
@@ -265,7 +269,8 @@ impl Node {
     pub async fn start(opts: NodeOptions) -> Result<Node> {
         let signer = opts.home.node_key()?;
         let store = Store::open(&opts.home.store_path())?;
-        let endpoint = bind(&signer, opts.listen, &store).await?;
+        let relay_servers = RelayServers::default();
+        let endpoint = bind(&signer, opts.listen, &store, &relay_servers).await?;
         let (cmd, inbox) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
         // Its own thread: every commit waits for fsync, which must not stall the tasks that move
@@ -296,9 +301,11 @@ impl Node {
                 keeping_connected: Default::default(),
                 home: opts.home,
                 handlers: Default::default(),
+                relay_servers,
             }),
         };
         tokio::spawn(accept_loop(node.clone()));
+        node.track_relay_servers().await?;
         info!(node = %node.id().short(), addrs = ?node.addrs(), "node started");
         Ok(node)
     }
@@ -388,7 +395,12 @@ impl Node {
     /// Sends this agent's heartbeat (its signed presence: addresses, time) to every peer that
     /// may see this machine, and keeps it. Not a document change: heartbeats leave no history.
     pub async fn announce_presence(&self) -> Result<()> {
-        let presence = caisey_doc::fleet::Presence { node: self.id(), addrs: self.addrs(), at: crate::now_ms() };
+        let presence = caisey_doc::fleet::Presence {
+            node: self.id(),
+            addrs: self.addrs(),
+            at: crate::now_ms(),
+            relay_server: None,
+        };
         let record = self.signer().sign(caisey_doc::record::RecordKind::Presence, &presence);
         self.with_core(move |core| {
             let out = core.hub.announce(record);
@@ -650,7 +662,7 @@ impl Node {
 
     /// Connects to `contact` for sync. Returns once the connection is registered with the core.
     pub async fn dial(&self, contact: &Contact) -> Result<()> {
-        let addr = endpoint_addr(contact)?;
+        let addr = self.endpoint_addr(contact)?;
         let conn = self
             .shared
             .endpoint
@@ -664,12 +676,84 @@ impl Node {
 
     /// Opens a connection for one of the small protocols (enrollment, publishing).
     pub async fn connect(&self, contact: &Contact, alpn: &[u8]) -> Result<Connection> {
-        let addr = endpoint_addr(contact)?;
+        let addr = self.endpoint_addr(contact)?;
         self.shared
             .endpoint
             .connect(addr, alpn)
             .await
             .with_context(|| format!("could not reach {} at {}", contact.node.short(), contact.addrs.join(", ")))
+    }
+
+    /// Resolves once the node's endpoint is closed (the node is shutting down).
+    pub async fn closed(&self) {
+        self.shared.endpoint.closed().await;
+    }
+
+    /// Where to dial `contact`: its addresses, and the org's relay servers (through which iroh
+    /// reaches a peer behind NAT and hole-punches a direct path to it).
+    fn endpoint_addr(&self, contact: &Contact) -> Result<EndpointAddr> {
+        let key = PublicKey::from_bytes(&contact.node.0).context("invalid node id")?;
+        let addrs: Vec<TransportAddr> = contact
+            .addrs
+            .iter()
+            .filter_map(|a| a.parse::<SocketAddr>().ok())
+            .map(TransportAddr::Ip)
+            .chain(self.shared.relay_servers.urls().into_iter().map(TransportAddr::Relay))
+            .collect();
+        if addrs.is_empty() {
+            return Err(anyhow!("no usable address known for {}", contact.node.short()));
+        }
+        Ok(EndpointAddr::from_parts(key, addrs))
+    }
+
+    /// Uses the org's relay servers as the fleet names them, now and whenever it changes.
+    async fn track_relay_servers(&self) -> Result<()> {
+        let mut events = self.subscribe();
+        let servers = self.fleet().await?.relay_servers();
+        self.shared.relay_servers.update(&self.shared.endpoint, servers).await;
+        let node = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let changed = match events.recv().await {
+                    Ok(NodeEvent::DocChanged(doc)) => node.fleet_doc().await.ok().flatten() == Some(doc),
+                    Ok(_) => false,
+                    Err(broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if changed && let Ok(fleet) = node.fleet().await {
+                    node.shared.relay_servers.update(&node.shared.endpoint, fleet.relay_servers()).await;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Writes this node's addresses (and, for a relay, its relay server) into the fleet
+    /// document when they changed, so members can reach it. Relays and technicians do this:
+    /// others keep connected to them.
+    pub async fn announce_in_fleet(&self) -> Result<()> {
+        let Some(fleet_doc) = self.fleet_doc().await? else { return Ok(()) };
+        let me = self.id();
+        let addrs = self.addrs();
+        let relay_server = self.own_relay_server().await?;
+        let known = self.fleet().await?.presence.get(&me).cloned();
+        if known.is_some_and(|p| p.addrs == addrs && p.relay_server == relay_server) {
+            return Ok(());
+        }
+        let signer = self.signer().clone();
+        self.change(fleet_doc, move |d| Fleet::put_presence(d, &signer, addrs, relay_server, crate::now_ms()))
+            .await??;
+        Ok(())
+    }
+
+    /// The iroh relay server this node runs, if it is a relay that runs one.
+    pub async fn own_relay_server(&self) -> Result<Option<caisey_doc::fleet::RelayServer>> {
+        Ok(self.setting(SETTING_RELAY_SERVER).await?.and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    /// Records the iroh relay server this node runs (announced with [`Node::announce_in_fleet`]).
+    pub async fn set_own_relay_server(&self, server: &caisey_doc::fleet::RelayServer) -> Result<()> {
+        self.set_setting(SETTING_RELAY_SERVER, serde_json::to_vec(server)?).await
     }
 
     /// Keeps a connection to every relay and technician ([`Node::hub_contacts`]), redialling
@@ -765,19 +849,9 @@ impl Node {
     }
 }
 
-fn endpoint_addr(contact: &Contact) -> Result<EndpointAddr> {
-    let key = PublicKey::from_bytes(&contact.node.0).context("invalid node id")?;
-    let addrs: Vec<TransportAddr> =
-        contact.addrs.iter().filter_map(|a| a.parse::<SocketAddr>().ok()).map(TransportAddr::Ip).collect();
-    if addrs.is_empty() {
-        return Err(anyhow!("no usable address known for {}", contact.node.short()));
-    }
-    Ok(EndpointAddr::from_parts(key, addrs))
-}
-
 /// Binds the endpoint offline-safe (no public relays, no DNS discovery). With port 0, reuses the
 /// port from the last run when it is free, so peers holding our old address still find us.
-async fn bind(signer: &Signer, listen: SocketAddr, store: &Store) -> Result<Endpoint> {
+async fn bind(signer: &Signer, listen: SocketAddr, store: &Store, relay_servers: &RelayServers) -> Result<Endpoint> {
     let mut candidates = Vec::new();
     if listen.port() == 0
         && let Some(port) = store.setting(SETTING_PORT)?.and_then(|b| b.try_into().ok()).map(u16::from_be_bytes)
@@ -790,6 +864,8 @@ async fn bind(signer: &Signer, listen: SocketAddr, store: &Store) -> Result<Endp
         let builder = Endpoint::builder(presets::Minimal)
             .secret_key(SecretKey::from_bytes(&signer.secret()))
             .alpns(std::iter::once(SYNC_ALPN).chain(EXTRA_ALPNS.iter().copied()).map(<[u8]>::to_vec).collect())
+            .relay_mode(RelayMode::Custom(relay_servers.relay_map()))
+            .ca_tls_config(relay_servers.tls_config())
             .clear_ip_transports()
             .bind_addr(addr)
             .map_err(|e| anyhow!("invalid --listen address {addr}: {e}"))?;

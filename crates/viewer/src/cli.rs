@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 
 use crate::api::Event;
 use crate::client::Client;
-use crate::tech::{RunRequest, Targets};
+use crate::tech::{MachinePath, RunRequest, Targets};
 use crate::transcript::{ExportFormat, Follower, OutputStyle, time};
 
 /// Caisey: run diagnostics on enrolled machines, with the user's consent, into durable sessions.
@@ -343,10 +343,11 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                     let seen =
                         m.last_seen.map(|t| format!("last seen {}", time(t))).unwrap_or_else(|| "never seen".into());
                     let os = m.card.as_ref().map(|c| format!("{} {}", c.os_name, c.os_version)).unwrap_or_default();
-                    let path = match (m.online, m.direct) {
-                        (false, _) => "",
-                        (true, true) => "direct ",
-                        (true, false) => "via relay ",
+                    let path = match m.path {
+                        MachinePath::Direct => "direct, ",
+                        MachinePath::Relayed => "relayed, ",
+                        MachinePath::ThroughRelay => "through the relay, ",
+                        MachinePath::Offline => "",
                     };
                     println!(
                         "{state}  {:<20} {:<24} {}  ({path}{seen})",

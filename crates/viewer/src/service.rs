@@ -58,7 +58,7 @@ impl TechService {
         tokio::spawn({
             let node = node.clone();
             async move {
-                if let Err(e) = tech::announce_addrs(&node).await {
+                if let Err(e) = node.announce_in_fleet().await {
                     warn!("could not tell the org this node's addresses: {e:#}");
                 }
                 let warning = tech::go_online(&node, &[]).await.unwrap_or_else(|e| Some(format!("{e:#}")));
@@ -118,7 +118,7 @@ impl TechService {
             }
             Request::Init { org, name } => {
                 tech::init(node, &org, &name).await?;
-                tech::announce_addrs(node).await?;
+                node.announce_in_fleet().await?;
                 Reply::Org(self.org().await?)
             }
             Request::Invite { role, name, groups, approves, ttl_ms } => {
@@ -128,7 +128,7 @@ impl TechService {
             Request::Join { token, name } => {
                 let token = InviteToken::decode(&token, caisey_peer::now_ms())?;
                 caisey_peer::enroll::join(node, &token, &name, &[]).await?;
-                tech::announce_addrs(node).await?;
+                node.announce_in_fleet().await?;
                 tech::go_online(node, &[]).await?;
                 Reply::Org(self.org().await?)
             }

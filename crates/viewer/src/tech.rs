@@ -10,7 +10,7 @@ use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::record::Signer;
 use caisey_doc::session::{CommandRequest, CommandSpec, SessionInfo, SessionView, SessionWriter};
 use caisey_doc::token::InviteToken;
-use caisey_peer::node::Node;
+use caisey_peer::node::{Node, PeerPath};
 use caisey_peer::now_ms;
 use caisey_peer::wire::DocKind;
 use serde::{Deserialize, Serialize};
@@ -125,21 +125,6 @@ pub async fn go_online(node: &Node, extra: &[Contact]) -> Result<Option<String>>
     })
 }
 
-/// Writes this node's addresses into the fleet document when they changed, so agents and
-/// colleagues can reach it (a technician's node serves them like a relay).
-pub async fn announce_addrs(node: &Node) -> Result<()> {
-    let Some(fleet_doc) = node.fleet_doc().await? else { return Ok(()) };
-    let me = node.id();
-    let addrs = node.addrs();
-    let known = node.fleet().await?.presence.get(&me).map(|p| p.addrs.clone());
-    if known.as_ref() == Some(&addrs) {
-        return Ok(());
-    }
-    let signer = node.signer().clone();
-    node.change(fleet_doc, move |d| caisey_doc::fleet::Fleet::put_presence(d, &signer, addrs, now_ms())).await??;
-    Ok(())
-}
-
 /// Waits up to `timeout` until a relay holds everything this node holds for it; with no relay,
 /// until each of `machines` does. Whether that happened.
 pub async fn wait_delivered(node: &Node, machines: &[NodeId], timeout: Duration) -> Result<bool> {
@@ -165,10 +150,25 @@ pub struct Machine {
     pub node: NodeId,
     pub groups: Vec<String>,
     pub online: bool,
-    /// Connected to this node directly (not only heard of through the relay).
+    /// Connected to this node (not only heard of through a relay).
     pub direct: bool,
+    /// How this node reaches it now.
+    pub path: MachinePath,
     pub last_seen: Option<u64>,
     pub card: Option<MachineCard>,
+}
+
+/// How the technician's node reaches a machine right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MachinePath {
+    /// A QUIC path straight to it: on the LAN, or hole-punched through NAT.
+    Direct,
+    /// Connected through an iroh relay server: no direct path could be made (yet).
+    Relayed,
+    /// Not connected here, but online: its sessions travel through the org's relay.
+    ThroughRelay,
+    Offline,
 }
 
 impl Machine {
@@ -182,7 +182,7 @@ impl Machine {
 
 pub async fn machines(node: &Node, group: Option<&str>, search: Option<&str>) -> Result<Vec<Machine>> {
     let fleet = node.fleet().await?;
-    let connected: Vec<NodeId> = node.peers().await?.into_iter().map(|p| p.peer).collect();
+    let paths: BTreeMap<NodeId, PeerPath> = node.peer_paths().await?.into_iter().collect();
     let now = now_ms();
     let fresh = caisey_agent::daemon::HEARTBEAT.as_millis() as u64 * u64::from(ONLINE_HEARTBEATS);
     let search = search.map(str::to_lowercase);
@@ -191,12 +191,20 @@ pub async fn machines(node: &Node, group: Option<&str>, search: Option<&str>) ->
         .filter(|m| group.is_none_or(|g| m.groups.iter().any(|x| x.eq_ignore_ascii_case(g))))
         .map(|m| {
             let last_seen = fleet.presence.get(&m.node).map(|p| p.at);
+            let heard = last_seen.is_some_and(|t| now.saturating_sub(t) <= fresh);
+            let path = match (paths.get(&m.node), heard) {
+                (Some(PeerPath::Direct), _) => MachinePath::Direct,
+                (Some(PeerPath::Relayed), _) => MachinePath::Relayed,
+                (None, true) => MachinePath::ThroughRelay,
+                (None, false) => MachinePath::Offline,
+            };
             Machine {
                 name: m.name.clone(),
                 node: m.node,
                 groups: m.groups.clone(),
-                online: connected.contains(&m.node) || last_seen.is_some_and(|t| now.saturating_sub(t) <= fresh),
-                direct: connected.contains(&m.node),
+                online: path != MachinePath::Offline,
+                direct: paths.contains_key(&m.node),
+                path,
                 last_seen,
                 card: fleet.cards.get(&m.node).cloned(),
             }

@@ -6,14 +6,15 @@ use egui::{RichText, Ui};
 
 use super::app::{Tab, ViewerApp};
 use super::widgets::{ago, bytes, labelled_input, time};
-use crate::tech::Machine;
+use crate::tech::{Machine, MachinePath};
 
 /// How a machine is reached right now.
 pub fn connectivity(m: &Machine) -> &'static str {
-    match (m.direct, m.online) {
-        (true, _) => "direct",
-        (false, true) => "via relay",
-        (false, false) => "offline",
+    match m.path {
+        MachinePath::Direct => "direct",
+        MachinePath::Relayed => "relayed",
+        MachinePath::ThroughRelay => "via relay",
+        MachinePath::Offline => "offline",
     }
 }
 
