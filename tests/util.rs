@@ -177,7 +177,9 @@ impl World {
             None => (Command::new(bin(binary)), "127.0.0.1:0".to_string()),
         };
         cmd.arg("--home").arg(self.home(home)).arg("--listen").arg(listen).args(args);
-        cmd.env("RUST_LOG", "error").env_remove("CAISEY_HOME").env_remove("CAISEY_LISTEN");
+        // Errors only, and quiet where the binaries' own default is quiet.
+        cmd.env("RUST_LOG", "error,iroh::socket::transports::relay=off");
+        cmd.env_remove("CAISEY_HOME").env_remove("CAISEY_LISTEN");
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd
     }
