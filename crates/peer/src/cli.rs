@@ -34,8 +34,8 @@ impl NodeArgs {
     }
 }
 
-/// What is never logged by default: an iroh transport's report of its own shutdown.
-const QUIET: &str = "iroh::socket::transports::relay=off";
+/// What is not logged by default: iroh's reports of connections ending as they do.
+const QUIET: &str = "iroh::socket::transports::relay=off,iroh_relay::server::client=error";
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default: warnings, and info for daemons).
 pub fn init_tracing() {
@@ -45,7 +45,8 @@ pub fn init_tracing() {
 /// Like [`init_tracing`] with another default filter.
 pub fn init_tracing_with(default: &str) {
     // iroh logs `relay_recv_channel closed` as an error each time an endpoint with a relay
-    // server closes (every short-lived command): noise to a user, so off unless asked for.
+    // server closes (every short-lived command), and a relay server warns each time a client
+    // goes without a TLS goodbye: noise to a user, so off unless asked for.
     let default = format!("{default},{QUIET}");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

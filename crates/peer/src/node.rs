@@ -256,6 +256,30 @@ struct Shared {
     home: Home,
     handlers: std::sync::Mutex<std::collections::BTreeMap<Vec<u8>, ProtocolHandler>>,
     relay_servers: RelayServers,
+    /// Peers being dialled right now.
+    dialling: Arc<std::sync::Mutex<std::collections::BTreeSet<NodeId>>>,
+}
+
+/// A dial in progress; the peer leaves the set when it is dropped.
+struct Dialling {
+    set: Arc<std::sync::Mutex<std::collections::BTreeSet<NodeId>>>,
+    peer: NodeId,
+}
+
+impl Dialling {
+    /// `None` when `peer` is being dialled already.
+    fn start(set: &Arc<std::sync::Mutex<std::collections::BTreeSet<NodeId>>>, peer: NodeId) -> Option<Dialling> {
+        let fresh = set.lock().ok()?.insert(peer);
+        fresh.then(|| Dialling { set: set.clone(), peer })
+    }
+}
+
+impl Drop for Dialling {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.peer);
+        }
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -302,6 +326,7 @@ impl Node {
                 home: opts.home,
                 handlers: Default::default(),
                 relay_servers,
+                dialling: Default::default(),
             }),
         };
         tokio::spawn(accept_loop(node.clone()));
@@ -660,8 +685,15 @@ impl Node {
         }
     }
 
-    /// Connects to `contact` for sync. Returns once the connection is registered with the core.
+    /// Connects to `contact` for sync. Returns once the connection is registered with the core,
+    /// or at once when a connection to it exists or is being made: one connection per peer (a
+    /// second would replace the first, and both ends would resend what they had sent).
     pub async fn dial(&self, contact: &Contact) -> Result<()> {
+        let peer = contact.node;
+        if self.peers().await?.iter().any(|p| p.peer == peer) {
+            return Ok(());
+        }
+        let Some(_dialling) = Dialling::start(&self.shared.dialling, peer) else { return Ok(()) };
         let addr = self.endpoint_addr(contact)?;
         let conn = self
             .shared
