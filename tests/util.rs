@@ -178,7 +178,10 @@ impl World {
         };
         cmd.arg("--home").arg(self.home(home)).arg("--listen").arg(listen).args(args);
         // Errors only, and quiet where the binaries' own default is quiet.
-        cmd.env("RUST_LOG", "error,iroh::socket::transports::relay=off");
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("CAISEY_TEST_LOG").unwrap_or_else(|_| "error,iroh::socket::transports::relay=off".into()),
+        );
         cmd.env_remove("CAISEY_HOME").env_remove("CAISEY_LISTEN");
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd

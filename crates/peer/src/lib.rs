@@ -23,6 +23,7 @@ pub mod cli;
 pub mod enroll;
 pub mod home;
 pub mod hub;
+pub mod lan;
 pub mod local;
 pub mod node;
 pub mod publish;

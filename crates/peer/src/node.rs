@@ -21,12 +21,13 @@ use caisey_doc::id::{DocId, NodeId};
 use caisey_doc::record::Signer;
 use caisey_doc::session::{ChunkHash, ChunkSource};
 use iroh::endpoint::{Connection, RecvStream, SendStream, presets};
-use iroh::{Endpoint, EndpointAddr, PublicKey, RelayMode, SecretKey, TransportAddr};
+use iroh::{Endpoint, EndpointAddr, PublicKey, RelayMode, SecretKey, TransportAddr, Watcher};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::home::Home;
 use crate::hub::{ConnId, Hub, Input, Output, PeerInfo};
+use crate::lan::Lan;
 use crate::store::{Store, Write};
 use crate::traversal::RelayServers;
 use crate::wire::{DocKind, EXTRA_ALPNS, Frame, SYNC_ALPN};
@@ -256,6 +257,7 @@ struct Shared {
     home: Home,
     handlers: std::sync::Mutex<std::collections::BTreeMap<Vec<u8>, ProtocolHandler>>,
     relay_servers: RelayServers,
+    lan: Lan,
     /// Peers being dialled right now.
     dialling: Arc<std::sync::Mutex<std::collections::BTreeSet<NodeId>>>,
 }
@@ -294,7 +296,8 @@ impl Node {
         let signer = opts.home.node_key()?;
         let store = Store::open(&opts.home.store_path())?;
         let relay_servers = RelayServers::default();
-        let endpoint = bind(&signer, opts.listen, &store, &relay_servers).await?;
+        let lan = Lan::start(SecretKey::from_bytes(&signer.secret()).public(), opts.listen);
+        let endpoint = bind(&signer, opts.listen, &store, &relay_servers, &lan).await?;
         let (cmd, inbox) = mpsc::channel(256);
         let (events, _) = broadcast::channel(1024);
         // Its own thread: every commit waits for fsync, which must not stall the tasks that move
@@ -326,11 +329,13 @@ impl Node {
                 home: opts.home,
                 handlers: Default::default(),
                 relay_servers,
+                lan,
                 dialling: Default::default(),
             }),
         };
         tokio::spawn(accept_loop(node.clone()));
         node.track_relay_servers().await?;
+        node.watch_own_addrs();
         info!(node = %node.id().short(), addrs = ?node.addrs(), "node started");
         Ok(node)
     }
@@ -611,10 +616,12 @@ impl Node {
         self.contacts_of(&[Role::Relay, Role::Technician]).await
     }
 
-    /// Members with one of `roles`, at the addresses of their presence (and, for relays, the
-    /// addresses remembered from a token or `relay add`), never this node itself.
+    /// Members with one of `roles`, at the addresses of their presence, where they last
+    /// announced themselves on the LAN, and (for relays) the addresses remembered from a token
+    /// or `relay add`; never this node itself.
     async fn contacts_of(&self, roles: &'static [Role]) -> Result<Vec<Contact>> {
         let me = self.id();
+        let lan = self.shared.lan.clone();
         // Read in place: this runs every half second on every node, and cloning the fleet of a
         // large org each time would cost more than everything else an idle node does.
         self.with_core(move |core| {
@@ -627,16 +634,21 @@ impl Node {
                 .unwrap_or_default();
             let fleet = core.hub.fleet();
             for member in fleet.members.values().filter(|m| roles.contains(&m.role)) {
-                if let Some(p) = fleet.presence.get(&member.node) {
-                    match out.iter_mut().find(|c| c.node == member.node) {
-                        Some(c) => {
-                            for a in &p.addrs {
-                                if !c.addrs.contains(a) {
-                                    c.addrs.push(a.clone());
-                                }
-                            }
-                        }
-                        None => out.push(Contact { node: member.node, addrs: p.addrs.clone() }),
+                let recorded = fleet.presence.get(&member.node).map(|p| p.addrs.clone()).unwrap_or_default();
+                let on_lan: Vec<String> = lan.addrs_of(&member.node).iter().map(|a| a.to_string()).collect();
+                if recorded.is_empty() && on_lan.is_empty() {
+                    continue;
+                }
+                let i = match out.iter().position(|c| c.node == member.node) {
+                    Some(i) => i,
+                    None => {
+                        out.push(Contact { node: member.node, addrs: vec![] });
+                        out.len() - 1
+                    }
+                };
+                for a in recorded.into_iter().chain(on_lan) {
+                    if !out[i].addrs.contains(&a) {
+                        out[i].addrs.push(a);
                     }
                 }
             }
@@ -693,7 +705,17 @@ impl Node {
         if self.peers().await?.iter().any(|p| p.peer == peer) {
             return Ok(());
         }
-        let Some(_dialling) = Dialling::start(&self.shared.dialling, peer) else { return Ok(()) };
+        self.connect_sync(contact).await
+    }
+
+    /// Dials `contact` even when connected already: the new connection replaces the old one (after
+    /// this node's addresses changed, an old connection may be dead without knowing it yet).
+    async fn reconnect(&self, contact: &Contact) -> Result<()> {
+        self.connect_sync(contact).await
+    }
+
+    async fn connect_sync(&self, contact: &Contact) -> Result<()> {
+        let Some(_dialling) = Dialling::start(&self.shared.dialling, contact.node) else { return Ok(()) };
         let addr = self.endpoint_addr(contact)?;
         let conn = self
             .shared
@@ -725,10 +747,15 @@ impl Node {
     /// reaches a peer behind NAT and hole-punches a direct path to it).
     fn endpoint_addr(&self, contact: &Contact) -> Result<EndpointAddr> {
         let key = PublicKey::from_bytes(&contact.node.0).context("invalid node id")?;
-        let addrs: Vec<TransportAddr> = contact
-            .addrs
-            .iter()
-            .filter_map(|a| a.parse::<SocketAddr>().ok())
+        let mut ips: Vec<SocketAddr> = contact.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        // Where it last announced itself on the LAN, when it did (its recorded address may be old).
+        for a in self.shared.lan.addrs_of(&contact.node) {
+            if !ips.contains(&a) {
+                ips.push(a);
+            }
+        }
+        let addrs: Vec<TransportAddr> = ips
+            .into_iter()
             .map(TransportAddr::Ip)
             .chain(self.shared.relay_servers.urls().into_iter().map(TransportAddr::Relay))
             .collect();
@@ -736,6 +763,65 @@ impl Node {
             return Err(anyhow!("no usable address known for {}", contact.node.short()));
         }
         Ok(EndpointAddr::from_parts(key, addrs))
+    }
+
+    /// When this node's own addresses change (a new DHCP lease, another network): tells the
+    /// org where it is now and reconnects to its peers from there, instead of waiting for the
+    /// old connections to time out.
+    fn watch_own_addrs(&self) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut watcher = node.shared.endpoint.watch_addr();
+            let mut last: Vec<SocketAddr> = watcher.get().ip_addrs().copied().collect();
+            loop {
+                tokio::select! {
+                    _ = node.shared.endpoint.closed() => return,
+                    changed = watcher.updated() => if changed.is_err() { return },
+                }
+                let now: Vec<SocketAddr> = watcher.get().ip_addrs().copied().collect();
+                if now == last {
+                    continue;
+                }
+                last = now;
+                info!(addrs = ?last, "this node's addresses changed; telling the org and reconnecting");
+                let me = node.id();
+                let role = node.with_core(move |core| core.hub.fleet().role_of(&me)).await.ok().flatten();
+                let told = match role {
+                    Some(Role::Agent) => node.announce_presence().await,
+                    Some(_) => node.announce_in_fleet().await,
+                    None => Ok(()),
+                };
+                if let Err(e) = told {
+                    warn!("could not tell the org this node's new addresses: {e:#}");
+                }
+                for contact in node.connected_contacts().await.unwrap_or_default() {
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = tokio::time::timeout(Duration::from_secs(5), node.reconnect(&contact)).await {
+                            debug!(peer = %contact.node.short(), "reconnecting: {e:#}");
+                        }
+                    });
+                }
+            }
+        });
+    }
+
+    /// Connected peers, at the addresses this node knows for them (recorded or heard on the LAN;
+    /// iroh also remembers where it last reached them).
+    async fn connected_contacts(&self) -> Result<Vec<Contact>> {
+        let lan = self.shared.lan.clone();
+        self.with_core(move |core| {
+            let fleet = core.hub.fleet();
+            core.outboxes
+                .keys()
+                .map(|peer| {
+                    let mut addrs = fleet.presence.get(peer).map(|p| p.addrs.clone()).unwrap_or_default();
+                    addrs.extend(lan.addrs_of(peer).iter().map(|a| a.to_string()));
+                    Contact { node: *peer, addrs }
+                })
+                .collect()
+        })
+        .await
     }
 
     /// Uses the org's relay servers as the fleet names them, now and whenever it changes.
@@ -883,7 +969,13 @@ impl Node {
 
 /// Binds the endpoint offline-safe (no public relays, no DNS discovery). With port 0, reuses the
 /// port from the last run when it is free, so peers holding our old address still find us.
-async fn bind(signer: &Signer, listen: SocketAddr, store: &Store, relay_servers: &RelayServers) -> Result<Endpoint> {
+async fn bind(
+    signer: &Signer,
+    listen: SocketAddr,
+    store: &Store,
+    relay_servers: &RelayServers,
+    lan: &Lan,
+) -> Result<Endpoint> {
     let mut candidates = Vec::new();
     if listen.port() == 0
         && let Some(port) = store.setting(SETTING_PORT)?.and_then(|b| b.try_into().ok()).map(u16::from_be_bytes)
@@ -893,14 +985,18 @@ async fn bind(signer: &Signer, listen: SocketAddr, store: &Store, relay_servers:
     candidates.push(listen);
     let mut last_err = None;
     for addr in candidates {
-        let builder = Endpoint::builder(presets::Minimal)
+        let mut builder = Endpoint::builder(presets::Minimal)
             .secret_key(SecretKey::from_bytes(&signer.secret()))
             .alpns(std::iter::once(SYNC_ALPN).chain(EXTRA_ALPNS.iter().copied()).map(<[u8]>::to_vec).collect())
+            .transport_config(transport_config()?)
             .relay_mode(RelayMode::Custom(relay_servers.relay_map()))
             .ca_tls_config(relay_servers.tls_config())
             .clear_ip_transports()
             .bind_addr(addr)
             .map_err(|e| anyhow!("invalid --listen address {addr}: {e}"))?;
+        if let Some(lookup) = lan.lookup() {
+            builder = builder.address_lookup(lookup);
+        }
         match builder.bind().await {
             Ok(ep) => {
                 if let Some(bound) = ep.bound_sockets().first() {
@@ -915,6 +1011,16 @@ async fn bind(signer: &Signer, listen: SocketAddr, store: &Store, relay_servers:
         }
     }
     Err(last_err.unwrap_or_else(|| anyhow!("could not bind")))
+}
+
+/// A connection silent this long is dead (default QUIC: 30 s). A peer killed with kill -9, a
+/// laptop that moved: its sync connection is dropped in seconds and redialled, instead of
+/// holding what is sent to it for half a minute.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(8);
+
+fn transport_config() -> Result<iroh::endpoint::QuicTransportConfig> {
+    let idle = IDLE_TIMEOUT.try_into().map_err(|e| anyhow!("idle timeout: {e}"))?;
+    Ok(iroh::endpoint::QuicTransportConfig::builder().max_idle_timeout(Some(idle)).build())
 }
 
 /// Inputs handled before their outputs are carried out together, at most.

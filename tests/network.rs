@@ -120,3 +120,82 @@ fn with_only_the_agent_behind_nat_the_technician_reaches_it_directly() {
     assert_eq!(out.code(), 0, "{}", out.stderr);
     assert_eq!(out.stdout.len(), SIXTEEN_MIB);
 }
+
+/// Address a LAN host gets: 10.88.0.`n`/24.
+fn lan_host(net: &mut Net, lan: &str, name: &str, n: u8) -> String {
+    let host = net.host(name);
+    net.plug(&host, "eth0", lan, &format!("10.88.0.{n}/24"));
+    // mDNS goes out on the interface of the default route.
+    caisey_tests::netns::in_ns(&host, "ip", &["route", "add", "default", "dev", "eth0"]);
+    host
+}
+
+#[test]
+fn a_shop_lan_with_no_relay_finds_its_members_by_mdns_even_after_an_address_changes() {
+    let mut net = Net::new();
+    let world = World::new();
+    let lan = net.segment("lan");
+    let tech = lan_host(&mut net, &lan, "tech", 10);
+    world.place("alice", &tech, "0.0.0.0:0");
+    world.caisey("alice", &["init", "--org", "Shop", "--name", "alice"]).ok();
+    let agents = ["ws-01", "ws-02", "ws-03"];
+    let mut running = Vec::new();
+    for (i, name) in agents.iter().enumerate() {
+        let host = lan_host(&mut net, &lan, name, 21 + i as u8);
+        world.place(name, &host, "0.0.0.0:0");
+        let token = world.caisey("alice", &["invite", "agent", "--name", name, "--group", "shop"]).ok().stdout;
+        world.agent_cmd(name, &["enroll", token.trim()]).ok();
+        running.push(world.start_agent(name));
+    }
+    let run = world.spawn("caisey", "alice", &["run", "--group", "shop", "--", "echo served-on-the-lan"]);
+    for a in agents {
+        let id = world.wait_pending(a);
+        world.agent_cmd(a, &["approve", &id]).ok();
+    }
+    let out = run.wait(Duration::from_secs(60));
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(out.stdout.matches("out] served-on-the-lan").count(), 3, "{out:?}");
+
+    // The technician's laptop gets a new address while ws-03 is switched off.
+    let ws03 = running.pop().expect("ws-03");
+    ws03.stop();
+    net.readdress(&tech, "eth0", "10.88.0.10/24", "10.88.0.99/24");
+    caisey_tests::netns::in_ns(&tech, "ip", &["route", "replace", "default", "dev", "eth0"]);
+    let moved = Instant::now();
+    let run = world.spawn("caisey", "alice", &["run", "--machine", "ws-02", "--", "echo after-the-move"]);
+    let id = world.wait_pending("ws-02");
+    world.agent_cmd("ws-02", &["approve", &id]).ok();
+    let out = run.wait(Duration::from_secs(60));
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert!(out.stdout.contains("after-the-move"), "{out:?}");
+    eprintln!("a command answered {:?} after the technician's address changed", moved.elapsed());
+
+    // ws-03 comes back knowing only the old address; nobody dials it (agents dial technicians):
+    // it finds the technician on the LAN by mDNS, and gets what was asked of it meanwhile.
+    let asked = world.caisey("alice", &["run", "--machine", "ws-03", "--detach", "--", "echo found-by-mdns"]);
+    assert_eq!(asked.code(), 0, "{asked:?}");
+    let _ws03 = world.start_agent("ws-03");
+    let id = world.wait_pending("ws-03");
+    world.agent_cmd("ws-03", &["approve", &id]).ok();
+    let shown = wait_for(Duration::from_secs(30), || {
+        let out = world.command("caisey", "alice", &["sessions", "--json"]).output().ok()?;
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        list.as_array()?
+            .iter()
+            .any(|s| s["status"] == "exited" && s["machines"][0] == "ws-03" && s["scripts"][0] == "echo found-by-mdns")
+            .then_some(())
+    });
+    assert!(shown.is_some(), "ws-03's answer did not come back");
+
+    // A second technician joins through alice's node, found on the LAN, and sees every session.
+    let bob_host = lan_host(&mut net, &lan, "bob", 30);
+    world.place("bob", &bob_host, "0.0.0.0:0");
+    let token = world.caisey("alice", &["invite", "technician", "--name", "bob"]).ok().stdout.trim().to_string();
+    world.caisey("bob", &["join", &token]).ok();
+    let seen = wait_for(Duration::from_secs(30), || {
+        let out = world.command("caisey", "bob", &["sessions", "--json"]).output().ok()?;
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (list.as_array()?.len() == 5).then_some(())
+    });
+    assert!(seen.is_some(), "bob does not see the five sessions");
+}
