@@ -26,6 +26,8 @@ pub struct Sizes {
     pub idle: Duration,
     pub relay_agents: usize,
     pub viewer_bytes: usize,
+    /// Requests timed per client kind in the local API row.
+    pub local_rounds: usize,
 }
 
 impl Sizes {
@@ -40,6 +42,7 @@ impl Sizes {
             idle: Duration::from_secs(60),
             relay_agents: 1000,
             viewer_bytes: 10 << 20,
+            local_rounds: 200,
         }
     }
 
@@ -54,6 +57,7 @@ impl Sizes {
             idle: Duration::from_secs(2),
             relay_agents: 5,
             viewer_bytes: 256 << 10,
+            local_rounds: 10,
         }
     }
 }
@@ -77,7 +81,7 @@ fn failed(measure: &str, target: &str, e: anyhow::Error) -> Row {
 }
 
 /// The environment variable naming the rows to run (comma-separated: stream, latency, group,
-/// offline, open, viewer, agent, relay); all when unset. For profiling one row.
+/// offline, open, viewer, local, agent, relay); all when unset. For profiling one row.
 pub const ONLY_ENV: &str = "CAISEY_BENCH_ONLY";
 
 fn wanted(row: &str) -> bool {
@@ -182,6 +186,28 @@ pub async fn run(sizes: &Sizes) -> Vec<Row> {
                 Some(max <= 50.0 && step_max <= 50.0),
             )),
             Err(e) => push(failed("viewer frame times", "no frame over 50 ms", e)),
+        }
+    }
+    if wanted("local") {
+        match rows::local_api(20, sizes.local_rounds).await {
+            Ok(l) => {
+                let ms =
+                    |v: Option<f64>| v.map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "(no caisey binary)".into());
+                push(row(
+                    "one request to the home's node (sessions, 20 sessions): in this process / over its socket",
+                    format!("{:.0} µs / {:.0} µs", l.in_process_us, l.socket_us),
+                    "",
+                    None,
+                ));
+                push(row("`caisey status` with the node running (whole process)", ms(l.status_ms), "", None));
+                push(row(
+                    "`caisey sessions` (whole process): node running / started by the command",
+                    format!("{} / {}", ms(l.sessions_warm_ms), ms(l.sessions_cold_ms)),
+                    "",
+                    None,
+                ));
+            }
+            Err(e) => push(failed("local API", "", e)),
         }
     }
     let secs = sizes.idle.as_secs();

@@ -741,3 +741,119 @@ pub async fn viewer_frames(size: usize) -> Result<(usize, f64, f64, f64)> {
     let step_max = times.iter().map(|t| t.1).fold(0.0, f64::max);
     Ok((times.len(), percentile(&own, 0.5), own.last().copied().unwrap_or(0.0), step_max))
 }
+
+/// What talking to the home's node costs a client.
+#[derive(Debug)]
+pub struct LocalApi {
+    /// One `sessions` request answered by the service in this process, median µs.
+    pub in_process_us: f64,
+    /// The same request over the home's socket, median µs.
+    pub socket_us: f64,
+    /// A whole `caisey status` process with the node running, median ms (`None`: no `caisey`
+    /// binary next to this one).
+    pub status_ms: Option<f64>,
+    /// A whole `caisey sessions` process with the node running / starting the node itself, ms.
+    pub sessions_warm_ms: Option<f64>,
+    pub sessions_cold_ms: Option<f64>,
+}
+
+/// The technician's node with `sessions` sessions, asked by a client in the same process, over
+/// its socket, and by the real `caisey` binary (with the node running, and starting it).
+pub async fn local_api(sessions: usize, rounds: usize) -> Result<LocalApi> {
+    use caisey_viewer::client::Client;
+    use caisey_viewer::service::TechService;
+    let org = Org::new(1, "bench", None).await?;
+    let org_key = org.tech.fleet().await?.org_key.ok_or_else(|| anyhow!("no org"))?;
+    let signer = org.tech.signer().clone();
+    let mut docs = Vec::new();
+    for i in 0..sessions {
+        let session = Id128(rand_id());
+        let info = SessionInfo { id: session, name: format!("check {i}"), labels: vec![], created_at: 0, org_key };
+        let mut doc = SessionWriter::create(&signer, &info)?;
+        let r = CommandRequest {
+            id: Id128(rand_id()),
+            session,
+            target: org.agents[0].node_id,
+            command: spec(format!("df -h # {i}")),
+            description: String::new(),
+            requested_at: i as u64,
+            expires_at: u64::MAX,
+        };
+        SessionWriter::request(&mut doc, &signer, &r)?;
+        docs.push((session, DocKind::Session, doc));
+    }
+    org.tech.create_many(docs).await?;
+    let service = TechService::start(org.tech.clone(), None);
+    let home = org.tech.home().clone();
+    let listener = caisey_peer::local::socket::bind(&home.socket_path())?;
+    let server = tokio::spawn(caisey_peer::local::serve(listener, service.clone(), Default::default()));
+    let in_process = Client::in_process(service);
+    let opts = options(home.dir())?;
+    let socket = Client::connect(&opts, None).await?;
+    let time_calls = async |client: &Client| -> Result<f64> {
+        let mut t = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let started = Instant::now();
+            client.sessions(None, None).await?;
+            t.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(percentile(&t, 0.5))
+    };
+    let in_process_us = time_calls(&in_process).await?;
+    let socket_us = time_calls(&socket).await?;
+    let caisey = std::env::current_exe()?.with_file_name("caisey");
+    let process_ms = |args: &[&str]| -> Result<f64> {
+        let mut t = Vec::new();
+        for _ in 0..rounds.min(20) {
+            let started = Instant::now();
+            let out = std::process::Command::new(&caisey)
+                .arg("--home")
+                .arg(home.dir())
+                .args(["--listen", "127.0.0.1:0"])
+                .args(args)
+                .output()?;
+            if !out.status.success() {
+                bail!("caisey {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            }
+            t.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(percentile(&t, 0.5))
+    };
+    let (mut status_ms, mut sessions_warm_ms, mut sessions_cold_ms) = (None, None, None);
+    if caisey.exists() {
+        status_ms = Some(process_ms(&["status", "--json"])?);
+        sessions_warm_ms = Some(process_ms(&["sessions", "--json"])?);
+    }
+    server.abort();
+    drop((in_process, socket));
+    org.tech.shutdown().await;
+    if caisey.exists() {
+        // Each command starts the node and stops it: what every command cost before the node
+        // outlived it.
+        let mut t = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            process_ms_once(&caisey, home.dir(), &["sessions", "--json"])?;
+            t.push(started.elapsed().as_secs_f64() * 1e3);
+            process_ms_once(&caisey, home.dir(), &["down"])?;
+        }
+        sessions_cold_ms = Some(percentile(&t, 0.5));
+    }
+    if let Some(relay) = &org.relay {
+        relay.shutdown().await;
+    }
+    Ok(LocalApi { in_process_us, socket_us, status_ms, sessions_warm_ms, sessions_cold_ms })
+}
+
+fn process_ms_once(caisey: &Path, home: &Path, args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new(caisey)
+        .arg("--home")
+        .arg(home)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!("caisey {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
