@@ -806,15 +806,7 @@ pub async fn local_api(sessions: usize, rounds: usize) -> Result<LocalApi> {
         let mut t = Vec::new();
         for _ in 0..rounds.min(20) {
             let started = Instant::now();
-            let out = std::process::Command::new(&caisey)
-                .arg("--home")
-                .arg(home.dir())
-                .args(["--listen", "127.0.0.1:0"])
-                .args(args)
-                .output()?;
-            if !out.status.success() {
-                bail!("caisey {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-            }
+            run_caisey(&caisey, home.dir(), args)?;
             t.push(started.elapsed().as_secs_f64() * 1e3);
         }
         Ok(percentile(&t, 0.5))
@@ -833,9 +825,9 @@ pub async fn local_api(sessions: usize, rounds: usize) -> Result<LocalApi> {
         let mut t = Vec::new();
         for _ in 0..5 {
             let started = Instant::now();
-            process_ms_once(&caisey, home.dir(), &["sessions", "--json"])?;
+            run_caisey(&caisey, home.dir(), &["sessions", "--json"])?;
             t.push(started.elapsed().as_secs_f64() * 1e3);
-            process_ms_once(&caisey, home.dir(), &["down"])?;
+            run_caisey(&caisey, home.dir(), &["down"])?;
         }
         sessions_cold_ms = Some(percentile(&t, 0.5));
     }
@@ -845,7 +837,8 @@ pub async fn local_api(sessions: usize, rounds: usize) -> Result<LocalApi> {
     Ok(LocalApi { in_process_us, socket_us, status_ms, sessions_warm_ms, sessions_cold_ms })
 }
 
-fn process_ms_once(caisey: &Path, home: &Path, args: &[&str]) -> Result<()> {
+/// Runs the real `caisey` binary on `home`, to completion.
+fn run_caisey(caisey: &Path, home: &Path, args: &[&str]) -> Result<()> {
     let out = std::process::Command::new(caisey)
         .arg("--home")
         .arg(home)
