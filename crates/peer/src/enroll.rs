@@ -200,7 +200,8 @@ pub async fn join(node: &Node, token: &InviteToken, name: &str, groups: &[String
             }
         };
         if fleet.role_of(&node.id()) != Some(token.cert.role) {
-            bail!("the org did not record this node's membership");
+            refused.get_or_insert(anyhow!("the org did not record this node's membership"));
+            continue;
         }
         // The fleet we were given is how this node learns the org.
         node.create(fleet_doc, DocKind::Fleet, doc).await?;

@@ -22,6 +22,9 @@ use tracing::{debug, warn};
 
 /// The mDNS service name: Caisey nodes only, not every iroh application on the LAN.
 const SERVICE: &str = "caisey";
+/// Nodes remembered at most: announcements are unsigned, and anyone on the LAN could make up
+/// endless node ids. Past this, new ids are ignored until some expire.
+const MAX_SEEN: usize = 4096;
 
 /// What mDNS has told us: the addresses each node announced last.
 #[derive(Debug, Clone, Default)]
@@ -72,8 +75,10 @@ impl Lan {
                     DiscoveryEvent::Discovered { endpoint_info, .. } => {
                         let node = NodeId(*endpoint_info.endpoint_id.as_bytes());
                         let addrs: Vec<SocketAddr> = endpoint_info.data.ip_addrs().copied().collect();
-                        debug!(node = %node.short(), ?addrs, "found on the LAN");
-                        seen.insert(node, addrs);
+                        if seen.len() < MAX_SEEN || seen.contains_key(&node) {
+                            debug!(node = %node.short(), ?addrs, "found on the LAN");
+                            seen.insert(node, addrs);
+                        }
                     }
                     DiscoveryEvent::Expired { endpoint_id } => {
                         seen.remove(&NodeId(*endpoint_id.as_bytes()));

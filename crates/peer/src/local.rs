@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// The longest request line a node reads.
 pub const MAX_REQUEST: u64 = 4 * 1024 * 1024;
@@ -132,7 +132,16 @@ impl Drop for ClientGuard {
 /// Serves `service` on `listener` until the task is dropped.
 pub async fn serve<S: Service>(listener: socket::Listener, service: S, clients: Clients) -> Result<()> {
     loop {
-        let stream = listener.accept().await?;
+        // A failed accept (out of file descriptors, a client gone before it was accepted) is
+        // that client's problem, not the end of the socket.
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("local socket: {e:#}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let (service, guard) = (service.clone(), clients.arrive());
         tokio::spawn(async move {
             let _guard = guard;
@@ -147,11 +156,15 @@ async fn serve_client<S: Service>(stream: socket::Stream, service: S) -> Result<
     let ours = <S::Api as Api>::HELLO;
     let (read, mut write) = tokio::io::split(stream);
     let mut read = BufReader::new(read);
-    let Some(theirs) = read_line(&mut read, 4096).await? else { return Ok(()) };
+    // A client that never says hello does not hold its place (and keep the node from idling).
+    let Ok(hello) = tokio::time::timeout(Duration::from_secs(10), read_line(&mut read, 4096)).await else {
+        return Ok(());
+    };
+    let Some(theirs) = hello? else { return Ok(()) };
     match serde_json::from_slice::<HelloIn>(&theirs) {
         Ok(h) if h.api == ours.api && h.version == ours.version => write_line(&mut write, &ours).await?,
         Ok(h) => {
-            let why = mismatch(&h, ours);
+            let why = mismatch((ours.api, ours.version), (&h.api, h.version));
             write_line(&mut write, &Line::<()>::Error(why)).await?;
             return Ok(());
         }
@@ -192,14 +205,15 @@ async fn serve_client<S: Service>(stream: socket::Stream, service: S) -> Result<
     Ok(())
 }
 
-fn mismatch(theirs: &HelloIn, ours: Hello) -> String {
-    if theirs.api != ours.api {
-        return format!("this socket speaks {} and the client {}; is it the right --home?", ours.api, theirs.api);
+/// Why a node speaking `node` and a client speaking `client` will not talk, in one line.
+fn mismatch(node: (&str, u32), client: (&str, u32)) -> String {
+    if node.0 != client.0 {
+        return format!("the socket speaks {} and the client {}; is it the right --home?", node.0, client.0);
     }
     format!(
         "the running node speaks {} v{} and this client v{}: use one version of Caisey for both \
-         (stop the node with `caisey down` or `caisey-agent` restart after upgrading)",
-        ours.api, ours.version, theirs.version
+         (stop the old node with `caisey down`)",
+        node.0, node.1, client.1
     )
 }
 
@@ -243,7 +257,9 @@ impl<A: Api> Connection<A> {
         }
         match serde_json::from_slice::<HelloIn>(&line) {
             Ok(h) if h.api == A::HELLO.api && h.version == A::HELLO.version => {}
-            Ok(h) => return Err(ConnectError::Refused(mismatch_from_client(&h, A::HELLO))),
+            Ok(h) => {
+                return Err(ConnectError::Refused(mismatch((&h.api, h.version), (A::HELLO.api, A::HELLO.version))));
+            }
             Err(_) => {
                 return Err(ConnectError::Refused(format!("{} is not a {} socket", path.display(), A::HELLO.api)));
             }
@@ -274,17 +290,6 @@ impl<A: Api> Connection<A> {
         });
         Ok(rx)
     }
-}
-
-fn mismatch_from_client(theirs: &HelloIn, ours: Hello) -> String {
-    if theirs.api != ours.api {
-        return format!("the socket speaks {} where {} was expected; is it the right --home?", theirs.api, ours.api);
-    }
-    format!(
-        "the running node speaks {} v{} and this client v{}: use one version of Caisey for both \
-         (stop the old node with `caisey down`)",
-        theirs.api, theirs.version, ours.version
-    )
 }
 
 async fn read_reply<R: DeserializeOwned>(read: &mut (impl AsyncBufReadExt + Unpin + Send)) -> Result<Option<R>> {

@@ -271,7 +271,7 @@ struct Dialling {
 impl Dialling {
     /// `None` when `peer` is being dialled already.
     fn start(set: &Arc<std::sync::Mutex<std::collections::BTreeSet<NodeId>>>, peer: NodeId) -> Option<Dialling> {
-        let fresh = set.lock().ok()?.insert(peer);
+        let fresh = set.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(peer);
         fresh.then(|| Dialling { set: set.clone(), peer })
     }
 }
@@ -782,8 +782,11 @@ impl Node {
                 if now == last {
                     continue;
                 }
+                // Connections can only have broken if an address went away; a new one (say, the
+                // public address a relay server reports) only needs telling.
+                let lost = last.iter().any(|a| !now.contains(a));
                 last = now;
-                info!(addrs = ?last, "this node's addresses changed; telling the org and reconnecting");
+                info!(addrs = ?last, "this node's addresses changed; telling the org");
                 let me = node.id();
                 let role = node.with_core(move |core| core.hub.fleet().role_of(&me)).await.ok().flatten();
                 let told = match role {
@@ -794,11 +797,16 @@ impl Node {
                 if let Err(e) = told {
                     warn!("could not tell the org this node's new addresses: {e:#}");
                 }
+                if !lost {
+                    continue;
+                }
                 for contact in node.connected_contacts().await.unwrap_or_default() {
                     let node = node.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = tokio::time::timeout(Duration::from_secs(5), node.reconnect(&contact)).await {
-                            debug!(peer = %contact.node.short(), "reconnecting: {e:#}");
+                        match tokio::time::timeout(Duration::from_secs(5), node.reconnect(&contact)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => debug!(peer = %contact.node.short(), "reconnecting: {e:#}"),
+                            Err(_) => debug!(peer = %contact.node.short(), "reconnecting timed out"),
                         }
                     });
                 }
@@ -875,58 +883,62 @@ impl Node {
     }
 
     /// Keeps a connection to every relay and technician ([`Node::hub_contacts`]), redialling
-    /// with backoff, until the node stops.
+    /// every second, until the node stops.
     pub fn keep_connected(&self) {
         if self.shared.keeping_connected.swap(true, Ordering::SeqCst) {
             return;
         }
         let node = self.clone();
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(200);
+            // Since when each peer this node should reach has been apart from it.
+            let mut apart: std::collections::BTreeMap<NodeId, tokio::time::Instant> = Default::default();
             loop {
                 if node.shared.endpoint.is_closed() {
                     return;
                 }
                 let connected: Vec<NodeId> =
                     node.peers().await.map(|p| p.iter().map(|i| i.peer).collect()).unwrap_or_default();
-                let mut all_up = true;
                 let me = node.id();
                 let my_role = node.with_core(move |core| core.hub.fleet().role_of(&me)).await.ok().flatten();
-                for peer in node.hub_contacts().await.unwrap_or_default() {
-                    if !node.dials(my_role, &peer.node).await {
+                let hubs = node.hub_contacts().await.unwrap_or_default();
+                apart.retain(|peer, _| hubs.iter().any(|h| h.node == *peer) && !connected.contains(peer));
+                for peer in hubs.into_iter().filter(|p| !connected.contains(&p.node)) {
+                    let since = *apart.entry(peer.node).or_insert_with(tokio::time::Instant::now);
+                    if !node.dials(my_role, &peer.node, since.elapsed()).await {
                         continue;
                     }
-                    if connected.contains(&peer.node) {
-                        continue;
-                    }
-                    all_up = false;
-                    match tokio::time::timeout(Duration::from_secs(5), node.dial(&peer)).await {
-                        Ok(Ok(())) => backoff = Duration::from_millis(200),
-                        Ok(Err(e)) => debug!("{} unreachable: {e:#}", peer.node.short()),
-                        Err(_) => debug!("{} timed out", peer.node.short()),
-                    }
+                    // Each dial on its own: one member that is gone must not hold up the rest
+                    // (and a dial already under way is not started twice).
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(Duration::from_secs(5), node.dial(&peer)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => debug!("{} unreachable: {e:#}", peer.node.short()),
+                            Err(_) => debug!("{} timed out", peer.node.short()),
+                        }
+                    });
                 }
-                let wait = if all_up { Duration::from_millis(500) } else { backoff };
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 // Stop at once when the node shuts down, so its store is released promptly.
                 tokio::select! {
                     _ = node.shared.endpoint.closed() => return,
-                    _ = tokio::time::sleep(wait) => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
         });
     }
 
-    /// Whether this node (of role `mine`) is the one to dial `peer`, a relay or technician.
-    /// Agents and approvers dial the org's hubs; technicians dial relays; between two relays or
-    /// two technicians the one with the smaller id dials, so a pair never races to replace each
-    /// other's connection. A relay never dials a technician: it may sit behind a NAT.
-    async fn dials(&self, mine: Option<Role>, peer: &NodeId) -> bool {
+    /// Whether this node (of role `mine`) is the one to dial `peer`, a relay or technician
+    /// it has been apart from for `apart`. Agents and approvers dial the org's hubs; technicians
+    /// dial relays; a relay never dials a technician (it may sit behind a NAT). Between two
+    /// relays or two technicians the smaller id dials, so a pair does not race to replace each
+    /// other's connection — and the larger one too once they have been apart for
+    /// [`PAIR_PATIENCE`]: the smaller one may be unable to reach it (behind a NAT).
+    async fn dials(&self, mine: Option<Role>, peer: &NodeId, apart: Duration) -> bool {
         let peer = *peer;
         let theirs = self.with_core(move |core| core.hub.fleet().role_of(&peer)).await.ok().flatten();
         match (mine, theirs) {
             (Some(Role::Relay), Some(Role::Relay)) | (Some(Role::Technician), Some(Role::Technician)) => {
-                self.id() < peer
+                self.id() < peer || apart >= PAIR_PATIENCE
             }
             (Some(Role::Relay), _) => false,
             _ => true,
@@ -1012,6 +1024,9 @@ async fn bind(
     }
     Err(last_err.unwrap_or_else(|| anyhow!("could not bind")))
 }
+
+/// How long the larger id of a pair of relays or technicians leaves the dialling to the smaller.
+const PAIR_PATIENCE: Duration = Duration::from_secs(20);
 
 /// A connection silent this long is dead (default QUIC: 30 s). A peer killed with kill -9, a
 /// laptop that moved: its sync connection is dropped in seconds and redialled, instead of

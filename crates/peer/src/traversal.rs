@@ -45,27 +45,39 @@ impl RelayServers {
         RelayMap::empty()
     }
 
-    /// Uses every server in `servers` not used yet (their certificates pinned first).
+    /// Uses exactly the servers in `servers` (what the fleet names now): their certificates are
+    /// the ones pinned, each for its own host; a server the fleet no longer names is dropped.
     pub async fn update(&self, endpoint: &Endpoint, servers: Vec<RelayServer>) {
+        let mut wanted: BTreeMap<RelayUrl, RelayServer> = BTreeMap::new();
+        let mut pins: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
         for server in servers {
-            let Ok(url) = server.url.parse::<RelayUrl>() else {
+            let (Ok(url), Some(host)) = (server.url.parse::<RelayUrl>(), host_of(&server.url)) else {
                 warn!(url = %server.url, "a relay names a relay server whose URL does not parse; ignoring it");
                 continue;
             };
-            if self.known.read().is_ok_and(|k| k.get(&url) == Some(&server)) {
-                continue;
-            }
             let Ok(cert) = BASE64.decode(server.cert.as_bytes()) else {
                 warn!(%url, "a relay server's certificate is not base64; ignoring it");
                 continue;
             };
-            self.pins.add(cert);
+            pins.entry(host).or_default().push(cert);
+            wanted.insert(url, server);
+        }
+        self.pins.set(pins);
+        let known = self.known.read().map(|k| k.clone()).unwrap_or_default();
+        for url in known.keys().filter(|u| !wanted.contains_key(*u)) {
+            endpoint.remove_relay(url).await;
+            info!(%url, "no longer using a relay server the fleet does not name");
+        }
+        for (url, server) in &wanted {
+            if known.get(url) == Some(server) {
+                continue;
+            }
             let config = RelayConfig::new(url.clone(), server.quic_port.map(RelayQuicConfig::new));
             endpoint.insert_relay(url.clone(), Arc::new(config)).await;
             info!(%url, "using the org's relay server");
-            if let Ok(mut known) = self.known.write() {
-                known.insert(url, server);
-            }
+        }
+        if let Ok(mut known) = self.known.write() {
+            *known = wanted;
         }
     }
 
@@ -75,26 +87,44 @@ impl RelayServers {
     }
 }
 
-/// Certificates (DER) accepted from relay servers, whatever names they carry.
+/// The certificates (DER) accepted from relay servers, by the host (IP or name) each serves at;
+/// whatever names the certificates themselves carry.
 #[derive(Debug, Clone, Default)]
-pub struct PinnedCerts(Arc<RwLock<Vec<Vec<u8>>>>);
+pub struct PinnedCerts(Arc<RwLock<BTreeMap<String, Vec<Vec<u8>>>>>);
 
 impl PinnedCerts {
-    fn add(&self, der: Vec<u8>) {
-        if let Ok(mut pins) = self.0.write()
-            && !pins.contains(&der)
-        {
-            pins.push(der);
+    fn set(&self, pins: BTreeMap<String, Vec<Vec<u8>>>) {
+        if let Ok(mut p) = self.0.write() {
+            *p = pins;
         }
     }
 
-    fn contains(&self, der: &[u8]) -> bool {
-        self.0.read().is_ok_and(|pins| pins.iter().any(|p| p == der))
+    fn accepts(&self, host: &str, der: &[u8]) -> bool {
+        self.0.read().is_ok_and(|pins| pins.get(host).is_some_and(|certs| certs.iter().any(|c| c == der)))
     }
 }
 
-/// Accepts a server whose certificate is exactly one of the pinned ones, and checks that the
-/// server holds its key (the handshake signature), as any TLS verifier does.
+/// The host of an `https://HOST:PORT` URL, as a server name would give it (an IP without
+/// brackets).
+fn host_of(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    if let Ok(addr) = authority.parse::<std::net::SocketAddr>() {
+        return Some(addr.ip().to_string());
+    }
+    Some(authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority).to_string())
+}
+
+fn host_of_name(name: &ServerName<'_>) -> String {
+    match name {
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        other => other.to_str().into_owned(),
+    }
+}
+
+/// Accepts a server whose certificate is exactly the one pinned for the host it was reached
+/// at, and checks that the server holds its key (the handshake signature), as any TLS verifier
+/// does.
 #[derive(Debug)]
 struct PinnedVerifier {
     pins: PinnedCerts,
@@ -106,11 +136,11 @@ impl ServerCertVerifier for PinnedVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self.pins.contains(end_entity.as_ref()) {
+        if self.pins.accepts(&host_of_name(server_name), end_entity.as_ref()) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General("not the certificate the org's fleet names for this relay".into()))
@@ -137,5 +167,26 @@ impl ServerCertVerifier for PinnedVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_is_accepted_only_for_the_host_it_is_pinned_for() {
+        assert_eq!(host_of("https://10.0.0.1:4433").as_deref(), Some("10.0.0.1"));
+        assert_eq!(host_of("https://[::1]:4433/").as_deref(), Some("::1"));
+        assert_eq!(host_of("https://relay.example:443").as_deref(), Some("relay.example"));
+        let pins = PinnedCerts::default();
+        pins.set(BTreeMap::from([("10.0.0.1".to_string(), vec![b"cert-a".to_vec()])]));
+        assert!(pins.accepts("10.0.0.1", b"cert-a"));
+        assert!(!pins.accepts("10.0.0.2", b"cert-a"), "pinned for another host");
+        assert!(!pins.accepts("10.0.0.1", b"cert-b"), "not the pinned certificate");
+        pins.set(BTreeMap::new());
+        assert!(!pins.accepts("10.0.0.1", b"cert-a"), "a relay the fleet no longer names");
+        let name = ServerName::IpAddress(std::net::IpAddr::from([10, 0, 0, 1]).into());
+        assert_eq!(host_of_name(&name), "10.0.0.1");
     }
 }

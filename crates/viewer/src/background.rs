@@ -15,14 +15,47 @@ pub const IDLE_ENV: &str = "CAISEY_IDLE_EXIT";
 /// The default for [`IDLE_ENV`].
 pub const DEFAULT_IDLE_EXIT: &str = "10m";
 
+/// A log longer than this is moved aside (to `node.log.1`) when the next node starts.
+const LOG_KEEP: u64 = 4 * 1024 * 1024;
+
+/// A node started in the background, and where its log began.
+#[derive(Debug)]
+pub struct Started {
+    child: Child,
+    log: std::path::PathBuf,
+    log_from: u64,
+}
+
+impl Started {
+    /// Its exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The last error line this node (not an earlier one) logged.
+    pub fn last_error(&self) -> Option<String> {
+        use std::io::{Read, Seek};
+        let mut file = std::fs::File::open(&self.log).ok()?;
+        file.seek(std::io::SeekFrom::Start(self.log_from)).ok()?;
+        let mut text = String::new();
+        file.take(LOG_KEEP).read_to_string(&mut text).ok()?;
+        text.lines().rev().find_map(|l| l.strip_prefix("error: ")).map(str::to_string)
+    }
+}
+
 /// Starts `exe up` for `opts`' home in the background.
-pub fn start_node(exe: &Path, opts: &NodeOptions) -> Result<Child> {
+pub fn start_node(exe: &Path, opts: &NodeOptions) -> Result<Started> {
     let idle = std::env::var(IDLE_ENV).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| DEFAULT_IDLE_EXIT.into());
+    let path = opts.home.log_path();
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() > LOG_KEEP) {
+        let _ = std::fs::rename(&path, path.with_extension("log.1"));
+    }
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(opts.home.log_path())
-        .with_context(|| format!("opening {}", opts.home.log_path().display()))?;
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let log_from = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut cmd = Command::new(exe);
     cmd.arg("--home")
         .arg(opts.home.dir())
@@ -33,7 +66,8 @@ pub fn start_node(exe: &Path, opts: &NodeOptions) -> Result<Child> {
         .stdout(log.try_clone()?)
         .stderr(log);
     detach(&mut cmd);
-    cmd.spawn().with_context(|| format!("starting {} up", exe.display()))
+    let child = cmd.spawn().with_context(|| format!("starting {} up", exe.display()))?;
+    Ok(Started { child, log: path, log_from })
 }
 
 #[cfg(unix)]
@@ -45,8 +79,17 @@ fn detach(cmd: &mut Command) {
 #[cfg(not(unix))]
 fn detach(_cmd: &mut Command) {}
 
-/// The last error line a node started in the background logged, if any.
-pub fn last_error(home: &Home) -> Option<String> {
-    let log = std::fs::read_to_string(home.log_path()).ok()?;
-    log.lines().rev().find_map(|l| l.strip_prefix("error: ")).map(str::to_string)
+/// The pid a node of `home` wrote, if one runs.
+pub fn pid_of(home: &Home) -> Option<u32> {
+    std::fs::read_to_string(home.dir().join("node.pid")).ok().and_then(|p| p.trim().parse().ok())
+}
+
+/// Asks the node with `pid` to stop (SIGTERM), for when it cannot be asked over its socket
+/// (it speaks another version of the API).
+pub fn stop_pid(pid: u32) -> Result<()> {
+    let status = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().context("running kill")?;
+    if !status.success() {
+        anyhow::bail!("could not signal the node (pid {pid})");
+    }
+    Ok(())
 }

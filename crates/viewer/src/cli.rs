@@ -325,10 +325,9 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
             println!("joined org {:?} as {}", org.org_name, token.cert.role);
         }
         Command::Relay(RelayCommand::Add { ticket }) => {
-            let decoded = RelayTicket::decode(&ticket)?;
+            let relay = RelayTicket::decode(&ticket)?.node();
             client.add_relay(&ticket).await?;
-            let ticket = decoded;
-            println!("relay {} now serves the org; invites made from now on carry its address", ticket.node().short());
+            println!("relay {} now serves the org; invites made from now on carry its address", relay.short());
         }
         Command::Machines { group, search, json } => {
             online(client).await?;
@@ -371,11 +370,11 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                     println!(
                         "{}  {:<32} {:<22} {} command(s), {}  [{}]",
                         s.id.short(),
-                        s.name,
+                        visible(&s.name),
                         time(s.last_activity),
                         s.commands,
                         s.status,
-                        s.machines.join(",")
+                        visible(&s.machines.join(","))
                     );
                 }
             }
@@ -388,11 +387,12 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let mut follower = Follower::new(id, None, OutputStyle::Labelled);
-            let mut events = client.watch().await?;
-            follower.update(client).await?;
             if !follow {
+                follower.update(client).await?;
                 return Ok(ExitCode::SUCCESS);
             }
+            let mut events = client.watch().await?;
+            follower.update(client).await?;
             loop {
                 match events.next().await {
                     Some(Event::DocChanged(d)) if d != id => continue,
@@ -413,8 +413,8 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                 println!("nothing is waiting for your approval");
             } else {
                 for a in awaiting {
-                    let who = format!("{} asks {} to run ({})", a.technician, a.machine, a.shell);
-                    println!("{}  {who} in session {:?}:", a.id.short(), a.session_name);
+                    let who = format!("{} asks {} to run ({})", visible(&a.technician), visible(&a.machine), a.shell);
+                    println!("{}  {who} in session {}:", a.id.short(), visible(&format!("{:?}", a.session_name)));
                     for line in caisey_agent::escape::visible(&a.script).lines() {
                         println!("      {line}");
                     }
@@ -639,16 +639,26 @@ async fn up(opts: NodeOptions, idle_exit: Option<Duration>) -> Result<ExitCode> 
 }
 
 async fn down(opts: &NodeOptions) -> Result<ExitCode> {
-    let Some(client) = Client::running(opts).await? else {
-        println!("no node is running for this home");
-        return Ok(ExitCode::SUCCESS);
+    let pid = match Client::running(opts).await {
+        Ok(Some(client)) => {
+            let pid = client.status().await?.pid;
+            client.stop().await?;
+            pid
+        }
+        Ok(None) => {
+            println!("no node is running for this home");
+            return Ok(ExitCode::SUCCESS);
+        }
+        // A node of another version will not talk to this client; it still stops on a signal.
+        Err(e) => {
+            let Some(pid) = crate::background::pid_of(&opts.home) else { return Err(e) };
+            crate::background::stop_pid(pid)?;
+            pid
+        }
     };
-    let pid = client.status().await?.pid;
-    client.stop().await?;
-    drop(client);
-    // Stopped once its socket is gone (it closes its store first).
+    // Stopped once its pid file is gone (it closes its store first).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while opts.home.socket_path().exists() {
+    while crate::background::pid_of(&opts.home) == Some(pid) {
         if tokio::time::Instant::now() > deadline {
             bail!("the node (pid {pid}) did not stop within 20 s");
         }
@@ -676,7 +686,7 @@ async fn status(opts: &NodeOptions, json: bool) -> Result<ExitCode> {
     }
     let up = humantime::format_duration(Duration::from_secs(s.up_ms / 1000));
     println!("node {} ({}) of org {:?}: pid {}, up {up}", s.node.short(), visible(&s.name), visible(&s.org), s.pid);
-    println!("  listening on {}", s.addrs.join(", "));
+    println!("  listening on {}", visible(&s.addrs.join(", ")));
     match s.idle_exit_ms {
         Some(ms) => println!(
             "  {} client(s) connected; stops after {} without clients",
@@ -694,7 +704,7 @@ async fn status(opts: &NodeOptions, json: bool) -> Result<ExitCode> {
             0 => "holds everything here".to_string(),
             n => format!("{n} document(s) to send it"),
         };
-        println!("  relay {} at {}: {state}, {waiting}", r.node.short(), r.addrs.join(", "));
+        println!("  relay {} at {}: {state}, {waiting}", r.node.short(), visible(&r.addrs.join(", ")));
     }
     if s.peers.is_empty() {
         println!("  peers: none connected");

@@ -145,7 +145,13 @@ impl Client {
                 open(opts, starter.as_deref()).await?.stream(&Request::Watch).await?
             }
         };
-        Ok(Watch { rx })
+        let mut watch = Watch { rx };
+        // The node says when it has subscribed: from then on no change is missed.
+        match watch.rx.recv().await {
+            Some(Reply::Done) => Ok(watch),
+            Some(other) => Err(anyhow!("the node answered a watch out of turn ({})", reply_name(&other))),
+            None => Err(anyhow!("the node went away before it could be watched")),
+        }
     }
 
     pub async fn status(&self) -> Result<NodeStatus> {
@@ -290,7 +296,8 @@ async fn open(opts: &NodeOptions, starter: Option<&std::path::Path>) -> Result<C
     let path = opts.home.socket_path();
     match Connection::open(&path).await {
         Ok(c) => return Ok(c),
-        Err(ConnectError::NotRunning(_)) if starter.is_some() => {}
+        // Not running, or stopping as we came (its socket went mid-hello): start one.
+        Err(ConnectError::NotRunning(_) | ConnectError::Io(_)) if starter.is_some() => {}
         Err(ConnectError::NotRunning(_)) => {
             bail!("no node is running for {}; start it with `caisey up`", opts.home.dir().display())
         }
@@ -305,13 +312,13 @@ async fn open(opts: &NodeOptions, starter: Option<&std::path::Path>) -> Result<C
         tokio::time::sleep(Duration::from_millis(25)).await;
         match Connection::open(&path).await {
             Ok(c) => return Ok(c),
-            Err(ConnectError::NotRunning(_)) => {}
+            Err(ConnectError::NotRunning(_) | ConnectError::Io(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        if let Some(status) = child.try_wait().ok().flatten()
+        if let Some(status) = child.try_wait()
             && !status.success()
         {
-            let why = crate::background::last_error(&opts.home).unwrap_or_else(|| format!("it exited with {status}"));
+            let why = child.last_error().unwrap_or_else(|| format!("it exited with {status}"));
             if !why.contains("in use by another caisey process") {
                 bail!("could not start this home's node: {why}");
             }

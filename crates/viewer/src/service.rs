@@ -225,6 +225,8 @@ impl TechService {
     fn watch(&self) -> mpsc::Receiver<Reply> {
         let mut events = self.inner.node.subscribe();
         let (tx, rx) = mpsc::channel(1024);
+        // Subscribed: the client may ask now without missing a change its request makes.
+        let _ = tx.try_send(Reply::Done);
         tokio::spawn(async move {
             loop {
                 let event = match events.recv().await {
@@ -341,24 +343,28 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let node = Node::start(opts).await?;
-    let socket = node.home().socket_path();
     // The store is ours now (it is locked), so a socket file left here is stale.
-    let listener = local::socket::bind(&socket)?;
+    let listener = local::socket::bind(&node.home().socket_path())?;
+    let socket = listener.claim();
     let service = TechService::start(node.clone(), idle_exit);
-    let server = tokio::spawn(local::serve(listener, service.clone(), service.inner.clients.clone()));
+    let mut server = tokio::spawn(local::serve(listener, service.clone(), service.inner.clients.clone()));
     let pid_file = node.home().dir().join("node.pid");
-    let _ = std::fs::write(&pid_file, format!("{}\n", std::process::id()));
+    let pid = std::process::id().to_string();
+    let _ = std::fs::write(&pid_file, format!("{pid}\n"));
     info!(node = %node.id().short(), "technician node up");
     on_ready(&node);
     tokio::select! {
         _ = shutdown => {}
         _ = service.finished() => {}
+        ended = &mut server => warn!("the local socket stopped serving ({ended:?}); stopping"),
     }
     server.abort();
+    // Gone before the store is released: once it is, the next node may start and bind its own,
+    // which this one must not remove. `caisey down` waits for the pid file to go.
+    socket.remove();
     node.shutdown().await;
-    // Gone only once the store is closed: `caisey down` waits for this, and the next node can
-    // open the store at once.
-    let _ = std::fs::remove_file(&socket);
-    let _ = std::fs::remove_file(&pid_file);
+    if std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim() == pid) {
+        let _ = std::fs::remove_file(&pid_file);
+    }
     Ok(())
 }

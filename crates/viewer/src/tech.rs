@@ -128,19 +128,24 @@ pub async fn go_online(node: &Node, extra: &[Contact]) -> Result<Option<String>>
 /// Waits up to `timeout` until a relay holds everything this node holds for it; with no relay,
 /// until each of `machines` does. Whether that happened.
 pub async fn wait_delivered(node: &Node, machines: &[NodeId], timeout: Duration) -> Result<bool> {
-    let relays = node.relay_contacts().await?;
-    if !relays.is_empty() {
-        let mut delivered = false;
-        for r in &relays {
-            delivered |= node.wait_in_sync(r.node, timeout).await?;
+    let relays: Vec<NodeId> = node.relay_contacts().await?.into_iter().map(|c| c.node).collect();
+    // All at once: a relay that is gone costs nobody the whole timeout.
+    let mut waits = tokio::task::JoinSet::new();
+    for peer in if relays.is_empty() { machines.to_vec() } else { relays.clone() } {
+        let node = node.clone();
+        waits.spawn(async move { node.wait_in_sync(peer, timeout).await.unwrap_or(false) });
+    }
+    let (mut any, mut all) = (false, !waits.is_empty());
+    while let Some(done) = waits.join_next().await {
+        let synced = done.unwrap_or(false);
+        any |= synced;
+        all &= synced;
+        // One relay holds it: delivered (it forwards to everyone else).
+        if synced && !relays.is_empty() {
+            return Ok(true);
         }
-        return Ok(delivered);
     }
-    let mut delivered = !machines.is_empty();
-    for m in machines {
-        delivered &= node.wait_in_sync(*m, timeout).await?;
-    }
-    Ok(delivered)
+    Ok(if relays.is_empty() { all } else { any })
 }
 
 /// A machine as listed.
@@ -150,7 +155,7 @@ pub struct Machine {
     pub node: NodeId,
     pub groups: Vec<String>,
     pub online: bool,
-    /// Connected to this node (not only heard of through a relay).
+    /// On a direct path from this node (the same as `path == direct`; kept for scripts).
     pub direct: bool,
     /// How this node reaches it now.
     pub path: MachinePath,
@@ -203,7 +208,7 @@ pub async fn machines(node: &Node, group: Option<&str>, search: Option<&str>) ->
                 node: m.node,
                 groups: m.groups.clone(),
                 online: path != MachinePath::Offline,
-                direct: paths.contains_key(&m.node),
+                direct: path == MachinePath::Direct,
                 path,
                 last_seen,
                 card: fleet.cards.get(&m.node).cloned(),

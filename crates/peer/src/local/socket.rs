@@ -1,8 +1,8 @@
 //! The local socket itself, the one platform-specific piece of [`crate::local`]: a Unix socket
 //! in the home, mode 0600 (and the home is 0700), so only its owner can connect. A Windows named
-//! pipe (tokio's `net::windows::named_pipe`) slots in here behind the same three functions.
+//! pipe (tokio's `net::windows::named_pipe`) slots in here behind the same functions.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
@@ -14,26 +14,70 @@ pub type Stream = tokio::net::UnixStream;
 pub struct Listener {
     #[cfg(unix)]
     inner: tokio::net::UnixListener,
+    path: PathBuf,
+    /// Which file is ours: a node that starts after this one stopped may have bound its own.
+    inode: u64,
 }
 
-/// Binds the socket at `path`. A file left there by a process that died is removed first: only
-/// the process holding the home's store calls this, so nobody else can be listening there.
+/// Binds the socket at `path`. A file left there by a process that died is replaced: only the
+/// process holding the home's store calls this, so nobody else can be listening there. The
+/// socket is made in a private directory, restricted, then moved into place, so it is never
+/// reachable with looser permissions.
 #[cfg(unix)]
 pub fn bind(path: &Path) -> Result<Listener> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = path.parent().context("the socket needs a directory")?;
+    let private = dir.join(format!(".socket-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::create_dir(&private).with_context(|| format!("creating {}", private.display()))?;
+    let made = bind_at(&private.join("s"));
+    let result = made.and_then(|inner| {
+        std::fs::set_permissions(private.join("s"), std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(private.join("s"), path)
+            .with_context(|| format!("placing the socket at {}", path.display()))?;
+        let inode = std::fs::metadata(path)?.ino();
+        Ok(Listener { inner, path: path.to_path_buf(), inode })
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    result
+}
+
+#[cfg(unix)]
+fn bind_at(at: &Path) -> Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
-    if path.exists() {
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    if let Some(dir) = at.parent() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
-    let inner = tokio::net::UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", path.display()))?;
-    Ok(Listener { inner })
+    tokio::net::UnixListener::bind(at).with_context(|| format!("listening on {}", at.display()))
 }
 
 impl Listener {
     #[cfg(unix)]
     pub async fn accept(&self) -> Result<Stream> {
         Ok(self.inner.accept().await?.0)
+    }
+
+    /// What removes this listener's socket file later, once the listener itself is gone.
+    pub fn claim(&self) -> Claim {
+        Claim { path: self.path.clone(), inode: self.inode }
+    }
+}
+
+/// The socket file a listener made.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    path: PathBuf,
+    inode: u64,
+}
+
+impl Claim {
+    /// Removes the socket file, if it is still the one the listener made.
+    #[cfg(unix)]
+    pub fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
