@@ -402,3 +402,80 @@ fn with_two_relays_one_can_vanish_for_good_and_a_third_added_later_catches_up() 
     let shown = world.caisey("bob", &["show", "weekly"]).ok();
     assert!(shown.stdout.contains("first-run") && shown.stdout.contains("second-run"), "{}", shown.stdout);
 }
+
+#[test]
+fn a_run_against_an_offline_machine_ends_when_its_request_expires() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    // ws-01 is enrolled but its agent is not running.
+    let started = std::time::Instant::now();
+    let out = org.world.caisey("alice", &["run", "--expires", "3s", "--machine", "ws-01", "--", "true"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(30), "the run waited {:?}", started.elapsed());
+    let last = out.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("ws-01") && last.contains("before the request expired"), "{}", out.stderr);
+}
+
+/// A command that writes a heartbeat file every 0.1 s while it runs (in a child process, as real
+/// scripts do): whether it still runs shows in the file's changing.
+fn heartbeat_script(file: &std::path::Path, prelude: &str) -> String {
+    format!("{prelude} (while true; do date +%s%N > {f}; sleep 0.1; done) & echo started; wait", f = file.display())
+}
+
+/// Whether `file` is still being written a second later.
+fn still_beating(file: &std::path::Path) -> bool {
+    let before = std::fs::read_to_string(file).unwrap_or_default();
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::read_to_string(file).unwrap_or_default() != before
+}
+
+#[test]
+fn a_command_interrupted_by_an_agent_crash_has_stopped_and_a_timeout_stops_all_it_started() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let agent = org.world.start_agent("ws-01");
+    // 1. Killed with its agent: the command and its children stop at once.
+    let beat = org.world.root.path().join("beat-1");
+    let run = |session: &str, script: &str, timeout: &str| {
+        org.world
+            .caisey(
+                "alice",
+                &["run", "--detach", "--timeout", timeout, "--machine", "ws-01", "--session", session, "--", script],
+            )
+            .ok();
+        let id = org.world.wait_pending("ws-01");
+        org.world.agent_cmd("ws-01", &["approve", &id]).ok();
+    };
+    run("crash", &heartbeat_script(&beat, ""), "60s");
+    wait_for(Duration::from_secs(20), || beat.exists().then_some(())).expect("the command started");
+    assert!(still_beating(&beat));
+    agent.kill9();
+    assert!(!still_beating(&beat), "the command ran on after its agent was killed");
+
+    // 2. One that ignores the signal is found and killed when the agent restarts, and the
+    //    session says so.
+    let agent = org.world.start_agent("ws-01");
+    let beat2 = org.world.root.path().join("beat-2");
+    run("stubborn", &heartbeat_script(&beat2, "trap '' TERM;"), "60s");
+    wait_for(Duration::from_secs(20), || beat2.exists().then_some(())).expect("the command started");
+    agent.kill9();
+    assert!(still_beating(&beat2), "it ignores the signal it gets when its agent dies");
+    let _agent = org.world.start_agent("ws-01");
+    let shown = wait_for(Duration::from_secs(30), || {
+        let s = org.show_json("alice", "stubborn")?;
+        (s["commands"][0]["status"] == "interrupted").then_some(s)
+    })
+    .expect("recorded as interrupted");
+    assert!(!still_beating(&beat2), "what was left of it was killed at restart");
+    let text = org.world.caisey("alice", &["show", "stubborn"]).ok().stdout;
+    assert!(text.contains("killed when the agent restarted"), "{text}");
+
+    // 3. A timeout stops everything the command started, not just its shell.
+    let beat3 = org.world.root.path().join("beat-3");
+    run("slow", &heartbeat_script(&beat3, ""), "2s");
+    let s = wait_for(Duration::from_secs(30), || {
+        let s = org.show_json("alice", "slow")?;
+        (s["commands"][0]["status"] == "timed out").then_some(s)
+    })
+    .expect("timed out");
+    assert_eq!(s["commands"][0]["status"], "timed out");
+    assert!(!still_beating(&beat3), "its children outlived the timeout");
+}

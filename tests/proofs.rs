@@ -183,3 +183,22 @@ fn a_denied_request_never_runs_even_when_an_approval_is_merged_in_afterwards() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(!marker.exists(), "a request the machine's user denied ran");
 }
+
+#[test]
+fn an_approval_must_name_the_whole_code_the_user_was_shown() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    org.world.caisey("alice", &["run", "--detach", "--machine", "ws-01", "--", "echo approved-by-code"]).ok();
+    let code = org.world.wait_pending("ws-01");
+    // One character could match a request sent after the listing: refused, nothing approved.
+    let short = org.world.agent_cmd("ws-01", &["approve", &code[..1]]);
+    assert_eq!(short.code(), 2, "{short:?}");
+    assert!(short.stderr.contains("8-character code"), "{}", short.stderr);
+    assert_eq!(pending_ids(&org, "ws-01").len(), 1, "still pending");
+    // The code as `pending` shows it is enough.
+    let listed = org.world.agent_cmd("ws-01", &["pending"]).ok().stdout;
+    let shown = listed.split_whitespace().next().expect("a code").to_string();
+    assert_eq!(shown.len(), 8, "{listed}");
+    org.world.agent_cmd("ws-01", &["approve", &shown]).ok();
+    assert!(pending_ids(&org, "ws-01").is_empty());
+}

@@ -206,6 +206,17 @@ impl Agent {
                 if self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.contains(&request) {
                     return Ok(());
                 }
+                // What is left of it, if anything ignored the signal it got when the agent died.
+                let key = runner::running_key(&request);
+                let running: Option<crate::process::Running> =
+                    self.node.setting(&key).await?.and_then(|b| serde_json::from_slice(&b).ok());
+                let killed = running.is_some_and(|r| r.kill_survivors());
+                let message = if killed {
+                    "the agent stopped while the command ran; what was left of it was killed when the agent \
+                     restarted, and it was not run again"
+                } else {
+                    "the agent stopped while the command ran, and the command was stopped with it; it was not run again"
+                };
                 let end = End {
                     request,
                     session,
@@ -213,19 +224,20 @@ impl Agent {
                     exit_code: None,
                     ended_at: now_ms(),
                     chunks: 0,
-                    message: Some("the agent stopped while the command ran; it was not run again".into()),
+                    message: Some(message.into()),
                 };
                 self.node
                     .change_guarded(session, move |doc, guard| {
                         // Only if it still has no end, as the document stands now.
                         let view = SessionView::read_without_output(&*doc, guard.fleet())?;
                         if view.command(&request).is_some_and(|c| c.start.is_some() && c.end.is_none()) {
-                            warn!(request = %request.short(), "command was running when the agent stopped; recording it as interrupted");
+                            warn!(request = %request.short(), killed, "command was running when the agent stopped; recording it as interrupted");
                             SessionWriter::end(doc, &signer, &end)?;
                         }
                         Ok(((), vec![]))
                     })
                     .await?;
+                self.node.forget_setting(&key).await?;
             }
             Action::RunApproved { session, request } => {
                 if self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.refused.contains(&request) {
@@ -247,10 +259,8 @@ impl Agent {
     }
 
     fn find_pending(&self, prefix: &str) -> Result<Pending> {
-        let prefix = prefix.trim().to_ascii_lowercase();
-        if prefix.is_empty() {
-            bail!("give the code of a pending request (see `caisey-agent pending`)");
-        }
+        let prefix =
+            caisey_doc::session::typed_approval_code(prefix, "caisey-agent pending").map_err(|e| anyhow!(e))?;
         let st = self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?;
         let matches: Vec<&Pending> = st.pending.iter().filter(|p| p.code.to_hex().starts_with(&prefix)).collect();
         match matches.as_slice() {

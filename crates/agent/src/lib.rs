@@ -8,6 +8,7 @@
 //! - [`daemon`]: `caisey-agent run` — heartbeat, machine card, watching sessions, approvals.
 //! - [`gate`]: the pure decision of what waits, what expired, what was interrupted.
 //! - [`runner`]: runs an approved command, streaming batched output into the session.
+//! - [`process`]: how a command's processes start and stop (never outliving the agent unseen).
 //! - [`local`]: the local socket protocol for `pending`, `approve`, `deny`.
 //! - [`prompt`]: the consent window, `caisey-agent prompt`.
 //! - [`card`]: the machine card, from `sysinfo`.
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod daemon;
 pub mod gate;
 pub mod local;
+pub mod process;
 pub mod prompt;
 pub mod runner;
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Result;
 use caisey_doc::id::DocId;
 use caisey_doc::session::{
-    ChunkHash, CommandRequest, End, EndStatus, MAX_CHUNK, OutputChunk, OutputRef, SessionWriter, Shell, Stream,
+    ChunkHash, CommandRequest, End, EndStatus, MAX_CHUNK, OutputChunk, OutputRef, SessionWriter, Stream,
 };
 use caisey_peer::node::Node;
 use caisey_peer::now_ms;
@@ -24,6 +24,8 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tracing::warn;
+
+use crate::process;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 const FLUSH_BYTES: usize = MAX_BATCH;
@@ -40,18 +42,6 @@ const EXIT_GRACE: Duration = Duration::from_millis(20);
 /// After the process exits, how long to wait for its pipes to close (a background child may
 /// hold them open).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
-
-/// The program and arguments that run `script` in `shell`.
-pub fn shell_command(shell: Shell, script: &str) -> (String, Vec<String>) {
-    match shell {
-        Shell::Sh => ("sh".into(), vec!["-c".into(), script.into()]),
-        Shell::Bash => ("bash".into(), vec!["-c".into(), script.into()]),
-        Shell::Pwsh => {
-            ("pwsh".into(), vec!["-NoProfile".into(), "-NonInteractive".into(), "-Command".into(), script.into()])
-        }
-        Shell::Cmd => ("cmd".into(), vec!["/C".into(), script.into()]),
-    }
-}
 
 /// Ordered output waiting to be written.
 #[derive(Default)]
@@ -85,9 +75,13 @@ impl Batch {
 /// Runs `req` (already approved and recorded as started) to the end, writing output and the end
 /// record into `session`.
 pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> {
-    let (program, args) = shell_command(req.command.shell, &req.command.script);
+    let timeout = Duration::from_millis(req.command.timeout_ms);
+    let (program, args) = process::supervised_command(req.command.shell, &req.command.script, timeout);
     let mut cmd = Command::new(&program);
     cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    // Its own process group: a timeout stops everything the command started.
+    #[cfg(unix)]
+    cmd.process_group(0);
     if let Some(dir) = &req.command.cwd {
         cmd.current_dir(dir);
     }
@@ -110,6 +104,11 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
             return write_end(&node, &mut Batch::default(), &mut seq, end).await;
         }
     };
+    // Where to find what is left of it if this agent dies meanwhile (killed at restart).
+    let running = child.id().map(process::Running::of);
+    if let Some(r) = &running {
+        node.set_setting(&running_key(&req.id), serde_json::to_vec(r)?).await?;
+    }
     // Pieces are at most PIPE_BYTES: at most MAX_BATCH waits here (then the pipes, then the
     // command, wait for us).
     let (tx, mut rx) = mpsc::channel::<(Stream, Vec<u8>)>(MAX_BATCH / PIPE_BYTES);
@@ -181,6 +180,9 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
                 drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
             },
             _ = tokio::time::sleep_until(deadline), if status.is_none() => {
+                if let Some(r) = &running {
+                    r.kill();
+                }
                 let _ = child.kill().await;
                 let secs = req.command.timeout_ms / 1000;
                 status = Some((EndStatus::TimedOut, None, Some(format!("killed after the {secs} s timeout"))));
@@ -204,7 +206,13 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
     tracing::debug!(request = %req.id.short(), chunks = seq, took = ?started.elapsed(), "command finished");
     // Whatever output is left goes in the same change as the end.
     let end = End { request: req.id, session, status, exit_code: code, ended_at: now_ms(), chunks: 0, message };
-    write_end(&node, &mut batch, &mut seq, end).await
+    write_end(&node, &mut batch, &mut seq, end).await?;
+    node.forget_setting(&running_key(&req.id)).await
+}
+
+/// The local record of a command's process group while it runs ([`process::Running`]).
+pub fn running_key(request: &caisey_doc::id::Id128) -> String {
+    format!("running/{request}")
 }
 
 async fn pump(mut reader: impl AsyncReadExt + Unpin, stream: Stream, tx: mpsc::Sender<(Stream, Vec<u8>)>) {

@@ -144,6 +144,23 @@ pub struct CommandRequest {
     pub expires_at: u64,
 }
 
+/// How many characters of an approval code listings show — and so the fewest a user must type.
+/// A shorter prefix could match a request that arrived after the listing, which the user never
+/// saw: "approve 5" must not approve whatever happens to start with a 5.
+pub const APPROVAL_CODE_SHOWN: usize = 8;
+
+/// A typed approval code, normalized: at least [`APPROVAL_CODE_SHOWN`] hex characters.
+pub fn typed_approval_code(typed: &str, listing: &str) -> Result<String, String> {
+    let code = typed.trim().to_ascii_lowercase();
+    if code.len() < APPROVAL_CODE_SHOWN || !code.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "give the whole {APPROVAL_CODE_SHOWN}-character code that `{listing}` shows; \
+             a shorter one could match a request you have not seen"
+        ));
+    }
+    Ok(code)
+}
+
 impl CommandRequest {
     /// The code the endpoint user approves by: it names this request *and* this exact command,
     /// so if the command changed after it was shown, the code the user typed no longer matches.

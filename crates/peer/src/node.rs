@@ -595,13 +595,20 @@ impl Node {
         self.with_core(|core| core.outboxes.iter().map(|(peer, o)| (*peer, PeerPath::of(&o.handle))).collect()).await
     }
 
-    pub async fn setting(&self, key: &'static str) -> Result<Option<Vec<u8>>> {
-        self.with_core(move |core| core.store.setting(key)).await?.map_err(Into::into)
+    pub async fn setting(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let key = key.to_string();
+        self.with_core(move |core| core.store.setting(&key)).await?.map_err(Into::into)
     }
 
     pub async fn set_setting(&self, key: &str, value: Vec<u8>) -> Result<()> {
         let key = key.to_string();
         self.with_core(move |core| core.store.apply(&[Write::Setting { key, value }])).await?.map_err(Into::into)
+    }
+
+    /// Removes a setting (written with [`Node::set_setting`] or as a [`LocalRecord`]).
+    pub async fn forget_setting(&self, key: &str) -> Result<()> {
+        let key = key.to_string();
+        self.with_core(move |core| core.store.apply(&[Write::ForgetSetting { key }])).await?.map_err(Into::into)
     }
 
     /// Relays to keep in touch with: members with the relay role (addresses from their presence),

@@ -63,11 +63,33 @@ from_redb!(redb::Error, redb::TransactionError, redb::TableError, redb::StorageE
 /// One durable write, as asked for by the hub.
 #[derive(Debug)]
 pub enum Write {
-    Doc { doc: DocId, kind: DocKind, bytes: Vec<u8>, compact: bool },
-    SyncState { doc: DocId, peer: NodeId, state: Vec<u8> },
-    Chunk { hash: ChunkHash, data: Vec<u8> },
-    Presence { node: NodeId, record: Vec<u8> },
-    Setting { key: String, value: Vec<u8> },
+    Doc {
+        doc: DocId,
+        kind: DocKind,
+        bytes: Vec<u8>,
+        compact: bool,
+    },
+    SyncState {
+        doc: DocId,
+        peer: NodeId,
+        state: Vec<u8>,
+    },
+    Chunk {
+        hash: ChunkHash,
+        data: Vec<u8>,
+    },
+    Presence {
+        node: NodeId,
+        record: Vec<u8>,
+    },
+    Setting {
+        key: String,
+        value: Vec<u8>,
+    },
+    /// Removes a setting (no error if there is none).
+    ForgetSetting {
+        key: String,
+    },
 }
 
 #[derive(Debug)]
@@ -293,6 +315,9 @@ impl Store {
                     }
                     Write::Setting { key, value } => {
                         settings.insert(key.as_str(), value.as_slice())?;
+                    }
+                    Write::ForgetSetting { key } => {
+                        settings.remove(key.as_str())?;
                     }
                     Write::Chunk { .. } => {} // appended above
                     Write::Presence { node, record } => {

@@ -541,6 +541,10 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
     let mut followers: Vec<Follower> =
         asked.iter().map(|a| Follower::new(a.session, Some(BTreeSet::from([a.request])), style)).collect();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // A request nobody answered before it expired will never run (the agent refuses approvals
+    // after expiry): the run ends then, a moment later for an answer already on its way.
+    let expiry = tokio::time::Instant::now() + args.expires + EXPIRY_GRACE;
+    let mut expired = false;
     // Each machine's latest view; only followers whose session changed are updated (a group of
     // hundreds would otherwise re-read every session on every change).
     let mut latest: Vec<Option<caisey_doc::session::CommandView>> = vec![None; followers.len()];
@@ -552,7 +556,7 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
             }
         }
         changed.clear();
-        if latest.iter().all(|c| c.as_ref().is_some_and(|c| c.is_final())) {
+        if latest.iter().all(|c| c.as_ref().is_some_and(|c| c.is_final() || (expired && unanswered(c)))) {
             break latest.iter().flatten().cloned().collect::<Vec<_>>();
         }
         tokio::select! {
@@ -569,6 +573,17 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
             },
             // A slow tick re-reads everything, in case an event was missed.
             _ = tick.tick() => changed.extend(asked.iter().map(|a| a.session)),
+            _ = tokio::time::sleep_until(expiry), if !expired => {
+                expired = true;
+                changed.extend(asked.iter().map(|a| a.session));
+            }
+        }
+    };
+    let status_of = |c: &caisey_doc::session::CommandView| -> String {
+        if expired && unanswered(c) {
+            "no answer reached here before the request expired; it cannot start after that".to_string()
+        } else {
+            c.status().to_string()
         }
     };
     let code_of = |c: &caisey_doc::session::CommandView| -> u8 {
@@ -590,7 +605,7 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
     if commands.len() == 1 {
         let c = &commands[0];
         if c.end.is_none() && !args.json {
-            eprintln!("the command did not run: {}", c.status());
+            eprintln!("the command did not run on {}: {}", visible(&asked[0].machine.name), status_of(c));
         }
         return Ok(ExitCode::from(code_of(c)));
     }
@@ -606,9 +621,17 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
         failed += usize::from(code != 0);
         let exit = c.end.as_ref().and_then(|e| e.exit_code).map(|x| format!(" (exit {x})")).unwrap_or_default();
         let machine = visible(&names.get(&c.request.id).cloned().unwrap_or_default());
-        println!("  {machine:<20} {}{exit}", c.status());
+        println!("  {machine:<20} {}{exit}", status_of(c));
     }
     Ok(ExitCode::from(if failed == 0 { 0 } else { EXIT_REMOTE_FAILED }))
+}
+
+/// How long after its expiry a run still waits for an answer already on its way.
+const EXPIRY_GRACE: Duration = Duration::from_secs(5);
+
+/// Nobody decided it and it never started.
+fn unanswered(c: &caisey_doc::session::CommandView) -> bool {
+    c.decision.is_none() && c.start.is_none()
 }
 
 async fn remote_decision(client: &Client, code: &str, approve: bool) -> Result<ExitCode> {

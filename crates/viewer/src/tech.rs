@@ -446,9 +446,9 @@ pub async fn awaiting_approval(node: &Node) -> Result<Vec<Awaiting>> {
 /// A designated approver's decision on the request with approval code `code` (a unique prefix).
 /// The approval stays usable until the request itself expires.
 pub async fn decide_remote(node: &Node, code: &str, approve: bool) -> Result<Awaiting> {
-    let code = code.trim().to_ascii_lowercase();
+    let code = caisey_doc::session::typed_approval_code(code, "caisey pending").map_err(|e| anyhow!(e))?;
     let all = awaiting_approval(node).await?;
-    let found: Vec<&Awaiting> = all.iter().filter(|a| !code.is_empty() && a.id.to_hex().starts_with(&code)).collect();
+    let found: Vec<&Awaiting> = all.iter().filter(|a| a.id.to_hex().starts_with(&code)).collect();
     let a = match found.as_slice() {
         [one] => (*one).clone(),
         [] => bail!(
