@@ -282,7 +282,7 @@ async fn write_end(node: &Node, batch: &mut Batch, seq: &mut u64, mut end: End) 
 mod tests {
     use super::*;
     use caisey_doc::id::Id128;
-    use caisey_doc::session::{CommandSpec, SessionInfo, SessionView};
+    use caisey_doc::session::{CommandSpec, SessionInfo, SessionView, Shell};
     use caisey_peer::home::Home;
     use caisey_peer::node::NodeOptions;
     use caisey_peer::wire::DocKind;
