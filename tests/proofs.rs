@@ -180,6 +180,14 @@ fn a_denied_request_never_runs_even_when_an_approval_is_merged_in_afterwards() {
         s["commands"][0]["decided_by"].as_str()?.contains("forged").then_some(())
     })
     .expect("the approval reached the session");
+    // Every technician sees that it will not run, and why — not "running" for good.
+    let s = wait_for(Duration::from_secs(15), || {
+        let s = org.show_json("alice", "denied")?;
+        (s["commands"][0]["status"] == "not run").then_some(s)
+    })
+    .unwrap_or_else(|| panic!("the session does not say it will not run: {:?}", org.show_json("alice", "denied")));
+    let shown = org.world.caisey("alice", &["show", "denied"]).ok().stdout;
+    assert!(shown.contains("not run") && shown.contains("denied on this machine"), "{shown}\n{s}");
     std::thread::sleep(Duration::from_secs(3));
     assert!(!marker.exists(), "a request the machine's user denied ran");
 }

@@ -244,12 +244,44 @@ impl Agent {
                     return Ok(());
                 }
                 if let Err(e) = self.consume_and_run(session, request, None).await {
+                    if e.downcast_ref::<AlreadyStarting>().is_some() {
+                        return Ok(());
+                    }
                     self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.refused.insert(request);
-                    return Err(e.context("an approval could not be used"));
+                    // Refused for good (denied here, used, expired): every view must say so, not
+                    // show an approved command as running forever.
+                    let why = format!("the approval was not used: {e:#}");
+                    self.write_not_run(session, request, why).await?;
+                    warn!(request = %request.short(), "an approval could not be used: {e:#}");
                 }
             }
+            Action::NotRun { session, request, why } => self.write_not_run(session, request, why.to_string()).await?,
         }
         Ok(())
+    }
+
+    /// Ends a request that will never run here, saying why, unless it started or ended meanwhile.
+    async fn write_not_run(&self, session: DocId, request: Id128, why: String) -> Result<()> {
+        let signer = self.node.signer().clone();
+        let end = End {
+            request,
+            session,
+            status: EndStatus::NotRun,
+            exit_code: None,
+            ended_at: now_ms(),
+            chunks: 0,
+            message: Some(why),
+        };
+        self.node
+            .change_guarded(session, move |doc, guard| {
+                let view = SessionView::read_without_output(&*doc, guard.fleet())?;
+                if view.command(&request).is_some_and(|c| c.start.is_none() && c.end.is_none()) {
+                    info!(request = %request.short(), why = ?end.message, "recording that it will not run");
+                    SessionWriter::end(doc, &signer, &end)?;
+                }
+                Ok(((), vec![]))
+            })
+            .await
     }
 
     fn request(&self, session: DocId, id: Id128) -> Option<(CommandRequest, NodeId)> {
@@ -338,7 +370,7 @@ impl Agent {
         // Marked running first, so the change below is never mistaken for an interrupted run;
         // and only one caller at a time may try to start a request.
         if !self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.insert(id) {
-            bail!("request {} is already being started or running", id.short());
+            return Err(AlreadyStarting(id).into());
         }
         let consumed = self
             .node
@@ -433,6 +465,11 @@ impl Agent {
         items
     }
 }
+
+/// Another caller is starting (or running) this request right now: not a refusal.
+#[derive(Debug, thiserror::Error)]
+#[error("request {} is already being started or running", .0.short())]
+struct AlreadyStarting(Id128);
 
 /// The store key under which this agent remembers what it did with a request.
 fn request_key(id: &Id128) -> String {

@@ -40,6 +40,12 @@ pub enum Action {
         session: DocId,
         request: Id128,
     },
+    /// Approved, but too late: the request had expired. Say so in the session, for good.
+    NotRun {
+        session: DocId,
+        request: Id128,
+        why: &'static str,
+    },
 }
 
 pub fn review(
@@ -51,14 +57,21 @@ pub fn review(
     let mut pending = Vec::new();
     let mut actions = Vec::new();
     for (doc, view) in sessions {
-        for cmd in view.commands.iter().filter(|c| c.request.target == me) {
+        // Ended is ended: nothing more to decide or write.
+        for cmd in view.commands.iter().filter(|c| c.request.target == me && c.end.is_none()) {
             let id = cmd.request.id;
             // An approval not used before it expired is as good as none; a denial is final.
             let decision = cmd
                 .decision
                 .as_ref()
                 .filter(|d| d.verdict != Verdict::Approved || cmd.start.is_some() || now <= d.expires_at);
+            let approved_too_late = decision.is_none() && cmd.decision.is_some();
             match (decision, &cmd.start, &cmd.end) {
+                (None, _, _) if now > cmd.request.expires_at && approved_too_late => actions.push(Action::NotRun {
+                    session: *doc,
+                    request: id,
+                    why: "it was approved only after the request had expired",
+                }),
                 (None, _, _) if now > cmd.request.expires_at => {
                     actions.push(Action::Expire { session: *doc, request: id })
                 }
@@ -199,5 +212,52 @@ mod tests {
         let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 50);
         assert!(pending.is_empty(), "a denied request is not pending again: {pending:?}");
         assert!(actions.is_empty(), "{actions:?}");
+    }
+
+    #[test]
+    fn an_approval_that_came_too_late_is_recorded_as_not_run_once_and_then_left_alone() {
+        let (tech, agent, fleet, info) = setup();
+        let me = agent.node_id();
+        let mut doc = SessionWriter::create(&tech, &info).unwrap();
+        let req = request(&info, me, 1);
+        SessionWriter::request(&mut doc, &tech, &req).unwrap();
+        // An approval whose own window passed unused (it reached this agent too late).
+        let d = Decision {
+            request: req.id,
+            session: info.id,
+            target: me,
+            requester: tech.node_id(),
+            command_hash: req.command.hash(),
+            verdict: Verdict::Approved,
+            decided_by: "local user".into(),
+            decided_at: 5,
+            expires_at: 10,
+            nonce: Id128([9; 16]),
+        };
+        SessionWriter::decide(&mut doc, &agent, &d).unwrap();
+        let sessions = vec![(info.id, SessionView::read_without_output(&doc, &fleet).unwrap())];
+        // Before the request itself expires, its user may still decide.
+        let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 50);
+        assert_eq!(pending.len(), 1);
+        assert!(actions.is_empty(), "{actions:?}");
+        let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 101);
+        assert!(pending.is_empty());
+        assert!(matches!(actions.as_slice(), [Action::NotRun { request, .. }] if *request == req.id), "{actions:?}");
+        // Once the session says so, nothing more is written (no expiry every second).
+        let end = End {
+            request: req.id,
+            session: info.id,
+            status: EndStatus::NotRun,
+            exit_code: None,
+            ended_at: 101,
+            chunks: 0,
+            message: Some("too late".into()),
+        };
+        SessionWriter::end(&mut doc, &agent, &end).unwrap();
+        let view = SessionView::read_without_output(&doc, &fleet).unwrap();
+        assert_eq!(view.commands[0].status(), "not run");
+        assert!(view.commands[0].is_final());
+        let (pending, actions) = review(me, &[(info.id, view)], &BTreeSet::new(), 200);
+        assert!(pending.is_empty() && actions.is_empty(), "{actions:?}");
     }
 }

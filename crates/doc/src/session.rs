@@ -330,6 +330,9 @@ pub enum EndStatus {
     /// The agent stopped (crash, reboot) while the command ran; it is never re-run.
     Interrupted,
     FailedToStart,
+    /// An approval is there but the agent will not use it — it came after the request expired,
+    /// or this machine's user had denied the request — and says so (`message`) for good.
+    NotRun,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -543,6 +546,7 @@ impl CommandView {
                 EndStatus::TimedOut => "timed out",
                 EndStatus::Interrupted => "interrupted",
                 EndStatus::FailedToStart => "failed to start",
+                EndStatus::NotRun => "not run",
             },
             (Some(d), None) => match d.verdict {
                 Verdict::Approved => "running",

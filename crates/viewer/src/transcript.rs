@@ -153,6 +153,7 @@ impl Follower {
                 (EndStatus::TimedOut, _) => format!("timed out{took}"),
                 (EndStatus::Interrupted, _) => "interrupted".to_string(),
                 (EndStatus::FailedToStart, _) => "failed to start".to_string(),
+                (EndStatus::NotRun, _) => "not run".to_string(),
             };
             let msg = e.message.as_ref().map(|m| format!(" ({})", visible(m))).unwrap_or_default();
             status(format!("── {}  {machine}: {what}{msg}", time(e.ended_at)));

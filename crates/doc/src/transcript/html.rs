@@ -93,6 +93,7 @@ fn command_ui(c: &CheckedCommand) -> Markup {
                                 (EndStatus::TimedOut, _) => span.bad { "timed out" },
                                 (EndStatus::Interrupted, _) => span.bad { "interrupted (agent stopped; not run again)" },
                                 (EndStatus::FailedToStart, _) => span.bad { "failed to start" },
+                                (EndStatus::NotRun, _) => span.bad { "not run" },
                             }
                             ", " (utc(e.ended_at))
                             @if let Some(m) = &e.message { " — " (visible(m)) }

@@ -264,6 +264,7 @@ impl ViewerApp {
                             (EndStatus::TimedOut, _) => "timed out".into(),
                             (EndStatus::Interrupted, _) => "interrupted".into(),
                             (EndStatus::FailedToStart, _) => "failed to start".into(),
+                            (EndStatus::NotRun, _) => "not run".into(),
                         };
                         let msg = e.message.as_ref().map(|m| format!(" ({})", visible_line(m))).unwrap_or_default();
                         format!("ran {took} on {machine}: {what}{msg}")
