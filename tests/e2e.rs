@@ -479,3 +479,14 @@ fn a_command_interrupted_by_an_agent_crash_has_stopped_and_a_timeout_stops_all_i
     assert_eq!(s["commands"][0]["status"], "timed out");
     assert!(!still_beating(&beat3), "its children outlived the timeout");
 }
+
+#[test]
+fn a_damaged_store_gets_one_clear_line_and_is_not_replaced() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let store = org.world.home("ws-01").join("store.redb");
+    std::fs::write(&store, b"").expect("empty the store");
+    let out = org.world.agent_cmd("ws-01", &["run"]);
+    assert_eq!(out.code(), 2, "{out:?}");
+    assert_one_line(&out.stderr, "is damaged (it is empty)");
+    assert_eq!(std::fs::metadata(&store).expect("still there").len(), 0, "not replaced by an empty store");
+}

@@ -47,6 +47,13 @@ pub enum StoreError {
     Redb(String),
     #[error("output log {path}: {what}")]
     Log { path: String, what: String },
+    /// The store cannot be read as it is. Nothing was changed: a damaged store is never silently
+    /// replaced by an empty one (the node would forget its org, and its output log with it).
+    #[error(
+        "{path} is damaged ({why}); nothing was changed. Restore it from a backup, or move this home \
+         aside to start afresh (what only this home holds is then lost)"
+    )]
+    Damaged { path: String, why: String },
 }
 
 macro_rules! from_redb {
@@ -104,11 +111,8 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store at `path` and its output log beside it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.display().to_string()),
-            other => StoreError::Redb(format!("opening {}: {other}", path.display())),
-        })?;
         let log_path = path.with_extension("chunks");
+        let db = open_db(path, &log_path)?;
         let log_err = |what: String| StoreError::Log { path: log_path.display().to_string(), what };
         let log = std::fs::OpenOptions::new()
             .read(true)
@@ -334,6 +338,38 @@ impl Store {
     }
 }
 
+/// Opens the store's database: creates it only where there is none (and no output log that a
+/// lost database would orphan); refuses, changing nothing, one that exists but cannot be read.
+fn open_db(path: &Path, log_path: &Path) -> Result<Database, StoreError> {
+    let damaged = |why: String| StoreError::Damaged { path: path.display().to_string(), why };
+    let in_use = |e: &redb::DatabaseError| matches!(e, redb::DatabaseError::DatabaseAlreadyOpen);
+    match std::fs::metadata(path) {
+        Err(_) => {
+            let log_len = std::fs::metadata(log_path).map(|m| m.len()).unwrap_or(0);
+            if log_len > 0 {
+                return Err(damaged(format!(
+                    "it is missing, but {} holds {log_len} bytes of output",
+                    log_path.display()
+                )));
+            }
+            Database::create(path).map_err(|e| match e {
+                e if in_use(&e) => StoreError::InUse(path.display().to_string()),
+                other => StoreError::Redb(format!("creating {}: {other}", path.display())),
+            })
+        }
+        Ok(meta) if meta.len() == 0 => Err(damaged("it is empty".into())),
+        Ok(_) => {
+            // redb can panic on some malformed files rather than return an error.
+            match std::panic::catch_unwind(|| Database::open(path)) {
+                Ok(Ok(db)) => Ok(db),
+                Ok(Err(e)) if in_use(&e) => Err(StoreError::InUse(path.display().to_string())),
+                Ok(Err(e)) => Err(damaged(e.to_string())),
+                Err(_) => Err(damaged("its structure does not read".into())),
+            }
+        }
+    }
+}
+
 /// Where a chunk went in the log: hash, offset, length.
 type Placed = (ChunkHash, u64, u64);
 
@@ -469,5 +505,33 @@ mod tests {
         );
         assert_eq!(s.sync_states(&b).unwrap().len(), 2);
         assert!(s.sync_states(&NodeId([3; 32])).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_store_is_refused_and_nothing_is_replaced_or_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let log = dir.path().join("store.chunks");
+        {
+            let s = Store::open(&path).unwrap();
+            let data = b"output bytes".to_vec();
+            s.apply(&[Write::Chunk { hash: caisey_doc::session::chunk_hash(&data), data }]).unwrap();
+        }
+        let log_len = std::fs::metadata(&log).unwrap().len();
+        assert!(log_len > 0);
+        // Emptied.
+        std::fs::write(&path, b"").unwrap();
+        let e = Store::open(&path).err().expect("refused");
+        assert!(e.to_string().contains("is empty") && !e.to_string().contains('\n'), "{e}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "not replaced");
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), log_len, "the output log is untouched");
+        // Garbage.
+        std::fs::write(&path, vec![0x5a; 64 * 1024]).unwrap();
+        assert!(matches!(Store::open(&path), Err(StoreError::Damaged { .. })));
+        // Gone, while the output log remains.
+        std::fs::remove_file(&path).unwrap();
+        let e = Store::open(&path).err().expect("refused");
+        assert!(e.to_string().contains("missing"), "{e}");
+        assert!(!path.exists(), "no empty store was made in its place");
     }
 }
