@@ -521,7 +521,7 @@ mod tests {
         assert!(log_len > 0);
         // Emptied.
         std::fs::write(&path, b"").unwrap();
-        let e = Store::open(&path).err().expect("refused");
+        let e = Store::open(&path).expect_err("refused");
         assert!(e.to_string().contains("is empty") && !e.to_string().contains('\n'), "{e}");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "not replaced");
         assert_eq!(std::fs::metadata(&log).unwrap().len(), log_len, "the output log is untouched");
@@ -530,7 +530,7 @@ mod tests {
         assert!(matches!(Store::open(&path), Err(StoreError::Damaged { .. })));
         // Gone, while the output log remains.
         std::fs::remove_file(&path).unwrap();
-        let e = Store::open(&path).err().expect("refused");
+        let e = Store::open(&path).expect_err("refused");
         assert!(e.to_string().contains("missing"), "{e}");
         assert!(!path.exists(), "no empty store was made in its place");
     }
