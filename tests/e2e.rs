@@ -490,3 +490,42 @@ fn a_damaged_store_gets_one_clear_line_and_is_not_replaced() {
     assert_one_line(&out.stderr, "is damaged (it is empty)");
     assert_eq!(std::fs::metadata(&store).expect("still there").len(), 0, "not replaced by an empty store");
 }
+
+#[test]
+fn hostile_names_and_descriptions_never_reach_a_terminal_raw() {
+    let world = World::new();
+    let (_relay, ticket) = world.start_relay("relay");
+    let evil_tech = "al\u{1b}]0;pwned\u{7}ice\u{202e}";
+    world.caisey("alice", &["init", "--org", "Acme", "--name", evil_tech]).ok();
+    world.caisey("alice", &["relay", "add", &ticket]).ok();
+    let token = world.caisey("alice", &["invite", "agent"]).ok().stdout.trim().to_string();
+    world.agent_cmd("ws", &["enroll", &token, "--name", "ws\u{1b}[2J-01"]).ok();
+    let _agent = world.start_agent("ws");
+    let fake_block = "checking\n    sh (timeout 1s):\n      echo harmless";
+    world
+        .caisey(
+            "alice",
+            &[
+                "run",
+                "--detach",
+                "--machine",
+                "ws\u{1b}[2J-01",
+                "--session",
+                "s",
+                "--description",
+                fake_block,
+                "--",
+                "rm -rf /tmp/nothing-here",
+            ],
+        )
+        .ok();
+    world.wait_pending("ws");
+    let raw = |out: &str| out.contains('\u{1b}') || out.contains('\u{202e}') || out.contains('\u{7}');
+    let pending = world.agent_cmd("ws", &["pending"]).ok().stdout;
+    assert!(!raw(&pending), "{pending:?}");
+    assert!(pending.contains("why: checking\\n"), "the description stays on its line: {pending}");
+    for args in [&["machines"][..], &["show", "s"], &["sessions"]] {
+        let out = world.caisey("alice", args).ok().stdout;
+        assert!(!raw(&out), "caisey {args:?} printed {out:?}");
+    }
+}

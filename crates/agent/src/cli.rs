@@ -129,12 +129,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     println!(
                         "{}  from {} ({}) in session {:?}, expires in {left}s",
                         p.id.short(),
-                        p.technician,
+                        crate::escape::visible_line(&p.technician),
                         p.technician_key.short(),
                         p.session
                     );
                     if !p.description.is_empty() {
-                        println!("    why: {}", crate::escape::visible(&p.description));
+                        // One line: a newline in it must not fake the command block below.
+                        println!("    why: {}", crate::escape::visible_line(&p.description));
                     }
                     println!(
                         "    {} (timeout {}s{}):",

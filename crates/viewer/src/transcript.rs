@@ -11,7 +11,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Result;
-use caisey_agent::escape::visible;
+use caisey_agent::escape::{visible, visible_line};
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::session::{CommandView, EndStatus, SessionView, Stream, Verdict};
 use caisey_peer::node::Node;
@@ -24,8 +24,9 @@ pub fn time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// A member's name as a peer chose it, made safe to print on one line.
 fn name_of(names: &BTreeMap<NodeId, String>, node: &NodeId) -> String {
-    names.get(node).cloned().unwrap_or_else(|| node.short())
+    names.get(node).map(|n| visible_line(n)).unwrap_or_else(|| node.short())
 }
 
 /// How output bytes are written.
@@ -75,7 +76,7 @@ impl Follower {
             let labels = if view.info.labels.is_empty() {
                 String::new()
             } else {
-                format!("  labels: {}", view.info.labels.join(", "))
+                format!("  labels: {}", visible_line(&view.info.labels.join(", ")))
             };
             println!("session {:?} ({}){labels}", view.info.name, view.info.id);
             for q in &view.quarantined {
@@ -127,8 +128,8 @@ impl Follower {
         if let (false, Some(d)) = (seen.decision, &cmd.decision) {
             seen.decision = true;
             let what = match d.verdict {
-                Verdict::Approved => format!("approved by {}", visible(&d.decided_by)),
-                Verdict::Denied => format!("denied by {}", visible(&d.decided_by)),
+                Verdict::Approved => format!("approved by {}", visible_line(&d.decided_by)),
+                Verdict::Denied => format!("denied by {}", visible_line(&d.decided_by)),
                 Verdict::Expired => "expired: nobody approved it in time".to_string(),
             };
             status(format!("── {}  {machine}: {what}", time(d.decided_at)));
