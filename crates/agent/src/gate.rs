@@ -146,6 +146,22 @@ mod tests {
         }
     }
 
+    /// The local user's decision on `req`, valid until `expires_at`.
+    fn decision(req: &CommandRequest, tech: &Signer, verdict: Verdict, expires_at: u64) -> Decision {
+        Decision {
+            request: req.id,
+            session: req.session,
+            target: req.target,
+            requester: tech.node_id(),
+            command_hash: req.command.hash(),
+            verdict,
+            decided_by: "local user".into(),
+            decided_at: 5,
+            expires_at,
+            nonce: Id128([9; 16]),
+        }
+    }
+
     #[test]
     fn waiting_expired_and_interrupted_requests_are_told_apart() {
         let (tech, agent, fleet, info) = setup();
@@ -156,18 +172,7 @@ mod tests {
         }
         // Request 3 was approved and started by an earlier run of the agent.
         let req3 = request(&info, me, 3);
-        let d = Decision {
-            request: req3.id,
-            session: info.id,
-            target: me,
-            requester: tech.node_id(),
-            command_hash: req3.command.hash(),
-            verdict: Verdict::Approved,
-            decided_by: "local user".into(),
-            decided_at: 5,
-            expires_at: 100,
-            nonce: Id128([9; 16]),
-        };
+        let d = decision(&req3, &tech, Verdict::Approved, 100);
         let start = Start { request: req3.id, session: info.id, started_at: 5, approved_by: me, nonce: d.nonce };
         SessionWriter::start(&mut doc, &agent, Some(&d), &start).unwrap();
         let view = SessionView::read_without_output(&doc, &fleet).unwrap();
@@ -195,18 +200,7 @@ mod tests {
         let mut doc = SessionWriter::create(&tech, &info).unwrap();
         let req = request(&info, me, 1);
         SessionWriter::request(&mut doc, &tech, &req).unwrap();
-        let d = Decision {
-            request: req.id,
-            session: info.id,
-            target: me,
-            requester: tech.node_id(),
-            command_hash: req.command.hash(),
-            verdict: Verdict::Denied,
-            decided_by: "local user".into(),
-            decided_at: 5,
-            expires_at: 5,
-            nonce: Id128([9; 16]),
-        };
+        let d = decision(&req, &tech, Verdict::Denied, 5);
         SessionWriter::decide(&mut doc, &agent, &d).unwrap();
         let sessions = vec![(info.id, SessionView::read_without_output(&doc, &fleet).unwrap())];
         let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 50);
@@ -222,18 +216,7 @@ mod tests {
         let req = request(&info, me, 1);
         SessionWriter::request(&mut doc, &tech, &req).unwrap();
         // An approval whose own window passed unused (it reached this agent too late).
-        let d = Decision {
-            request: req.id,
-            session: info.id,
-            target: me,
-            requester: tech.node_id(),
-            command_hash: req.command.hash(),
-            verdict: Verdict::Approved,
-            decided_by: "local user".into(),
-            decided_at: 5,
-            expires_at: 10,
-            nonce: Id128([9; 16]),
-        };
+        let d = decision(&req, &tech, Verdict::Approved, 10);
         SessionWriter::decide(&mut doc, &agent, &d).unwrap();
         let sessions = vec![(info.id, SessionView::read_without_output(&doc, &fleet).unwrap())];
         // Before the request itself expires, its user may still decide.
