@@ -491,6 +491,17 @@ impl Hub {
         if self.peers.get(&peer).is_some_and(|p| p.conn == conn) {
             if let Some(p) = self.peers.remove(&peer) {
                 self.save_states(peer, &p, out);
+                // Output asked of it and never received is asked of everyone else who may hold
+                // it: a peer that died mid-answer must not leave a session waiting for good.
+                let mut unanswered: BTreeMap<DocId, Vec<ChunkHash>> = BTreeMap::new();
+                for (doc, hash) in p.asked {
+                    if self.docs.get(&doc).is_some_and(|e| e.output.held.get(&hash) == Some(&false)) {
+                        unanswered.entry(doc).or_default().push(hash);
+                    }
+                }
+                for (doc, hashes) in unanswered {
+                    self.ask_everyone(doc, hashes, out);
+                }
             }
             out.push(Output::PeerDown { peer });
         }
@@ -1324,6 +1335,31 @@ mod tests {
         net.connect(a, r);
         net.run_until_quiescent();
         assert_eq!(net.hubs[&t].missing_output(&sid), 0);
+        let fleet = Fleet::read(&o.fleet).unwrap();
+        assert_eq!(net.view(t, sid, &fleet).commands[0].output, vec![chunk]);
+        assert!(net.hubs[&t].in_sync_with(&r));
+    }
+
+    #[test]
+    fn output_asked_of_a_peer_that_dies_before_answering_is_asked_of_the_others() {
+        let o = org(1);
+        let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
+        let mut net = o.net();
+        net.connect(t, r);
+        net.connect(a, r);
+        net.connect(t, a);
+        let (sid, doc) = session_for(&o, a, 6);
+        net.create(t, sid, DocKind::Session, doc);
+        net.run_until_quiescent();
+        // The agent's references reach the technician directly, and the agent dies before it
+        // answers the technician's request for the bytes; the relay got them meanwhile.
+        let chunk =
+            OutputChunk { request: Id128([106; 16]), seq: 0, stream: Stream::Stdout, data: b"mem ok\n".to_vec() };
+        net.output(a, sid, &o.agents[0], vec![chunk.clone()]);
+        net.disconnect(t, a);
+        net.run_until_quiescent();
+        assert_eq!(net.hubs[&r].missing_output(&sid), 0, "the relay has the bytes");
+        assert_eq!(net.hubs[&t].missing_output(&sid), 0, "the technician asked the relay instead");
         let fleet = Fleet::read(&o.fleet).unwrap();
         assert_eq!(net.view(t, sid, &fleet).commands[0].output, vec![chunk]);
         assert!(net.hubs[&t].in_sync_with(&r));
