@@ -529,3 +529,26 @@ fn hostile_names_and_descriptions_never_reach_a_terminal_raw() {
         assert!(!raw(&out), "caisey {args:?} printed {out:?}");
     }
 }
+
+#[test]
+fn a_relay_killed_with_kill_9_and_restarted_is_back_in_use_within_seconds() {
+    let mut org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    org.world.caisey("alice", &["sessions"]).ok();
+    org.relay.take().expect("relay").kill9();
+    let killed = std::time::Instant::now();
+    let (_relay, _) = org.world.start_relay("relay");
+    // A change made now can only reach the relay once alice's node has noticed that its old
+    // connection is dead and dialled the new relay.
+    org.world.caisey("alice", &["run", "--detach", "--machine", "ws-01", "--", "true"]);
+    wait_for(Duration::from_secs(30), || {
+        let out = org.world.command("caisey", "alice", &["status", "--json"]).output().ok()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let relay = status["relays"].as_array()?.first()?.clone();
+        (relay["connected"] == true && relay["unconfirmed_docs"] == 0).then_some(())
+    })
+    .expect("the relay holds alice's change");
+    let took = killed.elapsed();
+    eprintln!("relay back in use {took:?} after kill -9");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}
