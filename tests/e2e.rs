@@ -232,6 +232,16 @@ fn bad_command_lines_get_one_clear_error() {
 }
 
 #[test]
+fn a_command_too_big_to_ask_gets_one_clear_line() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    // Three words of 100 KiB (one argument may not exceed 128 KiB); the CLI joins them.
+    let word = "x".repeat(100 * 1024);
+    let out = org.world.caisey("alice", &["run", "--machine", "ws-01", "--", "echo", &word, &word, &word]);
+    assert_eq!(out.code(), 2, "{out:?}");
+    assert_one_line(&out.stderr, "at most 256 KiB can be asked");
+}
+
+#[test]
 fn an_agent_killed_mid_command_records_it_interrupted_and_never_runs_it_again() {
     let org = Org::new(&[("ws-01", "accounting")]);
     let agent = org.world.start_agent("ws-01");

@@ -144,6 +144,13 @@ pub struct CommandRequest {
     pub expires_at: u64,
 }
 
+/// The largest script a request may carry. Every request is a signed record (at most
+/// `record::MAX_RECORD_LEN`) that the endpoint user reads whole before approving it; a bigger
+/// tool belongs on the machine, run by a short command.
+pub const MAX_SCRIPT: usize = 256 * 1024;
+/// The largest description (the "why" the endpoint user reads).
+pub const MAX_DESCRIPTION: usize = 16 * 1024;
+
 /// How many characters of an approval code listings show — and so the fewest a user must type.
 /// A shorter prefix could match a request that arrived after the listing, which the user never
 /// saw: "approve 5" must not approve whatever happens to start with a 5.

@@ -333,6 +333,17 @@ pub struct Asked {
 /// dated default); in a group run each machine's session is `NAME (machine)`. An existing session
 /// of that name is continued (a weekly check stays one thread). Durable locally when this returns.
 pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
+    use caisey_doc::session::{MAX_DESCRIPTION, MAX_SCRIPT};
+    if req.command.script.len() > MAX_SCRIPT {
+        bail!(
+            "the command is {} KiB; at most {} KiB can be asked (put a bigger script on the machine and ask for a short command that runs it)",
+            req.command.script.len() / 1024,
+            MAX_SCRIPT / 1024
+        );
+    }
+    if req.description.len() > MAX_DESCRIPTION {
+        bail!("the description is {} KiB; at most {} KiB", req.description.len() / 1024, MAX_DESCRIPTION / 1024);
+    }
     let fleet = node.fleet().await?;
     let targets = resolve_targets(&fleet, &req.targets)?;
     let org_key = fleet.org_key.ok_or_else(|| anyhow!("no org"))?;
