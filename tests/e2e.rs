@@ -562,3 +562,34 @@ fn a_relay_killed_with_kill_9_and_restarted_is_back_in_use_within_seconds() {
     eprintln!("relay back in use {took:?} after kill -9");
     assert!(took < Duration::from_secs(20), "took {took:?}");
 }
+
+#[test]
+fn the_agent_s_socket_keeps_serving_after_a_burst_exhausts_its_file_descriptors() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    // The daemon with few file descriptors, as a busy machine might leave it.
+    let home = org.world.home("ws-01");
+    let script = format!(
+        "ulimit -n 96; exec {} --home {} --listen 127.0.0.1:0 run",
+        caisey_tests::bin("caisey-agent").display(),
+        home.display()
+    );
+    let mut daemon = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .env("RUST_LOG", "error,iroh::socket::transports::relay=off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("daemon");
+    let socket = home.join("node.sock");
+    wait_for(Duration::from_secs(20), || org.world.agent_cmd("ws-01", &["pending"]).status.success().then_some(()))
+        .expect("the daemon answers");
+    // Far more connections than it has descriptors for, all held open at once.
+    let burst: Vec<_> = (0..200).filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(burst);
+    let answered =
+        wait_for(Duration::from_secs(10), || org.world.agent_cmd("ws-01", &["pending"]).status.success().then_some(()));
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(answered.is_some(), "the socket stopped serving after the burst");
+}
