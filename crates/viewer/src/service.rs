@@ -189,7 +189,10 @@ impl TechService {
             Request::Awaiting => Reply::Awaiting(tech::awaiting_approval(node).await?),
             Request::Decide { code, approve } => {
                 let awaiting = tech::decide_remote(node, &code, approve).await?;
-                let delivered = tech::wait_delivered(node, &[], Duration::from_secs(5)).await?;
+                // With no relay, delivered means the machine itself has the decision.
+                let machines: Vec<NodeId> =
+                    node.fleet().await?.agent_by_name(&awaiting.machine).iter().map(|m| m.node).collect();
+                let delivered = tech::wait_delivered(node, &machines, Duration::from_secs(5)).await?;
                 Reply::Decided { awaiting: Box::new(awaiting), delivered }
             }
             Request::Transcript { session, redact, omit } => {
