@@ -593,3 +593,34 @@ fn the_agent_s_socket_keeps_serving_after_a_burst_exhausts_its_file_descriptors(
     let _ = daemon.wait();
     assert!(answered.is_some(), "the socket stopped serving after the burst");
 }
+
+#[test]
+fn output_damaged_on_disk_is_fetched_again_from_a_peer_that_has_it() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    let run = org.world.spawn(
+        "caisey",
+        "alice",
+        &["run", "--machine", "ws-01", "--session", "disk", "--", "echo output-kept-safe"],
+    );
+    let id = org.world.wait_pending("ws-01");
+    org.world.agent_cmd("ws-01", &["approve", &id]).ok();
+    run.wait(Duration::from_secs(30)).ok();
+    // One flipped byte in alice's output log, while her node is stopped.
+    org.world.down("alice");
+    let log = org.world.home("alice").join("store.chunks");
+    let mut bytes = std::fs::read(&log).expect("output log");
+    let at = bytes.windows(11).position(|w| w == b"output-kept").expect("the output is in the log");
+    bytes[at] ^= 0x20;
+    std::fs::write(&log, &bytes).expect("damage");
+    // Reading it finds the damage (the damaged bytes are never shown) and fetches a good copy
+    // from the relay.
+    let stdout = |s: &serde_json::Value| s["commands"][0]["stdout"].as_str().unwrap_or_default().to_string();
+    let first = org.show_json("alice", "disk").expect("show");
+    assert!(!stdout(&first).contains("Output-kept"), "damaged bytes shown: {first}");
+    let shown = wait_for(Duration::from_secs(30), || {
+        let s = org.show_json("alice", "disk")?;
+        (stdout(&s) == "output-kept-safe\n").then_some(())
+    });
+    assert!(shown.is_some(), "the damaged output never came back: {:?}", org.show_json("alice", "disk"));
+}

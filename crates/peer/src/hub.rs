@@ -334,6 +334,19 @@ impl Hub {
         out
     }
 
+    /// Output bytes of session `id` found damaged in the store: no longer held, and asked of
+    /// every peer that may hold them.
+    pub fn lost_chunks(&mut self, id: DocId, hashes: Vec<ChunkHash>) -> Vec<Output> {
+        let mut out = Vec::new();
+        let Some(e) = self.docs.get_mut(&id) else { return out };
+        let lost: Vec<ChunkHash> = hashes.into_iter().filter(|h| e.output.held.contains_key(h)).collect();
+        for h in &lost {
+            e.output.held.insert(*h, false);
+        }
+        self.ask_everyone(id, lost, &mut out);
+        out
+    }
+
     pub fn doc(&self, id: &DocId) -> Option<&Automerge> {
         self.docs.get(id).map(|e| &e.doc)
     }

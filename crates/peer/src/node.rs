@@ -181,7 +181,9 @@ impl Core {
                             None => lacking.push(hash),
                         }
                     }
+                    let damaged = stored.take_damaged();
                     drop(stored);
+                    self.refetch(doc, damaged);
                     if !lacking.is_empty() {
                         frames.push(Frame::Lacking { doc, hashes: lacking });
                     }
@@ -213,6 +215,20 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// Output of `doc` found damaged on disk while reading: forgotten in the store and asked of
+    /// the peers again, so a good copy takes its place.
+    fn refetch(&mut self, doc: DocId, damaged: Vec<ChunkHash>) {
+        if damaged.is_empty() {
+            return;
+        }
+        warn!(doc = %doc.short(), chunks = damaged.len(), "output damaged on disk; fetching it again from peers");
+        let forget = damaged.iter().map(|hash| Write::ForgetChunk { hash: *hash }).collect();
+        let out = self.hub.lost_chunks(doc, damaged);
+        if let Err(e) = self.apply_with(forget, out) {
+            warn!("{e:#}");
+        }
     }
 
     /// Queues a frame for `peer` on connection `conn`; a peer too far behind is disconnected.
@@ -467,7 +483,11 @@ impl Node {
     ) -> Result<Option<R>> {
         self.with_core(move |core| {
             let chunks = core.store.chunks()?;
-            Ok(core.hub.doc(&doc).map(|d| f(d, &chunks)))
+            let read = core.hub.doc(&doc).map(|d| f(d, &chunks));
+            let damaged = chunks.take_damaged();
+            drop(chunks);
+            core.refetch(doc, damaged);
+            Ok(read)
         })
         .await?
     }
@@ -514,7 +534,11 @@ impl Node {
             let session = core.hub.doc(&doc).ok_or_else(|| anyhow!("no session {}", doc.short()))?;
             let fleet_doc = core.hub.fleet_doc().and_then(|id| core.hub.doc(&id)).ok_or_else(|| anyhow!("no org"))?;
             let chunks = core.store.chunks()?;
-            Ok(f(session, fleet_doc, &chunks))
+            let read = f(session, fleet_doc, &chunks);
+            let damaged = chunks.take_damaged();
+            drop(chunks);
+            core.refetch(doc, damaged);
+            Ok(read)
         })
         .await?
     }

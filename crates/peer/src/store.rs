@@ -97,6 +97,10 @@ pub enum Write {
     ForgetSetting {
         key: String,
     },
+    /// Forgets where a chunk is (found damaged): a good copy from a peer is then stored anew.
+    ForgetChunk {
+        hash: ChunkHash,
+    },
 }
 
 #[derive(Debug)]
@@ -171,7 +175,11 @@ impl Store {
 
     /// A consistent view of the stored output chunks, to read a session's output from.
     pub fn chunks(&self) -> Result<StoredChunks<'_>, StoreError> {
-        Ok(StoredChunks { index: self.db.begin_read()?.open_table(OUTPUT_INDEX)?, log: &self.log })
+        Ok(StoredChunks {
+            index: self.db.begin_read()?.open_table(OUTPUT_INDEX)?,
+            log: &self.log,
+            damaged: Default::default(),
+        })
     }
 
     /// Appends the chunks not stored yet to the log and syncs it; returns their index entries
@@ -323,6 +331,9 @@ impl Store {
                     Write::ForgetSetting { key } => {
                         settings.remove(key.as_str())?;
                     }
+                    Write::ForgetChunk { hash } => {
+                        index.remove(hash.as_slice())?;
+                    }
                     Write::Chunk { .. } => {} // appended above
                     Write::Presence { node, record } => {
                         presence.insert(node.0.as_slice(), record.as_slice())?;
@@ -377,6 +388,8 @@ type Placed = (ChunkHash, u64, u64);
 pub struct StoredChunks<'a> {
     index: ReadOnlyTable<&'static [u8], (u64, u64)>,
     log: &'a File,
+    /// Chunks found damaged on disk while reading (their bytes no longer match their hash).
+    damaged: std::cell::RefCell<Vec<ChunkHash>>,
 }
 
 impl StoredChunks<'_> {
@@ -387,12 +400,27 @@ impl StoredChunks<'_> {
     }
 }
 
+impl StoredChunks<'_> {
+    /// The chunks found damaged by reads so far (each once).
+    pub fn take_damaged(&self) -> Vec<ChunkHash> {
+        let mut damaged = self.damaged.take();
+        damaged.sort();
+        damaged.dedup();
+        damaged
+    }
+}
+
 impl ChunkSource for StoredChunks<'_> {
-    /// `None` also when the log can't be read: the bytes are then simply not shown.
+    /// `None` also when the log can't be read, or the bytes there no longer match their hash (a
+    /// damaged disk): the bytes are then not shown, and the damage is noted ([`Self::take_damaged`]).
     fn chunk(&self, hash: &ChunkHash) -> Option<Vec<u8>> {
         let (offset, len) = self.index.get(hash.as_slice()).ok()??.value();
         let mut buf = vec![0; usize::try_from(len).ok()?];
         read_at(self.log, &mut buf, offset).ok()?;
+        if caisey_doc::session::chunk_hash(&buf) != *hash {
+            self.damaged.borrow_mut().push(*hash);
+            return None;
+        }
         Some(buf)
     }
 }
@@ -533,5 +561,28 @@ mod tests {
         let e = Store::open(&path).expect_err("refused");
         assert!(e.to_string().contains("missing"), "{e}");
         assert!(!path.exists(), "no empty store was made in its place");
+    }
+
+    #[test]
+    fn a_chunk_damaged_on_disk_reads_as_absent_and_is_stored_anew_once_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let s = Store::open(&path).unwrap();
+        let data = b"Filesystem Size Used Avail\n".to_vec();
+        let hash = caisey_doc::session::chunk_hash(&data);
+        s.apply(&[Write::Chunk { hash, data: data.clone() }]).unwrap();
+        // One flipped byte in the log.
+        let log = path.with_extension("chunks");
+        let mut bytes = std::fs::read(&log).unwrap();
+        bytes[3] ^= 0x20;
+        std::fs::write(&log, &bytes).unwrap();
+        let stored = s.chunks().unwrap();
+        assert_eq!(stored.chunk(&hash), None, "damaged bytes are never handed out");
+        assert_eq!(stored.take_damaged(), vec![hash]);
+        drop(stored);
+        s.apply(&[Write::ForgetChunk { hash }]).unwrap();
+        assert!(!s.chunks().unwrap().contains(&hash));
+        s.apply(&[Write::Chunk { hash, data: data.clone() }]).unwrap();
+        assert_eq!(s.chunks().unwrap().chunk(&hash), Some(data));
     }
 }
