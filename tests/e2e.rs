@@ -624,3 +624,32 @@ fn output_damaged_on_disk_is_fetched_again_from_a_peer_that_has_it() {
     });
     assert!(shown.is_some(), "the damaged output never came back: {:?}", org.show_json("alice", "disk"));
 }
+
+#[test]
+fn the_why_is_kept_in_show_json_exports_and_every_pending_list() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    let token = org.world.caisey("alice", &["invite", "approver", "--name", "carol", "--machine", "ws-01"]).ok();
+    org.world.caisey("carol", &["join", token.stdout.trim()]).ok();
+    let why = "QuickBooks crashed twice this morning while posting payroll; checking memory and the \
+               event log before the 2 pm run so we know whether to reschedule it (ticket 4711)";
+    org.world
+        .caisey(
+            "alice",
+            &["run", "--detach", "--machine", "ws-01", "--session", "why", "--description", why, "--", "true"],
+        )
+        .ok();
+    org.world.wait_pending("ws-01");
+    let at_endpoint = org.world.agent_cmd("ws-01", &["pending"]).ok().stdout;
+    assert!(at_endpoint.contains(why), "{at_endpoint}");
+    let for_approver = wait_for(Duration::from_secs(20), || {
+        let out = org.world.caisey("carol", &["pending"]).stdout;
+        out.contains(why).then_some(out)
+    });
+    assert!(for_approver.is_some(), "the approver's list lacks the why");
+    assert!(org.world.caisey("alice", &["show", "why"]).ok().stdout.contains(why));
+    let json = org.show_json("alice", "why").expect("show --json");
+    assert_eq!(json["commands"][0]["description"], why);
+    let csv = org.world.caisey("alice", &["export", "why", "--format", "csv"]).ok().stdout;
+    assert!(csv.lines().next().is_some_and(|h| h.contains("description")) && csv.contains(why), "{csv}");
+}

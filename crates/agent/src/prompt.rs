@@ -219,10 +219,13 @@ fn fingerprint(hex: &str) -> String {
 }
 
 /// A framed box for technician-written text: its own background and monospace font.
-fn foreign_box(ui: &mut Ui, id: &str, text: &str, max_height: f32) {
+/// A framed box for text a technician wrote. A command keeps its lines exactly as they will
+/// run (scrolling sideways); prose (`wrap`) is wrapped so all of it is read.
+fn foreign_box(ui: &mut Ui, id: &str, text: &str, max_height: f32, wrap: bool) {
+    let mode = if wrap { egui::TextWrapMode::Wrap } else { egui::TextWrapMode::Extend };
     egui::Frame::group(ui.style()).fill(ui.visuals().extreme_bg_color).show(ui, |ui| {
         ScrollArea::both().id_salt(id).max_height(max_height).auto_shrink([false, true]).show(ui, |ui| {
-            ui.add(egui::Label::new(RichText::new(text).monospace()).wrap_mode(egui::TextWrapMode::Extend));
+            ui.add(egui::Label::new(RichText::new(text).monospace()).wrap_mode(mode));
         });
     });
 }
@@ -264,11 +267,11 @@ fn request_details(ui: &mut Ui, p: &PendingItem, waiting: usize) {
             format!("Warning: it contains {hidden} invisible or control character(s), shown as \\u{{…}}. Be careful."),
         );
     }
-    foreign_box(ui, "command", &visible(&p.script), 220.0);
+    foreign_box(ui, "command", &visible(&p.script), 220.0, false);
     ui.add_space(6.0);
     ui.label(RichText::new("Why, in the technician's words:").strong());
     let why = if p.description.trim().is_empty() { "(no reason given)".to_string() } else { visible(&p.description) };
-    foreign_box(ui, "description", &why, 90.0);
+    foreign_box(ui, "description", &why, 160.0, true);
     ui.add_space(6.0);
     let left = p.expires_at.saturating_sub(now) / 1000;
     ui.label(format!("If nobody answers, the request expires in {} min {} s and nothing runs.", left / 60, left % 60));

@@ -418,6 +418,9 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                     for line in caisey_agent::escape::visible(&a.script).lines() {
                         println!("      {line}");
                     }
+                    if !a.description.trim().is_empty() {
+                        println!("    why: {}", caisey_agent::escape::visible_line(&a.description));
+                    }
                 }
             }
         }

@@ -121,6 +121,9 @@ impl Follower {
             for line in visible(&c.script).lines() {
                 status(format!("     {line}"));
             }
+            if !cmd.request.description.trim().is_empty() {
+                status(format!("   why: {}", visible_line(&cmd.request.description)));
+            }
             if cmd.decision.is_none() {
                 status(format!("   waiting for approval on {machine}…"));
             }
@@ -233,6 +236,8 @@ pub struct CommandJson {
     pub requester: String,
     pub shell: String,
     pub script: String,
+    /// Why the technician asked, as the endpoint user read it.
+    pub description: String,
     pub status: String,
     pub exit_code: Option<i32>,
     pub requested_at: u64,
@@ -274,6 +279,7 @@ pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
                 requester: name_of(&names, &c.requester),
                 shell: c.request.command.shell.to_string(),
                 script: c.request.command.script.clone(),
+                description: c.request.description.clone(),
                 status: c.status().to_string(),
                 exit_code: c.end.as_ref().and_then(|e| e.exit_code),
                 requested_at: c.request.requested_at,
@@ -306,7 +312,7 @@ pub fn session_csv(s: &SessionJson) -> String {
     }
     let opt = |v: Option<u64>| v.map(time).unwrap_or_default();
     let mut out = String::from(
-        "session,session_name,command_id,machine,requested_by,shell,script,status,exit_code,requested_at,decided_by,\
+        "session,session_name,command_id,machine,requested_by,shell,script,description,status,exit_code,requested_at,decided_by,\
          started_at,ended_at,duration_ms,stdout,stderr\r\n",
     );
     for c in &s.commands {
@@ -319,6 +325,7 @@ pub fn session_csv(s: &SessionJson) -> String {
             c.requester.clone(),
             c.shell.clone(),
             c.script.clone(),
+            c.description.clone(),
             c.status.clone(),
             c.exit_code.map(|e| e.to_string()).unwrap_or_default(),
             time(c.requested_at),
@@ -381,6 +388,7 @@ mod tests {
                 requester: "alice".into(),
                 shell: "sh".into(),
                 script: "df -h\nuptime".into(),
+                description: "weekly check".into(),
                 status: "exited".into(),
                 exit_code: Some(0),
                 requested_at: 0,
