@@ -653,3 +653,23 @@ fn the_why_is_kept_in_show_json_exports_and_every_pending_list() {
     let csv = org.world.caisey("alice", &["export", "why", "--format", "csv"]).ok().stdout;
     assert!(csv.lines().next().is_some_and(|h| h.contains("description")) && csv.contains(why), "{csv}");
 }
+
+#[test]
+fn a_request_has_one_code_from_the_technician_to_the_endpoint() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    let asked =
+        org.world.caisey("alice", &["run", "--detach", "--machine", "ws-01", "--", "echo one-code"]).ok().stdout;
+    let code = asked.split("code ").nth(1).and_then(|r| r.split_whitespace().next()).expect("a code").to_string();
+    assert_eq!(code.len(), 8, "{asked}");
+    let pending = org.world.agent_cmd("ws-01", &["pending"]).ok().stdout;
+    assert!(pending.starts_with(&code), "the endpoint lists the same code: {asked} / {pending}");
+    org.world.agent_cmd("ws-01", &["approve", &code]).ok();
+    let shown = wait_for(Duration::from_secs(20), || {
+        let s =
+            org.world.caisey("alice", &["show", &asked.split("session ").nth(1)?.trim_end_matches([')', '\n'])]).stdout;
+        s.contains("exited with code 0").then_some(s)
+    })
+    .expect("it ran");
+    assert!(shown.contains(&format!("code {code}")), "{shown}");
+}

@@ -524,13 +524,19 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
         if args.json {
             let reqs: Vec<_> = asked
                 .iter()
-                .map(|a| serde_json::json!({"session": a.session, "id": a.request, "machine": a.machine.name}))
+                .map(|a| {
+                    serde_json::json!({"session": a.session, "id": a.request, "code": a.code, "machine": a.machine.name})
+                })
                 .collect();
             println!("{}", serde_json::Value::Array(reqs));
         } else {
             for a in &asked {
                 let machine = visible(&a.machine.name);
-                println!("asked {machine} (request {}, session {})", a.request.short(), a.session.short());
+                println!(
+                    "asked {machine}: code {} (what its user approves by; session {})",
+                    a.code.short(),
+                    a.session.short()
+                );
             }
         }
         return Ok(ExitCode::SUCCESS);

@@ -325,6 +325,9 @@ pub struct RunRequest {
 pub struct Asked {
     pub session: DocId,
     pub request: Id128,
+    /// The request's code, as the endpoint user and approvers see and type it: the one
+    /// identifier of a request that people use (it also names the exact command).
+    pub code: Id128,
     pub machine: Member,
 }
 
@@ -392,7 +395,7 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
             SessionWriter::request(&mut doc, &signer, &r)?;
             new_sessions.push((session, DocKind::Session, doc));
         }
-        asked.push(Asked { session, request: r.id, machine });
+        asked.push(Asked { session, request: r.id, code: r.approval_code(), machine });
     }
     node.create_many(new_sessions).await?;
     Ok(asked)

@@ -110,13 +110,14 @@ impl Follower {
             seen.request = true;
             let c = &cmd.request.command;
             status(format!(
-                "── {}  {} asked {} to run ({}, timeout {}s){}:",
+                "── {}  {} asked {} to run ({}, timeout {}s){}, code {}:",
                 time(cmd.request.requested_at),
                 name_of(names, &cmd.requester),
                 machine,
                 c.shell,
                 c.timeout_ms / 1000,
-                c.cwd.as_ref().map(|d| format!(" in {}", visible(d))).unwrap_or_default()
+                c.cwd.as_ref().map(|d| format!(" in {}", visible(d))).unwrap_or_default(),
+                cmd.request.approval_code().short()
             ));
             for line in visible(&c.script).lines() {
                 status(format!("     {line}"));
@@ -232,6 +233,8 @@ pub struct SessionJson {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommandJson {
     pub id: Id128,
+    /// The code the endpoint user and approvers see and type for this request.
+    pub code: Id128,
     pub machine: String,
     pub requester: String,
     pub shell: String,
@@ -275,6 +278,7 @@ pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
             };
             CommandJson {
                 id: c.request.id,
+                code: c.request.approval_code(),
                 machine: name_of(&names, &c.request.target),
                 requester: name_of(&names, &c.requester),
                 shell: c.request.command.shell.to_string(),
@@ -384,6 +388,7 @@ mod tests {
             machines: vec![],
             commands: vec![CommandJson {
                 id: Id128([1; 16]),
+                code: Id128([2; 16]),
                 machine: "ws-01".into(),
                 requester: "alice".into(),
                 shell: "sh".into(),
