@@ -666,8 +666,8 @@ fn a_request_has_one_code_from_the_technician_to_the_endpoint() {
     assert!(pending.starts_with(&code), "the endpoint lists the same code: {asked} / {pending}");
     org.world.agent_cmd("ws-01", &["approve", &code]).ok();
     let shown = wait_for(Duration::from_secs(20), || {
-        let s =
-            org.world.caisey("alice", &["show", &asked.split("session ").nth(1)?.trim_end_matches([')', '\n'])]).stdout;
+        let session = asked.split("session ").nth(1)?.trim_end_matches([')', '\n']);
+        let s = org.world.caisey("alice", &["show", session]).stdout;
         s.contains("exited with code 0").then_some(s)
     })
     .expect("it ran");
