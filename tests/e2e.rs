@@ -673,3 +673,17 @@ fn a_request_has_one_code_from_the_technician_to_the_endpoint() {
     .expect("it ran");
     assert!(shown.contains(&format!("code {code}")), "{shown}");
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_a_listing_quietly() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    for args in [&["machines", "--json"][..], &["sessions"], &["status"]] {
+        let mut child = org.world.command("caisey", "alice", args).spawn().expect("spawn");
+        // Like `caisey machines | head -0`: the reader is gone before anything is printed.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "caisey {args:?}: {stderr}");
+        assert!(out.status.success(), "caisey {args:?}: {:?} {stderr}", out.status);
+    }
+}

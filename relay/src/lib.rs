@@ -56,6 +56,7 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     caisey_peer::cli::init_tracing();
+    caisey_peer::cli::quiet_on_closed_pipe();
     run_main(async move {
         let opts = cli.node.options("caisey-relay")?;
         match cli.command {

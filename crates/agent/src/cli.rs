@@ -50,6 +50,7 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     caisey_peer::cli::init_tracing();
+    caisey_peer::cli::quiet_on_closed_pipe();
     if let Command::Prompt = cli.command {
         // A window needs the main thread, so this one does not run on the async runtime.
         return match cli.node.options("caisey-agent").and_then(|o| prompt_window(o.home.socket_path())) {

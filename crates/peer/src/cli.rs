@@ -59,6 +59,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 10m, 24h)"))
 }
 
+/// A reader that goes away (`caisey machines | head`) ends the command quietly, as it ends any
+/// Unix tool: printing to a closed pipe would otherwise panic with a backtrace. Exits 0: what
+/// the reader wanted, it got.
+pub fn quiet_on_closed_pipe() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message =
+            payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
+        if message.is_some_and(|m| m.starts_with("failed printing to std") && m.contains("Broken pipe")) {
+            std::process::exit(0);
+        }
+        report(info);
+    }));
+}
+
 /// Runs a binary's async main on a fresh runtime, printing any error once, as one line.
 pub fn run_main<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(f: F) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

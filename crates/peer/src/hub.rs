@@ -61,6 +61,10 @@ pub enum Input {
     },
 }
 
+/// Why an older connection of a peer is dropped when a newer one arrives: routine (a peer
+/// reconnecting from a new address, two dialling at once), not a fault.
+pub const REPLACED: &str = "replaced by a newer connection";
+
 #[derive(Debug, PartialEq)]
 pub enum Output {
     /// Make these bytes durable for `doc`. `compact`: they replace everything stored before.
@@ -462,7 +466,7 @@ impl Hub {
         };
         if let Some(old) = self.peers.remove(&peer) {
             self.save_states(peer, &old, out);
-            out.push(Output::Disconnect { peer, conn: old.conn, reason: "replaced by a newer connection".into() });
+            out.push(Output::Disconnect { peer, conn: old.conn, reason: REPLACED.into() });
         }
         let states =
             stored.into_iter().filter_map(|(doc, bytes)| Some((doc, SyncState::decode(&bytes).ok()?))).collect();

@@ -192,7 +192,11 @@ impl Core {
                     }
                 }
                 Output::Disconnect { peer, conn, reason } => {
-                    warn!(peer = %peer.short(), %reason, "dropping connection");
+                    if reason == crate::hub::REPLACED {
+                        debug!(peer = %peer.short(), %reason, "dropping connection");
+                    } else {
+                        warn!(peer = %peer.short(), %reason, "dropping connection");
+                    }
                     if let Some(outbox) = self.outboxes.get(&peer).filter(|o| o.conn == conn) {
                         outbox.handle.close(2u32.into(), reason.as_bytes());
                         self.outboxes.remove(&peer);
@@ -1105,7 +1109,7 @@ fn run_core(mut core: Core, mut inbox: mpsc::Receiver<Cmd>) {
                     let conn = outbox.conn;
                     // A newer connection from the same peer replaces the old one.
                     if let Some(old) = core.outboxes.insert(peer, outbox) {
-                        old.handle.close(4u32.into(), b"replaced by a newer connection");
+                        old.handle.close(4u32.into(), crate::hub::REPLACED.as_bytes());
                     }
                     pending.extend(core.hub.handle(crate::now_ms(), Input::Connected { peer, conn, stored }));
                 }

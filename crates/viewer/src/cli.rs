@@ -226,6 +226,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // A technician's terminal shows results; only warnings and errors are logged.
     caisey_peer::cli::init_tracing_with("warn");
+    caisey_peer::cli::quiet_on_closed_pipe();
     // The window needs the main thread; the node gets a runtime beside it.
     let window = match &cli.command {
         None => Some(cli.node.options("caisey").and_then(crate::gui::run)),
