@@ -687,3 +687,40 @@ fn a_reader_that_goes_away_ends_a_listing_quietly() {
         assert!(out.status.success(), "caisey {args:?}: {:?} {stderr}", out.status);
     }
 }
+
+#[test]
+fn machines_are_found_by_installed_software_and_sessions_by_their_why() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    let software = wait_for(Duration::from_secs(30), || {
+        let out = org.world.command("caisey", "alice", &["machines", "--json"]).output().ok()?;
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let apps = list.as_array()?.first()?["card"]["software"].as_array()?.clone();
+        apps.last()?["name"].as_str().map(str::to_string)
+    })
+    .expect("the card lists installed software");
+    let found = org.world.caisey("alice", &["machines", "--search", &software]).ok().stdout;
+    assert!(found.contains("ws-01"), "--search {software}: {found}");
+    let none = org.world.caisey("alice", &["machines", "--search", "no-such-thing-installed"]).ok().stdout;
+    assert_eq!(none.trim(), "no machines match", "no misleading hint to enroll: {none}");
+
+    org.world
+        .caisey(
+            "alice",
+            &[
+                "run",
+                "--detach",
+                "--machine",
+                "ws-01",
+                "--session",
+                "payroll",
+                "--description",
+                "Backup Engine stalls at night",
+                "--",
+                "true",
+            ],
+        )
+        .ok();
+    let listed = org.world.caisey("alice", &["sessions", "--search", "backup engine"]).ok().stdout;
+    assert!(listed.contains("payroll"), "{listed}");
+}

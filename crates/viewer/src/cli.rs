@@ -335,8 +335,10 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
             let machines = client.machines(group.as_deref(), search.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&machines)?);
+            } else if machines.is_empty() && (group.is_some() || search.is_some()) {
+                println!("no machines match");
             } else if machines.is_empty() {
-                println!("no machines match; enroll one with `caisey invite agent`");
+                println!("no machines yet; enroll one with `caisey invite agent`");
             } else {
                 for m in machines {
                     let state = if m.online { "online " } else { "offline" };

@@ -177,11 +177,13 @@ pub enum MachinePath {
 }
 
 impl Machine {
-    /// Whether a search (lower-case) finds this machine: by name, group, hostname or OS.
+    /// Whether a search (lower-case) finds this machine: by name, group, hostname, OS or an
+    /// installed application's name.
     pub fn matches(&self, search: &str) -> bool {
         let card =
             self.card.as_ref().map(|c| format!("{} {} {}", c.hostname, c.os_name, c.os_version)).unwrap_or_default();
         format!("{} {} {}", self.name, self.groups.join(" "), card).to_lowercase().contains(search)
+            || self.card.as_ref().is_some_and(|c| c.software.iter().any(|s| s.name.to_lowercase().contains(search)))
     }
 }
 
@@ -249,17 +251,27 @@ pub struct SessionSummary {
     pub machines: Vec<String>,
     /// The commands asked in it, in order.
     pub scripts: Vec<String>,
+    /// Why each was asked (the technician's descriptions), in order.
+    #[serde(default)]
+    pub descriptions: Vec<String>,
     pub commands: usize,
     pub last_activity: u64,
     pub status: String,
 }
 
 impl SessionSummary {
-    /// Whether a search (lower-case) finds this session: by name, label, machine or command text.
+    /// Whether a search (lower-case) finds this session: by name, label, machine, command text or
+    /// the why of a command.
     pub fn matches(&self, search: &str) -> bool {
-        [&self.name, &self.labels.join(" "), &self.machines.join(" "), &self.scripts.join(" ")]
-            .iter()
-            .any(|h| h.to_lowercase().contains(search))
+        [
+            &self.name,
+            &self.labels.join(" "),
+            &self.machines.join(" "),
+            &self.scripts.join(" "),
+            &self.descriptions.join(" "),
+        ]
+        .iter()
+        .any(|h| h.to_lowercase().contains(search))
     }
 }
 
@@ -283,6 +295,7 @@ pub async fn sessions(node: &Node, search: Option<&str>, label: Option<&str>) ->
             labels: v.info.labels.clone(),
             machines: v.targets.iter().map(|t| names.get(t).cloned().unwrap_or_else(|| t.short())).collect(),
             scripts: v.commands.iter().map(|c| c.request.command.script.clone()).collect(),
+            descriptions: v.commands.iter().map(|c| c.request.description.clone()).collect(),
             commands: v.commands.len(),
             last_activity: v.last_activity(),
             status: v.commands.last().map(|c| c.status().to_string()).unwrap_or_else(|| "empty".into()),
