@@ -372,14 +372,11 @@ fn with_two_relays_one_can_vanish_for_good_and_a_third_added_later_catches_up() 
     world.agent_cmd("pc1", &["enroll", &token]).ok();
     let agent = world.start_agent("pc1");
     let run_on_pc1 = |word: &str| {
-        let run = world.spawn(
-            "caisey",
+        let out = world.run_approved(
             "alice",
-            &["run", "--machine", "pc1", "--session", "weekly", "--", &format!("echo {word}")],
+            "pc1",
+            &["--machine", "pc1", "--session", "weekly", "--", &format!("echo {word}")],
         );
-        let id = world.wait_pending("pc1");
-        world.agent_cmd("pc1", &["approve", &id]).ok();
-        let out = run.wait(Duration::from_secs(60));
         assert_eq!(out.code(), 0, "{out:?}");
         assert!(out.stdout.contains(word), "{out:?}");
     };
@@ -598,14 +595,9 @@ fn the_agent_s_socket_keeps_serving_after_a_burst_exhausts_its_file_descriptors(
 fn output_damaged_on_disk_is_fetched_again_from_a_peer_that_has_it() {
     let org = Org::new(&[("ws-01", "lab")]);
     let _agent = org.world.start_agent("ws-01");
-    let run = org.world.spawn(
-        "caisey",
-        "alice",
-        &["run", "--machine", "ws-01", "--session", "disk", "--", "echo output-kept-safe"],
-    );
-    let id = org.world.wait_pending("ws-01");
-    org.world.agent_cmd("ws-01", &["approve", &id]).ok();
-    run.wait(Duration::from_secs(30)).ok();
+    org.world
+        .run_approved("alice", "ws-01", &["--machine", "ws-01", "--session", "disk", "--", "echo output-kept-safe"])
+        .ok();
     // One flipped byte in alice's output log, while her node is stopped.
     org.world.down("alice");
     let log = org.world.home("alice").join("store.chunks");

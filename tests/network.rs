@@ -58,10 +58,7 @@ fn enroll_and_start(world: &World, ticket: &str, agent: &str) -> caisey_tests::R
 
 /// Asks `machine` to run `script`, approves it there, and returns what `caisey run` printed.
 fn run_approved(world: &World, machine: &str, script: &str) -> caisey_tests::Output {
-    let run = world.spawn("caisey", "alice", &["run", "--machine", machine, "--timeout", "120s", "--", script]);
-    let id = world.wait_pending(machine);
-    world.agent_cmd(machine, &["approve", &id]).ok();
-    run.wait(Duration::from_secs(120))
+    world.run_approved("alice", machine, &["--machine", machine, "--timeout", "120s", "--", script])
 }
 
 const SIXTEEN_MIB: usize = 16 * 1024 * 1024;
@@ -162,10 +159,7 @@ fn a_shop_lan_with_no_relay_finds_its_members_by_mdns_even_after_an_address_chan
     net.readdress(&tech, "eth0", "10.88.0.10/24", "10.88.0.99/24");
     caisey_tests::netns::in_ns(&tech, "ip", &["route", "replace", "default", "dev", "eth0"]);
     let moved = Instant::now();
-    let run = world.spawn("caisey", "alice", &["run", "--machine", "ws-02", "--", "echo after-the-move"]);
-    let id = world.wait_pending("ws-02");
-    world.agent_cmd("ws-02", &["approve", &id]).ok();
-    let out = run.wait(Duration::from_secs(60));
+    let out = run_approved(&world, "ws-02", "echo after-the-move");
     assert_eq!(out.code(), 0, "{out:?}");
     assert!(out.stdout.contains("after-the-move"), "{out:?}");
     eprintln!("a command answered {:?} after the technician's address changed", moved.elapsed());

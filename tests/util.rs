@@ -238,6 +238,16 @@ impl World {
         agent
     }
 
+    /// `caisey run RUN_ARGS…` by `technician`, approved on `machine` as its user would: what the
+    /// run printed once it ended (two minutes at most).
+    pub fn run_approved(&self, technician: &str, machine: &str, run_args: &[&str]) -> Output {
+        let args: Vec<&str> = std::iter::once("run").chain(run_args.iter().copied()).collect();
+        let run = self.spawn("caisey", technician, &args);
+        let id = self.wait_pending(machine);
+        self.agent_cmd(machine, &["approve", &id]).ok();
+        run.wait(Duration::from_secs(120))
+    }
+
     /// Waits for a request to be pending on `agent` and returns its id.
     pub fn wait_pending(&self, agent: &str) -> String {
         wait_for(Duration::from_secs(30), || {

@@ -740,16 +740,12 @@ impl Node {
         if self.peers().await?.iter().any(|p| p.peer == peer) {
             return Ok(());
         }
-        self.connect_sync(contact).await
+        self.reconnect(contact).await
     }
 
     /// Dials `contact` even when connected already: the new connection replaces the old one (after
     /// this node's addresses changed, an old connection may be dead without knowing it yet).
     async fn reconnect(&self, contact: &Contact) -> Result<()> {
-        self.connect_sync(contact).await
-    }
-
-    async fn connect_sync(&self, contact: &Contact) -> Result<()> {
         let Some(_dialling) = Dialling::start(&self.shared.dialling, contact.node) else { return Ok(()) };
         let addr = self.endpoint_addr(contact)?;
         let conn = self
@@ -1036,7 +1032,7 @@ async fn bind(
             .secret_key(SecretKey::from_bytes(&signer.secret()))
             .alpns(std::iter::once(SYNC_ALPN).chain(EXTRA_ALPNS.iter().copied()).map(<[u8]>::to_vec).collect())
             .transport_config(transport_config()?)
-            .relay_mode(RelayMode::Custom(relay_servers.relay_map()))
+            .relay_mode(RelayMode::Custom(iroh::RelayMap::empty()))
             .ca_tls_config(relay_servers.tls_config())
             .clear_ip_transports()
             .bind_addr(addr)

@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock};
 use caisey_doc::fleet::RelayServer;
 use data_encoding::BASE64;
 use iroh::tls::CaTlsConfig;
-use iroh::{Endpoint, RelayMap, RelayUrl};
+use iroh::{Endpoint, RelayUrl};
 use iroh_relay::{RelayConfig, RelayQuicConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -32,17 +32,13 @@ pub struct RelayServers {
 }
 
 impl RelayServers {
-    /// What the endpoint is built with: an empty relay map (filled in by [`RelayServers::update`]
-    /// as the fleet names servers) and TLS that trusts only the pinned certificates.
+    /// The TLS the endpoint is built with: it trusts only the pinned certificates. (The relay
+    /// map starts empty and is filled in by [`RelayServers::update`] as the fleet names servers.)
     pub fn tls_config(&self) -> CaTlsConfig {
         let pins = self.pins.clone();
         CaTlsConfig::custom_server_cert_verifier(Arc::new(move |provider| {
             Ok(Arc::new(PinnedVerifier { pins: pins.clone(), provider }) as Arc<dyn ServerCertVerifier>)
         }))
-    }
-
-    pub fn relay_map(&self) -> RelayMap {
-        RelayMap::empty()
     }
 
     /// Uses exactly the servers in `servers` (what the fleet names now): their certificates are

@@ -261,9 +261,9 @@ pub struct NodeStatus {
     pub idle_exit_ms: Option<u64>,
     pub peers: Vec<PeerStatus>,
     pub relays: Vec<RelayStatus>,
-    /// Documents holding changes no relay has confirmed yet.
+    /// Documents holding changes the (first) relay has not confirmed yet; 0 with no relay.
     pub unconfirmed_docs: usize,
-    pub documents: usize,
+    pub sessions: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

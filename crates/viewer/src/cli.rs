@@ -752,7 +752,7 @@ async fn status(opts: &NodeOptions, json: bool) -> Result<ExitCode> {
         };
         println!("  peer {} ({}, {role}): {path}", visible(&p.name), p.node.short());
     }
-    println!("  {} session(s); {} document(s) waiting to sync", s.documents, s.unconfirmed_docs);
+    println!("  {} session(s); {} document(s) waiting to sync", s.sessions, s.unconfirmed_docs);
     Ok(ExitCode::SUCCESS)
 }
 

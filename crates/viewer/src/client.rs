@@ -110,12 +110,13 @@ impl Client {
             },
             Inner::Socket { opts, starter, conn } => {
                 let mut conn = conn.lock().await;
-                let retry = request.is_read_only();
-                let first = match conn.as_mut() {
-                    Some(c) => c.call(&request).await,
-                    None => Err(anyhow!("not connected")),
+                // Not connected (the last connection broke): connect before anything is sent.
+                let c = match conn.take() {
+                    Some(c) => conn.insert(c),
+                    None => conn.insert(open(opts, starter.as_deref()).await?),
                 };
-                match first {
+                let retry = request.is_read_only();
+                match c.call(&request).await {
                     Ok(reply) => reply,
                     Err(e) => {
                         *conn = None;

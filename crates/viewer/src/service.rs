@@ -177,11 +177,18 @@ impl TechService {
                 Reply::SessionJson(Box::new(crate::transcript::session_json(node, id).await?))
             }
             Request::Ask(run) => {
-                // Reach the machines directly too, when they are on this network.
+                let asked = tech::ask(node, run).await?;
+                // Reach the machines directly too, when they are on this network: a connection
+                // made now syncs the new request at once (nobody waits for it).
                 let fleet = node.fleet().await?;
-                let members = tech::resolve_targets(&fleet, &run.targets)?;
-                tech::go_online(node, &tech::agent_contacts(&fleet, &members)).await?;
-                Reply::Asked(tech::ask(node, run).await?)
+                let members: Vec<_> = asked.iter().map(|a| a.machine.clone()).collect();
+                for contact in tech::agent_contacts(&fleet, &members) {
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), node.dial(&contact)).await;
+                    });
+                }
+                Reply::Asked(asked)
             }
             Request::WaitDelivered { machines, timeout_ms } => {
                 Reply::Delivered(tech::wait_delivered(node, &machines, Duration::from_millis(timeout_ms)).await?)
@@ -306,9 +313,9 @@ impl TechService {
             clients: self.inner.clients.connected(),
             idle_exit_ms: self.inner.idle_exit.map(|d| d.as_millis() as u64),
             peers,
+            unconfirmed_docs: relays.first().map(|r| r.unconfirmed_docs).unwrap_or(0),
             relays,
-            unconfirmed_docs: tech::sync_status(node).await?.unconfirmed_docs,
-            documents: node.sessions().await?.len(),
+            sessions: node.sessions().await?.len(),
         })
     }
 }
