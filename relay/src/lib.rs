@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use caisey_doc::fleet::Contact;
 use caisey_doc::token::RelayTicket;
-use caisey_peer::cli::{NodeArgs, run_main};
+use caisey_peer::cli::{NodeArgs, Tools, run_main};
 use caisey_peer::node::{Node, NodeOptions};
 use clap::{Parser, Subcommand};
 use tracing::info;
@@ -42,19 +42,24 @@ pub enum Command {
     /// Run the relay; prints its ticket (for `caisey relay add`) when it starts.
     Run {
         /// Serve published transcripts over HTTP at this address (e.g. 0.0.0.0:8080).
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", env = "CAISEY_HTTP")]
         http: Option<std::net::SocketAddr>,
         /// The base URL links should use, when the relay is reached through another name (a
         /// reverse proxy, a DNS name). Default: http://ADDR as bound.
-        #[arg(long, value_name = "URL", requires = "http")]
+        #[arg(long, value_name = "URL", requires = "http", env = "CAISEY_PUBLIC_URL")]
         public_url: Option<String>,
     },
     /// Print the ticket of the relay in this home again.
     Ticket,
+    #[command(flatten)]
+    Tools(Tools),
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (cli, layers) = caisey_peer::config::parse_or_exit::<Cli>("relay", "caisey-relay");
+    if let Command::Tools(tools) = &cli.command {
+        return tools.run::<Cli>(&layers);
+    }
     caisey_peer::cli::init_tracing();
     caisey_peer::cli::quiet_on_closed_pipe();
     run_main(async move {
@@ -62,12 +67,10 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run { http, public_url } => {
                 let http = http.map(|addr| HttpOptions { addr, public_url });
-                run(opts, http, |ticket| println!("{ticket}"), async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await?
+                run(opts, http, |ticket| println!("{ticket}"), caisey_peer::cli::stop_signal()).await?
             }
             Command::Ticket => println!("{}", read_ticket(opts.home.dir())?),
+            Command::Tools(_) => anyhow::bail!("`main` runs this one"),
         }
         Ok(ExitCode::SUCCESS)
     })

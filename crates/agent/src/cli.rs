@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use caisey_doc::token::InviteToken;
-use caisey_peer::cli::{NodeArgs, run_main};
+use caisey_peer::cli::{NodeArgs, Tools, run_main};
 use caisey_peer::node::Node;
 use clap::{Parser, Subcommand};
 
@@ -33,7 +33,12 @@ pub enum Command {
         groups: Vec<String>,
     },
     /// Run the agent daemon.
-    Run,
+    Run {
+        /// Members of this group may also list, approve and deny requests (`pending`, the
+        /// consent window). Set by `install`, which creates the group.
+        #[arg(long, env = "CAISEY_CONSENT_GROUP", value_name = "GROUP")]
+        consent_group: Option<String>,
+    },
     /// List requests waiting for your approval.
     Pending {
         #[arg(long)]
@@ -45,10 +50,15 @@ pub enum Command {
     Deny { id: String },
     /// Open the consent window: see each request as it arrives, approve or deny it.
     Prompt,
+    #[command(flatten)]
+    Tools(Tools),
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (cli, layers) = caisey_peer::config::parse_or_exit::<Cli>("agent", "caisey-agent");
+    if let Command::Tools(tools) = &cli.command {
+        return tools.run::<Cli>(&layers);
+    }
     caisey_peer::cli::init_tracing();
     caisey_peer::cli::quiet_on_closed_pipe();
     if let Command::Prompt = cli.command {
@@ -107,11 +117,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("start the agent with: caisey-agent run");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run => {
-            crate::daemon::run(opts, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+        Command::Run { consent_group } => {
+            let access = crate::daemon::LocalAccess { consent_group };
+            crate::daemon::run(opts, access, caisey_peer::cli::stop_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Pending { json } => {
@@ -154,7 +162,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Approve { id } => decide(&opts, LocalRequest::Approve { id }).await,
         Command::Deny { id } => decide(&opts, LocalRequest::Deny { id }).await,
-        Command::Prompt => bail!("the consent window is opened by `main`"),
+        Command::Prompt | Command::Tools(_) => bail!("`main` runs this one"),
     }
 }
 

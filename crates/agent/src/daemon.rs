@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use caisey_doc::id::NodeId;
 use caisey_doc::id::{DocId, Id128};
 use caisey_doc::machine::{MachineDoc, machine_doc_id};
@@ -49,13 +49,30 @@ struct State {
     refused: BTreeSet<Id128>,
 }
 
+/// Who besides the agent's own user may use its local socket: list, approve and deny requests
+/// (`caisey-agent pending`, the consent window). An agent running as root for the whole machine
+/// shares it with a group holding the machine's users.
+#[derive(Debug, Clone, Default)]
+pub struct LocalAccess {
+    pub consent_group: Option<String>,
+}
+
 /// Runs the daemon until `shutdown` resolves.
-pub async fn run(opts: NodeOptions, shutdown: impl Future<Output = ()>) -> Result<()> {
-    run_node(Node::start(opts).await?, shutdown).await
+pub async fn run(opts: NodeOptions, access: LocalAccess, shutdown: impl Future<Output = ()>) -> Result<()> {
+    // Checked before the node starts: a wrong group is one line, not a half-started agent.
+    let gid = match &access.consent_group {
+        Some(name) => Some(local::socket::group_id(name).context("the consent group")?),
+        None => None,
+    };
+    run_node_with(Node::start(opts).await?, gid, shutdown).await
 }
 
 /// Runs the daemon on an already started node (the demo enrolls and runs on one node).
 pub async fn run_node(node: Node, shutdown: impl Future<Output = ()>) -> Result<()> {
+    run_node_with(node, None, shutdown).await
+}
+
+async fn run_node_with(node: Node, consent_gid: Option<u32>, shutdown: impl Future<Output = ()>) -> Result<()> {
     if node.fleet_doc().await?.is_none() {
         node.shutdown().await;
         bail!("this agent is not enrolled; run `caisey-agent enroll TOKEN` first");
@@ -70,6 +87,9 @@ pub async fn run_node(node: Node, shutdown: impl Future<Output = ()>) -> Result<
     // Anything started by an earlier run and never ended is recorded as interrupted now.
     agent.review().await;
     let listener = local::socket::bind(&node.home().socket_path())?;
+    if let Some(gid) = consent_gid {
+        listener.share_with_group(gid)?;
+    }
     let server = tokio::spawn({
         let agent = agent.clone();
         async move {

@@ -17,7 +17,7 @@ fn main() -> ExitCode {
         match args.first().map(String::as_str) {
             Some("--agent-daemon") => {
                 let home = args.get(1).ok_or_else(|| anyhow::anyhow!("--agent-daemon HOME"))?;
-                caisey_agent::daemon::run(caisey_bench::org::options(home.as_ref())?, async {
+                caisey_agent::daemon::run(caisey_bench::org::options(home.as_ref())?, Default::default(), async {
                     let _ = tokio::signal::ctrl_c().await;
                 })
                 .await?;

@@ -1,11 +1,13 @@
-//! What every Caisey binary shares on its command line: the `--home` and `--listen` flags, the
-//! log subscriber, duration parsing, and the documented exit codes.
+//! What every Caisey binary shares on its command line: the `--home`, `--listen` and `--config`
+//! flags, the `config`, `completions` and `man` subcommands, the log subscriber, duration
+//! parsing, and the documented exit codes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::config::{CONFIG_ENV, Layers};
 use crate::home::{HOME_ENV, Home};
 use crate::node::NodeOptions;
 
@@ -26,11 +28,79 @@ pub struct NodeArgs {
     /// Address the node's endpoint binds and advertises (tests use 127.0.0.1:0).
     #[arg(long, global = true, env = LISTEN_ENV, value_name = "ADDR", default_value = "0.0.0.0:0")]
     pub listen: SocketAddr,
+    /// Settings file (TOML). Flags and environment variables win over it.
+    #[arg(long, global = true, env = CONFIG_ENV, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 impl NodeArgs {
     pub fn options(&self, app: &str) -> anyhow::Result<NodeOptions> {
         Ok(NodeOptions { home: Home::new(self.home.clone(), app)?, listen: self.listen })
+    }
+}
+
+/// Subcommands every binary has, about the binary itself.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Tools {
+    /// The effective settings, and where each came from: flag, environment, config file, default.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script, e.g. `caisey completions bash > /etc/bash_completion.d/caisey`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page, or with --out write one page per subcommand into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ConfigCommand {
+    /// Print every setting with its value and source.
+    Show {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Tools {
+    /// Runs the subcommand for the binary `C` parsed into `layers`.
+    pub fn run<C: clap::CommandFactory>(&self, layers: &Layers) -> ExitCode {
+        match self.run_inner::<C>(layers) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_LOCAL_ERROR)
+            }
+        }
+    }
+
+    fn run_inner<C: clap::CommandFactory>(&self, layers: &Layers) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let mut command = C::command();
+        let name = command.get_name().to_string();
+        match self {
+            Tools::Config(ConfigCommand::Show { json: true }) => {
+                println!("{}", serde_json::to_string_pretty(&layers.effective())?)
+            }
+            Tools::Config(ConfigCommand::Show { json: false }) => print!("{}", layers.render()),
+            Tools::Completions { shell } => {
+                let mut out = std::io::stdout().lock();
+                clap_complete::generate(*shell, &mut command, &name, &mut out);
+                out.flush()?;
+            }
+            Tools::Man { out: None } => {
+                let mut out = std::io::stdout().lock();
+                clap_mangen::Man::new(command).render(&mut out)?;
+                out.flush()?;
+            }
+            Tools::Man { out: Some(dir) } => {
+                std::fs::create_dir_all(dir)?;
+                clap_mangen::generate_to(command, dir)
+                    .map_err(|e| anyhow::anyhow!("writing man pages into {}: {e}", dir.display()))?;
+            }
+        }
+        Ok(())
     }
 }
 

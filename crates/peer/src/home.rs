@@ -25,9 +25,7 @@ impl Home {
     pub fn new(dir: Option<PathBuf>, app: &str) -> Result<Self> {
         let dir = match dir {
             Some(d) => d,
-            None => {
-                default_data_dir().context("no --home given and no data directory (set HOME or CAISEY_HOME)")?.join(app)
-            }
+            None => default_dir(app).context("no --home given and no data directory (set HOME or CAISEY_HOME)")?,
         };
         // Only a directory we create is locked down; an existing one keeps its owner's choice
         // (the key and the socket restrict themselves).
@@ -73,11 +71,10 @@ impl Home {
     }
 }
 
-fn default_data_dir() -> Option<PathBuf> {
-    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-        return Some(PathBuf::from(x));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share"))
+/// `app`'s home when none is given: its folder in the platform's per-user data directory
+/// (`$XDG_DATA_HOME`, else `~/.local/share`, on Linux).
+pub fn default_dir(app: &str) -> Option<PathBuf> {
+    directories::BaseDirs::new().map(|dirs| dirs.data_dir().join(app))
 }
 
 fn load_or_create_key(path: &Path) -> Result<Signer> {

@@ -20,6 +20,7 @@
 
 pub mod access;
 pub mod cli;
+pub mod config;
 pub mod enroll;
 pub mod home;
 pub mod hub;
@@ -28,6 +29,7 @@ pub mod local;
 pub mod node;
 pub mod publish;
 pub mod rpc;
+pub mod service;
 pub mod store;
 pub mod traversal;
 pub mod wire;

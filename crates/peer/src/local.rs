@@ -234,6 +234,9 @@ pub enum ConnectError {
     /// A node answered but will not talk to this client (another API or version).
     #[error("{0}")]
     Refused(String),
+    /// The socket is there but this user may not use it.
+    #[error("this user may not use {0} (permission denied); its owner, or a member of the group it is shared with, may")]
+    Denied(String),
     #[error("talking to the node: {0:#}")]
     Io(anyhow::Error),
 }
@@ -241,7 +244,10 @@ pub enum ConnectError {
 impl<A: Api> Connection<A> {
     /// Connects to the node whose socket is at `path` and checks it speaks this API version.
     pub async fn open(path: &Path) -> Result<Self, ConnectError> {
-        let stream = socket::connect(path).await.map_err(|_| ConnectError::NotRunning(path.display().to_string()))?;
+        let stream = socket::connect(path).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => ConnectError::Denied(path.display().to_string()),
+            _ => ConnectError::NotRunning(path.display().to_string()),
+        })?;
         let (read, mut write) = tokio::io::split(stream);
         let mut read = BufReader::new(read);
         let hello = async {

@@ -3,8 +3,9 @@
 //! own process group, so a Ctrl-C there does not reach it), with no stdin and its log in the
 //! home. On Windows, a detached process (`DETACHED_PROCESS`) slots in here.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use caisey_peer::home::Home;
@@ -14,6 +15,22 @@ use caisey_peer::node::NodeOptions;
 pub const IDLE_ENV: &str = "CAISEY_IDLE_EXIT";
 /// The default for [`IDLE_ENV`].
 pub const DEFAULT_IDLE_EXIT: &str = "10m";
+
+/// How a client starts the home's node when none runs: this `caisey` binary, stopping after
+/// `idle_exit` with no client.
+#[derive(Debug, Clone)]
+pub struct Starter {
+    pub exe: PathBuf,
+    pub idle_exit: Duration,
+}
+
+impl Starter {
+    /// The running `caisey` binary.
+    pub fn this_binary(idle_exit: Duration) -> Result<Self> {
+        let exe = std::env::current_exe().context("finding the caisey binary to start the node with")?;
+        Ok(Self { exe, idle_exit })
+    }
+}
 
 /// A log longer than this is moved aside (to `node.log.1`) when the next node starts.
 const LOG_KEEP: u64 = 4 * 1024 * 1024;
@@ -43,9 +60,9 @@ impl Started {
     }
 }
 
-/// Starts `exe up` for `opts`' home in the background.
-pub fn start_node(exe: &Path, opts: &NodeOptions) -> Result<Started> {
-    let idle = std::env::var(IDLE_ENV).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| DEFAULT_IDLE_EXIT.into());
+/// Starts `caisey up` for `opts`' home in the background.
+pub fn start_node(starter: &Starter, opts: &NodeOptions) -> Result<Started> {
+    let idle = humantime::format_duration(starter.idle_exit).to_string();
     let path = opts.home.log_path();
     if std::fs::metadata(&path).is_ok_and(|m| m.len() > LOG_KEEP) {
         let _ = std::fs::rename(&path, path.with_extension("log.1"));
@@ -56,7 +73,7 @@ pub fn start_node(exe: &Path, opts: &NodeOptions) -> Result<Started> {
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     let log_from = log.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut cmd = Command::new(exe);
+    let mut cmd = Command::new(&starter.exe);
     cmd.arg("--home")
         .arg(opts.home.dir())
         .arg("--listen")
@@ -66,7 +83,7 @@ pub fn start_node(exe: &Path, opts: &NodeOptions) -> Result<Started> {
         .stdout(log.try_clone()?)
         .stderr(log);
     detach(&mut cmd);
-    let child = cmd.spawn().with_context(|| format!("starting {} up", exe.display()))?;
+    let child = cmd.spawn().with_context(|| format!("starting {} up", starter.exe.display()))?;
     Ok(Started { child, log: path, log_from })
 }
 

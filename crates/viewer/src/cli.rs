@@ -11,11 +11,12 @@ use caisey_agent::escape::visible;
 use caisey_doc::fleet::Role;
 use caisey_doc::session::{CommandSpec, EndStatus, Shell};
 use caisey_doc::token::{InviteToken, RelayTicket};
-use caisey_peer::cli::{EXIT_REMOTE_FAILED, NodeArgs, parse_duration, run_main};
+use caisey_peer::cli::{EXIT_REMOTE_FAILED, NodeArgs, Tools, parse_duration, run_main};
 use caisey_peer::node::{NodeOptions, PeerPath};
 use clap::{Parser, Subcommand};
 
 use crate::api::Event;
+use crate::background::Starter;
 use crate::client::Client;
 use crate::tech::{MachinePath, RunRequest, Targets};
 use crate::transcript::{ExportFormat, Follower, OutputStyle, time};
@@ -26,6 +27,11 @@ use crate::transcript::{ExportFormat, Follower, OutputStyle, time};
 pub struct Cli {
     #[command(flatten)]
     pub node: NodeArgs,
+    /// A node started on demand by a client (a command, the viewer) stops after this long with
+    /// no client. `caisey up` runs one for good.
+    #[arg(long, env = crate::background::IDLE_ENV, value_name = "DURATION",
+          default_value = crate::background::DEFAULT_IDLE_EXIT, value_parser = parse_duration)]
+    pub idle_exit: Duration,
     /// Without a subcommand, the desktop viewer opens.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -133,6 +139,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[command(flatten)]
+    Tools(Tools),
     /// Write a session to a file as JSON or CSV (one row per command).
     Export {
         /// Session name, id or unique id prefix.
@@ -223,13 +231,16 @@ pub struct RunArgs {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (cli, layers) = caisey_peer::config::parse_or_exit::<Cli>("caisey", "caisey");
+    if let Some(Command::Tools(tools)) = &cli.command {
+        return tools.run::<Cli>(&layers);
+    }
     // A technician's terminal shows results; only warnings and errors are logged.
     caisey_peer::cli::init_tracing_with("warn");
     caisey_peer::cli::quiet_on_closed_pipe();
     // The window needs the main thread; the node gets a runtime beside it.
     let window = match &cli.command {
-        None => Some(cli.node.options("caisey").and_then(crate::gui::run)),
+        None => Some(cli.node.options("caisey").and_then(|opts| crate::gui::run(opts, cli.idle_exit))),
         Some(Command::Demo { headless: false }) if has_display() => Some(crate::gui::demo()),
         Some(_) => None,
     };
@@ -273,8 +284,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { json } => return status(&opts, json).await,
         _ => {}
     }
-    let exe = std::env::current_exe().context("finding the caisey binary to start the node with")?;
-    let client = Client::connect(&opts, Some(exe)).await?;
+    let client = Client::connect(&opts, Some(Starter::this_binary(cli.idle_exit)?)).await?;
     dispatch(&client, command).await
 }
 
@@ -485,7 +495,12 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
             client.unpublish(&id).await?;
             println!("withdrawn: {id}");
         }
-        Command::Verify { .. } | Command::Demo { .. } | Command::Up { .. } | Command::Down | Command::Status { .. } => {
+        Command::Verify { .. }
+        | Command::Demo { .. }
+        | Command::Up { .. }
+        | Command::Down
+        | Command::Status { .. }
+        | Command::Tools(_) => {
             unreachable!("handled before a client connects")
         }
     }

@@ -8,7 +8,6 @@
 //! started as on first use; a change is not (it may already have been made), and the caller
 //! gets the error.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use caisey_peer::local::{Answer, ConnectError, Connection, Service};
 use caisey_peer::node::NodeOptions;
 use tokio::sync::{Mutex, mpsc};
 
+use crate::background::Starter;
 use crate::api::{Event, NodeStatus, OrgInfo, OutputRead, Reply, Request, SessionRead, TechApi};
 use crate::service::TechService;
 use crate::tech::{Asked, Awaiting, Machine, PastRun, RunRequest, SessionSummary, SyncStatus};
@@ -46,7 +46,7 @@ enum Inner {
     Socket {
         opts: NodeOptions,
         /// The `caisey` binary to start a node with, when none runs (`None`: never start one).
-        starter: Option<PathBuf>,
+        starter: Option<Starter>,
         conn: Mutex<Option<Connection<TechApi>>>,
     },
 }
@@ -83,10 +83,9 @@ impl Client {
         Client { inner: Arc::new(Inner::InProcess(service)) }
     }
 
-    /// A client of the node of `opts.home`, starting one with the `caisey` binary at `starter`
-    /// when none runs.
-    pub async fn connect(opts: &NodeOptions, starter: Option<PathBuf>) -> Result<Client> {
-        let conn = open(opts, starter.as_deref()).await?;
+    /// A client of the node of `opts.home`, starting one with `starter` when none runs.
+    pub async fn connect(opts: &NodeOptions, starter: Option<Starter>) -> Result<Client> {
+        let conn = open(opts, starter.as_ref()).await?;
         Ok(Client { inner: Arc::new(Inner::Socket { opts: opts.clone(), starter, conn: Mutex::new(Some(conn)) }) })
     }
 
@@ -113,7 +112,7 @@ impl Client {
                 // Not connected (the last connection broke): connect before anything is sent.
                 let c = match conn.take() {
                     Some(c) => conn.insert(c),
-                    None => conn.insert(open(opts, starter.as_deref()).await?),
+                    None => conn.insert(open(opts, starter.as_ref()).await?),
                 };
                 let retry = request.is_read_only();
                 match c.call(&request).await {
@@ -123,7 +122,7 @@ impl Client {
                         if !retry {
                             return Err(e.context("the node went away; this change may or may not have been made"));
                         }
-                        let fresh = conn.insert(open(opts, starter.as_deref()).await?);
+                        let fresh = conn.insert(open(opts, starter.as_ref()).await?);
                         fresh.call(&request).await?
                     }
                 }
@@ -143,7 +142,7 @@ impl Client {
                 Answer::One(_) => bail!("the node did not answer a watch with a stream"),
             },
             Inner::Socket { opts, starter, .. } => {
-                open(opts, starter.as_deref()).await?.stream(&Request::Watch).await?
+                open(opts, starter.as_ref()).await?.stream(&Request::Watch).await?
             }
         };
         let mut watch = Watch { rx };
@@ -293,7 +292,7 @@ pub(crate) fn reply_name(reply: &Reply) -> String {
 }
 
 /// Connects to the home's node; starts one with `starter` when none runs.
-async fn open(opts: &NodeOptions, starter: Option<&std::path::Path>) -> Result<Connection<TechApi>> {
+async fn open(opts: &NodeOptions, starter: Option<&Starter>) -> Result<Connection<TechApi>> {
     let path = opts.home.socket_path();
     match Connection::open(&path).await {
         Ok(c) => return Ok(c),
@@ -304,8 +303,8 @@ async fn open(opts: &NodeOptions, starter: Option<&std::path::Path>) -> Result<C
         }
         Err(e) => return Err(e.into()),
     }
-    let Some(exe) = starter else { unreachable!("checked above") };
-    let mut child = crate::background::start_node(exe, opts)?;
+    let Some(starter) = starter else { unreachable!("checked above") };
+    let mut child = crate::background::start_node(starter, opts)?;
     // Another client may be starting one at the same moment, or an old node may still be
     // closing the store: whichever node holds the store serves, and every client connects to it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -328,7 +327,7 @@ async fn open(opts: &NodeOptions, starter: Option<&std::path::Path>) -> Result<C
             if let Ok(c) = Connection::open(&path).await {
                 return Ok(c);
             }
-            child = crate::background::start_node(exe, opts)?;
+            child = crate::background::start_node(starter, opts)?;
         }
         if tokio::time::Instant::now() > deadline {
             bail!("this home's node did not start within 30 s; see {}", opts.home.log_path().display());

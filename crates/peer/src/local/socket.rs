@@ -52,6 +52,21 @@ fn bind_at(at: &Path) -> Result<tokio::net::UnixListener> {
 }
 
 impl Listener {
+    /// Lets the members of group `gid` connect too (the socket becomes 0660, its directory
+    /// 0710: they can reach the socket, not list or read the rest of the home).
+    #[cfg(unix)]
+    pub fn share_with_group(&self, gid: u32) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.path.parent().context("the socket needs a directory")?;
+        for (path, mode) in [(dir, 0o710), (self.path.as_path(), 0o660)] {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .with_context(|| format!("giving {} to group {gid}", path.display()))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting permissions on {}", path.display()))?;
+        }
+        Ok(())
+    }
+
     #[cfg(unix)]
     pub async fn accept(&self) -> Result<Stream> {
         Ok(self.inner.accept().await?.0)
@@ -79,6 +94,15 @@ impl Claim {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// The id of the group called `name`, as the system's user database has it (`/etc/group`,
+/// LDAP, …), through `getent`.
+#[cfg(unix)]
+pub fn group_id(name: &str) -> Result<u32> {
+    let out = std::process::Command::new("getent").args(["group", name]).output().context("running getent")?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    line.split(':').nth(2).and_then(|g| g.trim().parse().ok()).with_context(|| format!("no group called {name:?}"))
 }
 
 #[cfg(unix)]

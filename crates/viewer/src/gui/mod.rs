@@ -49,10 +49,10 @@ pub fn open_window(title: &str, app: ViewerApp) -> Result<()> {
 
 /// `caisey`: the viewer on this home's node (started if it is not running), until the window is
 /// closed. The node stays up for its other clients, and stops on its own once it has none.
-pub fn run(opts: NodeOptions) -> Result<()> {
+pub fn run(opts: NodeOptions, idle_exit: std::time::Duration) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let exe = std::env::current_exe()?;
-    let client = rt.block_on(Client::connect(&opts, Some(exe)))?;
+    let starter = crate::background::Starter::this_binary(idle_exit)?;
+    let client = rt.block_on(Client::connect(&opts, Some(starter)))?;
     if rt.block_on(client.org())?.my_role.is_none() {
         bail!("this home belongs to no org yet: `caisey init --org NAME`, `caisey join TOKEN`, or try `caisey demo`");
     }

@@ -1,0 +1,200 @@
+//! Putting a Caisey process under the platform's service manager: the one platform-specific
+//! piece of `install` and `uninstall`. On Linux that is systemd: a unit file written where
+//! systemd looks for it, enabled, and started when systemd is running. launchd (a plist in
+//! `/Library/LaunchDaemons`) and a Windows service (the service control manager) slot in here
+//! behind the same functions.
+//!
+//! Every path is taken under a [`Root`]: `/` for a real install, another directory to prepare an
+//! image (or in tests), the way `systemctl --root` works. Under another root nothing is started.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Whether a unit belongs to the machine (runs as root or its own user, from boot) or to the
+/// user who installs it (runs from their login, as them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    System,
+    User,
+}
+
+/// The filesystem files are written into: `/`, or a directory standing for it.
+#[derive(Debug, Clone)]
+pub struct Root(PathBuf);
+
+impl Root {
+    pub fn new(dir: Option<PathBuf>) -> Self {
+        Self(dir.unwrap_or_else(|| PathBuf::from("/")))
+    }
+
+    /// Whether this is the running system's own root.
+    pub fn is_live(&self) -> bool {
+        self.0 == Path::new("/")
+    }
+
+    /// `path` (absolute, as the installed system sees it) under this root.
+    pub fn at(&self, path: impl AsRef<Path>) -> PathBuf {
+        let path = path.as_ref();
+        self.0.join(path.strip_prefix("/").unwrap_or(path))
+    }
+}
+
+/// A unit to install: its name (`caisey-agent` for `caisey-agent.service`) and its text.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    pub name: String,
+    pub scope: Scope,
+    pub text: String,
+}
+
+/// Where a unit's file goes, as the installed system sees it.
+pub fn unit_path(scope: Scope, name: &str) -> Result<PathBuf> {
+    Ok(match scope {
+        Scope::System => PathBuf::from("/etc/systemd/system").join(format!("{name}.service")),
+        Scope::User => directories::BaseDirs::new()
+            .context("no home directory to put a user service in (set HOME)")?
+            .config_dir()
+            .join("systemd/user")
+            .join(format!("{name}.service")),
+    })
+}
+
+/// Writes the unit, enables it, and starts (or restarts) it when its manager is running here.
+/// Returns what was done, one line an item, to print.
+pub fn install(unit: &Unit, root: &Root) -> Result<Vec<String>> {
+    let path = root.at(unit_path(unit.scope, &unit.name)?);
+    write_file(&path, &unit.text, 0o644)?;
+    let mut done = vec![format!("wrote {}", path.display())];
+    let file = format!("{}.service", unit.name);
+    let live = manager_running(unit.scope, root);
+    if live {
+        systemctl(unit.scope, root, &["daemon-reload"])?;
+    }
+    systemctl(unit.scope, root, &["enable", &file])?;
+    done.push(format!("enabled {file}"));
+    if live {
+        systemctl(unit.scope, root, &["restart", &file])?;
+        done.push(format!("started {file}"));
+    } else if root.is_live() {
+        done.push(format!("{file} starts at next boot (systemd is not running here to start it now)"));
+    }
+    Ok(done)
+}
+
+/// Stops, disables and removes the unit; a unit that is not there is fine.
+pub fn uninstall(scope: Scope, name: &str, root: &Root) -> Result<Vec<String>> {
+    let path = root.at(unit_path(scope, name)?);
+    let file = format!("{name}.service");
+    let mut done = vec![];
+    if !path.exists() {
+        return Ok(done);
+    }
+    if manager_running(scope, root) {
+        // Stopping a unit that is not running is not an error worth stopping for.
+        let _ = systemctl(scope, root, &["stop", &file]);
+        done.push(format!("stopped {file}"));
+    }
+    systemctl(scope, root, &["disable", &file])?;
+    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    done.push(format!("removed {}", path.display()));
+    if manager_running(scope, root) {
+        systemctl(scope, root, &["daemon-reload"])?;
+    }
+    Ok(done)
+}
+
+/// Stops the unit if its manager runs it (before its store is opened by another process).
+pub fn stop(scope: Scope, name: &str, root: &Root) {
+    if manager_running(scope, root) && root.at(unit_path(scope, name).unwrap_or_default()).exists() {
+        let _ = systemctl(scope, root, &["stop", &format!("{name}.service")]);
+    }
+}
+
+/// Whether systemd manages this root now: the live root, booted with systemd (and for a user
+/// unit, with the user's manager reachable).
+fn manager_running(scope: Scope, root: &Root) -> bool {
+    if !root.is_live() || !Path::new("/run/systemd/system").exists() {
+        return false;
+    }
+    match scope {
+        Scope::System => true,
+        Scope::User => Command::new("systemctl")
+            .args(["--user", "is-system-running"])
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty()),
+    }
+}
+
+fn systemctl(scope: Scope, root: &Root, args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new("systemctl");
+    if scope == Scope::User {
+        cmd.arg("--user");
+    }
+    if !root.is_live() || !manager_running(scope, root) {
+        // Offline: edits the files only, as for an image.
+        cmd.arg(format!("--root={}", root.0.display()));
+    }
+    let out = cmd.args(args).output().context("running systemctl (is systemd installed?)")?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        bail!("systemctl {} failed: {}", args.join(" "), why.trim());
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` with `mode`, creating its directory; atomic (a temporary file moved
+/// into place), so a half-written file is never left for a manager to read.
+pub fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
+    let dir = path.parent().context("a file needs a directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    set_mode(&tmp, mode)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting permissions on {}", path.display()))
+}
+
+#[cfg(not(unix))]
+fn set_mode(_path: &Path, _mode: u32) -> Result<()> {
+    Ok(())
+}
+
+/// Removes `path` if present; then its directory, and that one's, up to `stop`, while empty.
+pub fn remove_file(path: &Path, stop: &Path) -> Result<bool> {
+    let existed = path.exists();
+    if existed {
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d == stop || !d.starts_with(stop) || std::fs::remove_dir(d).is_err() {
+            break;
+        }
+        dir = d.parent();
+    }
+    Ok(existed)
+}
+
+/// Whether this process runs as root (what a system install needs).
+#[cfg(unix)]
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+#[cfg(not(unix))]
+pub fn is_root() -> bool {
+    false
+}
+
+/// Text for a TOML string: quoted, with `"` and `\` escaped.
+pub fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
