@@ -25,6 +25,7 @@ use clap::{Parser, Subcommand};
 use tracing::info;
 
 pub mod http;
+pub mod install;
 pub mod traversal;
 
 /// The Caisey relay: stores and forwards the org's sessions so nothing waits on both ends being online.
@@ -51,6 +52,29 @@ pub enum Command {
     },
     /// Print the ticket of the relay in this home again.
     Ticket,
+    /// Install the relay as this machine's service (as root) and start it. `--listen` sets
+    /// its address (default port 4433).
+    Install {
+        /// Serve published transcripts over HTTP at this address.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<std::net::SocketAddr>,
+        /// The base URL transcript links use.
+        #[arg(long, value_name = "URL", requires = "http")]
+        public_url: Option<String>,
+        /// Write into DIR as if it were `/` (to prepare an image); nothing is started.
+        #[arg(long, value_name = "DIR")]
+        root: Option<std::path::PathBuf>,
+        /// The binary the service runs (default: this one).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<std::path::PathBuf>,
+    },
+    /// Stop and remove the relay service; its key and store are kept unless --delete-store.
+    Uninstall {
+        #[arg(long)]
+        delete_store: bool,
+        #[arg(long, value_name = "DIR")]
+        root: Option<std::path::PathBuf>,
+    },
     #[command(flatten)]
     Tools(Tools),
 }
@@ -63,13 +87,29 @@ pub fn main() -> ExitCode {
     caisey_peer::cli::init_tracing();
     caisey_peer::cli::quiet_on_closed_pipe();
     run_main(async move {
-        let opts = cli.node.options("caisey-relay")?;
+        let opts = || cli.node.options("caisey-relay");
         match cli.command {
             Command::Run { http, public_url } => {
                 let http = http.map(|addr| HttpOptions { addr, public_url });
-                run(opts, http, |ticket| println!("{ticket}"), caisey_peer::cli::stop_signal()).await?
+                run(opts()?, http, |ticket| println!("{ticket}"), caisey_peer::cli::stop_signal()).await?
             }
-            Command::Ticket => println!("{}", read_ticket(opts.home.dir())?),
+            Command::Ticket => println!("{}", read_ticket(opts()?.home.dir())?),
+            Command::Install { http, public_url, root, binary } => {
+                let binary = match binary {
+                    Some(b) => b,
+                    None => std::env::current_exe().context("finding this binary")?,
+                };
+                let root = caisey_peer::service::Root::new(root)?;
+                let req = install::Install { listen: cli.node.listen, http, public_url, root, binary };
+                for line in install::install(&req)? {
+                    println!("{line}");
+                }
+            }
+            Command::Uninstall { delete_store, root } => {
+                for line in install::uninstall(&caisey_peer::service::Root::new(root)?, delete_store)? {
+                    println!("{line}");
+                }
+            }
             Command::Tools(_) => anyhow::bail!("`main` runs this one"),
         }
         Ok(ExitCode::SUCCESS)

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use caisey_doc::token::InviteToken;
 use caisey_peer::cli::{NodeArgs, Tools, run_main};
 use caisey_peer::node::Node;
@@ -50,6 +50,39 @@ pub enum Command {
     Deny { id: String },
     /// Open the consent window: see each request as it arrives, approve or deny it.
     Prompt,
+    /// Install the agent as this machine's service (as root): enroll with TOKEN, start the
+    /// daemon at boot, open the consent window at each graphical login. Safe to run again.
+    Install {
+        /// The token from `caisey invite agent` (not needed once the machine is enrolled).
+        token: Option<String>,
+        /// Machine name shown to technicians (default: the token's, else the hostname).
+        #[arg(long)]
+        name: Option<String>,
+        /// Groups to join, when the token names none.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// A user who may approve requests on this machine (repeatable; default: the user
+        /// who ran sudo, if any).
+        #[arg(long = "user", value_name = "USER")]
+        users: Vec<String>,
+        /// Write into DIR as if it were `/` (to prepare an image); nothing is started.
+        #[arg(long, value_name = "DIR")]
+        root: Option<std::path::PathBuf>,
+        /// The binary the service runs (default: this one).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<std::path::PathBuf>,
+    },
+    /// Remove what `install` made; asks before deleting the enrollment and sessions.
+    Uninstall {
+        /// Delete the store too (enrollment and sessions), without asking.
+        #[arg(long, conflicts_with = "keep_store")]
+        delete_store: bool,
+        /// Keep the store, without asking.
+        #[arg(long)]
+        keep_store: bool,
+        #[arg(long, value_name = "DIR")]
+        root: Option<std::path::PathBuf>,
+    },
     #[command(flatten)]
     Tools(Tools),
 }
@@ -95,8 +128,16 @@ fn prompt_window(socket: std::path::PathBuf) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    // Installing and uninstalling work on the machine's paths, not on a home of this user's.
+    let command = match cli.command {
+        Command::Install { token, name, groups, users, root, binary } => {
+            return install(cli.node.listen, token, name, groups, users, root, binary).await;
+        }
+        Command::Uninstall { delete_store, keep_store, root } => return uninstall(delete_store, keep_store, root),
+        other => other,
+    };
     let opts = cli.node.options("caisey-agent")?;
-    match cli.command {
+    match command {
         Command::Enroll { token, name, groups } => {
             let token = InviteToken::decode(&token, caisey_peer::now_ms())?;
             if token.cert.role != caisey_doc::fleet::Role::Agent {
@@ -162,8 +203,60 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Approve { id } => decide(&opts, LocalRequest::Approve { id }).await,
         Command::Deny { id } => decide(&opts, LocalRequest::Deny { id }).await,
+        Command::Install { .. } | Command::Uninstall { .. } => bail!("handled above"),
         Command::Prompt | Command::Tools(_) => bail!("`main` runs this one"),
     }
+}
+
+async fn install(
+    listen: std::net::SocketAddr,
+    token: Option<String>,
+    name: Option<String>,
+    groups: Vec<String>,
+    mut users: Vec<String>,
+    root: Option<std::path::PathBuf>,
+    binary: Option<std::path::PathBuf>,
+) -> Result<ExitCode> {
+    let binary = match binary {
+        Some(b) => b,
+        None => std::env::current_exe().context("finding this binary")?,
+    };
+    let root = caisey_peer::service::Root::new(root)?;
+    if users.is_empty()
+        && root.is_live()
+        && let Some(user) = std::env::var("SUDO_USER").ok().filter(|u| !u.is_empty() && u != "root")
+    {
+        users.push(user);
+    }
+    let req = crate::install::Install { token, name, groups, users, root, binary, listen };
+    for line in crate::install::install(req).await? {
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn uninstall(delete_store: bool, keep_store: bool, root: Option<std::path::PathBuf>) -> Result<ExitCode> {
+    let root = caisey_peer::service::Root::new(root)?;
+    let delete_store =
+        delete_store || (!keep_store && root.at(crate::install::HOME).exists() && ask_delete_store(&root)?);
+    for line in crate::install::uninstall(&crate::install::Uninstall { root, delete_store })? {
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks at the terminal whether to delete the store; anywhere else, the answer is no.
+fn ask_delete_store(root: &caisey_peer::service::Root) -> Result<bool> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let home = root.at(crate::install::HOME);
+    if !std::io::stdin().is_terminal() {
+        return Ok(false);
+    }
+    print!("Delete {} too (this machine's enrollment and the sessions on it)? [y/N] ", home.display());
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
 async fn decide(opts: &caisey_peer::node::NodeOptions, req: LocalRequest) -> Result<ExitCode> {

@@ -12,6 +12,7 @@
 //! - [`local`]: the local socket protocol for `pending`, `approve`, `deny`.
 //! - [`prompt`]: the consent window, `caisey-agent prompt`.
 //! - [`card`]: the machine card, from `sysinfo`.
+//! - [`install`]: `install`/`uninstall` as this machine's service, with the consent window.
 //! - [`cli`]: the command line.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -20,6 +21,7 @@ pub mod card;
 pub mod cli;
 pub mod daemon;
 pub mod gate;
+pub mod install;
 pub mod local;
 pub mod process;
 pub mod prompt;

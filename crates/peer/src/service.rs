@@ -25,8 +25,9 @@ pub enum Scope {
 pub struct Root(PathBuf);
 
 impl Root {
-    pub fn new(dir: Option<PathBuf>) -> Self {
-        Self(dir.unwrap_or_else(|| PathBuf::from("/")))
+    pub fn new(dir: Option<PathBuf>) -> Result<Self> {
+        let dir = dir.unwrap_or_else(|| PathBuf::from("/"));
+        Ok(Self(std::path::absolute(&dir).with_context(|| format!("finding {}", dir.display()))?))
     }
 
     /// Whether this is the running system's own root.
@@ -78,7 +79,11 @@ pub fn install(unit: &Unit, root: &Root) -> Result<Vec<String>> {
         systemctl(unit.scope, root, &["restart", &file])?;
         done.push(format!("started {file}"));
     } else if root.is_live() {
-        done.push(format!("{file} starts at next boot (systemd is not running here to start it now)"));
+        let when = match unit.scope {
+            Scope::System => "at next boot",
+            Scope::User => "at your next login",
+        };
+        done.push(format!("{file} starts {when} (systemd is not running here to start it now)"));
     }
     Ok(done)
 }
@@ -97,7 +102,12 @@ pub fn uninstall(scope: Scope, name: &str, root: &Root) -> Result<Vec<String>> {
         done.push(format!("stopped {file}"));
     }
     systemctl(scope, root, &["disable", &file])?;
-    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    // Directories made for the unit go with it, up to the manager's own.
+    let stop = match scope {
+        Scope::System => root.at("/etc/systemd"),
+        Scope::User => path.parent().and_then(Path::parent).and_then(Path::parent).unwrap_or(&path).to_path_buf(),
+    };
+    remove_file(&path, &stop)?;
     done.push(format!("removed {}", path.display()));
     if manager_running(scope, root) {
         systemctl(scope, root, &["daemon-reload"])?;

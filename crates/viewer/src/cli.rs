@@ -134,6 +134,9 @@ pub enum Command {
     },
     /// Stop this home's node.
     Down,
+    /// Run this home's node as your own service, from login (a systemd user unit).
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// What this home's node is doing: peers and how they are reached, relays, what waits to sync.
     Status {
         #[arg(long)]
@@ -185,6 +188,14 @@ pub enum InviteKind {
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Install and start it (a node already running in the background is stopped first).
+    Install,
+    /// Stop and remove it; the home is kept.
+    Uninstall,
 }
 
 #[derive(Debug, Subcommand)]
@@ -277,15 +288,46 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Verify { file } = &command {
         return verify(file).await;
     }
+    if let Command::Service(ServiceCommand::Uninstall) = command {
+        for line in crate::user_service::uninstall()? {
+            println!("{line}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let opts = cli.node.options("caisey")?;
     match command {
         Command::Up { idle_exit } => return up(opts, idle_exit).await,
         Command::Down => return down(&opts).await,
+        Command::Service(what) => return service(&opts, &cli.node, what).await,
         Command::Status { json } => return status(&opts, json).await,
         _ => {}
     }
     let client = Client::connect(&opts, Some(Starter::this_binary(cli.idle_exit)?)).await?;
     dispatch(&client, command).await
+}
+
+async fn service(opts: &NodeOptions, args: &NodeArgs, what: ServiceCommand) -> Result<ExitCode> {
+    let done = match what {
+        ServiceCommand::Install => {
+            // The unit's node takes over from one started on demand.
+            let stopped = stop_node(opts).await?;
+            let exe = std::env::current_exe().context("finding this binary")?;
+            let home = std::path::absolute(opts.home.dir())?.display().to_string();
+            let mut env = vec![(caisey_peer::home::HOME_ENV, home)];
+            if let Some(config) = &args.config {
+                env.push((caisey_peer::config::CONFIG_ENV, std::path::absolute(config)?.display().to_string()));
+            }
+            let mut done: Vec<String> =
+                stopped.map(|pid| format!("stopped the node started on demand (pid {pid})")).into_iter().collect();
+            done.extend(crate::user_service::install(&exe, &env)?);
+            done
+        }
+        ServiceCommand::Uninstall => bail!("handled before the home is opened"),
+    };
+    for line in done {
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Waits for the node's first catch-up with the org, saying so when it reached nobody.
@@ -499,6 +541,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
         | Command::Demo { .. }
         | Command::Up { .. }
         | Command::Down
+        | Command::Service(_)
         | Command::Status { .. }
         | Command::Tools(_) => {
             unreachable!("handled before a client connects")
@@ -689,16 +732,22 @@ async fn up(opts: NodeOptions, idle_exit: Option<Duration>) -> Result<ExitCode> 
 }
 
 async fn down(opts: &NodeOptions) -> Result<ExitCode> {
+    match stop_node(opts).await? {
+        Some(pid) => println!("stopped the node (pid {pid})"),
+        None => println!("no node is running for this home"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Stops the home's node and waits until it has closed its store; its pid, if one ran.
+async fn stop_node(opts: &NodeOptions) -> Result<Option<u32>> {
     let pid = match Client::running(opts).await {
         Ok(Some(client)) => {
             let pid = client.status().await?.pid;
             client.stop().await?;
             pid
         }
-        Ok(None) => {
-            println!("no node is running for this home");
-            return Ok(ExitCode::SUCCESS);
-        }
+        Ok(None) => return Ok(None),
         // A node of another version will not talk to this client; it still stops on a signal.
         Err(e) => {
             let Some(pid) = crate::background::pid_of(&opts.home) else { return Err(e) };
@@ -714,8 +763,7 @@ async fn down(opts: &NodeOptions) -> Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("stopped the node (pid {pid})");
-    Ok(ExitCode::SUCCESS)
+    Ok(Some(pid))
 }
 
 async fn status(opts: &NodeOptions, json: bool) -> Result<ExitCode> {

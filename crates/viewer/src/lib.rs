@@ -25,3 +25,4 @@ pub mod gui;
 pub mod service;
 pub mod tech;
 pub mod transcript;
+pub mod user_service;
