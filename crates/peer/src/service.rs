@@ -104,7 +104,7 @@ pub fn uninstall(scope: Scope, name: &str, root: &Root) -> Result<Vec<String>> {
     systemctl(scope, root, &["disable", &file])?;
     // Directories made for the unit go with it, up to the manager's own.
     let stop = match scope {
-        Scope::System => root.at("/etc/systemd"),
+        Scope::System => root.at("/etc"),
         Scope::User => path.parent().and_then(Path::parent).and_then(Path::parent).unwrap_or(&path).to_path_buf(),
     };
     remove_file(&path, &stop)?;
