@@ -65,11 +65,7 @@ pub fn uninstall(root: &Root, delete_store: bool) -> Result<Vec<String>> {
             continue;
         }
         if delete_store {
-            if path.is_symlink() {
-                std::fs::remove_file(&path)?;
-            } else {
-                std::fs::remove_dir_all(&path)?;
-            }
+            service::remove_file(&path, &root.at("/"))?;
             done.push(format!("removed {}", path.display()));
         } else if !path.is_symlink() {
             done.push(format!("kept {} (the relay's key and store); delete it to forget them", path.display()));

@@ -99,6 +99,8 @@ async fn enroll_once(node: &Node, req: &Install) -> Result<String> {
     }
     let name = req.name.clone().unwrap_or_else(|| crate::card::read(0).hostname);
     let fleet = caisey_peer::enroll::join(node, &token, &name, &req.groups).await?;
+    // The org's record is the truth: a name in the token wins over the one asked for.
+    let name = fleet.members.get(&node.id()).map(|m| m.name.clone()).unwrap_or(name);
     Ok(format!("enrolled as {name:?} in org {:?}", fleet.org_name))
 }
 
@@ -129,7 +131,7 @@ pub fn uninstall(req: &Uninstall) -> Result<Vec<String>> {
     let home = req.root.at(HOME);
     if home.exists() {
         if req.delete_store {
-            std::fs::remove_dir_all(&home).with_context(|| format!("removing {}", home.display()))?;
+            service::remove_file(&home, &req.root.at("/"))?;
             done.push(format!("removed {} (enrollment and sessions)", home.display()));
         } else {
             done.push(format!("kept {} (enrollment and sessions); delete it to forget them", home.display()));

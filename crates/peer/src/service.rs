@@ -177,12 +177,15 @@ fn set_mode(_path: &Path, _mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// Removes `path` if present; then its directory, and that one's, up to `stop`, while empty.
+/// Removes the file, link or directory tree at `path` if present; then its directory, and that
+/// one's, up to `stop`, while empty. Whether there was anything to remove.
 pub fn remove_file(path: &Path, stop: &Path) -> Result<bool> {
-    let existed = path.exists();
-    if existed {
-        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    let existed = match path.symlink_metadata() {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path).map(|_| true),
+        Ok(_) => std::fs::remove_file(path).map(|_| true),
+        Err(_) => Ok(false),
     }
+    .with_context(|| format!("removing {}", path.display()))?;
     let mut dir = path.parent();
     while let Some(d) = dir {
         if d == stop || !d.starts_with(stop) || std::fs::remove_dir(d).is_err() {
