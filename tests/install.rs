@@ -323,3 +323,76 @@ fn completions_for_four_shells_and_man_pages() {
     assert!(read(&pages.path().join("caisey-run.1")).contains("approval"));
     assert!(read(&pages.path().join("caisey-agent-install.1")).contains("consent window"));
 }
+
+/// The one-line installer an MDM runs: checksum-verified binary in place, then `install`.
+#[test]
+fn the_install_script_checks_the_binary_is_idempotent_and_says_what_failed() {
+    let mut org = Org::new(&[]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-agent.sh");
+    let agent = bin("caisey-agent");
+    let sha = {
+        let out = Command::new("sha256sum").arg(&agent).output().expect("sha256sum");
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().expect("hash").to_string()
+    };
+    let root = fake_root();
+    let r = root.path().to_str().expect("utf-8").to_string();
+    let run = |args: &[&str]| {
+        let out = Command::new("sh")
+            .arg(&script)
+            .args(args)
+            .env("CAISEY_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "error")
+            .output()
+            .expect("sh");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let from = agent.to_str().expect("utf-8");
+    let placed = root.path().join("usr/local/bin/caisey-agent");
+
+    let (code, _, err) = run(&["--from", from, "--sha256", &"0".repeat(64), "--root", &r, "tok"]);
+    assert_eq!(code, Some(2));
+    assert!(err.starts_with("install-agent: checksum mismatch") && err.lines().count() == 1, "{err}");
+    assert!(!placed.exists(), "a binary that failed its check was put in place");
+
+    let token = org.invite_agent("ws-20", "accounting", "1h");
+    let (code, out, err) = run(&["--from", from, "--sha256", &sha, "--root", &r, "--user", "alice", &token]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("placed caisey-agent") && out.contains("enrolled as \"ws-20\""), "{out}");
+    let unit = read(&root.path().join("etc/systemd/system/caisey-agent.service"));
+    assert!(unit.contains("ExecStart=/usr/local/bin/caisey-agent run\n"), "{unit}");
+    assert!(root.path().join("usr/local/share/man/man1/caisey-agent-install.1").exists());
+
+    let (code, out, _) = run(&["--from", from, "--sha256", &sha, "--root", &r, &token]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("already in place") && out.contains("already enrolled as \"ws-20\""), "{out}");
+
+    // The same token on another machine: used.
+    let other = fake_root();
+    let o = other.path().to_str().expect("utf-8");
+    let (code, _, err) = run(&["--from", from, "--sha256", &sha, "--root", o, &token]);
+    assert_eq!(code, Some(3));
+    assert!(err.contains("already used") && err.trim().lines().count() == 1, "{err}");
+
+    // Nobody to enroll with: the relay is gone and the technician's node is down.
+    let fresh = org.invite_agent("ws-21", "accounting", "1h");
+    org.world.down("alice");
+    if let Some(relay) = org.relay.take() {
+        relay.stop();
+    }
+    let third = fake_root();
+    let t = third.path().to_str().expect("utf-8");
+    let (code, _, err) = run(&["--from", from, "--sha256", &sha, "--root", t, &fresh]);
+    assert_eq!(code, Some(3));
+    assert!(err.contains("could not reach the org to enroll") && err.trim().lines().count() == 1, "{err}");
+
+    // Not root.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh"])
+        .arg(&script)
+        .args(["--from", from, "--sha256", &sha, &fresh])
+        .output()
+        .expect("setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("needs root") && err.trim().lines().count() == 1, "{err}");
+}

@@ -117,9 +117,15 @@ pub fn init_tracing_with(default: &str) {
     // iroh logs `relay_recv_channel closed` as an error each time an endpoint with a relay
     // server closes (every short-lived command), and a relay server warns each time a client
     // goes without a TLS goodbye: noise to a user, so off unless asked for.
-    let default = format!("{default},{QUIET}");
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // A `RUST_LOG` that says nothing of iroh keeps them quiet too.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(asked) if !asked.trim().is_empty() => {
+            if asked.contains("iroh") { asked } else { format!("{asked},{QUIET}") }
+        }
+        _ => format!("{default},{QUIET}"),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},{QUIET}")));
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
