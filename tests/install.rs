@@ -396,3 +396,73 @@ fn the_install_script_checks_the_binary_is_idempotent_and_says_what_failed() {
     assert_eq!(out.status.code(), Some(2));
     assert!(err.contains("needs root") && err.trim().lines().count() == 1, "{err}");
 }
+
+/// A group run's account ("1/3 answered …, 1 waiting for approval, 1 offline") is a live line on
+/// a terminal and plain lines in a pipe; `--json` output is left alone.
+#[test]
+fn a_group_run_shows_its_progress_live_on_a_terminal_and_as_plain_lines_in_a_pipe() {
+    let org = Org::new(&[("ws-31", "lab"), ("ws-32", "lab"), ("ws-33", "lab")]);
+    let w = &org.world;
+    let _agents = [w.start_agent("ws-31"), w.start_agent("ws-32")]; // ws-33 stays offline
+    let run_args = ["run", "--group", "lab", "--expires", "8s", "--", "echo progress-ok"];
+
+    // In a pipe: plain lines on stderr.
+    let piped = w.spawn("caisey", "alice", &run_args);
+    let id = w.wait_pending("ws-31");
+    w.agent_cmd("ws-31", &["approve", &id]).ok();
+    let id = w.wait_pending("ws-32");
+    w.agent_cmd("ws-32", &["approve", &id]).ok();
+    let out = piped.wait(Duration::from_secs(60));
+    assert!(out.stderr.contains("0/3 answered (0 finished), 2 waiting for approval, 1 offline"), "{}", out.stderr);
+    assert!(out.stderr.contains("2/3 answered (2 finished), 1 offline"), "{}", out.stderr);
+    assert!(!out.stderr.contains('\u{1b}'), "escape sequences in a pipe: {:?}", out.stderr);
+    assert!(out.stdout.contains("[ws-31 out] progress-ok"), "{}", out.stdout);
+
+    // On a pseudo-terminal: the same account, drawn live (a bar, the line rewritten in place).
+    let mut cmd = w.command("caisey", "alice", &run_args);
+    let line: Vec<String> = std::iter::once(cmd.get_program().to_string_lossy().into_owned())
+        .chain(cmd.get_args().map(|a| format!("'{}'", a.to_string_lossy())))
+        .collect();
+    let mut script = Command::new("script");
+    script.args(["-qfec", &line.join(" "), "/dev/null"]);
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => script.env(k, v),
+            None => script.env_remove(k),
+        };
+    }
+    let tty = {
+        let mut running = script.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("script");
+        let mut approved = 0;
+        for machine in ["ws-31", "ws-32"] {
+            // Requests from the piped run were answered; wait for the new one.
+            let id = wait_for(Duration::from_secs(30), || {
+                let out = w.command("caisey-agent", machine, &["pending", "--json"]).output().ok()?;
+                let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                list.as_array()?.first()?.get("id")?.as_str().map(str::to_string)
+            })
+            .expect("pending");
+            w.agent_cmd(machine, &["approve", &id]).ok();
+            approved += 1;
+        }
+        assert_eq!(approved, 2);
+        let _ = running.wait();
+        let mut text = String::new();
+        std::io::Read::read_to_string(running.stdout.as_mut().expect("stdout"), &mut text).expect("read");
+        text
+    };
+    assert!(tty.contains("waiting for approval") && tty.contains("1 offline"), "{tty:?}");
+    assert!(tty.contains("\r") && tty.contains("\u{1b}["), "not drawn live: {tty:?}");
+    assert!(tty.contains("[ws-32 out] progress-ok"), "{tty:?}");
+    let _ = cmd;
+
+    // --json: stdout is the JSON array alone, stderr has no account.
+    let piped = w.spawn("caisey", "alice", &["run", "--group", "lab", "--expires", "3s", "--json", "--", "true"]);
+    for machine in ["ws-31", "ws-32"] {
+        let id = w.wait_pending(machine);
+        w.agent_cmd(machine, &["approve", &id]).ok();
+    }
+    let out = piped.wait(Duration::from_secs(60));
+    assert!(serde_json::from_str::<serde_json::Value>(&out.stdout).is_ok(), "{}", out.stdout);
+    assert!(!out.stderr.contains("answered"), "{}", out.stderr);
+}

@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 use crate::api::Event;
 use crate::background::Starter;
 use crate::client::Client;
+use crate::progress::{Mode, Progress};
 use crate::tech::{MachinePath, RunRequest, Targets};
 use crate::transcript::{ExportFormat, Follower, OutputStyle, time};
 
@@ -330,9 +331,20 @@ async fn service(opts: &NodeOptions, args: &NodeArgs, what: ServiceCommand) -> R
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits for the node's first catch-up with the org, saying so when it reached nobody.
+/// Waits for the node's first catch-up with the org, saying so when it reached nobody. A wait
+/// of more than a moment is shown (a node that was offline for long has much to catch up on).
 async fn online(client: &Client) -> Result<()> {
-    if let Some(warning) = client.online().await? {
+    let catching_up = client.online();
+    tokio::pin!(catching_up);
+    let warning = tokio::select! {
+        done = &mut catching_up => done?,
+        _ = tokio::time::sleep(Duration::from_millis(700)) => {
+            let mut shown = Progress::spinner(Mode::for_stderr(false));
+            shown.update(0, "catching up with the org");
+            catching_up.await?
+        }
+    };
+    if let Some(warning) = warning {
         eprintln!("warning: {warning}");
     }
     Ok(())
@@ -619,11 +631,23 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
     // hundreds would otherwise re-read every session on every change).
     let mut latest: Vec<Option<caisey_doc::session::CommandView>> = vec![None; followers.len()];
     let mut changed: BTreeSet<caisey_doc::id::DocId> = asked.iter().map(|a| a.session).collect();
+    // A group's account on one line: how many answered, and why the others have not.
+    let mut progress = (asked.len() > 1).then(|| Progress::counter(asked.len() as u64, Mode::for_stderr(args.json)));
+    let mut online_now: Option<BTreeSet<caisey_doc::id::NodeId>> = None;
     let commands = loop {
         for (i, f) in followers.iter_mut().enumerate() {
             if changed.contains(&asked[i].session) {
                 latest[i] = f.update(client).await?.into_iter().next();
             }
+        }
+        if let Some(progress) = &mut progress {
+            let unanswered_on = |i: usize| latest[i].as_ref().is_none_or(unanswered);
+            if online_now.is_none() && (0..asked.len()).any(unanswered_on) {
+                let machines = client.machines(None, None).await?;
+                online_now = Some(machines.into_iter().filter(|m| m.online).map(|m| m.node).collect());
+            }
+            let (done, account) = group_account(&latest, &asked, online_now.as_ref(), expired);
+            progress.update(done, &account);
         }
         changed.clear();
         if latest.iter().all(|c| c.as_ref().is_some_and(|c| c.is_final() || (expired && unanswered(c)))) {
@@ -642,13 +666,17 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
                 }
             },
             // A slow tick re-reads everything, in case an event was missed.
-            _ = tick.tick() => changed.extend(asked.iter().map(|a| a.session)),
+            _ = tick.tick() => {
+                changed.extend(asked.iter().map(|a| a.session));
+                online_now = None;
+            }
             _ = tokio::time::sleep_until(expiry), if !expired => {
                 expired = true;
                 changed.extend(asked.iter().map(|a| a.session));
             }
         }
     };
+    drop(progress);
     let status_of = |c: &caisey_doc::session::CommandView| -> String {
         if expired && unanswered(c) {
             "no answer reached here before the request expired; it cannot start after that".to_string()
@@ -694,6 +722,39 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
         println!("  {machine:<20} {}{exit}", status_of(c));
     }
     Ok(ExitCode::from(if failed == 0 { 0 } else { EXIT_REMOTE_FAILED }))
+}
+
+/// A group run's account: how many machines answered (and of those, finished), how many wait
+/// for approval, how many are offline (their request waits for them to connect).
+fn group_account(
+    latest: &[Option<caisey_doc::session::CommandView>],
+    asked: &[crate::tech::Asked],
+    online: Option<&BTreeSet<caisey_doc::id::NodeId>>,
+    expired: bool,
+) -> (u64, String) {
+    let (mut answered, mut finished, mut waiting, mut offline, mut unanswered_expired) = (0, 0, 0, 0, 0);
+    for (view, a) in latest.iter().zip(asked) {
+        match view {
+            Some(c) if !unanswered(c) => {
+                answered += 1;
+                finished += usize::from(c.is_final());
+            }
+            _ if expired => unanswered_expired += 1,
+            _ if online.is_some_and(|o| !o.contains(&a.machine.node)) => offline += 1,
+            _ => waiting += 1,
+        }
+    }
+    let mut parts = vec![format!("{answered}/{} answered ({finished} finished)", asked.len())];
+    if waiting > 0 {
+        parts.push(format!("{waiting} waiting for approval"));
+    }
+    if offline > 0 {
+        parts.push(format!("{offline} offline"));
+    }
+    if unanswered_expired > 0 {
+        parts.push(format!("{unanswered_expired} expired unanswered"));
+    }
+    (answered as u64, parts.join(", "))
 }
 
 /// How long after its expiry a run still waits for an answer already on its way.

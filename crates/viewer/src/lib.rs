@@ -22,6 +22,7 @@ pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod gui;
+pub mod progress;
 pub mod service;
 pub mod tech;
 pub mod transcript;

@@ -103,7 +103,7 @@ impl Follower {
         let seen = self.seen.entry(cmd.request.id).or_default();
         let status = |line: String| match style {
             OutputStyle::Passthrough => eprintln!("{line}"),
-            OutputStyle::Labelled => println!("{line}"),
+            OutputStyle::Labelled => crate::progress::println(&line),
             OutputStyle::Silent => {}
         };
         if !seen.request {
@@ -216,7 +216,7 @@ fn print_line(machine: &str, stream: Stream, line: &[u8]) {
         Stream::Stdout => "out",
         Stream::Stderr => "err",
     };
-    println!("   [{machine} {tag}] {}", visible(&String::from_utf8_lossy(line)));
+    crate::progress::println(&format!("   [{machine} {tag}] {}", visible(&String::from_utf8_lossy(line))));
 }
 
 /// The JSON form of a whole session (`caisey show --json`).
