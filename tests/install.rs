@@ -419,7 +419,7 @@ fn a_group_run_shows_its_progress_live_on_a_terminal_and_as_plain_lines_in_a_pip
     assert!(out.stdout.contains("[ws-31 out] progress-ok"), "{}", out.stdout);
 
     // On a pseudo-terminal: the same account, drawn live (a bar, the line rewritten in place).
-    let mut cmd = w.command("caisey", "alice", &run_args);
+    let cmd = w.command("caisey", "alice", &run_args);
     let line: Vec<String> = std::iter::once(cmd.get_program().to_string_lossy().into_owned())
         .chain(cmd.get_args().map(|a| format!("'{}'", a.to_string_lossy())))
         .collect();
@@ -465,4 +465,31 @@ fn a_group_run_shows_its_progress_live_on_a_terminal_and_as_plain_lines_in_a_pip
     let out = piped.wait(Duration::from_secs(60));
     assert!(serde_json::from_str::<serde_json::Value>(&out.stdout).is_ok(), "{}", out.stdout);
     assert!(!out.stderr.contains("answered"), "{}", out.stderr);
+}
+
+/// One token for a group of laptops, as an MDM pushes one script to all of them.
+#[test]
+fn a_token_for_several_machines_enrolls_that_many_and_no_more() {
+    let org = Org::new(&[]);
+    let w = &org.world;
+    let token = w.caisey("alice", &["invite", "agent", "--group", "lab", "--uses", "2"]).ok().stdout.trim().to_string();
+    let roots: Vec<_> = (0..3).map(|_| fake_root()).collect();
+    let install = |i: usize| {
+        let r = roots[i].path().to_str().expect("utf-8");
+        w.agent_cmd(&format!("lab-{i}"), &["install", &token, "--root", r, "--name", &format!("lab-{i}")])
+    };
+    for i in 0..2 {
+        let out = install(i).ok();
+        assert!(out.stdout.contains(&format!("enrolled as \"lab-{i}\"")), "{}", out.stdout);
+    }
+    let third = install(2);
+    assert_eq!(third.code(), 2);
+    assert!(third.stderr.contains("already used by all the 2 machines it was for"), "{}", third.stderr);
+    let machines = w.caisey("alice", &["machines", "--group", "lab", "--json"]).ok();
+    let list: serde_json::Value = serde_json::from_str(&machines.stdout).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
+
+    let named = w.caisey("alice", &["invite", "agent", "--name", "x", "--uses", "3"]);
+    assert_eq!(named.code(), 2);
+    assert!(named.stderr.contains("cannot be used with"), "{}", named.stderr);
 }

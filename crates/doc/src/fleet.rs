@@ -71,9 +71,21 @@ pub struct InviteCert {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approves: Vec<String>,
     pub expires_at: u64,
+    /// How many nodes may enroll with it (one, unless a technician asked for more: a token
+    /// an MDM pushes to a whole group of laptops).
+    #[serde(default = "one_use", skip_serializing_if = "is_one_use")]
+    pub uses: u32,
     /// Nodes the enrolling node may contact to enroll (the org relay, the inviter):
     /// `(node id, socket addresses)`.
     pub contacts: Vec<Contact>,
+}
+
+fn one_use() -> u32 {
+    1
+}
+
+fn is_one_use(uses: &u32) -> bool {
+    *uses == 1
 }
 
 /// Where a node can be dialled.
@@ -346,24 +358,31 @@ impl Fleet {
         for (key, bytes) in entries {
             pending.push((key, bytes));
         }
-        let mut claimed_invites: BTreeMap<Id128, NodeId> = BTreeMap::new();
+        // Each invite's claims so far, earliest first: (claimed at, node).
+        let mut claimed_invites: BTreeMap<Id128, Vec<(u64, NodeId)>> = BTreeMap::new();
         loop {
             let mut progressed = false;
             let mut still = Vec::new();
             for (key, bytes) in pending {
                 match self.check_member(genesis, &key, &bytes) {
-                    Ok(Some(member)) => {
+                    Ok(Some((member, uses))) => {
                         if let Some(invite) = member.invite_id {
-                            // Two claims on one invite: the smaller node id wins everywhere, so all
-                            // peers agree whatever order they saw the claims in.
-                            if let Some(other) = claimed_invites.get(&invite) {
-                                if *other < member.node {
+                            // More claims than the invite has uses (made on two hubs at once): the
+                            // earliest win (then the smaller node id), so all peers agree whatever
+                            // order they saw the claims in.
+                            let claims = claimed_invites.entry(invite).or_default();
+                            claims.push((member.joined_at, member.node));
+                            claims.sort();
+                            if claims.len() > uses.max(1) as usize
+                                && let Some((_, last)) = claims.pop()
+                            {
+                                if last == member.node {
                                     self.rejected.push(Rejected { key, why: "invite already used".into() });
                                     continue;
                                 }
-                                self.members.remove(other);
+                                self.members.remove(&last);
+                                self.rejected.push(Rejected { key: last.to_hex(), why: "invite already used".into() });
                             }
-                            claimed_invites.insert(invite, member.node);
                         }
                         self.members.insert(member.node, member);
                         progressed = true;
@@ -387,7 +406,8 @@ impl Fleet {
     }
 
     /// `Ok(None)`: not (yet) provable; `Err`: never valid.
-    fn check_member(&self, genesis: &OrgGenesis, key: &str, bytes: &[u8]) -> Result<Option<Member>, String> {
+    /// A membership and, when it claims an invite, how many uses that invite has.
+    fn check_member(&self, genesis: &OrgGenesis, key: &str, bytes: &[u8]) -> Result<Option<(Member, u32)>, String> {
         let v = verify_kind(bytes, RecordKind::Membership).map_err(|e| e.to_string())?;
         let m: Membership = v.json().map_err(|e| e.to_string())?;
         if m.node.to_hex() != key {
@@ -403,7 +423,7 @@ impl Fleet {
             invite_id,
         };
         if m.invite.is_none() {
-            return Ok(self.is_authority(genesis, &v.author).then(|| member(None)));
+            return Ok(self.is_authority(genesis, &v.author).then(|| (member(None), 1)));
         }
         let cert_bytes = m.invite.as_deref().unwrap_or_default();
         let cv = verify_kind(cert_bytes, RecordKind::InviteCert).map_err(|e| format!("invite: {e}"))?;
@@ -418,7 +438,7 @@ impl Fleet {
         {
             return Err("claim does not match its invite (org, role or expiry)".into());
         }
-        Ok(self.is_authority(genesis, &cv.author).then(|| member(Some(cert.invite_id))))
+        Ok(self.is_authority(genesis, &cv.author).then(|| (member(Some(cert.invite_id)), cert.uses)))
     }
 
     fn read_signed_by_self<T: serde::de::DeserializeOwned>(
@@ -465,9 +485,14 @@ impl Fleet {
                 .any(|s| s.eq_ignore_ascii_case(&t.name) || t.groups.iter().any(|g| g.eq_ignore_ascii_case(s)))
     }
 
-    /// Whether an invite has been claimed by anyone.
-    pub fn invite_used(&self, invite: &Id128) -> bool {
-        self.members.values().any(|m| m.invite_id.as_ref() == Some(invite))
+    /// How many members enrolled with an invite.
+    pub fn invite_claims(&self, invite: &Id128) -> usize {
+        self.members.values().filter(|m| m.invite_id.as_ref() == Some(invite)).count()
+    }
+
+    /// Whether an invite has no use left.
+    pub fn invite_used(&self, cert: &InviteCert) -> bool {
+        self.invite_claims(&cert.invite_id) >= cert.uses.max(1) as usize
     }
 
     /// Agents whose name matches exactly (case-insensitive).
@@ -537,6 +562,7 @@ mod tests {
             groups: vec!["accounting".into()],
             approves: vec![],
             expires_at,
+            uses: 1,
             contacts: vec![],
         };
         (org.sign(RecordKind::InviteCert, &c), c)
@@ -554,7 +580,39 @@ mod tests {
         let m = &fleet.members[&agent.node_id()];
         assert_eq!((m.role, m.name.as_str()), (Role::Agent, "ws-01"));
         assert_eq!(fleet.agents_in_group("Accounting").len(), 1);
-        assert!(fleet.invite_used(&Id128([5; 16])));
+        assert!(fleet.invite_used(&c));
+    }
+
+    #[test]
+    fn an_invite_for_three_machines_admits_the_three_earliest_claims_everywhere() {
+        let (org, tech, invite) = (s(1), s(2), s(3));
+        let (_, mut c) = cert(&org, &invite, Role::Agent, 1_000);
+        c.uses = 3;
+        c.name = None;
+        let cert_rec = org.sign(RecordKind::InviteCert, &c);
+        // Four laptops claim it, on two hubs during a partition; each peer merges in another order.
+        let claims: Vec<(NodeId, Vec<u8>)> = [(10u8, 50u64), (11, 20), (12, 40), (13, 30)]
+            .iter()
+            .map(|&(seed, at)| {
+                let node = s(seed).node_id();
+                (node, claim_membership(&invite, &cert_rec, &c, node, &format!("laptop-{seed}"), &[], at))
+            })
+            .collect();
+        let mut seen = Vec::new();
+        for order in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]] {
+            let mut doc = Fleet::create("Acme", &org, &tech, "alice", Id128([1; 16]), 10).unwrap();
+            for i in order {
+                Fleet::put_member(&mut doc, &claims[i].1, &claims[i].0).unwrap();
+            }
+            let fleet = Fleet::read(&doc).unwrap();
+            assert_eq!(fleet.invite_claims(&c.invite_id), 3);
+            assert!(fleet.invite_used(&c));
+            // The claim made last (laptop-10, at 50) is the one left out.
+            assert!(!fleet.members.contains_key(&s(10).node_id()));
+            assert_eq!(fleet.rejected.len(), 1, "{:?}", fleet.rejected);
+            seen.push(fleet.members.keys().copied().collect::<Vec<_>>());
+        }
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "peers disagree: {seen:?}");
     }
 
     #[test]

@@ -119,6 +119,7 @@ mod tests {
             groups: vec![],
             approves: vec![],
             expires_at,
+            uses: 1,
             contacts: vec![Contact { node: NodeId([5; 32]), addrs: vec!["127.0.0.1:4000".into()] }],
         };
         InviteToken::issue(&org, cert, secret)

@@ -107,7 +107,13 @@ async fn serve_claim(node: &Node, peer: caisey_doc::id::NodeId, claim: Vec<u8>) 
             else {
                 return refused("the claim carries no valid invite");
             };
-            if fleet.invite_used(&cert.invite_id) {
+            if fleet.invite_used(&cert) {
+                if cert.uses > 1 {
+                    return refused(&format!(
+                        "this invite was already used by all the {} machines it was for; ask for a new one",
+                        cert.uses
+                    ));
+                }
                 return refused("this invite was already used; ask for a new one");
             }
             if now > cert.expires_at {

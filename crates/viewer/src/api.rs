@@ -46,13 +46,7 @@ pub enum Request {
         org: String,
         name: String,
     },
-    Invite {
-        role: Role,
-        name: Option<String>,
-        groups: Vec<String>,
-        approves: Vec<String>,
-        ttl_ms: u64,
-    },
+    Invite(crate::tech::InviteSpec),
     Join {
         token: String,
         name: String,

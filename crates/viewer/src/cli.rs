@@ -19,7 +19,7 @@ use crate::api::Event;
 use crate::background::Starter;
 use crate::client::Client;
 use crate::progress::{Mode, Progress};
-use crate::tech::{MachinePath, RunRequest, Targets};
+use crate::tech::{InviteSpec, MachinePath, RunRequest, Targets};
 use crate::transcript::{ExportFormat, Follower, OutputStyle, time};
 
 /// Caisey: run diagnostics on enrolled machines, with the user's consent, into durable sessions.
@@ -159,15 +159,19 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum InviteKind {
-    /// A token enrolling a machine (`caisey-agent enroll TOKEN`).
+    /// A token enrolling a machine (`caisey-agent install TOKEN`, or `enroll TOKEN`).
     Agent {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "uses")]
         name: Option<String>,
         #[arg(long = "group")]
         groups: Vec<String>,
         /// How long the token stays valid.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
+        /// How many machines may enroll with it: one token for a script or an MDM to push to
+        /// a whole group of laptops (each enrolls with its hostname).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        uses: u32,
     },
     /// A token for a designated approver, e.g. a client's contact (`caisey join TOKEN`).
     Approver {
@@ -359,18 +363,18 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
         }
         Command::Invite(kind) => {
             let (token, only_this_node) = match kind {
-                InviteKind::Agent { name, groups, ttl } => {
-                    client.invite(Role::Agent, name, groups, vec![], ttl).await?
+                InviteKind::Agent { name, groups, ttl, uses } => {
+                    client.invite(InviteSpec { groups, uses, ..InviteSpec::new(Role::Agent, name, ttl) }).await?
                 }
                 InviteKind::Technician { name, ttl } => {
-                    client.invite(Role::Technician, name, vec![], vec![], ttl).await?
+                    client.invite(InviteSpec::new(Role::Technician, name, ttl)).await?
                 }
                 InviteKind::Approver { name, machines, groups, ttl } => {
                     if machines.is_empty() && groups.is_empty() {
                         bail!("say what the approver may approve: --machine NAME or --group GROUP");
                     }
-                    let scope = machines.into_iter().chain(groups).collect();
-                    client.invite(Role::Approver, name, vec![], scope, ttl).await?
+                    let approves = machines.into_iter().chain(groups).collect();
+                    client.invite(InviteSpec { approves, ..InviteSpec::new(Role::Approver, name, ttl) }).await?
                 }
             };
             if only_this_node {

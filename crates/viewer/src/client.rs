@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
-use caisey_doc::fleet::Role;
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::session::CommandRequest;
 use caisey_peer::local::{Answer, ConnectError, Connection, Service};
@@ -172,17 +171,9 @@ impl Client {
     }
 
     /// A one-time token, and whether it names only this node to enroll with (no relay).
-    pub async fn invite(
-        &self,
-        role: Role,
-        name: Option<String>,
-        groups: Vec<String>,
-        approves: Vec<String>,
-        ttl: Duration,
-    ) -> Result<(String, bool)> {
-        let ttl_ms = ttl.as_millis() as u64;
+    pub async fn invite(&self, spec: crate::tech::InviteSpec) -> Result<(String, bool)> {
         expect!(
-            self.call(Request::Invite { role, name, groups, approves, ttl_ms }).await?,
+            self.call(Request::Invite(spec)).await?,
             Reply::Token { token, only_this_node } => (token, only_this_node)
         )
     }

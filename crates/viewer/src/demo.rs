@@ -64,15 +64,11 @@ impl DemoFleet {
         let (stop, stopped) = watch::channel(false);
         let mut daemons = Vec::new();
         for name in AGENTS {
-            let token = tech::invite(
-                &technician,
-                Role::Agent,
-                Some(name.into()),
-                vec!["demo".into()],
-                vec![],
-                Duration::from_secs(3600),
-            )
-            .await?;
+            let spec = tech::InviteSpec {
+                groups: vec!["demo".into()],
+                ..tech::InviteSpec::new(Role::Agent, Some(name.into()), Duration::from_secs(3600))
+            };
+            let token = tech::invite(&technician, spec).await?;
             let agent = Node::start(options(root.path(), name)?).await?;
             caisey_peer::enroll::join(&agent, &token, name, &[]).await?;
             let mut stopped = stopped.clone();

@@ -121,8 +121,8 @@ impl TechService {
                 node.announce_in_fleet().await?;
                 Reply::Org(self.org().await?)
             }
-            Request::Invite { role, name, groups, approves, ttl_ms } => {
-                let token = tech::invite(node, role, name, groups, approves, Duration::from_millis(ttl_ms)).await?;
+            Request::Invite(spec) => {
+                let token = tech::invite(node, spec).await?;
                 Reply::Token { only_this_node: token.cert.contacts.len() == 1, token: token.encode() }
             }
             Request::Join { token, name } => {

@@ -35,15 +35,40 @@ pub async fn init(node: &Node, org_name: &str, my_name: &str) -> Result<Fleet> {
     node.fleet().await
 }
 
-/// Issues a one-time invite token.
-pub async fn invite(
-    node: &Node,
-    role: Role,
-    name: Option<String>,
-    groups: Vec<String>,
-    approves: Vec<String>,
-    ttl: Duration,
-) -> Result<InviteToken> {
+/// What an invite token is for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InviteSpec {
+    pub role: Role,
+    /// The name the enrolling node gets (only for a token of one use).
+    pub name: Option<String>,
+    pub groups: Vec<String>,
+    /// For an approver: the machines and groups it may approve for.
+    pub approves: Vec<String>,
+    pub ttl_ms: u64,
+    /// How many nodes may enroll with it.
+    #[serde(default = "one")]
+    pub uses: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl InviteSpec {
+    pub fn new(role: Role, name: Option<String>, ttl: Duration) -> Self {
+        Self { role, name, groups: vec![], approves: vec![], ttl_ms: ttl.as_millis() as u64, uses: 1 }
+    }
+}
+
+/// Issues an invite token.
+pub async fn invite(node: &Node, spec: InviteSpec) -> Result<InviteToken> {
+    let InviteSpec { role, name, groups, approves, ttl_ms, uses } = spec;
+    if uses == 0 {
+        bail!("an invite needs at least one use");
+    }
+    if uses > 1 && name.is_some() {
+        bail!("a token for several machines cannot name them: each enrolls with its hostname (or its own --name)");
+    }
     let fleet = node.fleet().await?;
     let (Some(org_key), Some(fleet_doc)) = (fleet.org_key, fleet.fleet_doc) else {
         bail!("this home has no org yet; run `caisey init --org NAME` or `caisey join TOKEN` first");
@@ -65,7 +90,8 @@ pub async fn invite(
         name,
         groups,
         approves,
-        expires_at: now_ms() + ttl.as_millis() as u64,
+        expires_at: now_ms() + ttl_ms,
+        uses,
         contacts,
     };
     Ok(InviteToken::issue(&authority, cert, secret))
