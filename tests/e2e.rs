@@ -716,3 +716,46 @@ fn machines_are_found_by_installed_software_and_sessions_by_their_why() {
     let listed = org.world.caisey("alice", &["sessions", "--search", "backup engine"]).ok().stdout;
     assert!(listed.contains("payroll"), "{listed}");
 }
+
+/// A session of many megabytes exports a page of output at a time: the file, `show --json`
+/// and the CSV hold all of it exactly (characters cut by chunk edges, an invalid byte), and a
+/// wait that long shows its progress.
+#[test]
+fn a_large_session_exports_streamed_whole_and_shows_progress() {
+    let org = Org::new(&[("ws-40", "lab")]);
+    let w = &org.world;
+    let _agent = w.start_agent("ws-40");
+    const SIZE: usize = 12_000_000;
+    let script = format!("printf '\\377\\n'; yes 'héllo wörld ünïcode' | head -c {SIZE}; echo err-line >&2");
+    w.run_approved("alice", "ws-40", &["--machine", "ws-40", "--session", "big", "--", &script]).ok();
+    let mut raw = b"\xff\n".to_vec();
+    raw.extend("héllo wörld ünïcode\n".bytes().cycle().take(SIZE));
+    let expected = String::from_utf8_lossy(&raw).into_owned();
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("big.json");
+    let out = w.caisey("alice", &["export", "big", "--format", "json", "--out", file.to_str().expect("utf-8")]).ok();
+    assert!(out.stderr.contains("exporting: 0%") && out.stderr.contains("exporting: 100%"), "{}", out.stderr);
+    let written = std::fs::read_to_string(&file).expect("export");
+    let json: serde_json::Value = serde_json::from_str(&written).expect("export is JSON");
+    let cmd = &json["commands"][0];
+    assert!(cmd["stdout"].as_str() == Some(expected.as_str()), "stdout differs ({} bytes)", written.len());
+    assert_eq!(cmd["stderr"], "err-line\n");
+    assert_eq!(cmd["output_pending"], 0);
+
+    let shown = w.caisey("alice", &["show", "big", "--json"]).ok();
+    if shown.stdout.trim_end() != written.trim_end() {
+        let at = shown.stdout.bytes().zip(written.bytes()).position(|(a, b)| a != b).unwrap_or(0);
+        panic!(
+            "show --json ({} bytes) and the export ({} bytes) differ at {at}: {:?} / {:?}",
+            shown.stdout.len(),
+            written.len(),
+            String::from_utf8_lossy(&shown.stdout.as_bytes()[at.saturating_sub(80)..(at + 80).min(shown.stdout.len())]),
+            String::from_utf8_lossy(&written.as_bytes()[at.saturating_sub(80)..(at + 80).min(written.len())])
+        );
+    }
+
+    let csv = w.caisey("alice", &["export", "big", "--format", "csv"]).ok();
+    let row = csv.stdout.split_once("\r\n").map(|(_, r)| r).unwrap_or_default();
+    assert!(row.contains(&format!("\"{}\",\"err-line\n\"\r\n", expected)), "the CSV row lacks the output");
+}

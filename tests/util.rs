@@ -110,15 +110,25 @@ impl Drop for Running {
     }
 }
 
+/// Appends what `pipe` says to `into` as text; a character cut by a read's edge is kept for
+/// the next read rather than shown as U+FFFD.
 fn collect(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 8192];
-        while let Ok(n) = pipe.read(&mut buf) {
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let n = pipe.read(&mut buf).unwrap_or(0);
+            pending.extend_from_slice(&buf[..n]);
+            let cut = match std::str::from_utf8(&pending) {
+                Err(e) if n > 0 && e.error_len().is_none() => e.valid_up_to(),
+                _ => pending.len(),
+            };
+            if let Ok(mut s) = into.lock() {
+                s.push_str(&String::from_utf8_lossy(&pending[..cut]));
+            }
+            pending.drain(..cut);
             if n == 0 {
                 break;
-            }
-            if let Ok(mut s) = into.lock() {
-                s.push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         }
     });

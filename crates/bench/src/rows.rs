@@ -126,7 +126,7 @@ async fn one_agent_asked(name: &str, script: String, route: Route) -> Result<(Or
 }
 
 fn output_bytes(doc: &Automerge, req: &CommandRequest, stored: &dyn ChunkSource) -> usize {
-    SessionView::read_output_from(doc, req, 0, stored).0.iter().map(|c| c.data.len()).sum()
+    SessionView::read_output_from(doc, req, 0, usize::MAX, stored).0.iter().map(|c| c.data.len()).sum()
 }
 
 /// What the streaming rows measured.
@@ -300,7 +300,7 @@ pub async fn line_latency(lines: usize) -> Result<Vec<f64>> {
         let r = req.clone();
         let (chunks, next) = org
             .tech
-            .read_with_output(session, move |d, stored| SessionView::read_output_from(d, &r, pos, stored))
+            .read_with_output(session, move |d, stored| SessionView::read_output_from(d, &r, pos, usize::MAX, stored))
             .await?
             .unwrap_or_default();
         let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as f64;

@@ -798,12 +798,14 @@ impl SessionView {
 
     /// Verified output chunks of `request` from list position `from` on, and how far it read:
     /// lets a follower fetch only what is new. It stops before the first chunk whose bytes are
-    /// not here yet, so a later call picks up from there. References failing verification are
-    /// skipped here; `read` reports them.
+    /// not here yet, so a later call picks up from there, and once it holds `max_bytes` (a
+    /// page: output of any size is read in bounded pieces). References failing verification
+    /// are skipped here; `read` reports them.
     pub fn read_output_from(
         doc: &impl ReadDoc,
         request: &CommandRequest,
         from: usize,
+        max_bytes: usize,
         chunks: &dyn ChunkSource,
     ) -> (Vec<OutputChunk>, usize) {
         let Some(list) =
@@ -813,7 +815,11 @@ impl SessionView {
         };
         let mut out = Vec::new();
         let mut next = from;
+        let mut held = 0;
         for item in am::list_bytes(doc, &list, from) {
+            if held >= max_bytes {
+                break;
+            }
             let reference = verify_kind(&item, RecordKind::Output)
                 .ok()
                 .filter(|v| v.author == request.target)
@@ -821,13 +827,35 @@ impl SessionView {
                 .filter(|r| r.request == request.id);
             if let Some(r) = reference {
                 match chunks.chunk(&r.hash).and_then(|d| r.resolve(d)) {
-                    Some(chunk) => out.push(chunk),
+                    Some(chunk) => {
+                        held += chunk.data.len();
+                        out.push(chunk);
+                    }
                     None => break,
                 }
             }
             next += 1;
         }
         (out, next)
+    }
+
+    /// Each request's output size as its references give it (signed references only; whose
+    /// they are is checked when the bytes are read): what a reader of the whole output expects.
+    pub fn output_sizes(doc: &impl ReadDoc) -> BTreeMap<Id128, u64> {
+        let mut sizes = BTreeMap::new();
+        let Some(outputs) = am::root_map(doc, "outputs") else { return sizes };
+        for (key, list) in am::child_lists(doc, &outputs) {
+            let Ok(request) = key.parse::<Id128>() else { continue };
+            let total = am::list_bytes(doc, &list, 0)
+                .iter()
+                .filter_map(|item| verify_kind(item, RecordKind::Output).ok())
+                .filter_map(|v| OutputRef::decode(v.body).ok())
+                .filter(|r| r.request == request)
+                .map(|r| r.len)
+                .sum();
+            sizes.insert(request, total);
+        }
+        sizes
     }
 
     /// The hashes of output chunks referenced from each request's list position in `cursors`
@@ -1157,10 +1185,10 @@ mod tests {
         assert_eq!(shown, vec![0, 1]);
         assert_eq!(view.commands[0].output_pending, (line(2).len() + line(3).len()) as u64);
         // A follower stops before the gap and resumes there once the bytes arrive.
-        let (first, next) = SessionView::read_output_from(&doc, &reqs[0], 0, &chunks);
+        let (first, next) = SessionView::read_output_from(&doc, &reqs[0], 0, usize::MAX, &chunks);
         assert_eq!((first.len(), next), (2, 2));
         chunks.insert(chunk_hash(&line(2)), line(2));
-        let (rest, next) = SessionView::read_output_from(&doc, &reqs[0], next, &chunks);
+        let (rest, next) = SessionView::read_output_from(&doc, &reqs[0], next, usize::MAX, &chunks);
         assert_eq!((rest.iter().map(|c| c.seq).collect::<Vec<_>>(), next), (vec![2, 3], 4));
         // Bytes that do not match the signed hash are not shown.
         let mut wrong = all_chunks(&[(&reqs[0], 4)]);

@@ -73,11 +73,15 @@ pub enum Request {
         id: DocId,
     },
     /// Output of one command (as its session view gave it) from list position `from` on, as
-    /// far as it is here.
+    /// far as it is here, in a page of about [`OUTPUT_PAGE`] bytes.
     Output {
         session: DocId,
         request: Box<CommandRequest>,
         from: usize,
+    },
+    /// Each command's output size as referenced (what a whole read of it will bring).
+    OutputSizes {
+        session: DocId,
     },
     /// All output bytes of one command, stdout and stderr interleaved as written.
     OutputBytes {
@@ -143,6 +147,7 @@ impl Request {
                 | Request::FindSession { .. }
                 | Request::Session { .. }
                 | Request::Output { .. }
+                | Request::OutputSizes { .. }
                 | Request::OutputBytes { .. }
                 | Request::SessionJson { .. }
                 | Request::WaitDelivered { .. }
@@ -175,6 +180,7 @@ pub enum Reply {
     Found(DocId),
     Session(Box<SessionRead>),
     Output(OutputRead),
+    OutputSizes(Vec<(Id128, u64)>),
     Bytes(#[serde(with = "base64")] Vec<u8>),
     SessionJson(Box<SessionJson>),
     Asked(Vec<Asked>),
@@ -224,6 +230,10 @@ pub struct SessionRead {
     pub missing_chunks: usize,
     pub names: BTreeMap<NodeId, String>,
 }
+
+/// How much output one read brings at most (a chunk more, at the edge): a reply line stays
+/// small whatever the command printed, and a reader of a huge output holds a page at a time.
+pub const OUTPUT_PAGE: usize = 4 * 1024 * 1024;
 
 /// Output chunks read from a list position on, and the position to read from next.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

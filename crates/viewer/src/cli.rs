@@ -335,6 +335,24 @@ async fn service(opts: &NodeOptions, args: &NodeArgs, what: ServiceCommand) -> R
     Ok(ExitCode::SUCCESS)
 }
 
+/// An export, with its progress shown when it is big enough to wait for.
+async fn export_with_progress(
+    client: &Client,
+    id: caisey_doc::id::DocId,
+    format: ExportFormat,
+    out: &mut (dyn std::io::Write + Send),
+) -> Result<u64> {
+    /// Smaller exports take a moment: no progress shown.
+    const SHOWN_FROM: u64 = 8 * 1024 * 1024;
+    let total = crate::transcript::export_size(client, id).await?;
+    let mut progress = Progress::bytes(total, Mode::for_stderr(total < SHOWN_FROM));
+    let mut report = |done: u64| {
+        let tenths = done.saturating_mul(10) / total.max(1);
+        progress.update(done, &format!("exporting: {}%", tenths * 10));
+    };
+    crate::transcript::export_to(client, id, format, out, &mut report).await
+}
+
 /// Waits for the node's first catch-up with the org, saying so when it reached nobody. A wait
 /// of more than a moment is shown (a node that was offline for long has much to catch up on).
 async fn online(client: &Client) -> Result<()> {
@@ -454,7 +472,11 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
             online(client).await?;
             let id = client.find_session(&session).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&client.session_json(id).await?)?);
+                // Streamed a page of output at a time: a session of any size, in flat memory.
+                let mut out = std::io::BufWriter::new(std::io::stdout());
+                crate::transcript::export_to(client, id, ExportFormat::Json, &mut out, &mut |_| {}).await?;
+                std::io::Write::write_all(&mut out, b"\n")?;
+                std::io::Write::flush(&mut out)?;
                 return Ok(ExitCode::SUCCESS);
             }
             let mut follower = Follower::new(id, None, OutputStyle::Labelled);
@@ -533,18 +555,30 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
         Command::Export { session, format, out } => {
             online(client).await?;
             let id = client.find_session(&session).await?;
-            let (bytes, pending) = crate::transcript::export(client, id, format).await?;
+            let pending = match out {
+                Some(path) => {
+                    // Written beside the destination and moved into place: a failed export
+                    // leaves no half file behind.
+                    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+                    let mut file = tempfile::NamedTempFile::new_in(dir)
+                        .with_context(|| format!("writing into {}", dir.display()))?;
+                    let mut writer = std::io::BufWriter::new(file.as_file_mut());
+                    let pending = export_with_progress(client, id, format, &mut writer).await?;
+                    drop(writer);
+                    let size = file.as_file().metadata()?.len();
+                    file.persist(&path).with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("wrote {} ({size} bytes)", path.display());
+                    pending
+                }
+                None => {
+                    let mut out = std::io::BufWriter::new(std::io::stdout());
+                    export_with_progress(client, id, format, &mut out).await?
+                }
+            };
             if pending > 0 {
                 eprintln!(
                     "warning: {pending} bytes of output have not reached this machine yet; the export has the rest"
                 );
-            }
-            match out {
-                Some(path) => {
-                    std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
-                    eprintln!("wrote {} ({} bytes)", path.display(), bytes.len());
-                }
-                None => std::io::Write::write_all(&mut std::io::stdout(), &bytes)?,
             }
         }
         Command::Unshare { link } => {

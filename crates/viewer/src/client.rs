@@ -213,6 +213,11 @@ impl Client {
         expect!(self.call(request).await?, Reply::Output(o) => o)
     }
 
+    /// Each command's output size, as referenced in the session.
+    pub async fn output_sizes(&self, session: DocId) -> Result<std::collections::BTreeMap<Id128, u64>> {
+        expect!(self.call(Request::OutputSizes { session }).await?, Reply::OutputSizes(s) => s.into_iter().collect())
+    }
+
     pub async fn output_bytes(&self, session: DocId, request: Id128) -> Result<Vec<u8>> {
         expect!(self.call(Request::OutputBytes { session, request }).await?, Reply::Bytes(b) => b)
     }

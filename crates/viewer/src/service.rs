@@ -162,13 +162,21 @@ impl TechService {
             Request::Output { session, request, from } => {
                 let read = node
                     .read_with_output(session, move |d, stored| {
-                        let (chunks, next) = SessionView::read_output_from(d, &request, from, stored);
+                        let (chunks, next) =
+                            SessionView::read_output_from(d, &request, from, crate::api::OUTPUT_PAGE, stored);
                         let chunks = chunks.into_iter().map(|c| Chunk { stream: c.stream, data: c.data }).collect();
                         OutputRead { chunks, next }
                     })
                     .await?
                     .ok_or_else(|| anyhow!("session {} is not here", session.short()))?;
                 Reply::Output(read)
+            }
+            Request::OutputSizes { session } => {
+                let sizes = node
+                    .read_with_fleet(session, |d, _| SessionView::output_sizes(d))
+                    .await?
+                    .ok_or_else(|| anyhow!("session {} is not here", session.short()))?;
+                Reply::OutputSizes(sizes.into_iter().collect())
             }
             Request::OutputBytes { session, request } => {
                 Reply::Bytes(tech::output_bytes(node, session, request).await?)

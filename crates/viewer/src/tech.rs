@@ -659,7 +659,7 @@ pub async fn output_bytes(node: &Node, session: DocId, request: Id128) -> Result
     node.read_with_output(session, move |d, stored| -> Result<Vec<u8>> {
         let view = SessionView::read_without_output(d, &fleet)?;
         let cmd = view.command(&request).ok_or_else(|| anyhow!("no command {} here", request.short()))?;
-        let (chunks, _) = SessionView::read_output_from(d, &cmd.request, 0, stored);
+        let (chunks, _) = SessionView::read_output_from(d, &cmd.request, 0, usize::MAX, stored);
         Ok(chunks.into_iter().flat_map(|c| c.data).collect())
     })
     .await?

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use caisey_agent::escape::{visible, visible_line};
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::session::{CommandView, EndStatus, SessionView, Stream, Verdict};
@@ -138,11 +138,18 @@ impl Follower {
             };
             status(format!("── {}  {machine}: {what}", time(d.decided_at)));
         }
-        // Output: only the chunks appended since last time.
-        let read = client.output(self.session, &cmd.request, seen.output_pos).await?;
-        seen.output_pos = read.next;
-        for chunk in read.chunks {
-            write_output(style, &machine, seen, chunk.stream, &chunk.data)?;
+        // Output: only the chunks appended since last time, a page at a time.
+        loop {
+            let read = client.output(self.session, &cmd.request, seen.output_pos).await?;
+            let full = read.chunks.iter().map(|c| c.data.len()).sum::<usize>() >= crate::api::OUTPUT_PAGE;
+            let moved = read.next != seen.output_pos;
+            seen.output_pos = read.next;
+            for chunk in read.chunks {
+                write_output(style, &machine, seen, chunk.stream, &chunk.data)?;
+            }
+            if !(full && moved) {
+                break;
+            }
         }
         if let (false, Some(e)) = (seen.end, &cmd.end) {
             seen.end = true;
@@ -276,24 +283,7 @@ pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
                 )
                 .into_owned()
             };
-            CommandJson {
-                id: c.request.id,
-                code: c.request.approval_code(),
-                machine: name_of(&names, &c.request.target),
-                requester: name_of(&names, &c.requester),
-                shell: c.request.command.shell.to_string(),
-                script: c.request.command.script.clone(),
-                description: c.request.description.clone(),
-                status: c.status().to_string(),
-                exit_code: c.end.as_ref().and_then(|e| e.exit_code),
-                requested_at: c.request.requested_at,
-                decided_by: c.decision.as_ref().map(|d| d.decided_by.clone()),
-                started_at: c.start.as_ref().map(|s| s.started_at),
-                ended_at: c.end.as_ref().map(|e| e.ended_at),
-                stdout: text(Stream::Stdout),
-                stderr: text(Stream::Stderr),
-                output_pending: c.output_pending,
-            }
+            CommandJson { stdout: text(Stream::Stdout), stderr: text(Stream::Stderr), ..command_json(c, &names) }
         })
         .collect();
     Ok(SessionJson {
@@ -306,44 +296,107 @@ pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
     })
 }
 
+/// One command as `show --json` and the exports give it, without its output.
+fn command_json(c: &CommandView, names: &BTreeMap<NodeId, String>) -> CommandJson {
+    CommandJson {
+        id: c.request.id,
+        code: c.request.approval_code(),
+        machine: name_of(names, &c.request.target),
+        requester: name_of(names, &c.requester),
+        shell: c.request.command.shell.to_string(),
+        script: c.request.command.script.clone(),
+        description: c.request.description.clone(),
+        status: c.status().to_string(),
+        exit_code: c.end.as_ref().and_then(|e| e.exit_code),
+        requested_at: c.request.requested_at,
+        decided_by: c.decision.as_ref().map(|d| d.decided_by.clone()),
+        started_at: c.start.as_ref().map(|s| s.started_at),
+        ended_at: c.end.as_ref().map(|e| e.ended_at),
+        stdout: String::new(),
+        stderr: String::new(),
+        output_pending: c.output_pending,
+    }
+}
+
 /// A session as CSV, one row per command, for spreadsheets. Cells are quoted as RFC 4180 says,
 /// and a cell that a spreadsheet would take for a formula (`=`, `+`, `-`, `@`, tab, CR at its
 /// start) is prefixed with `'`: output and commands come from other machines and must stay text.
 pub fn session_csv(s: &SessionJson) -> String {
-    fn cell(v: &str) -> String {
-        let v = if v.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{v}") } else { v.to_string() };
-        format!("\"{}\"", v.replace('"', "\"\""))
-    }
-    let opt = |v: Option<u64>| v.map(time).unwrap_or_default();
-    let mut out = String::from(
-        "session,session_name,command_id,machine,requested_by,shell,script,description,status,exit_code,requested_at,decided_by,\
-         started_at,ended_at,duration_ms,stdout,stderr\r\n",
-    );
+    let mut out = String::from(CSV_HEADER);
     for c in &s.commands {
-        let duration = c.started_at.zip(c.ended_at).map(|(a, b)| b.saturating_sub(a).to_string()).unwrap_or_default();
-        let row = [
-            s.id.to_hex(),
-            s.name.clone(),
-            c.id.to_hex(),
-            c.machine.clone(),
-            c.requester.clone(),
-            c.shell.clone(),
-            c.script.clone(),
-            c.description.clone(),
-            c.status.clone(),
-            c.exit_code.map(|e| e.to_string()).unwrap_or_default(),
-            time(c.requested_at),
-            c.decided_by.clone().unwrap_or_default(),
-            opt(c.started_at),
-            opt(c.ended_at),
-            duration,
-            c.stdout.clone(),
-            c.stderr.clone(),
-        ];
-        out.push_str(&row.iter().map(|v| cell(v)).collect::<Vec<_>>().join(","));
+        let mut row = csv_fixed_cells(s.id, &s.name, c);
+        row.push(csv_cell(&c.stdout));
+        row.push(csv_cell(&c.stderr));
+        out.push_str(&row.join(","));
         out.push_str("\r\n");
     }
     out
+}
+
+const CSV_HEADER: &str = "session,session_name,command_id,machine,requested_by,shell,script,description,status,exit_code,\
+    requested_at,decided_by,started_at,ended_at,duration_ms,stdout,stderr\r\n";
+
+/// A cell as RFC 4180 quotes it, defused if a spreadsheet would take it for a formula.
+fn csv_cell(v: &str) -> String {
+    let mut cell = CsvCell::default();
+    let mut out = cell.piece(v);
+    out.push_str(&cell.end());
+    out
+}
+
+/// A CSV cell written a piece at a time: quoted, its quotes doubled, and `'` put before a
+/// formula character (`=`, `+`, `-`, `@`, tab, CR) at its very start.
+#[derive(Debug, Default)]
+struct CsvCell {
+    started: bool,
+}
+
+impl CsvCell {
+    fn piece(&mut self, text: &str) -> String {
+        let mut out = String::new();
+        if text.is_empty() {
+            return out;
+        }
+        if !self.started {
+            self.started = true;
+            out.push('"');
+            if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+                out.push('\'');
+            }
+        }
+        out.push_str(&text.replace('"', "\"\""));
+        out
+    }
+
+    fn end(&mut self) -> String {
+        if self.started { "\"".into() } else { "\"\"".into() }
+    }
+}
+
+/// Every cell of a command's row before its output.
+fn csv_fixed_cells(session: DocId, name: &str, c: &CommandJson) -> Vec<String> {
+    let opt = |v: Option<u64>| v.map(time).unwrap_or_default();
+    let duration = c.started_at.zip(c.ended_at).map(|(a, b)| b.saturating_sub(a).to_string()).unwrap_or_default();
+    [
+        session.to_hex(),
+        name.to_string(),
+        c.id.to_hex(),
+        c.machine.clone(),
+        c.requester.clone(),
+        c.shell.clone(),
+        c.script.clone(),
+        c.description.clone(),
+        c.status.clone(),
+        c.exit_code.map(|e| e.to_string()).unwrap_or_default(),
+        time(c.requested_at),
+        c.decided_by.clone().unwrap_or_default(),
+        opt(c.started_at),
+        opt(c.ended_at),
+        duration,
+    ]
+    .iter()
+    .map(|v| csv_cell(v))
+    .collect()
 }
 
 /// The export formats of `caisey export` and the viewer.
@@ -362,17 +415,169 @@ impl ExportFormat {
     }
 }
 
-/// A session exported in `format`, as bytes to write.
-/// The session as `format`, and how many bytes of its output are not here yet (the export
-/// holds what is).
+/// The session as `format`, in memory (the viewer's save), and how many bytes of its output
+/// are not here yet (the export holds what is).
 pub async fn export(client: &Client, session: DocId, format: ExportFormat) -> Result<(Vec<u8>, u64)> {
-    let json = client.session_json(session).await?;
-    let pending = json.commands.iter().map(|c| c.output_pending).sum();
-    let bytes = match format {
-        ExportFormat::Json => serde_json::to_vec_pretty(&json)?,
-        ExportFormat::Csv => session_csv(&json).into_bytes(),
-    };
+    let mut bytes = Vec::new();
+    let pending = export_to(client, session, format, &mut bytes, &mut |_| {}).await?;
     Ok((bytes, pending))
+}
+
+/// Writes the session as `format` to `out` with its output read a page at a time, so memory
+/// stays flat whatever the session holds (the same JSON as `show --json`, byte for byte).
+/// `progress` hears how many output bytes are written so far, of [`export_size`]. Returns
+/// how many bytes of output are not here yet: the export holds what is.
+pub async fn export_to(
+    client: &Client,
+    session: DocId,
+    format: ExportFormat,
+    out: &mut (dyn Write + Send),
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> Result<u64> {
+    let SessionRead { view, names, .. } = client.session(session).await?;
+    let sizes = client.output_sizes(session).await?;
+    let mut outline = SessionJson {
+        id: session,
+        name: view.info.name.clone(),
+        labels: view.info.labels.clone(),
+        machines: view.targets.iter().map(|t| name_of(&names, t)).collect(),
+        commands: view.commands.iter().map(|c| command_json(c, &names)).collect(),
+        quarantined: view.quarantined.clone(),
+    };
+    let mut streamer = OutputStreamer { client, session, written: 0, progress };
+    let mut pending = 0;
+    match format {
+        ExportFormat::Csv => {
+            out.write_all(CSV_HEADER.as_bytes())?;
+            for (c, json) in view.commands.iter().zip(&outline.commands) {
+                out.write_all(csv_fixed_cells(session, &outline.name, json).join(",").as_bytes())?;
+                let mut here = 0;
+                for stream in [Stream::Stdout, Stream::Stderr] {
+                    out.write_all(b",")?;
+                    let mut cell = CsvCell::default();
+                    here = streamer.stream(c, stream, &mut |text| out.write_all(cell.piece(text).as_bytes())).await?;
+                    out.write_all(cell.end().as_bytes())?;
+                }
+                pending += sizes.get(&c.request.id).copied().unwrap_or(0).saturating_sub(here);
+                out.write_all(b"\r\n")?;
+            }
+        }
+        ExportFormat::Json => {
+            // The outline, serialized as `show --json` is, with markers where the output goes;
+            // written up to each marker, then the output streamed in its place.
+            let tag: u64 = rand::random();
+            let marker = |what: char, i: usize| format!("\u{0}{tag:016x}{what}{i}");
+            let pending_base = (1u64 << 62) | (tag >> 2);
+            for (i, c) in outline.commands.iter_mut().enumerate() {
+                c.stdout = marker('o', i);
+                c.stderr = marker('e', i);
+                c.output_pending = pending_base + i as u64;
+            }
+            let text = serde_json::to_string_pretty(&outline)?;
+            let mut rest = text.as_str();
+            for (i, c) in view.commands.iter().enumerate() {
+                let mut here = 0;
+                for (what, stream) in [('o', Stream::Stdout), ('e', Stream::Stderr)] {
+                    let at = serde_json::to_string(&marker(what, i))?;
+                    let (before, after) = rest.split_once(&at).context("export: output marker missing")?;
+                    out.write_all(before.as_bytes())?;
+                    out.write_all(b"\"")?;
+                    here = streamer
+                        .stream(c, stream, &mut |text| {
+                            let quoted = serde_json::to_string(text).map_err(std::io::Error::other)?;
+                            out.write_all(quoted[1..quoted.len() - 1].as_bytes())
+                        })
+                        .await?;
+                    out.write_all(b"\"")?;
+                    rest = after;
+                }
+                let missing = sizes.get(&c.request.id).copied().unwrap_or(0).saturating_sub(here);
+                pending += missing;
+                let (before, after) =
+                    rest.split_once(&(pending_base + i as u64).to_string()).context("export: marker missing")?;
+                out.write_all(before.as_bytes())?;
+                out.write_all(missing.to_string().as_bytes())?;
+                rest = after;
+            }
+            out.write_all(rest.as_bytes())?;
+        }
+    }
+    out.flush()?;
+    Ok(pending)
+}
+
+/// The output bytes an export of the session writes (what its references add up to).
+pub async fn export_size(client: &Client, session: DocId) -> Result<u64> {
+    Ok(client.output_sizes(session).await?.values().sum())
+}
+
+/// Reads one command's output a page at a time and hands on one stream of it as text.
+struct OutputStreamer<'a> {
+    client: &'a Client,
+    session: DocId,
+    written: u64,
+    progress: &'a mut (dyn FnMut(u64) + Send),
+}
+
+type TextSink<'a> = &'a mut (dyn FnMut(&str) -> std::io::Result<()> + Send);
+
+impl OutputStreamer<'_> {
+    /// Hands `write` the text of `stream` (invalid UTF-8 shown as U+FFFD, as
+    /// `String::from_utf8_lossy` shows the whole), as far as the output is here. Returns how
+    /// many bytes of output, of both streams, are here.
+    async fn stream(&mut self, cmd: &CommandView, stream: Stream, write: TextSink<'_>) -> Result<u64> {
+        let mut from = 0;
+        let mut here = 0;
+        let mut carry: Vec<u8> = Vec::new();
+        loop {
+            let read = self.client.output(self.session, &cmd.request, from).await?;
+            let page: usize = read.chunks.iter().map(|c| c.data.len()).sum();
+            here += page as u64;
+            for chunk in read.chunks.into_iter().filter(|c| c.stream == stream) {
+                carry.extend_from_slice(&chunk.data);
+                let kept = utf8_write(&carry, false, write)?;
+                carry.drain(..carry.len() - kept);
+                self.written += chunk.data.len() as u64;
+                (self.progress)(self.written);
+            }
+            if read.next == from || page < crate::api::OUTPUT_PAGE {
+                break;
+            }
+            from = read.next;
+        }
+        utf8_write(&carry, true, write)?;
+        Ok(here)
+    }
+}
+
+/// Writes the valid UTF-8 of `bytes` (U+FFFD for each invalid sequence) and returns how many
+/// bytes at the end were held back: a character cut by a chunk's edge, unless `last`.
+fn utf8_write(bytes: &[u8], last: bool, write: TextSink<'_>) -> std::io::Result<usize> {
+    let mut rest = bytes;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(text) => {
+                write(text)?;
+                return Ok(0);
+            }
+            Err(e) => {
+                let (valid, after) = rest.split_at(e.valid_up_to());
+                // Checked just above: these bytes are UTF-8.
+                write(std::str::from_utf8(valid).unwrap_or_default())?;
+                match e.error_len() {
+                    Some(bad) => {
+                        write("\u{FFFD}")?;
+                        rest = &after[bad..];
+                    }
+                    None if last => {
+                        write("\u{FFFD}")?;
+                        return Ok(0);
+                    }
+                    None => return Ok(after.len()),
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -412,5 +617,55 @@ mod tests {
         assert!(csv.contains("\"df -h\nuptime\""), "{csv}");
         assert!(csv.contains("\"'=HYPERLINK(\"\"http://x\"\")\""), "{csv}");
         assert!(csv.contains(",\"2500\","), "{csv}");
+    }
+
+    /// Text streamed through [`utf8_write`] in pieces cut anywhere, as CSV cells or not, is
+    /// what the whole would have given.
+    mod streamed {
+        use super::super::{CsvCell, csv_cell, utf8_write};
+        use proptest::prelude::*;
+
+        fn streamed(bytes: &[u8], cuts: &[usize]) -> String {
+            let mut text = String::new();
+            let mut carry = Vec::new();
+            let mut start = 0;
+            let mut ends: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            ends.sort();
+            ends.push(bytes.len());
+            for end in ends {
+                carry.extend_from_slice(&bytes[start..end.max(start)]);
+                start = end.max(start);
+                let kept = utf8_write(&carry, false, &mut |t| {
+                    text.push_str(t);
+                    Ok(())
+                })
+                .unwrap();
+                carry.drain(..carry.len() - kept);
+            }
+            utf8_write(&carry, true, &mut |t| {
+                text.push_str(t);
+                Ok(())
+            })
+            .unwrap();
+            text
+        }
+
+        proptest! {
+            #[test]
+            fn any_cuts_give_the_lossy_whole(
+                bytes in proptest::collection::vec(prop_oneof![any::<u8>(), Just(0xc3), Just(0xa9), Just(0xe2), Just(0x82), Just(0xac)], 0..64),
+                cuts in proptest::collection::vec(any::<usize>(), 0..6),
+            ) {
+                prop_assert_eq!(streamed(&bytes, &cuts), String::from_utf8_lossy(&bytes).into_owned());
+            }
+
+            #[test]
+            fn a_cell_in_pieces_is_the_cell_of_the_whole(pieces in proptest::collection::vec("[=+@a-c\"\t-]{0,4}", 0..5)) {
+                let mut cell = CsvCell::default();
+                let mut out: String = pieces.iter().map(|p| cell.piece(p)).collect();
+                out.push_str(&cell.end());
+                prop_assert_eq!(out, csv_cell(&pieces.concat()));
+            }
+        }
     }
 }
