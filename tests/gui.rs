@@ -59,7 +59,15 @@ fn viewer<'a>(org: &Org, name: &str, rt: &tokio::runtime::Runtime) -> Harness<'a
         home: Home::new(Some(org.world.home(name)), "caisey").expect("home"),
         listen: "127.0.0.1:0".parse().expect("addr"),
     };
-    let client = rt.block_on(Client::connect(&opts, Some(caisey_viewer::background::Starter { exe: caisey_tests::bin("caisey"), idle_exit: std::time::Duration::from_secs(600) }))).expect("client");
+    let client = rt
+        .block_on(Client::connect(
+            &opts,
+            Some(caisey_viewer::background::Starter {
+                exe: caisey_tests::bin("caisey"),
+                idle_exit: std::time::Duration::from_secs(600),
+            }),
+        ))
+        .expect("client");
     let (handle, _task) = backend::spawn(rt.handle(), client, true);
     Harness::builder()
         .with_size([1280.0, 900.0])

@@ -198,7 +198,7 @@ fn relay_and_technician_units_verify_and_go_away() {
     assert!(text.contains(&format!("ExecStart={} up\n", bin("caisey").display())), "{text}");
     assert!(text.contains(&format!("Environment=\"CAISEY_HOME={}\"", w.home("alice").display())), "{text}");
     assert!(user_home.path().join(".config/systemd/user/default.target.wants/caisey.service").exists());
-    verify_units(&[unit.clone()], true);
+    verify_units(std::slice::from_ref(&unit), true);
     as_user(&["service", "uninstall"]);
     assert!(!unit.exists() && !user_home.path().join(".config/systemd").exists());
 }
@@ -344,7 +344,11 @@ fn the_install_script_checks_the_binary_is_idempotent_and_says_what_failed() {
             .env("RUST_LOG", "error")
             .output()
             .expect("sh");
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let from = agent.to_str().expect("utf-8");
     let placed = root.path().join("usr/local/bin/caisey-agent");
@@ -432,7 +436,8 @@ fn a_group_run_shows_its_progress_live_on_a_terminal_and_as_plain_lines_in_a_pip
         };
     }
     let tty = {
-        let mut running = script.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("script");
+        let mut running =
+            script.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("script");
         let mut approved = 0;
         for machine in ["ws-31", "ws-32"] {
             // Requests from the piped run were answered; wait for the new one.

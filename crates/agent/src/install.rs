@@ -93,7 +93,9 @@ async fn enroll_once(node: &Node, req: &Install) -> Result<String> {
         let name = fleet.members.get(&node.id()).map(|m| m.name.clone()).unwrap_or_default();
         return Ok(format!("already enrolled as {name:?} in org {:?}; kept", fleet.org_name));
     }
-    let Some(token) = token else { bail!("this machine is not enrolled yet: give the token from `caisey invite agent`") };
+    let Some(token) = token else {
+        bail!("this machine is not enrolled yet: give the token from `caisey invite agent`")
+    };
     if token.cert.role != caisey_doc::fleet::Role::Agent {
         bail!("this token enrolls a {}; use `caisey join` for technicians", token.cert.role);
     }

@@ -329,8 +329,11 @@ mod tests {
                 .and_then(|(_, ends)| d.get(&ends, r.id.to_hex()).ok().flatten())
                 .and_then(|(v, _)| v.into_bytes().ok())
                 .and_then(|b| verify_kind(&b, RecordKind::End).ok()?.json::<End>().ok());
-            let out: Vec<u8> =
-                SessionView::read_output_from(d, &r, 0, usize::MAX, stored).0.into_iter().flat_map(|c| c.data).collect();
+            let out: Vec<u8> = SessionView::read_output_from(d, &r, 0, usize::MAX, stored)
+                .0
+                .into_iter()
+                .flat_map(|c| c.data)
+                .collect();
             let changes = d.get_changes(&[]).len() - before;
             (changes, end.and_then(|e| e.exit_code), String::from_utf8_lossy(&out).into_owned())
         })

@@ -120,7 +120,11 @@ pub fn init_tracing_with(default: &str) {
     // A `RUST_LOG` that says nothing of iroh keeps them quiet too.
     let filter = match std::env::var("RUST_LOG") {
         Ok(asked) if !asked.trim().is_empty() => {
-            if asked.contains("iroh") { asked } else { format!("{asked},{QUIET}") }
+            if asked.contains("iroh") {
+                asked
+            } else {
+                format!("{asked},{QUIET}")
+            }
         }
         _ => format!("{default},{QUIET}"),
     };

@@ -72,7 +72,7 @@ pub struct Effective {
 pub fn parse_or_exit<C: clap::Parser>(name: &str, app: &str) -> (C, Layers) {
     let args: Vec<OsString> = std::env::args_os().collect();
     match parse_from::<C>(name, app, args) {
-        Ok(Parsed::Done(cli, layers)) => (cli, layers),
+        Ok(Parsed::Done(cli, layers)) => (cli, *layers),
         Ok(Parsed::Clap(e)) => e.exit(),
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -84,7 +84,7 @@ pub fn parse_or_exit<C: clap::Parser>(name: &str, app: &str) -> (C, Layers) {
 /// The outcome of [`parse_from`]: parsed, or clap's own error (help and version included).
 #[derive(Debug)]
 pub enum Parsed<C> {
-    Done(C, Layers),
+    Done(C, Box<Layers>),
     Clap(clap::Error),
 }
 
@@ -104,7 +104,16 @@ pub fn parse_from<C: clap::Parser>(name: &str, app: &str, args: Vec<OsString>) -
         Err(e) => return Ok(Parsed::Clap(e)),
     };
     match C::from_arg_matches(&matches) {
-        Ok(cli) => Ok(Parsed::Done(cli, Layers { file, default_file: default_path(name), default_home: crate::home::default_dir(app), command, matches })),
+        Ok(cli) => Ok(Parsed::Done(
+            cli,
+            Box::new(Layers {
+                file,
+                default_file: default_path(name),
+                default_home: crate::home::default_dir(app),
+                command,
+                matches,
+            }),
+        )),
         Err(e) => Ok(Parsed::Clap(e)),
     }
 }
@@ -175,7 +184,8 @@ fn collect(
         }
         let flag = name.replace('_', "-");
         let Some(arg) = settings(command).find(|a| a.get_long() == Some(flag.as_str())) else {
-            let known: Vec<String> = settings(command).filter_map(|a| a.get_long()).map(|l| l.replace('-', "_")).collect();
+            let known: Vec<String> =
+                settings(command).filter_map(|a| a.get_long()).map(|l| l.replace('-', "_")).collect();
             bail!(
                 "{}: unknown setting `{full_key}` (settings here: {})",
                 here(),

@@ -235,7 +235,9 @@ pub enum ConnectError {
     #[error("{0}")]
     Refused(String),
     /// The socket is there but this user may not use it.
-    #[error("this user may not use {0} (permission denied); its owner, or a member of the group it is shared with, may")]
+    #[error(
+        "this user may not use {0} (permission denied); its owner, or a member of the group it is shared with, may"
+    )]
     Denied(String),
     #[error("talking to the node: {0:#}")]
     Io(anyhow::Error),

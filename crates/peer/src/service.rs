@@ -130,10 +130,9 @@ fn manager_running(scope: Scope, root: &Root) -> bool {
     }
     match scope {
         Scope::System => true,
-        Scope::User => Command::new("systemctl")
-            .args(["--user", "is-system-running"])
-            .output()
-            .is_ok_and(|o| !o.stdout.is_empty()),
+        Scope::User => {
+            Command::new("systemctl").args(["--user", "is-system-running"]).output().is_ok_and(|o| !o.stdout.is_empty())
+        }
     }
 }
 

@@ -18,8 +18,8 @@ use caisey_peer::local::{Answer, ConnectError, Connection, Service};
 use caisey_peer::node::NodeOptions;
 use tokio::sync::{Mutex, mpsc};
 
-use crate::background::Starter;
 use crate::api::{Event, NodeStatus, OrgInfo, OutputRead, Reply, Request, SessionRead, TechApi};
+use crate::background::Starter;
 use crate::service::TechService;
 use crate::tech::{Asked, Awaiting, Machine, PastRun, RunRequest, SessionSummary, SyncStatus};
 use crate::transcript::SessionJson;
@@ -140,9 +140,7 @@ impl Client {
                 Answer::Stream(rx) => rx,
                 Answer::One(_) => bail!("the node did not answer a watch with a stream"),
             },
-            Inner::Socket { opts, starter, .. } => {
-                open(opts, starter.as_ref()).await?.stream(&Request::Watch).await?
-            }
+            Inner::Socket { opts, starter, .. } => open(opts, starter.as_ref()).await?.stream(&Request::Watch).await?,
         };
         let mut watch = Watch { rx };
         // The node says when it has subscribed: from then on no change is missed.

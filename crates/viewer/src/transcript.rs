@@ -485,7 +485,7 @@ pub async fn export_to(
                     here = streamer
                         .stream(c, stream, &mut |text| {
                             let quoted = serde_json::to_string(text).map_err(std::io::Error::other)?;
-                            out.write_all(quoted[1..quoted.len() - 1].as_bytes())
+                            out.write_all(&quoted.as_bytes()[1..quoted.len() - 1])
                         })
                         .await?;
                     out.write_all(b"\"")?;
