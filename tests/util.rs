@@ -193,6 +193,12 @@ impl World {
             std::env::var("CAISEY_TEST_LOG").unwrap_or_else(|_| "error,iroh::socket::transports::relay=off".into()),
         );
         cmd.env_remove("CAISEY_HOME").env_remove("CAISEY_LISTEN");
+        // Settings of this machine's own (an installed agent's /etc/caisey) stay out of tests.
+        let settings = self.root.path().join("no-settings.toml");
+        if !settings.exists() {
+            let _ = std::fs::write(&settings, "# tests run on flags alone\n");
+        }
+        cmd.env("CAISEY_CONFIG", settings);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd
     }

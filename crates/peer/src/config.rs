@@ -8,8 +8,10 @@
 //! doing all the parsing and validating; each is also checked on its own first, so that a bad one
 //! is reported with the file, the key and the line.
 //!
-//! The file is `--config FILE`, else `CAISEY_CONFIG`, else `NAME.toml` in the platform config
-//! directory's `caisey` folder (`~/.config/caisey/agent.toml` on Linux) when it exists.
+//! The file is `--config FILE`, else `CAISEY_CONFIG`, else `NAME.toml` in the user's platform
+//! config directory (`~/.config/caisey/agent.toml` on Linux), else the machine's
+//! (`/etc/caisey/agent.toml`, written by `install`): the first that exists. So every command on
+//! a machine with an installed agent finds that agent without being told.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -45,8 +47,9 @@ struct Entry {
 #[derive(Debug)]
 pub struct Layers {
     pub file: ConfigFile,
-    /// Where the file is looked for when none is named.
+    /// Where the file is looked for when none is named: the user's, then the machine's.
     default_file: Option<PathBuf>,
+    system_file: Option<PathBuf>,
     /// The home used when none is set.
     default_home: Option<PathBuf>,
     command: Command,
@@ -109,6 +112,7 @@ pub fn parse_from<C: clap::Parser>(name: &str, app: &str, args: Vec<OsString>) -
             Box::new(Layers {
                 file,
                 default_file: default_path(name),
+                system_file: system_path(name),
                 default_home: crate::home::default_dir(app),
                 command,
                 matches,
@@ -139,7 +143,12 @@ fn config_path(name: &str, args: &[OsString]) -> Result<Option<PathBuf>> {
         }
         return Ok(Some(path));
     }
-    Ok(default_path(name).filter(|p| p.is_file()))
+    Ok([default_path(name), system_path(name)].into_iter().flatten().find(|p| p.is_file()))
+}
+
+/// `NAME.toml` in the machine's config directory.
+pub fn system_path(name: &str) -> Option<PathBuf> {
+    if cfg!(unix) { Some(PathBuf::from("/etc/caisey").join(format!("{name}.toml"))) } else { None }
 }
 
 /// `NAME.toml` in the platform config directory's `caisey` folder.
@@ -255,7 +264,7 @@ impl Layers {
     pub fn without_file<C: CommandFactory>(args: Vec<OsString>) -> Result<Self> {
         let command = C::command();
         let matches = command.clone().try_get_matches_from(args)?;
-        Ok(Self { file: ConfigFile::default(), default_file: None, default_home: None, command, matches })
+        Ok(Self { file: ConfigFile::default(), default_file: None, system_file: None, default_home: None, command, matches })
     }
 
     /// Every setting of the binary, with its effective value and source. Settings of other
@@ -329,7 +338,12 @@ impl Layers {
         let mut out = String::new();
         match (&self.file.path, &self.default_file) {
             (Some(p), _) => writeln!(out, "config file: {}", p.display()),
-            (None, Some(p)) => writeln!(out, "config file: none ({} does not exist)", p.display()),
+            (None, Some(p)) => writeln!(
+                out,
+                "config file: none ({} and {} do not exist)",
+                p.display(),
+                self.system_file.as_deref().unwrap_or(Path::new("-")).display()
+            ),
             (None, None) => writeln!(out, "config file: none"),
         }
         .ok();
