@@ -2,6 +2,7 @@
 # Installs the Caisey agent on a Linux machine in one line, for MDM tools and scripts:
 #
 #   sudo sh install-agent.sh --from URL-or-FILE --sha256 HEX [--user USER]... TOKEN
+#   sudo sh install-agent.sh --uninstall [--delete-store]
 #
 # 1. fetches the caisey-agent binary (a URL, with curl or wget, or a file on a share);
 # 2. checks its SHA-256 against the one given, and refuses anything else;
@@ -9,6 +10,9 @@
 # 4. runs `caisey-agent install TOKEN`: enrolls, writes and starts the service, adds the
 #    consent window to every graphical login, lets --user accounts approve;
 # 5. writes its man pages and bash completion.
+#
+# --uninstall takes off all of it: the service, the consent window, the settings, the group,
+# the binary, its man pages and completion (and the store, with --delete-store).
 #
 # Safe to run again (an MDM re-runs scripts): the same binary is left as it is, an enrolled
 # machine keeps its enrollment. Every failure is one line on stderr and a non-zero exit:
@@ -22,6 +26,8 @@ from=
 sha=
 token=
 pass=
+uninstall=
+store=--keep-store
 
 die() { echo "install-agent: $1" >&2; exit "${2:-2}"; }
 quote() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
@@ -33,19 +39,34 @@ while [ $# -gt 0 ]; do
         --prefix) prefix=${2:?--prefix needs a directory}; shift 2 ;;
         --root) root=${2:?--root needs a directory}; shift 2 ;;
         --user|--name|--group) pass="$pass $1 $(quote "${2:?$1 needs a value}")"; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --uninstall) uninstall=1; shift ;;
+        --delete-store) store=--delete-store; shift ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) die "unknown option $1 (see --help)" ;;
         *) [ -z "$token" ] || die "one token only (see --help)"; token=$1; shift ;;
     esac
 done
+bin_dir="$root$prefix/bin"
+dest="$bin_dir/caisey-agent"
+man_dir="$root$prefix/share/man/man1"
+completions="$root/usr/share/bash-completion/completions"
+
+if [ -n "$uninstall" ]; then
+    [ "$(id -u)" = 0 ] || die "removing the agent needs root: sudo sh $0 --uninstall"
+    if [ -x "$dest" ]; then
+        if [ -n "$root" ]; then "$dest" uninstall "$store" --root "$root" || exit 3
+        else "$dest" uninstall "$store" || exit 3; fi
+    fi
+    rm -f "$dest" "$man_dir"/caisey-agent.1 "$man_dir"/caisey-agent-*.1 "$completions/caisey-agent"
+    echo "removed $dest, its man pages and completion"
+    exit 0
+fi
 [ -n "$from" ] || die "say where the binary is: --from URL-or-FILE"
 [ -n "$sha" ] || die "give the binary's SHA-256 with --sha256 (from whoever built it)"
 printf '%s' "$sha" | grep -Eq '^[0-9a-fA-F]{64}$' || die "--sha256 takes 64 hexadecimal digits"
 [ "$(id -u)" = 0 ] || die "installing the agent needs root: sudo sh $0 ..."
 command -v sha256sum >/dev/null || die "sha256sum is missing (coreutils)"
 
-bin_dir="$root$prefix/bin"
-dest="$bin_dir/caisey-agent"
 mkdir -p "$bin_dir"
 tmp="$bin_dir/.caisey-agent.download.$$"
 trap 'rm -f "$tmp"' EXIT INT TERM
@@ -79,10 +100,8 @@ args="install --binary $(quote "$prefix/bin/caisey-agent")$pass"
 eval "set -- $args"
 "$dest" "$@" || exit 3
 
-man_dir="$root$prefix/share/man/man1"
-completions="$root/usr/share/bash-completion/completions"
 mkdir -p "$man_dir" && "$dest" man --out "$man_dir" || echo "install-agent: man pages not written" >&2
 if [ -d "$completions" ]; then
     "$dest" completions bash > "$completions/caisey-agent" || echo "install-agent: bash completion not written" >&2
 fi
-echo "done: the agent runs as caisey-agent.service; \`caisey-agent pending\` lists what waits for approval"
+echo "done: the agent is installed as caisey-agent.service; \`caisey-agent pending\` lists what waits for approval"

@@ -335,6 +335,11 @@ fn the_install_script_checks_the_binary_is_idempotent_and_says_what_failed() {
         String::from_utf8_lossy(&out.stdout).split_whitespace().next().expect("hash").to_string()
     };
     let root = fake_root();
+    // What every system has, where the script puts the binary and its man pages.
+    for dir in ["usr/local/bin", "usr/local/share/man/man1"] {
+        std::fs::create_dir_all(root.path().join(dir)).expect("mkdir");
+    }
+    let before = tree(root.path());
     let r = root.path().to_str().expect("utf-8").to_string();
     let run = |args: &[&str]| {
         let out = Command::new("sh")
@@ -388,6 +393,11 @@ fn the_install_script_checks_the_binary_is_idempotent_and_says_what_failed() {
     let (code, _, err) = run(&["--from", from, "--sha256", &sha, "--root", t, &fresh]);
     assert_eq!(code, Some(3));
     assert!(err.contains("could not reach the org to enroll") && err.trim().lines().count() == 1, "{err}");
+
+    // Off again: nothing left but what was there.
+    let (code, out, err) = run(&["--uninstall", "--delete-store", "--root", &r]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(tree(root.path()), before, "the script's uninstall left something behind");
 
     // Not root.
     let out = Command::new("setpriv")

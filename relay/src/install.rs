@@ -42,7 +42,7 @@ pub fn install(req: &Install) -> Result<Vec<String>> {
     done.extend(service::install(&unit(&req.binary), &req.root)?);
     done.push(format!(
         "members reach it on UDP port {} (open it in the firewall); its ticket, for `caisey relay add`: \
-         `sudo caisey-relay --config {CONFIG} ticket`",
+         `sudo caisey-relay ticket`",
         listen.port()
     ));
     Ok(done)

@@ -125,6 +125,11 @@ impl Store {
             .truncate(false)
             .open(&log_path)
             .map_err(|e| log_err(e.to_string()))?;
+        // Sessions and output are the owner's alone, whatever the umask it was made under (a
+        // home shared with a consent group lets its members reach the socket, not these).
+        for file in [path, log_path.as_path()] {
+            owner_only(file).map_err(|e| StoreError::Redb(format!("restricting {}: {e}", file.display())))?;
+        }
         let tx = db.begin_write()?;
         let committed = tx
             .open_table(SETTINGS)?
@@ -347,6 +352,17 @@ impl Store {
         }
         Ok(())
     }
+}
+
+#[cfg(unix)]
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+#[cfg(not(unix))]
+fn owner_only(_path: &Path) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// Opens the store's database: creates it only where there is none (and no output log that a
