@@ -100,9 +100,15 @@ fn agent_installs_into_a_root_runs_as_its_unit_says_and_uninstalls_without_a_tra
     assert_eq!(consent["value"], "caisey-consent");
     assert!(consent["source"].as_str().is_some_and(|s| s.ends_with("agent.toml line 8")), "{consent}");
 
+    // The store is root's alone, though the home will be shared with the consent group.
+    let home = root.path().join("var/lib/caisey-agent");
+    for file in ["store.redb", "store.chunks", "node.key"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&home.join(file).metadata().expect("store").permissions());
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+
     // The daemon as the unit starts it, on the installed home (the flag wins over the file's
     // home, the environment over its group, which this machine does not have): it answers.
-    let home = root.path().join("var/lib/caisey-agent");
     let mut daemon = Command::new(&agent_bin)
         .args(["--config", config.to_str().expect("utf-8"), "--home", home.to_str().expect("utf-8")])
         .args(["--listen", "127.0.0.1:0", "run"])

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use caisey_doc::token::InviteToken;
 use caisey_peer::node::{Node, NodeOptions};
+use caisey_peer::accounts;
 use caisey_peer::service::{self, Root, Scope, Unit, toml_string};
 
 /// The unit's name, and the name of the home and config under `/var/lib` and `/etc/caisey`.
@@ -52,9 +53,11 @@ pub async fn install(req: Install) -> Result<Vec<String>> {
     }
     let mut done = Vec::new();
     // What can fail for local reasons comes before the token is spent.
-    ensure_group(&req.root, CONSENT_GROUP, &mut done)?;
+    if accounts::ensure_group(&req.root, CONSENT_GROUP)? {
+        done.push(format!("created group {CONSENT_GROUP}"));
+    }
     for user in &req.users {
-        add_to_group(&req.root, user, CONSENT_GROUP)?;
+        accounts::add_to_group(&req.root, user, CONSENT_GROUP).with_context(|| format!("letting {user:?} approve"))?;
         done.push(format!("{user} may approve requests (group {CONSENT_GROUP})"));
     }
     // A running agent holds the store: stop it while its enrollment is checked.
@@ -127,7 +130,7 @@ pub fn uninstall(req: &Uninstall) -> Result<Vec<String>> {
             done.push(format!("removed {}", path.display()));
         }
     }
-    if remove_group(&req.root, CONSENT_GROUP)? {
+    if accounts::remove_group(&req.root, CONSENT_GROUP)? {
         done.push(format!("removed group {CONSENT_GROUP}"));
     }
     let home = req.root.at(HOME);
@@ -226,47 +229,4 @@ WantedBy=multi-user.target
         exe = binary.display()
     );
     Unit { name: SERVICE.to_string(), scope: Scope::System, text }
-}
-
-/// Creates the system group `name` unless it exists.
-fn ensure_group(root: &Root, name: &str, done: &mut Vec<String>) -> Result<()> {
-    if group_exists(root, name) {
-        return Ok(());
-    }
-    run_tool(root, "groupadd", &["--system", name])?;
-    done.push(format!("created group {name}"));
-    Ok(())
-}
-
-fn add_to_group(root: &Root, user: &str, group: &str) -> Result<()> {
-    run_tool(root, "usermod", &["-aG", group, user]).with_context(|| format!("letting {user:?} approve"))
-}
-
-fn remove_group(root: &Root, name: &str) -> Result<bool> {
-    if !group_exists(root, name) {
-        return Ok(false);
-    }
-    run_tool(root, "groupdel", &[name])?;
-    Ok(true)
-}
-
-fn group_exists(root: &Root, name: &str) -> bool {
-    if root.is_live() {
-        return caisey_peer::local::socket::group_id(name).is_ok();
-    }
-    std::fs::read_to_string(root.at("/etc/group"))
-        .is_ok_and(|text| text.lines().any(|l| l.split(':').next() == Some(name)))
-}
-
-/// Runs a shadow-utils tool, on the root's own user database.
-fn run_tool(root: &Root, tool: &str, args: &[&str]) -> Result<()> {
-    let mut cmd = std::process::Command::new(tool);
-    if !root.is_live() {
-        cmd.arg("--prefix").arg(root.at("/"));
-    }
-    let out = cmd.args(args).output().with_context(|| format!("running {tool}"))?;
-    if !out.status.success() {
-        bail!("{tool} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
 }

@@ -11,6 +11,11 @@
 //!   hub's outputs (persist, then send), and offers an async API to change and read documents.
 //! - [`enroll`]: joining an org with a one-time token, and adopting a relay.
 //! - [`home`]: where a node keeps its key and store.
+//! - [`local`]: the local socket clients of a running node talk to (CLI, viewer, consent window).
+//! - [`cli`], [`config`]: what every binary shares on its command line; settings from flags,
+//!   the environment and a TOML file.
+//! - [`service`], [`accounts`]: installing as a service, and the groups that may approve (the
+//!   platform-specific pieces of `install`).
 //!
 //! A command's journey through this crate: the technician's node changes a session document
 //! (`Node::change`); its hub persists the change and sends a sync message to the relay and the
@@ -19,6 +24,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod access;
+pub mod accounts;
 pub mod cli;
 pub mod config;
 pub mod enroll;
