@@ -77,7 +77,7 @@ fn agent_installs_into_a_root_runs_as_its_unit_says_and_uninstalls_without_a_tra
     let unit = root.path().join("etc/systemd/system/caisey-agent.service");
     let text = read(&unit);
     assert!(text.contains(&format!("ExecStart={} run\n", agent_bin.display())), "{text}");
-    assert!(text.contains("Environment=CAISEY_CONFIG=/etc/caisey/agent.toml\n"), "{text}");
+    assert!(text.contains("Environment=\"CAISEY_CONFIG=/etc/caisey/agent.toml\"\n"), "{text}");
     assert!(text.contains("KillMode=control-group\n") && text.contains("WantedBy=multi-user.target\n"), "{text}");
     let wants = root.path().join("etc/systemd/system/multi-user.target.wants/caisey-agent.service");
     assert_eq!(std::fs::read_link(&wants).expect("enabled"), Path::new("/etc/systemd/system/caisey-agent.service"));

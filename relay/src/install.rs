@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
-use caisey_peer::service::{self, Root, Scope, Unit, toml_string};
+use caisey_peer::service::{self, Root, Scope, Unit, UnitHead, toml_string};
 
 pub const SERVICE: &str = "caisey-relay";
 pub const CONFIG: &str = "/etc/caisey/relay.toml";
@@ -97,20 +97,16 @@ fn config_text(listen: SocketAddr, http: Option<SocketAddr>, public_url: Option<
 
 /// The relay's unit: it needs the network and its own home, nothing else.
 fn unit(binary: &Path) -> Unit {
-    let text = format!(
-        "# Written by `caisey-relay install`; `caisey-relay uninstall` removes it.
-[Unit]
-Description=Caisey relay: stores and forwards an org's sessions, and helps its members through NAT
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=exec
-ExecStart={exe} run
-Environment=CAISEY_CONFIG={CONFIG}
-Restart=on-failure
-RestartSec=5s
-# A user made up for the service at each start: the relay owns nothing else on the machine.
+    let head = UnitHead {
+        written_by: "caisey-relay install",
+        removed_by: "caisey-relay uninstall",
+        description: "Caisey relay: stores and forwards an org's sessions, and helps its members through NAT",
+        exec: format!("{} run", binary.display()),
+        env: vec![("CAISEY_CONFIG", CONFIG.to_string())],
+        after_network: true,
+    };
+    let text = head.render(
+        "# A user made up for the service at each start: the relay owns nothing else on the machine.
 # It implies a read-only system (ProtectSystem=strict), a private /tmp and no privilege gain.
 DynamicUser=yes
 StateDirectory=caisey-relay
@@ -140,10 +136,8 @@ SystemCallArchitectures=native
 SystemCallFilter=@system-service
 SystemCallErrorNumber=EPERM
 
-[Install]
-WantedBy=multi-user.target
 ",
-        exe = binary.display()
+        "multi-user.target",
     );
     Unit { name: SERVICE.to_string(), scope: Scope::System, text }
 }

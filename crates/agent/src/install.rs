@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use caisey_doc::token::InviteToken;
-use caisey_peer::node::{Node, NodeOptions};
 use caisey_peer::accounts;
-use caisey_peer::service::{self, Root, Scope, Unit, toml_string};
+use caisey_peer::node::{Node, NodeOptions};
+use caisey_peer::service::{self, Root, Scope, Unit, UnitHead, toml_string};
 
 /// The unit's name, and the name of the home and config under `/var/lib` and `/etc/caisey`.
 pub const SERVICE: &str = "caisey-agent";
@@ -185,20 +185,16 @@ fn desktop_quote(arg: &str) -> String {
 /// The agent's systemd unit. It runs as root: diagnostics read the whole machine (disks, logs,
 /// every user's processes). Hardening is what leaves that intact; see each setting's comment.
 fn unit(binary: &Path) -> Unit {
-    let text = format!(
-        "# Written by `caisey-agent install`; `caisey-agent uninstall` removes it.
-[Unit]
-Description=Caisey agent: runs the diagnostics technicians ask for, once this machine's user approves
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=exec
-ExecStart={exe} run
-Environment=CAISEY_CONFIG={CONFIG}
-Restart=on-failure
-RestartSec=5s
-# Stopping the agent stops the commands it runs, with it: a session never shows a command as
+    let head = UnitHead {
+        written_by: "caisey-agent install",
+        removed_by: "caisey-agent uninstall",
+        description: "Caisey agent: runs the diagnostics technicians ask for, once this machine's user approves",
+        exec: format!("{} run", binary.display()),
+        env: vec![("CAISEY_CONFIG", CONFIG.to_string())],
+        after_network: true,
+    };
+    let text = head.render(
+        "# Stopping the agent stops the commands it runs, with it: a session never shows a command as
 # interrupted while it runs on unseen.
 KillMode=control-group
 TimeoutStopSec=20s
@@ -222,11 +218,8 @@ ProtectControlGroups=yes
 # ProtectKernelLogs (dmesg), ProtectKernelModules (lsmod, modinfo), ProtectKernelTunables
 # (sysctl), RestrictNamespaces (containers), MemoryDenyWriteExecute (JIT runtimes such as
 # PowerShell or node).
-
-[Install]
-WantedBy=multi-user.target
 ",
-        exe = binary.display()
+        "multi-user.target",
     );
     Unit { name: SERVICE.to_string(), scope: Scope::System, text }
 }

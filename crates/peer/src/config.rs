@@ -264,7 +264,14 @@ impl Layers {
     pub fn without_file<C: CommandFactory>(args: Vec<OsString>) -> Result<Self> {
         let command = C::command();
         let matches = command.clone().try_get_matches_from(args)?;
-        Ok(Self { file: ConfigFile::default(), default_file: None, system_file: None, default_home: None, command, matches })
+        Ok(Self {
+            file: ConfigFile::default(),
+            default_file: None,
+            system_file: None,
+            default_home: None,
+            command,
+            matches,
+        })
     }
 
     /// Every setting of the binary, with its effective value and source. Settings of other

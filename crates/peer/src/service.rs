@@ -50,6 +50,40 @@ pub struct Unit {
     pub text: String,
 }
 
+/// What a unit file says, before the service's own settings.
+#[derive(Debug, Clone)]
+pub struct UnitHead<'a> {
+    /// The command that writes it and removes it again (`caisey-agent install`).
+    pub written_by: &'a str,
+    pub removed_by: &'a str,
+    pub description: &'a str,
+    /// The command line, and its environment.
+    pub exec: String,
+    pub env: Vec<(&'a str, String)>,
+    /// Whether it waits for the network to be up (a system service that talks to peers).
+    pub after_network: bool,
+}
+
+impl UnitHead<'_> {
+    /// The unit's text: this head, `body` (the service's own settings, one a line, with their
+    /// comments), restarts on failure, and the target that starts it.
+    pub fn render(&self, body: &str, wanted_by: &str) -> String {
+        let network =
+            if self.after_network { "Wants=network-online.target\nAfter=network-online.target\n" } else { "" };
+        let env: String =
+            self.env.iter().map(|(k, v)| format!("Environment=\"{k}={}\"\n", v.replace('"', "\\\""))).collect();
+        format!(
+            "# Written by `{}`; `{}` removes it.\n[Unit]\nDescription={}\n{network}\n[Service]\nType=exec\n\
+             ExecStart={}\n{env}Restart=on-failure\nRestartSec=5s\n{}\n\n[Install]\nWantedBy={wanted_by}\n",
+            self.written_by,
+            self.removed_by,
+            self.description,
+            self.exec,
+            body.trim_end()
+        )
+    }
+}
+
 /// Where a unit's file goes, as the installed system sees it.
 pub fn unit_path(scope: Scope, name: &str) -> Result<PathBuf> {
     Ok(match scope {

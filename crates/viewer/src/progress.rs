@@ -47,28 +47,12 @@ pub struct Progress {
 impl Progress {
     /// Counts `total` things done, with a message.
     pub fn counter(total: u64, mode: Mode) -> Self {
-        Self::start(mode, || {
-            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            bar.set_style(
-                ProgressStyle::with_template("{bar:24.cyan/blue} {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
-            bar
-        })
+        Self::start(mode, || bar(total, "{bar:24.cyan/blue} {msg}"))
     }
 
     /// Counts bytes of a known total.
     pub fn bytes(total: u64, mode: Mode) -> Self {
-        Self::start(mode, || {
-            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-            bar.set_style(
-                ProgressStyle::with_template("{bar:24.cyan/blue} {bytes}/{total_bytes} {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
-            bar
-        })
+        Self::start(mode, || bar(total, "{bar:24.cyan/blue} {bytes}/{total_bytes} {msg}"))
     }
 
     /// Something that takes a while, of no known size.
@@ -116,6 +100,14 @@ impl Drop for Progress {
             }
         }
     }
+}
+
+/// A bar of `total` steps drawn with `template` on stderr.
+fn bar(total: u64, template: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar
 }
 
 /// Prints a line on stdout around the live line, if one is shown.

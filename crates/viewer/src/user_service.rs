@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::Result;
-use caisey_peer::service::{self, Root, Scope, Unit};
+use caisey_peer::service::{self, Root, Scope, Unit, UnitHead};
 
 /// The unit's name: `caisey.service`.
 pub const SERVICE: &str = "caisey";
@@ -23,27 +23,22 @@ pub fn uninstall() -> Result<Vec<String>> {
 }
 
 fn unit(binary: &Path, env: &[(&str, String)]) -> Unit {
-    let env: String = env.iter().map(|(k, v)| format!("Environment=\"{k}={}\"\n", v.replace('"', "\\\""))).collect();
-    let text = format!(
-        "# Written by `caisey service install`; `caisey service uninstall` removes it.
-[Unit]
-Description=Caisey technician node: keeps your sessions in sync and serves your org's machines
-
-[Service]
-Type=exec
-ExecStart={exe} up
-{env}Restart=on-failure
-RestartSec=5s
-# A user's own unit cannot take much away; these cost the node nothing.
+    let head = UnitHead {
+        written_by: "caisey service install",
+        removed_by: "caisey service uninstall",
+        description: "Caisey technician node: keeps your sessions in sync and serves your org's machines",
+        exec: format!("{} up", binary.display()),
+        env: env.to_vec(),
+        after_network: false,
+    };
+    let text = head.render(
+        "# A user's own unit cannot take much away; these cost the node nothing.
 NoNewPrivileges=yes
 LockPersonality=yes
 RestrictRealtime=yes
 SystemCallArchitectures=native
-
-[Install]
-WantedBy=default.target
 ",
-        exe = binary.display()
+        "default.target",
     );
     Unit { name: SERVICE.to_string(), scope: Scope::User, text }
 }
