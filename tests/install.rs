@@ -475,7 +475,6 @@ fn a_group_run_shows_its_progress_live_on_a_terminal_and_as_plain_lines_in_a_pip
     assert!(tty.contains("waiting for approval") && tty.contains("1 offline"), "{tty:?}");
     assert!(tty.contains("\r") && tty.contains("\u{1b}["), "not drawn live: {tty:?}");
     assert!(tty.contains("[ws-32 out] progress-ok"), "{tty:?}");
-    let _ = cmd;
 
     // --json: stdout is the JSON array alone, stderr has no account.
     let piped = w.spawn("caisey", "alice", &["run", "--group", "lab", "--expires", "3s", "--json", "--", "true"]);
@@ -513,4 +512,39 @@ fn a_token_for_several_machines_enrolls_that_many_and_no_more() {
     let named = w.caisey("alice", &["invite", "agent", "--name", "x", "--uses", "3"]);
     assert_eq!(named.code(), 2);
     assert!(named.stderr.contains("cannot be used with"), "{}", named.stderr);
+}
+
+/// `cmd` run on a pseudo-terminal (`script`), everything it shows on the terminal on stdout.
+fn on_a_terminal(cmd: Command) -> Command {
+    let line: Vec<String> = std::iter::once(cmd.get_program().to_string_lossy().into_owned())
+        .chain(cmd.get_args().map(|a| format!("'{}'", a.to_string_lossy())))
+        .collect();
+    let mut script = Command::new("script");
+    script.args(["-qfec", &line.join(" "), "/dev/null"]);
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => script.env(k, v),
+            None => script.env_remove(k),
+        };
+    }
+    script.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    script
+}
+
+/// A node that comes up with nobody to catch up with says so while it tries: a spinner on a
+/// terminal, one plain line in a pipe.
+#[test]
+fn catching_up_with_the_org_is_shown_while_it_lasts() {
+    let mut org = Org::new(&[]);
+    let w = &org.world;
+    w.down("alice");
+    if let Some(relay) = org.relay.take() {
+        relay.stop();
+    }
+    let piped = w.caisey("alice", &["sessions"]);
+    assert!(piped.stderr.lines().any(|l| l == "catching up with the org"), "{}", piped.stderr);
+    w.down("alice");
+    let out = on_a_terminal(w.command("caisey", "alice", &["sessions"])).output().expect("script");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(tty.contains("catching up with the org (") && tty.contains('\r'), "{tty:?}");
 }
