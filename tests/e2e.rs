@@ -759,3 +759,52 @@ fn a_large_session_exports_streamed_whole_and_shows_progress() {
     let row = csv.stdout.split_once("\r\n").map(|(_, r)| r).unwrap_or_default();
     assert!(row.contains(&format!("\"{}\",\"err-line\n\"\r\n", expected)), "the CSV row lacks the output");
 }
+
+/// A weekly check's runs over time, two of them compared, and a machine's card, from the CLI.
+#[test]
+fn history_diff_and_a_machine_card_from_the_command_line() {
+    let org = Org::new(&[("ws-50", "lab")]);
+    let w = &org.world;
+    let _agent = w.start_agent("ws-50");
+    let script = "printf 'same\\nvaries %s\\n' $$";
+    for _ in 0..2 {
+        w.run_approved("alice", "ws-50", &["--machine", "ws-50", "--session", "weekly", "--", script]).ok();
+    }
+    let listed = w.caisey("alice", &["history", "weekly"]).ok();
+    assert_eq!(
+        listed.stdout.lines().filter(|l| l.contains("ws-50") && l.contains("exited")).count(),
+        2,
+        "{}",
+        listed.stdout
+    );
+    let runs: serde_json::Value = serde_json::from_str(
+        &w.caisey("alice", &["history", "--command", script, "--machine", "ws-50", "--json"]).ok().stdout,
+    )
+    .expect("json");
+    let codes: Vec<String> =
+        runs.as_array().expect("runs").iter().map(|r| r["code"].as_str().expect("code")[..8].to_string()).collect();
+    assert_eq!(codes.len(), 2, "{runs}");
+    assert!(listed.stdout.contains(&codes[0]) && listed.stdout.contains(&codes[1]), "{}", listed.stdout);
+
+    let diff = w.caisey("alice", &["diff", &codes[0], &codes[1]]).ok();
+    let lines: Vec<&str> = diff.stdout.lines().collect();
+    assert!(lines.contains(&" same"), "{}", diff.stdout);
+    assert_eq!(lines.iter().filter(|l| l.starts_with("-varies ")).count(), 1, "{}", diff.stdout);
+    assert_eq!(lines.iter().filter(|l| l.starts_with("+varies ")).count(), 1, "{}", diff.stdout);
+    let unknown = w.caisey("alice", &["diff", "ffffffff", &codes[1]]);
+    assert_eq!(unknown.code(), 2);
+    assert!(unknown.stderr.contains("no run with code"), "{}", unknown.stderr);
+    let none = w.caisey("alice", &["history"]);
+    assert_eq!(none.code(), 2);
+
+    let card = w.caisey("alice", &["machine", "ws-50"]).ok();
+    for part in ["ws-50  (online", "groups     lab", "card taken", "hostname", "memory", "packages"] {
+        assert!(card.stdout.contains(part), "{part}: {}", card.stdout);
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&w.caisey("alice", &["machine", "WS-50", "--json"]).ok().stdout).expect("json");
+    assert_eq!(json["name"], "ws-50");
+    let missing = w.caisey("alice", &["machine", "nope"]);
+    assert_eq!(missing.code(), 2);
+    assert!(missing.stderr.contains("no machine named \"nope\""), "{}", missing.stderr);
+}

@@ -126,6 +126,14 @@ pub enum Request {
         machine: Option<NodeId>,
         script: String,
     },
+    /// The runs of every command of a session, on its machines, in any session.
+    SessionHistory {
+        session: DocId,
+    },
+    /// The run whose code starts with `code`.
+    FindRun {
+        code: String,
+    },
     CommandsOn {
         machine: NodeId,
     },
@@ -154,6 +162,8 @@ impl Request {
                 | Request::Awaiting
                 | Request::Transcript { .. }
                 | Request::History { .. }
+                | Request::SessionHistory { .. }
+                | Request::FindRun { .. }
                 | Request::CommandsOn { .. }
                 | Request::SyncStatus
         )

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use caisey_agent::escape::visible;
+use caisey_agent::escape::{visible, visible_line};
 use caisey_doc::fleet::Role;
 use caisey_doc::session::{CommandSpec, EndStatus, Shell};
 use caisey_doc::token::{InviteToken, RelayTicket};
@@ -66,6 +66,16 @@ pub enum Command {
         group: Option<String>,
         #[arg(long)]
         search: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One machine's card: how it is reached, when it was last seen, its system as of when the
+    /// card was taken.
+    Machine {
+        name: String,
+        /// List its installed software too.
+        #[arg(long)]
+        software: bool,
         #[arg(long)]
         json: bool,
     },
@@ -145,6 +155,22 @@ pub enum Command {
     },
     #[command(flatten)]
     Tools(Tools),
+    /// The runs of a command over time: a SESSION's commands on its machine, or --command
+    /// TEXT (on --machine NAME, or anywhere). Each run's code names it for `caisey diff`.
+    History {
+        /// Session name, id or unique id prefix.
+        #[arg(conflicts_with = "command", required_unless_present = "command")]
+        session: Option<String>,
+        /// The command, as it was asked (surrounding whitespace aside).
+        #[arg(long)]
+        command: Option<String>,
+        #[arg(long, requires = "command")]
+        machine: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare two runs' output, line by line (each named by its code from `caisey history`).
+    Diff { older: String, newer: String },
     /// Write a session to a file as JSON or CSV (one row per command).
     Export {
         /// Session name, id or unique id prefix.
@@ -335,6 +361,56 @@ async fn service(opts: &NodeOptions, args: &NodeArgs, what: ServiceCommand) -> R
     Ok(ExitCode::SUCCESS)
 }
 
+/// A machine's card, readable: every value from the machine escaped.
+fn print_card(m: &crate::tech::Machine, software: bool) {
+    use crate::gui::widgets::{ago, bytes};
+    let now = caisey_peer::now_ms();
+    let path = match m.path {
+        MachinePath::Direct => "online, direct",
+        MachinePath::Relayed => "online, relayed",
+        MachinePath::ThroughRelay => "online, through the relay",
+        MachinePath::Offline => "offline",
+    };
+    println!("{}  ({path})", visible_line(&m.name));
+    let groups = if m.groups.is_empty() { "none".to_string() } else { visible_line(&m.groups.join(", ")) };
+    println!("  groups     {groups}");
+    let seen = m.last_seen.map(|t| format!("{} ({})", ago(t, now), time(t))).unwrap_or_else(|| "never".into());
+    println!("  last seen  {seen}");
+    let Some(c) = &m.card else {
+        println!("  no card yet: the agent sends one when it starts");
+        return;
+    };
+    println!("  card taken {} ({}); the values below are as of then", ago(c.at, now), time(c.at));
+    println!("  hostname   {}", visible_line(&c.hostname));
+    println!(
+        "  system     {} {} (kernel {})",
+        visible_line(&c.os_name),
+        visible_line(&c.os_version),
+        visible_line(&c.kernel)
+    );
+    let up = humantime::format_duration(Duration::from_secs(c.uptime_secs - c.uptime_secs % 60));
+    println!("  uptime     {up}");
+    println!("  cpu        {} × {}", visible_line(&c.cpu), c.cpu_count);
+    println!("  memory     {} used of {}", bytes(c.memory_used), bytes(c.memory_total));
+    if software {
+        for s in &c.software {
+            println!("  software   {} {}", visible_line(&s.name), visible_line(&s.version));
+        }
+    } else {
+        println!("  software   {} packages (--software lists them)", c.software.len());
+    }
+}
+
+/// The id of the machine called `name`.
+async fn machine_named(client: &Client, name: &str) -> Result<caisey_doc::id::NodeId> {
+    let machines = client.machines(None, None).await?;
+    machines
+        .iter()
+        .find(|m| m.name.eq_ignore_ascii_case(name))
+        .map(|m| m.node)
+        .ok_or_else(|| anyhow::anyhow!("no machine named {name:?}; see `caisey machines`"))
+}
+
 /// An export, with its progress shown when it is big enough to wait for.
 async fn export_with_progress(
     client: &Client,
@@ -444,6 +520,18 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                         visible(&os)
                     );
                 }
+            }
+        }
+        Command::Machine { name, software, json } => {
+            online(client).await?;
+            let machines = client.machines(None, None).await?;
+            let Some(m) = machines.iter().find(|m| m.name.eq_ignore_ascii_case(&name)) else {
+                bail!("no machine named {name:?}; see `caisey machines`");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(m)?);
+            } else {
+                print_card(m, software);
             }
         }
         Command::Run(args) => return run_command(client, args).await,
@@ -579,6 +667,67 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                 eprintln!(
                     "warning: {pending} bytes of output have not reached this machine yet; the export has the rest"
                 );
+            }
+        }
+        Command::History { session, command, machine, json } => {
+            online(client).await?;
+            let runs = match (session, command) {
+                (Some(session), _) => client.session_history(client.find_session(&session).await?).await?,
+                (None, Some(command)) => {
+                    let node = match machine {
+                        Some(name) => Some(machine_named(client, &name).await?),
+                        None => None,
+                    };
+                    client.history(node, &command).await?
+                }
+                (None, None) => bail!("say which runs: a SESSION, or --command TEXT [--machine NAME]"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else if runs.is_empty() {
+                println!("no runs of that command here");
+            } else {
+                println!("{:<20}  {:<16}  {:<11}  {:>4}  {:<8}  session", "when", "machine", "status", "exit", "code");
+                for r in &runs {
+                    println!(
+                        "{:<20}  {:<16}  {:<11}  {:>4}  {:<8}  {}",
+                        time(r.requested_at),
+                        visible_line(&r.machine),
+                        r.status,
+                        r.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                        r.code.short(),
+                        visible_line(&r.session_name)
+                    );
+                }
+            }
+        }
+        Command::Diff { older, newer } => {
+            online(client).await?;
+            let (old, new) = (client.find_run(&older).await?, client.find_run(&newer).await?);
+            let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
+            let old_text = text(client.output_bytes(old.session, old.request).await?);
+            let new_text = text(client.output_bytes(new.session, new.request).await?);
+            for (sign, r) in [("---", &old), ("+++", &new)] {
+                println!(
+                    "{sign} {} {} (code {}, {})",
+                    visible_line(&r.machine),
+                    time(r.requested_at),
+                    r.code.short(),
+                    r.status
+                );
+            }
+            let lines = crate::tech::diff(&old_text, &new_text);
+            let changed = lines.iter().filter(|l| !matches!(l, crate::tech::DiffLine::Same(_))).count();
+            for line in &lines {
+                let (sign, text) = match line {
+                    crate::tech::DiffLine::Same(t) => (' ', t),
+                    crate::tech::DiffLine::Removed(t) => ('-', t),
+                    crate::tech::DiffLine::Added(t) => ('+', t),
+                };
+                println!("{sign}{}", visible_line(text));
+            }
+            if changed == 0 {
+                println!("(the same output)");
             }
         }
         Command::Unshare { link } => {

@@ -268,6 +268,16 @@ impl Client {
         expect!(self.call(Request::History { machine, script: script.into() }).await?, Reply::Runs(r) => r)
     }
 
+    pub async fn session_history(&self, session: DocId) -> Result<Vec<PastRun>> {
+        expect!(self.call(Request::SessionHistory { session }).await?, Reply::Runs(r) => r)
+    }
+
+    /// The run named by (a prefix of) its code.
+    pub async fn find_run(&self, code: &str) -> Result<PastRun> {
+        let runs = expect!(self.call(Request::FindRun { code: code.into() }).await?, Reply::Runs(r) => r)?;
+        runs.into_iter().next().ok_or_else(|| anyhow!("no run with code {code:?}"))
+    }
+
     pub async fn commands_run_on(&self, machine: NodeId) -> Result<Vec<(String, usize)>> {
         expect!(self.call(Request::CommandsOn { machine }).await?, Reply::Commands(c) => c)
     }

@@ -233,6 +233,8 @@ impl TechService {
                 Reply::Done
             }
             Request::History { machine, script } => Reply::Runs(tech::history(node, machine, &script).await?),
+            Request::SessionHistory { session } => Reply::Runs(tech::session_history(node, session).await?),
+            Request::FindRun { code } => Reply::Runs(vec![tech::find_run(node, &code).await?]),
             Request::CommandsOn { machine } => Reply::Commands(tech::commands_run_on(node, machine).await?),
             Request::SyncStatus => Reply::Sync(tech::sync_status(node).await?),
             Request::Watch => bail!("a watch is answered with a stream"),

@@ -1,14 +1,14 @@
 //! What a technician does, as functions over a running node: the CLI, the demo and (later) the
 //! viewer call these and only differ in how they show the result.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use caisey_doc::fleet::{Contact, Fleet, InviteCert, MachineCard, Member, Role};
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::record::Signer;
-use caisey_doc::session::{CommandRequest, CommandSpec, SessionInfo, SessionView, SessionWriter};
+use caisey_doc::session::{CommandRequest, CommandSpec, CommandView, SessionInfo, SessionView, SessionWriter};
 use caisey_doc::token::InviteToken;
 use caisey_peer::node::{Node, PeerPath};
 use caisey_peer::now_ms;
@@ -606,6 +606,8 @@ pub struct PastRun {
     pub session: DocId,
     pub session_name: String,
     pub request: Id128,
+    /// The request's code: how a person names this run (`caisey diff CODE CODE`).
+    pub code: Id128,
     pub machine: String,
     pub script: String,
     pub requested_at: u64,
@@ -615,23 +617,57 @@ pub struct PastRun {
 
 /// Every run of `script` (whitespace-trimmed) on `machine` (or on any machine), oldest first.
 pub async fn history(node: &Node, machine: Option<NodeId>, script: &str) -> Result<Vec<PastRun>> {
-    let fleet = node.fleet().await?;
     let wanted = script.trim();
+    runs_where(node, |c| c.request.command.script.trim() == wanted && machine.is_none_or(|m| c.request.target == m))
+        .await
+}
+
+/// The runs of every command that `session` holds, on its machine, in any session: a weekly
+/// check's whole history, oldest first.
+pub async fn session_history(node: &Node, session: DocId) -> Result<Vec<PastRun>> {
+    let fleet = node.fleet().await?;
+    let asked: BTreeSet<(NodeId, String)> = node
+        .read_with_fleet(session, |d, fleet| SessionView::read_without_output(d, fleet))
+        .await?
+        .ok_or_else(|| anyhow!("no session {}", session.short()))??
+        .commands
+        .iter()
+        .map(|c| (c.request.target, c.request.command.script.trim().to_string()))
+        .collect();
+    drop(fleet);
+    runs_where(node, |c| asked.contains(&(c.request.target, c.request.command.script.trim().to_string()))).await
+}
+
+/// The run whose code starts with `code` (as `history` lists them).
+pub async fn find_run(node: &Node, code: &str) -> Result<PastRun> {
+    let wanted = code.trim().to_lowercase();
+    if wanted.len() < 4 || !wanted.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("{code:?} is not a run's code (the hex code `caisey history` lists, at least 4 characters)");
+    }
+    let found = runs_where(node, |c| c.request.approval_code().to_hex().starts_with(&wanted)).await?;
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("no run with code {code:?}; see `caisey history`"),
+        many => bail!("{code:?} names {} runs; give more of the code", many.len()),
+    }
+}
+
+async fn runs_where(node: &Node, wanted: impl Fn(&CommandView) -> bool) -> Result<Vec<PastRun>> {
+    let fleet = node.fleet().await?;
     let mut out = Vec::new();
     for (session, view) in session_views(node).await? {
-        for c in &view.commands {
-            if c.request.command.script.trim() == wanted && machine.is_none_or(|m| c.request.target == m) {
-                out.push(PastRun {
-                    session,
-                    session_name: view.info.name.clone(),
-                    request: c.request.id,
-                    machine: fleet.members.get(&c.request.target).map(|m| m.name.clone()).unwrap_or_default(),
-                    script: c.request.command.script.clone(),
-                    requested_at: c.request.requested_at,
-                    status: c.status().to_string(),
-                    exit_code: c.end.as_ref().and_then(|e| e.exit_code),
-                });
-            }
+        for c in view.commands.iter().filter(|c| wanted(c)) {
+            out.push(PastRun {
+                session,
+                session_name: view.info.name.clone(),
+                request: c.request.id,
+                code: c.request.approval_code(),
+                machine: fleet.members.get(&c.request.target).map(|m| m.name.clone()).unwrap_or_default(),
+                script: c.request.command.script.clone(),
+                requested_at: c.request.requested_at,
+                status: c.status().to_string(),
+                exit_code: c.end.as_ref().and_then(|e| e.exit_code),
+            });
         }
     }
     out.sort_by_key(|r| (r.requested_at, r.request));
