@@ -808,3 +808,55 @@ fn history_diff_and_a_machine_card_from_the_command_line() {
     assert_eq!(missing.code(), 2);
     assert!(missing.stderr.contains("no machine named \"nope\""), "{}", missing.stderr);
 }
+
+/// Hand-off with words: labels added to a session that goes on, a note, an assignee; the
+/// colleague sees them in show, show --json, the CSV export and the search.
+#[test]
+fn labels_notes_and_an_assignee_hand_a_session_off() {
+    let org = Org::new(&[("ws-60", "lab")]);
+    org.join_technician("bob");
+    let w = &org.world;
+    let _agent = w.start_agent("ws-60");
+    w.run_approved("alice", "ws-60", &["--machine", "ws-60", "--session", "slow pc", "--label", "first", "--", "true"])
+        .ok();
+    w.run_approved(
+        "alice",
+        "ws-60",
+        &["--machine", "ws-60", "--session", "slow pc", "--label", "second", "--", "true"],
+    )
+    .ok();
+    let labels = w.caisey("alice", &["label", "slow pc", "--add", "urgent", "--remove", "FIRST"]).ok();
+    assert_eq!(labels.stdout.trim(), "labels: second, urgent");
+    assert_eq!(w.caisey("alice", &["assign", "slow pc", "bob"]).ok().stdout.trim(), "assigned to bob");
+    w.caisey("alice", &["note", "slow pc", "disk cleanup did not fix it;", "chkdsk pending \u{1b}[2J"]).ok();
+    let wrong = w.caisey("alice", &["assign", "slow pc", "mallory"]);
+    assert_eq!(wrong.code(), 2);
+    assert!(wrong.stderr.contains("no technician named \"mallory\""), "{}", wrong.stderr);
+
+    // Bob, on his own node, once it has caught up.
+    let shown = wait_for(Duration::from_secs(30), || {
+        let out = w.caisey("bob", &["show", "slow pc"]);
+        (out.code() == 0 && out.stdout.contains("chkdsk")).then_some(out)
+    })
+    .expect("bob sees the note");
+    assert!(shown.stdout.contains("labels: second, urgent"), "{}", shown.stdout);
+    assert!(shown.stdout.contains("assigned to bob"), "{}", shown.stdout);
+    assert!(shown.stdout.contains("note by alice:"), "{}", shown.stdout);
+    assert!(shown.stdout.contains("disk cleanup did not fix it; chkdsk pending \\u{1b}[2J"), "{}", shown.stdout);
+    assert!(!shown.stdout.contains('\u{1b}'), "a raw escape reached the terminal");
+    let json: serde_json::Value =
+        serde_json::from_str(&w.caisey("bob", &["show", "slow pc", "--json"]).ok().stdout).expect("json");
+    assert_eq!(json["assignee"], "bob");
+    assert_eq!(json["notes"][0]["author"], "alice");
+    let csv = w.caisey("bob", &["export", "slow pc", "--format", "csv"]).ok().stdout;
+    assert!(csv.lines().next().is_some_and(|h| h.contains(",assignee,notes,")), "{csv}");
+    assert!(csv.contains("\"bob\",\"") && csv.contains("alice: disk cleanup did not fix it"), "{csv}");
+    let found = w.caisey("bob", &["sessions", "--search", "chkdsk"]).ok();
+    assert!(found.stdout.contains("slow pc") && found.stdout.contains("→ bob"), "{}", found.stdout);
+
+    w.caisey("bob", &["assign", "slow pc", "--nobody"]).ok();
+    let json: serde_json::Value =
+        serde_json::from_str(&w.caisey("bob", &["show", "slow pc", "--json"]).ok().stdout).expect("json");
+    assert!(json["assignee"].is_null(), "{json}");
+    assert_eq!(json["labels"], serde_json::json!(["second", "urgent"]), "an assignment kept the labels");
+}

@@ -39,6 +39,7 @@ pub enum RecordKind {
     Output = 15,
     End = 16,
     SessionMeta = 17,
+    SessionNote = 18,
 }
 
 impl RecordKind {
@@ -58,6 +59,7 @@ impl RecordKind {
             15 => Output,
             16 => End,
             17 => SessionMeta,
+            18 => SessionNote,
             _ => return None,
         })
     }

@@ -44,17 +44,43 @@ pub struct SessionInfo {
     pub org_key: NodeId,
 }
 
-/// A technician's rename or relabel of a session. Each technician has one slot (so two renaming
-/// at once never hide each other's record); readers take the newest.
+/// A technician's rename, relabel or assignment of a session. Each technician has one slot (so
+/// two renaming at once never hide each other's record); readers take the newest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionMeta {
     pub session: Id128,
     pub name: String,
     pub labels: Vec<String>,
     pub at: u64,
+    /// The technician who has the session now (a hand-off names the colleague).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignee: Option<NodeId>,
 }
 
 const META_PREFIX: &str = "meta:";
+
+/// A technician's note on a session, for whoever picks it up next ("disk cleanup did not fix
+/// it; chkdsk pending"). Signed and timestamped by its author; never edited, only added, each
+/// under a key of its own so that notes written at once all stay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionNote {
+    pub session: Id128,
+    pub id: Id128,
+    pub text: String,
+    pub at: u64,
+}
+
+/// The longest note, in bytes.
+pub const MAX_NOTE: usize = 16 * 1024;
+
+const NOTE_PREFIX: &str = "note:";
+
+/// A note as read: its verified author and the note.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoteView {
+    pub author: NodeId,
+    pub note: SessionNote,
+}
 
 /// Adds an agent to a session, so the session syncs to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -496,6 +522,17 @@ impl SessionWriter {
         Ok(())
     }
 
+    /// Adds a note by `signer` (a technician).
+    pub fn note(doc: &mut Automerge, signer: &Signer, note: &SessionNote) -> Result<(), automerge::AutomergeError> {
+        let rec = signer.sign(RecordKind::SessionNote, note);
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(ROOT, format!("{NOTE_PREFIX}{}:{}", signer.node_id().to_hex(), note.id.to_hex()), rec)?;
+            Ok(())
+        })
+        .map_err(|f| f.error)?;
+        Ok(())
+    }
+
     pub fn end(doc: &mut Automerge, signer: &Signer, end: &End) -> Result<(), automerge::AutomergeError> {
         Self::end_with_output(doc, signer, &[], end)
     }
@@ -578,6 +615,12 @@ pub struct SessionView {
     pub creator: NodeId,
     /// Who gave the session its current name, if it was renamed.
     pub renamed_by: Option<NodeId>,
+    /// The technician who has it now, if one was named.
+    #[serde(default)]
+    pub assignee: Option<NodeId>,
+    /// Technicians' notes, oldest first.
+    #[serde(default)]
+    pub notes: Vec<NoteView>,
     pub targets: Vec<NodeId>,
     pub commands: Vec<CommandView>,
     pub quarantined: Vec<Quarantined>,
@@ -651,6 +694,32 @@ impl SessionView {
         newest
     }
 
+    /// Every valid note, by a technician of this org, on this very session, oldest first.
+    fn read_notes(doc: &impl ReadDoc, fleet: &Fleet, info: &SessionInfo, q: &mut Vec<Quarantined>) -> Vec<NoteView> {
+        let mut notes = Vec::new();
+        for (key, bytes) in am::byte_entries(doc, &ROOT) {
+            let Some(slot) = key.strip_prefix(NOTE_PREFIX) else { continue };
+            let checked = verify_kind(&bytes, RecordKind::SessionNote).map_err(|e| e.to_string()).and_then(|v| {
+                let note: SessionNote = v.json().map_err(|e| e.to_string())?;
+                if fleet.role_of(&v.author) != Some(Role::Technician) {
+                    Err("note not written by a technician".to_string())
+                } else if slot != format!("{}:{}", v.author.to_hex(), note.id.to_hex()) || note.session != info.id {
+                    Err("note stored in another's slot or for another session".to_string())
+                } else if note.text.len() > MAX_NOTE {
+                    Err(format!("note longer than {MAX_NOTE} bytes"))
+                } else {
+                    Ok(NoteView { author: v.author, note })
+                }
+            });
+            match checked {
+                Ok(n) => notes.push(n),
+                Err(why) => q.push(Quarantined { place: key, author: None, why }),
+            }
+        }
+        notes.sort_by_key(|n| (n.note.at, n.author, n.note.id));
+        notes
+    }
+
     /// Reads and verifies everything, with the output bytes from `chunks`.
     pub fn read(doc: &impl ReadDoc, fleet: &Fleet, chunks: &dyn ChunkSource) -> Result<SessionView, SessionError> {
         Self::read_with(doc, fleet, Some(chunks))
@@ -673,11 +742,14 @@ impl SessionView {
         }
         let mut q = Vec::new();
         let renamed = Self::read_meta(doc, fleet, &info, &mut q);
+        let notes = Self::read_notes(doc, fleet, &info, &mut q);
         let mut view = SessionView {
             targets: Self::read_targets(doc, fleet),
             info,
             creator,
             renamed_by: None,
+            assignee: None,
+            notes,
             commands: vec![],
             quarantined: vec![],
         };
@@ -685,6 +757,8 @@ impl SessionView {
             view.info.name = meta.name;
             view.info.labels = meta.labels;
             view.renamed_by = Some(author);
+            // Only a technician of the org can have a session.
+            view.assignee = meta.assignee.filter(|a| fleet.role_of(a) == Some(Role::Technician));
         }
         let requests = read_map::<CommandRequest>(doc, "requests", RecordKind::Request, &mut q);
         let decisions = read_map::<Decision>(doc, "decisions", RecordKind::Decision, &mut q);
@@ -1116,8 +1190,13 @@ mod tests {
     #[test]
     fn the_newest_rename_by_a_technician_wins_and_an_agents_is_quarantined() {
         let (fleet, mut doc, _) = base();
-        let meta =
-            |name: &str, at| SessionMeta { session: Id128([1; 16]), name: name.into(), labels: vec!["wk".into()], at };
+        let meta = |name: &str, at| SessionMeta {
+            session: Id128([1; 16]),
+            name: name.into(),
+            labels: vec!["wk".into()],
+            at,
+            assignee: None,
+        };
         SessionWriter::rename(&mut doc, &signer(2), &meta("disk check", 5)).unwrap();
         let v = SessionView::read_without_output(&doc, &fleet).unwrap();
         assert_eq!((v.info.name.as_str(), v.info.labels.clone()), ("disk check", vec!["wk".to_string()]));
@@ -1130,6 +1209,41 @@ mod tests {
         // A later rename by the same technician replaces the earlier one.
         SessionWriter::rename(&mut doc, &signer(2), &meta("weekly disk check", 10)).unwrap();
         assert_eq!(SessionView::read_without_output(&doc, &fleet).unwrap().info.name, "weekly disk check");
+    }
+
+    #[test]
+    fn notes_written_at_once_all_stay_an_agents_is_quarantined_and_only_a_technician_is_assigned() {
+        let (fleet, doc, _) = base();
+        let note = |id: u8, text: &str, at| SessionNote {
+            session: Id128([1; 16]),
+            id: Id128([id; 16]),
+            text: text.into(),
+            at,
+        };
+        // Two copies of the session, a note added to each, then merged: both notes stay.
+        let (mut a, mut b) = (doc.fork(), doc.fork());
+        SessionWriter::note(&mut a, &signer(2), &note(1, "disk cleanup did not fix it", 20)).unwrap();
+        SessionWriter::note(&mut b, &signer(2), &note(2, "chkdsk pending", 10)).unwrap();
+        a.merge(&mut b).unwrap();
+        SessionWriter::note(&mut a, &signer(3), &note(3, "an agent's words", 30)).unwrap();
+        let v = SessionView::read_without_output(&a, &fleet).unwrap();
+        let texts: Vec<&str> = v.notes.iter().map(|n| n.note.text.as_str()).collect();
+        assert_eq!(texts, ["chkdsk pending", "disk cleanup did not fix it"]);
+        assert!(v.notes.iter().all(|n| n.author == signer(2).node_id()));
+        assert!(v.quarantined.iter().any(|q| q.place.starts_with("note:") && q.why.contains("technician")));
+
+        let meta = |assignee: NodeId| SessionMeta {
+            session: Id128([1; 16]),
+            name: "s".into(),
+            labels: vec![],
+            at: 40,
+            assignee: Some(assignee),
+        };
+        SessionWriter::rename(&mut a, &signer(2), &meta(signer(2).node_id())).unwrap();
+        assert_eq!(SessionView::read_without_output(&a, &fleet).unwrap().assignee, Some(signer(2).node_id()));
+        // An agent named as assignee: nobody has it.
+        SessionWriter::rename(&mut a, &signer(2), &meta(signer(3).node_id())).unwrap();
+        assert_eq!(SessionView::read_without_output(&a, &fleet).unwrap().assignee, None);
     }
 
     #[test]

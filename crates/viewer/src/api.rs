@@ -122,6 +122,20 @@ pub enum Request {
         name: String,
         labels: Vec<String>,
     },
+    Relabel {
+        session: DocId,
+        add: Vec<String>,
+        remove: Vec<String>,
+    },
+    /// Hands a session to a technician (by name), or to nobody.
+    Assign {
+        session: DocId,
+        technician: Option<String>,
+    },
+    Note {
+        session: DocId,
+        text: String,
+    },
     History {
         machine: Option<NodeId>,
         script: String,

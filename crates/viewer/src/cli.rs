@@ -155,6 +155,29 @@ pub enum Command {
     },
     #[command(flatten)]
     Tools(Tools),
+    /// Add or remove a session's labels.
+    Label {
+        session: String,
+        #[arg(long = "add", value_name = "LABEL", required_unless_present = "remove")]
+        add: Vec<String>,
+        #[arg(long = "remove", value_name = "LABEL")]
+        remove: Vec<String>,
+    },
+    /// Hand a session to a colleague (by name), or with --nobody to nobody.
+    Assign {
+        session: String,
+        #[arg(required_unless_present = "nobody", conflicts_with = "nobody")]
+        technician: Option<String>,
+        #[arg(long)]
+        nobody: bool,
+    },
+    /// Add a note to a session, signed and timestamped, for whoever picks it up next.
+    Note {
+        session: String,
+        /// The note; its words are joined with spaces.
+        #[arg(required = true)]
+        text: Vec<String>,
+    },
     /// The runs of a command over time: a SESSION's commands on its machine, or --command
     /// TEXT (on --machine NAME, or anywhere). Each run's code names it for `caisey diff`.
     History {
@@ -544,8 +567,9 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                 println!("no sessions match");
             } else {
                 for s in sessions {
+                    let assignee = s.assignee.as_ref().map(|a| format!("  → {}", visible_line(a))).unwrap_or_default();
                     println!(
-                        "{}  {:<32} {:<22} {} command(s), {}  [{}]",
+                        "{}  {:<32} {:<22} {} command(s), {}  [{}]{assignee}",
                         s.id.short(),
                         visible(&s.name),
                         time(s.last_activity),
@@ -668,6 +692,29 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                     "warning: {pending} bytes of output have not reached this machine yet; the export has the rest"
                 );
             }
+        }
+        Command::Label { session, add, remove } => {
+            online(client).await?;
+            let id = client.find_session(&session).await?;
+            client.relabel(id, add, remove).await?;
+            let now = client.sessions(None, None).await?.into_iter().find(|s| s.id == id);
+            let labels = now.map(|s| s.labels.join(", ")).unwrap_or_default();
+            println!("labels: {}", if labels.is_empty() { "none".into() } else { visible_line(&labels) });
+        }
+        Command::Assign { session, technician, nobody: _ } => {
+            online(client).await?;
+            let id = client.find_session(&session).await?;
+            client.assign(id, technician.clone()).await?;
+            match technician {
+                Some(t) => println!("assigned to {}", visible_line(&t)),
+                None => println!("assigned to nobody"),
+            }
+        }
+        Command::Note { session, text } => {
+            online(client).await?;
+            let id = client.find_session(&session).await?;
+            client.note(id, &text.join(" ")).await?;
+            println!("noted");
         }
         Command::History { session, command, machine, json } => {
             online(client).await?;

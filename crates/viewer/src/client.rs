@@ -264,6 +264,19 @@ impl Client {
         expect!(self.call(Request::Rename { session, name: name.into(), labels }).await?, Reply::Done => ())
     }
 
+    pub async fn relabel(&self, session: DocId, add: Vec<String>, remove: Vec<String>) -> Result<()> {
+        expect!(self.call(Request::Relabel { session, add, remove }).await?, Reply::Done => ())
+    }
+
+    /// Hands the session to the technician of that name, or (`None`) to nobody.
+    pub async fn assign(&self, session: DocId, technician: Option<String>) -> Result<()> {
+        expect!(self.call(Request::Assign { session, technician }).await?, Reply::Done => ())
+    }
+
+    pub async fn note(&self, session: DocId, text: &str) -> Result<()> {
+        expect!(self.call(Request::Note { session, text: text.into() }).await?, Reply::Done => ())
+    }
+
     pub async fn history(&self, machine: Option<NodeId>, script: &str) -> Result<Vec<PastRun>> {
         expect!(self.call(Request::History { machine, script: script.into() }).await?, Reply::Runs(r) => r)
     }

@@ -232,6 +232,18 @@ impl TechService {
                 tech::rename(node, session, &name, labels).await?;
                 Reply::Done
             }
+            Request::Relabel { session, add, remove } => {
+                tech::relabel(node, session, &add, &remove).await?;
+                Reply::Done
+            }
+            Request::Assign { session, technician } => {
+                tech::assign(node, session, technician.as_deref()).await?;
+                Reply::Done
+            }
+            Request::Note { session, text } => {
+                tech::add_note(node, session, &text).await?;
+                Reply::Done
+            }
             Request::History { machine, script } => Reply::Runs(tech::history(node, machine, &script).await?),
             Request::SessionHistory { session } => Reply::Runs(tech::session_history(node, session).await?),
             Request::FindRun { code } => Reply::Runs(vec![tech::find_run(node, &code).await?]),
@@ -335,6 +347,8 @@ fn names_in(view: &SessionView, fleet: &caisey_doc::fleet::Fleet) -> BTreeMap<No
     let mut nodes: Vec<NodeId> = view.targets.clone();
     nodes.push(view.creator);
     nodes.extend(view.renamed_by);
+    nodes.extend(view.assignee);
+    nodes.extend(view.notes.iter().map(|n| n.author));
     for c in &view.commands {
         nodes.push(c.requester);
         nodes.push(c.request.target);

@@ -8,7 +8,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use caisey_doc::fleet::{Contact, Fleet, InviteCert, MachineCard, Member, Role};
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::record::Signer;
-use caisey_doc::session::{CommandRequest, CommandSpec, CommandView, SessionInfo, SessionView, SessionWriter};
+use caisey_doc::session::{
+    CommandRequest, CommandSpec, CommandView, MAX_NOTE, SessionInfo, SessionMeta, SessionNote, SessionView,
+    SessionWriter,
+};
 use caisey_doc::token::InviteToken;
 use caisey_peer::node::{Node, PeerPath};
 use caisey_peer::now_ms;
@@ -283,6 +286,12 @@ pub struct SessionSummary {
     pub commands: usize,
     pub last_activity: u64,
     pub status: String,
+    /// The technician who has it, if one was named.
+    #[serde(default)]
+    pub assignee: Option<String>,
+    /// Its notes' texts, oldest first (searched with the rest).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 impl SessionSummary {
@@ -295,6 +304,8 @@ impl SessionSummary {
             &self.machines.join(" "),
             &self.scripts.join(" "),
             &self.descriptions.join(" "),
+            &self.notes.join(" "),
+            self.assignee.as_deref().unwrap_or_default(),
         ]
         .iter()
         .any(|h| h.to_lowercase().contains(search))
@@ -325,6 +336,8 @@ pub async fn sessions(node: &Node, search: Option<&str>, label: Option<&str>) ->
             commands: v.commands.len(),
             last_activity: v.last_activity(),
             status: v.commands.last().map(|c| c.status().to_string()).unwrap_or_else(|| "empty".into()),
+            assignee: v.assignee.map(|a| names.get(&a).cloned().unwrap_or_else(|| a.short())),
+            notes: v.notes.iter().map(|n| n.note.text.clone()).collect(),
         })
         .filter(|s| search.as_deref().is_none_or(|q| s.matches(q)))
         .collect();
@@ -427,6 +440,10 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
             node.change(session, move |doc| SessionWriter::request(doc, &signer, &request))
                 .await?
                 .context("writing the request")?;
+            // `--label` on a session that goes on: its labels grow.
+            if !req.labels.is_empty() {
+                relabel(node, session, &req.labels, &[]).await?;
+            }
         } else {
             // A new session and its request, built here and stored with the others in one go.
             let info = SessionInfo { id: session, name, labels: req.labels.clone(), created_at: now, org_key };
@@ -583,20 +600,83 @@ pub async fn build_transcript(
 
 /// Renames and relabels a session (as this technician; the newest rename wins everywhere).
 pub async fn rename(node: &Node, session: DocId, name: &str, labels: Vec<String>) -> Result<()> {
-    let name = name.trim();
+    let name = name.trim().to_string();
     if name.is_empty() {
         bail!("a session needs a name");
     }
-    let meta = caisey_doc::session::SessionMeta {
-        session,
-        name: name.to_string(),
-        labels: labels.into_iter().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect(),
-        at: now_ms(),
+    update_meta(node, session, move |meta| {
+        meta.name = name;
+        meta.labels = labels;
+    })
+    .await
+}
+
+/// Adds and removes labels (case-insensitively), keeping the rest.
+pub async fn relabel(node: &Node, session: DocId, add: &[String], remove: &[String]) -> Result<()> {
+    let (add, remove) = (add.to_vec(), remove.to_vec());
+    update_meta(node, session, move |meta| {
+        meta.labels.retain(|l| !remove.iter().any(|r| r.trim().eq_ignore_ascii_case(l)));
+        for label in add {
+            if !meta.labels.iter().any(|l| l.eq_ignore_ascii_case(label.trim())) {
+                meta.labels.push(label);
+            }
+        }
+    })
+    .await
+}
+
+/// Hands the session to a technician (by name), or to nobody.
+pub async fn assign(node: &Node, session: DocId, technician: Option<&str>) -> Result<Option<Member>> {
+    let fleet = node.fleet().await?;
+    let member = match technician {
+        Some(name) => Some(
+            fleet
+                .members_with_role(Role::Technician)
+                .find(|m| m.name.eq_ignore_ascii_case(name.trim()))
+                .cloned()
+                .ok_or_else(|| anyhow!("no technician named {name:?} in this org"))?,
+        ),
+        None => None,
     };
-    let signer = node.signer().clone();
-    node.change(session, move |doc| caisey_doc::session::SessionWriter::rename(doc, &signer, &meta))
+    let assignee = member.as_ref().map(|m| m.node);
+    update_meta(node, session, move |meta| meta.assignee = assignee).await?;
+    Ok(member)
+}
+
+/// Writes this technician's meta record for the session: the session's name, labels and
+/// assignee as they read now, with `change` applied. What it does not change stays.
+async fn update_meta(
+    node: &Node,
+    session: DocId,
+    change: impl FnOnce(&mut SessionMeta) + Send + 'static,
+) -> Result<()> {
+    let view = node
+        .read_with_fleet(session, |d, fleet| SessionView::read_without_output(d, fleet))
         .await?
-        .context("renaming the session")?;
+        .ok_or_else(|| anyhow!("no session {}", session.short()))??;
+    let mut meta =
+        SessionMeta { session, name: view.info.name, labels: view.info.labels, at: now_ms(), assignee: view.assignee };
+    change(&mut meta);
+    meta.labels = meta.labels.iter().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    let signer = node.signer().clone();
+    node.change(session, move |doc| SessionWriter::rename(doc, &signer, &meta))
+        .await?
+        .context("writing the session's name, labels and assignee")?;
+    Ok(())
+}
+
+/// Adds a note by this technician.
+pub async fn add_note(node: &Node, session: DocId, text: &str) -> Result<()> {
+    let text = text.trim().to_string();
+    if text.is_empty() {
+        bail!("the note is empty");
+    }
+    if text.len() > MAX_NOTE {
+        bail!("the note is {} bytes; a note holds at most {MAX_NOTE}", text.len());
+    }
+    let note = SessionNote { session, id: random_id(), text, at: now_ms() };
+    let signer = node.signer().clone();
+    node.change(session, move |doc| SessionWriter::note(doc, &signer, &note)).await?.context("writing the note")?;
     Ok(())
 }
 

@@ -56,11 +56,22 @@ pub struct Follower {
     style: OutputStyle,
     seen: BTreeMap<Id128, Seen>,
     header: bool,
+    /// Notes printed so far, and the assignee last printed.
+    notes_seen: BTreeSet<(NodeId, Id128)>,
+    assignee_shown: Option<Option<NodeId>>,
 }
 
 impl Follower {
     pub fn new(session: DocId, only: Option<BTreeSet<Id128>>, style: OutputStyle) -> Self {
-        Self { session, only, style, seen: BTreeMap::new(), header: false }
+        Self {
+            session,
+            only,
+            style,
+            seen: BTreeMap::new(),
+            header: false,
+            notes_seen: BTreeSet::new(),
+            assignee_shown: None,
+        }
     }
 
     /// Prints whatever is new. Returns the commands it follows as shown so far: while output
@@ -84,6 +95,15 @@ impl Follower {
             }
         }
         self.header = true;
+        let whole = self.style == OutputStyle::Labelled && self.only.is_none();
+        if whole && self.assignee_shown != Some(view.assignee) {
+            self.assignee_shown = Some(view.assignee);
+            match view.assignee {
+                Some(a) => crate::progress::println(&format!("assigned to {}", name_of(&names, &a))),
+                None if self.notes_seen.is_empty() && self.seen.is_empty() => {}
+                None => crate::progress::println("assigned to nobody"),
+            }
+        }
         let mut followed = Vec::new();
         for cmd in view.commands {
             if self.only.as_ref().is_some_and(|o| !o.contains(&cmd.request.id)) {
@@ -91,6 +111,15 @@ impl Follower {
             }
             self.print_new(client, &names, &cmd).await?;
             followed.push(cmd);
+        }
+        // The session's notes, after what they are about; new ones as they come.
+        for n in view.notes.iter().filter(|_| whole) {
+            if self.notes_seen.insert((n.author, n.note.id)) {
+                crate::progress::println(&format!("── {}  note by {}:", time(n.note.at), name_of(&names, &n.author)));
+                for line in visible(&n.note.text).lines() {
+                    crate::progress::println(&format!("     {line}"));
+                }
+            }
         }
         std::io::stdout().flush()?;
         std::io::stderr().flush()?;
@@ -235,6 +264,27 @@ pub struct SessionJson {
     pub machines: Vec<String>,
     pub commands: Vec<CommandJson>,
     pub quarantined: Vec<caisey_doc::session::Quarantined>,
+    /// The technician who has the session, if one was named.
+    #[serde(default)]
+    pub assignee: Option<String>,
+    /// Technicians' notes, oldest first.
+    #[serde(default)]
+    pub notes: Vec<NoteJson>,
+}
+
+/// A note as exported: who wrote it, when, what.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NoteJson {
+    pub author: String,
+    pub at: u64,
+    pub text: String,
+}
+
+fn notes_json(view: &SessionView, names: &BTreeMap<NodeId, String>) -> Vec<NoteJson> {
+    view.notes
+        .iter()
+        .map(|n| NoteJson { author: name_of(names, &n.author), at: n.note.at, text: n.note.text.clone() })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -292,6 +342,8 @@ pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
         labels: view.info.labels.clone(),
         machines: view.targets.iter().map(|t| name_of(&names, t)).collect(),
         commands,
+        assignee: view.assignee.map(|a| name_of(&names, &a)),
+        notes: notes_json(&view, &names),
         quarantined: view.quarantined,
     })
 }
@@ -324,7 +376,7 @@ fn command_json(c: &CommandView, names: &BTreeMap<NodeId, String>) -> CommandJso
 pub fn session_csv(s: &SessionJson) -> String {
     let mut out = String::from(CSV_HEADER);
     for c in &s.commands {
-        let mut row = csv_fixed_cells(s.id, &s.name, c);
+        let mut row = csv_fixed_cells(s, c);
         row.push(csv_cell(&c.stdout));
         row.push(csv_cell(&c.stderr));
         out.push_str(&row.join(","));
@@ -334,7 +386,7 @@ pub fn session_csv(s: &SessionJson) -> String {
 }
 
 const CSV_HEADER: &str = "session,session_name,command_id,machine,requested_by,shell,script,description,status,exit_code,\
-    requested_at,decided_by,started_at,ended_at,duration_ms,stdout,stderr\r\n";
+    requested_at,decided_by,started_at,ended_at,duration_ms,assignee,notes,stdout,stderr\r\n";
 
 /// A cell as RFC 4180 quotes it, defused if a spreadsheet would take it for a formula.
 fn csv_cell(v: &str) -> String {
@@ -373,13 +425,15 @@ impl CsvCell {
     }
 }
 
-/// Every cell of a command's row before its output.
-fn csv_fixed_cells(session: DocId, name: &str, c: &CommandJson) -> Vec<String> {
+/// Every cell of a command's row before its output (the session's assignee and notes repeat on
+/// each row, as its name does).
+fn csv_fixed_cells(s: &SessionJson, c: &CommandJson) -> Vec<String> {
     let opt = |v: Option<u64>| v.map(time).unwrap_or_default();
     let duration = c.started_at.zip(c.ended_at).map(|(a, b)| b.saturating_sub(a).to_string()).unwrap_or_default();
+    let notes: Vec<String> = s.notes.iter().map(|n| format!("{} {}: {}", time(n.at), n.author, n.text)).collect();
     [
-        session.to_hex(),
-        name.to_string(),
+        s.id.to_hex(),
+        s.name.clone(),
         c.id.to_hex(),
         c.machine.clone(),
         c.requester.clone(),
@@ -393,6 +447,8 @@ fn csv_fixed_cells(session: DocId, name: &str, c: &CommandJson) -> Vec<String> {
         opt(c.started_at),
         opt(c.ended_at),
         duration,
+        s.assignee.clone().unwrap_or_default(),
+        notes.join("\n"),
     ]
     .iter()
     .map(|v| csv_cell(v))
@@ -443,6 +499,8 @@ pub async fn export_to(
         machines: view.targets.iter().map(|t| name_of(&names, t)).collect(),
         commands: view.commands.iter().map(|c| command_json(c, &names)).collect(),
         quarantined: view.quarantined.clone(),
+        assignee: view.assignee.map(|a| name_of(&names, &a)),
+        notes: notes_json(&view, &names),
     };
     let mut streamer = OutputStreamer { client, session, written: 0, progress };
     let mut pending = 0;
@@ -450,7 +508,7 @@ pub async fn export_to(
         ExportFormat::Csv => {
             out.write_all(CSV_HEADER.as_bytes())?;
             for (c, json) in view.commands.iter().zip(&outline.commands) {
-                out.write_all(csv_fixed_cells(session, &outline.name, json).join(",").as_bytes())?;
+                out.write_all(csv_fixed_cells(&outline, json).join(",").as_bytes())?;
                 let mut here = 0;
                 for stream in [Stream::Stdout, Stream::Stderr] {
                     out.write_all(b",")?;
@@ -610,6 +668,8 @@ mod tests {
                 output_pending: 0,
             }],
             quarantined: vec![],
+            assignee: None,
+            notes: vec![],
         };
         let csv = session_csv(&s);
         let row = csv.lines().nth(1).unwrap();
