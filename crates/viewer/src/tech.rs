@@ -651,7 +651,7 @@ async fn update_meta(
     change: impl FnOnce(&mut SessionMeta) + Send + 'static,
 ) -> Result<()> {
     let view = node
-        .read_with_fleet(session, |d, fleet| SessionView::read_without_output(d, fleet))
+        .read_with_fleet(session, SessionView::read_without_output)
         .await?
         .ok_or_else(|| anyhow!("no session {}", session.short()))??;
     let mut meta =
@@ -705,16 +705,14 @@ pub async fn history(node: &Node, machine: Option<NodeId>, script: &str) -> Resu
 /// The runs of every command that `session` holds, on its machine, in any session: a weekly
 /// check's whole history, oldest first.
 pub async fn session_history(node: &Node, session: DocId) -> Result<Vec<PastRun>> {
-    let fleet = node.fleet().await?;
     let asked: BTreeSet<(NodeId, String)> = node
-        .read_with_fleet(session, |d, fleet| SessionView::read_without_output(d, fleet))
+        .read_with_fleet(session, SessionView::read_without_output)
         .await?
         .ok_or_else(|| anyhow!("no session {}", session.short()))??
         .commands
         .iter()
         .map(|c| (c.request.target, c.request.command.script.trim().to_string()))
         .collect();
-    drop(fleet);
     runs_where(node, |c| asked.contains(&(c.request.target, c.request.command.script.trim().to_string()))).await
 }
 
