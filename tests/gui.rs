@@ -309,3 +309,35 @@ fn the_consent_window_shows_hostile_commands_inert_and_approves_and_denies() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(!marker.exists(), "a denied command never runs");
 }
+
+#[test]
+fn a_note_and_a_hand_off_written_in_the_viewer_reach_a_colleague() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    org.join_technician("bob");
+    org.world.run_approved("alice", "ws-01", &["--machine", "ws-01", "--session", "printer queue", "--", "true"]).ok();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut h = viewer(&org, "bob", &rt);
+    step_until(&mut h, Duration::from_secs(30), "the session listed", |h| {
+        h.state().snapshot.sessions.iter().any(|s| s.name == "printer queue")
+    });
+    h.get_by_label("Sessions").click();
+    h.run_steps(2);
+    h.get_by_label_contains("printer queue").click();
+    step_until(&mut h, Duration::from_secs(10), "the session open", |h| h.state().open.is_some());
+    h.get_by_label_contains("Hand-off").click();
+    h.run_steps(2);
+    h.get_by_label("New note").type_into("spooler restarted; waiting on the user");
+    h.get_by_label("Add note").click();
+    h.run_steps(2);
+    h.get_by_label("Hand to").type_into("alice");
+    h.get_by_label("Assign").click();
+    step_until(&mut h, Duration::from_secs(15), "the note and the assignee shown", |h| {
+        shows(h, "spooler restarted; waiting on the user") && shows(h, "Assigned to: alice")
+    });
+    let seen = caisey_tests::wait_for(Duration::from_secs(30), || {
+        let out = org.world.caisey("alice", &["show", "printer queue"]);
+        (out.stdout.contains("note by bob:") && out.stdout.contains("assigned to alice")).then_some(out)
+    });
+    assert!(seen.is_some(), "alice sees bob's note and the hand-off");
+}

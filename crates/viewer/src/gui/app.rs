@@ -92,6 +92,9 @@ pub struct ViewerApp {
     pub open: Option<OpenSession>,
     /// Editing the open session's name and labels.
     pub renaming: Option<(String, String)>,
+    /// The note being written for the open session, and the colleague to hand it to.
+    pub note_draft: String,
+    pub assign_to: String,
     pub follow: bool,
     pub export_dir: String,
     pub compose: Compose,
@@ -127,6 +130,8 @@ impl ViewerApp {
             session_search: String::new(),
             open: None,
             renaming: None,
+            note_draft: String::new(),
+            assign_to: String::new(),
             follow: true,
             export_dir,
             compose: Compose::default(),
@@ -153,6 +158,8 @@ impl ViewerApp {
         if self.open.as_ref().is_none_or(|o| o.id != id) {
             self.open = None;
             self.renaming = None;
+            self.note_draft.clear();
+            self.assign_to.clear();
             self.share = None;
             self.send(Action::OpenSession(id));
         }

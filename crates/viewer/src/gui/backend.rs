@@ -41,14 +41,47 @@ pub enum Action {
     OpenSession(DocId),
     CloseSession,
     Ask(RunRequest),
-    Rename { session: DocId, name: String, labels: Vec<String> },
-    Export { session: DocId, format: ExportFormat, path: PathBuf },
-    SaveOutput { session: DocId, request: Id128, path: PathBuf },
-    History { machine: Option<NodeId>, script: String },
+    Rename {
+        session: DocId,
+        name: String,
+        labels: Vec<String>,
+    },
+    Note {
+        session: DocId,
+        text: String,
+    },
+    /// Hand the session to the technician of that name, or to nobody.
+    Assign {
+        session: DocId,
+        technician: Option<String>,
+    },
+    Export {
+        session: DocId,
+        format: ExportFormat,
+        path: PathBuf,
+    },
+    SaveOutput {
+        session: DocId,
+        request: Id128,
+        path: PathBuf,
+    },
+    History {
+        machine: Option<NodeId>,
+        script: String,
+    },
     CommandsOn(NodeId),
-    Diff { old: (DocId, Id128), new: (DocId, Id128) },
-    SharePreview { session: DocId, redact: Vec<String> },
-    Publish { session: DocId, redact: Vec<String> },
+    Diff {
+        old: (DocId, Id128),
+        new: (DocId, Id128),
+    },
+    SharePreview {
+        session: DocId,
+        redact: Vec<String>,
+    },
+    Publish {
+        session: DocId,
+        redact: Vec<String>,
+    },
 }
 
 /// The UI's end of the backend.
@@ -356,6 +389,19 @@ impl Backend {
                 self.stale_list = true;
                 self.stale_docs.insert(session);
                 self.out.result(r.map(|()| Update::Notice(format!("renamed to {name:?}"))));
+            }
+            Action::Note { session, text } => {
+                let r = client.note(session, &text).await;
+                self.stale_list = true;
+                self.stale_docs.insert(session);
+                self.out.result(r.map(|()| Update::Notice("note added".into())));
+            }
+            Action::Assign { session, technician } => {
+                let r = client.assign(session, technician.clone()).await;
+                self.stale_list = true;
+                self.stale_docs.insert(session);
+                let to = technician.unwrap_or_else(|| "nobody".into());
+                self.out.result(r.map(|()| Update::Notice(format!("assigned to {to}"))));
             }
             Action::Export { session, format, path } => {
                 let r = async {

@@ -148,6 +148,48 @@ impl ViewerApp {
             }
         });
         self.share_panel(ui, open);
+        self.hand_off(ui, open);
+    }
+
+    /// Who has the session, the notes left on it, and adding to both.
+    fn hand_off(&mut self, ui: &mut Ui, open: &OpenSession) {
+        let mut action = None;
+        egui::CollapsingHeader::new(format!("Hand-off: {} note(s)", open.view.notes.len()))
+            .id_salt("hand-off")
+            .default_open(!open.view.notes.is_empty() || open.view.assignee.is_some())
+            .show(ui, |ui| {
+                let who = open.view.assignee.map(|a| visible_line(&open.name_of(&a)));
+                ui.label(format!("Assigned to: {}", who.as_deref().unwrap_or("nobody")));
+                ui.horizontal(|ui| {
+                    let label = ui.label("Hand to");
+                    ui.add(egui::TextEdit::singleline(&mut self.assign_to).hint_text("a colleague's name"))
+                        .labelled_by(label.id);
+                    if ui.button("Assign").clicked() && !self.assign_to.trim().is_empty() {
+                        action =
+                            Some(Action::Assign { session: open.id, technician: Some(self.assign_to.trim().into()) });
+                    }
+                    if who.is_some() && ui.button("Unassign").clicked() {
+                        action = Some(Action::Assign { session: open.id, technician: None });
+                    }
+                });
+                for n in &open.view.notes {
+                    ui.label(format!("{}  {}:", time(n.note.at), visible_line(&open.name_of(&n.author))));
+                    hostile_block(ui, ("note", n.author, n.note.id), &n.note.text, 120.0);
+                }
+                let label = ui.label("New note");
+                ui.add(
+                    egui::TextEdit::multiline(&mut self.note_draft)
+                        .hint_text("what you found, what you tried, what is next")
+                        .desired_rows(2),
+                )
+                .labelled_by(label.id);
+                if ui.button("Add note").clicked() && !self.note_draft.trim().is_empty() {
+                    action = Some(Action::Note { session: open.id, text: std::mem::take(&mut self.note_draft) });
+                }
+            });
+        if let Some(action) = action {
+            self.send(action);
+        }
     }
 
     fn share_panel(&mut self, ui: &mut Ui, open: &OpenSession) {
