@@ -961,6 +961,11 @@ impl SessionView {
         am::root_map(doc, map).and_then(|m| am::bytes_at(doc, &m, &key.to_hex()))
     }
 
+    /// The stored bytes of a note by `author`.
+    pub fn raw_note(doc: &impl ReadDoc, author: &NodeId, id: &Id128) -> Option<Vec<u8>> {
+        am::bytes_at(doc, &ROOT, &format!("{NOTE_PREFIX}{}:{}", author.to_hex(), id.to_hex()))
+    }
+
     /// The stored output reference records of a request, in list order.
     pub fn raw_output(doc: &impl ReadDoc, request: &Id128) -> Vec<Vec<u8>> {
         am::root_map(doc, "outputs")

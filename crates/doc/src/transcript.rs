@@ -27,12 +27,14 @@ use crate::record::{RecordKind, Signer, verify_detached, verify_kind};
 use crate::redact::Redactor;
 use crate::session::{
     ChunkSource, CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, OutputRef, SessionError,
-    SessionInfo, SessionView, Start, Stream, Verdict, check_decision,
+    SessionInfo, SessionNote, SessionView, Start, Stream, Verdict, check_decision,
 };
 
 pub mod html;
 
-pub const FORMAT: &str = "caisey-transcript/2";
+pub const FORMAT: &str = "caisey-transcript/3";
+/// Files of the format before summaries and notes: the same, without them.
+const FORMAT_2: &str = "caisey-transcript/2";
 const DOMAIN: &[u8] = b"caisey/transcript/v1\0";
 
 /// The published file: the transcript and the publisher's signature over its canonical bytes.
@@ -62,6 +64,12 @@ pub struct Transcript {
     pub commands: Vec<TCommand>,
     /// Commands the publisher chose to leave out (their ids only).
     pub omitted: Vec<Id128>,
+    /// The publisher's own words for the reader: what was found, what was changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// Technicians' notes on the session, each as its author signed it or as redacted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<Part>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,6 +163,10 @@ pub struct ShareOptions {
     pub redactor: Redactor,
     /// Commands to leave out entirely.
     pub omit: BTreeSet<Id128>,
+    /// The publisher's summary for the reader, if any.
+    pub summary: Option<String>,
+    /// Leave the technicians' notes out.
+    pub without_notes: bool,
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -262,6 +274,19 @@ pub fn build(
         let stderr = output(Stream::Stderr, "stderr");
         commands.push(TCommand { id, request, decision, start, end, stdout, stderr, redactions });
     }
+    let mut notes = Vec::new();
+    for n in view.notes.iter().filter(|_| !options.without_notes) {
+        authors.insert(n.author);
+        let (text, found) = redactor.redact(&n.note.text);
+        if found.is_empty() {
+            let raw = SessionView::raw_note(session_doc, &n.author, &n.note.id).map(|b| b64(&b)).unwrap_or_default();
+            notes.push(Part::Signed { record: raw });
+        } else {
+            let body = serde_json::to_value(SessionNote { text, ..n.note.clone() }).unwrap_or_default();
+            notes.push(Part::Redacted { author: n.author, body });
+        }
+    }
+    let summary = options.summary.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(|s| redactor.redact(s).0);
     let members = Fleet::membership_chain(fleet_doc, &authors).iter().map(|b| b64(b)).collect();
     let transcript = Transcript {
         format: FORMAT.into(),
@@ -275,6 +300,8 @@ pub fn build(
         published_at: now,
         commands,
         omitted,
+        summary,
+        notes,
     };
     let signature = publisher.sign_detached(DOMAIN, &canonical(&transcript));
     Ok(TranscriptFile { transcript, publisher: publisher.node_id(), signature: hex::encode(signature) })
@@ -313,6 +340,18 @@ pub struct Checked {
     pub published_at: u64,
     pub commands: Vec<CheckedCommand>,
     pub omitted: Vec<Id128>,
+    pub summary: Option<String>,
+    pub notes: Vec<CheckedNote>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckedNote {
+    pub author: String,
+    pub author_key: NodeId,
+    pub at: u64,
+    pub text: String,
+    /// False where the publisher redacted it: then only the publisher vouches for it.
+    pub signed: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -376,7 +415,7 @@ fn verify_json(bytes: &[u8]) -> Result<(TranscriptFile, Checked), VerifyError> {
         return Err(VerifyError::NotCanonical);
     }
     let t = &file.transcript;
-    if t.format != FORMAT {
+    if t.format != FORMAT && !(t.format == FORMAT_2 && t.summary.is_none() && t.notes.is_empty()) {
         return Err(VerifyError::Malformed(format!("unknown format {:?}", t.format)));
     }
     let mut sig = [0u8; 64];
@@ -532,7 +571,31 @@ fn verify_json(bytes: &[u8]) -> Result<(TranscriptFile, Checked), VerifyError> {
             redactions: c.redactions.clone(),
         });
     }
+    let mut notes = Vec::new();
+    for part in &t.notes {
+        let fail = |what: String| VerifyError::Malformed(format!("note: {what}"));
+        let (author, note, signed) = match part {
+            Part::Signed { record } => {
+                let bytes = de(record)?;
+                let v = verify_kind(&bytes, RecordKind::SessionNote).map_err(|e| fail(e.to_string()))?;
+                let note: SessionNote = serde_json::from_slice(v.body).map_err(|e| fail(e.to_string()))?;
+                (v.author, note, true)
+            }
+            Part::Redacted { author, body } => {
+                (*author, SessionNote::deserialize(body).map_err(|e| fail(e.to_string()))?, false)
+            }
+        };
+        if note.session != t.session {
+            return Err(fail("written for another session".into()));
+        }
+        if fleet.role_of(&author) != Some(Role::Technician) {
+            return Err(fail("written by someone who is not a technician of the org".into()));
+        }
+        notes.push(CheckedNote { author: name_of(&author), author_key: author, at: note.at, text: note.text, signed });
+    }
     let checked = Checked {
+        summary: t.summary.clone(),
+        notes,
         org_name: t.org_name.clone(),
         org_key,
         publisher: name_of(&file.publisher),
@@ -646,8 +709,62 @@ mod tests {
     }
 
     fn share(w: &World, (doc, chunks): &Session) -> TranscriptFile {
-        let options = ShareOptions { redactor: Redactor::new(&[]).unwrap(), omit: BTreeSet::new() };
+        let options = ShareOptions {
+            redactor: Redactor::new(&[]).unwrap(),
+            omit: BTreeSet::new(),
+            summary: None,
+            without_notes: false,
+        };
         build(doc, chunks, &w.fleet_doc, &options, &w.tech, 5_000).unwrap()
+    }
+
+    #[test]
+    fn notes_travel_signed_or_redacted_and_the_summary_opens_the_page() {
+        let w = world();
+        let (mut doc, chunks) = session(&w, "df -h", b"/dev/sda1 50%\n");
+        let note = |id: u8, text: &str| SessionNote {
+            session: Id128([7; 16]),
+            id: Id128([id; 16]),
+            text: text.into(),
+            at: 4_000 + u64::from(id),
+        };
+        SessionWriter::note(&mut doc, &w.tech, &note(1, "disk cleanup did not fix it; chkdsk pending")).unwrap();
+        SessionWriter::note(&mut doc, &w.tech, &note(2, "admin password=hunter22 reset")).unwrap();
+        let options = ShareOptions {
+            redactor: Redactor::new(&[]).unwrap(),
+            omit: BTreeSet::new(),
+            summary: Some("We found a full disk and cleared the spooler.".into()),
+            without_notes: false,
+        };
+        let file = build(&doc, &chunks, &w.fleet_doc, &options, &w.tech, 5_000).unwrap();
+        let (_, checked) = verify(&file.to_json()).unwrap();
+        assert_eq!(checked.summary.as_deref(), Some("We found a full disk and cleared the spooler."));
+        assert_eq!(checked.notes.len(), 2);
+        assert!(checked.notes[0].signed && checked.notes[0].author == "alice");
+        assert!(!checked.notes[1].signed && !checked.notes[1].text.contains("hunter22"), "{:?}", checked.notes[1]);
+        let page = html::render(&file, &checked);
+        let (summary_at, notes_at) = (page.find("cleared the spooler").unwrap(), page.find("chkdsk pending").unwrap());
+        assert!(summary_at < page.find("Command on").unwrap() && notes_at > page.find("Command on").unwrap());
+        assert!(verify(page.as_bytes()).is_ok());
+
+        // A note changed after signing is refused; so is a note left out by --no-notes still there.
+        let mut tampered = file.clone();
+        if let Some(Part::Signed { record }) = tampered.transcript.notes.first_mut() {
+            let mut bytes = BASE64.decode(record.as_bytes()).unwrap();
+            let at = bytes.len() - 70;
+            bytes[at] ^= 1;
+            *record = BASE64.encode(&bytes);
+        }
+        tampered.signature = hex::encode(w.tech.sign_detached(DOMAIN, &canonical(&tampered.transcript)));
+        assert!(verify(&tampered.to_json()).is_err());
+        let without = ShareOptions { without_notes: true, summary: None, ..options };
+        let file = build(&doc, &chunks, &w.fleet_doc, &without, &w.tech, 5_000).unwrap();
+        assert!(verify(&file.to_json()).unwrap().1.notes.is_empty());
+        // What the earlier format published still verifies.
+        let mut old = file.clone();
+        old.transcript.format = FORMAT_2.into();
+        old.signature = hex::encode(w.tech.sign_detached(DOMAIN, &canonical(&old.transcript)));
+        assert!(verify(&old.to_json()).is_ok());
     }
 
     #[test]
@@ -760,7 +877,12 @@ mod tests {
         let doc = session(&w, "df -h", b"ok\n");
         // A stranger (not a technician) cannot publish.
         let stranger = Signer::from_secret([66; 32]);
-        let options = ShareOptions { redactor: Redactor::new(&[]).unwrap(), omit: BTreeSet::new() };
+        let options = ShareOptions {
+            redactor: Redactor::new(&[]).unwrap(),
+            omit: BTreeSet::new(),
+            summary: None,
+            without_notes: false,
+        };
         assert!(matches!(build(&doc.0, &doc.1, &w.fleet_doc, &options, &stranger, 1), Err(BuildError::NotATechnician)));
         // Re-signing a genuine transcript with another key is caught.
         let mut file = share(&w, &doc);
@@ -773,7 +895,12 @@ mod tests {
     fn output_not_here_yet_is_not_shared_and_swapped_bytes_fail() {
         let w = world();
         let (doc, chunks) = session(&w, "df -h", b"/dev/sda1 50%\n");
-        let options = ShareOptions { redactor: Redactor::new(&[]).unwrap(), omit: BTreeSet::new() };
+        let options = ShareOptions {
+            redactor: Redactor::new(&[]).unwrap(),
+            omit: BTreeSet::new(),
+            summary: None,
+            without_notes: false,
+        };
         let missing: BTreeMap<ChunkHash, Vec<u8>> = chunks.iter().skip(1).map(|(h, d)| (*h, d.clone())).collect();
         assert!(matches!(
             build(&doc, &missing, &w.fleet_doc, &options, &w.tech, 1),

@@ -107,8 +107,8 @@ pub enum Request {
     /// A signed, redacted transcript of a session as it stands now, as JSON.
     Transcript {
         session: DocId,
-        redact: Vec<String>,
-        omit: Vec<String>,
+        #[serde(flatten)]
+        share: crate::tech::ShareRequest,
     },
     /// Publishes a transcript (as built by [`Request::Transcript`]) on the org's relay.
     Publish {

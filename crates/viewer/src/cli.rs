@@ -118,10 +118,16 @@ pub enum Command {
         /// Leave this command out entirely (its id or a unique prefix; repeatable).
         #[arg(long = "omit", value_name = "COMMAND")]
         omit: Vec<String>,
-        /// Write the HTML page to FILE instead of (or, with a relay, as well as) publishing.
-        /// A FILE ending in .json gets the JSON transcript.
+        /// Also write the page to FILE (a FILE ending in .json gets the JSON transcript). With
+        /// a relay the transcript is published as well; without one, the file is all there is.
         #[arg(long, value_name = "FILE")]
         out: Option<std::path::PathBuf>,
+        /// Your words for the reader, at the top of the page: what was found, what was changed.
+        #[arg(long, value_name = "TEXT")]
+        summary: Option<String>,
+        /// Leave the technicians' notes out.
+        #[arg(long)]
+        no_notes: bool,
     },
     /// Withdraw a published transcript (its link or link id).
     Unshare { link: String },
@@ -631,10 +637,11 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
         }
         Command::Approve { id } => return remote_decision(client, &id, true).await,
         Command::Deny { id } => return remote_decision(client, &id, false).await,
-        Command::Share { session, redact, omit, out } => {
+        Command::Share { session, redact, omit, out, summary, no_notes } => {
             online(client).await?;
             let id = client.find_session(&session).await?;
-            let transcript = client.transcript(id, &redact, &omit).await?;
+            let share = crate::tech::ShareRequest { redact, omit, summary, without_notes: no_notes };
+            let transcript = client.transcript(id, share).await?;
             let (file, checked) = caisey_doc::transcript::verify(transcript.as_bytes())?;
             for c in &checked.commands {
                 for r in &c.redactions {
@@ -648,7 +655,8 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                     );
                 }
             }
-            if out.is_none() && !client.org().await?.has_relay {
+            let has_relay = client.org().await?.has_relay;
+            if out.is_none() && !has_relay {
                 bail!("the org has no relay to publish to; write the page with --out FILE");
             }
             if let Some(path) = &out {
@@ -660,7 +668,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                 std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
                 eprintln!("wrote {}", path.display());
             }
-            if out.is_none() {
+            if has_relay {
                 println!("{}", client.publish(transcript).await?);
             }
         }

@@ -246,8 +246,8 @@ impl Client {
     }
 
     /// A signed, redacted transcript, as its JSON file.
-    pub async fn transcript(&self, session: DocId, redact: &[String], omit: &[String]) -> Result<String> {
-        let request = Request::Transcript { session, redact: redact.to_vec(), omit: omit.to_vec() };
+    pub async fn transcript(&self, session: DocId, share: crate::tech::ShareRequest) -> Result<String> {
+        let request = Request::Transcript { session, share };
         expect!(self.call(request).await?, Reply::Transcript(t) => t)
     }
 

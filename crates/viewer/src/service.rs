@@ -210,8 +210,8 @@ impl TechService {
                 let delivered = tech::wait_delivered(node, &machines, Duration::from_secs(5)).await?;
                 Reply::Decided { awaiting: Box::new(awaiting), delivered }
             }
-            Request::Transcript { session, redact, omit } => {
-                let file = tech::build_transcript(node, session, &redact, &omit).await?;
+            Request::Transcript { session, share } => {
+                let file = tech::build_transcript(node, session, share).await?;
                 Reply::Transcript(String::from_utf8(file.to_json()).context("transcript is not UTF-8")?)
             }
             Request::Publish { transcript } => {

@@ -562,15 +562,36 @@ pub async fn decide_remote(node: &Node, code: &str, approve: bool) -> Result<Awa
     Ok(a)
 }
 
-/// Builds a signed, redacted transcript of a session as it stands now. `omit` takes command
-/// ids or unique prefixes of them.
+/// What to publish of a session, as the technician reviewed it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ShareRequest {
+    /// Patterns to hide beyond the built-in secrets.
+    #[serde(default)]
+    pub redact: Vec<String>,
+    /// Commands to leave out: ids or unique prefixes of them.
+    #[serde(default)]
+    pub omit: Vec<String>,
+    /// The publisher's words for the reader, at the top of the page.
+    #[serde(default)]
+    pub summary: Option<String>,
+    #[serde(default)]
+    pub without_notes: bool,
+}
+
+/// The longest summary, in bytes.
+pub const MAX_SUMMARY: usize = 16 * 1024;
+
+/// Builds a signed, redacted transcript of a session as it stands now.
 pub async fn build_transcript(
     node: &Node,
     session: DocId,
-    redact: &[String],
-    omit: &[String],
+    share: ShareRequest,
 ) -> Result<caisey_doc::transcript::TranscriptFile> {
-    let redactor = caisey_doc::redact::Redactor::new(redact)?;
+    let ShareRequest { redact, omit, summary, without_notes } = share;
+    if summary.as_ref().is_some_and(|s| s.len() > MAX_SUMMARY) {
+        bail!("the summary holds at most {MAX_SUMMARY} bytes");
+    }
+    let redactor = caisey_doc::redact::Redactor::new(&redact)?;
     let fleet = node.fleet().await?;
     let ids: Vec<Id128> = node
         .read(session, move |d| {
@@ -579,7 +600,7 @@ pub async fn build_transcript(
         .await?
         .ok_or_else(|| anyhow!("no session {}", session.short()))??;
     let mut leave_out = std::collections::BTreeSet::new();
-    for prefix in omit {
+    for prefix in &omit {
         let p = prefix.to_ascii_lowercase();
         match ids.iter().filter(|id| id.to_hex().starts_with(&p)).collect::<Vec<_>>().as_slice() {
             [one] => {
@@ -589,7 +610,7 @@ pub async fn build_transcript(
             _ => bail!("{prefix:?} matches several commands; give more of the id"),
         }
     }
-    let options = caisey_doc::transcript::ShareOptions { redactor, omit: leave_out };
+    let options = caisey_doc::transcript::ShareOptions { redactor, omit: leave_out, summary, without_notes };
     let signer = node.signer().clone();
     Ok(node
         .read_with_fleet_doc(session, move |s, f, chunks| {

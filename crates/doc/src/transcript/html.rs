@@ -147,8 +147,24 @@ pub fn render(file: &TranscriptFile, c: &Checked) -> String {
                     (c.org_key.short()) ". Check it offline with " code { "caisey verify" } " on this page. Built from session "
                     (c.session.short()) " at heads " (c.heads.iter().map(|h| &h[..h.len().min(12)]).collect::<Vec<_>>().join(", ")) "."
                 }
+                @if let Some(summary) = &c.summary {
+                    section.summary {
+                        h2 { "Summary" }
+                        p.meta { "In " (visible(&c.publisher)) "'s words, as they published this page:" }
+                        pre { (visible(summary)) }
+                    }
+                }
                 @if !c.omitted.is_empty() { p.note { (c.omitted.len()) " command(s) left out by the publisher." } }
                 @for cmd in &c.commands { (command_ui(cmd)) }
+                @if !c.notes.is_empty() {
+                    section.notes {
+                        h2 { "Notes" }
+                        @for n in &c.notes {
+                            p.meta { (utc(n.at)) " · " (visible(&n.author)) " · " (genuine(n.signed)) }
+                            pre { (visible(&n.text)) }
+                        }
+                    }
+                }
                 pre id=(DATA_ID) hidden { (data) }
             }
         }

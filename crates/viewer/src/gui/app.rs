@@ -77,8 +77,25 @@ pub struct History {
 #[derive(Debug, Clone, Default)]
 pub struct Share {
     pub redact: String,
+    /// The publisher's words for the reader.
+    pub summary: String,
+    pub without_notes: bool,
+    /// Commands left out entirely.
+    pub omit: std::collections::BTreeSet<caisey_doc::id::Id128>,
     pub preview: Option<SharePreview>,
     pub url: Option<String>,
+}
+
+impl Share {
+    /// What to publish, as reviewed so far.
+    pub fn request(&self) -> crate::tech::ShareRequest {
+        crate::tech::ShareRequest {
+            redact: self.redact.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect(),
+            omit: self.omit.iter().map(|id| id.to_hex()).collect(),
+            summary: Some(self.summary.trim().to_string()).filter(|s| !s.is_empty()),
+            without_notes: self.without_notes,
+        }
+    }
 }
 
 pub struct ViewerApp {

@@ -76,11 +76,11 @@ pub enum Action {
     },
     SharePreview {
         session: DocId,
-        redact: Vec<String>,
+        share: tech::ShareRequest,
     },
     Publish {
         session: DocId,
-        redact: Vec<String>,
+        share: tech::ShareRequest,
     },
 }
 
@@ -438,12 +438,12 @@ impl Backend {
                 };
                 self.out.result(r.await);
             }
-            Action::SharePreview { session, redact } => {
-                self.out.result(share_preview(client, session, &redact).await.map(Update::SharePreview));
+            Action::SharePreview { session, share } => {
+                self.out.result(share_preview(client, session, share).await.map(Update::SharePreview));
             }
-            Action::Publish { session, redact } => {
+            Action::Publish { session, share } => {
                 let r = async {
-                    let transcript = client.transcript(session, &redact, &[]).await?;
+                    let transcript = client.transcript(session, share).await?;
                     Ok(Update::Shared { url: client.publish(transcript).await? })
                 };
                 self.out.result(r.await);
@@ -453,11 +453,16 @@ impl Backend {
 }
 
 /// What sharing `session` would publish: the redactions made and the lines they touch.
-async fn share_preview(client: &Client, session: DocId, redact: &[String]) -> Result<SharePreview> {
-    let transcript = client.transcript(session, redact, &[]).await?;
+async fn share_preview(client: &Client, session: DocId, share: tech::ShareRequest) -> Result<SharePreview> {
+    let transcript = client.transcript(session, share).await?;
     let (_, checked) = caisey_doc::transcript::verify(transcript.as_bytes())?;
-    let mut preview =
-        SharePreview { session, commands: checked.commands.len(), redactions: vec![], redacted_lines: vec![] };
+    let mut preview = SharePreview {
+        session,
+        commands: checked.commands.len(),
+        notes: checked.notes.len(),
+        redactions: vec![],
+        redacted_lines: vec![],
+    };
     for c in &checked.commands {
         for r in &c.redactions {
             preview.redactions.push(format!(

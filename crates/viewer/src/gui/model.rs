@@ -180,6 +180,7 @@ pub struct GroupRow {
 pub struct SharePreview {
     pub session: DocId,
     pub commands: usize,
+    pub notes: usize,
     /// "2× password in the output of 3f2a… on ws-01", per rule and place.
     pub redactions: Vec<String>,
     /// Lines of the redacted transcript that contain a redaction, to see what it hides.

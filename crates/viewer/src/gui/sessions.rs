@@ -144,7 +144,7 @@ impl ViewerApp {
             }
             if ui.button("Share…").clicked() {
                 self.share = Some(Share::default());
-                self.send(Action::SharePreview { session: open.id, redact: vec![] });
+                self.send(Action::SharePreview { session: open.id, share: Default::default() });
             }
         });
         self.share_panel(ui, open);
@@ -200,14 +200,35 @@ impl ViewerApp {
             ui.label(RichText::new("Share a public, redacted, read-only transcript").strong());
             ui.label("Secrets the built-in rules know (passwords, tokens, keys) are always redacted; add your own patterns below.");
             labelled_input(ui, "Also redact", &mut share.redact, "regular expressions, comma-separated");
-            let redact: Vec<String> =
-                share.redact.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect();
+            let label = ui.label("Summary for the reader");
+            ui.add(
+                egui::TextEdit::multiline(&mut share.summary)
+                    .hint_text("what we found, what we changed: it opens the page")
+                    .desired_rows(3),
+            )
+            .labelled_by(label.id);
+            ui.checkbox(&mut share.without_notes, "Leave out the technicians' notes");
+            ui.label("Commands to publish:");
+            for cmd in &open.view.commands {
+                let id = cmd.request.id;
+                let mut included = !share.omit.contains(&id);
+                let first_line = cmd.request.command.script.lines().next().unwrap_or_default();
+                let machine = visible_line(&open.name_of(&cmd.request.target));
+                let text = format!("{} on {machine}: {}", id.short(), visible_line(first_line));
+                if ui.checkbox(&mut included, text).changed() {
+                    if included {
+                        share.omit.remove(&id);
+                    } else {
+                        share.omit.insert(id);
+                    }
+                }
+            }
             match &share.preview {
                 None => {
                     ui.label("Preparing the preview…");
                 }
                 Some(p) => {
-                    ui.label(format!("{} command(s) will be published.", p.commands));
+                    ui.label(format!("{} command(s) and {} note(s) will be published.", p.commands, p.notes));
                     if p.redactions.is_empty() {
                         ui.label("Nothing was redacted.");
                     }
@@ -221,10 +242,10 @@ impl ViewerApp {
             }
             ui.horizontal(|ui| {
                 if ui.button("Preview again").clicked() {
-                    action = Some(Action::SharePreview { session: open.id, redact: redact.clone() });
+                    action = Some(Action::SharePreview { session: open.id, share: share.request() });
                 }
                 if share.preview.is_some() && share.url.is_none() && ui.button("Publish").clicked() {
-                    action = Some(Action::Publish { session: open.id, redact });
+                    action = Some(Action::Publish { session: open.id, share: share.request() });
                 }
                 if let Some(url) = &share.url {
                     ui.label(url);
