@@ -1,6 +1,7 @@
 //! Issue 3 end to end: approvals bound to the command, forgeries and replays refused, and
 //! public transcripts served inert, redacted and verifiable.
 
+use std::process::Command;
 use std::time::Duration;
 
 use caisey_tests::{Org, forge, http_get, wait_for};
@@ -209,4 +210,70 @@ fn an_approval_must_name_the_whole_code_the_user_was_shown() {
     assert_eq!(shown.len(), 8, "{listed}");
     org.world.agent_cmd("ws-01", &["approve", &shown]).ok();
     assert!(pending_ids(&org, "ws-01").is_empty());
+}
+
+/// The page a stakeholder opens, read in a real browser (headless Chromium): the publisher's
+/// summary first, each step in plain words, the secret hidden and said so, the technicians'
+/// notes, and how to check it at the end. `CAISEY_SCREENSHOT=FILE` also saves what it shows.
+#[test]
+fn a_transcript_reads_in_plain_words_in_a_real_browser() {
+    let org = Org::with_http(&[("ws-01", "accounting")]);
+    let _agent = org.world.start_agent("ws-01");
+    let script = "echo 'backup agent: token=s3cr3t-v4lu3'; df -h / | tail -1";
+    org.world
+        .run_approved(
+            "alice",
+            "ws-01",
+            &[
+                "--machine",
+                "ws-01",
+                "--session",
+                "backups failing",
+                "--description",
+                "why the nightly backup fails",
+                "--",
+                script,
+            ],
+        )
+        .ok();
+    org.world.caisey("alice", &["note", "backups failing", "the disk was full; cleared old snapshots"]).ok();
+    let summary = "The backup disk was full. We removed old snapshots; tonight's backup should run.";
+    let link =
+        org.world.caisey("alice", &["share", "backups failing", "--summary", summary]).ok().stdout.trim().to_string();
+
+    let profile = tempfile::tempdir().expect("profile");
+    let shot = std::env::var_os("CAISEY_SCREENSHOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| profile.path().join("transcript.png"));
+    let chromium = |extra: &[&str]| {
+        Command::new("chromium")
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+            .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(&link)
+            .output()
+            .expect("chromium (apt-get install chromium; .ci/run does)")
+    };
+    let dom = String::from_utf8_lossy(&chromium(&["--dump-dom"]).stdout).into_owned();
+    let text_at = |needle: &str| dom.find(needle).unwrap_or_else(|| panic!("the page lacks {needle:?}: {dom}"));
+    let order = [
+        text_at("backups failing"),
+        text_at(summary),
+        text_at("Every step below was signed by whoever took it"),
+        text_at("alice asked ws-01 to run a command"),
+        text_at("why the nightly backup fails"),
+        text_at("by local user on ws-01"),
+        text_at("Hidden by the publisher, each shown as [REDACTED]"),
+        text_at("the disk was full; cleared old snapshots"),
+        text_at("How to check this page"),
+    ];
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "the page is out of order: {order:?}");
+    assert!(!dom.contains("s3cr3t-v4lu3"), "the secret reached the page");
+    assert!(!dom.contains("signature withheld"), "jargon instead of plain words");
+
+    let out = chromium(&[&format!("--screenshot={}", shot.display()), "--window-size=1000,1500"]);
+    let png = std::fs::read(&shot)
+        .unwrap_or_else(|e| panic!("no screenshot ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "the screenshot is empty");
 }

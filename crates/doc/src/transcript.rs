@@ -744,7 +744,8 @@ mod tests {
         assert!(!checked.notes[1].signed && !checked.notes[1].text.contains("hunter22"), "{:?}", checked.notes[1]);
         let page = html::render(&file, &checked);
         let (summary_at, notes_at) = (page.find("cleared the spooler").unwrap(), page.find("chkdsk pending").unwrap());
-        assert!(summary_at < page.find("Command on").unwrap() && notes_at > page.find("Command on").unwrap());
+        let first_command = page.find("to run a command").unwrap();
+        assert!(summary_at < first_command && notes_at > first_command);
         assert!(verify(page.as_bytes()).is_ok());
 
         // A note changed after signing is refused; so is a note left out by --no-notes still there.

@@ -54,21 +54,22 @@ pub fn utc(ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Whether a step is proven by its author's signature, in plain words.
 fn genuine(signed: bool) -> Markup {
     html! {
-        @if signed { span.ok { "✔ signed by its author" } } @else { span.note { "redacted by the publisher: signature withheld" } }
+        @if signed { span.ok { "✔ signed" } } @else { span.note { "a secret hidden here by the publisher; vouched for by the publisher only" } }
     }
 }
 
 fn command_ui(c: &CheckedCommand) -> Markup {
     html! {
         section {
-            h2 { "Command on " (visible(&c.machine)) }
+            h2 { (visible(&c.requester)) " asked " (visible(&c.machine)) " to run a command" }
             table {
-                tr { td { "Asked by" } td { (visible(&c.requester)) " (" (c.requester_key.short()) "), " (utc(c.requested_at)) " — " (genuine(c.request_signed)) } }
+                tr { td { "Asked" } td { (utc(c.requested_at)) " — " (genuine(c.request_signed)) } }
                 tr { td { "Shell" } td { (c.command.shell) ", timeout " (c.command.timeout_ms / 1000) " s" @if let Some(cwd) = &c.command.cwd { ", in " (visible(cwd)) } } }
                 @if !c.description.is_empty() { tr { td { "Why" } td { (visible(&c.description)) } } }
-                tr { td { "Decision" } td {
+                tr { td { "Answer" } td {
                     @match &c.decision {
                         None => span.note { "none yet" },
                         Some(d) => {
@@ -82,7 +83,7 @@ fn command_ui(c: &CheckedCommand) -> Markup {
                     }
                 } }
                 @if let Some(s) = c.started_at { tr { td { "Started" } td { (utc(s)) } } }
-                tr { td { "Ended" } td {
+                tr { td { "Result" } td {
                     @match &c.end {
                         None => span.note { "not finished when published" },
                         Some(e) => {
@@ -102,25 +103,34 @@ fn command_ui(c: &CheckedCommand) -> Markup {
                     }
                 } }
             }
-            h3 { "Command" }
+            h3 { "The command, exactly as it ran" }
             pre { (visible(&c.command.script)) }
-            h3 { "Output" }
-            p.meta { "stdout — " (genuine(c.stdout_signed)) }
+            h3 { "What it printed" }
+            p.meta { "Output — " (genuine(c.stdout_signed)) }
             pre { (visible(&c.stdout)) }
             @if !c.stderr.is_empty() {
-                p.meta { "stderr — " (genuine(c.stderr_signed)) }
+                p.meta { "Errors and warnings — " (genuine(c.stderr_signed)) }
                 pre.err { (visible(&c.stderr)) }
             }
             @if !c.redactions.is_empty() {
-                p.note { "Redacted here: "
+                p.note { "Hidden by the publisher, each shown as [REDACTED]: "
                     @for (i, r) in c.redactions.iter().enumerate() {
                         @if i > 0 { ", " }
-                        (r.count) "× " (r.rule) " in " (r.field)
+                        (r.count) "× " (r.rule) " in the " (r.field)
                     }
+                    "."
                 }
             }
         }
     }
+}
+
+/// The machines the published commands ran on, by name.
+fn machines(c: &Checked) -> String {
+    let mut names: Vec<&str> = c.commands.iter().map(|c| c.machine.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() { "no machine".into() } else { names.join(", ") }
 }
 
 /// Renders the page. A pure function of the verified transcript.
@@ -139,13 +149,9 @@ pub fn render(file: &TranscriptFile, c: &Checked) -> String {
             body {
                 h1 { (visible(&c.name)) }
                 p.meta {
-                    (visible(&c.org_name)) " · published by " (visible(&c.publisher)) " (" (c.publisher_key.short()) ") on " (utc(c.published_at))
-                    @if !c.labels.is_empty() { " · labels: " (visible(&c.labels.join(", "))) }
-                }
-                p.meta {
-                    "A read-only, reviewed copy of a Caisey session, signed by its publisher and chained to the org key "
-                    (c.org_key.short()) ". Check it offline with " code { "caisey verify" } " on this page. Built from session "
-                    (c.session.short()) " at heads " (c.heads.iter().map(|h| &h[..h.len().min(12)]).collect::<Vec<_>>().join(", ")) "."
+                    "What " (visible(&c.org_name)) " ran on " (visible(&machines(c))) ", as " (visible(&c.publisher))
+                    " published it on " (utc(c.published_at)) "."
+                    @if !c.labels.is_empty() { " Labels: " (visible(&c.labels.join(", "))) "." }
                 }
                 @if let Some(summary) = &c.summary {
                     section.summary {
@@ -154,7 +160,13 @@ pub fn render(file: &TranscriptFile, c: &Checked) -> String {
                         pre { (visible(summary)) }
                     }
                 }
-                @if !c.omitted.is_empty() { p.note { (c.omitted.len()) " command(s) left out by the publisher." } }
+                p {
+                    "Every step below was signed by whoever took it: the technician who asked, the person who "
+                    "approved, the machine that ran the command and printed its output. Where the publisher hid a "
+                    "secret (a password, a key, a token), that step says so, and only the publisher vouches for it: "
+                    "a signature over the secret would let anyone test guesses of it."
+                }
+                @if !c.omitted.is_empty() { p.note { (c.omitted.len()) " command(s) of this session were left out by the publisher." } }
                 @for cmd in &c.commands { (command_ui(cmd)) }
                 @if !c.notes.is_empty() {
                     section.notes {
@@ -163,6 +175,18 @@ pub fn render(file: &TranscriptFile, c: &Checked) -> String {
                             p.meta { (utc(n.at)) " · " (visible(&n.author)) " · " (genuine(n.signed)) }
                             pre { (visible(&n.text)) }
                         }
+                    }
+                }
+                section.verify {
+                    h2 { "How to check this page" }
+                    p {
+                        "Run " code { "caisey verify" } " on this page or its address: it checks every signature and "
+                        "that the page says nothing the signed records do not. A saved copy is checked without a network."
+                    }
+                    table {
+                        tr { td { "Org" } td { (visible(&c.org_name)) ", key " (c.org_key.short()) } }
+                        tr { td { "Publisher" } td { (visible(&c.publisher)) ", key " (c.publisher_key.short()) } }
+                        tr { td { "Session" } td { (c.session.short()) ", as of " (c.heads.iter().map(|h| &h[..h.len().min(12)]).collect::<Vec<_>>().join(", ")) } }
                     }
                 }
                 pre id=(DATA_ID) hidden { (data) }
