@@ -141,6 +141,7 @@ fn a_command_composed_in_the_viewer_streams_its_output_into_the_session_view() {
         shows(h, "hello-from-the-viewer") && shows(h, "on-stderr") && shows(h, "exit code 4")
     });
     assert!(shows(&h, "approved by local user"), "the approval is on the timeline");
+    step_until(&mut h, Duration::from_secs(5), "the status bar says it ended", |h| shows(h, "ws-01: exited"));
 
     // Rename and label the session; the list shows it under its new name.
     h.get_by_label("Rename / label").click();
@@ -199,6 +200,9 @@ fn a_group_run_shows_one_row_per_machine_as_each_finishes() {
     }
     assert_eq!(h.query_all_by_label("row-output").count(), 3, "each row shows its output");
     assert_eq!(h.query_all_by_label("0").count(), 3, "each row shows exit code 0");
+    // The status bar no longer says the machines are waiting.
+    assert!(shows(&h, "group run finished: 3 machines answered, 0 not ok"), "the status bar is stale");
+    assert!(!shows(&h, "waiting for approval"), "the status bar still says waiting");
 }
 
 #[test]
@@ -289,6 +293,8 @@ fn the_consent_window_shows_hostile_commands_inert_and_approves_and_denies() {
     assert!(!approve.accesskit_node().is_disabled(), "Approve is active after the delay");
     approve.click();
     step_until(&mut h, Duration::from_secs(20), "approved", |h| shows(h, "approved"));
+    // Once the command has ended, the window says so rather than "running" for good.
+    step_until(&mut h, Duration::from_secs(20), "finished", |h| shows(h, "it ran and has finished"));
     let asked: serde_json::Value =
         serde_json::from_str(&asked.wait(Duration::from_secs(30)).ok().stdout).expect("json");
     let session = asked[0]["session"].as_str().expect("session id").to_string();

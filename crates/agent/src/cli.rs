@@ -165,7 +165,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Pending { json } => {
             let pending = match local::call(&opts.home.socket_path(), &LocalRequest::Pending).await? {
-                LocalReply::Pending { pending } => pending,
+                LocalReply::Pending { pending, .. } => pending,
                 LocalReply::Error { error } => bail!("{error}"),
                 LocalReply::Done { .. } => bail!("unexpected reply from the agent"),
             };

@@ -461,6 +461,15 @@ impl Agent {
         Ok(())
     }
 
+    /// The codes of the requests running now, as their users approved them.
+    fn running_codes(&self) -> Vec<Id128> {
+        let Ok(st) = self.state.lock() else { return vec![] };
+        st.running
+            .iter()
+            .filter_map(|id| st.views.values().find_map(|v| v.command(id)).map(|c| c.request.approval_code()))
+            .collect()
+    }
+
     async fn pending_items(&self) -> Vec<PendingItem> {
         let pending = self.state.lock().map(|st| st.pending.clone()).unwrap_or_default();
         let mut items = Vec::with_capacity(pending.len());
@@ -520,7 +529,10 @@ impl caisey_peer::local::Service for Agent {
 
     async fn handle(&self, req: LocalRequest) -> Answer<LocalReply> {
         let result = match req {
-            LocalRequest::Pending => return Answer::One(LocalReply::Pending { pending: self.pending_items().await }),
+            LocalRequest::Pending => {
+                let running = self.running_codes();
+                return Answer::One(LocalReply::Pending { pending: self.pending_items().await, running });
+            }
             LocalRequest::Approve { id } => self.decide(&id, true).await,
             LocalRequest::Deny { id } => self.decide(&id, false).await,
         };

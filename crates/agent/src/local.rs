@@ -41,9 +41,18 @@ pub struct PendingItem {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum LocalReply {
-    Pending { pending: Vec<PendingItem> },
-    Done { message: String },
-    Error { error: String },
+    Pending {
+        pending: Vec<PendingItem>,
+        /// The codes of approved requests running now.
+        #[serde(default)]
+        running: Vec<Id128>,
+    },
+    Done {
+        message: String,
+    },
+    Error {
+        error: String,
+    },
 }
 
 /// The agent's local API, as `caisey_peer::local` speaks it.

@@ -33,9 +33,9 @@ enum Ask {
 
 /// What comes back from the daemon.
 enum Heard {
-    Pending(Vec<PendingItem>),
+    Pending { pending: Vec<PendingItem>, running: Vec<Id128> },
     Unreachable(String),
-    Decided { message: String },
+    Decided { code: Id128, approved: bool, message: String },
     Refused { error: String },
 }
 
@@ -49,6 +49,8 @@ pub struct PromptApp {
     shown: Option<(Id128, Instant)>,
     /// The daemon's last answer or error, shown under the buttons.
     status: Option<(bool, String)>,
+    /// The request last approved here, while the daemon reports it running.
+    approved_running: Option<Id128>,
     unreachable: Option<String>,
     /// A decision is on its way: the buttons wait for its answer.
     deciding: bool,
@@ -78,7 +80,7 @@ impl PromptApp {
             };
             loop {
                 let h = match rt.block_on(local::call(&socket, &LocalRequest::Pending)) {
-                    Ok(LocalReply::Pending { pending }) => Heard::Pending(pending),
+                    Ok(LocalReply::Pending { pending, running }) => Heard::Pending { pending, running },
                     Ok(LocalReply::Error { error }) => Heard::Unreachable(error),
                     Ok(LocalReply::Done { .. }) => Heard::Unreachable("unexpected reply".into()),
                     Err(e) => Heard::Unreachable(format!("{e:#}")),
@@ -105,6 +107,7 @@ impl PromptApp {
             pending: vec![],
             shown: None,
             status: None,
+            approved_running: None,
             unreachable: None,
             deciding: false,
         })
@@ -117,16 +120,25 @@ impl PromptApp {
 
     fn apply(&mut self, h: Heard) {
         match h {
-            Heard::Pending(p) => {
-                self.pending = p;
+            Heard::Pending { pending, running } => {
+                self.pending = pending;
                 self.unreachable = None;
+                // A command approved here that is no longer running has ended: say so, rather
+                // than "running" for good.
+                if let Some(code) = self.approved_running
+                    && !running.contains(&code)
+                {
+                    self.approved_running = None;
+                    self.status = Some((false, format!("approved {}; it ran and has finished", code.short())));
+                }
             }
             Heard::Unreachable(e) => {
                 self.pending.clear();
                 self.unreachable = Some(e);
             }
-            Heard::Decided { message } => {
+            Heard::Decided { code, approved, message } => {
                 self.deciding = false;
+                self.approved_running = approved.then_some(code);
                 self.status = Some((false, message));
             }
             Heard::Refused { error } => {
@@ -206,7 +218,7 @@ fn decide_now(rt: &tokio::runtime::Runtime, socket: &std::path::Path, code: Id12
     let req =
         if approve { LocalRequest::Approve { id: code.to_hex() } } else { LocalRequest::Deny { id: code.to_hex() } };
     match rt.block_on(local::call(socket, &req)) {
-        Ok(LocalReply::Done { message }) => Heard::Decided { message },
+        Ok(LocalReply::Done { message }) => Heard::Decided { code, approved: approve, message },
         Ok(LocalReply::Error { error }) => Heard::Refused { error },
         Ok(LocalReply::Pending { .. }) => Heard::Refused { error: "unexpected reply".into() },
         Err(e) => Heard::Refused { error: format!("{e:#}") },

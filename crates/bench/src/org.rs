@@ -144,7 +144,7 @@ impl Org {
         let socket = agent.socket();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
         loop {
-            if let Ok(LocalReply::Pending { pending }) = local::call(&socket, &LocalRequest::Pending).await
+            if let Ok(LocalReply::Pending { pending, .. }) = local::call(&socket, &LocalRequest::Pending).await
                 && let Some(p) = pending.iter().find(|p| p.request == request)
             {
                 return match local::call(&socket, &LocalRequest::Approve { id: p.id.to_hex() }).await? {

@@ -121,7 +121,7 @@ impl DemoFleet {
         let socket = root.path().join(AGENTS[0]).join(caisey_peer::home::SOCKET);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let code = loop {
-            if let Ok(LocalReply::Pending { pending }) = local::call(&socket, &LocalRequest::Pending).await
+            if let Ok(LocalReply::Pending { pending, .. }) = local::call(&socket, &LocalRequest::Pending).await
                 && let Some(p) = pending.iter().find(|p| p.request == id)
             {
                 println!("   pending: {} asks to run: {}", p.technician, p.script);
@@ -166,7 +166,8 @@ impl DemoFleet {
         tokio::spawn(async move {
             loop {
                 for (name, socket) in &sockets {
-                    let Ok(LocalReply::Pending { pending }) = local::call(socket, &LocalRequest::Pending).await else {
+                    let Ok(LocalReply::Pending { pending, .. }) = local::call(socket, &LocalRequest::Pending).await
+                    else {
                         continue;
                     };
                     for p in pending {

@@ -118,6 +118,9 @@ pub struct ViewerApp {
     pub group_run: Option<GroupRun>,
     pub history: History,
     pub share: Option<Share>,
+    /// A single run asked from here and not ended yet: (session, request, machine), so the status
+    /// bar can say when it ends.
+    pub awaiting: Option<(DocId, caisey_doc::id::Id128, String)>,
     /// Messages for the status bar: (is error, text, when).
     pub messages: VecDeque<(bool, String, Instant)>,
     /// How long the last frame took to build, for the responsiveness bench.
@@ -155,6 +158,7 @@ impl ViewerApp {
             group_run: None,
             history: History::default(),
             share: None,
+            awaiting: None,
             messages: VecDeque::new(),
             last_frame: std::time::Duration::ZERO,
         }
@@ -197,17 +201,27 @@ impl ViewerApp {
                 self.snapshot.machines = machines;
                 self.snapshot.sync = sync;
             }
-            Update::SessionView { id, view, names, missing_chunks } => match &mut self.open {
-                Some(o) if o.id == id => {
-                    o.view = *view;
-                    o.names = names;
-                    o.missing_chunks = missing_chunks;
+            Update::SessionView { id, view, names, missing_chunks } => {
+                // A run asked from here that has now ended says so, in place of "waiting".
+                if let Some((session, request, machine)) = self.awaiting.clone()
+                    && session == id
+                    && let Some(c) = view.command(&request).filter(|c| c.is_final())
+                {
+                    self.awaiting = None;
+                    self.notice(false, format!("{machine}: {}", c.status()));
                 }
-                _ => {
-                    self.open =
-                        Some(OpenSession { id, view: *view, names, outputs: Default::default(), missing_chunks })
+                match &mut self.open {
+                    Some(o) if o.id == id => {
+                        o.view = *view;
+                        o.names = names;
+                        o.missing_chunks = missing_chunks;
+                    }
+                    _ => {
+                        self.open =
+                            Some(OpenSession { id, view: *view, names, outputs: Default::default(), missing_chunks })
+                    }
                 }
-            },
+            }
             Update::Output { session, append } => {
                 if let Some(o) = self.open.as_mut().filter(|o| o.id == session) {
                     o.outputs.entry(append.request).or_default().apply(append);
@@ -219,6 +233,7 @@ impl ViewerApp {
                 {
                     let session = row.session;
                     self.notice(false, format!("asked {}; waiting for approval", row.machine));
+                    self.awaiting = Some((session, row.request, row.machine.clone()));
                     self.open_session(session);
                 } else {
                     self.notice(false, format!("asked {} machines; waiting for approval", rows.len()));
@@ -227,10 +242,20 @@ impl ViewerApp {
                 }
             }
             Update::GroupRow(row) => {
+                let mut finished = None;
                 if let Some(g) = &mut self.group_run
                     && let Some(r) = g.rows.iter_mut().find(|r| r.request == row.request)
                 {
+                    let was_done = r.is_done();
                     *r = row;
+                    if !was_done && g.rows.iter().all(GroupRow::is_done) {
+                        let failed = g.rows.iter().filter(|r| r.exit_code != Some(0)).count();
+                        finished =
+                            Some(format!("group run finished: {} machines answered, {failed} not ok", g.rows.len()));
+                    }
+                }
+                if let Some(text) = finished {
+                    self.notice(false, text);
                 }
             }
             Update::History { runs } => {

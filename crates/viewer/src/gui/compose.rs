@@ -102,7 +102,7 @@ impl ViewerApp {
             ui.label("A run on a group shows one row per machine here, filling in as each answers.");
             return;
         };
-        let done = run.rows.iter().filter(|r| !matches!(r.status.as_str(), "waiting for approval" | "running")).count();
+        let done = run.rows.iter().filter(|r| r.is_done()).count();
         ui.heading(format!(
             "Group {}: {done} of {} machines done",
             visible_line(run.group.as_deref().unwrap_or("")),

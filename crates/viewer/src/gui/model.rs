@@ -175,6 +175,13 @@ pub struct GroupRow {
     pub output: OutputBuf,
 }
 
+impl GroupRow {
+    /// Whether the machine has given its last word on the request.
+    pub fn is_done(&self) -> bool {
+        !matches!(self.status.as_str(), "waiting for approval" | "running")
+    }
+}
+
 /// What a share would publish, to review before publishing.
 #[derive(Debug, Clone)]
 pub struct SharePreview {
