@@ -54,39 +54,44 @@ impl ViewerApp {
         };
         self.session_header(ui, &open);
         ui.separator();
-        egui::ScrollArea::vertical().id_salt("timeline").auto_shrink([false, false]).show(ui, |ui| {
-            if !open.view.quarantined.is_empty() {
-                ui.colored_label(
-                    ui.visuals().error_fg_color,
-                    format!(
-                        "{} record(s) failed verification and are not shown as genuine:",
-                        open.view.quarantined.len()
-                    ),
-                );
-                for q in &open.view.quarantined {
-                    ui.label(visible_line(&format!("  {}: {}", q.place, q.why)));
+        // Following, the timeline stays at its end while new steps and output arrive (until the
+        // user scrolls up).
+        egui::ScrollArea::vertical().id_salt("timeline").auto_shrink([false, false]).stick_to_bottom(self.follow).show(
+            ui,
+            |ui| {
+                if !open.view.quarantined.is_empty() {
+                    ui.colored_label(
+                        ui.visuals().error_fg_color,
+                        format!(
+                            "{} record(s) failed verification and are not shown as genuine:",
+                            open.view.quarantined.len()
+                        ),
+                    );
+                    for q in &open.view.quarantined {
+                        ui.label(visible_line(&format!("  {}: {}", q.place, q.why)));
+                    }
+                    ui.separator();
                 }
-                ui.separator();
-            }
-            if open.missing_chunks > 0 {
-                ui.colored_label(
-                    ui.visuals().warn_fg_color,
-                    format!(
-                        "Output still on its way: {} chunk(s) not on this machine yet. They follow as soon as \
+                if open.missing_chunks > 0 {
+                    ui.colored_label(
+                        ui.visuals().warn_fg_color,
+                        format!(
+                            "Output still on its way: {} chunk(s) not on this machine yet. They follow as soon as \
                          the agent or relay that has them is reachable; output below stops where they are missing.",
-                        open.missing_chunks
-                    ),
-                );
-                ui.separator();
-            }
-            if open.view.commands.is_empty() {
-                ui.label("No commands in this session yet.");
-            }
-            for cmd in &open.view.commands {
-                self.command_entry(ui, &open, cmd);
-                ui.add_space(10.0);
-            }
-        });
+                            open.missing_chunks
+                        ),
+                    );
+                    ui.separator();
+                }
+                if open.view.commands.is_empty() {
+                    ui.label("No commands in this session yet.");
+                }
+                for cmd in &open.view.commands {
+                    self.command_entry(ui, &open, cmd);
+                    ui.add_space(10.0);
+                }
+            },
+        );
         self.open = Some(open);
     }
 
