@@ -347,3 +347,64 @@ fn a_note_and_a_hand_off_written_in_the_viewer_reach_a_colleague() {
     });
     assert!(seen.is_some(), "alice sees bob's note and the hand-off");
 }
+
+/// A designated approver's viewer opens on what waits for them, approves and denies with one
+/// click each, lists only the machines they approve for, and offers no way to run anything; the
+/// CLI refuses a run from them in one line.
+#[test]
+fn an_approver_approves_and_denies_in_the_viewer_and_cannot_run() {
+    let org = Org::new(&[("ws-01", "accounting"), ("srv-01", "servers")]);
+    let _agents = [org.world.start_agent("ws-01"), org.world.start_agent("srv-01")];
+    let token = org.world.caisey("alice", &["invite", "approver", "--name", "carol", "--group", "accounting"]).ok();
+    org.world.caisey("carol", &["join", token.stdout.trim()]).ok();
+    let refused = org.world.caisey("carol", &["run", "--machine", "ws-01", "--", "true"]);
+    assert_eq!(refused.code(), 2);
+    assert!(refused.stderr.contains("only technicians ask machines to run commands"), "{}", refused.stderr);
+
+    let mark = |n: &str| org.world.root.path().join(n);
+    for (session, file) in [("approve me", "approved"), ("deny me", "denied")] {
+        let script = format!("echo ran > {}", mark(file).display());
+        org.world
+            .caisey(
+                "alice",
+                &[
+                    "run",
+                    "--detach",
+                    "--machine",
+                    "ws-01",
+                    "--session",
+                    session,
+                    "--description",
+                    "checking the ledger export",
+                    "--",
+                    &script,
+                ],
+            )
+            .ok();
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut h = viewer(&org, "carol", &rt);
+    step_until(&mut h, Duration::from_secs(30), "two requests waiting", |h| h.state().snapshot.awaiting.len() == 2);
+    assert!(h.state().tab == caisey_viewer::gui::app::Tab::Approvals, "the approver's viewer opens on its approvals");
+    assert!(shows(&h, "checking the ledger export"), "the why is shown");
+    assert!(shows(&h, "exactly as it will run"));
+    assert!(h.query_by_label("Run").is_none() && h.query_by_label("History").is_none(), "no technician controls");
+    let codes: Vec<(String, String)> =
+        h.state().snapshot.awaiting.iter().map(|a| (a.session_name.clone(), a.id.short())).collect();
+    for (session, code) in &codes {
+        let verb = if session == "approve me" { "Approve" } else { "Deny" };
+        h.get_by_label(&format!("{verb} {code}")).click();
+        h.run_steps(2);
+    }
+    step_until(&mut h, Duration::from_secs(30), "nothing left waiting", |h| h.state().snapshot.awaiting.is_empty());
+    caisey_tests::wait_for(Duration::from_secs(30), || mark("approved").exists().then_some(())).expect("approved ran");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!mark("denied").exists(), "a denied command ran");
+
+    h.get_by_label("Fleet").click();
+    h.run_steps(2);
+    assert!(shows(&h, "ws-01") && !shows(&h, "srv-01"), "the approver sees only the machines they approve for");
+    h.query_all_by_label_contains("ws-01").next().expect("ws-01 listed").click();
+    h.run_steps(2);
+    assert!(h.query_by_label("Run a command on ws-01").is_none(), "no run button for an approver");
+}

@@ -222,8 +222,12 @@ pub async fn machines(node: &Node, group: Option<&str>, search: Option<&str>) ->
     let now = now_ms();
     let fresh = caisey_agent::daemon::HEARTBEAT.as_millis() as u64 * u64::from(ONLINE_HEARTBEATS);
     let search = search.map(str::to_lowercase);
+    // A designated approver sees the machines it approves for, not the whole org.
+    let me = node.id();
+    let approver = fleet.role_of(&me) == Some(Role::Approver);
     let mut out: Vec<Machine> = fleet
         .members_with_role(Role::Agent)
+        .filter(|m| !approver || fleet.may_approve(&me, &m.node))
         .filter(|m| group.is_none_or(|g| m.groups.iter().any(|x| x.eq_ignore_ascii_case(g))))
         .map(|m| {
             let last_seen = fleet.presence.get(&m.node).map(|p| p.at);
@@ -400,6 +404,11 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
         bail!("the description is {} KiB; at most {} KiB", req.description.len() / 1024, MAX_DESCRIPTION / 1024);
     }
     let fleet = node.fleet().await?;
+    if fleet.role_of(&node.id()) != Some(Role::Technician) {
+        bail!(
+            "only technicians ask machines to run commands; a designated approver approves them (`caisey pending`, `caisey approve CODE`)"
+        );
+    }
     let targets = resolve_targets(&fleet, &req.targets)?;
     let org_key = fleet.org_key.ok_or_else(|| anyhow!("no org"))?;
     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());

@@ -17,6 +17,8 @@ use crate::tech::{DiffLine, PastRun};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tab {
+    /// A designated approver's requests.
+    Approvals,
     Fleet,
     Sessions,
     Session,
@@ -196,7 +198,14 @@ impl ViewerApp {
 
     fn apply(&mut self, update: Update) {
         match update {
-            Update::Snapshot(s) => self.snapshot = *s,
+            Update::Snapshot(s) => {
+                let first = self.snapshot.role.is_none();
+                self.snapshot = *s;
+                // An approver's viewer opens on what waits for them.
+                if first && self.is_approver() && self.tab == Tab::Fleet {
+                    self.tab = Tab::Approvals;
+                }
+            }
             Update::Machines { machines, sync } => {
                 self.snapshot.machines = machines;
                 self.snapshot.sync = sync;
@@ -294,6 +303,7 @@ impl ViewerApp {
         egui::Panel::top("top").show(ui, |ui| self.top_bar(ui));
         egui::Panel::bottom("status").show(ui, |ui| self.status_bar(ui));
         egui::CentralPanel::default().show(ui, |ui| match self.tab {
+            Tab::Approvals => self.approvals_tab(ui),
             Tab::Fleet => self.fleet_tab(ui),
             Tab::Sessions => self.sessions_tab(ui),
             Tab::Session => self.session_tab(ui),
@@ -317,14 +327,24 @@ impl ViewerApp {
             };
             ui.label(RichText::new(who).weak());
             ui.separator();
+            let approver = self.is_approver();
+            let waiting = format!("Waiting for you ({})", self.snapshot.awaiting.len());
             for (tab, name) in [
+                (Tab::Approvals, waiting.as_str()),
                 (Tab::Fleet, "Fleet"),
                 (Tab::Sessions, "Sessions"),
                 (Tab::Session, "Session"),
                 (Tab::Run, "Run"),
                 (Tab::History, "History"),
             ] {
-                if tab == Tab::Session && self.open.is_none() {
+                // Each role sees what it may do: approvals for an approver, running for a technician.
+                let hidden = match tab {
+                    Tab::Approvals => !approver,
+                    Tab::Run | Tab::History => approver,
+                    Tab::Session => self.open.is_none(),
+                    Tab::Fleet | Tab::Sessions => false,
+                };
+                if hidden {
                     continue;
                 }
                 ui.selectable_value(&mut self.tab, tab, name);

@@ -82,6 +82,11 @@ pub enum Action {
         session: DocId,
         share: tech::ShareRequest,
     },
+    /// A designated approver's answer to a request (by its code).
+    Decide {
+        code: String,
+        approve: bool,
+    },
 }
 
 /// The UI's end of the backend.
@@ -288,7 +293,10 @@ impl Backend {
 
     async fn snapshot(&self) -> Result<Snapshot> {
         let org = self.client.org().await?;
+        let approver = org.my_role == Some(caisey_doc::fleet::Role::Approver);
         Ok(Snapshot {
+            awaiting: if approver { self.client.awaiting().await? } else { vec![] },
+            role: org.my_role,
             org: org.org_name,
             me: org.my_name,
             machines: self.client.machines(None, None).await?,
@@ -437,6 +445,16 @@ impl Backend {
                     Ok(Update::Diff(tech::diff(&a, &b)))
                 };
                 self.out.result(r.await);
+            }
+            Action::Decide { code, approve } => {
+                let r = client.decide(&code, approve).await;
+                self.stale_list = true;
+                let verb = if approve { "approved" } else { "denied" };
+                self.out.result(r.map(|(a, delivered)| {
+                    let machine = caisey_doc::text::visible_line(&a.machine);
+                    let wait = if delivered { "" } else { "; it goes out when this node next connects" };
+                    Update::Notice(format!("{verb} {} on {machine}{wait}", a.id.short()))
+                }));
             }
             Action::SharePreview { session, share } => {
                 self.out.result(share_preview(client, session, share).await.map(Update::SharePreview));

@@ -139,7 +139,11 @@ impl ViewerApp {
             }
         });
         ui.add_space(8.0);
+        // Only a technician runs commands; an approver approves them.
         ui.horizontal(|ui| {
+            if self.is_approver() {
+                return;
+            }
             if ui.button(format!("Run a command on {}", visible_line(&m.name))).clicked() {
                 self.compose.target = m.name.clone();
                 self.compose.to_group = false;

@@ -11,6 +11,7 @@
 //! ```
 
 pub mod app;
+mod approvals;
 pub mod backend;
 mod compose;
 mod fleet;

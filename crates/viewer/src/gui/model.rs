@@ -29,6 +29,10 @@ pub struct OutLine {
 pub struct Snapshot {
     pub org: String,
     pub me: String,
+    /// This node's role: a designated approver gets approvals, not technician controls.
+    pub role: Option<caisey_doc::fleet::Role>,
+    /// Requests waiting for this node as a designated approver.
+    pub awaiting: Vec<crate::tech::Awaiting>,
     pub machines: Vec<Machine>,
     pub groups: Vec<String>,
     pub sessions: Vec<SessionSummary>,
