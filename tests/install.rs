@@ -439,21 +439,8 @@ fn a_group_run_shows_its_progress_live_on_a_terminal_and_as_plain_lines_in_a_pip
     assert!(out.stdout.contains("[ws-31 out] progress-ok"), "{}", out.stdout);
 
     // On a pseudo-terminal: the same account, drawn live (a bar, the line rewritten in place).
-    let cmd = w.command("caisey", "alice", &run_args);
-    let line: Vec<String> = std::iter::once(cmd.get_program().to_string_lossy().into_owned())
-        .chain(cmd.get_args().map(|a| format!("'{}'", a.to_string_lossy())))
-        .collect();
-    let mut script = Command::new("script");
-    script.args(["-qfec", &line.join(" "), "/dev/null"]);
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => script.env(k, v),
-            None => script.env_remove(k),
-        };
-    }
     let tty = {
-        let mut running =
-            script.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("script");
+        let mut running = on_a_terminal(w.command("caisey", "alice", &run_args)).spawn().expect("script");
         let mut approved = 0;
         for machine in ["ws-31", "ws-32"] {
             // Requests from the piped run were answered; wait for the new one.
