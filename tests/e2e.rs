@@ -860,3 +860,47 @@ fn labels_notes_and_an_assignee_hand_a_session_off() {
     assert!(json["assignee"].is_null(), "{json}");
     assert_eq!(json["labels"], serde_json::json!(["second", "urgent"]), "an assignment kept the labels");
 }
+
+/// Output is searchable: `sessions --search` finds a word printed anywhere in a command's
+/// output (a long one, cut into many chunks), shows the line, and still does after the node
+/// restarts.
+#[test]
+fn sessions_are_found_by_words_in_their_output_with_the_line_shown() {
+    let org = Org::new(&[("ws-70", "lab")]);
+    let w = &org.world;
+    let _agent = w.start_agent("ws-70");
+    let long = "seq 1 40000 | sed 's/^/line /'; echo 'private_mb=1234 on the print spooler'; seq 1 20000";
+    w.run_approved("alice", "ws-70", &["--machine", "ws-70", "--session", "memory", "--", long]).ok();
+    w.run_approved(
+        "alice",
+        "ws-70",
+        &["--machine", "ws-70", "--session", "backups", "--", "echo 'Backup Engine stopped'"],
+    )
+    .ok();
+
+    let search = |q: &str| {
+        wait_for(Duration::from_secs(20), || {
+            let out = w.caisey("alice", &["sessions", "--search", q]);
+            out.stdout.contains("found in output").then_some(out.stdout)
+        })
+        .unwrap_or_else(|| panic!("nothing found for {q:?}"))
+    };
+    let found = search("private_mb");
+    assert!(
+        found.contains("memory") && found.contains("found in output: private_mb=1234 on the print spooler"),
+        "{found}"
+    );
+    assert!(!found.contains("backups"), "{found}");
+    let found = search("Backup Engine");
+    assert!(found.contains("backups") && found.contains("found in output: Backup Engine stopped"), "{found}");
+    let none = w.caisey("alice", &["sessions", "--search", "nowhere_to_be_found"]).ok();
+    assert_eq!(none.stdout.trim(), "no sessions match");
+
+    w.down("alice");
+    let again = search("private_mb");
+    assert!(again.contains("memory"), "{again}");
+    let json: serde_json::Value =
+        serde_json::from_str(&w.caisey("alice", &["sessions", "--search", "spooler", "--json"]).ok().stdout)
+            .expect("json");
+    assert_eq!(json[0]["matched"], "private_mb=1234 on the print spooler");
+}

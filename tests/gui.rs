@@ -160,6 +160,13 @@ fn a_command_composed_in_the_viewer_streams_its_output_into_the_session_view() {
     h.get_by_label("Search sessions").type_into("printers");
     h.run_steps(2);
     assert!(shows(&h, "spooler check"));
+    // Words of its output find it too, with the line they are on.
+    h.get_by_label("Search sessions").focus();
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.get_by_label("Search sessions").type_into("from the viewer");
+    step_until(&mut h, Duration::from_secs(10), "found in output", |h| {
+        shows(h, "found in output: hello-from-the-viewer")
+    });
     let out = org.world.caisey("alice", &["export", "spooler check", "--format", "csv"]).ok();
     assert!(out.stdout.contains("hello-from-the-viewer") && out.stdout.contains("\"4\""), "{}", out.stdout);
 }

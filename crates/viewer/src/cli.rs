@@ -583,6 +583,9 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                         s.status,
                         visible(&s.machines.join(","))
                     );
+                    if let Some(line) = &s.matched {
+                        println!("    found in output: {}", visible_line(line));
+                    }
                 }
             }
         }

@@ -10,6 +10,8 @@
 //! - [`client`]: what the CLI and the viewer hold: the node over its socket, or in process.
 //! - [`tech`]: what a technician does (init, invite, run, list), as functions over a node.
 //! - [`transcript`]: showing a session, live or at once, with hostile output made inert.
+//! - [`search`]: the full-text index of every command's output, kept up to date as it arrives.
+//! - [`progress`]: progress of long waits on a terminal.
 //! - [`cli`]: `caisey`'s subcommands.
 //! - [`demo`]: `caisey demo`, a whole org in temporary homes on loopback.
 //! - [`gui`]: the desktop viewer, `caisey` with no subcommand.
@@ -23,6 +25,7 @@ pub mod client;
 pub mod demo;
 pub mod gui;
 pub mod progress;
+pub mod search;
 pub mod service;
 pub mod tech;
 pub mod transcript;

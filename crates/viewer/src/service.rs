@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::api::{
     Chunk, Event, NodeStatus, OrgInfo, OutputRead, PeerStatus, RelayStatus, Reply, Request, SessionRead, TechApi,
 };
+use crate::search::OutputIndex;
 use crate::tech;
 
 /// The node's side of the local API. Cheap to clone.
@@ -41,6 +42,9 @@ struct Inner {
     stop: Notify,
     /// `None` until the first catch-up with the org is over; then a warning, if any.
     online: watch::Receiver<Option<Option<String>>>,
+    /// The full-text index of outputs (none if it could not be opened: search then covers
+    /// everything but output).
+    index: Option<Arc<OutputIndex>>,
 }
 
 impl std::fmt::Debug for TechService {
@@ -65,6 +69,16 @@ impl TechService {
                 let _ = online_tx.send(Some(warning));
             }
         });
+        let index = match OutputIndex::open(&node.home().dir().join("search.redb")) {
+            Ok(index) => Some(Arc::new(index)),
+            Err(e) => {
+                warn!("searching output is off: {e:#}");
+                None
+            }
+        };
+        if let Some(index) = &index {
+            tokio::spawn(keep_indexed(node.clone(), index.clone()));
+        }
         TechService {
             inner: Arc::new(Inner {
                 node,
@@ -73,6 +87,7 @@ impl TechService {
                 idle_exit,
                 stop: Notify::new(),
                 online,
+                index,
             }),
         }
     }
@@ -142,9 +157,9 @@ impl TechService {
             Request::Machines { group, search } => {
                 Reply::Machines(tech::machines(node, group.as_deref(), search.as_deref()).await?)
             }
-            Request::Sessions { search, label } => {
-                Reply::Sessions(tech::sessions(node, search.as_deref(), label.as_deref()).await?)
-            }
+            Request::Sessions { search, label } => Reply::Sessions(
+                tech::sessions(node, search.as_deref(), label.as_deref(), self.inner.index.as_deref()).await?,
+            ),
             Request::FindSession { key } => Reply::Found(tech::find_session(node, &key).await?),
             Request::Session { id } => {
                 let view = node
@@ -355,6 +370,32 @@ fn names_in(view: &SessionView, fleet: &caisey_doc::fleet::Fleet) -> BTreeMap<No
         nodes.extend(c.decided_by_node);
     }
     nodes.into_iter().filter_map(|n| fleet.members.get(&n).map(|m| (n, m.name.clone()))).collect()
+}
+
+/// Indexes every session's output, then each session again as it changes, until the node stops.
+async fn keep_indexed(node: Node, index: Arc<OutputIndex>) {
+    let mut events = node.subscribe();
+    let mut all = true;
+    loop {
+        if all {
+            all = false;
+            for session in node.sessions().await.unwrap_or_default() {
+                if let Err(e) = index.update(&node, session).await {
+                    warn!("indexing session {}: {e:#}", session.short());
+                }
+            }
+        }
+        match events.recv().await {
+            Ok(NodeEvent::DocChanged(doc)) => {
+                if let Err(e) = index.update(&node, doc).await {
+                    warn!("indexing session {}: {e:#}", doc.short());
+                }
+            }
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => all = true,
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 impl Service for TechService {

@@ -296,6 +296,9 @@ pub struct SessionSummary {
     /// Its notes' texts, oldest first (searched with the rest).
     #[serde(default)]
     pub notes: Vec<String>,
+    /// The output line a search found, when it was found in output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched: Option<String>,
 }
 
 impl SessionSummary {
@@ -322,7 +325,15 @@ pub async fn session_views(node: &Node) -> Result<Vec<(DocId, SessionView)>> {
         .await
 }
 
-pub async fn sessions(node: &Node, search: Option<&str>, label: Option<&str>) -> Result<Vec<SessionSummary>> {
+/// The sessions with `label`, matching `search` in their words (name, labels, machines,
+/// commands, whys, notes, assignee) or, through `index`, in their output; a match in output
+/// carries its line.
+pub async fn sessions(
+    node: &Node,
+    search: Option<&str>,
+    label: Option<&str>,
+    index: Option<&crate::search::OutputIndex>,
+) -> Result<Vec<SessionSummary>> {
     let fleet = node.fleet().await?;
     let names: BTreeMap<NodeId, String> = fleet.members.values().map(|m| (m.node, m.name.clone())).collect();
     let search = search.map(str::to_lowercase);
@@ -342,9 +353,29 @@ pub async fn sessions(node: &Node, search: Option<&str>, label: Option<&str>) ->
             status: v.commands.last().map(|c| c.status().to_string()).unwrap_or_else(|| "empty".into()),
             assignee: v.assignee.map(|a| names.get(&a).cloned().unwrap_or_else(|| a.short())),
             notes: v.notes.iter().map(|n| n.note.text.clone()).collect(),
+            matched: None,
         })
-        .filter(|s| search.as_deref().is_none_or(|q| s.matches(q)))
         .collect();
+    if let Some(q) = search.as_deref() {
+        // Output matches, by session: the first command whose output has the words.
+        let mut in_output: BTreeMap<DocId, Id128> = BTreeMap::new();
+        if let Some(index) = index {
+            for hit in index.search(q)? {
+                in_output.entry(hit.session).or_insert(hit.request);
+            }
+        }
+        let mut kept = Vec::new();
+        for mut s in out {
+            if let Some(request) = in_output.get(&s.id) {
+                let text = output_text(node, s.id, *request).await?;
+                s.matched = crate::search::matching_line(&text, q);
+            }
+            if s.matches(q) || s.matched.is_some() {
+                kept.push(s);
+            }
+        }
+        out = kept;
+    }
     out.sort_by_key(|s| std::cmp::Reverse(s.last_activity));
     Ok(out)
 }

@@ -108,6 +108,8 @@ pub struct ViewerApp {
     pub group_filter: Option<String>,
     pub selected_machine: Option<NodeId>,
     pub session_search: String,
+    /// The last search of output sent to the node, and what it found.
+    pub output_search: (String, Vec<crate::tech::SessionSummary>),
     pub open: Option<OpenSession>,
     /// Editing the open session's name and labels.
     pub renaming: Option<(String, String)>,
@@ -150,6 +152,7 @@ impl ViewerApp {
             group_filter: None,
             selected_machine: None,
             session_search: String::new(),
+            output_search: (String::new(), vec![]),
             open: None,
             renaming: None,
             note_draft: String::new(),
@@ -248,6 +251,11 @@ impl ViewerApp {
                     self.notice(false, format!("asked {} machines; waiting for approval", rows.len()));
                     self.group_run = Some(GroupRun { group, rows });
                     self.tab = Tab::Run;
+                }
+            }
+            Update::OutputMatches { query, sessions } => {
+                if self.output_search.0 == query {
+                    self.output_search.1 = sessions;
                 }
             }
             Update::GroupRow(row) => {

@@ -82,6 +82,8 @@ pub enum Action {
         session: DocId,
         share: tech::ShareRequest,
     },
+    /// Search the sessions' output for these words.
+    SearchOutput(String),
     /// A designated approver's answer to a request (by its code).
     Decide {
         code: String,
@@ -445,6 +447,10 @@ impl Backend {
                     Ok(Update::Diff(tech::diff(&a, &b)))
                 };
                 self.out.result(r.await);
+            }
+            Action::SearchOutput(query) => {
+                let r = client.sessions(Some(&query), None).await;
+                self.out.result(r.map(|sessions| Update::OutputMatches { query, sessions }));
             }
             Action::Decide { code, approve } => {
                 let r = client.decide(&code, approve).await;

@@ -202,6 +202,11 @@ pub struct SharePreview {
 #[derive(Debug, Clone)]
 pub enum Update {
     Snapshot(Box<Snapshot>),
+    /// Sessions whose output (or own words) has what was searched for.
+    OutputMatches {
+        query: String,
+        sessions: Vec<crate::tech::SessionSummary>,
+    },
     /// Machines and sync state re-read while nothing changed (online ages out).
     Machines {
         machines: Vec<Machine>,

@@ -14,11 +14,30 @@ use crate::transcript::ExportFormat;
 
 impl ViewerApp {
     pub(super) fn sessions_tab(&mut self, ui: &mut Ui) {
-        labelled_input(ui, "Search sessions", &mut self.session_search, "name, label, machine or command");
+        labelled_input(
+            ui,
+            "Search sessions",
+            &mut self.session_search,
+            "name, label, machine, command, note or output",
+        );
         ui.separator();
         let q = self.session_search.trim().to_lowercase();
         let now = now_ms();
-        let list: Vec<_> = self.snapshot.sessions.iter().filter(|s| q.is_empty() || s.matches(&q)).cloned().collect();
+        // Output is searched by the node's index; what it found joins the sessions whose own
+        // words match, with the line it found.
+        if !q.is_empty() && self.output_search.0 != q {
+            self.output_search = (q.clone(), vec![]);
+            self.send(Action::SearchOutput(q.clone()));
+        }
+        let found: &[crate::tech::SessionSummary] = if q.is_empty() { &[] } else { &self.output_search.1 };
+        let mut list: Vec<_> =
+            self.snapshot.sessions.iter().filter(|s| q.is_empty() || s.matches(&q)).cloned().collect();
+        for f in found {
+            match list.iter_mut().find(|s| s.id == f.id) {
+                Some(s) => s.matched = f.matched.clone(),
+                None => list.push(f.clone()),
+            }
+        }
         if list.is_empty() {
             ui.label(if self.snapshot.sessions.is_empty() { "No sessions yet." } else { "No session matches." });
         }
@@ -29,9 +48,14 @@ impl ViewerApp {
                 }
                 ui.end_row();
                 for s in list {
-                    if ui.link(visible_line(&s.name)).clicked() {
-                        self.open_session(s.id);
-                    }
+                    ui.vertical(|ui| {
+                        if ui.link(visible_line(&s.name)).clicked() {
+                            self.open_session(s.id);
+                        }
+                        if let Some(line) = &s.matched {
+                            ui.label(RichText::new(format!("found in output: {}", visible_line(line))).weak());
+                        }
+                    });
                     ui.label(visible_line(&s.labels.join(", ")));
                     ui.label(visible_line(&s.machines.join(", ")));
                     ui.label(ago(s.last_activity, now));
