@@ -798,12 +798,25 @@ fn history_diff_and_a_machine_card_from_the_command_line() {
     assert_eq!(none.code(), 2);
 
     let card = w.caisey("alice", &["machine", "ws-50"]).ok();
-    for part in ["ws-50  (online", "groups     lab", "card taken", "hostname", "memory", "packages"] {
+    for part in [
+        "ws-50  (online",
+        "groups     lab",
+        "live, as of",
+        "uptime",
+        "disk",
+        "users",
+        "card taken",
+        "hostname",
+        "packages",
+    ] {
         assert!(card.stdout.contains(part), "{part}: {}", card.stdout);
     }
     let json: serde_json::Value =
         serde_json::from_str(&w.caisey("alice", &["machine", "WS-50", "--json"]).ok().stdout).expect("json");
     assert_eq!(json["name"], "ws-50");
+    // The live part rides on the heartbeat: memory and the system disk as of the last one.
+    assert!(json["vitals"]["memory_total"].as_u64().is_some_and(|m| m > 0), "{json}");
+    assert!(json["vitals"]["disk_total"].as_u64().is_some_and(|d| d > 0), "{json}");
     let missing = w.caisey("alice", &["machine", "nope"]);
     assert_eq!(missing.code(), 2);
     assert!(missing.stderr.contains("no machine named \"nope\""), "{}", missing.stderr);

@@ -99,7 +99,9 @@ fn fleet_search_filters_machines_and_opens_a_machine_card() {
 
     h.get_by_label_contains("ws-01").click();
     h.run_steps(2);
-    for field in ["Hostname", "OS", "Uptime", "CPU", "Memory", "Connectivity", "Last seen", "Groups"] {
+    for field in
+        ["Hostname", "OS", "Uptime", "CPU", "Memory", "Disk", "Logged in", "Connectivity", "Last seen", "Groups"]
+    {
         assert!(h.query_by_label(field).is_some(), "the card shows {field}");
     }
     assert!(shows(&h, "via relay") || shows(&h, "direct"), "connectivity is shown");

@@ -1,6 +1,6 @@
 //! The machine card: what technicians see about an endpoint before asking it anything.
 
-use caisey_doc::fleet::{MachineCard, Software};
+use caisey_doc::fleet::{MachineCard, Software, Vitals};
 use sysinfo::System;
 
 /// Reads the card from the running system.
@@ -23,6 +23,42 @@ pub fn read(now: u64) -> MachineCard {
         software: installed_software(),
     }
 }
+
+/// The machine's live state for its heartbeat: uptime, memory, the system disk, who is logged
+/// in, its addresses. Cheap enough for every heartbeat.
+pub fn vitals() -> Vitals {
+    let mut sys = System::new();
+    sys.refresh_memory();
+    let disks = sysinfo::Disks::new_with_refreshed_list();
+    let root = disks.list().iter().find(|d| d.mount_point() == std::path::Path::new(SYSTEM_MOUNT));
+    let (disk_total, disk_free) = root.map(|d| (d.total_space(), d.available_space())).unwrap_or_default();
+    let networks = sysinfo::Networks::new_with_refreshed_list();
+    let mut ips: Vec<String> = networks
+        .list()
+        .values()
+        .flat_map(|n| n.ip_networks())
+        .filter(|ip| !ip.addr.is_loopback() && !ip.addr.is_unspecified())
+        .map(|ip| ip.addr.to_string())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips.truncate(MAX_LISTED);
+    Vitals {
+        uptime_secs: System::uptime(),
+        memory_used: sys.used_memory(),
+        memory_total: sys.total_memory(),
+        disk_used: disk_total.saturating_sub(disk_free),
+        disk_total,
+        users: crate::sessions::logged_in(),
+        ips,
+    }
+}
+
+/// The mount holding the system.
+const SYSTEM_MOUNT: &str = if cfg!(windows) { "C:\\" } else { "/" };
+
+/// At most this many users or addresses go in the vitals.
+pub const MAX_LISTED: usize = 32;
 
 /// At most this many packages go on the card (it travels in every technician's copy).
 const MAX_SOFTWARE: usize = 5000;

@@ -145,8 +145,11 @@ impl Agent {
         Ok(())
     }
 
+    /// Tells the org this machine is here, with its live vitals (read off the async threads:
+    /// disks and network interfaces are system calls).
     async fn heartbeat(&self) {
-        if let Err(e) = self.node.announce_presence().await {
+        let vitals = tokio::task::spawn_blocking(card::vitals).await.ok();
+        if let Err(e) = self.node.announce_presence_with(vitals).await {
             warn!("heartbeat failed: {e:#}");
         }
     }

@@ -11,7 +11,8 @@
 //! - [`process`]: how a command's processes start and stop (never outliving the agent unseen).
 //! - [`local`]: the local socket protocol for `pending`, `approve`, `deny`.
 //! - [`prompt`]: the consent window, `caisey-agent prompt`.
-//! - [`card`]: the machine card, from `sysinfo`.
+//! - [`card`]: the machine card, from `sysinfo`, and the live vitals sent with each heartbeat.
+//! - [`sessions`]: who is logged in (the platform piece of the vitals).
 //! - [`install`]: `install`/`uninstall` as this machine's service, with the consent window.
 //! - [`cli`]: the command line.
 
@@ -26,6 +27,7 @@ pub mod local;
 pub mod process;
 pub mod prompt;
 pub mod runner;
+pub mod sessions;
 
 /// Hostile text made visible; lives in `caisey-doc` so every surface shares it.
 pub use caisey_doc::text as escape;

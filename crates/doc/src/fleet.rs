@@ -120,6 +120,25 @@ pub struct Presence {
     /// A relay's iroh relay server, through which members behind NAT meet and hole-punch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_server: Option<RelayServer>,
+    /// An agent's live state, refreshed with every heartbeat. It rides on the heartbeat (whose
+    /// newest record replaces the last) rather than in a document, so it keeps no history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vitals: Option<Vitals>,
+}
+
+/// What changes on a machine from minute to minute.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Vitals {
+    pub uptime_secs: u64,
+    pub memory_used: u64,
+    pub memory_total: u64,
+    /// Of the filesystem holding `/` (the system drive elsewhere).
+    pub disk_used: u64,
+    pub disk_total: u64,
+    /// Users logged in now, each once.
+    pub users: Vec<String>,
+    /// The machine's own IP addresses, loopback aside.
+    pub ips: Vec<String>,
 }
 
 /// An iroh relay server a Caisey relay runs: where members reach it, and the exact certificate
@@ -266,7 +285,7 @@ impl Fleet {
         relay_server: Option<RelayServer>,
         now: u64,
     ) -> Result<(), FleetError> {
-        let p = Presence { node: signer.node_id(), addrs, at: now, relay_server };
+        let p = Presence { node: signer.node_id(), addrs, at: now, relay_server, vitals: None };
         put_in(doc, "presence", &p.node.to_hex(), &signer.sign(RecordKind::Presence, &p))
     }
 

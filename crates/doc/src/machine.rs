@@ -52,8 +52,10 @@ impl MachineDoc {
         addrs: Vec<String>,
         now: u64,
     ) -> Result<(), automerge::AutomergeError> {
-        let presence =
-            signer.sign(RecordKind::Presence, &Presence { node: signer.node_id(), addrs, at: now, relay_server: None });
+        let presence = signer.sign(
+            RecordKind::Presence,
+            &Presence { node: signer.node_id(), addrs, at: now, relay_server: None, vitals: None },
+        );
         let card = signer.sign(RecordKind::MachineCard, card);
         doc.transact::<_, _, automerge::AutomergeError>(|tx| {
             tx.put(ROOT, "presence", presence)?;

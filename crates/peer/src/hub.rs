@@ -1297,7 +1297,10 @@ mod tests {
         };
         let before = heads(&net);
         let beat = |s: &Signer, node: NodeId, at| {
-            s.sign(RecordKind::Presence, &Presence { node, addrs: vec!["127.0.0.1:7".into()], at, relay_server: None })
+            s.sign(
+                RecordKind::Presence,
+                &Presence { node, addrs: vec!["127.0.0.1:7".into()], at, relay_server: None, vitals: None },
+            )
         };
         let out = net.hubs.get_mut(&a0).unwrap().announce(beat(&o.agents[0], a0, 50));
         net.apply(a0, out);

@@ -445,11 +445,17 @@ impl Node {
     /// Sends this agent's heartbeat (its signed presence: addresses, time) to every peer that
     /// may see this machine, and keeps it. Not a document change: heartbeats leave no history.
     pub async fn announce_presence(&self) -> Result<()> {
+        self.announce_presence_with(None).await
+    }
+
+    /// [`Node::announce_presence`], carrying the machine's live state.
+    pub async fn announce_presence_with(&self, vitals: Option<caisey_doc::fleet::Vitals>) -> Result<()> {
         let presence = caisey_doc::fleet::Presence {
             node: self.id(),
             addrs: self.addrs(),
             at: crate::now_ms(),
             relay_server: None,
+            vitals,
         };
         let record = self.signer().sign(caisey_doc::record::RecordKind::Presence, &presence);
         self.with_core(move |core| {

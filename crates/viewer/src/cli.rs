@@ -405,6 +405,16 @@ fn print_card(m: &crate::tech::Machine, software: bool) {
     println!("  groups     {groups}");
     let seen = m.last_seen.map(|t| format!("{} ({})", ago(t, now), time(t))).unwrap_or_else(|| "never".into());
     println!("  last seen  {seen}");
+    if let Some(v) = &m.vitals {
+        println!("  live, as of when it was last seen:");
+        let up = humantime::format_duration(Duration::from_secs(v.uptime_secs - v.uptime_secs % 60));
+        println!("    uptime   {up}");
+        println!("    memory   {} used of {}", bytes(v.memory_used), bytes(v.memory_total));
+        println!("    disk     {} used of {} (/)", bytes(v.disk_used), bytes(v.disk_total));
+        let users = if v.users.is_empty() { "nobody".to_string() } else { visible_line(&v.users.join(", ")) };
+        println!("    users    {users}");
+        println!("    address  {}", visible_line(&v.ips.join(", ")));
+    }
     let Some(c) = &m.card else {
         println!("  no card yet: the agent sends one when it starts");
         return;

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use caisey_doc::fleet::{Contact, Fleet, InviteCert, MachineCard, Member, Role};
+use caisey_doc::fleet::{Contact, Fleet, InviteCert, MachineCard, Member, Role, Vitals};
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::record::Signer;
 use caisey_doc::session::{
@@ -190,6 +190,9 @@ pub struct Machine {
     pub path: MachinePath,
     pub last_seen: Option<u64>,
     pub card: Option<MachineCard>,
+    /// Its live state as of `last_seen` (uptime, memory, disk, logged-in users, addresses).
+    #[serde(default)]
+    pub vitals: Option<Vitals>,
 }
 
 /// How the technician's node reaches a machine right now.
@@ -247,6 +250,7 @@ pub async fn machines(node: &Node, group: Option<&str>, search: Option<&str>) ->
                 path,
                 last_seen,
                 card: fleet.cards.get(&m.node).cloned(),
+                vitals: fleet.presence.get(&m.node).and_then(|p| p.vitals.clone()),
             }
         })
         .filter(|m| search.as_deref().is_none_or(|s| m.matches(s)))

@@ -121,11 +121,32 @@ impl ViewerApp {
                 row("Hostname", visible_line(&c.hostname));
                 row("OS", visible_line(&format!("{} {}", c.os_name, c.os_version)));
                 row("Kernel", visible_line(&c.kernel));
-                // The card is from the agent's start; while it is online, uptime keeps counting.
-                let up = c.uptime_secs + if m.online { now.saturating_sub(c.at) / 1000 } else { 0 };
-                row("Uptime", format!("{} days {} h {} min", up / 86_400, up % 86_400 / 3600, up % 3600 / 60));
+                // Live values ride on the heartbeat; the card's are from when it was taken.
+                let seen = m.last_seen.unwrap_or(c.at);
+                let (up, used, total) = match &m.vitals {
+                    Some(v) => (v.uptime_secs, v.memory_used, v.memory_total),
+                    None => (c.uptime_secs, c.memory_used, c.memory_total),
+                };
+                let as_of = if m.vitals.is_some() { seen } else { c.at };
+                row(
+                    "Uptime",
+                    format!(
+                        "{} days {} h {} min ({})",
+                        up / 86_400,
+                        up % 86_400 / 3600,
+                        up % 3600 / 60,
+                        ago(as_of, now)
+                    ),
+                );
                 row("CPU", visible_line(&format!("{} × {}", c.cpu_count, c.cpu)));
-                row("Memory", format!("{} used of {}", bytes(c.memory_used), bytes(c.memory_total)));
+                row("Memory", format!("{} used of {}", bytes(used), bytes(total)));
+                if let Some(v) = &m.vitals {
+                    row("Disk", format!("{} used of {} (/)", bytes(v.disk_used), bytes(v.disk_total)));
+                    let users =
+                        if v.users.is_empty() { "nobody".to_string() } else { visible_line(&v.users.join(", ")) };
+                    row("Logged in", users);
+                    row("Addresses", visible_line(&v.ips.join(", ")));
+                }
                 row(
                     "Software",
                     if c.software.is_empty() {
