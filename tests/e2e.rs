@@ -161,6 +161,24 @@ fn group_run_returns_one_labelled_result_per_machine() {
     assert!(!out.stdout.contains("[other"), "a machine outside the group ran it");
     let pending_other = org.world.agent_cmd("other", &["pending", "--json"]).ok();
     assert_eq!(pending_other.stdout.trim(), "[]");
+
+    // A subset, named: --machine repeated, or a list.
+    let run = org.world.spawn(
+        "caisey",
+        "alice",
+        &["run", "--machine", "ws-01", "--machine", "other,ws-03", "--", "echo subset-ok"],
+    );
+    for a in ["ws-01", "other", "ws-03"] {
+        let id = org.world.wait_pending(a);
+        org.world.agent_cmd(a, &["approve", &id]).ok();
+    }
+    let out = run.wait(Duration::from_secs(30));
+    assert_eq!(out.code(), 0, "{out:?}");
+    for a in ["ws-01", "other", "ws-03"] {
+        assert!(out.stdout.contains(&format!("[{a} out] subset-ok")), "{a} missing: {}", out.stdout);
+    }
+    assert!(!out.stdout.contains("[ws-02"), "a machine not named ran it");
+    assert_eq!(org.world.agent_cmd("ws-02", &["pending", "--json"]).ok().stdout.trim(), "[]");
 }
 
 #[test]

@@ -266,9 +266,10 @@ pub enum RelayCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// The machine to run on.
-    #[arg(long, conflicts_with = "group", required_unless_present = "group")]
-    pub machine: Option<String>,
+    /// The machine to run on; repeat it (or give a comma-separated list) for several, run
+    /// like a group.
+    #[arg(long, value_delimiter = ',', conflicts_with = "group", required_unless_present = "group")]
+    pub machine: Vec<String>,
     /// Run on every machine of this group, in parallel.
     #[arg(long)]
     pub group: Option<String>,
@@ -819,10 +820,13 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
 
 async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
     online(client).await?;
-    let targets = match (args.machine, args.group) {
-        (Some(m), _) => Targets::Machine(m),
-        (None, Some(g)) => Targets::Group(g),
-        (None, None) => bail!("say where to run: --machine NAME or --group GROUP"),
+    let mut machines: Vec<String> =
+        args.machine.iter().map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
+    let targets = match (machines.len(), args.group) {
+        (1, _) => Targets::Machine(machines.remove(0)),
+        (0, Some(g)) => Targets::Group(g),
+        (0, None) => bail!("say where to run: --machine NAME (repeatable) or --group GROUP"),
+        _ => Targets::Machines(machines),
     };
     let command = CommandSpec {
         shell: args.shell,

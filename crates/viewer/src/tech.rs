@@ -263,12 +263,22 @@ pub async fn machines(node: &Node, group: Option<&str>, search: Option<&str>) ->
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Targets {
     Machine(String),
+    /// Several machines by name, run like a group.
+    Machines(Vec<String>),
     Group(String),
 }
 
 pub fn resolve_targets(fleet: &Fleet, targets: &Targets) -> Result<Vec<Member>> {
     let found: Vec<Member> = match targets {
         Targets::Machine(name) => fleet.agent_by_name(name).into_iter().cloned().collect(),
+        Targets::Machines(names) => {
+            let mut found: Vec<Member> = Vec::new();
+            for name in names {
+                let one = resolve_targets(fleet, &Targets::Machine(name.clone()))?;
+                found.extend(one.into_iter().filter(|m| !found.iter().any(|f| f.node == m.node)).collect::<Vec<_>>());
+            }
+            found
+        }
         Targets::Group(g) => fleet.agents_in_group(g).into_iter().cloned().collect(),
     };
     match (targets, found.len()) {
@@ -451,8 +461,9 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
         (Some(name), _) => name.clone(),
         (None, Targets::Machine(m)) => format!("{m} {stamp}"),
         (None, Targets::Group(g)) => format!("group {g} {stamp}"),
+        (None, Targets::Machines(names)) => format!("{} machines {stamp}", names.len()),
     };
-    let group = matches!(req.targets, Targets::Group(_));
+    let group = matches!(req.targets, Targets::Group(_) | Targets::Machines(_));
     let mut existing: BTreeMap<String, DocId> = BTreeMap::new();
     let mut newest: BTreeMap<String, u64> = BTreeMap::new();
     // Only a session the technician named is continued; a generated name always starts afresh.

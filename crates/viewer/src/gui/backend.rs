@@ -371,6 +371,7 @@ impl Backend {
             Action::Ask(req) => {
                 let group = match &req.targets {
                     tech::Targets::Group(g) => Some(g.clone()),
+                    tech::Targets::Machines(names) => Some(names.join(", ")),
                     tech::Targets::Machine(_) => None,
                 };
                 match client.ask(req).await {
