@@ -935,3 +935,56 @@ fn sessions_are_found_by_words_in_their_output_with_the_line_shown() {
             .expect("json");
     assert_eq!(json[0]["matched"], "private_mb=1234 on the print spooler");
 }
+
+/// A group run is one investigation: listed as one after any restart, every machine side by
+/// side, machines with identical output gathered, exit codes summed up.
+#[test]
+fn a_group_run_is_one_investigation_with_identical_outputs_gathered() {
+    let org = Org::new(&[("lab-a", "lab"), ("lab-b", "lab"), ("lab-c", "lab")]);
+    org.join_technician("bob");
+    let w = &org.world;
+    // Each agent runs commands in a folder of its own: two see one file, the third another.
+    let mut agents = Vec::new();
+    for (agent, marker) in [("lab-a", "disk ok"), ("lab-b", "disk ok"), ("lab-c", "disk full")] {
+        let dir = w.root.path().join(format!("cwd-{agent}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("state.txt"), format!("{marker}\n")).expect("state");
+        let mut cmd = w.command("caisey-agent", agent, &["run"]);
+        cmd.current_dir(&dir);
+        agents.push(caisey_tests::Running::spawn(cmd));
+    }
+    for agent in ["lab-a", "lab-b", "lab-c"] {
+        wait_for(Duration::from_secs(20), || w.home(agent).join("node.sock").exists().then_some(())).expect("agent up");
+    }
+    let run = w.spawn(
+        "caisey",
+        "alice",
+        &["run", "--group", "lab", "--session", "disk check", "--", "cat state.txt; grep -q ok state.txt"],
+    );
+    for a in ["lab-a", "lab-b", "lab-c"] {
+        let id = w.wait_pending(a);
+        w.agent_cmd(a, &["approve", &id]).ok();
+    }
+    assert_eq!(run.wait(Duration::from_secs(60)).code(), 1, "one machine failed");
+
+    let listed = w.caisey("alice", &["group-runs"]).ok();
+    assert!(listed.stdout.contains("disk check") && listed.stdout.contains("3 machines"), "{}", listed.stdout);
+    assert!(listed.stdout.contains("2 exited 0, 1 exited 1"), "{}", listed.stdout);
+    // The colleague's node, started afresh, holds it as one too.
+    let shown = wait_for(Duration::from_secs(30), || {
+        let out = w.caisey("bob", &["group-run", "disk check"]);
+        (out.code() == 0 && out.stdout.contains("1 machine: lab-c")).then_some(out.stdout)
+    })
+    .expect("bob sees the group run");
+    assert!(shown.contains("2 exited 0, 1 exited 1"), "{shown}");
+    let two = shown.find("── 2 machines: lab-a, lab-b").expect("the identical outputs gathered");
+    let one = shown.find("── 1 machine: lab-c").expect("the different one apart");
+    assert!(two < one && shown[two..one].contains("disk ok") && shown[one..].contains("disk full"), "{shown}");
+    for m in ["lab-a", "lab-b", "lab-c"] {
+        assert!(shown.lines().any(|l| l.trim_start().starts_with(m) && l.contains("local user on")), "{m}: {shown}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&w.caisey("bob", &["group-run", "disk check", "--json"]).ok().stdout).expect("json");
+    assert_eq!(json["machines"].as_array().map(Vec::len), Some(3));
+    assert_eq!(json["outputs"][0]["machines"], serde_json::json!(["lab-a", "lab-b"]));
+}

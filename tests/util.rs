@@ -54,6 +54,16 @@ pub struct Running {
 }
 
 impl Running {
+    /// Starts `cmd` (as [`World::command`] made it, changed as a test needs).
+    pub fn spawn(mut cmd: Command) -> Running {
+        let mut child = cmd.spawn().expect("spawn");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        collect(child.stdout.take().expect("stdout"), stdout.clone());
+        collect(child.stderr.take().expect("stderr"), stderr.clone());
+        Running { child, stdout, stderr }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -204,12 +214,7 @@ impl World {
     }
 
     pub fn spawn(&self, binary: &str, home: &str, args: &[&str]) -> Running {
-        let mut child = self.command(binary, home, args).spawn().expect("spawn");
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        collect(child.stdout.take().expect("stdout"), stdout.clone());
-        collect(child.stderr.take().expect("stderr"), stderr.clone());
-        Running { child, stdout, stderr }
+        Running::spawn(self.command(binary, home, args))
     }
 
     /// Runs to completion (60 s at most).

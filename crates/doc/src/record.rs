@@ -40,6 +40,7 @@ pub enum RecordKind {
     End = 16,
     SessionMeta = 17,
     SessionNote = 18,
+    GroupRun = 19,
 }
 
 impl RecordKind {
@@ -60,6 +61,7 @@ impl RecordKind {
             16 => End,
             17 => SessionMeta,
             18 => SessionNote,
+            19 => GroupRun,
             _ => return None,
         })
     }

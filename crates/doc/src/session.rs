@@ -70,6 +70,19 @@ pub struct SessionNote {
     pub at: u64,
 }
 
+/// Marks a session as one machine's part of a group run: one command asked of several machines
+/// at once, which technicians hold as one investigation. Every session of the run carries the
+/// same run id; written once, by the technician who asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRun {
+    pub session: Id128,
+    pub run: Id128,
+    /// The run's name, as the technician gave it (or as generated: "group accounting …").
+    pub name: String,
+}
+
+const GROUP_RUN_KEY: &str = "group_run";
+
 /// The longest note, in bytes.
 pub const MAX_NOTE: usize = 16 * 1024;
 
@@ -522,6 +535,17 @@ impl SessionWriter {
         Ok(())
     }
 
+    /// Marks the session as part of a group run.
+    pub fn group_run(doc: &mut Automerge, signer: &Signer, run: &GroupRun) -> Result<(), automerge::AutomergeError> {
+        let rec = signer.sign(RecordKind::GroupRun, run);
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(ROOT, GROUP_RUN_KEY, rec)?;
+            Ok(())
+        })
+        .map_err(|f| f.error)?;
+        Ok(())
+    }
+
     /// Adds a note by `signer` (a technician).
     pub fn note(doc: &mut Automerge, signer: &Signer, note: &SessionNote) -> Result<(), automerge::AutomergeError> {
         let rec = signer.sign(RecordKind::SessionNote, note);
@@ -621,6 +645,9 @@ pub struct SessionView {
     /// Technicians' notes, oldest first.
     #[serde(default)]
     pub notes: Vec<NoteView>,
+    /// The group run this session is one machine's part of, if any.
+    #[serde(default)]
+    pub group_run: Option<GroupRun>,
     pub targets: Vec<NodeId>,
     pub commands: Vec<CommandView>,
     pub quarantined: Vec<Quarantined>,
@@ -743,6 +770,17 @@ impl SessionView {
         let mut q = Vec::new();
         let renamed = Self::read_meta(doc, fleet, &info, &mut q);
         let notes = Self::read_notes(doc, fleet, &info, &mut q);
+        let group_run = am::bytes_at(doc, &ROOT, GROUP_RUN_KEY).and_then(|bytes| {
+            let checked = verify_kind(&bytes, RecordKind::GroupRun).map_err(|e| e.to_string()).and_then(|v| {
+                let run: GroupRun = v.json().map_err(|e| e.to_string())?;
+                if fleet.role_of(&v.author) != Some(Role::Technician) || run.session != info.id {
+                    Err("group run not marked by a technician, or for another session".to_string())
+                } else {
+                    Ok(run)
+                }
+            });
+            checked.map_err(|why| q.push(Quarantined { place: GROUP_RUN_KEY.into(), author: None, why })).ok()
+        });
         let mut view = SessionView {
             targets: Self::read_targets(doc, fleet),
             info,
@@ -750,6 +788,7 @@ impl SessionView {
             renamed_by: None,
             assignee: None,
             notes,
+            group_run,
             commands: vec![],
             quarantined: vec![],
         };

@@ -144,6 +144,12 @@ pub enum Request {
     SessionHistory {
         session: DocId,
     },
+    /// Every group run here.
+    GroupRuns,
+    /// One group run, by name or id prefix, with identical outputs gathered.
+    GroupRun {
+        key: String,
+    },
     /// The run whose code starts with `code`.
     FindRun {
         code: String,
@@ -178,6 +184,8 @@ impl Request {
                 | Request::History { .. }
                 | Request::SessionHistory { .. }
                 | Request::FindRun { .. }
+                | Request::GroupRuns
+                | Request::GroupRun { .. }
                 | Request::CommandsOn { .. }
                 | Request::SyncStatus
         )
@@ -205,6 +213,7 @@ pub enum Reply {
     Session(Box<SessionRead>),
     Output(OutputRead),
     OutputSizes(Vec<(Id128, u64)>),
+    GroupRuns(Vec<crate::tech::GroupRunView>),
     Bytes(#[serde(with = "base64")] Vec<u8>),
     SessionJson(Box<SessionJson>),
     Asked(Vec<Asked>),

@@ -2,7 +2,7 @@
 //! and prints. Exit codes: 0 ok; 1 the remote command failed, was denied or expired (for a
 //! group: any machine's); 2 usage or local error.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -161,6 +161,19 @@ pub enum Command {
     },
     #[command(flatten)]
     Tools(Tools),
+    /// List group runs: one command asked of several machines, held as one investigation.
+    GroupRuns {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One group run side by side: each machine's status, exit code and who answered, then the
+    /// machines whose output is identical gathered together, the largest group first.
+    GroupRun {
+        /// Its name (as given with --session, or as listed) or id prefix.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Add or remove a session's labels.
     Label {
         session: String,
@@ -441,6 +454,21 @@ fn print_card(m: &crate::tech::Machine, software: bool) {
     }
 }
 
+/// "12 exited 0, 2 exited 1, 1 waiting for approval": a group's outcomes, most common first.
+fn exit_summary(machines: &[crate::tech::GroupMachine]) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for m in machines {
+        let what = match (m.status.as_str(), m.exit_code) {
+            ("exited", Some(code)) => format!("exited {code}"),
+            (status, _) => status.to_string(),
+        };
+        *counts.entry(what).or_default() += 1;
+    }
+    let mut counts: Vec<(String, usize)> = counts.into_iter().collect();
+    counts.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    counts.iter().map(|(what, n)| format!("{n} {what}")).collect::<Vec<_>>().join(", ")
+}
+
 /// The id of the machine called `name`.
 async fn machine_named(client: &Client, name: &str) -> Result<caisey_doc::id::NodeId> {
     let machines = client.machines(None, None).await?;
@@ -713,6 +741,62 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                 eprintln!(
                     "warning: {pending} bytes of output have not reached this machine yet; the export has the rest"
                 );
+            }
+        }
+        Command::GroupRuns { json } => {
+            online(client).await?;
+            let runs = client.group_runs().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else if runs.is_empty() {
+                println!("no group runs yet (`caisey run --group G` or several --machine)");
+            }
+            for r in runs.iter().filter(|_| !json) {
+                println!(
+                    "{}  {:<40} {:>3} machines  {}  {}",
+                    r.run.short(),
+                    visible_line(&r.name),
+                    r.machines.len(),
+                    exit_summary(&r.machines),
+                    time(r.last_activity)
+                );
+            }
+        }
+        Command::GroupRun { name, json } => {
+            online(client).await?;
+            let run = client.group_run(&name).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&run)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("group run {:?} ({}): {}", visible_line(&run.name), run.run.short(), exit_summary(&run.machines));
+            println!("  {:<20} {:<22} {:>4}  {:<8}  answered by", "machine", "status", "exit", "code");
+            for m in &run.machines {
+                println!(
+                    "  {:<20} {:<22} {:>4}  {:<8}  {}",
+                    visible_line(&m.machine),
+                    m.status,
+                    m.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                    m.code.short(),
+                    visible_line(m.decided_by.as_deref().unwrap_or("-"))
+                );
+            }
+            for same in &run.outputs {
+                let n = same.machines.len();
+                println!(
+                    "── {n} machine{}: {}",
+                    if n == 1 { "" } else { "s" },
+                    visible_line(&same.machines.join(", "))
+                );
+                for line in visible(&same.output).lines() {
+                    println!("   {line}");
+                }
+                if same.cut {
+                    println!(
+                        "   … (compared on the first {} MiB; `caisey show` has all of it)",
+                        crate::tech::GROUPED_BYTES >> 20
+                    );
+                }
             }
         }
         Command::Label { session, add, remove } => {

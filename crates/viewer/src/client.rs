@@ -285,6 +285,16 @@ impl Client {
         expect!(self.call(Request::SessionHistory { session }).await?, Reply::Runs(r) => r)
     }
 
+    pub async fn group_runs(&self) -> Result<Vec<crate::tech::GroupRunView>> {
+        expect!(self.call(Request::GroupRuns).await?, Reply::GroupRuns(r) => r)
+    }
+
+    /// One group run, by name or id prefix, with identical outputs gathered.
+    pub async fn group_run(&self, key: &str) -> Result<crate::tech::GroupRunView> {
+        let runs = expect!(self.call(Request::GroupRun { key: key.into() }).await?, Reply::GroupRuns(r) => r)?;
+        runs.into_iter().next().ok_or_else(|| anyhow!("no group run {key:?}"))
+    }
+
     /// The run named by (a prefix of) its code.
     pub async fn find_run(&self, code: &str) -> Result<PastRun> {
         let runs = expect!(self.call(Request::FindRun { code: code.into() }).await?, Reply::Runs(r) => r)?;

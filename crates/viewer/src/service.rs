@@ -262,6 +262,8 @@ impl TechService {
             Request::History { machine, script } => Reply::Runs(tech::history(node, machine, &script).await?),
             Request::SessionHistory { session } => Reply::Runs(tech::session_history(node, session).await?),
             Request::FindRun { code } => Reply::Runs(vec![tech::find_run(node, &code).await?]),
+            Request::GroupRuns => Reply::GroupRuns(tech::group_runs(node).await?),
+            Request::GroupRun { key } => Reply::GroupRuns(vec![tech::group_run(node, &key).await?]),
             Request::CommandsOn { machine } => Reply::Commands(tech::commands_run_on(node, machine).await?),
             Request::SyncStatus => Reply::Sync(tech::sync_status(node).await?),
             Request::Watch => bail!("a watch is answered with a stream"),

@@ -465,6 +465,7 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
     };
     let group = matches!(req.targets, Targets::Group(_) | Targets::Machines(_));
     let mut existing: BTreeMap<String, DocId> = BTreeMap::new();
+    let mut existing_run: BTreeMap<String, Option<caisey_doc::session::GroupRun>> = BTreeMap::new();
     let mut newest: BTreeMap<String, u64> = BTreeMap::new();
     // Only a session the technician named is continued; a generated name always starts afresh.
     let views = if req.session.is_some() { session_views(node).await? } else { vec![] };
@@ -472,8 +473,13 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
         if newest.get(&v.info.name).is_none_or(|t| v.info.created_at >= *t) {
             newest.insert(v.info.name.clone(), v.info.created_at);
             existing.insert(v.info.name.clone(), id);
+            existing_run.insert(v.info.name.clone(), v.group_run.clone());
         }
     }
+    // A group run is one investigation: its sessions share one run id. A weekly group check
+    // that goes on keeps the id its sessions already have.
+    let run_id = existing_run.values().flatten().map(|r| r.run).next().unwrap_or_else(random_id);
+    let group_run = |session: DocId| caisey_doc::session::GroupRun { session, run: run_id, name: base.clone() };
     let now = now_ms();
     let mut asked = Vec::new();
     let mut new_sessions = Vec::new();
@@ -499,10 +505,19 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
             if !req.labels.is_empty() {
                 relabel(node, session, &req.labels, &[]).await?;
             }
+            if group && existing_run.get(&name).is_some_and(Option::is_none) {
+                let (signer, run) = (node.signer().clone(), group_run(session));
+                node.change(session, move |doc| SessionWriter::group_run(doc, &signer, &run))
+                    .await?
+                    .context("marking the session as part of the group run")?;
+            }
         } else {
             // A new session and its request, built here and stored with the others in one go.
             let info = SessionInfo { id: session, name, labels: req.labels.clone(), created_at: now, org_key };
             let mut doc = SessionWriter::create(&signer, &info)?;
+            if group {
+                SessionWriter::group_run(&mut doc, &signer, &group_run(session))?;
+            }
             SessionWriter::request(&mut doc, &signer, &r)?;
             new_sessions.push((session, DocKind::Session, doc));
         }
@@ -900,4 +915,119 @@ pub async fn sync_status(node: &Node) -> Result<SyncStatus> {
     let relays_connected = relays.iter().filter(|r| connected.contains(&r.node)).count();
     let unconfirmed_docs = node.unconfirmed_docs(first).await?;
     Ok(SyncStatus { relays: relays.len(), relays_connected, unconfirmed_docs })
+}
+
+/// One machine's part of a group run: its latest command there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupMachine {
+    pub machine: String,
+    pub session: DocId,
+    pub request: Id128,
+    pub code: Id128,
+    pub status: String,
+    pub exit_code: Option<i32>,
+    pub decided_by: Option<String>,
+    pub requested_at: u64,
+}
+
+/// Machines whose output was the same, byte for byte.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SameOutput {
+    pub machines: Vec<String>,
+    pub output: String,
+    /// Whether the output went on past what was compared ([`GROUPED_BYTES`]).
+    pub cut: bool,
+}
+
+/// A group run held as one investigation: every machine side by side, and machines whose
+/// output is identical gathered together (as `dshbak -c` does), the largest group first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupRunView {
+    pub run: Id128,
+    pub name: String,
+    pub machines: Vec<GroupMachine>,
+    pub outputs: Vec<SameOutput>,
+    pub last_activity: u64,
+}
+
+/// How much of each machine's output is compared and shown when gathering identical ones.
+pub const GROUPED_BYTES: usize = 1024 * 1024;
+
+/// Every group run here, newest first (machines without output gathered).
+pub async fn group_runs(node: &Node) -> Result<Vec<GroupRunView>> {
+    let fleet = node.fleet().await?;
+    let mut runs: BTreeMap<Id128, GroupRunView> = BTreeMap::new();
+    for (session, v) in session_views(node).await? {
+        let Some(gr) = &v.group_run else { continue };
+        let run = runs.entry(gr.run).or_insert_with(|| GroupRunView {
+            run: gr.run,
+            name: gr.name.clone(),
+            machines: vec![],
+            outputs: vec![],
+            last_activity: 0,
+        });
+        run.last_activity = run.last_activity.max(v.last_activity());
+        if let Some(c) = v.commands.last() {
+            run.machines.push(GroupMachine {
+                machine: fleet.members.get(&c.request.target).map(|m| m.name.clone()).unwrap_or_default(),
+                session,
+                request: c.request.id,
+                code: c.request.approval_code(),
+                status: c.status().to_string(),
+                exit_code: c.end.as_ref().and_then(|e| e.exit_code),
+                decided_by: c.decision.as_ref().map(|d| d.decided_by.clone()),
+                requested_at: c.request.requested_at,
+            });
+        }
+    }
+    let mut out: Vec<GroupRunView> = runs.into_values().collect();
+    for r in &mut out {
+        r.machines.sort_by(|a, b| a.machine.cmp(&b.machine));
+    }
+    out.sort_by_key(|r| std::cmp::Reverse(r.last_activity));
+    Ok(out)
+}
+
+/// The group run named `key` (its name, or a prefix of its id), with identical outputs gathered.
+pub async fn group_run(node: &Node, key: &str) -> Result<GroupRunView> {
+    let runs = group_runs(node).await?;
+    let key_l = key.trim().to_lowercase();
+    let mut found: Vec<GroupRunView> = runs.iter().filter(|r| r.name == key.trim()).cloned().collect();
+    if found.is_empty() {
+        found = runs.into_iter().filter(|r| key_l.len() >= 4 && r.run.to_hex().starts_with(&key_l)).collect();
+    }
+    let mut run = match found.len() {
+        0 => bail!("no group run {key:?}; see `caisey group-runs`"),
+        1 => found.remove(0),
+        n => bail!("{key:?} names {n} group runs; give its id"),
+    };
+    let mut same: BTreeMap<(Vec<u8>, bool), Vec<String>> = BTreeMap::new();
+    for m in run.machines.iter().filter(|m| !matches!(m.status.as_str(), "waiting for approval" | "running")) {
+        let (session, request) = (m.session, m.request);
+        let fleet = node.fleet().await?;
+        let head = node
+            .read_with_output(session, move |d, stored| -> Option<(Vec<u8>, bool)> {
+                let view = SessionView::read_without_output(d, &fleet).ok()?;
+                let cmd = view.command(&request)?;
+                let (chunks, _) = SessionView::read_output_from(d, &cmd.request, 0, GROUPED_BYTES + 1, stored);
+                let mut bytes: Vec<u8> = chunks.into_iter().flat_map(|c| c.data).collect();
+                let cut = bytes.len() > GROUPED_BYTES;
+                bytes.truncate(GROUPED_BYTES);
+                Some((bytes, cut))
+            })
+            .await?
+            .flatten()
+            .unwrap_or_default();
+        same.entry(head).or_default().push(m.machine.clone());
+    }
+    run.outputs = same
+        .into_iter()
+        .map(|((bytes, cut), machines)| SameOutput {
+            machines,
+            output: String::from_utf8_lossy(&bytes).into_owned(),
+            cut,
+        })
+        .collect();
+    run.outputs.sort_by_key(|o| std::cmp::Reverse(o.machines.len()));
+    Ok(run)
 }
