@@ -212,6 +212,17 @@ fn a_group_run_shows_one_row_per_machine_as_each_finishes() {
     // The status bar no longer says the machines are waiting.
     assert!(shows(&h, "group run finished: 3 machines answered, 0 not ok"), "the status bar is stale");
     assert!(!shows(&h, "waiting for approval"), "the status bar still says waiting");
+
+    // A viewer opened afresh holds the run as one investigation, identical outputs gathered.
+    drop(h);
+    let mut h = viewer(&org, "alice", &rt);
+    step_until(&mut h, Duration::from_secs(20), "the group run listed", |h| !h.state().snapshot.group_runs.is_empty());
+    h.get_by_label("Group runs").click();
+    h.run_steps(2);
+    h.query_all_by_label_contains("3 machines").next().expect("the run listed").click();
+    step_until(&mut h, Duration::from_secs(10), "outputs gathered", |h| {
+        shows(h, "3 machines with this output: ws-01, ws-02, ws-03")
+    });
 }
 
 #[test]

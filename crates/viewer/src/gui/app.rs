@@ -23,6 +23,8 @@ pub enum Tab {
     Sessions,
     Session,
     Run,
+    /// Past group runs, one opened side by side.
+    GroupRuns,
     History,
 }
 
@@ -120,6 +122,8 @@ pub struct ViewerApp {
     pub export_dir: String,
     pub compose: Compose,
     pub group_run: Option<GroupRun>,
+    /// The group run opened in the Group runs tab, with identical outputs gathered.
+    pub group_run_open: Option<crate::tech::GroupRunView>,
     pub history: History,
     pub share: Option<Share>,
     /// A single run asked from here and not ended yet: (session, request, machine), so the status
@@ -161,6 +165,7 @@ impl ViewerApp {
             export_dir,
             compose: Compose::default(),
             group_run: None,
+            group_run_open: None,
             history: History::default(),
             share: None,
             awaiting: None,
@@ -253,6 +258,7 @@ impl ViewerApp {
                     self.tab = Tab::Run;
                 }
             }
+            Update::GroupRunView(view) => self.group_run_open = Some(*view),
             Update::OutputMatches { query, sessions } => {
                 if self.output_search.0 == query {
                     self.output_search.1 = sessions;
@@ -316,6 +322,7 @@ impl ViewerApp {
             Tab::Sessions => self.sessions_tab(ui),
             Tab::Session => self.session_tab(ui),
             Tab::Run => self.run_tab(ui),
+            Tab::GroupRuns => self.group_runs_tab(ui),
             Tab::History => self.history_tab(ui),
         });
         self.last_frame = started.elapsed();
@@ -343,12 +350,13 @@ impl ViewerApp {
                 (Tab::Sessions, "Sessions"),
                 (Tab::Session, "Session"),
                 (Tab::Run, "Run"),
+                (Tab::GroupRuns, "Group runs"),
                 (Tab::History, "History"),
             ] {
                 // Each role sees what it may do: approvals for an approver, running for a technician.
                 let hidden = match tab {
                     Tab::Approvals => !approver,
-                    Tab::Run | Tab::History => approver,
+                    Tab::Run | Tab::History | Tab::GroupRuns => approver,
                     Tab::Session => self.open.is_none(),
                     Tab::Fleet | Tab::Sessions => false,
                 };

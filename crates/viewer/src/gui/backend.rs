@@ -82,6 +82,8 @@ pub enum Action {
         session: DocId,
         share: tech::ShareRequest,
     },
+    /// Open a group run (by id) side by side.
+    OpenGroupRun(String),
     /// Search the sessions' output for these words.
     SearchOutput(String),
     /// A designated approver's answer to a request (by its code).
@@ -298,6 +300,7 @@ impl Backend {
         let approver = org.my_role == Some(caisey_doc::fleet::Role::Approver);
         Ok(Snapshot {
             awaiting: if approver { self.client.awaiting().await? } else { vec![] },
+            group_runs: if approver { vec![] } else { self.client.group_runs().await? },
             role: org.my_role,
             org: org.org_name,
             me: org.my_name,
@@ -448,6 +451,10 @@ impl Backend {
                     Ok(Update::Diff(tech::diff(&a, &b)))
                 };
                 self.out.result(r.await);
+            }
+            Action::OpenGroupRun(key) => {
+                let r = client.group_run(&key).await;
+                self.out.result(r.map(|view| Update::GroupRunView(Box::new(view))));
             }
             Action::SearchOutput(query) => {
                 let r = client.sessions(Some(&query), None).await;

@@ -15,6 +15,7 @@ mod approvals;
 pub mod backend;
 mod compose;
 mod fleet;
+mod group_runs;
 mod history;
 pub mod model;
 mod sessions;

@@ -33,6 +33,8 @@ pub struct Snapshot {
     pub role: Option<caisey_doc::fleet::Role>,
     /// Requests waiting for this node as a designated approver.
     pub awaiting: Vec<crate::tech::Awaiting>,
+    /// Every group run here (without their outputs).
+    pub group_runs: Vec<crate::tech::GroupRunView>,
     pub machines: Vec<Machine>,
     pub groups: Vec<String>,
     pub sessions: Vec<SessionSummary>,
@@ -202,6 +204,8 @@ pub struct SharePreview {
 #[derive(Debug, Clone)]
 pub enum Update {
     Snapshot(Box<Snapshot>),
+    /// A group run opened, with identical outputs gathered.
+    GroupRunView(Box<crate::tech::GroupRunView>),
     /// Sessions whose output (or own words) has what was searched for.
     OutputMatches {
         query: String,
