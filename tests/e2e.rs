@@ -987,4 +987,18 @@ fn a_group_run_is_one_investigation_with_identical_outputs_gathered() {
         serde_json::from_str(&w.caisey("bob", &["group-run", "disk check", "--json"]).ok().stdout).expect("json");
     assert_eq!(json["machines"].as_array().map(Vec::len), Some(3));
     assert_eq!(json["outputs"][0]["machines"], serde_json::json!(["lab-a", "lab-b"]));
+
+    // A second command on the machine that failed, with one flag: it stays in the investigation.
+    let again =
+        w.spawn("caisey", "alice", &["run", "--failed-in", "disk check", "--", "echo cleaned > state.txt; echo ok"]);
+    let id = w.wait_pending("lab-c");
+    w.agent_cmd("lab-c", &["approve", &id]).ok();
+    let again = again.wait(Duration::from_secs(60));
+    assert_eq!(again.code(), 0, "{again:?}");
+    for a in ["lab-a", "lab-b"] {
+        assert_eq!(w.agent_cmd(a, &["pending", "--json"]).ok().stdout.trim(), "[]", "{a} was asked again");
+    }
+    let runs = w.caisey("alice", &["group-runs"]).ok();
+    assert_eq!(runs.stdout.lines().count(), 1, "the follow-up made another group run: {}", runs.stdout);
+    assert!(runs.stdout.contains("3 exited 0"), "{}", runs.stdout);
 }

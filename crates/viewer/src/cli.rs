@@ -281,8 +281,12 @@ pub enum RelayCommand {
 pub struct RunArgs {
     /// The machine to run on; repeat it (or give a comma-separated list) for several, run
     /// like a group.
-    #[arg(long, value_delimiter = ',', conflicts_with = "group", required_unless_present = "group")]
+    #[arg(long, value_delimiter = ',', conflicts_with = "group", required_unless_present_any = ["group", "failed_in"])]
     pub machine: Vec<String>,
+    /// Run on the machines of this group run whose last command did not exit 0 (continuing
+    /// its sessions, unless --session names others).
+    #[arg(long, value_name = "GROUP_RUN", conflicts_with_all = ["machine", "group"])]
+    pub failed_in: Option<String>,
     /// Run on every machine of this group, in parallel.
     #[arg(long)]
     pub group: Option<String>,
@@ -906,7 +910,19 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
     online(client).await?;
     let mut machines: Vec<String> =
         args.machine.iter().map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
+    let mut args = args;
+    if let Some(key) = &args.failed_in {
+        let run = client.group_run(key).await?;
+        machines = run.machines.iter().filter(|m| m.exit_code != Some(0)).map(|m| m.machine.clone()).collect();
+        if machines.is_empty() {
+            println!("every machine of group run {:?} exited 0; nothing to run", visible_line(&run.name));
+            return Ok(ExitCode::SUCCESS);
+        }
+        args.session.get_or_insert(run.name);
+    }
     let targets = match (machines.len(), args.group) {
+        // A follow-up in a group run stays in it, whatever the number of machines.
+        (_, _) if args.failed_in.is_some() => Targets::Machines(machines),
         (1, _) => Targets::Machine(machines.remove(0)),
         (0, Some(g)) => Targets::Group(g),
         (0, None) => bail!("say where to run: --machine NAME (repeatable) or --group GROUP"),

@@ -31,9 +31,11 @@ pub enum Tab {
 /// The compose form.
 #[derive(Debug, Clone)]
 pub struct Compose {
-    /// A machine name, or a group when `to_group`.
+    /// A machine name (or several, comma-separated), or a group when `to_group`.
     pub target: String,
     pub to_group: bool,
+    /// A follow-up in a group run: its machines' sessions go on, however many there are.
+    pub in_group_run: bool,
     pub shell: Shell,
     pub timeout_secs: u64,
     pub session: String,
@@ -47,6 +49,7 @@ impl Default for Compose {
         Self {
             target: String::new(),
             to_group: false,
+            in_group_run: false,
             shell: Shell::Sh,
             timeout_secs: 60,
             session: String::new(),

@@ -38,7 +38,9 @@ impl ViewerApp {
                 .show_ui(ui, |ui| {
                     for o in options {
                         let text = visible_line(&o);
-                        ui.selectable_value(&mut c.target, o, text);
+                        if ui.selectable_value(&mut c.target, o, text).clicked() {
+                            c.in_group_run = false;
+                        }
                     }
                 })
                 .response
@@ -72,10 +74,14 @@ impl ViewerApp {
             let ready = !c.target.is_empty() && !c.script.trim().is_empty();
             if ui.add_enabled(ready, egui::Button::new("Send")).clicked() {
                 let req = RunRequest {
-                    targets: if c.to_group {
-                        Targets::Group(c.target.clone())
-                    } else {
-                        Targets::Machine(c.target.clone())
+                    targets: {
+                        let names: Vec<String> =
+                            c.target.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_string).collect();
+                        match (c.to_group, names.len(), c.in_group_run) {
+                            (true, _, _) => Targets::Group(c.target.clone()),
+                            (false, 1, false) => Targets::Machine(names[0].clone()),
+                            _ => Targets::Machines(names),
+                        }
                     },
                     session: Some(c.session.trim().to_string()).filter(|s| !s.is_empty()),
                     labels: c.labels.split(',').map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect(),

@@ -167,6 +167,7 @@ impl ViewerApp {
             }
             if ui.button(format!("Run a command on {}", visible_line(&m.name))).clicked() {
                 self.compose.target = m.name.clone();
+                self.compose.in_group_run = false;
                 self.compose.to_group = false;
                 self.tab = Tab::Run;
             }

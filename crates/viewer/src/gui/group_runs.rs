@@ -37,6 +37,17 @@ impl ViewerApp {
                 return;
             };
             ui.heading(visible_line(&run.name));
+            let failed: Vec<String> =
+                run.machines.iter().filter(|m| m.exit_code != Some(0)).map(|m| m.machine.clone()).collect();
+            if !failed.is_empty()
+                && ui.button(format!("Run a command on the {} that did not exit 0", failed.len())).clicked()
+            {
+                self.compose.target = failed.join(", ");
+                self.compose.to_group = false;
+                self.compose.in_group_run = true;
+                self.compose.session = run.name.clone();
+                self.tab = super::app::Tab::Run;
+            }
             egui::ScrollArea::vertical().id_salt("group-run").auto_shrink([false, false]).show(ui, |ui| {
                 egui::Grid::new("group-run-grid").num_columns(4).striped(true).spacing([16.0, 6.0]).show(ui, |ui| {
                     for h in ["Machine", "Status", "Exit code", "Answered by"] {
