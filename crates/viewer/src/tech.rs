@@ -381,8 +381,7 @@ pub async fn sessions(
         let mut kept = Vec::new();
         for mut s in out {
             if let Some(request) = in_output.get(&s.id) {
-                let text = output_text(node, s.id, *request).await?;
-                s.matched = crate::search::matching_line(&text, q);
+                s.matched = first_matching_line(node, s.id, *request, q).await?;
             }
             if s.matches(q) || s.matched.is_some() {
                 kept.push(s);
@@ -449,7 +448,8 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
         bail!("the description is {} KiB; at most {} KiB", req.description.len() / 1024, MAX_DESCRIPTION / 1024);
     }
     let fleet = node.fleet().await?;
-    if fleet.role_of(&node.id()) != Some(Role::Technician) {
+    // (A home in no org yet finds no machine, below.)
+    if fleet.role_of(&node.id()).is_some_and(|r| r != Role::Technician) {
         bail!(
             "only technicians ask machines to run commands; a designated approver approves them (`caisey pending`, `caisey approve CODE`)"
         );
@@ -856,6 +856,44 @@ pub async fn commands_run_on(node: &Node, machine: NodeId) -> Result<Vec<(String
     let mut out: Vec<(String, u64, usize)> = seen.into_iter().map(|(s, (t, n))| (s, t, n)).collect();
     out.sort_by_key(|(_, t, _)| std::cmp::Reverse(*t));
     Ok(out.into_iter().map(|(s, _, n)| (s, n)).collect())
+}
+
+/// The first line of a command's output that has `query`, read a page at a time (an output of
+/// any size costs a page of memory, and reading stops at the first page with a match).
+async fn first_matching_line(node: &Node, session: DocId, request: Id128, query: &str) -> Result<Option<String>> {
+    const PAGE: usize = 4 * 1024 * 1024;
+    let fleet = node.fleet().await?;
+    let Some(Ok(view)) =
+        node.read_with_output(session, move |d, _| SessionView::read_without_output(d, &fleet)).await?
+    else {
+        return Ok(None);
+    };
+    let Some(cmd) = view.command(&request).map(|c| c.request.clone()) else { return Ok(None) };
+    let (mut from, mut carry) = (0, String::new());
+    loop {
+        let req = cmd.clone();
+        let Some((chunks, next)) = node
+            .read_with_output(session, move |d, stored| SessionView::read_output_from(d, &req, from, PAGE, stored))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let last = next == from || chunks.iter().map(|c| c.data.len()).sum::<usize>() < PAGE;
+        for c in chunks {
+            carry.push_str(&String::from_utf8_lossy(&c.data));
+        }
+        // Whole lines only, but for the last page (or a line past a MiB); the unfinished line
+        // waits for the next page.
+        let cut = if last || carry.len() > 1 << 20 { carry.len() } else { carry.rfind('\n').map_or(0, |i| i + 1) };
+        if let Some(line) = crate::search::matching_line(&carry[..cut], query) {
+            return Ok(Some(line));
+        }
+        carry.drain(..cut);
+        if last {
+            return Ok(None);
+        }
+        from = next;
+    }
 }
 
 /// The raw output bytes of one command, stdout and stderr interleaved as written.
