@@ -314,7 +314,7 @@ fn the_consent_window_shows_hostile_commands_inert_and_approves_and_denies() {
     approve.click();
     step_until(&mut h, Duration::from_secs(20), "approved", |h| shows(h, "approved"));
     // Once the command has ended, the window says so rather than "running" for good.
-    step_until(&mut h, Duration::from_secs(20), "finished", |h| shows(h, "it ran and has finished"));
+    step_until(&mut h, Duration::from_secs(20), "finished", |h| shows(h, "it is no longer running"));
     let asked: serde_json::Value =
         serde_json::from_str(&asked.wait(Duration::from_secs(30)).ok().stdout).expect("json");
     let session = asked[0]["session"].as_str().expect("session id").to_string();
