@@ -45,6 +45,16 @@ fn fake_root() -> tempfile::TempDir {
     root
 }
 
+/// A copy of `file` another user can run (the checkout may sit where only root can enter).
+fn shared_copy(dir: &Path, file: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let copy = dir.join(file.file_name().expect("a file"));
+    std::fs::copy(file, &copy).expect("copy");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    copy
+}
+
 /// `systemd-analyze verify` on unit files: exits 0 with nothing said.
 fn verify_units(units: &[PathBuf], user: bool) {
     let runtime = tempfile::tempdir().expect("runtime dir");
@@ -225,10 +235,11 @@ fn the_consent_group_may_approve_and_nobody_else() {
             .expect("agent socket");
         running
     };
+    let agent = shared_copy(w.root.path(), &bin("caisey-agent"));
     let as_nobody = |groups: &str| {
         Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", &format!("--groups={groups}")])
-            .arg(bin("caisey-agent"))
+            .arg(&agent)
             .args(["--home", w.home("ws-11").to_str().expect("utf-8"), "pending"])
             .env("HOME", "/nonexistent")
             .output()
@@ -406,9 +417,10 @@ fn the_install_script_checks_the_binary_is_idempotent_and_says_what_failed() {
     assert_eq!(tree(root.path()), before, "the script's uninstall left something behind");
 
     // Not root.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh"])
-        .arg(&script)
+        .arg(shared_copy(elsewhere.path(), &script))
         .args(["--from", from, "--sha256", &sha, &fresh])
         .output()
         .expect("setpriv");
