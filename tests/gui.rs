@@ -428,3 +428,28 @@ fn an_approver_approves_and_denies_in_the_viewer_and_cannot_run() {
     h.run_steps(2);
     assert!(h.query_by_label("Run a command on ws-01").is_none(), "no run button for an approver");
 }
+
+/// The technician's why is shown in full in the consent window, wrapped to the window's width
+/// rather than cut at one line.
+#[test]
+fn the_why_is_wrapped_in_full_in_the_consent_window() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    let mut h = Harness::builder().with_size([720.0, 620.0]).build_ui_state(
+        |ui, app: &mut PromptApp| app.show(ui),
+        PromptApp::connect(org.world.home("ws-01").join(caisey_peer::home::SOCKET)).expect("prompt"),
+    );
+    let why = "The accounting team reports that the nightly export to the bank fails since Monday; \
+               this lists the spool folder and the service's last log lines so we can see whether the \
+               disk filled up or the service stopped. Nothing is changed on your computer. END-OF-WHY";
+    org.world.caisey("alice", &["run", "--detach", "--machine", "ws-01", "--description", why, "--", "ls /tmp"]).ok();
+    step_until(&mut h, Duration::from_secs(30), "the request", |h| shows(h, "exactly as it will run"));
+    let label = h.get_by_label_contains("END-OF-WHY");
+    let rect = label.rect();
+    let line = 20.0;
+    assert!(rect.width() <= 720.0, "the why runs past the window: {rect:?}");
+    assert!(rect.height() > 2.0 * line, "the why is on one line, not wrapped: {rect:?}");
+    let node = label.accesskit_node();
+    let text = format!("{}{}", node.label().unwrap_or_default(), node.value().unwrap_or_default());
+    assert!(text.contains("The accounting team reports") && text.contains("disk filled up"), "not in full: {text:?}");
+}

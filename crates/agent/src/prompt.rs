@@ -129,7 +129,10 @@ impl PromptApp {
                     && !running.contains(&code)
                 {
                     self.approved_running = None;
-                    self.status = Some((false, format!("approved {}; it is no longer running (its session says how it ended)", code.short())));
+                    self.status = Some((
+                        false,
+                        format!("approved {}; it is no longer running (its session says how it ended)", code.short()),
+                    ));
                 }
             }
             Heard::Unreachable(e) => {
