@@ -453,3 +453,32 @@ fn the_why_is_wrapped_in_full_in_the_consent_window() {
     let text = format!("{}{}", node.label().unwrap_or_default(), node.value().unwrap_or_default());
     assert!(text.contains("The accounting team reports") && text.contains("disk filled up"), "not in full: {text:?}");
 }
+
+/// Several machines picked in the Run tab's target list run as one group run, and only they.
+#[test]
+fn several_machines_picked_in_the_viewer_run_together() {
+    let org = Org::new(&[("ws-01", "lab"), ("ws-02", "lab"), ("ws-03", "lab")]);
+    let _agents: Vec<_> = ["ws-01", "ws-02", "ws-03"].iter().map(|a| org.world.start_agent(a)).collect();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut h = viewer(&org, "alice", &rt);
+    step_until(&mut h, Duration::from_secs(30), "machines known", |h| h.state().snapshot.machines.len() == 3);
+    h.get_by_label("Run").click();
+    h.run_steps(2);
+    h.get_by_role_and_label(egui::accesskit::Role::ComboBox, "Target").click();
+    h.run_steps(2);
+    for m in ["ws-01", "ws-03"] {
+        h.get_by_role_and_label(egui::accesskit::Role::CheckBox, m).click();
+        h.run_steps(2);
+    }
+    assert_eq!(h.state().compose.target, "ws-01, ws-03");
+    h.get_by_label("Command").type_into("echo picked");
+    h.run_steps(1);
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Send").click();
+    step_until(&mut h, Duration::from_secs(20), "two rows", |h| {
+        h.state().group_run.as_ref().is_some_and(|g| g.rows.len() == 2)
+    });
+    approve_next(&org, "ws-01");
+    approve_next(&org, "ws-03");
+    step_until(&mut h, Duration::from_secs(30), "both done", |h| shows(h, "2 of 2 machines done"));
+    assert_eq!(org.world.agent_cmd("ws-02", &["pending", "--json"]).ok().stdout.trim(), "[]", "ws-02 was asked");
+}

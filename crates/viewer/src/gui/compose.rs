@@ -24,8 +24,12 @@ impl ViewerApp {
     fn compose_form(&mut self, ui: &mut Ui) {
         let c = &mut self.compose;
         ui.horizontal(|ui| {
-            ui.radio_value(&mut c.to_group, false, "Machine");
-            ui.radio_value(&mut c.to_group, true, "Group");
+            // Switching between machines and a group starts the choice afresh.
+            if ui.radio_value(&mut c.to_group, false, "Machines").changed()
+                | ui.radio_value(&mut c.to_group, true, "Group").changed()
+            {
+                c.target.clear();
+            }
             let label = ui.label("Target");
             let options: Vec<String> = if c.to_group {
                 self.snapshot.groups.clone()
@@ -33,12 +37,30 @@ impl ViewerApp {
                 self.snapshot.machines.iter().map(|m| m.name.clone()).collect()
             };
             let shown = if c.target.is_empty() { "choose…".to_string() } else { visible_line(&c.target) };
+            let to_group = c.to_group;
             egui::ComboBox::from_id_salt("target")
                 .selected_text(shown)
+                // Machines are picked several at a time: the list stays open while they are ticked.
+                .close_behavior(egui::PopupCloseBehavior::CloseOnClickOutside)
                 .show_ui(ui, |ui| {
                     for o in options {
                         let text = visible_line(&o);
-                        if ui.selectable_value(&mut c.target, o, text).clicked() {
+                        if to_group {
+                            if ui.selectable_value(&mut c.target, o, text).clicked() {
+                                c.in_group_run = false;
+                            }
+                            continue;
+                        }
+                        let mut picked: Vec<String> =
+                            c.target.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_string).collect();
+                        let mut on = picked.contains(&o);
+                        if ui.checkbox(&mut on, text).changed() {
+                            if on {
+                                picked.push(o);
+                            } else {
+                                picked.retain(|p| *p != o);
+                            }
+                            c.target = picked.join(", ");
                             c.in_group_run = false;
                         }
                     }
