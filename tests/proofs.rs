@@ -277,3 +277,53 @@ fn a_transcript_reads_in_plain_words_in_a_real_browser() {
         .unwrap_or_else(|e| panic!("no screenshot ({e}): {}", String::from_utf8_lossy(&out.stderr)));
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "the screenshot is empty");
 }
+
+/// A group run is shared as one transcript: one link, every machine on one page with identical
+/// outputs gathered, each machine's session checkable as signed, the whole signed once more.
+#[test]
+fn a_group_run_is_shared_as_one_transcript_with_one_link() {
+    let org = Org::with_http(&[("lab-a", "lab"), ("lab-b", "lab")]);
+    let _agents = [org.world.start_agent("lab-a"), org.world.start_agent("lab-b")];
+    let run = org.world.spawn(
+        "caisey",
+        "alice",
+        &["run", "--group", "lab", "--session", "printer check", "--", "echo spooler ok"],
+    );
+    for a in ["lab-a", "lab-b"] {
+        let id = org.world.wait_pending(a);
+        org.world.agent_cmd(a, &["approve", &id]).ok();
+    }
+    assert_eq!(run.wait(Duration::from_secs(60)).code(), 0);
+    let summary = "Both printers' spoolers are running again.";
+    let shared = org.world.caisey("alice", &["share", "printer check", "--group-run", "--summary", summary]).ok();
+    let link = shared.stdout.trim().to_string();
+    assert!(link.contains("/t/") && link.lines().count() == 1, "one link: {shared:?}");
+
+    let (status, _, page) = http_get(&link);
+    assert_eq!(status, 200);
+    let html = String::from_utf8(page).expect("utf-8");
+    for part in [
+        summary,
+        "ran on 2 machines at once",
+        "2 machines: lab-a, lab-b",
+        "On lab-a",
+        "On lab-b",
+        "How to check this page",
+    ] {
+        assert!(html.contains(part), "the page lacks {part:?}");
+    }
+    let verified = org.world.caisey("alice", &["verify", &link]).ok();
+    assert!(verified.stdout.contains("genuine group run: \"printer check\", 2 machines"), "{}", verified.stdout);
+    assert_eq!(verified.stdout.matches("genuine: \"printer check (lab-").count(), 2, "{}", verified.stdout);
+
+    // One byte changed in the JSON: not genuine.
+    let (_, _, json) = http_get(&format!("{link}.json"));
+    let mut flipped = json.clone();
+    let at = String::from_utf8_lossy(&json).find("spooler ok").map(|i| i + 2).unwrap_or(json.len() / 2);
+    flipped[at] ^= 0x01;
+    let file = org.world.root.path().join("group.json");
+    std::fs::write(&file, &flipped).expect("save");
+    let bad = org.world.caisey("alice", &["verify", file.to_str().expect("utf-8")]);
+    assert_eq!(bad.code(), 1, "{bad:?}");
+    assert!(bad.stderr.contains("NOT GENUINE"), "{}", bad.stderr);
+}

@@ -7,7 +7,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use caisey_doc::transcript::{html, verify};
+use caisey_doc::transcript::group::Published;
+use caisey_doc::transcript::html;
 use caisey_peer::node::Node;
 use tokio::net::TcpListener;
 use tracing::warn;
@@ -60,8 +61,8 @@ async fn transcript(State(node): State<Node>, Path(file): Path<String>) -> Respo
     if json {
         return secured(bytes.into_response(), "application/json");
     }
-    match verify(&bytes) {
-        Ok((file, checked)) => secured(html::render(&file, &checked).into_response(), "text/html; charset=utf-8"),
+    match Published::verify(&bytes) {
+        Ok(published) => secured(published.html().into_response(), "text/html; charset=utf-8"),
         Err(e) => {
             warn!("a stored transcript no longer verifies: {e}");
             secured(

@@ -30,6 +30,7 @@ use crate::session::{
     SessionInfo, SessionNote, SessionView, Start, Stream, Verdict, check_decision,
 };
 
+pub mod group;
 pub mod html;
 
 pub const FORMAT: &str = "caisey-transcript/3";

@@ -8,7 +8,7 @@
 use anyhow::{Context, Result, anyhow, bail};
 use caisey_doc::fleet::{Contact, Role};
 use caisey_doc::id::NodeId;
-use caisey_doc::transcript::{TranscriptFile, verify};
+use caisey_doc::transcript::group::Published;
 use data_encoding::BASE32_NOPAD;
 use iroh::endpoint::Connection;
 use serde::{Deserialize, Serialize};
@@ -80,11 +80,11 @@ async fn handle(node: &Node, peer: NodeId, req: Request, http_base: Option<&str>
             let base = http_base.ok_or_else(|| {
                 anyhow!("this relay does not serve HTTP; start it with `caisey-relay run --http ADDR`")
             })?;
-            let (file, checked) = verify(transcript.as_bytes()).context("the transcript does not verify")?;
-            if Some(checked.org_key) != fleet.org_key {
+            let published = Published::verify(transcript.as_bytes()).context("the transcript does not verify")?;
+            if Some(published.org_key()) != fleet.org_key {
                 bail!("the transcript belongs to another org");
             }
-            if file.publisher != peer {
+            if published.publisher() != peer {
                 bail!("the transcript is signed by another technician than the one publishing it");
             }
             let id = new_link_id();
@@ -94,7 +94,7 @@ async fn handle(node: &Node, peer: NodeId, req: Request, http_base: Option<&str>
                 move |core| core.store.publish(&id, &peer, &json)
             })
             .await??;
-            info!(by = %peer.short(), session = %checked.session.short(), "transcript published");
+            info!(by = %peer.short(), "transcript published");
             Ok(Reply::Published { url: format!("{}/t/{id}", base.trim_end_matches('/')), id })
         }
         Request::Unpublish { id } => {
@@ -123,9 +123,8 @@ pub async fn published(node: &Node, id: &str) -> Result<Option<Vec<u8>>> {
     Ok(node.with_core(move |core| core.store.published(&id)).await??.map(|(_, bytes)| bytes))
 }
 
-/// Publishes a transcript; returns its link.
-pub async fn publish(node: &Node, relay: &Contact, file: &TranscriptFile) -> Result<String> {
-    let transcript = String::from_utf8(file.to_json())?;
+/// Publishes a transcript (the JSON of one session's or of a group run's); returns its link.
+pub async fn publish(node: &Node, relay: &Contact, transcript: String) -> Result<String> {
     match call(node, relay, &Request::Publish { transcript }).await? {
         Reply::Published { url, .. } => Ok(url),
         Reply::Refused { reason } => bail!("the relay refused: {reason}"),

@@ -110,6 +110,12 @@ pub enum Request {
         #[serde(flatten)]
         share: crate::tech::ShareRequest,
     },
+    /// A group run's transcript: each machine's session, gathered and signed as one.
+    GroupTranscript {
+        key: String,
+        #[serde(flatten)]
+        share: crate::tech::ShareRequest,
+    },
     /// Publishes a transcript (as built by [`Request::Transcript`]) on the org's relay.
     Publish {
         transcript: String,
@@ -181,6 +187,7 @@ impl Request {
                 | Request::WaitDelivered { .. }
                 | Request::Awaiting
                 | Request::Transcript { .. }
+                | Request::GroupTranscript { .. }
                 | Request::History { .. }
                 | Request::SessionHistory { .. }
                 | Request::FindRun { .. }

@@ -128,6 +128,9 @@ pub enum Command {
         /// Leave the technicians' notes out.
         #[arg(long)]
         no_notes: bool,
+        /// SESSION names a group run: share all its machines as one transcript (one link).
+        #[arg(long, conflicts_with = "omit")]
+        group_run: bool,
     },
     /// Withdraw a published transcript (its link or link id).
     Unshare { link: String },
@@ -683,13 +686,21 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
         }
         Command::Approve { id } => return remote_decision(client, &id, true).await,
         Command::Deny { id } => return remote_decision(client, &id, false).await,
-        Command::Share { session, redact, omit, out, summary, no_notes } => {
+        Command::Share { session, redact, omit, out, summary, no_notes, group_run } => {
             online(client).await?;
-            let id = client.find_session(&session).await?;
             let share = crate::tech::ShareRequest { redact, omit, summary, without_notes: no_notes };
-            let transcript = client.transcript(id, share).await?;
-            let (file, checked) = caisey_doc::transcript::verify(transcript.as_bytes())?;
-            for c in &checked.commands {
+            let transcript = if group_run {
+                client.group_transcript(&session, share).await?
+            } else {
+                let id = client.find_session(&session).await?;
+                client.transcript(id, share).await?
+            };
+            let published = caisey_doc::transcript::group::Published::verify(transcript.as_bytes())?;
+            let parts: Vec<&caisey_doc::transcript::Checked> = match &published {
+                caisey_doc::transcript::group::Published::One(p) => vec![&p.1],
+                caisey_doc::transcript::group::Published::Group(p) => p.1.parts.iter().collect(),
+            };
+            for c in parts.iter().flat_map(|p| &p.commands) {
                 for r in &c.redactions {
                     eprintln!(
                         "redacted {}× {} in the {} of {} on {}",
@@ -709,7 +720,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                 let bytes = if path.extension().is_some_and(|e| e == "json") {
                     transcript.clone().into_bytes()
                 } else {
-                    caisey_doc::transcript::html::render(&file, &checked).into_bytes()
+                    published.html().into_bytes()
                 };
                 std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
                 eprintln!("wrote {}", path.display());
@@ -1252,13 +1263,35 @@ async fn verify(source: &str) -> Result<ExitCode> {
     } else {
         std::fs::read(source).with_context(|| format!("reading {source}"))?
     };
-    let checked = match caisey_doc::transcript::verify(&bytes) {
-        Ok((_, checked)) => checked,
+    let published = match caisey_doc::transcript::group::Published::verify(&bytes) {
+        Ok(p) => p,
         Err(e) => {
             eprintln!("error: NOT GENUINE: {e}");
             return Ok(ExitCode::from(EXIT_REMOTE_FAILED));
         }
     };
+    match published {
+        caisey_doc::transcript::group::Published::One(p) => print_checked(&p.1),
+        caisey_doc::transcript::group::Published::Group(p) => {
+            let g = &p.1;
+            println!(
+                "genuine group run: {:?}, {} machines, published by {} ({}) at {}",
+                visible(&g.name),
+                g.parts.len(),
+                visible(&g.publisher),
+                g.publisher_key.short(),
+                time(g.published_at)
+            );
+            for part in &g.parts {
+                print_checked(part);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A verified transcript, step by step, each with whether its author's signature proves it.
+fn print_checked(checked: &caisey_doc::transcript::Checked) {
     let visible = caisey_agent::escape::visible;
     let seal =
         |signed: bool| if signed { "signed by its author" } else { "redacted; vouched for by the publisher only" };
@@ -1322,5 +1355,4 @@ async fn verify(source: &str) -> Result<ExitCode> {
     if !checked.omitted.is_empty() {
         println!("{} command(s) left out by the publisher", checked.omitted.len());
     }
-    Ok(ExitCode::SUCCESS)
 }

@@ -251,6 +251,11 @@ impl Client {
         expect!(self.call(request).await?, Reply::Transcript(t) => t)
     }
 
+    /// A group run's transcript, as its JSON file.
+    pub async fn group_transcript(&self, key: &str, share: crate::tech::ShareRequest) -> Result<String> {
+        expect!(self.call(Request::GroupTranscript { key: key.into(), share }).await?, Reply::Transcript(t) => t)
+    }
+
     /// Publishes a transcript on the org's relay; its link.
     pub async fn publish(&self, transcript: String) -> Result<String> {
         expect!(self.call(Request::Publish { transcript }).await?, Reply::Published(url) => url)

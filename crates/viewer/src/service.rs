@@ -230,12 +230,16 @@ impl TechService {
                 Reply::Transcript(String::from_utf8(file.to_json()).context("transcript is not UTF-8")?)
             }
             Request::Publish { transcript } => {
-                let (file, _) = caisey_doc::transcript::verify(transcript.as_bytes())?;
+                caisey_doc::transcript::group::Published::verify(transcript.as_bytes())?;
                 let relays = node.relay_contacts().await?;
                 let relay = relays
                     .first()
                     .ok_or_else(|| anyhow!("the org has no relay to publish to; write the page with --out FILE"))?;
-                Reply::Published(caisey_peer::publish::publish(node, relay, &file).await?)
+                Reply::Published(caisey_peer::publish::publish(node, relay, transcript).await?)
+            }
+            Request::GroupTranscript { key, share } => {
+                let file = tech::build_group_transcript(node, &key, share).await?;
+                Reply::Transcript(String::from_utf8(file.to_json()).context("transcript is not UTF-8")?)
             }
             Request::Unpublish { link } => {
                 let relays = node.relay_contacts().await?;

@@ -771,6 +771,24 @@ pub async fn add_note(node: &Node, session: DocId, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// A group run's transcript: the transcript of each machine's session (redacted and reviewed
+/// alike), gathered under the run's name and the summary, and signed as one.
+pub async fn build_group_transcript(
+    node: &Node,
+    key: &str,
+    share: ShareRequest,
+) -> Result<caisey_doc::transcript::group::GroupFile> {
+    let run = group_run(node, key).await?;
+    let summary = share.summary.clone();
+    let mut parts = Vec::new();
+    for m in &run.machines {
+        let each = ShareRequest { summary: None, omit: vec![], ..share.clone() };
+        parts.push(build_transcript(node, m.session, each).await?);
+    }
+    let signer = node.signer().clone();
+    Ok(caisey_doc::transcript::group::GroupFile::sign(run.run, run.name, summary, parts, &signer, now_ms()))
+}
+
 /// One run of a command, for history across weeks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PastRun {

@@ -133,67 +133,178 @@ fn machines(c: &Checked) -> String {
     if names.is_empty() { "no machine".into() } else { names.join(", ") }
 }
 
-/// Renders the page. A pure function of the verified transcript.
-pub fn render(file: &TranscriptFile, c: &Checked) -> String {
-    let data = String::from_utf8_lossy(&file.to_json()).into_owned();
-    let page = html! {
+/// The page around `body`: head, style, and the signed data it was rendered from.
+fn page(title: &str, data: &str, body: Markup) -> String {
+    html! {
         (MAUD_DOCTYPE)
         html lang="en" {
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 meta name="referrer" content="no-referrer";
-                title { "Caisey transcript: " (visible(&c.name)) }
+                title { "Caisey transcript: " (visible(title)) }
                 style { (PreEscaped(STYLE)) }
             }
             body {
-                h1 { (visible(&c.name)) }
-                p.meta {
-                    "What " (visible(&c.org_name)) " ran on " (visible(&machines(c))) ", as " (visible(&c.publisher))
-                    " published it on " (utc(c.published_at)) "."
-                    @if !c.labels.is_empty() { " Labels: " (visible(&c.labels.join(", "))) "." }
-                }
-                @if let Some(summary) = &c.summary {
-                    section.summary {
-                        h2 { "Summary" }
-                        p.meta { "In " (visible(&c.publisher)) "'s words, as they published this page:" }
-                        pre { (visible(summary)) }
-                    }
-                }
-                p {
-                    "Every step below was signed by whoever took it: the technician who asked, the person who "
-                    "approved, the machine that ran the command and printed its output. Where the publisher hid a "
-                    "secret (a password, a key, a token), that step says so, and only the publisher vouches for it: "
-                    "a signature over the secret would let anyone test guesses of it."
-                }
-                @if !c.omitted.is_empty() { p.note { (c.omitted.len()) " command(s) of this session were left out by the publisher." } }
-                @for cmd in &c.commands { (command_ui(cmd)) }
-                @if !c.notes.is_empty() {
-                    section.notes {
-                        h2 { "Notes" }
-                        @for n in &c.notes {
-                            p.meta { (utc(n.at)) " · " (visible(&n.author)) " · " (genuine(n.signed)) }
-                            pre { (visible(&n.text)) }
-                        }
-                    }
-                }
-                section.verify {
-                    h2 { "How to check this page" }
-                    p {
-                        "Run " code { "caisey verify" } " on this page or its address: it checks every signature and "
-                        "that the page says nothing the signed records do not. A saved copy is checked without a network."
-                    }
-                    table {
-                        tr { td { "Org" } td { (visible(&c.org_name)) ", key " (c.org_key.short()) } }
-                        tr { td { "Publisher" } td { (visible(&c.publisher)) ", key " (c.publisher_key.short()) } }
-                        tr { td { "Session" } td { (c.session.short()) ", as of " (c.heads.iter().map(|h| &h[..h.len().min(12)]).collect::<Vec<_>>().join(", ")) } }
-                    }
-                }
+                (body)
                 pre id=(DATA_ID) hidden { (data) }
             }
         }
+    }
+    .into_string()
+}
+
+fn summary_ui(publisher: &str, summary: Option<&String>) -> Markup {
+    html! {
+        @if let Some(summary) = summary {
+            section.summary {
+                h2 { "Summary" }
+                p.meta { "In " (visible(publisher)) "'s words, as they published this page:" }
+                pre { (visible(summary)) }
+            }
+        }
+    }
+}
+
+fn proof_ui() -> Markup {
+    html! {
+        p {
+            "Every step below was signed by whoever took it: the technician who asked, the person who "
+            "approved, the machine that ran the command and printed its output. Where the publisher hid a "
+            "secret (a password, a key, a token), that step says so, and only the publisher vouches for it: "
+            "a signature over the secret would let anyone test guesses of it."
+        }
+    }
+}
+
+fn notes_ui(notes: &[super::CheckedNote]) -> Markup {
+    html! {
+        @if !notes.is_empty() {
+            section.notes {
+                h2 { "Notes" }
+                @for n in notes {
+                    p.meta { (utc(n.at)) " · " (visible(&n.author)) " · " (genuine(n.signed)) }
+                    pre { (visible(&n.text)) }
+                }
+            }
+        }
+    }
+}
+
+fn heads(c: &Checked) -> String {
+    c.heads.iter().map(|h| &h[..h.len().min(12)]).collect::<Vec<_>>().join(", ")
+}
+
+fn how_to_check(c: &Checked, sessions: &[&Checked]) -> Markup {
+    html! {
+        section.verify {
+            h2 { "How to check this page" }
+            p {
+                "Run " code { "caisey verify" } " on this page or its address: it checks every signature and "
+                "that the page says nothing the signed records do not. A saved copy is checked without a network."
+            }
+            table {
+                tr { td { "Org" } td { (visible(&c.org_name)) ", key " (c.org_key.short()) } }
+                tr { td { "Publisher" } td { (visible(&c.publisher)) ", key " (c.publisher_key.short()) } }
+                @for s in sessions {
+                    tr { td { "Session" } td { (s.session.short()) ", as of " (heads(s)) } }
+                }
+            }
+        }
+    }
+}
+
+/// Renders the page. A pure function of the verified transcript.
+pub fn render(file: &TranscriptFile, c: &Checked) -> String {
+    let data = String::from_utf8_lossy(&file.to_json()).into_owned();
+    let body = html! {
+        h1 { (visible(&c.name)) }
+        p.meta {
+            "What " (visible(&c.org_name)) " ran on " (visible(&machines(c))) ", as " (visible(&c.publisher))
+            " published it on " (utc(c.published_at)) "."
+            @if !c.labels.is_empty() { " Labels: " (visible(&c.labels.join(", "))) "." }
+        }
+        (summary_ui(&c.publisher, c.summary.as_ref()))
+        (proof_ui())
+        @if !c.omitted.is_empty() { p.note { (c.omitted.len()) " command(s) of this session were left out by the publisher." } }
+        @for cmd in &c.commands { (command_ui(cmd)) }
+        (notes_ui(&c.notes))
+        (how_to_check(c, &[c]))
     };
-    page.into_string()
+    page(&c.name, &data, body)
+}
+
+/// Renders a group run's page: every machine side by side, machines whose last output is
+/// identical gathered, then each machine's session in full. A pure function of it, too.
+pub fn render_group(file: &super::group::GroupFile, g: &super::group::CheckedGroup) -> String {
+    let data = String::from_utf8_lossy(&file.to_json()).into_owned();
+    let last = |c: &Checked| c.commands.last().cloned();
+    let mut same: Vec<(String, Vec<String>)> = Vec::new();
+    for part in &g.parts {
+        let Some(cmd) = last(part) else { continue };
+        let output = format!("{}{}", cmd.stdout, cmd.stderr);
+        match same.iter_mut().find(|(o, _)| *o == output) {
+            Some((_, machines)) => machines.push(cmd.machine.clone()),
+            None => same.push((output, vec![cmd.machine.clone()])),
+        }
+    }
+    same.sort_by_key(|(_, machines)| std::cmp::Reverse(machines.len()));
+    let Some(lead) = g.parts.first() else { return page(&g.name, &data, html! {}) };
+    let body = html! {
+        h1 { (visible(&g.name)) }
+        p.meta {
+            "What " (visible(&g.org_name)) " ran on " (g.parts.len()) " machines at once, as " (visible(&g.publisher))
+            " published it on " (utc(g.published_at)) "."
+        }
+        (summary_ui(&g.publisher, g.summary.as_ref()))
+        (proof_ui())
+        section.machines {
+            h2 { "Every machine" }
+            table {
+                @for part in &g.parts {
+                    @if let Some(cmd) = last(part) {
+                        tr {
+                            td { (visible(&cmd.machine)) }
+                            td { (result(&cmd)) }
+                            td { @if let Some(d) = &cmd.decision { "answered by " (visible(&d.decided_by)) } }
+                        }
+                    }
+                }
+            }
+        }
+        section.same {
+            h2 { "What they printed" }
+            @for (output, machines) in &same {
+                p.meta { (machines.len()) " machine" @if machines.len() != 1 { "s" } ": " (visible(&machines.join(", "))) }
+                pre { (visible(output)) }
+            }
+        }
+        @for part in &g.parts {
+            h2 { "On " (visible(&machines(part))) }
+            @for cmd in &part.commands { (command_ui(cmd)) }
+            (notes_ui(&part.notes))
+        }
+        (how_to_check(lead, &g.parts.iter().collect::<Vec<_>>()))
+    };
+    page(&g.name, &data, body)
+}
+
+/// A command's result in a few words.
+fn result(c: &CheckedCommand) -> Markup {
+    html! {
+        @match &c.end {
+            None => span.note { "not finished when published" },
+            Some(e) => @match (e.status, e.exit_code) {
+                (EndStatus::Exited, Some(0)) => span.ok { "exit code 0" },
+                (EndStatus::Exited, Some(code)) => span.bad { "exit code " (code) },
+                (EndStatus::Exited, None) => span.bad { "ended by a signal" },
+                (EndStatus::TimedOut, _) => span.bad { "timed out" },
+                (EndStatus::Interrupted, _) => span.bad { "interrupted" },
+                (EndStatus::FailedToStart, _) => span.bad { "failed to start" },
+                (EndStatus::NotRun, _) => span.bad { "not run" },
+            },
+        }
+    }
 }
 
 /// The transcript JSON carried by a page.
