@@ -257,6 +257,8 @@ impl ViewerApp {
                     self.open_session(session);
                 } else {
                     self.notice(false, format!("asked {} machines; waiting for approval", rows.len()));
+                    let mut rows = rows;
+                    rows.sort_by(|a, b| a.machine.cmp(&b.machine));
                     self.group_run = Some(GroupRun { group, rows });
                     self.tab = Tab::Run;
                 }
