@@ -687,7 +687,20 @@ fn a_request_has_one_code_from_the_technician_to_the_endpoint() {
 #[test]
 fn a_reader_that_goes_away_ends_a_listing_quietly() {
     let org = Org::new(&[("ws-01", "lab")]);
-    for args in [&["machines", "--json"][..], &["sessions"], &["status"]] {
+    let _agent = org.world.start_agent("ws-01");
+    org.world.run_approved("alice", "ws-01", &["--group", "lab", "--session", "listed", "--", "seq 1 5000"]).ok();
+    let listings: [&[&str]; 9] = [
+        &["machines", "--json"],
+        &["machine", "ws-01", "--software"],
+        &["sessions"],
+        &["status"],
+        &["show", "listed (ws-01)"],
+        &["history", "--command", "seq 1 5000"],
+        &["group-runs"],
+        &["group-run", "listed"],
+        &["export", "listed (ws-01)", "--format", "csv"],
+    ];
+    for args in listings {
         let mut child = org.world.command("caisey", "alice", args).spawn().expect("spawn");
         // Like `caisey machines | head -0`: the reader is gone before anything is printed.
         drop(child.stdout.take());

@@ -482,3 +482,30 @@ fn several_machines_picked_in_the_viewer_run_together() {
     step_until(&mut h, Duration::from_secs(30), "both done", |h| shows(h, "2 of 2 machines done"));
     assert_eq!(org.world.agent_cmd("ws-02", &["pending", "--json"]).ok().stdout.trim(), "[]", "ws-02 was asked");
 }
+
+/// A group run started from the command line is in the viewer as one investigation too.
+#[test]
+fn a_group_run_started_from_the_command_line_is_in_the_viewer() {
+    let org = Org::new(&[("ws-01", "lab"), ("ws-02", "lab")]);
+    let _agents: Vec<_> = ["ws-01", "ws-02"].iter().map(|a| org.world.start_agent(a)).collect();
+    let run = org.world.spawn(
+        "caisey",
+        "alice",
+        &["run", "--group", "lab", "--session", "from the cli", "--", "echo cli-run"],
+    );
+    for a in ["ws-01", "ws-02"] {
+        approve_next(&org, a);
+    }
+    run.wait(Duration::from_secs(60)).ok();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut h = viewer(&org, "alice", &rt);
+    step_until(&mut h, Duration::from_secs(20), "the run listed", |h| {
+        h.state().snapshot.group_runs.iter().any(|r| r.name == "from the cli")
+    });
+    h.get_by_label("Group runs").click();
+    h.run_steps(2);
+    h.query_all_by_label_contains("from the cli").next().expect("listed").click();
+    step_until(&mut h, Duration::from_secs(10), "its machines side by side", |h| {
+        shows(h, "2 machines with this output: ws-01, ws-02") && shows(h, "local user on ws-02")
+    });
+}

@@ -173,6 +173,28 @@ pub fn run_main<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(f: F)
     }
 }
 
+/// Standard output for what a command streams (an export, `show --json`): a reader that goes
+/// away (`caisey export … | head`) ends the command quietly with exit 0, as a failed print does
+/// (see [`quiet_on_closed_pipe`]). Other write errors are returned as they are.
+#[derive(Debug, Default)]
+pub struct Stdout;
+
+impl std::io::Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stdout().write(buf).inspect_err(exit_if_reader_gone)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush().inspect_err(exit_if_reader_gone)
+    }
+}
+
+fn exit_if_reader_gone(e: &std::io::Error) {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+}
+
 /// Resolves when the process is asked to stop: Ctrl-C, or SIGTERM from a service manager.
 pub async fn stop_signal() {
     #[cfg(unix)]

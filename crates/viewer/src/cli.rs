@@ -640,7 +640,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
             let id = client.find_session(&session).await?;
             if json {
                 // Streamed a page of output at a time: a session of any size, in flat memory.
-                let mut out = std::io::BufWriter::new(std::io::stdout());
+                let mut out = std::io::BufWriter::new(caisey_peer::cli::Stdout);
                 crate::transcript::export_to(client, id, ExportFormat::Json, &mut out, &mut |_| {}).await?;
                 std::io::Write::write_all(&mut out, b"\n")?;
                 std::io::Write::flush(&mut out)?;
@@ -748,7 +748,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                     pending
                 }
                 None => {
-                    let mut out = std::io::BufWriter::new(std::io::stdout());
+                    let mut out = std::io::BufWriter::new(caisey_peer::cli::Stdout);
                     export_with_progress(client, id, format, &mut out).await?
                 }
             };
