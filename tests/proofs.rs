@@ -1,5 +1,5 @@
-//! Issue 3 end to end: approvals bound to the command, forgeries and replays refused, and
-//! public transcripts served inert, redacted and verifiable.
+//! What must be true, end to end: approvals bound to the command, forgeries and replays refused, and
+//! public transcripts (one session's or a group run's) served inert, redacted and verifiable.
 
 use std::process::Command;
 use std::time::Duration;
