@@ -302,6 +302,20 @@ fn settings_come_from_the_file_then_the_environment_then_flags() {
         assert_eq!(said.trim().lines().count(), 1, "one line: {said}");
         assert!(said.contains(&file.display().to_string()) && said.contains(expect), "{text}: {said}");
     }
+    // A subcommand's settings in its table, one requiring another: both taken from the file.
+    let relay = dir.path().join("relay.toml");
+    std::fs::write(&relay, "[run]\nhttp = \"127.0.0.1:8080\"\npublic_url = \"https://caisey.example\"\n")
+        .expect("write");
+    let out =
+        Command::new(bin("caisey-relay")).arg("--config").arg(&relay).args(["config", "show"]).output().expect("relay");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("run.public_url") && l.contains("https://caisey.example") && l.contains("line 3")),
+        "{shown}"
+    );
     let missing = w.command("caisey", "alice", &["--config", "/nonexistent/caisey.toml", "status"]).output();
     assert!(String::from_utf8_lossy(&missing.expect("caisey").stderr).contains("does not exist"));
 }

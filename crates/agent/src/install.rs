@@ -60,13 +60,26 @@ pub async fn install(req: Install) -> Result<Vec<String>> {
         accounts::add_to_group(&req.root, user, CONSENT_GROUP).with_context(|| format!("letting {user:?} approve"))?;
         done.push(format!("{user} may approve requests (group {CONSENT_GROUP})"));
     }
-    // A running agent holds the store: stop it while its enrollment is checked.
-    service::stop(Scope::System, SERVICE, &req.root);
-    let home = caisey_peer::home::Home::new(Some(req.root.at(HOME)), SERVICE)?;
-    let node = Node::start(NodeOptions { home, listen: req.listen }).await?;
-    let enrolled = enroll_once(&node, &req).await;
-    node.shutdown().await;
-    done.push(enrolled?);
+    // A running agent holds the store: stop it while its enrollment is checked, and bring it
+    // back if the install goes no further (a refused token leaves the machine as it was).
+    let stopped = service::stop(Scope::System, SERVICE, &req.root);
+    let enrolled = async {
+        let home = caisey_peer::home::Home::new(Some(req.root.at(HOME)), SERVICE)?;
+        let node = Node::start(NodeOptions { home, listen: req.listen }).await?;
+        let enrolled = enroll_once(&node, &req).await;
+        node.shutdown().await;
+        enrolled
+    }
+    .await;
+    match enrolled {
+        Ok(line) => done.push(line),
+        Err(e) => {
+            if stopped {
+                service::start(Scope::System, SERVICE, &req.root)?;
+            }
+            return Err(e);
+        }
+    }
     let config = req.root.at(CONFIG);
     service::write_file(&config, &config_text(), 0o644)?;
     done.push(format!("wrote {}", config.display()));

@@ -234,10 +234,13 @@ fn scalar(value: &DeValue<'_>) -> Option<String> {
 /// Parses `values` with the argument's own parser, alone, so its error names only it.
 fn check(command: &Command, arg: &clap::Arg, values: &[String]) -> Result<()> {
     let Some(long) = arg.get_long() else { return Ok(()) };
-    let alone = Command::new(command.get_name().to_string())
-        .no_binary_name(true)
-        .disable_help_flag(true)
-        .arg(arg.clone().required(false).global(false));
+    // Just the flag and its parser: what it requires or conflicts with is not here to see.
+    let flag = clap::Arg::new(arg.get_id().clone())
+        .long(long.to_string())
+        .value_parser(arg.get_value_parser().clone())
+        .action(arg.get_action().clone())
+        .value_names(arg.get_value_names().unwrap_or_default().to_vec());
+    let alone = Command::new(command.get_name().to_string()).no_binary_name(true).disable_help_flag(true).arg(flag);
     let args = values.iter().flat_map(|v| [format!("--{long}"), v.clone()]);
     match alone.try_get_matches_from(args) {
         Ok(_) => Ok(()),

@@ -103,14 +103,14 @@ pub fn install(unit: &Unit, root: &Root) -> Result<Vec<String>> {
     write_file(&path, &unit.text, 0o644)?;
     let mut done = vec![format!("wrote {}", path.display())];
     let file = format!("{}.service", unit.name);
-    let live = manager_running(unit.scope, root);
-    if live {
-        systemctl(unit.scope, root, &["daemon-reload"])?;
+    let manager = Manager::new(unit.scope, root);
+    if manager.live {
+        manager.run(&["daemon-reload"])?;
     }
-    systemctl(unit.scope, root, &["enable", &file])?;
+    manager.run(&["enable", &file])?;
     done.push(format!("enabled {file}"));
-    if live {
-        systemctl(unit.scope, root, &["restart", &file])?;
+    if manager.live {
+        manager.run(&["restart", &file])?;
         done.push(format!("started {file}"));
     } else if root.is_live() {
         let when = match unit.scope {
@@ -130,12 +130,13 @@ pub fn uninstall(scope: Scope, name: &str, root: &Root) -> Result<Vec<String>> {
     if !path.exists() {
         return Ok(done);
     }
-    if manager_running(scope, root) {
+    let manager = Manager::new(scope, root);
+    if manager.live {
         // Stopping a unit that is not running is not an error worth stopping for.
-        let _ = systemctl(scope, root, &["stop", &file]);
+        let _ = manager.run(&["stop", &file]);
         done.push(format!("stopped {file}"));
     }
-    systemctl(scope, root, &["disable", &file])?;
+    manager.run(&["disable", &file])?;
     // Directories made for the unit go with it, up to the manager's own.
     let stop = match scope {
         Scope::System => root.at("/etc"),
@@ -143,48 +144,63 @@ pub fn uninstall(scope: Scope, name: &str, root: &Root) -> Result<Vec<String>> {
     };
     remove_file(&path, &stop)?;
     done.push(format!("removed {}", path.display()));
-    if manager_running(scope, root) {
-        systemctl(scope, root, &["daemon-reload"])?;
+    if manager.live {
+        manager.run(&["daemon-reload"])?;
     }
     Ok(done)
 }
 
-/// Stops the unit if its manager runs it (before its store is opened by another process).
-pub fn stop(scope: Scope, name: &str, root: &Root) {
-    if manager_running(scope, root) && root.at(unit_path(scope, name).unwrap_or_default()).exists() {
-        let _ = systemctl(scope, root, &["stop", &format!("{name}.service")]);
-    }
+/// Stops the unit if its manager runs it (before its store is opened by another process);
+/// whether it did, so that [`start`] can bring it back if what follows fails.
+pub fn stop(scope: Scope, name: &str, root: &Root) -> bool {
+    let manager = Manager::new(scope, root);
+    let installed = unit_path(scope, name).is_ok_and(|p| root.at(p).exists());
+    manager.live && installed && manager.run(&["stop", &format!("{name}.service")]).is_ok()
 }
 
-/// Whether systemd manages this root now: the live root, booted with systemd (and for a user
-/// unit, with the user's manager reachable).
-fn manager_running(scope: Scope, root: &Root) -> bool {
-    if !root.is_live() || !Path::new("/run/systemd/system").exists() {
-        return false;
+/// Starts the unit again after [`stop`].
+pub fn start(scope: Scope, name: &str, root: &Root) -> Result<()> {
+    Manager::new(scope, root).run(&["start", &format!("{name}.service")])
+}
+
+/// systemd for one scope of one root, and whether it is running there: the live root, booted
+/// with systemd (and for a user unit, with the user's manager reachable). Asked once.
+struct Manager<'a> {
+    scope: Scope,
+    root: &'a Root,
+    live: bool,
+}
+
+impl<'a> Manager<'a> {
+    fn new(scope: Scope, root: &'a Root) -> Self {
+        let booted = root.is_live() && Path::new("/run/systemd/system").exists();
+        let live = booted
+            && match scope {
+                Scope::System => true,
+                Scope::User => Command::new("systemctl")
+                    .args(["--user", "is-system-running"])
+                    .output()
+                    .is_ok_and(|o| !o.stdout.is_empty()),
+            };
+        Self { scope, root, live }
     }
-    match scope {
-        Scope::System => true,
-        Scope::User => {
-            Command::new("systemctl").args(["--user", "is-system-running"]).output().is_ok_and(|o| !o.stdout.is_empty())
+
+    fn run(&self, args: &[&str]) -> Result<()> {
+        let mut cmd = Command::new("systemctl");
+        if self.scope == Scope::User {
+            cmd.arg("--user");
         }
+        if !self.live {
+            // Offline: edits the files only, as for an image.
+            cmd.arg(format!("--root={}", self.root.0.display()));
+        }
+        let out = cmd.args(args).output().context("running systemctl (is systemd installed?)")?;
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr);
+            bail!("systemctl {} failed: {}", args.join(" "), why.trim());
+        }
+        Ok(())
     }
-}
-
-fn systemctl(scope: Scope, root: &Root, args: &[&str]) -> Result<()> {
-    let mut cmd = Command::new("systemctl");
-    if scope == Scope::User {
-        cmd.arg("--user");
-    }
-    if !root.is_live() || !manager_running(scope, root) {
-        // Offline: edits the files only, as for an image.
-        cmd.arg(format!("--root={}", root.0.display()));
-    }
-    let out = cmd.args(args).output().context("running systemctl (is systemd installed?)")?;
-    if !out.status.success() {
-        let why = String::from_utf8_lossy(&out.stderr);
-        bail!("systemctl {} failed: {}", args.join(" "), why.trim());
-    }
-    Ok(())
 }
 
 /// Writes `text` to `path` with `mode`, creating its directory; atomic (a temporary file moved

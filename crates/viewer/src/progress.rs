@@ -86,9 +86,6 @@ impl Progress {
         }
         self.last = message.to_string();
     }
-
-    /// Takes the live line off the screen.
-    pub fn finish(self) {}
 }
 
 impl Drop for Progress {

@@ -1058,9 +1058,9 @@ pub async fn group_run(node: &Node, key: &str) -> Result<GroupRunView> {
         n => bail!("{key:?} names {n} group runs; give its id"),
     };
     let mut same: BTreeMap<(Vec<u8>, bool), Vec<String>> = BTreeMap::new();
+    let fleet = node.fleet().await?;
     for m in run.machines.iter().filter(|m| !matches!(m.status.as_str(), "waiting for approval" | "running")) {
-        let (session, request) = (m.session, m.request);
-        let fleet = node.fleet().await?;
+        let (session, request, fleet) = (m.session, m.request, fleet.clone());
         let head = node
             .read_with_output(session, move |d, stored| -> Option<(Vec<u8>, bool)> {
                 let view = SessionView::read_without_output(d, &fleet).ok()?;
