@@ -101,7 +101,7 @@ impl Org {
         let fleet_bytes = tech.read(fleet_doc, Automerge::save).await?.ok_or_else(|| anyhow!("no fleet"))?;
         let relays = serde_json::to_vec(&vec![ticket.0.clone()])?;
         for a in &agents {
-            let store = Store::open(&a.home.join("store.redb"))?;
+            let mut store = Store::open(&a.home.join("store.redb"))?;
             store.apply(&[
                 Write::Doc { doc: fleet_doc, kind: DocKind::Fleet, bytes: fleet_bytes.clone(), compact: true },
                 Write::Setting { key: SETTING_RELAYS.into(), value: relays.clone() },

@@ -124,6 +124,10 @@ pub struct Presence {
     /// newest record replaces the last) rather than in a document, so it keeps no history.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vitals: Option<Vitals>,
+    /// Why the node cannot write its store right now (a full disk), as it says itself: nothing
+    /// new from it is saved or sent until it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unwritable: Option<String>,
 }
 
 /// What changes on a machine from minute to minute.
@@ -285,7 +289,7 @@ impl Fleet {
         relay_server: Option<RelayServer>,
         now: u64,
     ) -> Result<(), FleetError> {
-        let p = Presence { node: signer.node_id(), addrs, at: now, relay_server, vitals: None };
+        let p = Presence { node: signer.node_id(), addrs, at: now, relay_server, vitals: None, unwritable: None };
         put_in(doc, "presence", &p.node.to_hex(), &signer.sign(RecordKind::Presence, &p))
     }
 

@@ -54,7 +54,7 @@ impl MachineDoc {
     ) -> Result<(), automerge::AutomergeError> {
         let presence = signer.sign(
             RecordKind::Presence,
-            &Presence { node: signer.node_id(), addrs, at: now, relay_server: None, vitals: None },
+            &Presence { node: signer.node_id(), addrs, at: now, relay_server: None, vitals: None, unwritable: None },
         );
         let card = signer.sign(RecordKind::MachineCard, card);
         doc.transact::<_, _, automerge::AutomergeError>(|tx| {

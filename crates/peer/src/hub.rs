@@ -4,8 +4,8 @@
 //! It holds the documents and one `automerge::sync::State` per (peer, document), takes events
 //! (`Input`) with the current time, and returns `Output`s for a driver to carry out in order:
 //! persist before send, so nothing is acknowledged that a crash could lose. It owns no socket,
-//! clock or file, which is what lets `tests` below run many peers, partitions and reconnects
-//! deterministically in one thread.
+//! clock or file, which is what lets the `caisey-sim` crate run many peers, partitions, crashes
+//! and full disks deterministically in one thread.
 //!
 //! Decisions it makes:
 //! - On connect: offer every document the peer may hold (see [`crate::access`]).
@@ -22,6 +22,12 @@
 //!   (a change every few seconds would grow every machine document's history without end). The
 //!   newest per agent is kept, persisted, and passed on to whoever may see that machine.
 //! - A hostile peer (non-member, malformed message, foreign org) is disconnected with a reason.
+//! - Durability is acknowledged: the driver reports what became of every persist
+//!   (`Input::Persisted` / `Input::PersistFailed`), and only then do a document's durable heads
+//!   advance. While this node cannot write (a full disk), every peer's sync state is read-only:
+//!   nothing new is taken in or acknowledged, nothing not yet durable is offered, and what failed
+//!   is kept in memory and written again on a timer ([`Hub::poll_timeout`]). The first write
+//!   that succeeds ends it: the sync states are reset, so peers send again what was ignored.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -59,6 +65,28 @@ pub enum Input {
         conn: ConnId,
         frame: Frame,
     },
+    /// The persists the driver carried out (one transaction) are durable.
+    Persisted(Persists),
+    /// The persists the driver carried out could not be written: none of them is durable.
+    PersistFailed {
+        error: String,
+        persists: Persists,
+    },
+}
+
+/// What one transaction of the driver held, reported back to the hub: each document with the
+/// heads its `PersistDoc` named, and each output chunk with its bytes (moved back, not copied:
+/// they are passed on once durable, or kept to write again).
+#[derive(Debug, Default)]
+pub struct Persists {
+    pub docs: Vec<(DocId, Vec<ChangeHash>)>,
+    pub chunks: Vec<(DocId, ChunkHash, Vec<u8>)>,
+}
+
+impl Persists {
+    pub fn is_empty(&self) -> bool {
+        self.docs.is_empty() && self.chunks.is_empty()
+    }
 }
 
 /// Why an older connection of a peer is dropped when a newer one arrives: routine (a peer
@@ -67,12 +95,14 @@ pub const REPLACED: &str = "replaced by a newer connection";
 
 #[derive(Debug, PartialEq)]
 pub enum Output {
-    /// Make these bytes durable for `doc`. `compact`: they replace everything stored before.
+    /// Make these bytes durable for `doc`, which then holds everything up to `heads`.
+    /// `compact`: they replace everything stored before.
     PersistDoc {
         doc: DocId,
         kind: DocKind,
         bytes: Vec<u8>,
         compact: bool,
+        heads: Vec<ChangeHash>,
     },
     PersistSyncState {
         doc: DocId,
@@ -84,11 +114,15 @@ pub enum Output {
         node: NodeId,
         record: Vec<u8>,
     },
-    /// Make an output chunk durable, under its hash.
+    /// Make an output chunk of `doc` durable, under its hash.
     PersistChunk {
+        doc: DocId,
         hash: ChunkHash,
         data: Vec<u8>,
     },
+    /// Write something small, to learn whether the store can be written again (sent with the
+    /// retried writes while it could not).
+    CheckWritable,
     /// Send `peer` these chunks of `doc` from the store (each as a `Frame::Chunk`).
     SendChunks {
         peer: NodeId,
@@ -125,7 +159,10 @@ pub enum Output {
 struct Entry {
     kind: DocKind,
     doc: Automerge,
+    /// The heads the last persist asked for covers.
     saved_heads: Vec<ChangeHash>,
+    /// The heads the store is known to hold: what may be offered while writes fail.
+    durable_heads: Vec<ChangeHash>,
     compacted_len: usize,
     incremental_len: usize,
     /// For sessions: the agents it is shared with, re-derived on every change.
@@ -142,6 +179,7 @@ impl Entry {
         Entry {
             kind,
             saved_heads: doc.get_heads(),
+            durable_heads: doc.get_heads(),
             doc,
             compacted_len: 0,
             incremental_len: 0,
@@ -162,6 +200,8 @@ struct OutputIndex {
     held: HashMap<ChunkHash, bool>,
     /// Peers that asked for chunks we do not hold yet; they get them when they arrive.
     wanted_by: HashMap<ChunkHash, BTreeSet<NodeId>>,
+    /// Bytes made here whose write failed: kept until they are durable, and not sent before.
+    unwritten: BTreeMap<ChunkHash, Vec<u8>>,
 }
 
 impl OutputIndex {
@@ -218,7 +258,21 @@ pub struct Hub {
     peers: BTreeMap<NodeId, Peer>,
     /// Each agent's newest heartbeat, as signed (to pass on) and as read.
     heartbeats: BTreeMap<NodeId, (Presence, Vec<u8>)>,
+    /// Set while the store cannot be written.
+    unwritable: Option<Unwritable>,
 }
+
+/// Why and since when this node cannot make changes durable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unwritable {
+    pub error: String,
+    pub since: u64,
+    /// When the writes are tried again.
+    retry_at: u64,
+}
+
+/// How long after a failed write it is tried again.
+pub const RETRY_WRITES_MS: u64 = 1000;
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -240,7 +294,37 @@ impl Hub {
             docs: BTreeMap::new(),
             peers: BTreeMap::new(),
             heartbeats: BTreeMap::new(),
+            unwritable: None,
         }
+    }
+
+    /// Why this node cannot make changes durable, if it cannot right now.
+    pub fn unwritable(&self) -> Option<&Unwritable> {
+        self.unwritable.as_ref()
+    }
+
+    /// When [`Hub::handle_timeout`] is next due, if anything waits for a time.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.unwritable.as_ref().map(|u| u.retry_at)
+    }
+
+    /// Does what was due by `now`: while the store cannot be written, asks again for every write
+    /// that failed (with a check, so that recovery is noticed even when nothing waits).
+    pub fn handle_timeout(&mut self, now: u64) -> Vec<Output> {
+        let mut out = Vec::new();
+        let Some(u) = self.unwritable.as_mut().filter(|u| u.retry_at <= now) else { return out };
+        u.retry_at = now + RETRY_WRITES_MS;
+        let ids: Vec<DocId> = self.docs.keys().copied().collect();
+        for id in ids {
+            let Some(e) = self.docs.get_mut(&id) else { continue };
+            // Kept until acknowledged: whoever asked for them meanwhile gets them then.
+            for (hash, data) in &e.output.unwritten {
+                out.push(Output::PersistChunk { doc: id, hash: *hash, data: data.clone() });
+            }
+            self.persist(id, &mut out);
+        }
+        out.push(Output::CheckWritable);
+        out
     }
 
     /// Takes a heartbeat read from the store at startup (after the fleet is loaded).
@@ -448,8 +532,87 @@ impl Hub {
                     self.on_frame(peer, conn, frame, now, &mut out);
                 }
             }
+            Input::Persisted(persists) => self.on_persisted(persists, &mut out),
+            Input::PersistFailed { error, persists } => self.on_persist_failed(now, error, persists, &mut out),
         }
         out
+    }
+
+    /// Writes are durable: documents advance their durable heads, and output bytes go to
+    /// whoever asked for them while we lacked them (bytes are passed on once durable).
+    fn on_persisted(&mut self, persists: Persists, out: &mut Vec<Output>) {
+        for (id, heads) in persists.docs {
+            if let Some(e) = self.docs.get_mut(&id) {
+                e.durable_heads = heads;
+            }
+        }
+        for (id, hash, data) in persists.chunks {
+            let Some(e) = self.docs.get_mut(&id) else { continue };
+            e.output.unwritten.remove(&hash);
+            self.pass_on(id, hash, data, out);
+        }
+        if self.unwritable.take().is_none() {
+            return;
+        }
+        // Writable again: what still waits is written first (the driver persists before it
+        // sends), then everything is offered afresh.
+        let ids: Vec<DocId> = self.docs.keys().copied().collect();
+        for id in &ids {
+            if let Some(e) = self.docs.get(id) {
+                for (hash, data) in &e.output.unwritten {
+                    out.push(Output::PersistChunk { doc: *id, hash: *hash, data: data.clone() });
+                }
+            }
+            self.persist(*id, out);
+        }
+        // Leaving read-only resets each sync state and tells the peer to send again what was
+        // ignored; a fresh exchange of every document follows.
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        for peer in &peers {
+            if let Some(p) = self.peers.get_mut(peer) {
+                p.states.values_mut().for_each(|s| s.set_read_only(false));
+            }
+        }
+        for peer in peers {
+            for id in &ids {
+                self.offer(peer, *id, out);
+                let missing = self.docs.get(id).map(|e| e.output.missing()).unwrap_or_default();
+                self.ask(peer, *id, missing, out);
+            }
+        }
+    }
+
+    /// Nothing the driver was asked to write is durable: the documents fall back to their
+    /// durable heads (the next write covers the rest), locally made bytes are kept to write
+    /// again, and every peer is told this node takes nothing in for now.
+    fn on_persist_failed(&mut self, now: u64, error: String, persists: Persists, out: &mut Vec<Output>) {
+        for (id, _) in persists.docs {
+            if let Some(e) = self.docs.get_mut(&id) {
+                e.saved_heads.clone_from(&e.durable_heads);
+            }
+        }
+        for (id, hash, data) in persists.chunks {
+            let Some(e) = self.docs.get_mut(&id) else { continue };
+            // Kept in memory to write again; all of it was made here or taken in before the
+            // failure (nothing is taken in while it lasts), so this is bounded.
+            e.output.unwritten.insert(hash, data);
+        }
+        let since = self.unwritable.as_ref().map_or(now, |u| u.since);
+        self.unwritable = Some(Unwritable { error, since, retry_at: now + RETRY_WRITES_MS });
+        // Messages made with the failed writes were never sent: read-only also forgets what
+        // they claimed was sent, and the next message carries the read-only flag.
+        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        for peer in &peers {
+            if let Some(p) = self.peers.get_mut(peer) {
+                p.states.values_mut().for_each(|s| s.set_read_only(true));
+            }
+        }
+        let ids: Vec<DocId> = self.docs.keys().copied().collect();
+        for peer in peers {
+            for id in &ids {
+                self.offer(peer, *id, out);
+            }
+        }
     }
 
     fn on_connected(
@@ -470,6 +633,10 @@ impl Hub {
         }
         let states =
             stored.into_iter().filter_map(|(doc, bytes)| Some((doc, SyncState::decode(&bytes).ok()?))).collect();
+        let mut states: BTreeMap<DocId, SyncState> = states;
+        if self.unwritable.is_some() {
+            states.values_mut().for_each(|s| s.set_read_only(true));
+        }
         self.peers.insert(
             peer,
             Peer {
@@ -540,6 +707,10 @@ impl Hub {
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.asked.remove(&(doc, hash));
                 }
+                // Nothing is taken in that could not be written; asked again once it can.
+                if self.unwritable.is_some() {
+                    return;
+                }
                 return self.take_chunk(doc, Some(peer), hash, data, out);
             }
             Frame::Lacking { doc, hashes } => {
@@ -604,7 +775,8 @@ impl Hub {
             Err(e) => return out.push(drop(&format!("malformed sync message: {e}"))),
         };
         let Some(entry) = self.docs.get_mut(&id) else { return };
-        let state = self.peers.get_mut(&peer).map(|p| p.states.entry(id).or_default());
+        let read_only = self.unwritable.is_some();
+        let state = self.peers.get_mut(&peer).map(|p| p.states.entry(id).or_insert_with(|| new_state(read_only)));
         let Some(state) = state else { return };
         let before = entry.doc.get_heads();
         if let Err(e) = entry.doc.receive_sync_message(state, message) {
@@ -641,6 +813,10 @@ impl Hub {
             Some(e) if e.kind == DocKind::Session && may_share(&self.fleet, &peer, e.kind, &e.targets) => {
                 for h in hashes {
                     match e.output.held.get(&h) {
+                        Some(true) if e.output.unwritten.contains_key(&h) => {
+                            e.output.wanted_by.entry(h).or_default().insert(peer);
+                            lacking.push(h);
+                        }
                         Some(true) => have.push(h),
                         Some(false) => {
                             e.output.wanted_by.entry(h).or_default().insert(peer);
@@ -671,20 +847,30 @@ impl Hub {
             _ => return,
         }
         e.output.held.insert(hash, true);
-        let waiting = e.output.wanted_by.remove(&hash).unwrap_or_default();
-        let targets = e.targets.clone();
-        for peer in waiting.into_iter().filter(|p| Some(*p) != from) {
-            if let Some(p) = self.peers.get(&peer)
-                && may_share(&self.fleet, &peer, DocKind::Session, &targets)
-            {
-                out.push(Output::Send { peer, conn: p.conn, frame: Frame::Chunk { doc, data: data.clone() } });
-            }
-        }
-        // Persisting comes first when carried out (the driver persists before it sends).
-        out.push(Output::PersistChunk { hash, data });
+        // Passed on to whoever asked once it is durable (`Input::Persisted`).
+        out.push(Output::PersistChunk { doc, hash, data });
         if from.is_some() {
             out.push(Output::DocChanged { doc });
         }
+    }
+
+    /// Sends durable output bytes of `doc` to the peers that asked for them while we lacked them.
+    fn pass_on(&mut self, doc: DocId, hash: ChunkHash, data: Vec<u8>, out: &mut Vec<Output>) {
+        let Some(e) = self.docs.get_mut(&doc) else { return };
+        let waiting: Vec<(NodeId, ConnId)> = e
+            .output
+            .wanted_by
+            .remove(&hash)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|peer| Some((peer, self.peers.get(&peer)?.conn)))
+            .filter(|(peer, _)| may_share(&self.fleet, peer, DocKind::Session, &e.targets))
+            .collect();
+        let Some((last, rest)) = waiting.split_last() else { return };
+        for (peer, conn) in rest {
+            out.push(Output::Send { peer: *peer, conn: *conn, frame: Frame::Chunk { doc, data: data.clone() } });
+        }
+        out.push(Output::Send { peer: last.0, conn: last.1, frame: Frame::Chunk { doc, data } });
     }
 
     /// A heartbeat arrived (from `from`, or made here): if it is an agent's own, signed and newer
@@ -742,20 +928,16 @@ impl Hub {
         }
     }
 
-    /// Persists and announces whatever changed in `id` since it was last saved; returns the
-    /// output chunks it newly references that we lack.
-    fn after_change(&mut self, id: DocId, _now: u64, out: &mut Vec<Output>) -> Vec<ChunkHash> {
-        let Some(entry) = self.docs.get_mut(&id) else { return vec![] };
+    /// Asks for whatever changed in `id` since the last persist to be made durable; false if
+    /// nothing had.
+    fn persist(&mut self, id: DocId, out: &mut Vec<Output>) -> bool {
+        let Some(entry) = self.docs.get_mut(&id) else { return false };
         let heads = entry.doc.get_heads();
         if heads == entry.saved_heads {
-            return vec![];
+            return false;
         }
-        let missing = match entry.kind {
-            DocKind::Session => entry.output.scan(&entry.doc, &|_| false),
-            _ => vec![],
-        };
         let incremental = entry.doc.save_after(&entry.saved_heads);
-        entry.saved_heads = heads;
+        entry.saved_heads.clone_from(&heads);
         let (bytes, compact) = if entry.incremental_len + incremental.len() > entry.compacted_len.max(COMPACT_FLOOR) {
             // Uncompressed: command output is mostly incompressible or already written once, and
             // deflating the whole document on every compaction dominated streaming CPU (measured
@@ -768,8 +950,24 @@ impl Hub {
             entry.incremental_len += incremental.len();
             (incremental, false)
         };
-        out.push(Output::PersistDoc { doc: id, kind: entry.kind, bytes, compact });
+        out.push(Output::PersistDoc { doc: id, kind: entry.kind, bytes, compact, heads });
+        true
+    }
+
+    /// Persists and announces whatever changed in `id` since it was last saved; returns the
+    /// output chunks it newly references that we lack.
+    fn after_change(&mut self, id: DocId, _now: u64, out: &mut Vec<Output>) -> Vec<ChunkHash> {
+        let Some(entry) = self.docs.get_mut(&id) else { return vec![] };
+        if entry.doc.get_heads() == entry.saved_heads {
+            return vec![];
+        }
+        let missing = match entry.kind {
+            DocKind::Session => entry.output.scan(&entry.doc, &|_| false),
+            _ => vec![],
+        };
+        self.persist(id, out);
         out.push(Output::DocChanged { doc: id });
+        let Some(entry) = self.docs.get(&id) else { return missing };
         let kind = entry.kind;
         let fleet_changed = kind == DocKind::Fleet;
         if kind == DocKind::Machine {
@@ -864,7 +1062,11 @@ impl Hub {
         if !may_share(&self.fleet, &peer, entry.kind, &entry.targets) {
             return;
         }
-        let state = p.states.entry(id).or_default();
+        // Nothing is offered that is not durable yet: a peer could take it as safe here.
+        if self.unwritable.is_some() && entry.doc.get_heads() != entry.durable_heads {
+            return;
+        }
+        let state = p.states.entry(id).or_insert_with(|| new_state(self.unwritable.is_some()));
         if let Some(msg) = entry.doc.generate_sync_message(state) {
             out.push(Output::Send {
                 peer,
@@ -873,6 +1075,12 @@ impl Hub {
             });
         }
     }
+}
+
+/// A sync state for a document not exchanged yet with a peer; read-only while nothing can be
+/// written.
+fn new_state(read_only: bool) -> SyncState {
+    if read_only { SyncState::new_read_only() } else { SyncState::new() }
 }
 
 fn targets_of(id: &DocId, entry: &Entry, fleet: &Fleet, machine_owner: Option<&NodeId>) -> Vec<NodeId> {
@@ -884,511 +1092,5 @@ fn targets_of(id: &DocId, entry: &Entry, fleet: &Fleet, machine_owner: Option<&N
             _ => vec![],
         },
         DocKind::Machine => machine_owner.into_iter().copied().collect(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    //! A deterministic network of hubs: messages are queued and delivered in one thread, so
-    //! partitions and reconnects are exact and repeatable.
-    use super::*;
-    use caisey_doc::fleet::Membership;
-    use caisey_doc::id::Id128;
-    use caisey_doc::record::{RecordKind, Signer};
-    use caisey_doc::session::*;
-    use std::collections::VecDeque;
-
-    struct Net {
-        hubs: BTreeMap<NodeId, Hub>,
-        queue: VecDeque<(NodeId, Input)>,
-        links: BTreeSet<(NodeId, NodeId)>,
-        next_conn: ConnId,
-        conns: BTreeMap<(NodeId, NodeId), ConnId>,
-        persisted: BTreeMap<NodeId, usize>,
-        /// Each hub's chunk store.
-        chunks: BTreeMap<NodeId, BTreeMap<ChunkHash, Vec<u8>>>,
-    }
-
-    impl Net {
-        fn new(hubs: Vec<Hub>) -> Self {
-            Net {
-                hubs: hubs.into_iter().map(|h| (h.me(), h)).collect(),
-                queue: VecDeque::new(),
-                links: BTreeSet::new(),
-                next_conn: 1,
-                conns: BTreeMap::new(),
-                persisted: BTreeMap::new(),
-                chunks: BTreeMap::new(),
-            }
-        }
-        fn connect(&mut self, a: NodeId, b: NodeId) {
-            let conn = self.next_conn;
-            self.next_conn += 1;
-            self.links.insert((a, b));
-            self.links.insert((b, a));
-            self.conns.insert((a, b), conn);
-            self.conns.insert((b, a), conn);
-            self.queue.push_back((a, Input::Connected { peer: b, conn, stored: vec![] }));
-            self.queue.push_back((b, Input::Connected { peer: a, conn, stored: vec![] }));
-        }
-        fn disconnect(&mut self, a: NodeId, b: NodeId) {
-            self.links.remove(&(a, b));
-            self.links.remove(&(b, a));
-            let conn = self.conns[&(a, b)];
-            self.queue.push_back((a, Input::Disconnected { peer: b, conn }));
-            self.queue.push_back((b, Input::Disconnected { peer: a, conn }));
-        }
-        fn apply(&mut self, at: NodeId, outputs: Vec<Output>) {
-            for o in outputs {
-                match o {
-                    Output::Send { peer, conn, frame } if self.links.contains(&(at, peer)) => {
-                        self.queue.push_back((peer, Input::Frame { peer: at, conn, frame }));
-                    }
-                    Output::PersistDoc { .. } => *self.persisted.entry(at).or_default() += 1,
-                    Output::PersistChunk { hash, data } => {
-                        self.chunks.entry(at).or_default().insert(hash, data);
-                    }
-                    Output::SendChunks { peer, conn, doc, hashes } if self.links.contains(&(at, peer)) => {
-                        for h in hashes {
-                            let data = self.chunks[&at][&h].clone();
-                            self.queue
-                                .push_back((peer, Input::Frame { peer: at, conn, frame: Frame::Chunk { doc, data } }));
-                        }
-                    }
-                    Output::Disconnect { peer, .. } => {
-                        self.links.remove(&(at, peer));
-                        self.links.remove(&(peer, at));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        fn run_until_quiescent(&mut self) {
-            let mut steps = 0;
-            while let Some((at, input)) = self.queue.pop_front() {
-                steps += 1;
-                assert!(steps < 100_000, "sync did not converge");
-                let out = self.hubs.get_mut(&at).unwrap().handle(steps, input);
-                self.apply(at, out);
-            }
-        }
-        fn change(&mut self, at: NodeId, doc: DocId, f: impl FnOnce(&mut Automerge)) {
-            let (_, out) = self.hubs.get_mut(&at).unwrap().change(doc, 0, f).unwrap();
-            self.apply(at, out);
-        }
-        /// An agent's runner: stores the bytes, then appends their references.
-        fn output(&mut self, at: NodeId, doc: DocId, agent: &Signer, chunks: Vec<OutputChunk>) {
-            let held = chunks.iter().map(|c| (chunk_hash(&c.data), c.data.clone())).collect();
-            let out = self.hubs.get_mut(&at).unwrap().hold_chunks(doc, held);
-            self.apply(at, out);
-            let refs: Vec<OutputRef> = chunks.iter().map(OutputChunk::reference).collect();
-            self.change(at, doc, |d| SessionWriter::append_output(d, agent, &refs).unwrap());
-        }
-        fn view(&self, at: NodeId, doc: DocId, fleet: &Fleet) -> SessionView {
-            let none = BTreeMap::new();
-            SessionView::read(self.hubs[&at].doc(&doc).unwrap(), fleet, self.chunks.get(&at).unwrap_or(&none)).unwrap()
-        }
-        fn create(&mut self, at: NodeId, id: DocId, kind: DocKind, doc: Automerge) {
-            let out = self.hubs.get_mut(&at).unwrap().create(id, kind, doc, 0);
-            self.apply(at, out);
-        }
-        fn heads(&self, at: NodeId, doc: DocId) -> Option<Vec<ChangeHash>> {
-            self.hubs[&at].doc(&doc).map(|d| d.get_heads())
-        }
-    }
-
-    struct Org {
-        org: Signer,
-        tech: Signer,
-        relay: Signer,
-        agents: Vec<Signer>,
-        fleet_id: DocId,
-        fleet: Automerge,
-    }
-
-    fn org(agents: u8) -> Org {
-        let org = Signer::from_secret([1; 32]);
-        let tech = Signer::from_secret([2; 32]);
-        let relay = Signer::from_secret([3; 32]);
-        let fleet_id = Id128([9; 16]);
-        let mut fleet = Fleet::create("Acme", &org, &tech, "alice", fleet_id, 0).unwrap();
-        let mut add = |s: &Signer, role, name: &str| {
-            let m = Membership {
-                approves: vec![],
-                node: s.node_id(),
-                role,
-                name: name.into(),
-                groups: vec!["g".into()],
-                at: 0,
-                invite: None,
-            };
-            Fleet::put_member(&mut fleet, &org.sign(RecordKind::Membership, &m), &s.node_id()).unwrap();
-        };
-        add(&relay, Role::Relay, "relay");
-        let agents: Vec<Signer> = (0..agents).map(|i| Signer::from_secret([10 + i; 32])).collect();
-        for (i, a) in agents.iter().enumerate() {
-            add(a, Role::Agent, &format!("ws-{i}"));
-        }
-        Org { org, tech, relay, agents, fleet_id, fleet }
-    }
-
-    impl Org {
-        /// A network of every node of the org (technician, relay, agents), none connected yet.
-        fn net(&self) -> Net {
-            let nodes = [&self.tech, &self.relay].into_iter().chain(&self.agents);
-            Net::new(nodes.map(|s| hub_with_fleet(self, s)).collect())
-        }
-    }
-
-    fn hub_with_fleet(o: &Org, s: &Signer) -> Hub {
-        let mut h = Hub::new(s.node_id());
-        h.load(o.fleet_id, DocKind::Fleet, &o.fleet.save(), &|_| false).unwrap();
-        h
-    }
-
-    fn session_for(o: &Org, target: NodeId, sid: u8) -> (DocId, Automerge) {
-        let id = Id128([sid; 16]);
-        let info = SessionInfo { id, name: format!("s{sid}"), labels: vec![], created_at: 0, org_key: o.org.node_id() };
-        let mut doc = SessionWriter::create(&o.tech, &info).unwrap();
-        let command = CommandSpec {
-            shell: Shell::Sh,
-            script: "uptime".into(),
-            cwd: None,
-            env: Default::default(),
-            timeout_ms: 1000,
-        };
-        let req = CommandRequest {
-            id: Id128([sid + 100; 16]),
-            session: id,
-            target,
-            command,
-            description: String::new(),
-            requested_at: 1,
-            expires_at: 10,
-        };
-        SessionWriter::request(&mut doc, &o.tech, &req).unwrap();
-        (id, doc)
-    }
-
-    #[test]
-    fn a_session_reaches_its_agent_through_the_relay_but_not_other_agents() {
-        let o = org(2);
-        let (t, r, a0, a1) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id(), o.agents[1].node_id());
-        let mut net = o.net();
-        net.connect(a0, r);
-        net.connect(a1, r);
-        net.run_until_quiescent();
-        // Technician creates the session while only connected to the relay.
-        net.connect(t, r);
-        let (sid, doc) = session_for(&o, a0, 1);
-        net.create(t, sid, DocKind::Session, doc);
-        net.run_until_quiescent();
-        assert_eq!(net.heads(a0, sid), net.heads(t, sid));
-        assert_eq!(net.heads(r, sid), net.heads(t, sid));
-        assert_eq!(net.heads(a1, sid), None, "another agent learnt of the session");
-        assert!(net.hubs[&t].in_sync_with(&r));
-    }
-
-    #[test]
-    fn a_fresh_technician_is_not_in_sync_until_every_offered_session_arrived() {
-        let o = org(1);
-        let (t, r) = (o.tech.node_id(), o.relay.node_id());
-        let mut relay = hub_with_fleet(&o, &o.relay);
-        for sid in 1..=3 {
-            let (id, doc) = session_for(&o, o.agents[0].node_id(), sid);
-            relay.create(id, DocKind::Session, doc, 0);
-        }
-        let mut net = Net::new(vec![hub_with_fleet(&o, &o.tech), relay]);
-        net.connect(t, r);
-        // Step by step: whenever some session is still missing, the technician is not in sync.
-        let mut saw_partial = false;
-        let mut steps = 0;
-        while let Some((at, input)) = net.queue.pop_front() {
-            steps += 1;
-            let out = net.hubs.get_mut(&at).unwrap().handle(steps, input);
-            net.apply(at, out);
-            let sessions_here = net.hubs[&t].docs().filter(|(_, k)| *k == DocKind::Session).count();
-            if sessions_here < 3 {
-                saw_partial = true;
-                assert!(!net.hubs[&t].in_sync_with(&r), "in sync with only {sessions_here} of 3 sessions");
-            }
-        }
-        assert!(saw_partial);
-        assert!(net.hubs[&t].in_sync_with(&r));
-    }
-
-    #[test]
-    fn store_and_forward_while_technician_and_agent_are_never_online_together() {
-        let o = org(1);
-        let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
-        let mut net = o.net();
-        net.connect(t, r);
-        let (sid, doc) = session_for(&o, a, 2);
-        net.create(t, sid, DocKind::Session, doc);
-        net.run_until_quiescent();
-        net.disconnect(t, r);
-        net.run_until_quiescent();
-
-        net.connect(a, r);
-        net.run_until_quiescent();
-        let chunk =
-            OutputChunk { request: Id128([102; 16]), seq: 0, stream: Stream::Stdout, data: b"up 3 days".to_vec() };
-        net.output(a, sid, &o.agents[0], vec![chunk]);
-        net.run_until_quiescent();
-        net.disconnect(a, r);
-        net.run_until_quiescent();
-
-        net.connect(t, r);
-        net.run_until_quiescent();
-        assert_eq!(net.heads(t, sid), net.heads(a, sid));
-        let fleet = Fleet::read(&o.fleet).unwrap();
-        let view = net.view(t, sid, &fleet);
-        assert_eq!(view.commands[0].output[0].data, b"up 3 days");
-        assert!(net.hubs[&t].in_sync_with(&r));
-    }
-
-    #[test]
-    fn an_agent_s_machine_document_reaches_technicians_through_the_relay() {
-        let o = org(1);
-        let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
-        let mut net = o.net();
-        net.connect(a, r);
-        net.connect(t, r);
-        net.run_until_quiescent();
-        let id = caisey_doc::machine::machine_doc_id(&a);
-        let card = caisey_doc::fleet::MachineCard { hostname: "ws-0".into(), ..Default::default() };
-        let doc = caisey_doc::machine::MachineDoc::create(&o.agents[0], &card, vec!["127.0.0.1:9".into()], 7).unwrap();
-        net.create(a, id, DocKind::Machine, doc);
-        net.run_until_quiescent();
-        // A later card update must flow too (the relay's entry was made by the first, change-less message).
-        let agent = o.agents[0].clone();
-        net.change(a, id, move |d| caisey_doc::machine::MachineDoc::put(d, &agent, &card, vec![], 8).unwrap());
-        net.run_until_quiescent();
-        assert_eq!(net.hubs[&t].fleet().presence.get(&a).map(|p| p.at), Some(8));
-        assert_eq!(net.hubs[&t].fleet().cards.get(&a).map(|c| c.hostname.as_str()), Some("ws-0"));
-        assert_eq!(net.heads(r, id), net.heads(a, id));
-    }
-
-    #[test]
-    fn a_non_member_is_disconnected_and_learns_nothing() {
-        let o = org(1);
-        let stranger = Signer::from_secret([77; 32]);
-        let r = o.relay.node_id();
-        let mut relay = hub_with_fleet(&o, &o.relay);
-        let (sid, doc) = session_for(&o, o.agents[0].node_id(), 3);
-        relay.create(sid, DocKind::Session, doc, 0);
-        let out = relay.handle(1, Input::Connected { peer: stranger.node_id(), conn: 1, stored: vec![] });
-        assert!(matches!(out.as_slice(), [Output::Disconnect { .. }]), "{out:?}");
-        // Even a frame asking for the session gets nothing back.
-        let probe = Automerge::new();
-        let msg = probe.generate_sync_message(&mut SyncState::new()).unwrap();
-        let out = relay.handle(
-            2,
-            Input::Frame {
-                peer: stranger.node_id(),
-                conn: 1,
-                frame: Frame::Sync { doc: sid, kind: DocKind::Session, message: msg.encode() },
-            },
-        );
-        assert!(out.is_empty(), "relay {r:?} answered a stranger: {out:?}");
-    }
-
-    #[test]
-    fn a_fleet_that_stops_reading_leaves_the_last_good_one_in_force() {
-        let o = org(1);
-        let (r, a) = (o.relay.node_id(), o.agents[0].node_id());
-        let mut net = Net::new(vec![hub_with_fleet(&o, &o.relay), hub_with_fleet(&o, &o.agents[0])]);
-        net.connect(a, r);
-        net.run_until_quiescent();
-        let before = net.heads(r, o.fleet_id);
-        // The agent deletes the org's genesis record in its copy of the fleet.
-        net.change(a, o.fleet_id, |d| {
-            use automerge::transaction::Transactable;
-            d.transact::<_, _, automerge::AutomergeError>(|tx| tx.delete(automerge::ROOT, "genesis")).unwrap();
-        });
-        net.run_until_quiescent();
-        // Automerge changes are not signed, so the relay takes the change; but it keeps the last
-        // fleet that read, instead of disconnecting every member.
-        assert_ne!(net.heads(r, o.fleet_id), before);
-        assert_eq!(net.hubs[&r].fleet().role_of(&a), Some(Role::Agent));
-        assert!(net.hubs[&r].peers().iter().any(|p| p.peer == a), "the relay dropped its members");
-    }
-
-    #[test]
-    fn malformed_messages_drop_the_connection() {
-        let o = org(1);
-        let mut relay = hub_with_fleet(&o, &o.relay);
-        let t = o.tech.node_id();
-        relay.handle(0, Input::Connected { peer: t, conn: 5, stored: vec![] });
-        let out = relay.handle(
-            1,
-            Input::Frame {
-                peer: t,
-                conn: 5,
-                frame: Frame::Sync { doc: Id128([4; 16]), kind: DocKind::Session, message: vec![0xff; 40] },
-            },
-        );
-        assert!(out.iter().any(|o| matches!(o, Output::Disconnect { .. })), "{out:?}");
-    }
-
-    #[test]
-    fn concurrent_output_from_partitioned_peers_converges_in_any_order() {
-        let o = org(1);
-        let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
-        let mut net = o.net();
-        net.connect(t, a);
-        let (sid, doc) = session_for(&o, a, 4);
-        net.create(t, sid, DocKind::Session, doc);
-        net.run_until_quiescent();
-        assert!(net.heads(a, sid).is_some(), "agent did not receive its session");
-        net.disconnect(t, a);
-        net.run_until_quiescent();
-        // Both write while apart; then they meet only through the relay, in either order.
-        for seq in 0..20 {
-            let c = OutputChunk { request: Id128([104; 16]), seq, stream: Stream::Stdout, data: vec![seq as u8; 100] };
-            net.output(a, sid, &o.agents[0], vec![c]);
-        }
-        let tech = o.tech.clone();
-        net.change(t, sid, move |d| {
-            let command = CommandSpec {
-                shell: Shell::Sh,
-                script: "df".into(),
-                cwd: None,
-                env: Default::default(),
-                timeout_ms: 1000,
-            };
-            let req = CommandRequest {
-                id: Id128([55; 16]),
-                session: sid,
-                target: a,
-                command,
-                description: String::new(),
-                requested_at: 2,
-                expires_at: 10,
-            };
-            SessionWriter::request(d, &tech, &req).unwrap();
-        });
-        net.connect(a, r);
-        net.run_until_quiescent();
-        net.connect(t, r);
-        net.run_until_quiescent();
-        assert_eq!(net.heads(t, sid), net.heads(a, sid));
-        assert_eq!(net.heads(r, sid), net.heads(a, sid));
-        let fleet = Fleet::read(&o.fleet).unwrap();
-        for at in [r, t] {
-            let view = net.view(at, sid, &fleet);
-            assert_eq!(view.commands.len(), 2);
-            assert_eq!(view.commands.iter().map(|c| c.output.len()).sum::<usize>(), 20);
-        }
-        assert!(net.persisted[&r] > 0);
-    }
-
-    #[test]
-    fn heartbeats_reach_technicians_through_the_relay_without_changing_any_document() {
-        let o = org(2);
-        let (t, r, a0, a1) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id(), o.agents[1].node_id());
-        let mut net = o.net();
-        net.connect(a0, r);
-        net.connect(a1, r);
-        net.connect(t, r);
-        net.run_until_quiescent();
-        let heads = |net: &Net| -> Vec<_> {
-            [t, r, a0, a1].iter().flat_map(|n| net.hubs[n].docs().map(|(id, _)| net.heads(*n, id))).collect()
-        };
-        let before = heads(&net);
-        let beat = |s: &Signer, node: NodeId, at| {
-            s.sign(
-                RecordKind::Presence,
-                &Presence { node, addrs: vec!["127.0.0.1:7".into()], at, relay_server: None, vitals: None },
-            )
-        };
-        let out = net.hubs.get_mut(&a0).unwrap().announce(beat(&o.agents[0], a0, 50));
-        net.apply(a0, out);
-        net.run_until_quiescent();
-        assert_eq!(net.hubs[&t].fleet().presence.get(&a0).map(|p| p.at), Some(50));
-        assert!(!net.hubs[&a1].fleet().presence.contains_key(&a0), "another agent saw the heartbeat");
-        // A heartbeat for a0 signed by another agent, or an older one, changes nothing.
-        let forged = Frame::Presence { record: beat(&o.agents[1], a0, 99) };
-        net.queue.push_back((r, Input::Frame { peer: a1, conn: net.conns[&(r, a1)], frame: forged }));
-        let out = net.hubs.get_mut(&a0).unwrap().announce(beat(&o.agents[0], a0, 40));
-        net.apply(a0, out);
-        net.run_until_quiescent();
-        assert_eq!(net.hubs[&t].fleet().presence.get(&a0).map(|p| p.at), Some(50));
-        assert_eq!(heads(&net), before, "a heartbeat changed a document");
-        // A technician starting afresh gets the newest heartbeat when it connects.
-        net.disconnect(t, r);
-        net.run_until_quiescent();
-        let mut fresh = hub_with_fleet(&o, &o.tech);
-        std::mem::swap(net.hubs.get_mut(&t).unwrap(), &mut fresh);
-        net.connect(t, r);
-        net.run_until_quiescent();
-        assert_eq!(net.hubs[&t].fleet().presence.get(&a0).map(|p| p.at), Some(50));
-    }
-
-    #[test]
-    fn output_a_relay_lacks_is_passed_on_when_it_arrives_and_unreferenced_bytes_are_refused() {
-        let o = org(1);
-        let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
-        let mut net = o.net();
-        net.connect(t, r);
-        net.connect(a, r);
-        let (sid, doc) = session_for(&o, a, 5);
-        net.create(t, sid, DocKind::Session, doc);
-        net.run_until_quiescent();
-        // The agent's references reach the relay, but the agent is gone before the bytes do.
-        // (Its references are written before its bytes are at hand, so the sync of the
-        // references completes whatever rounds it takes, and no byte leaves before the agent
-        // goes: cutting the link mid-sync instead made this depend on Automerge's bloom filters.)
-        let chunk =
-            OutputChunk { request: Id128([105; 16]), seq: 0, stream: Stream::Stdout, data: b"disk ok\n".to_vec() };
-        let refs = [chunk.reference()];
-        net.change(a, sid, |d| SessionWriter::append_output(d, &o.agents[0], &refs).unwrap());
-        net.run_until_quiescent();
-        net.disconnect(a, r);
-        net.run_until_quiescent();
-        let held = net.hubs.get_mut(&a).unwrap().hold_chunks(sid, vec![(chunk_hash(&chunk.data), chunk.data.clone())]);
-        net.apply(a, held);
-        assert_eq!(net.heads(t, sid), net.heads(a, sid), "the references did not reach the technician");
-        assert_eq!(net.hubs[&t].missing_output(&sid), 1);
-        assert_eq!(net.hubs[&r].missing_output(&sid), 1);
-        // The relay answered "lacking": the technician is not left waiting on it.
-        assert!(net.hubs[&t].in_sync_with(&r));
-        // Bytes nobody references are not taken, whoever sends them.
-        let junk = Frame::Chunk { doc: sid, data: b"rm -rf /".to_vec() };
-        net.queue.push_back((t, Input::Frame { peer: r, conn: net.conns[&(t, r)], frame: junk }));
-        net.run_until_quiescent();
-        assert!(!net.chunks.get(&t).is_some_and(|c| c.contains_key(&chunk_hash(b"rm -rf /"))));
-        // The agent comes back: the relay fetches the chunk and passes it on to the technician.
-        net.connect(a, r);
-        net.run_until_quiescent();
-        assert_eq!(net.hubs[&t].missing_output(&sid), 0);
-        let fleet = Fleet::read(&o.fleet).unwrap();
-        assert_eq!(net.view(t, sid, &fleet).commands[0].output, vec![chunk]);
-        assert!(net.hubs[&t].in_sync_with(&r));
-    }
-
-    #[test]
-    fn output_asked_of_a_peer_that_dies_before_answering_is_asked_of_the_others() {
-        let o = org(1);
-        let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
-        let mut net = o.net();
-        net.connect(t, r);
-        net.connect(a, r);
-        net.connect(t, a);
-        let (sid, doc) = session_for(&o, a, 6);
-        net.create(t, sid, DocKind::Session, doc);
-        net.run_until_quiescent();
-        // The agent's references reach the technician directly, and the agent dies before it
-        // answers the technician's request for the bytes; the relay got them meanwhile.
-        let chunk =
-            OutputChunk { request: Id128([106; 16]), seq: 0, stream: Stream::Stdout, data: b"mem ok\n".to_vec() };
-        net.output(a, sid, &o.agents[0], vec![chunk.clone()]);
-        net.disconnect(t, a);
-        net.run_until_quiescent();
-        assert_eq!(net.hubs[&r].missing_output(&sid), 0, "the relay has the bytes");
-        assert_eq!(net.hubs[&t].missing_output(&sid), 0, "the technician asked the relay instead");
-        let fleet = Fleet::read(&o.fleet).unwrap();
-        assert_eq!(net.view(t, sid, &fleet).commands[0].output, vec![chunk]);
-        assert!(net.hubs[&t].in_sync_with(&r));
     }
 }

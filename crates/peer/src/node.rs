@@ -26,7 +26,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::home::Home;
-use crate::hub::{ConnId, Hub, Input, Output, PeerInfo};
+use crate::hub::{ConnId, Hub, Input, Output, PeerInfo, Persists, Unwritable};
 use crate::lan::Lan;
 use crate::store::{Store, Write};
 use crate::traversal::RelayServers;
@@ -35,6 +35,8 @@ use crate::wire::{DocKind, EXTRA_ALPNS, Frame, SYNC_ALPN};
 /// Bytes queued for one peer before it counts as too slow (a frame past this is refused).
 const OUTBOX_BYTES: usize = crate::wire::MAX_FRAME;
 const SETTING_PORT: &str = "listen_port";
+/// Written to learn whether the store can be written again after a failed write.
+const SETTING_WRITE_CHECK: &str = "write_check";
 /// Settings key for the iroh relay server this node runs (relays only).
 const SETTING_RELAY_SERVER: &str = "relay_server";
 /// Settings key for relay contacts learnt from a token or `relay add`.
@@ -107,6 +109,8 @@ enum Cmd {
     },
     Input(Input),
     Run(Job),
+    /// The hub's timer is due ([`Hub::poll_timeout`]).
+    Tick,
     /// Close the store and end the core; says so once the store is closed.
     Stop(oneshot::Sender<()>),
 }
@@ -139,7 +143,21 @@ pub(crate) struct Core {
     pub(crate) store: Store,
     outboxes: std::collections::BTreeMap<NodeId, Outbox>,
     events: broadcast::Sender<NodeEvent>,
+    /// Whether the store can be written, for everyone outside the core.
+    storage: tokio::sync::watch::Sender<Option<Unwritable>>,
+    /// Wakes the core when the hub's timer is due; weak, so the core still ends when the node
+    /// is dropped.
+    ticks: mpsc::WeakSender<Cmd>,
+    /// The time a wake-up is already set for.
+    tick_at: Option<u64>,
 }
+
+/// A change was made but could not be written yet (the store cannot be written: a full disk,
+/// an I/O error). It is kept in memory, written as soon as the store can be written, and sent
+/// to peers only then.
+#[derive(Debug, thiserror::Error)]
+#[error("not saved yet, the store cannot be written ({0}); it is kept and written as soon as it can be")]
+pub struct NotDurable(pub String);
 
 impl Core {
     /// Carries out the hub's outputs: persist all, then send, then tell the application.
@@ -149,26 +167,97 @@ impl Core {
 
     /// Like [`Core::apply`], with `extra` writes committed in the same transaction (an agent
     /// records an approval as consumed atomically with the start it writes).
+    ///
+    /// What became of the writes goes back to the hub, whose answer is carried out in turn.
+    /// When they fail nothing of this batch is sent, and the error is [`NotDurable`].
     pub fn apply_with(&mut self, extra: Vec<Write>, outputs: Vec<Output>) -> Result<()> {
         let mut writes = extra;
+        let mut persists = Persists::default();
+        let mut chunk_docs = Vec::new();
         // What to persist is taken out (not copied: output chunks are large); the rest follows.
         let outputs: Vec<Output> = outputs
             .into_iter()
             .filter_map(|o| {
                 match o {
-                    Output::PersistDoc { doc, kind, bytes, compact } => {
+                    Output::PersistDoc { doc, kind, bytes, compact, heads } => {
+                        persists.docs.push((doc, heads));
                         writes.push(Write::Doc { doc, kind, bytes, compact })
                     }
                     Output::PersistSyncState { doc, peer, state } => writes.push(Write::SyncState { doc, peer, state }),
-                    Output::PersistChunk { hash, data } => writes.push(Write::Chunk { hash, data }),
+                    Output::PersistChunk { doc, hash, data } => {
+                        chunk_docs.push(doc);
+                        writes.push(Write::Chunk { hash, data })
+                    }
                     Output::PersistPresence { node, record } => writes.push(Write::Presence { node, record }),
+                    Output::CheckWritable => writes.push(Write::Setting {
+                        key: SETTING_WRITE_CHECK.into(),
+                        value: crate::now_ms().to_be_bytes().to_vec(),
+                    }),
                     other => return Some(other),
                 }
                 None
             })
             .collect();
-        // Nothing is sent if it could not be made durable.
-        self.store.apply(&writes).context("persisting documents")?;
+        if writes.is_empty() {
+            return self.carry_out(outputs);
+        }
+        let result = self.store.apply(&writes);
+        // The chunks' bytes go back to the hub: passed on now they are durable, or kept.
+        let chunks = writes.into_iter().filter_map(|w| match w {
+            Write::Chunk { hash, data } => Some((hash, data)),
+            _ => None,
+        });
+        persists.chunks = chunk_docs.into_iter().zip(chunks).map(|(doc, (hash, data))| (doc, hash, data)).collect();
+        match result {
+            Ok(()) => {
+                let was_unwritable = self.hub.unwritable().is_some();
+                self.carry_out(outputs)?;
+                let more = self.hub.handle(crate::now_ms(), Input::Persisted(persists));
+                if was_unwritable && self.hub.unwritable().is_none() {
+                    info!("the store can be written again; catching up with peers");
+                }
+                // What waited is written by this, before anyone waiting is told.
+                let result = self.apply(more);
+                self.publish_storage();
+                result
+            }
+            Err(e) => {
+                let error = e.to_string();
+                if self.hub.unwritable().is_none() {
+                    warn!(
+                        "cannot write the store ({error}): nothing new is taken in or sent until it can; \
+                         what is waiting is kept and written then"
+                    );
+                }
+                // Nothing that depended on these writes goes out; the rest still happens. A
+                // heartbeat is no durable state (its copy here only keeps last-seen times over a
+                // restart), and a machine whose disk is full must not look switched off.
+                let unsent = outputs.into_iter().filter(|o| match o {
+                    Output::Send { frame, .. } => matches!(frame, Frame::Presence { .. }),
+                    Output::SendChunks { .. } => false,
+                    _ => true,
+                });
+                self.carry_out(unsent.collect())?;
+                let more = self.hub.handle(crate::now_ms(), Input::PersistFailed { error: error.clone(), persists });
+                self.publish_storage();
+                self.apply(more)?;
+                Err(NotDurable(error).into())
+            }
+        }
+    }
+
+    /// Tells everyone outside the core whether the store can be written, when that changed.
+    fn publish_storage(&self) {
+        let now = self.hub.unwritable().cloned();
+        self.storage.send_if_modified(|s| {
+            let changed = s.is_some() != now.is_some();
+            *s = now;
+            changed
+        });
+    }
+
+    /// Carries out outputs that need no write: sends, disconnects, events.
+    fn carry_out(&mut self, outputs: Vec<Output>) -> Result<()> {
         for o in outputs {
             match o {
                 Output::Send { peer, conn, frame } => self.send(peer, conn, &frame),
@@ -215,7 +304,8 @@ impl Core {
                 Output::PersistDoc { .. }
                 | Output::PersistSyncState { .. }
                 | Output::PersistChunk { .. }
-                | Output::PersistPresence { .. } => {}
+                | Output::PersistPresence { .. }
+                | Output::CheckWritable => {}
             }
         }
         Ok(())
@@ -245,10 +335,24 @@ impl Core {
         }
     }
 
-    /// Carries out the outputs gathered so far (see [`run_core`]).
+    /// Carries out the outputs gathered so far (see [`run_core`]), then sets a wake-up for the
+    /// hub's timer if it has one.
     fn flush(&mut self, pending: &mut Vec<Output>) {
-        if let Err(e) = self.apply(std::mem::take(pending)) {
+        if let Err(e) = self.apply(std::mem::take(pending))
+            && !e.is::<NotDurable>()
+        {
             warn!("{e:#}");
+        }
+        let due = self.hub.poll_timeout();
+        if due.is_some() && due != self.tick_at {
+            self.tick_at = due;
+            let (ticks, wait) = (self.ticks.clone(), due.unwrap_or(0).saturating_sub(crate::now_ms()));
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                if let Some(tx) = ticks.upgrade() {
+                    let _ = tx.send(Cmd::Tick).await;
+                }
+            });
         }
     }
 }
@@ -280,6 +384,8 @@ struct Shared {
     lan: Lan,
     /// Peers being dialled right now.
     dialling: Arc<std::sync::Mutex<std::collections::BTreeSet<NodeId>>>,
+    /// Why the store cannot be written, while it cannot.
+    storage: tokio::sync::watch::Receiver<Option<Unwritable>>,
 }
 
 /// A dial in progress; the peer leaves the set when it is dropped.
@@ -314,11 +420,13 @@ impl Node {
     /// Opens the home's store, loads every document and starts listening.
     pub async fn start(opts: NodeOptions) -> Result<Node> {
         let signer = opts.home.node_key()?;
-        let store = Store::open(&opts.home.store_path())?;
+        let mut store = Store::open(&opts.home.store_path())?;
         let relay_servers = RelayServers::default();
         let lan = Lan::start(SecretKey::from_bytes(&signer.secret()).public(), opts.listen);
-        let endpoint = bind(&signer, opts.listen, &store, &relay_servers, &lan).await?;
+        let endpoint = bind(&signer, opts.listen, &mut store, &relay_servers, &lan).await?;
         let (cmd, inbox) = mpsc::channel(256);
+        let (storage, storage_rx) = tokio::sync::watch::channel(None);
+        let ticks = cmd.downgrade();
         let (events, _) = broadcast::channel(1024);
         // Its own thread: every commit waits for fsync, which must not stall the tasks that move
         // packets (on a 2-core machine, two cores syncing at once would stop all networking).
@@ -335,7 +443,9 @@ impl Node {
                 Err(e) => return drop(loaded_tx.send(Err(e))),
             };
             let _ = loaded_tx.send(Ok(()));
-            run_core(Core { hub, store, outboxes: Default::default(), events: core_events }, inbox)
+            let core =
+                Core { hub, store, outboxes: Default::default(), events: core_events, storage, ticks, tick_at: None };
+            run_core(core, inbox)
         })?;
         loaded.await.map_err(|_| anyhow!("the node's core stopped while loading"))??;
         let node = Node {
@@ -351,6 +461,7 @@ impl Node {
                 relay_servers,
                 lan,
                 dialling: Default::default(),
+                storage: storage_rx,
             }),
         };
         tokio::spawn(accept_loop(node.clone()));
@@ -379,6 +490,19 @@ impl Node {
 
     pub fn contact(&self) -> Contact {
         Contact { node: self.id(), addrs: self.addrs() }
+    }
+
+    /// Why this node cannot write its store, while it cannot (a full disk): nothing new is taken
+    /// in or sent meanwhile, and what waits is written as soon as it can be.
+    pub fn unwritable(&self) -> Option<Unwritable> {
+        self.shared.storage.borrow().clone()
+    }
+
+    /// Waits until the store can be written (at once if it can). A change that failed with
+    /// [`NotDurable`] is durable when this returns.
+    pub async fn wait_writable(&self) -> Result<()> {
+        let mut rx = self.shared.storage.clone();
+        rx.wait_for(Option::is_none).await.map(|_| ()).map_err(|_| anyhow!("node has stopped"))
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
@@ -456,33 +580,57 @@ impl Node {
             at: crate::now_ms(),
             relay_server: None,
             vitals,
+            unwritable: self.unwritable().map(|u| u.error),
         };
         let record = self.signer().sign(caisey_doc::record::RecordKind::Presence, &presence);
         self.with_core(move |core| {
             let out = core.hub.announce(record);
-            core.apply(out)
+            // Sent even when it cannot be kept here: its copy only keeps last-seen times.
+            match core.apply(out) {
+                Err(e) if e.is::<NotDurable>() => Ok(()),
+                other => other,
+            }
         })
         .await?
     }
 
     /// Appends output to session `doc`: the bytes (with their hashes) go to the store and `f`
-    /// writes their references, in one durable transaction.
+    /// writes their references, in one durable transaction. While the store cannot be written
+    /// this waits until it can (the output is kept meanwhile, and its command waits on its
+    /// pipes), so output is never lost to a full disk.
     pub async fn append_output<R: Send + 'static>(
         &self,
         doc: DocId,
         chunks: Vec<(ChunkHash, Vec<u8>)>,
         f: impl FnOnce(&mut Automerge) -> R + Send + 'static,
     ) -> Result<R> {
-        self.with_core(move |core| {
-            let mut out = core.hub.hold_chunks(doc, chunks);
-            // (chunks: each with the hash its reference signs, computed once by the caller)
-            let (r, more) =
-                core.hub.change(doc, crate::now_ms(), f).ok_or_else(|| anyhow!("no document {}", doc.short()))?;
-            out.extend(more);
-            core.apply(out)?;
-            Ok(r)
-        })
-        .await?
+        let (r, written) = self
+            .with_core(move |core| {
+                let mut out = core.hub.hold_chunks(doc, chunks);
+                // (chunks: each with the hash its reference signs, computed once by the caller)
+                let (r, more) =
+                    core.hub.change(doc, crate::now_ms(), f).ok_or_else(|| anyhow!("no document {}", doc.short()))?;
+                out.extend(more);
+                anyhow::Ok((r, core.apply(out)))
+            })
+            .await??;
+        self.durable(written, Vec::new()).await?;
+        Ok(r)
+    }
+
+    /// Turns a change's [`NotDurable`] into a wait until it is durable, with `records` (which
+    /// the failed transaction held) written again then.
+    async fn durable(&self, written: Result<()>, records: Vec<LocalRecord>) -> Result<()> {
+        match written {
+            Err(e) if e.is::<NotDurable>() => {
+                self.wait_writable().await?;
+                let writes: Vec<Write> =
+                    records.into_iter().map(|LocalRecord { key, value }| Write::Setting { key, value }).collect();
+                self.with_core(move |core| core.store.apply(&writes)).await??;
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Reads a session document together with the output bytes held here.
@@ -567,17 +715,24 @@ impl Node {
         doc: DocId,
         f: impl FnOnce(&mut Automerge, &Guard<'_>) -> Result<(R, Vec<LocalRecord>)> + Send + 'static,
     ) -> Result<R> {
-        self.with_core(move |core| {
-            let Core { hub, store, .. } = &mut *core;
-            let (result, out) = hub
-                .change_with_fleet(doc, crate::now_ms(), |d, fleet| f(d, &Guard { fleet, store }))
-                .ok_or_else(|| anyhow!("no document {}", doc.short()))?;
-            let (r, records) = result?;
-            let writes = records.into_iter().map(|LocalRecord { key, value }| Write::Setting { key, value }).collect();
-            core.apply_with(writes, out)?;
-            Ok(r)
-        })
-        .await?
+        let (r, records, written) = self
+            .with_core(move |core| {
+                let Core { hub, store, .. } = &mut *core;
+                let (result, out) = hub
+                    .change_with_fleet(doc, crate::now_ms(), |d, fleet| f(d, &Guard { fleet, store }))
+                    .ok_or_else(|| anyhow!("no document {}", doc.short()))?;
+                let (r, records) = result?;
+                let writes = records
+                    .iter()
+                    .map(|LocalRecord { key, value }| Write::Setting { key: key.clone(), value: value.clone() })
+                    .collect();
+                let written = core.apply_with(writes, out);
+                anyhow::Ok((r, records, written))
+            })
+            .await??;
+        // The change is kept and written when it can be; the records are written after it.
+        self.durable(written, records).await?;
+        Ok(r)
     }
 
     /// How many documents hold changes `peer` has not confirmed: as of now when it is connected,
@@ -1021,7 +1176,7 @@ impl Node {
 async fn bind(
     signer: &Signer,
     listen: SocketAddr,
-    store: &Store,
+    store: &mut Store,
     relay_servers: &RelayServers,
     lan: &Lan,
 ) -> Result<Endpoint> {
@@ -1122,6 +1277,10 @@ fn run_core(mut core: Core, mut inbox: mpsc::Receiver<Cmd>) {
                         core.outboxes.remove(peer);
                     }
                     pending.extend(core.hub.handle(crate::now_ms(), input));
+                }
+                Cmd::Tick => {
+                    core.tick_at = None;
+                    pending.extend(core.hub.handle_timeout(crate::now_ms()));
                 }
                 // A job sees everything before it carried out.
                 Cmd::Run(job) => {

@@ -105,7 +105,10 @@ pub enum Write {
 
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    /// `None` after a failed commit: redb then refuses everything until the database is opened
+    /// again (and repaired, which itself needs space), which the next write tries first.
+    db: Option<Database>,
+    path: PathBuf,
     log: File,
     log_path: PathBuf,
     /// Committed length of the log: where the next chunk goes.
@@ -152,12 +155,18 @@ impl Store {
         tx.open_table(SETTINGS)?;
         tx.open_table(PUBLISHED)?;
         tx.commit()?;
-        Ok(Self { db, log, log_path, log_len: AtomicU64::new(committed) })
+        Ok(Self { db: Some(db), path: path.to_path_buf(), log, log_path, log_len: AtomicU64::new(committed) })
+    }
+
+    fn db(&self) -> Result<&Database, StoreError> {
+        self.db.as_ref().ok_or_else(|| {
+            StoreError::Redb(format!("{} cannot be read until it can be written again", self.path.display()))
+        })
     }
 
     /// Every document, as the concatenation of its stored chunks.
     pub fn load_docs(&self) -> Result<Vec<(DocId, DocKind, Vec<u8>)>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let kinds = tx.open_table(DOC_KINDS)?;
         let chunks = tx.open_table(DOC_CHUNKS)?;
         let mut out = Vec::new();
@@ -181,7 +190,7 @@ impl Store {
     /// A consistent view of the stored output chunks, to read a session's output from.
     pub fn chunks(&self) -> Result<StoredChunks<'_>, StoreError> {
         Ok(StoredChunks {
-            index: self.db.begin_read()?.open_table(OUTPUT_INDEX)?,
+            index: self.db()?.begin_read()?.open_table(OUTPUT_INDEX)?,
             log: &self.log,
             damaged: Default::default(),
         })
@@ -215,7 +224,7 @@ impl Store {
 
     /// Every stored heartbeat record.
     pub fn presences(&self) -> Result<Vec<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let t = tx.open_table(PRESENCE)?;
         let mut out = Vec::new();
         for entry in t.iter()? {
@@ -226,7 +235,7 @@ impl Store {
 
     /// Sync states saved for `peer`.
     pub fn sync_states(&self, peer: &NodeId) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let t = tx.open_table(SYNC_STATES)?;
         let mut out = Vec::new();
         let (lo, hi): (&[u8], &[u8]) = (&[], &[0xff; 17]);
@@ -241,7 +250,7 @@ impl Store {
 
     /// A published transcript: its publisher and JSON.
     pub fn published(&self, id: &str) -> Result<Option<(NodeId, Vec<u8>)>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let t = tx.open_table(PUBLISHED)?;
         Ok(t.get(id)?.and_then(|v| {
             let v = v.value();
@@ -250,39 +259,65 @@ impl Store {
         }))
     }
 
-    pub fn publish(&self, id: &str, publisher: &NodeId, json: &[u8]) -> Result<(), StoreError> {
-        let tx = self.db.begin_write()?;
-        {
+    pub fn publish(&mut self, id: &str, publisher: &NodeId, json: &[u8]) -> Result<(), StoreError> {
+        self.write(|_, tx| {
             let mut t = tx.open_table(PUBLISHED)?;
             let mut value = Vec::with_capacity(32 + json.len());
             value.extend_from_slice(&publisher.0);
             value.extend_from_slice(json);
             t.insert(id, value.as_slice())?;
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Withdraws a transcript; false if there was none.
-    pub fn unpublish(&self, id: &str) -> Result<bool, StoreError> {
-        let tx = self.db.begin_write()?;
-        let existed = tx.open_table(PUBLISHED)?.remove(id)?.is_some();
-        tx.commit()?;
-        Ok(existed)
+    pub fn unpublish(&mut self, id: &str) -> Result<bool, StoreError> {
+        self.write(|_, tx| Ok(tx.open_table(PUBLISHED)?.remove(id)?.is_some()))
+    }
+
+    /// Runs `f` in one write transaction and commits it. Nothing of it is durable when this
+    /// fails (a full disk, an I/O error), and the store stays usable: redb refuses everything
+    /// after a failed commit, so it is closed then and opened again (repaired, which needs
+    /// space itself) by the next write.
+    fn write<R>(
+        &mut self,
+        f: impl FnOnce(&Self, &redb::WriteTransaction) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        if self.db.is_none() {
+            self.db = Some(open_db(&self.path, &self.log_path)?);
+        }
+        let tx = self.db()?.begin_write()?;
+        let result = f(self, &tx).and_then(|r| {
+            tx.commit()?;
+            Ok(r)
+        });
+        if matches!(result, Err(StoreError::Redb(_))) {
+            self.db = None;
+        }
+        result
     }
 
     pub fn setting(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db()?.begin_read()?;
         let t = tx.open_table(SETTINGS)?;
         Ok(t.get(key)?.map(|v| v.value().to_vec()))
     }
 
-    /// Applies writes in one transaction: durable when this returns.
-    pub fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+    /// Applies writes in one transaction: durable when this returns (see [`Store::write`] for
+    /// when it fails).
+    pub fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError> {
         if writes.is_empty() {
             return Ok(());
         }
-        let tx = self.db.begin_write()?;
+        let new_log_len = self.write(|store, tx| store.apply_in(tx, writes))?;
+        if let Some(len) = new_log_len {
+            self.log_len.store(len, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Carries out `writes` in `tx`; returns the output log's new length, if it grew.
+    fn apply_in(&self, tx: &redb::WriteTransaction, writes: &[Write]) -> Result<Option<u64>, StoreError> {
         let mut new_log_len = None;
         {
             let mut chunks = tx.open_table(DOC_CHUNKS)?;
@@ -346,11 +381,7 @@ impl Store {
                 }
             }
         }
-        tx.commit()?;
-        if let Some(len) = new_log_len {
-            self.log_len.store(len, Ordering::Release);
-        }
-        Ok(())
+        Ok(new_log_len)
     }
 }
 
@@ -486,7 +517,7 @@ mod tests {
         let path = dir.path().join("s.redb");
         let id = Id128([1; 16]);
         {
-            let s = Store::open(&path).unwrap();
+            let mut s = Store::open(&path).unwrap();
             let w = |b: &[u8], compact| Write::Doc { doc: id, kind: DocKind::Session, bytes: b.to_vec(), compact };
             s.apply(&[w(b"ab", true), w(b"cd", false)]).unwrap();
             assert_eq!(s.load_docs().unwrap()[0].2, b"abcd");
@@ -500,7 +531,7 @@ mod tests {
     #[test]
     fn output_chunks_are_read_back_by_hash() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("s.redb")).unwrap();
+        let mut s = Store::open(&dir.path().join("s.redb")).unwrap();
         let data = b"Filesystem Size Used\n".to_vec();
         let hash = caisey_doc::session::chunk_hash(&data);
         assert!(!s.chunks().unwrap().contains(&hash));
@@ -517,7 +548,7 @@ mod tests {
         let data = vec![7u8; 70_000];
         let hash = caisey_doc::session::chunk_hash(&data);
         {
-            let s = Store::open(&path).unwrap();
+            let mut s = Store::open(&path).unwrap();
             // The same chunk twice (two sessions printing the same thing) is stored once.
             s.apply(&[Write::Chunk { hash, data: data.clone() }, Write::Chunk { hash, data: data.clone() }]).unwrap();
             s.apply(&[Write::Chunk { hash, data: data.clone() }]).unwrap();
@@ -539,7 +570,7 @@ mod tests {
     #[test]
     fn sync_states_are_read_per_peer() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("s.redb")).unwrap();
+        let mut s = Store::open(&dir.path().join("s.redb")).unwrap();
         let (a, b) = (NodeId([1; 32]), NodeId([2; 32]));
         let w = |peer, doc: u8, state: &[u8]| Write::SyncState { doc: Id128([doc; 16]), peer, state: state.to_vec() };
         s.apply(&[w(a, 1, b"a1"), w(b, 1, b"b1"), w(a, 2, b"a2"), w(b, 3, b"b3")]).unwrap();
@@ -557,7 +588,7 @@ mod tests {
         let path = dir.path().join("store.redb");
         let log = dir.path().join("store.chunks");
         {
-            let s = Store::open(&path).unwrap();
+            let mut s = Store::open(&path).unwrap();
             let data = b"output bytes".to_vec();
             s.apply(&[Write::Chunk { hash: caisey_doc::session::chunk_hash(&data), data }]).unwrap();
         }
@@ -583,7 +614,7 @@ mod tests {
     fn a_chunk_damaged_on_disk_reads_as_absent_and_is_stored_anew_once_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
-        let s = Store::open(&path).unwrap();
+        let mut s = Store::open(&path).unwrap();
         let data = b"Filesystem Size Used Avail\n".to_vec();
         let hash = caisey_doc::session::chunk_hash(&data);
         s.apply(&[Write::Chunk { hash, data: data.clone() }]).unwrap();
