@@ -1015,3 +1015,91 @@ fn a_group_run_is_one_investigation_with_identical_outputs_gathered() {
     assert_eq!(runs.stdout.lines().count(), 1, "the follow-up made another group run: {}", runs.stdout);
     assert!(runs.stdout.contains("3 exited 0"), "{}", runs.stdout);
 }
+
+/// A small filesystem of its own (tmpfs) at `dir`, unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "could not mount a tmpfs at {} (this test runs as root)", dir.display());
+        SmallDisk(dir.to_path_buf())
+    }
+
+    /// Fills it to the last byte.
+    fn fill(&self) {
+        let _ = std::process::Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", self.0.join("filler").display()))
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("filler")).expect("filler");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn an_agent_whose_disk_fills_mid_command_says_so_keeps_the_output_and_delivers_it_all_when_space_returns() {
+    let org = Org::new(&[]);
+    let disk = SmallDisk::mount(&org.world.home("ws-01"), "24m");
+    org.enroll_agent("ws-01", "lab");
+    // Warnings shown: the agent says in its log when it cannot write.
+    let mut run = org.world.command("caisey-agent", "ws-01", &["run"]);
+    run.env("RUST_LOG", "warn,iroh=error,iroh_quinn=error");
+    let agent = caisey_tests::Running::spawn(run);
+    wait_for(Duration::from_secs(20), || org.world.agent_cmd("ws-01", &["pending"]).status.success().then_some(()))
+        .expect("the agent answers");
+    let script = "for i in $(seq 1 300); do echo line-$i; sleep 0.02; done";
+    let technician =
+        org.world.spawn("caisey", "alice", &["run", "--machine", "ws-01", "--session", "full", "--", script]);
+    let code = org.world.wait_pending("ws-01");
+    org.world.agent_cmd("ws-01", &["approve", &code]).ok();
+    let lines = |org: &Org| {
+        let s = org.show_json("alice", "full")?;
+        Some(s["commands"][0]["stdout"].as_str()?.lines().count())
+    };
+    wait_for(Duration::from_secs(30), || lines(&org).filter(|n| *n >= 20)).expect("output streams");
+
+    disk.fill();
+    wait_for(Duration::from_secs(20), || agent.stderr().contains("cannot write the store").then_some(()))
+        .unwrap_or_else(|| panic!("the agent never said it cannot write: {}", agent.stderr()));
+    assert!(lines(&org).is_some_and(|n| n < 300), "the command finished before the disk filled; nothing was tested");
+    // Technicians see it on the machine.
+    let said = wait_for(Duration::from_secs(20), || {
+        let out = org.world.caisey("alice", &["machines"]).stdout;
+        out.contains("WRITES FAILING").then_some(out)
+    });
+    assert!(said.is_some(), "the machine list does not say the agent cannot write: {}", agent.stderr());
+    let card = org.world.caisey("alice", &["machine", "ws-01"]).ok().stdout;
+    assert!(card.contains("No space left on device"), "{card}");
+    // (That nothing leaves a node before it is written is shown exactly in the simulation: a
+    // real filesystem gives some writes room now and then, and those go out.)
+
+    // Room again: everything arrives, in order, and the run ends as it should.
+    disk.free();
+    let done = technician.wait(Duration::from_secs(60));
+    assert_eq!(done.code(), 0, "{}\n{}", done.stdout, done.stderr);
+    let expected: Vec<String> = (1..=300).map(|i| format!("line-{i}")).collect();
+    let got: Vec<&str> = done.stdout.lines().filter(|l| l.starts_with("line-")).collect();
+    assert_eq!(got, expected, "output lost or out of order");
+    // And it was all written on the agent: killed and started again, it loads and knows the
+    // command ended (nothing is marked interrupted).
+    agent.kill9();
+    let _agent = org.world.start_agent("ws-01");
+    let s = org.show_json("alice", "full").expect("show");
+    assert_eq!(s["commands"][0]["status"], "exited", "{s}");
+    assert_eq!(s["commands"][0]["stdout"].as_str().map(|o| o.lines().count()), Some(300));
+}

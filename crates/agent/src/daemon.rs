@@ -28,6 +28,8 @@ use caisey_peer::local::{self, Answer, Clients};
 
 /// How often the agent says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
+/// How soon a change in whether the store can be written is told, in a heartbeat.
+const STORAGE_BEAT_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct Agent {
@@ -101,6 +103,11 @@ async fn run_node_with(node: Node, consent_gid: Option<u32>, shutdown: impl Futu
     info!(node = %node.id().short(), "agent running");
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // A store that stops (or starts again) being writable is told at once, in a heartbeat
+    // (at most one every few seconds: a disk at its limit flips often).
+    let mut storage = node.storage_changes();
+    let mut storage_open = true;
+    let mut storage_beat: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -120,6 +127,16 @@ async fn run_node_with(node: Node, consent_gid: Option<u32>, shutdown: impl Futu
                 Err(_) => break,
             },
             _ = heartbeat.tick() => agent.heartbeat().await,
+            changed = storage.changed(), if storage_open => match changed {
+                Ok(()) => {
+                    storage_beat.get_or_insert_with(|| tokio::time::Instant::now() + STORAGE_BEAT_DELAY);
+                }
+                Err(_) => storage_open = false,
+            },
+            _ = tokio::time::sleep_until(storage_beat.unwrap_or_else(tokio::time::Instant::now)), if storage_beat.is_some() => {
+                storage_beat = None;
+                agent.heartbeat().await;
+            },
             _ = tick.tick() => agent.review().await,
         }
     }

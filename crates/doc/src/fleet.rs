@@ -124,8 +124,8 @@ pub struct Presence {
     /// newest record replaces the last) rather than in a document, so it keeps no history.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vitals: Option<Vitals>,
-    /// Why the node cannot write its store right now (a full disk), as it says itself: nothing
-    /// new from it is saved or sent until it can.
+    /// Why writes to the node's store fail (a full disk), now or within the last minute, as it
+    /// says itself: while they do, nothing new from it is saved or sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unwritable: Option<String>,
 }

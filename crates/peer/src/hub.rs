@@ -260,7 +260,20 @@ pub struct Hub {
     heartbeats: BTreeMap<NodeId, (Presence, Vec<u8>)>,
     /// Set while the store cannot be written.
     unwritable: Option<Unwritable>,
+    /// When output that every peer said it lacks is asked for again.
+    ask_again: AskAgain,
 }
+
+/// Output bytes no peer had when asked are asked for again, first after `ASK_AGAIN_MS` and then
+/// less often, up to `ASK_AGAIN_MAX_MS`; back to the start once any arrive.
+#[derive(Debug)]
+struct AskAgain {
+    at: Option<u64>,
+    every: u64,
+}
+
+const ASK_AGAIN_MS: u64 = 2_000;
+const ASK_AGAIN_MAX_MS: u64 = 60_000;
 
 /// Why and since when this node cannot make changes durable.
 #[derive(Debug, Clone, PartialEq)]
@@ -295,6 +308,7 @@ impl Hub {
             peers: BTreeMap::new(),
             heartbeats: BTreeMap::new(),
             unwritable: None,
+            ask_again: AskAgain { at: None, every: ASK_AGAIN_MS },
         }
     }
 
@@ -305,24 +319,25 @@ impl Hub {
 
     /// When [`Hub::handle_timeout`] is next due, if anything waits for a time.
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.unwritable.as_ref().map(|u| u.retry_at)
+        self.unwritable.as_ref().map(|u| u.retry_at).into_iter().chain(self.ask_again.at).min()
     }
 
     /// Does what was due by `now`: while the store cannot be written, asks again for every write
     /// that failed (with a check, so that recovery is noticed even when nothing waits).
     pub fn handle_timeout(&mut self, now: u64) -> Vec<Output> {
         let mut out = Vec::new();
+        if self.ask_again.at.is_some_and(|at| at <= now) {
+            self.ask_again.at = None;
+            self.ask_again.every = (self.ask_again.every * 2).min(ASK_AGAIN_MAX_MS);
+            let missing: Vec<(DocId, Vec<ChunkHash>)> =
+                self.docs.iter().map(|(id, e)| (*id, e.output.missing())).filter(|(_, m)| !m.is_empty()).collect();
+            for (id, hashes) in missing {
+                self.ask_everyone(id, hashes, &mut out);
+            }
+        }
         let Some(u) = self.unwritable.as_mut().filter(|u| u.retry_at <= now) else { return out };
         u.retry_at = now + RETRY_WRITES_MS;
-        let ids: Vec<DocId> = self.docs.keys().copied().collect();
-        for id in ids {
-            let Some(e) = self.docs.get_mut(&id) else { continue };
-            // Kept until acknowledged: whoever asked for them meanwhile gets them then.
-            for (hash, data) in &e.output.unwritten {
-                out.push(Output::PersistChunk { doc: id, hash: *hash, data: data.clone() });
-            }
-            self.persist(id, &mut out);
-        }
+        self.pending_persists(&mut out);
         out.push(Output::CheckWritable);
         out
     }
@@ -551,20 +566,16 @@ impl Hub {
             e.output.unwritten.remove(&hash);
             self.pass_on(id, hash, data, out);
         }
-        if self.unwritable.take().is_none() {
+        if self.unwritable.is_none() {
             return;
         }
-        // Writable again: what still waits is written first (the driver persists before it
-        // sends), then everything is offered afresh.
-        let ids: Vec<DocId> = self.docs.keys().copied().collect();
-        for id in &ids {
-            if let Some(e) = self.docs.get(id) {
-                for (hash, data) in &e.output.unwritten {
-                    out.push(Output::PersistChunk { doc: *id, hash: *hash, data: data.clone() });
-                }
-            }
-            self.persist(*id, out);
+        // A small write may fit where a large one does not: writable again only once everything
+        // that waited is written too (asked for here, in the same round).
+        if self.pending_persists(out) {
+            return;
         }
+        self.unwritable = None;
+        let ids: Vec<DocId> = self.docs.keys().copied().collect();
         // Leaving read-only resets each sync state and tells the peer to send again what was
         // ignored; a fresh exchange of every document follows.
         let peers: Vec<NodeId> = self.peers.keys().copied().collect();
@@ -719,6 +730,11 @@ impl Hub {
                         p.asked.remove(&(doc, *h));
                     });
                 }
+                // Whoever lacks it now may hold it later (a peer that could not read its store,
+                // a relay still fetching it): asked again after a while, less often each time.
+                if self.ask_again.at.is_none() && self.missing_output(&doc) > 0 {
+                    self.ask_again.at = Some(now + self.ask_again.every);
+                }
                 return;
             }
             Frame::Index { docs } => {
@@ -847,6 +863,9 @@ impl Hub {
             _ => return,
         }
         e.output.held.insert(hash, true);
+        if from.is_some() {
+            self.ask_again.every = ASK_AGAIN_MS;
+        }
         // Passed on to whoever asked once it is durable (`Input::Persisted`).
         out.push(Output::PersistChunk { doc, hash, data });
         if from.is_some() {
@@ -928,13 +947,29 @@ impl Hub {
         }
     }
 
-    /// Asks for whatever changed in `id` since the last persist to be made durable; false if
-    /// nothing had.
+    /// Asks again for every write that failed: output bytes kept in memory, and each document
+    /// from its durable heads on. False if nothing waits.
+    fn pending_persists(&mut self, out: &mut Vec<Output>) -> bool {
+        let ids: Vec<DocId> = self.docs.keys().copied().collect();
+        let mut any = false;
+        for id in ids {
+            any |= self.persist(id, out);
+        }
+        any
+    }
+
+    /// Asks for whatever changed in `id` since the last persist to be made durable, with the
+    /// output bytes made here that are still waiting to be written (never a reference without
+    /// its bytes); false if nothing waits.
     fn persist(&mut self, id: DocId, out: &mut Vec<Output>) -> bool {
         let Some(entry) = self.docs.get_mut(&id) else { return false };
+        // Kept until acknowledged: whoever asked for them meanwhile gets them then.
+        for (hash, data) in &entry.output.unwritten {
+            out.push(Output::PersistChunk { doc: id, hash: *hash, data: data.clone() });
+        }
         let heads = entry.doc.get_heads();
         if heads == entry.saved_heads {
-            return false;
+            return !entry.output.unwritten.is_empty();
         }
         let incremental = entry.doc.save_after(&entry.saved_heads);
         entry.saved_heads.clone_from(&heads);

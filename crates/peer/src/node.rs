@@ -144,13 +144,27 @@ pub(crate) struct Core {
     outboxes: std::collections::BTreeMap<NodeId, Outbox>,
     events: broadcast::Sender<NodeEvent>,
     /// Whether the store can be written, for everyone outside the core.
-    storage: tokio::sync::watch::Sender<Option<Unwritable>>,
+    storage: tokio::sync::watch::Sender<StorageState>,
+    /// A warning that the store cannot be written is in the log (its end is then logged too).
+    storage_warned: bool,
     /// Wakes the core when the hub's timer is due; weak, so the core still ends when the node
     /// is dropped.
     ticks: mpsc::WeakSender<Cmd>,
     /// The time a wake-up is already set for.
     tick_at: Option<u64>,
 }
+
+/// Whether this node's store can be written, as its core tells everyone else.
+#[derive(Debug, Clone, Default)]
+pub struct StorageState {
+    /// Why it cannot be written right now.
+    pub unwritable: Option<Unwritable>,
+    /// The last write that failed: when, and why.
+    pub last_failure: Option<(u64, String)>,
+}
+
+/// How long a failed write is still reported after writes succeed again.
+const STICKY_MS: u64 = 60_000;
 
 /// A change was made but could not be written yet (the store cannot be written: a full disk,
 /// an I/O error). It is kept in memory, written as soon as the store can be written, and sent
@@ -199,7 +213,8 @@ impl Core {
             })
             .collect();
         if writes.is_empty() {
-            return self.carry_out(outputs);
+            self.carry_out(outputs);
+            return Ok(());
         }
         let result = self.store.apply(&writes);
         // The chunks' bytes go back to the hub: passed on now they are durable, or kept.
@@ -210,12 +225,8 @@ impl Core {
         persists.chunks = chunk_docs.into_iter().zip(chunks).map(|(doc, (hash, data))| (doc, hash, data)).collect();
         match result {
             Ok(()) => {
-                let was_unwritable = self.hub.unwritable().is_some();
-                self.carry_out(outputs)?;
+                self.carry_out(outputs);
                 let more = self.hub.handle(crate::now_ms(), Input::Persisted(persists));
-                if was_unwritable && self.hub.unwritable().is_none() {
-                    info!("the store can be written again; catching up with peers");
-                }
                 // What waited is written by this, before anyone waiting is told.
                 let result = self.apply(more);
                 self.publish_storage();
@@ -223,12 +234,6 @@ impl Core {
             }
             Err(e) => {
                 let error = e.to_string();
-                if self.hub.unwritable().is_none() {
-                    warn!(
-                        "cannot write the store ({error}): nothing new is taken in or sent until it can; \
-                         what is waiting is kept and written then"
-                    );
-                }
                 // Nothing that depended on these writes goes out; the rest still happens. A
                 // heartbeat is no durable state (its copy here only keeps last-seen times over a
                 // restart), and a machine whose disk is full must not look switched off.
@@ -237,7 +242,7 @@ impl Core {
                     Output::SendChunks { .. } => false,
                     _ => true,
                 });
-                self.carry_out(unsent.collect())?;
+                self.carry_out(unsent.collect());
                 let more = self.hub.handle(crate::now_ms(), Input::PersistFailed { error: error.clone(), persists });
                 self.publish_storage();
                 self.apply(more)?;
@@ -246,23 +251,54 @@ impl Core {
         }
     }
 
-    /// Tells everyone outside the core whether the store can be written, when that changed.
-    fn publish_storage(&self) {
-        let now = self.hub.unwritable().cloned();
+    /// Tells everyone outside the core whether the store can be written, when that changed, and
+    /// says so in the log: at most once a minute, since a disk at its limit fits some writes and
+    /// not others, and would otherwise fill the log with the news.
+    fn publish_storage(&mut self) {
+        let unwritable = self.hub.unwritable().cloned();
+        let now = crate::now_ms();
+        let recent =
+            |s: &StorageState| s.last_failure.as_ref().is_some_and(|(at, _)| now.saturating_sub(*at) < STICKY_MS);
         self.storage.send_if_modified(|s| {
-            let changed = s.is_some() != now.is_some();
-            *s = now;
+            let changed = s.unwritable.is_some() != unwritable.is_some();
+            match (&unwritable, changed) {
+                (Some(u), true) if !recent(s) => {
+                    warn!(
+                        "cannot write the store ({}): nothing new is taken in or sent until it can; what is \
+                         waiting is kept and written then",
+                        u.error
+                    );
+                    self.storage_warned = true;
+                }
+                (None, true) if std::mem::take(&mut self.storage_warned) => {
+                    info!("the store can be written again; catching up with peers");
+                }
+                _ => {}
+            }
+            if let Some(u) = &unwritable {
+                s.last_failure = Some((now, u.error.clone()));
+            }
+            s.unwritable = unwritable;
             changed
         });
     }
 
     /// Carries out outputs that need no write: sends, disconnects, events.
-    fn carry_out(&mut self, outputs: Vec<Output>) -> Result<()> {
+    fn carry_out(&mut self, outputs: Vec<Output>) {
         for o in outputs {
             match o {
                 Output::Send { peer, conn, frame } => self.send(peer, conn, &frame),
                 Output::SendChunks { peer, conn, doc, hashes } => {
-                    let stored = self.store.chunks().context("reading output chunks")?;
+                    // A store that cannot be read right now answers "lacking": the peer asks
+                    // another, or again later, instead of waiting for an answer that never comes.
+                    let stored = match self.store.chunks() {
+                        Ok(stored) => stored,
+                        Err(e) => {
+                            warn!("reading output chunks: {e}");
+                            self.send(peer, conn, &Frame::Lacking { doc, hashes });
+                            continue;
+                        }
+                    };
                     let (mut frames, mut lacking) = (Vec::new(), Vec::new());
                     for hash in hashes {
                         match stored.chunk(&hash) {
@@ -308,7 +344,6 @@ impl Core {
                 | Output::CheckWritable => {}
             }
         }
-        Ok(())
     }
 
     /// Output of `doc` found damaged on disk while reading: forgotten in the store and asked of
@@ -384,8 +419,8 @@ struct Shared {
     lan: Lan,
     /// Peers being dialled right now.
     dialling: Arc<std::sync::Mutex<std::collections::BTreeSet<NodeId>>>,
-    /// Why the store cannot be written, while it cannot.
-    storage: tokio::sync::watch::Receiver<Option<Unwritable>>,
+    /// Whether the store can be written.
+    storage: tokio::sync::watch::Receiver<StorageState>,
 }
 
 /// A dial in progress; the peer leaves the set when it is dropped.
@@ -425,7 +460,7 @@ impl Node {
         let lan = Lan::start(SecretKey::from_bytes(&signer.secret()).public(), opts.listen);
         let endpoint = bind(&signer, opts.listen, &mut store, &relay_servers, &lan).await?;
         let (cmd, inbox) = mpsc::channel(256);
-        let (storage, storage_rx) = tokio::sync::watch::channel(None);
+        let (storage, storage_rx) = tokio::sync::watch::channel(StorageState::default());
         let ticks = cmd.downgrade();
         let (events, _) = broadcast::channel(1024);
         // Its own thread: every commit waits for fsync, which must not stall the tasks that move
@@ -443,8 +478,16 @@ impl Node {
                 Err(e) => return drop(loaded_tx.send(Err(e))),
             };
             let _ = loaded_tx.send(Ok(()));
-            let core =
-                Core { hub, store, outboxes: Default::default(), events: core_events, storage, ticks, tick_at: None };
+            let core = Core {
+                hub,
+                store,
+                outboxes: Default::default(),
+                events: core_events,
+                storage,
+                storage_warned: false,
+                ticks,
+                tick_at: None,
+            };
             run_core(core, inbox)
         })?;
         loaded.await.map_err(|_| anyhow!("the node's core stopped while loading"))??;
@@ -495,14 +538,31 @@ impl Node {
     /// Why this node cannot write its store, while it cannot (a full disk): nothing new is taken
     /// in or sent meanwhile, and what waits is written as soon as it can be.
     pub fn unwritable(&self) -> Option<Unwritable> {
-        self.shared.storage.borrow().clone()
+        self.shared.storage.borrow().unwritable.clone()
+    }
+
+    /// What to tell people about writing the store: why it cannot be written now, or why a
+    /// write failed within the last minute (a disk at its limit fits some writes and not
+    /// others, and is not fine just because the last one fitted).
+    pub fn write_trouble(&self) -> Option<String> {
+        let state = self.shared.storage.borrow();
+        if let Some(u) = &state.unwritable {
+            return Some(u.error.clone());
+        }
+        let (at, error) = state.last_failure.as_ref()?;
+        (crate::now_ms().saturating_sub(*at) < STICKY_MS).then(|| error.clone())
+    }
+
+    /// Changes whenever the store stops or starts being writable.
+    pub fn storage_changes(&self) -> tokio::sync::watch::Receiver<StorageState> {
+        self.shared.storage.clone()
     }
 
     /// Waits until the store can be written (at once if it can). A change that failed with
     /// [`NotDurable`] is durable when this returns.
     pub async fn wait_writable(&self) -> Result<()> {
         let mut rx = self.shared.storage.clone();
-        rx.wait_for(Option::is_none).await.map(|_| ()).map_err(|_| anyhow!("node has stopped"))
+        rx.wait_for(|s| s.unwritable.is_none()).await.map(|_| ()).map_err(|_| anyhow!("node has stopped"))
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
@@ -580,7 +640,7 @@ impl Node {
             at: crate::now_ms(),
             relay_server: None,
             vitals,
-            unwritable: self.unwritable().map(|u| u.error),
+            unwritable: self.write_trouble(),
         };
         let record = self.signer().sign(caisey_doc::record::RecordKind::Presence, &presence);
         self.with_core(move |core| {

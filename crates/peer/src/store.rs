@@ -292,7 +292,10 @@ impl Store {
             Ok(r)
         });
         if matches!(result, Err(StoreError::Redb(_))) {
+            // Opened again at once, so reads go on; if even that fails (repairing needs space
+            // too), the next write tries again.
             self.db = None;
+            self.db = open_db(&self.path, &self.log_path).ok();
         }
         result
     }

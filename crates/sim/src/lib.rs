@@ -40,6 +40,13 @@ pub struct Disk {
     pub states: BTreeMap<(NodeId, DocId), Vec<u8>>,
     /// Refuses every write while set, like a full filesystem.
     pub full: bool,
+    /// Bytes left, when limited: a write that needs more fails, a smaller one fits (and uses
+    /// them up), like a filesystem that is almost full.
+    pub room: Option<usize>,
+    /// When set to n, only every n-th write succeeds: a filesystem at its limit, where space
+    /// comes and goes as other files grow and shrink.
+    pub flaky: Option<u32>,
+    writes: u32,
 }
 
 impl Disk {
@@ -58,8 +65,23 @@ impl Disk {
         if !writes {
             return Ok(());
         }
-        if self.full {
+        let size: usize = outputs
+            .iter()
+            .map(|o| match o {
+                Output::PersistDoc { bytes, .. } => bytes.len(),
+                Output::PersistChunk { data, .. } => data.len(),
+                Output::PersistPresence { record, .. } => record.len(),
+                Output::PersistSyncState { state, .. } => state.len(),
+                _ => 8,
+            })
+            .sum();
+        self.writes = self.writes.wrapping_add(1);
+        let flaked = self.flaky.is_some_and(|n| !self.writes.is_multiple_of(n.max(1)));
+        if self.full || flaked || self.room.is_some_and(|room| size > room) {
             return Err("No space left on device (os error 28)".into());
+        }
+        if let Some(room) = &mut self.room {
+            *room -= size;
         }
         for o in outputs {
             match o {

@@ -107,3 +107,79 @@ fn an_agent_with_a_full_disk_sends_nothing_it_could_not_keep_and_loses_nothing_i
     assert_eq!(output_lines(&sim, a, sid, &o), vec![0, 1, 2]);
     assert!(sim.converged(sid));
 }
+
+#[test]
+fn a_disk_with_room_for_small_writes_only_is_not_taken_for_writable_until_everything_waiting_is_written() {
+    let o = Org::new(1);
+    let (mut sim, t, r, a, sid) = world(&o);
+    sim.faults.reorder = true;
+    // Room for heartbeats and sync states, not for output.
+    sim.nodes.get_mut(&a).unwrap().disk.room = Some(2_000);
+    let big = |seq: u64| OutputChunk { data: vec![b'x'; 4_000], ..chunk(seq) };
+    assert!(!sim.output(a, sid, &o.agents[0], vec![big(0)]));
+    let since = sim.hub(a).unwritable().map(|u| u.since);
+    for round in 0..20u64 {
+        // Small writes succeed now and then (a heartbeat), the output still does not fit.
+        let beat = caisey_doc::fleet::Presence {
+            node: a,
+            addrs: vec![],
+            at: 100 + round,
+            relay_server: None,
+            vitals: None,
+            unwritable: None,
+        };
+        let record = o.agents[0].sign(caisey_doc::record::RecordKind::Presence, &beat);
+        let out = sim.nodes.get_mut(&a).unwrap().hub.announce(record);
+        sim.apply(a, out);
+        sim.run_for(700);
+        // Unwritable all along, not back and forth.
+        assert_eq!(
+            sim.hub(a).unwritable().map(|u| u.since),
+            since,
+            "round {round}: a small write was taken for recovery"
+        );
+    }
+    assert_eq!(sim.heads(t, sid), sim.heads(r, sid));
+    assert_ne!(sim.heads(t, sid), sim.heads(a, sid), "output left the agent before it was written");
+    sim.nodes.get_mut(&a).unwrap().disk.room = None;
+    sim.run_for(3_000);
+    assert!(sim.hub(a).unwritable().is_none());
+    assert!(sim.converged(sid));
+    assert_eq!(sim.view(t, sid, &o.read_fleet()).commands[0].output.len(), 1);
+}
+
+#[test]
+fn output_written_on_a_disk_where_space_comes_and_goes_all_arrives_once_it_stays() {
+    for seed in 0..20 {
+        let o = Org::new(1);
+        let (t, r, a) = (o.tech.node_id(), o.relay.node_id(), o.agents[0].node_id());
+        let mut sim = o.sim(seed);
+        sim.faults.reorder = true;
+        sim.connect_all();
+        let (sid, doc) = o.session_for(a, 7);
+        assert!(sim.create(t, sid, DocKind::Session, doc));
+        sim.run_for(500);
+        sim.nodes.get_mut(&a).unwrap().disk.flaky = Some(3);
+        let mut written = 0;
+        for seq in 0..60 {
+            // As the runner does: more output only once what came before is durable.
+            if sim.hub(a).unwritable().is_none() {
+                sim.output(a, sid, &o.agents[0], vec![chunk(written)]);
+                written += 1;
+            }
+            sim.run_for(20 + seq % 7);
+        }
+        sim.nodes.get_mut(&a).unwrap().disk.flaky = None;
+        sim.run_for(5_000);
+        assert!(sim.hub(a).unwritable().is_none(), "seed {seed}");
+        assert!(sim.converged(sid), "seed {seed}: not converged");
+        for at in [t, r] {
+            assert_eq!(
+                output_lines(&sim, at, sid, &o),
+                (0..written).collect::<Vec<_>>(),
+                "seed {seed} at {}",
+                at.short()
+            );
+        }
+    }
+}

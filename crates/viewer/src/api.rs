@@ -308,6 +308,19 @@ pub struct NodeStatus {
     /// Documents holding changes the (first) relay has not confirmed yet; 0 with no relay.
     pub unconfirmed_docs: usize,
     pub sessions: usize,
+    /// Why this node cannot write its store (a full disk), while it cannot; since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unwritable: Option<Unwritable>,
+    /// Why a write failed within the last minute, though writes fit again now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_trouble: Option<String>,
+}
+
+/// Why a node cannot write its store, and since when.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Unwritable {
+    pub error: String,
+    pub since: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -411,6 +411,16 @@ async fn service(opts: &NodeOptions, args: &NodeArgs, what: ServiceCommand) -> R
     Ok(ExitCode::SUCCESS)
 }
 
+/// What a node that cannot write its store says about it, on one line.
+fn unwritable_line(error: &str, since: u64) -> String {
+    let since = format!(" since {}", time(since));
+    format!(
+        "store: CANNOT WRITE{since} ({}): nothing new is saved or sent until there is room; what waits is kept and \
+         written then",
+        visible_line(error)
+    )
+}
+
 /// A machine's card, readable: every value from the machine escaped.
 fn print_card(m: &crate::tech::Machine, software: bool) {
     use crate::gui::widgets::{ago, bytes};
@@ -426,6 +436,13 @@ fn print_card(m: &crate::tech::Machine, software: bool) {
     println!("  groups     {groups}");
     let seen = m.last_seen.map(|t| format!("{} ({})", ago(t, now), time(t))).unwrap_or_else(|| "never".into());
     println!("  last seen  {seen}");
+    if let Some(error) = &m.unwritable {
+        println!(
+            "  store      WRITES FAILING ({}): while they do, nothing new from it is saved or sent; what \
+             waits is kept and written when there is room",
+            visible_line(error)
+        );
+    }
     if let Some(v) = &m.vitals {
         println!("  live, as of when it was last seen:");
         let up = humantime::format_duration(Duration::from_secs(v.uptime_secs - v.uptime_secs % 60));
@@ -588,8 +605,9 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                         MachinePath::ThroughRelay => "through the relay, ",
                         MachinePath::Offline => "",
                     };
+                    let full = if m.unwritable.is_some() { ", WRITES FAILING on its store" } else { "" };
                     println!(
-                        "{state}  {:<20} {:<24} {}  ({path}{seen})",
+                        "{state}  {:<20} {:<24} {}  ({path}{seen}{full})",
                         visible(&m.name),
                         visible(&m.groups.join(",")),
                         visible(&os)
@@ -1247,6 +1265,13 @@ async fn status(opts: &NodeOptions, json: bool) -> Result<ExitCode> {
         println!("  peer {} ({}, {role}): {path}", visible(&p.name), p.node.short());
     }
     println!("  {} session(s); {} document(s) waiting to sync", s.sessions, s.unconfirmed_docs);
+    match (&s.unwritable, &s.write_trouble) {
+        (Some(u), _) => println!("  {}", unwritable_line(&u.error, u.since)),
+        (None, Some(error)) => {
+            println!("  store: writes fit again, but one failed within the last minute ({})", visible_line(error))
+        }
+        (None, None) => {}
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -358,6 +358,8 @@ impl TechService {
             peers,
             unconfirmed_docs: relays.first().map(|r| r.unconfirmed_docs).unwrap_or(0),
             relays,
+            unwritable: node.unwritable().map(|u| crate::api::Unwritable { error: u.error, since: u.since }),
+            write_trouble: node.write_trouble(),
             sessions: node.sessions().await?.len(),
         })
     }

@@ -193,6 +193,10 @@ pub struct Machine {
     /// Its live state as of `last_seen` (uptime, memory, disk, logged-in users, addresses).
     #[serde(default)]
     pub vitals: Option<Vitals>,
+    /// Why writes to the agent's store fail (now, or within the last minute), as it said in its
+    /// last heartbeat: while they do, nothing new from it is saved or sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unwritable: Option<String>,
 }
 
 /// How the technician's node reaches a machine right now.
@@ -251,6 +255,7 @@ pub async fn machines(node: &Node, group: Option<&str>, search: Option<&str>) ->
                 last_seen,
                 card: fleet.cards.get(&m.node).cloned(),
                 vitals: fleet.presence.get(&m.node).and_then(|p| p.vitals.clone()),
+                unwritable: fleet.presence.get(&m.node).filter(|_| heard).and_then(|p| p.unwritable.clone()),
             }
         })
         .filter(|m| search.as_deref().is_none_or(|s| m.matches(s)))
@@ -962,15 +967,21 @@ pub struct SyncStatus {
     pub relays: usize,
     pub relays_connected: usize,
     pub unconfirmed_docs: usize,
+    /// Why writes to this node's store fail (now, or within the last minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unwritable: Option<String>,
 }
 
 pub async fn sync_status(node: &Node) -> Result<SyncStatus> {
     let relays = node.relay_contacts().await?;
-    let Some(first) = relays.first().map(|c| c.node) else { return Ok(SyncStatus::default()) };
+    let unwritable = node.write_trouble();
+    let Some(first) = relays.first().map(|c| c.node) else {
+        return Ok(SyncStatus { unwritable, ..Default::default() });
+    };
     let connected: Vec<NodeId> = node.peers().await?.into_iter().map(|p| p.peer).collect();
     let relays_connected = relays.iter().filter(|r| connected.contains(&r.node)).count();
     let unconfirmed_docs = node.unconfirmed_docs(first).await?;
-    Ok(SyncStatus { relays: relays.len(), relays_connected, unconfirmed_docs })
+    Ok(SyncStatus { relays: relays.len(), relays_connected, unconfirmed_docs, unwritable })
 }
 
 /// One machine's part of a group run: its latest command there.

@@ -381,7 +381,13 @@ impl ViewerApp {
         } else {
             String::new()
         };
-        if s.relays == 0 {
+        if let Some(error) = &s.unwritable {
+            let text = format!(
+                "writes to this machine's store fail ({}): while they do, nothing new is saved or sent",
+                caisey_doc::text::visible_line(error)
+            );
+            ui.colored_label(ui.visuals().error_fg_color, text);
+        } else if s.relays == 0 {
             ui.label("no relay configured");
         } else if s.relays_connected == 0 {
             ui.colored_label(ui.visuals().warn_fg_color, format!("offline: showing what this machine has{waiting}"));
