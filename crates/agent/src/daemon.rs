@@ -1,12 +1,12 @@
-//! `caisey-agent run`: the endpoint daemon.
+//! `caisey-agent run`: the endpoint daemon, the IO around the agent's decisions ([`Gate`]).
 //!
 //! It keeps the agent's node connected to the org's relays, publishes the machine card and a
-//! heartbeat, watches the sessions that target this machine, and runs a command only after the
-//! local user approved that exact request over the local socket. The approval and the start are
-//! one durable change, written before the process is spawned; so a crash can leave a command
+//! heartbeat, feeds the gate every session that targets this machine and the local user's
+//! decisions (over the local socket), wakes it at its next expiry, and carries out what it
+//! decides: writes into sessions, and starting commands. The approval and the start are one
+//! durable change, written before the process is spawned; so a crash can leave a command
 //! *interrupted*, never run twice.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +21,7 @@ use caisey_peer::now_ms;
 use caisey_peer::wire::DocKind;
 use tracing::{debug, info, warn};
 
-use crate::gate::{self, Action, Pending};
+use crate::gate::{Action, Gate};
 use crate::local::{AgentApi, LocalReply, LocalRequest, PendingItem};
 use crate::{card, runner};
 use caisey_peer::local::{self, Answer, Clients};
@@ -34,22 +34,16 @@ const STORAGE_BEAT_DELAY: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Agent {
     node: Node,
-    state: Arc<Mutex<State>>,
-    /// One refresh at a time: a refresh reads a session, then stores its view; interleaved, an
-    /// older read could be stored over a newer one.
+    gate: Arc<Mutex<Gate>>,
+    /// One refresh at a time: a refresh reads a session, then hands its view to the gate;
+    /// interleaved, an older read could be handed over after a newer one.
     refreshing: Arc<tokio::sync::Mutex<()>>,
+    /// Wakes the event loop when the gate's next expiry may have changed.
+    rearm: Arc<tokio::sync::Notify>,
 }
 
-#[derive(Default)]
-struct State {
-    /// Sessions targeting this agent, read without output.
-    views: BTreeMap<DocId, SessionView>,
-    pending: Vec<Pending>,
-    running: BTreeSet<Id128>,
-    /// Requests a (remote) approval could not start, e.g. because this machine's user had denied
-    /// them first: not retried.
-    refused: BTreeSet<Id128>,
-}
+/// How long an action whose write failed waits before it is tried again.
+const RETRY_FAILED: Duration = Duration::from_secs(5);
 
 /// Who besides the agent's own user may use its local socket: list, approve and deny requests
 /// (`caisey-agent pending`, the consent window). An agent running as root for the whole machine
@@ -79,15 +73,20 @@ async fn run_node_with(node: Node, consent_gid: Option<u32>, shutdown: impl Futu
         node.shutdown().await;
         bail!("this agent is not enrolled; run `caisey-agent enroll TOKEN` first");
     }
-    let agent = Agent { node: node.clone(), state: Arc::default(), refreshing: Arc::default() };
+    let agent = Agent {
+        node: node.clone(),
+        gate: Arc::new(Mutex::new(Gate::new(node.id()))),
+        refreshing: Arc::default(),
+        rearm: Arc::default(),
+    };
     let mut events = node.subscribe();
     node.keep_connected();
     agent.publish_card().await?;
+    // Anything started by an earlier run and never ended is recorded as interrupted as its
+    // session is read.
     for doc in node.sessions().await? {
         agent.refresh(doc).await;
     }
-    // Anything started by an earlier run and never ended is recorded as interrupted now.
-    agent.review().await;
     let listener = local::socket::bind(&node.home().socket_path())?;
     if let Some(gid) = consent_gid {
         listener.share_with_group(gid)?;
@@ -102,7 +101,6 @@ async fn run_node_with(node: Node, consent_gid: Option<u32>, shutdown: impl Futu
     });
     info!(node = %node.id().short(), "agent running");
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
     // A store that stops (or starts again) being writable is told at once, in a heartbeat
     // (at most one every few seconds: a disk at its limit flips often).
     let mut storage = node.storage_changes();
@@ -113,18 +111,19 @@ async fn run_node_with(node: Node, consent_gid: Option<u32>, shutdown: impl Futu
         tokio::select! {
             _ = &mut shutdown => break,
             ev = events.recv() => match ev {
-                Ok(NodeEvent::DocChanged(doc)) => {
-                    agent.refresh(doc).await;
-                    agent.review().await;
-                }
+                Ok(NodeEvent::DocChanged(doc)) => agent.refresh(doc).await,
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     for doc in node.sessions().await? {
                         agent.refresh(doc).await;
                     }
-                    agent.review().await;
                 }
                 Err(_) => break,
+            },
+            // The gate's next expiry (its timer lives in it; this only sleeps until then).
+            _ = agent.next_expiry() => {
+                let actions = agent.with_gate_quiet(|g| g.handle_timeout(now_ms()));
+                agent.act_all(actions);
             },
             _ = heartbeat.tick() => agent.heartbeat().await,
             changed = storage.changed(), if storage_open => match changed {
@@ -137,7 +136,6 @@ async fn run_node_with(node: Node, consent_gid: Option<u32>, shutdown: impl Futu
                 storage_beat = None;
                 agent.heartbeat().await;
             },
-            _ = tick.tick() => agent.review().await,
         }
     }
     server.abort();
@@ -171,10 +169,41 @@ impl Agent {
         }
     }
 
-    /// Re-reads one session (if it targets us) after it changed.
+    /// Runs `f` on the gate (never across an await).
+    fn with_gate<R>(&self, f: impl FnOnce(&mut Gate) -> R) -> R {
+        let mut gate = self.gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let r = f(&mut gate);
+        drop(gate);
+        self.rearm.notify_one();
+        r
+    }
+
+    /// Resolves at the gate's next expiry, or as soon as that may have moved (the gate was
+    /// used since): the caller then lets the gate look, and asks again.
+    async fn next_expiry(&self) {
+        let due = self.with_gate_quiet(|g| g.poll_timeout());
+        let rearmed = self.rearm.notified();
+        match due {
+            Some(at) => {
+                let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = rearmed => {}
+                }
+            }
+            None => rearmed.await,
+        }
+    }
+
+    /// [`Agent::with_gate`] without waking the event loop (for reading the timer itself).
+    fn with_gate_quiet<R>(&self, f: impl FnOnce(&mut Gate) -> R) -> R {
+        f(&mut self.gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Re-reads one session after it changed and hands it to the gate; carries out what that
+    /// decides.
     async fn refresh(&self, doc: DocId) {
         let _one_at_a_time = self.refreshing.lock().await;
-        let me = self.node.id();
         // Read where the fleet is, rather than copying it for every change of every session.
         let view = self
             .node
@@ -182,43 +211,61 @@ impl Agent {
             .await
             .ok()
             .flatten()
-            .flatten()
-            .filter(|v| v.targets.contains(&me));
-        debug!(doc = %doc.short(), targets_me = view.is_some(), "session refreshed");
-        if let Ok(mut st) = self.state.lock() {
-            match view {
-                Some(v) => {
-                    st.views.insert(doc, v);
-                }
-                None => {
-                    st.views.remove(&doc);
-                }
-            }
-        }
+            .flatten();
+        debug!(doc = %doc.short(), "session refreshed");
+        let actions = self.with_gate(|g| g.session(doc, view, now_ms()));
+        self.act_all(actions);
     }
 
-    /// Recomputes what waits for the user and writes expiries and interruptions.
-    async fn review(&self) {
-        let actions = {
-            let Ok(mut st) = self.state.lock() else { return };
-            let views: Vec<(DocId, SessionView)> = st.views.iter().map(|(k, v)| (*k, v.clone())).collect();
-            let (pending, actions) = gate::review(self.node.id(), &views, &st.running, now_ms());
-            st.pending = pending;
-            actions
-        };
+    /// Carries out each action in its own task, reporting back to the gate.
+    fn act_all(&self, actions: Vec<Action>) {
         for action in actions {
-            if let Err(e) = self.act(action).await {
-                warn!("{e:#}");
-            }
+            let agent = self.clone();
+            tokio::spawn(async move { agent.act(action).await });
         }
     }
 
-    async fn act(&self, action: Action) -> Result<()> {
+    /// Carries out one action and reports to the gate. A write that fails is tried again after
+    /// [`RETRY_FAILED`] (the gate asks again once it is reported done).
+    async fn act(&self, action: Action) {
+        let (request, session) = match &action {
+            Action::Expire { session, request }
+            | Action::Interrupted { session, request }
+            | Action::Start { session, request, .. }
+            | Action::Deny { session, request, .. }
+            | Action::NotRun { session, request, .. } => (*request, *session),
+        };
+        if let Action::Start { local, .. } = action {
+            let remote = local.is_none();
+            if let Err(e) = self.start(session, request, local).await {
+                if remote {
+                    warn!(request = %request.short(), "an approval could not be used: {e:#}");
+                }
+                let actions = self.with_gate(|g| g.refused(request, session, remote, format!("{e:#}"), now_ms()));
+                self.act_all(actions);
+            }
+            return;
+        }
+        let result = self.write(action).await;
+        self.refresh(session).await;
+        if let Err(e) = result {
+            warn!(request = %request.short(), "{e:#}");
+            tokio::time::sleep(RETRY_FAILED).await;
+        }
+        let actions = self.with_gate(|g| g.done(request, now_ms()));
+        self.act_all(actions);
+    }
+
+    /// Writes what the gate decided into the session, each time checked against the session as
+    /// it stands at the moment of writing.
+    async fn write(&self, action: Action) -> Result<()> {
         let signer = self.node.signer().clone();
         let me = self.node.id();
         match action {
             Action::Expire { session, request } => {
-                let Some((req, requester)) = self.request(session, request) else { return Ok(()) };
+                let Some((req, requester)) = self.with_gate_quiet(|g| g.request(session, request)) else {
+                    return Ok(());
+                };
                 info!(request = %request.short(), "request expired without a decision");
                 let now = now_ms();
                 let d = Decision {
@@ -240,12 +287,20 @@ impl Agent {
                     }
                     Ok(())
                 })
+                .await
+            }
+            Action::Deny { session, request, decision } => {
+                let code = self.with_gate_quiet(|g| g.request(session, request)).map(|(r, _)| r.approval_code());
+                let code = code.ok_or_else(|| anyhow!("request {} is no longer valid", request.short()))?;
+                self.record_decision(session, request, b"denied", move |view, doc| {
+                    check_still_pending(view, request, code, me, now_ms())?;
+                    Ok(SessionWriter::decide(doc, &signer, &decision)?)
+                })
                 .await?;
+                info!(request = %request.short(), "denied by the local user");
+                Ok(())
             }
             Action::Interrupted { session, request } => {
-                if self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.contains(&request) {
-                    return Ok(());
-                }
                 // What is left of it, if anything ignored the signal it got when the agent died.
                 let key = runner::running_key(&request);
                 let running: Option<crate::process::Running> =
@@ -277,27 +332,11 @@ impl Agent {
                         Ok(((), vec![]))
                     })
                     .await?;
-                self.node.forget_setting(&key).await?;
+                self.node.forget_setting(&key).await
             }
-            Action::RunApproved { session, request } => {
-                if self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.refused.contains(&request) {
-                    return Ok(());
-                }
-                if let Err(e) = self.consume_and_run(session, request, None).await {
-                    if e.downcast_ref::<AlreadyStarting>().is_some() {
-                        return Ok(());
-                    }
-                    self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.refused.insert(request);
-                    // Refused for good (denied here, used, expired): every view must say so, not
-                    // show an approved command as running forever.
-                    let why = format!("the approval was not used: {e:#}");
-                    self.write_not_run(session, request, why).await?;
-                    warn!(request = %request.short(), "an approval could not be used: {e:#}");
-                }
-            }
-            Action::NotRun { session, request, why } => self.write_not_run(session, request, why.to_string()).await?,
+            Action::NotRun { session, request, why } => self.write_not_run(session, request, why).await,
+            Action::Start { .. } => Ok(()),
         }
-        Ok(())
     }
 
     /// Ends a request that will never run here, saying why, unless it started or ended meanwhile.
@@ -324,61 +363,57 @@ impl Agent {
             .await
     }
 
-    fn request(&self, session: DocId, id: Id128) -> Option<(CommandRequest, NodeId)> {
-        let st = self.state.lock().ok()?;
-        let c = st.views.get(&session)?.command(&id)?;
-        Some((c.request.clone(), c.requester))
-    }
-
-    fn find_pending(&self, prefix: &str) -> Result<Pending> {
-        let prefix =
-            caisey_doc::session::typed_approval_code(prefix, "caisey-agent pending").map_err(|e| anyhow!(e))?;
-        let st = self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?;
-        let matches: Vec<&Pending> = st.pending.iter().filter(|p| p.code.to_hex().starts_with(&prefix)).collect();
-        match matches.as_slice() {
-            [one] => Ok((*one).clone()),
-            [] => {
-                bail!("no pending request {prefix}; it may have changed or been decided (see `caisey-agent pending`)")
-            }
-            _ => bail!("{prefix} matches {} pending requests; give more of the code", matches.len()),
-        }
-    }
-
-    /// The local user's decision on the request with approval code `prefix`.
-    async fn decide(&self, prefix: &str, approve: bool) -> Result<String> {
-        let p = self.find_pending(prefix)?;
+    /// The local user's decision on the request with approval code `typed`; the reply says
+    /// what became of it.
+    async fn decide(&self, typed: &str, approve: bool) -> Result<String> {
         let me = self.node.id();
         // Only our own name: not a copy of the whole fleet (a thousand members) per decision.
         let machine = self.node.member_name(me).await?.unwrap_or_default();
         let now = now_ms();
-        let decision = Decision {
-            request: p.id,
-            session: p.session,
-            target: me,
-            requester: p.requester,
-            command_hash: p.request.command.hash(),
-            verdict: if approve { Verdict::Approved } else { Verdict::Denied },
-            decided_by: format!("local user on {machine}"),
-            decided_at: now,
-            expires_at: now,
-            nonce: Id128(rand::random()),
-        };
-        if approve {
-            self.consume_and_run(p.session, p.id, Some((decision, p.code))).await?;
-            return Ok(format!("approved {}; running", p.code.short()));
+        let action = self
+            .with_gate(|g| {
+                g.decide(typed, |p| Decision {
+                    request: p.id,
+                    session: p.session,
+                    target: me,
+                    requester: p.requester,
+                    command_hash: p.request.command.hash(),
+                    verdict: if approve { Verdict::Approved } else { Verdict::Denied },
+                    decided_by: format!("local user on {machine}"),
+                    decided_at: now,
+                    expires_at: now,
+                    nonce: Id128(rand::random()),
+                })
+            })
+            .map_err(|e| anyhow!(e))?;
+        let (request, session) = (
+            action.request(),
+            match &action {
+                Action::Start { session, .. } | Action::Deny { session, .. } => *session,
+                _ => bail!("unexpected decision"),
+            },
+        );
+        let code = self.with_gate_quiet(|g| g.request(session, request)).map(|(r, _)| r.approval_code().short());
+        let code = code.unwrap_or_else(|| request.short());
+        match action {
+            Action::Start { local, .. } => match self.start(session, request, local).await {
+                Ok(()) => Ok(format!("approved {code}; running")),
+                Err(e) => {
+                    let actions = self.with_gate(|g| g.refused(request, session, false, format!("{e:#}"), now_ms()));
+                    self.act_all(actions);
+                    Err(e)
+                }
+            },
+            deny => {
+                let result = self.write(deny).await;
+                // The reply must already hold: a `pending` (or the consent window's next poll)
+                // right after a deny must not list the request.
+                self.refresh(session).await;
+                let actions = self.with_gate(|g| g.done(request, now_ms()));
+                self.act_all(actions);
+                result.map(|()| format!("denied {code}"))
+            }
         }
-        let (session, id, code, signer) = (p.session, p.id, p.code, self.node.signer().clone());
-        self.record_decision(session, id, b"denied", move |view, doc| {
-            check_still_pending(view, id, code, me, now)?;
-            Ok(SessionWriter::decide(doc, &signer, &decision)?)
-        })
-        .await?;
-        // The event loop will also see this change, but the reply must already hold: a `pending`
-        // (or the consent window's next poll) right after a deny must not list the request.
-        self.refresh(session).await;
-        self.review().await;
-        info!(request = %id.short(), "denied by the local user");
-        Ok(format!("denied {}", code.short()))
     }
 
     /// Writes a denial or expiry into the session (via `write`, which checks the session as it is
@@ -403,23 +438,21 @@ impl Agent {
 
     /// The one way a command starts: re-checks the approval against the document as it is now,
     /// records its nonce as consumed and the start in the session (with the local decision, if
-    /// it is one), durably, and only then spawns the process.
-    async fn consume_and_run(&self, session: DocId, id: Id128, local: Option<(Decision, Id128)>) -> Result<()> {
+    /// it is one), durably, and only then spawns the process. Reports the start to the gate;
+    /// a refusal is the caller's to report.
+    async fn start(&self, session: DocId, id: Id128, local: Option<Decision>) -> Result<()> {
         let me = self.node.id();
         let signer = self.node.signer().clone();
-        // Marked running first, so the change below is never mistaken for an interrupted run;
-        // and only one caller at a time may try to start a request.
-        if !self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.insert(id) {
-            return Err(AlreadyStarting(id).into());
-        }
-        let consumed = self
+        let code = self.with_gate_quiet(|g| g.request(session, id)).map(|(r, _)| r.approval_code());
+        let request = self
             .node
             .change_guarded(session, move |doc, guard| -> Result<(CommandRequest, Vec<LocalRecord>)> {
                 let now = now_ms();
                 let view = SessionView::read_without_output(&*doc, guard.fleet())?;
                 let (approved_by, nonce) = match &local {
-                    Some((d, code)) => {
-                        check_still_pending(&view, id, *code, me, now)?;
+                    Some(d) => {
+                        let code = code.ok_or_else(|| anyhow!("request {} is no longer valid", id.short()))?;
+                        check_still_pending(&view, id, code, me, now)?;
                         (me, d.nonce)
                     }
                     None => {
@@ -448,8 +481,7 @@ impl Agent {
                 let request =
                     view.command(&id).map(|c| c.request.clone()).ok_or_else(|| anyhow!("request vanished"))?;
                 let start = Start { request: id, session, started_at: now, approved_by, nonce };
-                let decision = local.as_ref().map(|(d, _)| d.clone());
-                SessionWriter::start(doc, &signer, decision.as_ref(), &start)?;
+                SessionWriter::start(doc, &signer, local.as_ref(), &start)?;
                 // The nonce, the local record and the start: one transaction.
                 let consumed = vec![
                     LocalRecord { key, value: now.to_be_bytes().to_vec() },
@@ -457,41 +489,25 @@ impl Agent {
                 ];
                 Ok((request, consumed))
             })
-            .await;
-        let request = match consumed {
-            Ok(request) => request,
-            Err(e) => {
-                self.state.lock().map_err(|_| anyhow!("agent state poisoned"))?.running.remove(&id);
-                return Err(e);
-            }
-        };
+            .await?;
+        self.with_gate(|g| g.started(id));
         info!(request = %id.short(), script = %request.command.script, "approved; running");
         let agent = self.clone();
         tokio::spawn(async move {
             if let Err(e) = runner::run(agent.node.clone(), session, request).await {
                 warn!(request = %id.short(), "run failed: {e:#}");
             }
-            // The view must show the end before the command leaves `running`; otherwise a
-            // review in between would take it for a run interrupted by a crash.
+            // The gate sees the end before the command leaves `running`; otherwise a review in
+            // between would take it for a run interrupted by a crash.
             agent.refresh(session).await;
-            if let Ok(mut st) = agent.state.lock() {
-                st.running.remove(&id);
-            }
+            let actions = agent.with_gate(|g| g.ended(id, now_ms()));
+            agent.act_all(actions);
         });
         Ok(())
     }
 
-    /// The codes of the requests running now, as their users approved them.
-    fn running_codes(&self) -> Vec<Id128> {
-        let Ok(st) = self.state.lock() else { return vec![] };
-        st.running
-            .iter()
-            .filter_map(|id| st.views.values().find_map(|v| v.command(id)).map(|c| c.request.approval_code()))
-            .collect()
-    }
-
     async fn pending_items(&self) -> Vec<PendingItem> {
-        let pending = self.state.lock().map(|st| st.pending.clone()).unwrap_or_default();
+        let pending = self.with_gate_quiet(|g| g.pending().to_vec());
         let mut items = Vec::with_capacity(pending.len());
         for p in pending {
             let technician =
@@ -514,11 +530,6 @@ impl Agent {
         items
     }
 }
-
-/// Another caller is starting (or running) this request right now: not a refusal.
-#[derive(Debug, thiserror::Error)]
-#[error("request {} is already being started or running", .0.short())]
-struct AlreadyStarting(Id128);
 
 /// The store key under which this agent remembers what it did with a request.
 fn request_key(id: &Id128) -> String {
@@ -550,7 +561,7 @@ impl caisey_peer::local::Service for Agent {
     async fn handle(&self, req: LocalRequest) -> Answer<LocalReply> {
         let result = match req {
             LocalRequest::Pending => {
-                let running = self.running_codes();
+                let running = self.with_gate_quiet(|g| g.running_codes());
                 return Answer::One(LocalReply::Pending { pending: self.pending_items().await, running });
             }
             LocalRequest::Approve { id } => self.decide(&id, true).await,

@@ -1,21 +1,33 @@
-//! The approval gate's decisions, as a pure function of what the agent's sessions say.
+//! The agent's decisions, as a sans-IO state machine: [`Gate`].
 //!
-//! Given the sessions that target this agent, the commands it is running right now, and the
-//! time, `review` says which requests wait for the endpoint user, which have expired, and which
-//! were started by an earlier run of this agent and never ended: those were interrupted (the
-//! agent crashed or was stopped) and are recorded as such — never run again.
+//! It holds the sessions that target this agent (read without output), the commands this
+//! process started and runs, and what it asked its driver to write; it takes events — a
+//! session changed, the local user decided, a start was written or refused, a command ended —
+//! each with the time, and returns [`Action`]s for the driver (`daemon.rs`) to carry out and
+//! report back. It owns no clock, socket or file, so every rule below is a deterministic unit
+//! test, and the simulation crate runs many agents in one thread.
+//!
+//! The rules:
+//! - A request waits for the endpoint user until it expires; then it is recorded as expired.
+//! - An approval by a designated approver starts the request, once, while both it and the
+//!   request are in force; one that arrives too late is recorded as "not run", with why.
+//! - A request started by an earlier run of this agent that never ended was interrupted (the
+//!   agent crashed or was stopped); it is recorded as such, never run again.
+//! - Nothing is asked twice: an action stays outstanding until the driver reports it done.
+//! - Time matters only at expiries, so [`Gate::poll_timeout`] says when to look again; there is
+//!   no polling.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use caisey_doc::id::{DocId, Id128, NodeId};
-use caisey_doc::session::{CommandRequest, SessionView, Verdict};
+use caisey_doc::session::{CommandRequest, Decision, SessionView, Verdict, typed_approval_code};
 use serde::Serialize;
 
 /// A request waiting for the endpoint user's decision.
 #[derive(Debug, Clone, Serialize)]
 pub struct Pending {
     /// The approval code (see `CommandRequest::approval_code`): names the request and its exact
-    /// command. `approve`/`deny` accept any unique prefix of it.
+    /// command. `approve`/`deny` take the whole code, as listings show it.
     pub code: Id128,
     pub id: Id128,
     pub session: DocId,
@@ -24,7 +36,8 @@ pub struct Pending {
     pub request: CommandRequest,
 }
 
-/// Something the agent must write.
+/// Something the driver must do, then report with [`Gate::done`] (or, for a start,
+/// [`Gate::started`] / [`Gate::refused`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Expire {
@@ -35,22 +48,201 @@ pub enum Action {
         session: DocId,
         request: Id128,
     },
-    /// A designated approver approved it: consume the approval and run.
-    RunApproved {
+    /// Consume the approval and record the start in one durable change, then run the command.
+    /// `local`: the endpoint user's own approval, written with the start.
+    Start {
         session: DocId,
         request: Id128,
+        local: Option<Decision>,
     },
-    /// Approved, but too late: the request had expired. Say so in the session, for good.
+    /// Record the endpoint user's denial (with a local record, so no approval merged in later
+    /// can start it).
+    Deny {
+        session: DocId,
+        request: Id128,
+        decision: Decision,
+    },
+    /// It will never run here; say so in the session, for good.
     NotRun {
         session: DocId,
         request: Id128,
-        why: &'static str,
+        why: String,
     },
 }
 
-pub fn review(
+impl Action {
+    pub fn request(&self) -> Id128 {
+        match self {
+            Action::Expire { request, .. }
+            | Action::Interrupted { request, .. }
+            | Action::Start { request, .. }
+            | Action::Deny { request, .. }
+            | Action::NotRun { request, .. } => *request,
+        }
+    }
+}
+
+/// The agent's decisions.
+#[derive(Debug)]
+pub struct Gate {
     me: NodeId,
-    sessions: &[(DocId, SessionView)],
+    views: BTreeMap<DocId, SessionView>,
+    pending: Vec<Pending>,
+    /// Started by this process and not ended yet (its runner is at work).
+    running: BTreeSet<Id128>,
+    /// Asked of the driver and not reported done yet: not asked again meanwhile.
+    outstanding: BTreeSet<Id128>,
+    /// Approvals this agent refused to use (denied here first, used, expired): not tried again.
+    refused: BTreeSet<Id128>,
+}
+
+impl Gate {
+    pub fn new(me: NodeId) -> Self {
+        Gate {
+            me,
+            views: BTreeMap::new(),
+            pending: Vec::new(),
+            running: BTreeSet::new(),
+            outstanding: BTreeSet::new(),
+            refused: BTreeSet::new(),
+        }
+    }
+
+    /// Session `doc` as it reads now; `None` when it no longer targets this agent (or does not
+    /// read).
+    pub fn session(&mut self, doc: DocId, view: Option<SessionView>, now: u64) -> Vec<Action> {
+        match view.filter(|v| v.targets.contains(&self.me)) {
+            Some(v) => self.views.insert(doc, v),
+            None => self.views.remove(&doc),
+        };
+        self.review(now)
+    }
+
+    /// What waits for the endpoint user now, oldest first.
+    pub fn pending(&self) -> &[Pending] {
+        &self.pending
+    }
+
+    /// The approval codes of the commands running now.
+    pub fn running_codes(&self) -> Vec<Id128> {
+        self.running
+            .iter()
+            .filter_map(|id| self.views.values().find_map(|v| v.command(id)).map(|c| c.request.approval_code()))
+            .collect()
+    }
+
+    /// A request as the sessions show it, with who asked.
+    pub fn request(&self, session: DocId, id: Id128) -> Option<(CommandRequest, NodeId)> {
+        let c = self.views.get(&session)?.command(&id)?;
+        Some((c.request.clone(), c.requester))
+    }
+
+    /// The endpoint user approves or denies the request whose code they typed (the whole code
+    /// as listings show it, or more of it).
+    /// `decision` is theirs, made by the driver (it signs and names the machine); checked
+    /// here against what is pending.
+    pub fn decide(&mut self, typed: &str, decision: impl FnOnce(&Pending) -> Decision) -> Result<Action, String> {
+        let code = typed_approval_code(typed, "caisey-agent pending")?;
+        let matches: Vec<&Pending> = self.pending.iter().filter(|p| p.code.to_hex().starts_with(&code)).collect();
+        let p = match matches.as_slice() {
+            [one] => (*one).clone(),
+            [] => {
+                return Err(format!(
+                    "no pending request {code}; it may have changed or been decided (see `caisey-agent pending`)"
+                ));
+            }
+            _ => return Err(format!("{code} matches {} pending requests; give more of the code", matches.len())),
+        };
+        if !self.outstanding.insert(p.id) {
+            return Err(format!("request {} is being decided already", p.code.short()));
+        }
+        let d = decision(&p);
+        let action = if d.verdict == Verdict::Approved {
+            self.running.insert(p.id);
+            Action::Start { session: p.session, request: p.id, local: Some(d) }
+        } else {
+            Action::Deny { session: p.session, request: p.id, decision: d }
+        };
+        self.pending.retain(|q| q.id != p.id);
+        Ok(action)
+    }
+
+    /// The driver wrote the start of `request`: its command runs until [`Gate::ended`].
+    pub fn started(&mut self, request: Id128) {
+        self.outstanding.remove(&request);
+        self.running.insert(request);
+    }
+
+    /// The driver could not start `request` (checked again as the session stands at write time:
+    /// denied here first, approval used or expired, request changed). A remote approval is then
+    /// refused for good, and the session told why; a local one is the user's to try again.
+    pub fn refused(&mut self, request: Id128, session: DocId, remote: bool, why: String, now: u64) -> Vec<Action> {
+        self.outstanding.remove(&request);
+        self.running.remove(&request);
+        let mut actions = Vec::new();
+        if remote && self.refused.insert(request) {
+            self.outstanding.insert(request);
+            actions.push(Action::NotRun { session, request, why: format!("the approval was not used: {why}") });
+        }
+        actions.extend(self.review(now));
+        actions
+    }
+
+    /// The command of `request` ended (its end is written).
+    pub fn ended(&mut self, request: Id128, now: u64) -> Vec<Action> {
+        self.running.remove(&request);
+        self.review(now)
+    }
+
+    /// The driver carried out the action for `request` (or gave up on it, having said why).
+    pub fn done(&mut self, request: Id128, now: u64) -> Vec<Action> {
+        self.outstanding.remove(&request);
+        self.review(now)
+    }
+
+    /// When the next request or approval expires (ms): look again then, with
+    /// [`Gate::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let me = self.me;
+        self.views
+            .values()
+            .flat_map(|v| v.commands.iter())
+            .filter(|c| c.request.target == me && c.end.is_none() && c.start.is_none())
+            .flat_map(|c| [Some(c.request.expires_at), c.decision.as_ref().map(|d| d.expires_at)])
+            .flatten()
+            .map(|t| t.saturating_add(1))
+            .min()
+    }
+
+    pub fn handle_timeout(&mut self, now: u64) -> Vec<Action> {
+        self.review(now)
+    }
+
+    /// Recomputes what waits for the user, and what must be written.
+    fn review(&mut self, now: u64) -> Vec<Action> {
+        let (pending, actions) = review(self.me, &self.views, &self.running, now);
+        self.pending = pending.into_iter().filter(|p| !self.outstanding.contains(&p.id)).collect();
+        let mut out = Vec::new();
+        for action in actions {
+            let id = action.request();
+            if self.outstanding.contains(&id) || (matches!(action, Action::Start { .. }) && self.refused.contains(&id))
+            {
+                continue;
+            }
+            self.outstanding.insert(id);
+            if matches!(action, Action::Start { .. }) {
+                self.running.insert(id);
+            }
+            out.push(action);
+        }
+        out
+    }
+}
+
+/// The rules, as a pure function of the sessions, what runs here and the time.
+fn review(
+    me: NodeId,
+    sessions: &BTreeMap<DocId, SessionView>,
     running: &BTreeSet<Id128>,
     now: u64,
 ) -> (Vec<Pending>, Vec<Action>) {
@@ -70,7 +262,7 @@ pub fn review(
                 (None, _, _) if now > cmd.request.expires_at && approved_too_late => actions.push(Action::NotRun {
                     session: *doc,
                     request: id,
-                    why: "it was approved only after the request had expired",
+                    why: "it was approved only after the request had expired".into(),
                 }),
                 (None, _, _) if now > cmd.request.expires_at => {
                     actions.push(Action::Expire { session: *doc, request: id })
@@ -89,7 +281,7 @@ pub fn review(
                 (Some(d), None, None)
                     if d.verdict == Verdict::Approved && cmd.decided_by_node != Some(me) && !running.contains(&id) =>
                 {
-                    actions.push(Action::RunApproved { session: *doc, request: id })
+                    actions.push(Action::Start { session: *doc, request: id, local: None })
                 }
                 _ => {}
             }
@@ -122,9 +314,30 @@ mod tests {
         };
         Fleet::put_member(&mut fleet_doc, &org.sign(caisey_doc::record::RecordKind::Membership, &m), &agent.node_id())
             .unwrap();
+        // A designated approver for this machine.
+        let approver = approver();
+        let a = caisey_doc::fleet::Membership {
+            approves: vec!["ws".into()],
+            node: approver.node_id(),
+            role: caisey_doc::fleet::Role::Approver,
+            name: "carol".into(),
+            groups: vec![],
+            at: 0,
+            invite: None,
+        };
+        Fleet::put_member(
+            &mut fleet_doc,
+            &org.sign(caisey_doc::record::RecordKind::Membership, &a),
+            &approver.node_id(),
+        )
+        .unwrap();
         let info =
             SessionInfo { id: Id128([1; 16]), name: "s".into(), labels: vec![], created_at: 0, org_key: org.node_id() };
         (tech, agent, Fleet::read(&fleet_doc).unwrap(), info)
+    }
+
+    fn approver() -> Signer {
+        Signer::from_secret([4; 32])
     }
 
     fn request(info: &SessionInfo, target: NodeId, n: u8) -> CommandRequest {
@@ -176,7 +389,7 @@ mod tests {
         let start = Start { request: req3.id, session: info.id, started_at: 5, approved_by: me, nonce: d.nonce };
         SessionWriter::start(&mut doc, &agent, Some(&d), &start).unwrap();
         let view = SessionView::read_without_output(&doc, &fleet).unwrap();
-        let sessions = vec![(info.id, view)];
+        let sessions = BTreeMap::from([(info.id, view)]);
 
         let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 50);
         assert_eq!(pending.iter().map(|p| p.id).collect::<Vec<_>>(), vec![Id128([1; 16]), Id128([2; 16])]);
@@ -202,7 +415,7 @@ mod tests {
         SessionWriter::request(&mut doc, &tech, &req).unwrap();
         let d = decision(&req, &tech, Verdict::Denied, 5);
         SessionWriter::decide(&mut doc, &agent, &d).unwrap();
-        let sessions = vec![(info.id, SessionView::read_without_output(&doc, &fleet).unwrap())];
+        let sessions = BTreeMap::from([(info.id, SessionView::read_without_output(&doc, &fleet).unwrap())]);
         let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 50);
         assert!(pending.is_empty(), "a denied request is not pending again: {pending:?}");
         assert!(actions.is_empty(), "{actions:?}");
@@ -218,7 +431,7 @@ mod tests {
         // An approval whose own window passed unused (it reached this agent too late).
         let d = decision(&req, &tech, Verdict::Approved, 10);
         SessionWriter::decide(&mut doc, &agent, &d).unwrap();
-        let sessions = vec![(info.id, SessionView::read_without_output(&doc, &fleet).unwrap())];
+        let sessions = BTreeMap::from([(info.id, SessionView::read_without_output(&doc, &fleet).unwrap())]);
         // Before the request itself expires, its user may still decide.
         let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 50);
         assert_eq!(pending.len(), 1);
@@ -240,7 +453,154 @@ mod tests {
         let view = SessionView::read_without_output(&doc, &fleet).unwrap();
         assert_eq!(view.commands[0].status(), "not run");
         assert!(view.commands[0].is_final());
-        let (pending, actions) = review(me, &[(info.id, view)], &BTreeSet::new(), 200);
+        let (pending, actions) = review(me, &BTreeMap::from([(info.id, view)]), &BTreeSet::new(), 200);
         assert!(pending.is_empty() && actions.is_empty(), "{actions:?}");
+    }
+
+    /// A session with requests 1..=n for `me`, as the gate reads it.
+    fn session_with(n: u8) -> (Signer, Signer, Fleet, SessionInfo, caisey_doc::automerge::Automerge) {
+        let (tech, agent, fleet, info) = setup();
+        let mut doc = SessionWriter::create(&tech, &info).unwrap();
+        for i in 1..=n {
+            SessionWriter::request(&mut doc, &tech, &request(&info, agent.node_id(), i)).unwrap();
+        }
+        (tech, agent, fleet, info, doc)
+    }
+
+    fn view(doc: &caisey_doc::automerge::Automerge, fleet: &Fleet) -> Option<SessionView> {
+        Some(SessionView::read_without_output(doc, fleet).unwrap())
+    }
+
+    #[test]
+    fn a_local_approval_starts_once_and_a_running_command_is_never_taken_for_interrupted() {
+        let (_tech, agent, fleet, info, mut doc) = session_with(1);
+        let me = agent.node_id();
+        let mut gate = Gate::new(me);
+        assert!(gate.session(info.id, view(&doc, &fleet), 10).is_empty());
+        let code = gate.pending()[0].code.short();
+        // Part of the code is not enough: it must name what the user was shown.
+        assert!(gate.decide(&code[..1], |_| unreachable!()).is_err());
+        let req = request(&info, me, 1);
+        let mut made = None;
+        let action = gate
+            .decide(&code, |p| {
+                let d = Decision { verdict: Verdict::Approved, ..decision(&p.request, &_tech, Verdict::Approved, 10) };
+                made = Some(d.clone());
+                d
+            })
+            .unwrap();
+        assert!(matches!(&action, Action::Start { request, local: Some(_), .. } if *request == req.id));
+        assert!(gate.pending().is_empty(), "an approved request is no longer pending");
+        // Deciding twice is refused while the first is being carried out.
+        assert!(gate.decide(&code, |_| unreachable!()).is_err());
+        // The start is written; the session shows it; the command runs: nothing to do.
+        let d = made.unwrap();
+        let start = Start { request: req.id, session: info.id, started_at: 11, approved_by: me, nonce: d.nonce };
+        SessionWriter::start(&mut doc, &agent, Some(&d), &start).unwrap();
+        let actions = gate.session(info.id, view(&doc, &fleet), 11);
+        assert!(actions.is_empty(), "{actions:?}");
+        gate.started(req.id);
+        assert_eq!(gate.running_codes(), vec![req.approval_code()]);
+        assert!(gate.session(info.id, view(&doc, &fleet), 12).is_empty());
+        // Ended: written and reported; nothing more, at any time.
+        let end = End {
+            request: req.id,
+            session: info.id,
+            status: EndStatus::Exited,
+            exit_code: Some(0),
+            ended_at: 13,
+            chunks: 0,
+            message: None,
+        };
+        SessionWriter::end(&mut doc, &agent, &end).unwrap();
+        gate.session(info.id, view(&doc, &fleet), 13);
+        assert!(gate.ended(req.id, 13).is_empty());
+        assert!(gate.handle_timeout(1_000).is_empty());
+        assert_eq!(gate.poll_timeout(), None);
+    }
+
+    #[test]
+    fn after_a_restart_a_started_command_without_an_end_is_recorded_interrupted_once() {
+        let (tech, agent, fleet, info, mut doc) = session_with(1);
+        let me = agent.node_id();
+        let req = request(&info, me, 1);
+        let d = decision(&req, &tech, Verdict::Approved, 100);
+        let start = Start { request: req.id, session: info.id, started_at: 5, approved_by: me, nonce: d.nonce };
+        SessionWriter::start(&mut doc, &agent, Some(&d), &start).unwrap();
+        // A fresh gate: this process runs nothing.
+        let mut gate = Gate::new(me);
+        let actions = gate.session(info.id, view(&doc, &fleet), 50);
+        assert_eq!(actions, vec![Action::Interrupted { session: info.id, request: req.id }]);
+        // Asked once, however often the session changes meanwhile.
+        assert!(gate.session(info.id, view(&doc, &fleet), 51).is_empty());
+        assert!(gate.handle_timeout(52).is_empty());
+        // Done, and the session shows it: nothing more.
+        let end = End {
+            request: req.id,
+            session: info.id,
+            status: EndStatus::Interrupted,
+            exit_code: None,
+            ended_at: 53,
+            chunks: 0,
+            message: None,
+        };
+        SessionWriter::end(&mut doc, &agent, &end).unwrap();
+        gate.session(info.id, view(&doc, &fleet), 53);
+        assert!(gate.done(req.id, 53).is_empty());
+    }
+
+    #[test]
+    fn a_remote_approval_starts_once_and_a_refused_one_is_said_not_run_once() {
+        let (tech, agent, fleet, info, mut doc) = session_with(2);
+        let me = agent.node_id();
+        // This machine's designated approver approved request 1; the technician "approved" 2
+        // itself, which is no approval at all.
+        let req1 = request(&info, me, 1);
+        let d1 = Decision { nonce: Id128([21; 16]), ..decision(&req1, &tech, Verdict::Approved, 100) };
+        SessionWriter::decide(&mut doc, &approver(), &d1).unwrap();
+        let req2 = request(&info, me, 2);
+        let d2 = Decision { nonce: Id128([22; 16]), ..decision(&req2, &tech, Verdict::Approved, 100) };
+        SessionWriter::decide(&mut doc, &tech, &d2).unwrap();
+        let mut gate = Gate::new(me);
+        let actions = gate.session(info.id, view(&doc, &fleet), 10);
+        assert_eq!(actions, vec![Action::Start { session: info.id, request: req1.id, local: None }]);
+        assert_eq!(gate.pending().iter().map(|p| p.id).collect::<Vec<_>>(), vec![req2.id]);
+        // Not asked again while it is being started, however often the session changes.
+        assert!(gate.session(info.id, view(&doc, &fleet), 11).is_empty());
+        // Refused by the driver (say this machine's user had denied it first): said once, and
+        // never tried again.
+        let actions = gate.refused(req1.id, info.id, true, "denied on this machine".into(), 12);
+        assert!(matches!(actions.as_slice(), [Action::NotRun { request, .. }] if *request == req1.id), "{actions:?}");
+        assert!(gate.done(req1.id, 13).is_empty());
+        assert!(gate.session(info.id, view(&doc, &fleet), 14).is_empty());
+    }
+
+    #[test]
+    fn the_gate_wakes_at_the_next_expiry_and_records_it_once() {
+        let (_tech, agent, fleet, info, doc) = session_with(2);
+        let mut gate = Gate::new(agent.node_id());
+        gate.session(info.id, view(&doc, &fleet), 10);
+        // Both requests expire at 100: look again just after.
+        assert_eq!(gate.poll_timeout(), Some(101));
+        assert!(gate.handle_timeout(100).is_empty());
+        let actions = gate.handle_timeout(101);
+        assert_eq!(actions.len(), 2);
+        assert!(actions.iter().all(|a| matches!(a, Action::Expire { .. })));
+        assert!(gate.pending().is_empty());
+        assert!(gate.handle_timeout(102).is_empty(), "asked again before it was done");
+    }
+
+    #[test]
+    fn a_denial_by_the_user_is_asked_once_and_leaves_nothing_pending() {
+        let (tech, agent, fleet, info, doc) = session_with(1);
+        let mut gate = Gate::new(agent.node_id());
+        gate.session(info.id, view(&doc, &fleet), 10);
+        let code = gate.pending()[0].code.to_hex();
+        let action = gate.decide(&code, |p| decision(&p.request, &tech, Verdict::Denied, 10)).unwrap();
+        assert!(matches!(action, Action::Deny { .. }));
+        assert!(gate.pending().is_empty());
+        // Unknown or stale codes get one clear line.
+        let err = gate.decide("0123456789abcdef0123456789abcdef", |_| unreachable!()).unwrap_err();
+        assert!(err.contains("no pending request"), "{err}");
     }
 }
