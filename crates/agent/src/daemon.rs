@@ -12,16 +12,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use caisey_doc::id::NodeId;
 use caisey_doc::id::{DocId, Id128};
 use caisey_doc::machine::{MachineDoc, machine_doc_id};
-use caisey_doc::session::{CommandRequest, Decision, End, EndStatus, SessionView, SessionWriter, Start, Verdict};
+use caisey_doc::session::{CommandRequest, Decision, End, EndStatus, SessionView, SessionWriter, Verdict};
 use caisey_peer::node::{LocalRecord, Node, NodeEvent, NodeOptions};
 use caisey_peer::now_ms;
 use caisey_peer::wire::DocKind;
 use tracing::{debug, info, warn};
 
-use crate::gate::{Action, Gate};
+use crate::gate::{self, Action, Gate, check_still_pending, request_key};
 use crate::local::{AgentApi, LocalReply, LocalRequest, PendingItem};
 use crate::{card, runner};
 use caisey_peer::local::{self, Answer, Clients};
@@ -293,7 +292,7 @@ impl Agent {
                 let code = self.with_gate_quiet(|g| g.request(session, request)).map(|(r, _)| r.approval_code());
                 let code = code.ok_or_else(|| anyhow!("request {} is no longer valid", request.short()))?;
                 self.record_decision(session, request, b"denied", move |view, doc| {
-                    check_still_pending(view, request, code, me, now_ms())?;
+                    check_still_pending(view, request, code, me, now_ms()).map_err(|e| anyhow!(e))?;
                     Ok(SessionWriter::decide(doc, &signer, &decision)?)
                 })
                 .await?;
@@ -447,47 +446,18 @@ impl Agent {
         let request = self
             .node
             .change_guarded(session, move |doc, guard| -> Result<(CommandRequest, Vec<LocalRecord>)> {
-                let now = now_ms();
                 let view = SessionView::read_without_output(&*doc, guard.fleet())?;
-                let (approved_by, nonce) = match &local {
-                    Some(d) => {
-                        let code = code.ok_or_else(|| anyhow!("request {} is no longer valid", id.short()))?;
-                        check_still_pending(&view, id, code, me, now)?;
-                        (me, d.nonce)
-                    }
-                    None => {
-                        let cmd = view.command(&id).ok_or_else(|| anyhow!("request {} is not valid", id.short()))?;
-                        let (Some(d), Some(by)) = (&cmd.decision, cmd.decided_by_node) else {
-                            bail!("request {} has no valid approval", id.short());
-                        };
-                        if d.verdict != Verdict::Approved || cmd.start.is_some() {
-                            bail!("request {} is not approved or already started", id.short());
-                        }
-                        if now > d.expires_at || now > cmd.request.expires_at {
-                            bail!("the approval of {} expired before it could be used", id.short());
-                        }
-                        (by, d.nonce)
-                    }
+                let local = match (&local, code) {
+                    (Some(d), Some(code)) => Some((d, code)),
+                    (Some(_), None) => bail!("request {} is no longer valid", id.short()),
+                    (None, _) => None,
                 };
-                let key = format!("consumed/{nonce}");
-                if guard.local_record(&key)?.is_some() {
-                    bail!("approval {} was already used; it is never used twice", nonce.short());
-                }
-                // What this agent decided or started is remembered here, whatever a merge of the
-                // session later shows: a request is started at most once, never after a denial.
-                if let Some(done) = guard.local_record(&request_key(&id))? {
-                    bail!("request {} was already {} on this machine", id.short(), String::from_utf8_lossy(&done));
-                }
-                let request =
-                    view.command(&id).map(|c| c.request.clone()).ok_or_else(|| anyhow!("request vanished"))?;
-                let start = Start { request: id, session, started_at: now, approved_by, nonce };
-                SessionWriter::start(doc, &signer, local.as_ref(), &start)?;
-                // The nonce, the local record and the start: one transaction.
-                let consumed = vec![
-                    LocalRecord { key, value: now.to_be_bytes().to_vec() },
-                    LocalRecord { key: request_key(&id), value: b"started".to_vec() },
-                ];
-                Ok((request, consumed))
+                let ledger = |key: &str| guard.local_record(key).ok().flatten();
+                let plan = gate::check_start(&view, id, local, me, now_ms(), ledger).map_err(|e| anyhow!(e))?;
+                SessionWriter::start(doc, &signer, local.map(|(d, _)| d), &plan.start)?;
+                // The nonce, the ledger and the start: one transaction.
+                let records = plan.ledger.into_iter().map(|(key, value)| LocalRecord { key, value }).collect();
+                Ok((plan.request, records))
             })
             .await?;
         self.with_gate(|g| g.started(id));
@@ -529,30 +499,6 @@ impl Agent {
         }
         items
     }
-}
-
-/// The store key under which this agent remembers what it did with a request.
-fn request_key(id: &Id128) -> String {
-    format!("request/{id}")
-}
-
-/// Refuses a local decision unless the request is still undecided, unexpired, for this
-/// machine, and carries exactly the command whose approval code the user was shown.
-fn check_still_pending(view: &SessionView, id: Id128, code: Id128, me: NodeId, now: u64) -> Result<()> {
-    let cmd = view.command(&id).ok_or_else(|| anyhow!("request {} is no longer valid", id.short()))?;
-    if cmd.request.target != me {
-        bail!("request {} is for another machine", id.short());
-    }
-    if cmd.request.approval_code() != code {
-        bail!("the command changed since it was shown; review it again with `caisey-agent pending`");
-    }
-    if cmd.decision.is_some() {
-        bail!("request {} was already decided", id.short());
-    }
-    if now > cmd.request.expires_at {
-        bail!("request {} has expired; ask the technician to send it again", id.short());
-    }
-    Ok(())
 }
 
 impl caisey_peer::local::Service for Agent {

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use caisey_doc::id::{DocId, Id128, NodeId};
-use caisey_doc::session::{CommandRequest, Decision, SessionView, Verdict, typed_approval_code};
+use caisey_doc::session::{CommandRequest, Decision, SessionView, Start, Verdict, typed_approval_code};
 use serde::Serialize;
 
 /// A request waiting for the endpoint user's decision.
@@ -94,6 +94,8 @@ pub struct Gate {
     outstanding: BTreeSet<Id128>,
     /// Approvals this agent refused to use (denied here first, used, expired): not tried again.
     refused: BTreeSet<Id128>,
+    /// The time of the last review: every expiry up to it has been acted on.
+    reviewed_at: u64,
 }
 
 impl Gate {
@@ -105,6 +107,7 @@ impl Gate {
             running: BTreeSet::new(),
             outstanding: BTreeSet::new(),
             refused: BTreeSet::new(),
+            reviewed_at: 0,
         }
     }
 
@@ -200,8 +203,8 @@ impl Gate {
         self.review(now)
     }
 
-    /// When the next request or approval expires (ms): look again then, with
-    /// [`Gate::handle_timeout`].
+    /// When the next request or approval expires (ms), after the last look: look again then,
+    /// with [`Gate::handle_timeout`].
     pub fn poll_timeout(&self) -> Option<u64> {
         let me = self.me;
         self.views
@@ -211,6 +214,7 @@ impl Gate {
             .flat_map(|c| [Some(c.request.expires_at), c.decision.as_ref().map(|d| d.expires_at)])
             .flatten()
             .map(|t| t.saturating_add(1))
+            .filter(|t| *t > self.reviewed_at)
             .min()
     }
 
@@ -220,6 +224,7 @@ impl Gate {
 
     /// Recomputes what waits for the user, and what must be written.
     fn review(&mut self, now: u64) -> Vec<Action> {
+        self.reviewed_at = self.reviewed_at.max(now);
         let (pending, actions) = review(self.me, &self.views, &self.running, now);
         self.pending = pending.into_iter().filter(|p| !self.outstanding.contains(&p.id)).collect();
         let mut out = Vec::new();
@@ -237,6 +242,88 @@ impl Gate {
         }
         out
     }
+}
+
+/// What starting a request writes, in one durable change: its start record into the session,
+/// and into this agent's own ledger the approval's nonce as used and the request as started.
+#[derive(Debug, Clone)]
+pub struct StartPlan {
+    pub request: CommandRequest,
+    pub start: Start,
+    pub ledger: Vec<(String, Vec<u8>)>,
+}
+
+/// The ledger key recording what this agent did with a request (started, denied, expired).
+pub fn request_key(id: &Id128) -> String {
+    format!("request/{id}")
+}
+
+/// The ledger key recording that an approval (by its nonce) was used.
+pub fn nonce_key(nonce: &Id128) -> String {
+    format!("consumed/{nonce}")
+}
+
+/// Whether request `id` may start now, checked against the session as it stands at the moment
+/// of writing and this agent's ledger (`ledger(key)`): the one place a start is allowed.
+/// `local`: the endpoint user's own approval, with the code they were shown. A start needs a
+/// valid approval in force for exactly this command, unused, for a request this agent never
+/// started, denied or let expire — whatever a merge of the session shows.
+pub fn check_start(
+    view: &SessionView,
+    id: Id128,
+    local: Option<(&Decision, Id128)>,
+    me: NodeId,
+    now: u64,
+    ledger: impl Fn(&str) -> Option<Vec<u8>>,
+) -> Result<StartPlan, String> {
+    let (approved_by, nonce) = match local {
+        Some((d, code)) => {
+            check_still_pending(view, id, code, me, now)?;
+            (me, d.nonce)
+        }
+        None => {
+            let cmd = view.command(&id).ok_or_else(|| format!("request {} is not valid", id.short()))?;
+            let (Some(d), Some(by)) = (&cmd.decision, cmd.decided_by_node) else {
+                return Err(format!("request {} has no valid approval", id.short()));
+            };
+            if d.verdict != Verdict::Approved || cmd.start.is_some() {
+                return Err(format!("request {} is not approved or already started", id.short()));
+            }
+            if now > d.expires_at || now > cmd.request.expires_at {
+                return Err(format!("the approval of {} expired before it could be used", id.short()));
+            }
+            (by, d.nonce)
+        }
+    };
+    if ledger(&nonce_key(&nonce)).is_some() {
+        return Err(format!("approval {} was already used; it is never used twice", nonce.short()));
+    }
+    if let Some(done) = ledger(&request_key(&id)) {
+        return Err(format!("request {} was already {} on this machine", id.short(), String::from_utf8_lossy(&done)));
+    }
+    let request = view.command(&id).map(|c| c.request.clone()).ok_or_else(|| "request vanished".to_string())?;
+    let start = Start { request: id, session: view.info.id, started_at: now, approved_by, nonce };
+    let ledger = vec![(nonce_key(&nonce), now.to_be_bytes().to_vec()), (request_key(&id), b"started".to_vec())];
+    Ok(StartPlan { request, start, ledger })
+}
+
+/// Refuses a local decision unless the request is still undecided, unexpired, for this
+/// machine, and carries exactly the command whose approval code the user was shown.
+pub fn check_still_pending(view: &SessionView, id: Id128, code: Id128, me: NodeId, now: u64) -> Result<(), String> {
+    let cmd = view.command(&id).ok_or_else(|| format!("request {} is no longer valid", id.short()))?;
+    if cmd.request.target != me {
+        return Err(format!("request {} is for another machine", id.short()));
+    }
+    if cmd.request.approval_code() != code {
+        return Err("the command changed since it was shown; review it again with `caisey-agent pending`".into());
+    }
+    if cmd.decision.is_some() {
+        return Err(format!("request {} was already decided", id.short()));
+    }
+    if now > cmd.request.expires_at {
+        return Err(format!("request {} has expired; ask the technician to send it again", id.short()));
+    }
+    Ok(())
 }
 
 /// The rules, as a pure function of the sessions, what runs here and the time.
@@ -587,6 +674,9 @@ mod tests {
         assert_eq!(actions.len(), 2);
         assert!(actions.iter().all(|a| matches!(a, Action::Expire { .. })));
         assert!(gate.pending().is_empty());
+        // What is due has been acted on: no wake-up in the past while the writes are under way
+        // (that would spin the daemon).
+        assert_eq!(gate.poll_timeout(), None);
         assert!(gate.handle_timeout(102).is_empty(), "asked again before it was done");
     }
 

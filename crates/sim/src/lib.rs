@@ -13,8 +13,10 @@
 //! - **the clock** moves on with every delivered frame, and jumps to the next hub timer when
 //!   nothing else is due.
 //!
-//! [`org`] builds a small org (a technician, a relay, agents) to run in it.
+//! [`org`] builds a small org (a technician, a relay, agents) to run in it, and [`agents`] runs
+//! the agents' real decision core on their nodes, with simulated commands.
 
+pub mod agents;
 pub mod org;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -29,6 +31,9 @@ use caisey_peer::wire::{DocKind, Frame};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
+/// A node's own records by key (an agent's ledger).
+pub type Records = BTreeMap<String, Vec<u8>>;
+
 /// What one node has on disk: all it comes back with after a crash.
 #[derive(Debug, Default, Clone)]
 pub struct Disk {
@@ -38,6 +43,8 @@ pub struct Disk {
     pub presences: BTreeMap<NodeId, Vec<u8>>,
     /// Sync states saved per (peer, document), handed to the hub when that peer connects.
     pub states: BTreeMap<(NodeId, DocId), Vec<u8>>,
+    /// The node's own records (an agent's ledger), written in the same transaction as changes.
+    pub records: Records,
     /// Refuses every write while set, like a full filesystem.
     pub full: bool,
     /// Bytes left, when limited: a write that needs more fails, a smaller one fits (and uses
@@ -50,18 +57,19 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// Carries out one transaction's persists, all or nothing.
-    fn write(&mut self, outputs: &[Output]) -> Result<(), String> {
-        let writes = outputs.iter().any(|o| {
-            matches!(
-                o,
-                Output::PersistDoc { .. }
-                    | Output::PersistChunk { .. }
-                    | Output::PersistPresence { .. }
-                    | Output::PersistSyncState { .. }
-                    | Output::CheckWritable
-            )
-        });
+    /// Carries out one transaction's persists (and `records`), all or nothing.
+    fn write(&mut self, outputs: &[Output], records: &[(String, Vec<u8>)]) -> Result<(), String> {
+        let writes = !records.is_empty()
+            || outputs.iter().any(|o| {
+                matches!(
+                    o,
+                    Output::PersistDoc { .. }
+                        | Output::PersistChunk { .. }
+                        | Output::PersistPresence { .. }
+                        | Output::PersistSyncState { .. }
+                        | Output::CheckWritable
+                )
+            });
         if !writes {
             return Ok(());
         }
@@ -74,7 +82,8 @@ impl Disk {
                 Output::PersistSyncState { state, .. } => state.len(),
                 _ => 8,
             })
-            .sum();
+            .sum::<usize>()
+            + records.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
         self.writes = self.writes.wrapping_add(1);
         let flaked = self.flaky.is_some_and(|n| !self.writes.is_multiple_of(n.max(1)));
         if self.full || flaked || self.room.is_some_and(|room| size > room) {
@@ -104,6 +113,7 @@ impl Disk {
                 _ => {}
             }
         }
+        self.records.extend(records.iter().cloned());
         Ok(())
     }
 
@@ -157,6 +167,8 @@ pub struct Sim {
     pub faults: Faults,
     /// Frames delivered so far.
     pub delivered: u64,
+    /// Documents changed at each node since last taken ([`Sim::take_changed`]).
+    changed: Vec<(NodeId, DocId)>,
 }
 
 impl Sim {
@@ -172,6 +184,7 @@ impl Sim {
             rng: Xoshiro256PlusPlus::seed_from_u64(seed),
             faults: Faults::default(),
             delivered: 0,
+            changed: Vec::new(),
         }
     }
 
@@ -270,18 +283,30 @@ impl Sim {
         let until = self.now + ms;
         loop {
             self.run_until_quiet();
-            let due = self.nodes.iter().filter_map(|(id, n)| Some((n.hub.poll_timeout()?, *id))).min();
-            match due {
-                Some((at, id)) if at <= until => {
-                    self.now = self.now.max(at);
-                    let now = self.now;
-                    let out = self.node(id).hub.handle_timeout(now);
-                    self.apply(id, out);
-                }
+            match self.next_timer() {
+                Some((at, id)) if at <= until => self.fire_timer(at, id),
                 _ => break,
             }
         }
         self.now = self.now.max(until);
+    }
+
+    /// The earliest hub timer, and whose.
+    pub fn next_timer(&self) -> Option<(u64, NodeId)> {
+        self.nodes.iter().filter_map(|(id, n)| Some((n.hub.poll_timeout()?, *id))).min()
+    }
+
+    /// Moves the clock to `at` (if later) and runs `id`'s hub timer.
+    pub fn fire_timer(&mut self, at: u64, id: NodeId) {
+        self.now = self.now.max(at);
+        let now = self.now;
+        let out = self.node(id).hub.handle_timeout(now);
+        self.apply(id, out);
+    }
+
+    /// The documents that changed at each node since the last call.
+    pub fn take_changed(&mut self) -> Vec<(NodeId, DocId)> {
+        std::mem::take(&mut self.changed)
     }
 
     fn node(&mut self, at: NodeId) -> &mut SimNode {
@@ -298,7 +323,12 @@ impl Sim {
     /// its outcome reported back, and then the sends (a heartbeat even when the write failed).
     /// Returns whether what was to be persisted is durable.
     pub fn apply(&mut self, at: NodeId, outputs: Vec<Output>) -> bool {
-        let written = self.node(at).disk.write(&outputs);
+        self.apply_with(at, &[], outputs)
+    }
+
+    /// Like [`Sim::apply`], with the node's own `records` in the same transaction.
+    pub fn apply_with(&mut self, at: NodeId, records: &[(String, Vec<u8>)], outputs: Vec<Output>) -> bool {
+        let written = self.node(at).disk.write(&outputs, records);
         let mut persists = Persists::default();
         let mut any_write = false;
         for o in &outputs {
@@ -325,10 +355,11 @@ impl Sim {
                     }
                 }
                 Output::Disconnect { peer, .. } => self.disconnect(at, peer),
+                Output::DocChanged { doc } => self.changed.push((at, doc)),
                 _ => {}
             }
         }
-        if !any_write {
+        if !any_write && records.is_empty() {
             return true;
         }
         let now = self.now;
@@ -361,6 +392,34 @@ impl Sim {
         let now = self.now;
         let (r, out) = self.node(at).hub.change(doc, now, f).expect("no such document");
         (r, self.apply(at, out))
+    }
+
+    /// Changes a document at `at` with the verified fleet and the node's own records at hand,
+    /// writing the records the closure returns in the same transaction. A closure that fails
+    /// must not have changed the document (as `SessionWriter`'s transactions do). `None`: no
+    /// such document; else the result and whether it is durable.
+    pub fn change_guarded<R, E>(
+        &mut self,
+        at: NodeId,
+        doc: DocId,
+        f: impl FnOnce(&mut Automerge, &Fleet, &Records) -> Result<(R, Vec<(String, Vec<u8>)>), E>,
+    ) -> Option<(Result<R, E>, bool)> {
+        let now = self.now;
+        let node = self.node(at);
+        let ledger = node.disk.records.clone();
+        let (result, out) = node.hub.change_with_fleet(doc, now, |d, fleet| f(d, fleet, &ledger))?;
+        Some(match result {
+            Ok((r, records)) => {
+                let durable = self.apply_with(at, &records, out);
+                (Ok(r), durable)
+            }
+            Err(e) => (Err(e), self.apply(at, out)),
+        })
+    }
+
+    /// Writes a node's own records alone; whether they are durable.
+    pub fn write_records(&mut self, at: NodeId, records: &[(String, Vec<u8>)]) -> bool {
+        self.apply_with(at, records, Vec::new())
     }
 
     /// Adds a document made at `at`; whether it is durable.

@@ -15,23 +15,26 @@ pub struct Org {
     pub owner: Signer,
     pub tech: Signer,
     pub relay: Signer,
+    /// Carol, designated approver for group "g": her approvals start commands on its agents.
+    pub approver: Signer,
     pub agents: Vec<Signer>,
     pub fleet_id: DocId,
     pub fleet: Automerge,
 }
 
 impl Org {
-    /// An org with a technician ("alice", who founded it), a relay and `agents` agents, all in
-    /// group "g". Keys are fixed, so runs repeat exactly.
+    /// An org with a technician ("alice", who founded it), a relay, a designated approver and
+    /// `agents` agents in group "g". Keys are fixed, so runs repeat exactly.
     pub fn new(agents: u8) -> Org {
         let owner = Signer::from_secret([1; 32]);
         let tech = Signer::from_secret([2; 32]);
         let relay = Signer::from_secret([3; 32]);
         let fleet_id = Id128([9; 16]);
         let mut fleet = Fleet::create("Acme", &owner, &tech, "alice", fleet_id, 0).expect("fleet");
+        let approver = Signer::from_secret([5; 32]);
         let mut add = |s: &Signer, role, name: &str| {
             let m = Membership {
-                approves: vec![],
+                approves: if role == Role::Approver { vec!["g".into()] } else { vec![] },
                 node: s.node_id(),
                 role,
                 name: name.into(),
@@ -42,11 +45,12 @@ impl Org {
             Fleet::put_member(&mut fleet, &owner.sign(RecordKind::Membership, &m), &s.node_id()).expect("member");
         };
         add(&relay, Role::Relay, "relay");
+        add(&approver, Role::Approver, "carol");
         let agents: Vec<Signer> = (0..agents).map(|i| Signer::from_secret([10 + i; 32])).collect();
         for (i, a) in agents.iter().enumerate() {
             add(a, Role::Agent, &format!("ws-{i}"));
         }
-        Org { owner, tech, relay, agents, fleet_id, fleet }
+        Org { owner, tech, relay, approver, agents, fleet_id, fleet }
     }
 
     /// The fleet as every member reads it.

@@ -1,0 +1,429 @@
+//! Agents in the simulated world: every agent node runs the real decision core
+//! (`caisey_agent::gate::Gate`) and the real start check (`gate::check_start`, against the
+//! session and the agent's own ledger), and "runs" a command as a process that ends a while
+//! after it started, with one chunk of output. A crash kills the agent's processes with it, as
+//! the kernel does to a real agent's.
+//!
+//! [`Fleet::starts`] counts every process start, across crashes: the guarantees are checked
+//! against it and against what the sessions say in the end.
+
+use std::collections::BTreeMap;
+
+use caisey_agent::gate::{self, Action, Gate};
+use caisey_doc::id::{DocId, Id128, NodeId};
+use caisey_doc::record::Signer;
+use caisey_doc::session::{
+    CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, SessionView, SessionWriter, Shell, Stream,
+    Verdict, chunk_hash,
+};
+
+use crate::Sim;
+
+/// How long a simulated command runs.
+const RUNS_FOR_MS: u64 = 400;
+
+struct Agent {
+    signer: Signer,
+    gate: Gate,
+    up: bool,
+    /// Commands running now: request -> (session, when it ends).
+    processes: BTreeMap<Id128, (DocId, u64)>,
+    /// Starts written to memory but not yet durable: the process starts once they are, with
+    /// these ledger records written then (as the daemon waits on a full disk).
+    waiting: Vec<WaitingStart>,
+}
+
+/// A start kept in memory but not durable yet: the request, its session, and its ledger records.
+type WaitingStart = (Id128, DocId, Vec<(String, Vec<u8>)>);
+
+/// The simulated world with agents at work in it.
+pub struct Fleet {
+    pub sim: Sim,
+    agents: BTreeMap<NodeId, Agent>,
+    /// How many times each request's process was started, crashes included.
+    pub starts: BTreeMap<Id128, u32>,
+}
+
+impl Fleet {
+    /// Puts the real decision core on each of these agents' nodes.
+    pub fn new(sim: Sim, agents: &[Signer]) -> Fleet {
+        let agents = agents
+            .iter()
+            .map(|s| {
+                let id = s.node_id();
+                let agent = Agent {
+                    signer: s.clone(),
+                    gate: Gate::new(id),
+                    up: true,
+                    processes: BTreeMap::new(),
+                    waiting: vec![],
+                };
+                (id, agent)
+            })
+            .collect();
+        Fleet { sim, agents, starts: BTreeMap::new() }
+    }
+
+    pub fn is_up(&self, agent: NodeId) -> bool {
+        self.agents.get(&agent).is_some_and(|a| a.up)
+    }
+
+    /// A technician at `tech` asks `target` to run a command (request `id`) in session `sid`,
+    /// expiring after `ttl` ms.
+    pub fn request(&mut self, tech: &Signer, sid: DocId, target: NodeId, id: Id128, ttl: u64) {
+        let now = self.sim.now;
+        let command = CommandSpec {
+            shell: Shell::Sh,
+            script: format!("job {}", id.short()),
+            cwd: None,
+            env: Default::default(),
+            timeout_ms: 60_000,
+        };
+        let req = CommandRequest {
+            id,
+            session: sid,
+            target,
+            command,
+            description: String::new(),
+            requested_at: now,
+            expires_at: now + ttl,
+        };
+        let tech = tech.clone();
+        self.sim.change(tech.node_id(), sid, move |d| SessionWriter::request(d, &tech, &req).expect("request"));
+        self.settle();
+    }
+
+    /// A designated approver's approval of `request`, written at node `at` (any node holding the
+    /// session), valid for `ttl` ms.
+    pub fn approve_remote(&mut self, at: NodeId, approver: &Signer, sid: DocId, request: Id128, ttl: u64) {
+        let now = self.sim.now;
+        let Some(doc) = self.sim.hub(at).doc(&sid) else { return };
+        let Ok(view) = SessionView::read_without_output(doc, self.sim.hub(at).fleet()) else { return };
+        let Some(cmd) = view.command(&request).filter(|c| c.decision.is_none()) else { return };
+        let d = Decision {
+            request,
+            session: sid,
+            target: cmd.request.target,
+            requester: cmd.requester,
+            command_hash: cmd.request.command.hash(),
+            verdict: Verdict::Approved,
+            decided_by: "carol".into(),
+            decided_at: now,
+            expires_at: now + ttl,
+            nonce: Id128(rand_nonce(now, request)),
+        };
+        let approver = approver.clone();
+        self.sim.change(at, sid, move |doc| SessionWriter::decide(doc, &approver, &d).expect("decision"));
+        self.settle();
+    }
+
+    /// The endpoint user of `agent` approves (or denies) the oldest request pending there.
+    pub fn decide_local(&mut self, agent: NodeId, approve: bool) {
+        let now = self.sim.now;
+        let Some(a) = self.agents.get_mut(&agent).filter(|a| a.up) else { return };
+        let Some(code) = a.gate.pending().first().map(|p| p.code.short()) else { return };
+        let action = a.gate.decide(&code, |p| Decision {
+            request: p.id,
+            session: p.session,
+            target: agent,
+            requester: p.requester,
+            command_hash: p.request.command.hash(),
+            verdict: if approve { Verdict::Approved } else { Verdict::Denied },
+            decided_by: "local user".into(),
+            decided_at: now,
+            expires_at: now,
+            nonce: Id128(rand_nonce(now, p.id)),
+        });
+        if let Ok(action) = action {
+            self.act(agent, action);
+        }
+        self.settle();
+    }
+
+    /// Kills an agent: its memory and processes are gone.
+    pub fn crash(&mut self, agent: NodeId) {
+        if let Some(a) = self.agents.get_mut(&agent) {
+            a.up = false;
+            a.processes.clear();
+            a.waiting.clear();
+            a.gate = Gate::new(agent);
+        }
+        self.sim.crash(agent);
+    }
+
+    /// Starts an agent again from its disk; it reads every session it holds.
+    pub fn restart(&mut self, agent: NodeId) {
+        self.sim.restart(agent);
+        if let Some(a) = self.agents.get_mut(&agent) {
+            a.up = true;
+        }
+        let docs: Vec<DocId> = self.sim.hub(agent).docs().map(|(id, _)| id).collect();
+        for doc in docs {
+            self.refresh(agent, doc);
+        }
+        self.settle();
+    }
+
+    /// Runs the world for `ms`: network, hub timers, agents' timers and processes.
+    pub fn run_for(&mut self, ms: u64) {
+        let until = self.sim.now + ms;
+        loop {
+            self.settle();
+            let hub = self.sim.next_timer().map(|(at, _)| at);
+            let gates = self.agents.values().filter(|a| a.up).filter_map(|a| a.gate.poll_timeout()).min();
+            let ends = self.agents.values().flat_map(|a| a.processes.values().map(|(_, end)| *end)).min();
+            let Some(next) = [hub, gates, ends].into_iter().flatten().min().filter(|t| *t <= until) else { break };
+            self.sim.now = self.sim.now.max(next);
+            if let Some((at, id)) = self.sim.next_timer().filter(|(at, _)| *at <= next) {
+                self.sim.fire_timer(at, id);
+            }
+            let now = self.sim.now;
+            let ids: Vec<NodeId> = self.agents.keys().copied().collect();
+            for id in ids {
+                let Some(a) = self.agents.get_mut(&id).filter(|a| a.up) else { continue };
+                let due: Vec<Id128> = a.processes.iter().filter(|(_, (_, end))| *end <= now).map(|(r, _)| *r).collect();
+                let actions =
+                    if a.gate.poll_timeout().is_some_and(|t| t <= now) { a.gate.handle_timeout(now) } else { vec![] };
+                for action in actions {
+                    self.act(id, action);
+                }
+                for request in due {
+                    self.finish(id, request);
+                }
+            }
+        }
+        self.sim.now = self.sim.now.max(until);
+        self.settle();
+    }
+
+    /// Delivers everything waiting and lets the agents react to what changed, until quiet.
+    pub fn settle(&mut self) {
+        loop {
+            self.sim.run_until_quiet();
+            let changed = self.sim.take_changed();
+            let waiting = self
+                .agents
+                .iter()
+                .any(|(id, a)| a.up && !a.waiting.is_empty() && self.sim.hub(*id).unwritable().is_none());
+            if changed.is_empty() && !waiting {
+                return;
+            }
+            for (at, doc) in changed {
+                if self.is_up(at) {
+                    self.refresh(at, doc);
+                }
+            }
+            self.start_waiting();
+        }
+    }
+
+    /// Hands an agent's gate the session as it reads now.
+    fn refresh(&mut self, agent: NodeId, doc: DocId) {
+        let now = self.sim.now;
+        let hub = self.sim.hub(agent);
+        let view = hub.doc(&doc).and_then(|d| SessionView::read_without_output(d, hub.fleet()).ok());
+        let Some(a) = self.agents.get_mut(&agent) else { return };
+        let actions = a.gate.session(doc, view, now);
+        for action in actions {
+            self.act(agent, action);
+        }
+    }
+
+    /// Carries out one of an agent's actions as its daemon does, and reports back.
+    fn act(&mut self, agent: NodeId, action: Action) {
+        let now = self.sim.now;
+        let signer = self.agents[&agent].signer.clone();
+        let request = action.request();
+        let session = match &action {
+            Action::Start { session, .. }
+            | Action::Expire { session, .. }
+            | Action::Interrupted { session, .. }
+            | Action::NotRun { session, .. }
+            | Action::Deny { session, .. } => *session,
+        };
+        match action {
+            Action::Start { session, request, local } => return self.start(agent, &signer, session, request, local),
+            Action::Expire { session, request } => {
+                let Some((req, requester)) = self.agents[&agent].gate.request(session, request) else { return };
+                let d = Decision {
+                    request,
+                    session,
+                    target: agent,
+                    requester,
+                    command_hash: req.command.hash(),
+                    verdict: Verdict::Expired,
+                    decided_by: "nobody (the request expired)".into(),
+                    decided_at: now,
+                    expires_at: now,
+                    nonce: Id128(rand_nonce(now, request)),
+                };
+                self.sim.change_guarded(agent, session, |doc, fleet, _| {
+                    let view = SessionView::read_without_output(&*doc, fleet).map_err(|e| e.to_string())?;
+                    if view.command(&request).is_some_and(|c| c.decision.is_none()) {
+                        SessionWriter::decide(doc, &signer, &d).map_err(|e| e.to_string())?;
+                    }
+                    Ok::<_, String>(((), vec![(gate::request_key(&request), b"expired".to_vec())]))
+                });
+            }
+            Action::Interrupted { session, request } => {
+                self.write_end(agent, &signer, session, request, EndStatus::Interrupted, true);
+            }
+            Action::NotRun { session, request, .. } => {
+                self.write_end(agent, &signer, session, request, EndStatus::NotRun, false);
+            }
+            Action::Deny { session, request, decision } => {
+                self.sim.change_guarded(agent, session, |doc, fleet, _| {
+                    let view = SessionView::read_without_output(&*doc, fleet).map_err(|e| e.to_string())?;
+                    if view.command(&request).is_some_and(|c| c.decision.is_none()) {
+                        SessionWriter::decide(doc, &signer, &decision).map_err(|e| e.to_string())?;
+                    }
+                    Ok::<_, String>(((), vec![(gate::request_key(&request), b"denied".to_vec())]))
+                });
+            }
+        }
+        // As the daemon does: the gate sees the session as written before it hears "done".
+        self.refresh(agent, session);
+        let actions = self.agents.get_mut(&agent).map(|a| a.gate.done(request, now)).unwrap_or_default();
+        for action in actions {
+            self.act(agent, action);
+        }
+    }
+
+    /// The one way a command starts: the real start check against the session and the ledger,
+    /// the start and the ledger in one transaction, then the process.
+    fn start(&mut self, agent: NodeId, signer: &Signer, session: DocId, request: Id128, local: Option<Decision>) {
+        let now = self.sim.now;
+        let code = self.agents[&agent].gate.request(session, request).map(|(r, _)| r.approval_code());
+        let remote = local.is_none();
+        let mut ledger_written = Vec::new();
+        let result = self.sim.change_guarded(agent, session, |doc, fleet, ledger| {
+            let view = SessionView::read_without_output(&*doc, fleet).map_err(|e| e.to_string())?;
+            let local = match (&local, code) {
+                (Some(d), Some(code)) => Some((d, code)),
+                (Some(_), None) => return Err("the request is no longer valid".to_string()),
+                (None, _) => None,
+            };
+            let plan = gate::check_start(&view, request, local, agent, now, |k| ledger.get(k).cloned())?;
+            SessionWriter::start(doc, signer, local.map(|(d, _)| d), &plan.start).map_err(|e| e.to_string())?;
+            ledger_written.clone_from(&plan.ledger);
+            Ok(((), plan.ledger))
+        });
+        match result {
+            Some((Ok(()), true)) => self.spawn(agent, request, session),
+            Some((Ok(()), false)) => {
+                // Kept in memory, not durable yet: the process waits until it is.
+                if let Some(a) = self.agents.get_mut(&agent) {
+                    a.waiting.push((request, session, ledger_written));
+                }
+            }
+            Some((Err(why), _)) => {
+                let actions = self
+                    .agents
+                    .get_mut(&agent)
+                    .map(|a| a.gate.refused(request, session, remote, why, now))
+                    .unwrap_or_default();
+                for action in actions {
+                    self.act(agent, action);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Starts the process of a request whose start is durable.
+    fn spawn(&mut self, agent: NodeId, request: Id128, session: DocId) {
+        let now = self.sim.now;
+        *self.starts.entry(request).or_default() += 1;
+        if let Some(a) = self.agents.get_mut(&agent) {
+            a.gate.started(request);
+            a.processes.insert(request, (session, now + RUNS_FOR_MS));
+        }
+    }
+
+    /// Starts whose writes waited for room, once the agent can write again.
+    fn start_waiting(&mut self) {
+        let ready: Vec<NodeId> = self
+            .agents
+            .iter()
+            .filter(|(id, a)| a.up && !a.waiting.is_empty() && self.sim.hub(**id).unwritable().is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for agent in ready {
+            let waiting = self.agents.get_mut(&agent).map(|a| std::mem::take(&mut a.waiting)).unwrap_or_default();
+            for (request, session, records) in waiting {
+                if self.sim.write_records(agent, &records) {
+                    self.spawn(agent, request, session);
+                } else if let Some(a) = self.agents.get_mut(&agent) {
+                    a.waiting.push((request, session, records));
+                }
+            }
+        }
+    }
+
+    /// The process of `request` ends: its output and its end, in one change.
+    fn finish(&mut self, agent: NodeId, request: Id128) {
+        let Some((session, _)) = self.agents.get_mut(&agent).and_then(|a| a.processes.remove(&request)) else {
+            return;
+        };
+        let signer = self.agents[&agent].signer.clone();
+        let chunk =
+            OutputChunk { request, seq: 0, stream: Stream::Stdout, data: format!("ran {request}\n").into_bytes() };
+        let end = End {
+            request,
+            session,
+            status: EndStatus::Exited,
+            exit_code: Some(0),
+            ended_at: self.sim.now,
+            chunks: 1,
+            message: None,
+        };
+        let now = self.sim.now;
+        let node = self.sim.nodes.get_mut(&agent).expect("agent node");
+        let mut out = node.hub.hold_chunks(session, vec![(chunk_hash(&chunk.data), chunk.data.clone())]);
+        let refs = [chunk.reference()];
+        if let Some((r, more)) =
+            node.hub.change(session, now, |d| SessionWriter::end_with_output(d, &signer, &refs, &end))
+        {
+            r.expect("end written");
+            out.extend(more);
+        }
+        // Not durable on a full disk: kept by the hub and written when it can be (the runner
+        // waits for that before it lets go of the command).
+        self.sim.apply(agent, out);
+        self.refresh(agent, session);
+        let now = self.sim.now;
+        let actions = self.agents.get_mut(&agent).map(|a| a.gate.ended(request, now)).unwrap_or_default();
+        for action in actions {
+            self.act(agent, action);
+        }
+    }
+
+    /// Ends a request that started and never ended (`started`), or never started, with
+    /// `status` — unless the session shows otherwise by now.
+    fn write_end(
+        &mut self,
+        agent: NodeId,
+        signer: &Signer,
+        session: DocId,
+        request: Id128,
+        status: EndStatus,
+        started: bool,
+    ) {
+        let end = End { request, session, status, exit_code: None, ended_at: self.sim.now, chunks: 0, message: None };
+        self.sim.change_guarded(agent, session, |doc, fleet, _| {
+            let view = SessionView::read_without_output(&*doc, fleet).map_err(|e| e.to_string())?;
+            if view.command(&request).is_some_and(|c| c.start.is_some() == started && c.end.is_none()) {
+                SessionWriter::end(doc, signer, &end).map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(((), vec![]))
+        });
+    }
+}
+
+fn rand_nonce(now: u64, request: Id128) -> [u8; 16] {
+    let mut n = request.0;
+    for (i, b) in now.to_be_bytes().iter().enumerate() {
+        n[i] ^= b;
+    }
+    n
+}
