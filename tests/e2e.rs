@@ -1058,7 +1058,7 @@ fn an_agent_whose_disk_fills_mid_command_says_so_keeps_the_output_and_delivers_i
     org.enroll_agent("ws-01", "lab");
     // Warnings shown: the agent says in its log when it cannot write.
     let mut run = org.world.command("caisey-agent", "ws-01", &["run"]);
-    run.env("RUST_LOG", "warn,iroh=error,iroh_quinn=error");
+    run.env("RUST_LOG", "info,iroh=error,iroh_quinn=error");
     let agent = caisey_tests::Running::spawn(run);
     wait_for(Duration::from_secs(20), || org.world.agent_cmd("ws-01", &["pending"]).status.success().then_some(()))
         .expect("the agent answers");
@@ -1090,6 +1090,14 @@ fn an_agent_whose_disk_fills_mid_command_says_so_keeps_the_output_and_delivers_i
 
     // Room again: everything arrives, in order, and the run ends as it should.
     disk.free();
+    let all = wait_for(Duration::from_secs(90), || (lines(&org) == Some(300)).then_some(()));
+    assert!(
+        all.is_some(),
+        "the output did not all arrive once there was room: {:?} lines\nagent: {}\nalice: {}",
+        lines(&org),
+        agent.stderr(),
+        org.world.caisey("alice", &["status"]).stdout
+    );
     let done = technician.wait(Duration::from_secs(60));
     assert_eq!(done.code(), 0, "{}\n{}", done.stdout, done.stderr);
     let expected: Vec<String> = (1..=300).map(|i| format!("line-{i}")).collect();
