@@ -409,7 +409,7 @@ fn an_approver_approves_and_denies_in_the_viewer_and_cannot_run() {
     assert!(shows(&h, "checking the ledger export"), "the why is shown");
     assert!(shows(&h, "exactly as it will run"));
     assert!(h.query_by_label("Run").is_none() && h.query_by_label("History").is_none(), "no technician controls");
-    let codes: Vec<(String, String)> =
+    let codes: Vec<(caisey_doc::text::PeerText, String)> =
         h.state().snapshot.awaiting.iter().map(|a| (a.session_name.clone(), a.id.short())).collect();
     for (session, code) in &codes {
         let verb = if session == "approve me" { "Approve" } else { "Deny" };

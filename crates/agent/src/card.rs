@@ -10,12 +10,12 @@ pub fn read(now: u64) -> MachineCard {
     sys.refresh_cpu_all();
     let cpus = sys.cpus();
     MachineCard {
-        hostname: System::host_name().unwrap_or_default(),
-        os_name: System::name().unwrap_or_else(|| std::env::consts::OS.to_string()),
-        os_version: System::os_version().unwrap_or_default(),
-        kernel: System::kernel_version().unwrap_or_default(),
+        hostname: System::host_name().unwrap_or_default().into(),
+        os_name: System::name().unwrap_or_else(|| std::env::consts::OS.to_string()).into(),
+        os_version: System::os_version().unwrap_or_default().into(),
+        kernel: System::kernel_version().unwrap_or_default().into(),
         uptime_secs: System::uptime(),
-        cpu: cpus.first().map(|c| c.brand().trim().to_string()).unwrap_or_default(),
+        cpu: cpus.first().map(|c| c.brand().trim().to_string()).unwrap_or_default().into(),
         cpu_count: cpus.len() as u32,
         memory_total: sys.total_memory(),
         memory_used: sys.used_memory(),
@@ -88,7 +88,7 @@ fn parse_dpkg_status(status: &str) -> Vec<Software> {
             && let (Some(name), Some(version)) = (field("Package"), field("Version"))
             && is_application(name)
         {
-            out.push(Software { name: name.to_string(), version: version.to_string() });
+            out.push(Software { name: name.into(), version: version.into() });
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -104,7 +104,7 @@ mod tests {
                       Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n\n\
                       Package: libc6\nStatus: install ok installed\nVersion: 2.36\n\n\
                       Package: bash\nStatus: install ok installed\nPriority: required\nVersion: 5.2\n";
-        let got: Vec<(String, String)> =
+        let got: Vec<(caisey_doc::text::PeerText, caisey_doc::text::PeerText)> =
             super::parse_dpkg_status(status).into_iter().map(|s| (s.name, s.version)).collect();
         assert_eq!(got, vec![("bash".into(), "5.2".into()), ("curl".into(), "7.88".into())]);
     }

@@ -143,7 +143,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if token.cert.role != caisey_doc::fleet::Role::Agent {
                 bail!("this token enrolls a {}; use `caisey join` for technicians", token.cert.role);
             }
-            let name = name.unwrap_or_else(|| crate::card::read(0).hostname);
+            let name = name.unwrap_or_else(|| crate::card::read(0).hostname.into_unescaped_string());
             let node = Node::start(opts).await?;
             let result = caisey_peer::enroll::join(&node, &token, &name, &groups).await;
             node.shutdown().await;
@@ -179,13 +179,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     println!(
                         "{}  from {} ({}) in session {:?}, expires in {left}s",
                         p.id.short(),
-                        crate::escape::visible_line(&p.technician),
+                        p.technician,
                         p.technician_key.short(),
                         p.session
                     );
                     if !p.description.is_empty() {
                         // One line: a newline in it must not fake the command block below.
-                        println!("    why: {}", crate::escape::visible_line(&p.description));
+                        println!("    why: {}", p.description);
                     }
                     println!(
                         "    {} (timeout {}s{}):",

@@ -31,7 +31,7 @@ pub struct Pending {
     pub code: Id128,
     pub id: Id128,
     pub session: DocId,
-    pub session_name: String,
+    pub session_name: caisey_doc::text::PeerText,
     pub requester: NodeId,
     pub request: CommandRequest,
 }
@@ -440,7 +440,7 @@ mod tests {
             session: info.id,
             target,
             command,
-            description: String::new(),
+            description: Default::default(),
             requested_at: n as u64,
             expires_at: 100,
         }

@@ -115,10 +115,10 @@ async fn enroll_once(node: &Node, req: &Install) -> Result<String> {
     if token.cert.role != caisey_doc::fleet::Role::Agent {
         bail!("this token enrolls a {}; use `caisey join` for technicians", token.cert.role);
     }
-    let name = req.name.clone().unwrap_or_else(|| crate::card::read(0).hostname);
+    let name = req.name.clone().unwrap_or_else(|| crate::card::read(0).hostname.into_unescaped_string());
     let fleet = caisey_peer::enroll::join(node, &token, &name, &req.groups).await?;
     // The org's record is the truth: a name in the token wins over the one asked for.
-    let name = fleet.members.get(&node.id()).map(|m| m.name.clone()).unwrap_or(name);
+    let name = fleet.members.get(&node.id()).map(|m| m.name.clone()).unwrap_or_else(|| name.into());
     Ok(format!("enrolled as {name:?} in org {:?}", fleet.org_name))
 }
 

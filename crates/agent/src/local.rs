@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use caisey_doc::id::{Id128, NodeId};
 use caisey_doc::session::Shell;
+use caisey_doc::text::PeerText;
 use caisey_peer::local::{ConnectError, Connection};
 use serde::{Deserialize, Serialize};
 
@@ -26,14 +27,14 @@ pub struct PendingItem {
     pub id: Id128,
     /// The request id.
     pub request: Id128,
-    pub session: String,
-    pub technician: String,
+    pub session: PeerText,
+    pub technician: PeerText,
     pub technician_key: NodeId,
     pub shell: Shell,
     pub script: String,
     pub cwd: Option<String>,
     pub timeout_ms: u64,
-    pub description: String,
+    pub description: PeerText,
     pub requested_at: u64,
     pub expires_at: u64,
 }

@@ -252,13 +252,13 @@ fn request_details(ui: &mut Ui, p: &PendingItem, waiting: usize) {
     }
     egui::Grid::new("who").num_columns(2).spacing([16.0, 4.0]).show(ui, |ui| {
         ui.label(RichText::new("Technician").strong());
-        ui.label(visible_line(&p.technician));
+        ui.label(p.technician.to_string());
         ui.end_row();
         ui.label(RichText::new("Their key").strong());
         ui.label(RichText::new(fingerprint(&p.technician_key.to_hex())).monospace());
         ui.end_row();
         ui.label(RichText::new("Session").strong());
-        ui.label(visible_line(&p.session));
+        ui.label(p.session.to_string());
         ui.end_row();
         ui.label(RichText::new("Runs with").strong());
         let cwd = p.cwd.as_ref().map(|c| format!(", in {}", visible_line(c))).unwrap_or_default();
@@ -285,7 +285,8 @@ fn request_details(ui: &mut Ui, p: &PendingItem, waiting: usize) {
     foreign_box(ui, "command", &visible(&p.script), 220.0, false);
     ui.add_space(6.0);
     ui.label(RichText::new("Why, in the technician's words:").strong());
-    let why = if p.description.trim().is_empty() { "(no reason given)".to_string() } else { visible(&p.description) };
+    let why =
+        if p.description.trimmed().is_empty() { "(no reason given)".to_string() } else { p.description.visible() };
     foreign_box(ui, "description", &why, 160.0, true);
     ui.add_space(6.0);
     let left = p.expires_at.saturating_sub(now) / 1000;

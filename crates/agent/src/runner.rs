@@ -306,7 +306,7 @@ mod tests {
                 env: Default::default(),
                 timeout_ms: 60_000,
             },
-            description: String::new(),
+            description: Default::default(),
             requested_at: 0,
             expires_at: u64::MAX,
         };

@@ -79,7 +79,7 @@ impl Org {
             let m = Membership {
                 node: node_id,
                 role: Role::Agent,
-                name: name.clone(),
+                name: name.as_str().into(),
                 groups: vec![group.to_string()],
                 approves: vec![],
                 at: caisey_peer::now_ms(),

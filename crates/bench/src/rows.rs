@@ -386,7 +386,7 @@ pub async fn offline_catch_up(commands: usize) -> Result<f64> {
             session,
             target: agent_id,
             command: spec(format!("check {i}")),
-            description: String::new(),
+            description: Default::default(),
             requested_at: i as u64,
             expires_at: u64::MAX,
         };
@@ -550,7 +550,7 @@ pub async fn open_big_session(commands: usize, each: usize) -> Result<(f64, f64)
             session,
             target: agent.node_id,
             command: spec(format!("collect logs {i}")),
-            description: String::new(),
+            description: Default::default(),
             requested_at: i as u64,
             expires_at: u64::MAX,
         };
@@ -768,14 +768,15 @@ pub async fn local_api(sessions: usize, rounds: usize) -> Result<LocalApi> {
     let mut docs = Vec::new();
     for i in 0..sessions {
         let session = Id128(rand_id());
-        let info = SessionInfo { id: session, name: format!("check {i}"), labels: vec![], created_at: 0, org_key };
+        let info =
+            SessionInfo { id: session, name: format!("check {i}").into(), labels: vec![], created_at: 0, org_key };
         let mut doc = SessionWriter::create(&signer, &info)?;
         let r = CommandRequest {
             id: Id128(rand_id()),
             session,
             target: org.agents[0].node_id,
             command: spec(format!("df -h # {i}")),
-            description: String::new(),
+            description: Default::default(),
             requested_at: i as u64,
             expires_at: u64::MAX,
         };

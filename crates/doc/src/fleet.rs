@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::am;
 use crate::id::{Id128, NodeId};
 use crate::record::{RecordError, RecordKind, Signer, verify_kind};
+use crate::text::PeerText;
 
 /// What a member may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -65,7 +66,8 @@ pub struct InviteCert {
     pub org_key: NodeId,
     pub fleet_doc: Id128,
     pub role: Role,
-    pub name: Option<String>,
+    /// The name the enrolling node gets, chosen by the inviter.
+    pub name: Option<PeerText>,
     pub groups: Vec<String>,
     /// For approver invites: the machine names and group names it may approve for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -100,7 +102,7 @@ pub struct Contact {
 pub struct Membership {
     pub node: NodeId,
     pub role: Role,
-    pub name: String,
+    pub name: PeerText,
     pub groups: Vec<String>,
     /// Approvers only: machine and group names it may approve for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -161,12 +163,12 @@ pub struct RelayServer {
 /// What an agent tells technicians about its machine.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct MachineCard {
-    pub hostname: String,
-    pub os_name: String,
-    pub os_version: String,
-    pub kernel: String,
+    pub hostname: PeerText,
+    pub os_name: PeerText,
+    pub os_version: PeerText,
+    pub kernel: PeerText,
     pub uptime_secs: u64,
-    pub cpu: String,
+    pub cpu: PeerText,
     pub cpu_count: u32,
     pub memory_total: u64,
     pub memory_used: u64,
@@ -180,8 +182,8 @@ pub struct MachineCard {
 /// One installed package.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Software {
-    pub name: String,
-    pub version: String,
+    pub name: PeerText,
+    pub version: PeerText,
 }
 
 mod opt_hex {
@@ -217,7 +219,7 @@ pub enum FleetError {
 pub struct Member {
     pub node: NodeId,
     pub role: Role,
-    pub name: String,
+    pub name: PeerText,
     pub groups: Vec<String>,
     pub approves: Vec<String>,
     pub joined_at: u64,
@@ -258,7 +260,7 @@ impl Fleet {
             approves: vec![],
             node: founder.node_id(),
             role: Role::Technician,
-            name: founder_name.to_string(),
+            name: founder_name.into(),
             groups: vec![],
             at: now,
             invite: None,
@@ -505,7 +507,7 @@ impl Fleet {
             && t.role == Role::Agent
             && a.approves
                 .iter()
-                .any(|s| s.eq_ignore_ascii_case(&t.name) || t.groups.iter().any(|g| g.eq_ignore_ascii_case(s)))
+                .any(|s| t.name.eq_ignore_ascii_case(s) || t.groups.iter().any(|g| g.eq_ignore_ascii_case(s)))
     }
 
     /// How many members enrolled with an invite.
@@ -557,7 +559,7 @@ pub fn claim_membership(
     let m = Membership {
         node,
         role: cert.role,
-        name: cert.name.clone().unwrap_or_else(|| name.to_string()),
+        name: cert.name.clone().unwrap_or_else(|| name.into()),
         groups: if cert.groups.is_empty() { groups.to_vec() } else { cert.groups.clone() },
         approves: cert.approves.clone(),
         at: now,
@@ -601,7 +603,7 @@ mod tests {
         let fleet = Fleet::read(&doc).unwrap();
         assert_eq!(fleet.role_of(&tech.node_id()), Some(Role::Technician));
         let m = &fleet.members[&agent.node_id()];
-        assert_eq!((m.role, m.name.as_str()), (Role::Agent, "ws-01"));
+        assert_eq!((m.role, m.name.as_unescaped_str()), (Role::Agent, "ws-01"));
         assert_eq!(fleet.agents_in_group("Accounting").len(), 1);
         assert!(fleet.invite_used(&c));
     }

@@ -31,7 +31,7 @@
 //! let info = SessionInfo { id: Id128([1; 16]), name: "disk".into(), labels: vec![], created_at: 0, org_key: org.node_id() };
 //! let mut doc = SessionWriter::create(&tech, &info).unwrap();
 //! let command = CommandSpec { shell: Shell::Sh, script: "df -h".into(), cwd: None, env: Default::default(), timeout_ms: 60_000 };
-//! let req = CommandRequest { id: Id128([2; 16]), session: info.id, target: NodeId([7; 32]), command, description: String::new(), requested_at: 1, expires_at: 100 };
+//! let req = CommandRequest { id: Id128([2; 16]), session: info.id, target: NodeId([7; 32]), command, description: Default::default(), requested_at: 1, expires_at: 100 };
 //! SessionWriter::request(&mut doc, &tech, &req).unwrap();
 //!
 //! let no_output_yet = std::collections::BTreeMap::new();

@@ -95,7 +95,7 @@ mod tests {
         let card = MachineCard { hostname: "ws-01".into(), ..Default::default() };
         let mut doc = MachineDoc::create(&agent, &card, vec!["127.0.0.1:1".into()], 5).unwrap();
         let (p, c) = MachineDoc::read(&doc, &agent.node_id(), true);
-        assert_eq!((p.map(|p| p.at), c.map(|c| c.hostname)), (Some(5), Some("ws-01".to_string())));
+        assert_eq!((p.map(|p| p.at), c.map(|c| c.hostname)), (Some(5), Some("ws-01".into())));
         let (p, c) = MachineDoc::read(&doc, &agent.node_id(), false);
         assert_eq!((p.map(|p| p.at), c), (Some(5), None), "presence alone when the card is not wanted");
         MachineDoc::put(&mut doc, &other, &card, vec![], 9).unwrap();

@@ -30,6 +30,7 @@ use crate::am;
 use crate::fleet::{Fleet, Role};
 use crate::id::{Id128, NodeId};
 use crate::record::{RecordError, RecordKind, Signer, verify, verify_kind};
+use crate::text::PeerText;
 
 /// Largest output chunk a runner writes; bigger writes are split.
 pub const MAX_CHUNK: usize = 1024 * 1024;
@@ -38,8 +39,8 @@ pub const MAX_CHUNK: usize = 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionInfo {
     pub id: Id128,
-    pub name: String,
-    pub labels: Vec<String>,
+    pub name: PeerText,
+    pub labels: Vec<PeerText>,
     pub created_at: u64,
     pub org_key: NodeId,
 }
@@ -49,8 +50,8 @@ pub struct SessionInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionMeta {
     pub session: Id128,
-    pub name: String,
-    pub labels: Vec<String>,
+    pub name: PeerText,
+    pub labels: Vec<PeerText>,
     pub at: u64,
     /// The technician who has the session now (a hand-off names the colleague).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,7 +67,7 @@ const META_PREFIX: &str = "meta:";
 pub struct SessionNote {
     pub session: Id128,
     pub id: Id128,
-    pub text: String,
+    pub text: PeerText,
     pub at: u64,
 }
 
@@ -78,7 +79,7 @@ pub struct GroupRun {
     pub session: Id128,
     pub run: Id128,
     /// The run's name, as the technician gave it (or as generated: "group accounting …").
-    pub name: String,
+    pub name: PeerText,
 }
 
 const GROUP_RUN_KEY: &str = "group_run";
@@ -177,7 +178,7 @@ pub struct CommandRequest {
     pub session: Id128,
     pub target: NodeId,
     pub command: CommandSpec,
-    pub description: String,
+    pub description: PeerText,
     pub requested_at: u64,
     /// After this, the agent stops waiting for a decision and records the request as expired.
     pub expires_at: u64,
@@ -1138,7 +1139,7 @@ mod tests {
                 session: info.id,
                 target: signer(seed).node_id(),
                 command,
-                description: String::new(),
+                description: Default::default(),
                 requested_at: i as u64,
                 expires_at: 1_000,
             };
@@ -1243,7 +1244,7 @@ mod tests {
         };
         SessionWriter::rename(&mut doc, &signer(2), &meta("disk check", 5)).unwrap();
         let v = SessionView::read_without_output(&doc, &fleet).unwrap();
-        assert_eq!((v.info.name.as_str(), v.info.labels.clone()), ("disk check", vec!["wk".to_string()]));
+        assert_eq!((v.info.name.as_unescaped_str(), v.info.labels.clone()), ("disk check", vec![PeerText::from("wk")]));
         assert_eq!(v.renamed_by, Some(signer(2).node_id()));
         // An agent may not rename; its record is quarantined and the technician's name stays.
         SessionWriter::rename(&mut doc, &signer(3), &meta("pwned", 9)).unwrap();
@@ -1271,7 +1272,7 @@ mod tests {
         a.merge(&mut b).unwrap();
         SessionWriter::note(&mut a, &signer(3), &note(3, "an agent's words", 30)).unwrap();
         let v = SessionView::read_without_output(&a, &fleet).unwrap();
-        let texts: Vec<&str> = v.notes.iter().map(|n| n.note.text.as_str()).collect();
+        let texts: Vec<&str> = v.notes.iter().map(|n| n.note.text.as_unescaped_str()).collect();
         assert_eq!(texts, ["chkdsk pending", "disk cleanup did not fix it"]);
         assert!(v.notes.iter().all(|n| n.author == signer(2).node_id()));
         assert!(v.quarantined.iter().any(|q| q.place.starts_with("note:") && q.why.contains("technician")));

@@ -29,6 +29,7 @@ use crate::session::{
     ChunkSource, CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, OutputRef, SessionError,
     SessionInfo, SessionNote, SessionView, Start, Stream, Verdict, check_decision,
 };
+use crate::text::PeerText;
 
 pub mod group;
 pub mod html;
@@ -57,8 +58,8 @@ pub struct Transcript {
     /// Membership records (base64) chaining every author here back to the org key.
     pub members: Vec<String>,
     pub session: Id128,
-    pub name: String,
-    pub labels: Vec<String>,
+    pub name: PeerText,
+    pub labels: Vec<PeerText>,
     /// The session's Automerge heads this was built from.
     pub heads: Vec<String>,
     pub published_at: u64,
@@ -217,7 +218,7 @@ pub fn build(
 
         let mut req = cmd.request.clone();
         req.command.script = hide("script", &req.command.script);
-        req.description = hide("description", &req.description);
+        req.description = hide("description", req.description.as_unescaped_str()).into();
         req.command.cwd = req.command.cwd.as_deref().map(|c| hide("cwd", c));
         for (k, v) in req.command.env.iter_mut() {
             *v = hide(&format!("env {k}"), v);
@@ -278,12 +279,12 @@ pub fn build(
     let mut notes = Vec::new();
     for n in view.notes.iter().filter(|_| !options.without_notes) {
         authors.insert(n.author);
-        let (text, found) = redactor.redact(&n.note.text);
+        let (text, found) = redactor.redact(n.note.text.as_unescaped_str());
         if found.is_empty() {
             let raw = SessionView::raw_note(session_doc, &n.author, &n.note.id).map(|b| b64(&b)).unwrap_or_default();
             notes.push(Part::Signed { record: raw });
         } else {
-            let body = serde_json::to_value(SessionNote { text, ..n.note.clone() }).unwrap_or_default();
+            let body = serde_json::to_value(SessionNote { text: text.into(), ..n.note.clone() }).unwrap_or_default();
             notes.push(Part::Redacted { author: n.author, body });
         }
     }
@@ -295,8 +296,8 @@ pub fn build(
         genesis: Fleet::genesis_record(fleet_doc).map(|b| b64(&b)).unwrap_or_default(),
         members,
         session: view.info.id,
-        name: redactor.redact(&view.info.name).0,
-        labels: view.info.labels.iter().map(|l| redactor.redact(l).0).collect(),
+        name: redactor.redact(view.info.name.as_unescaped_str()).0.into(),
+        labels: view.info.labels.iter().map(|l| redactor.redact(l.as_unescaped_str()).0.into()).collect(),
         heads: session_doc.get_heads().iter().map(|h| h.to_string()).collect(),
         published_at: now,
         commands,
@@ -332,11 +333,11 @@ impl TranscriptFile {
 pub struct Checked {
     pub org_name: String,
     pub org_key: NodeId,
-    pub publisher: String,
+    pub publisher: PeerText,
     pub publisher_key: NodeId,
     pub session: Id128,
-    pub name: String,
-    pub labels: Vec<String>,
+    pub name: PeerText,
+    pub labels: Vec<PeerText>,
     pub heads: Vec<String>,
     pub published_at: u64,
     pub commands: Vec<CheckedCommand>,
@@ -347,10 +348,10 @@ pub struct Checked {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckedNote {
-    pub author: String,
+    pub author: PeerText,
     pub author_key: NodeId,
     pub at: u64,
-    pub text: String,
+    pub text: PeerText,
     /// False where the publisher redacted it: then only the publisher vouches for it.
     pub signed: bool,
 }
@@ -358,12 +359,12 @@ pub struct CheckedNote {
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckedCommand {
     pub id: Id128,
-    pub machine: String,
+    pub machine: PeerText,
     pub machine_key: NodeId,
-    pub requester: String,
+    pub requester: PeerText,
     pub requester_key: NodeId,
     pub command: CommandSpec,
-    pub description: String,
+    pub description: PeerText,
     pub requested_at: u64,
     /// False where the publisher redacted it: then only the publisher vouches for it.
     pub request_signed: bool,
@@ -435,7 +436,7 @@ fn verify_json(bytes: &[u8]) -> Result<(TranscriptFile, Checked), VerifyError> {
     if fleet.role_of(&file.publisher) != Some(Role::Technician) {
         return Err(VerifyError::Chain("the publisher is not a technician of the org".into()));
     }
-    let name_of = |n: &NodeId| fleet.members.get(n).map(|m| m.name.clone()).unwrap_or_else(|| n.short());
+    let name_of = |n: &NodeId| fleet.members.get(n).map(|m| m.name.clone()).unwrap_or_else(|| n.short().into());
     let info = SessionInfo { id: t.session, name: t.name.clone(), labels: t.labels.clone(), created_at: 0, org_key };
     let mut commands = Vec::new();
     for c in &t.commands {
@@ -742,7 +743,11 @@ mod tests {
         assert_eq!(checked.summary.as_deref(), Some("We found a full disk and cleared the spooler."));
         assert_eq!(checked.notes.len(), 2);
         assert!(checked.notes[0].signed && checked.notes[0].author == "alice");
-        assert!(!checked.notes[1].signed && !checked.notes[1].text.contains("hunter22"), "{:?}", checked.notes[1]);
+        assert!(
+            !checked.notes[1].signed && !checked.notes[1].text.as_unescaped_str().contains("hunter22"),
+            "{:?}",
+            checked.notes[1]
+        );
         let page = html::render(&file, &checked);
         let (summary_at, notes_at) = (page.find("cleared the spooler").unwrap(), page.find("chkdsk pending").unwrap());
         let first_command = page.find("to run a command").unwrap();
@@ -778,7 +783,7 @@ mod tests {
         assert!(c.request_signed && c.stdout_signed && c.decision.as_ref().unwrap().signed);
         assert_eq!(c.end.as_ref().unwrap().exit_code, Some(3));
         assert_eq!(c.stdout, "/dev/sda1 50%\n");
-        assert_eq!((c.requester.as_str(), c.machine.as_str()), ("alice", "ws-01"));
+        assert_eq!((c.requester.as_unescaped_str(), c.machine.as_unescaped_str()), ("alice", "ws-01"));
     }
 
     #[test]

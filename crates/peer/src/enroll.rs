@@ -241,7 +241,7 @@ pub async fn adopt_relay(node: &Node, ticket: &RelayTicket) -> Result<()> {
         approves: vec![],
         node: relay,
         role: Role::Relay,
-        name: format!("relay-{}", relay.short()),
+        name: format!("relay-{}", relay.short()).into(),
         groups: vec![],
         at: crate::now_ms(),
         invite: None,

@@ -915,7 +915,7 @@ impl Node {
     }
 
     /// A member's name, without copying the fleet.
-    pub async fn member_name(&self, node: NodeId) -> Result<Option<String>> {
+    pub async fn member_name(&self, node: NodeId) -> Result<Option<caisey_doc::text::PeerText>> {
         self.with_core(move |core| core.hub.fleet().members.get(&node).map(|m| m.name.clone())).await
     }
 

@@ -80,8 +80,13 @@ impl Org {
     /// `uptime`; the request's id is `sid + 100` repeated.
     pub fn session_for(&self, target: caisey_doc::id::NodeId, sid: u8) -> (DocId, Automerge) {
         let id = Id128([sid; 16]);
-        let info =
-            SessionInfo { id, name: format!("s{sid}"), labels: vec![], created_at: 0, org_key: self.owner.node_id() };
+        let info = SessionInfo {
+            id,
+            name: format!("s{sid}").into(),
+            labels: vec![],
+            created_at: 0,
+            org_key: self.owner.node_id(),
+        };
         let mut doc = SessionWriter::create(&self.tech, &info).expect("session");
         let command = CommandSpec {
             shell: Shell::Sh,
@@ -95,7 +100,7 @@ impl Org {
             session: id,
             target,
             command,
-            description: String::new(),
+            description: Default::default(),
             requested_at: 1,
             expires_at: 10,
         };

@@ -108,8 +108,12 @@ fn run(seed: u64, steps: &[Step]) -> Result<(), String> {
                     continue;
                 }
                 let sid = sessions[*agent];
-                let note =
-                    SessionNote { session: sid, id: Id128([n as u8; 16]), text: format!("note {n}"), at: n as u64 };
+                let note = SessionNote {
+                    session: sid,
+                    id: Id128([n as u8; 16]),
+                    text: format!("note {n}").into(),
+                    at: n as u64,
+                };
                 let tech = o.tech.clone();
                 let (written, durable) = sim.change(t, sid, move |d| SessionWriter::note(d, &tech, &note).is_ok());
                 if written && durable {

@@ -103,7 +103,7 @@ fn an_agent_s_machine_document_reaches_technicians_through_the_relay() {
     net.change(a, id, move |d| caisey_doc::machine::MachineDoc::put(d, &agent, &card, vec![], 8).unwrap());
     net.run_until_quiet();
     assert_eq!(net.hub(t).fleet().presence.get(&a).map(|p| p.at), Some(8));
-    assert_eq!(net.hub(t).fleet().cards.get(&a).map(|c| c.hostname.as_str()), Some("ws-0"));
+    assert_eq!(net.hub(t).fleet().cards.get(&a).map(|c| c.hostname.as_unescaped_str()), Some("ws-0"));
     assert_eq!(net.heads(r, id), net.heads(a, id));
 }
 
@@ -195,7 +195,7 @@ fn concurrent_output_from_partitioned_peers_converges_in_any_order() {
             session: sid,
             target: a,
             command,
-            description: String::new(),
+            description: Default::default(),
             requested_at: 2,
             expires_at: 10,
         };

@@ -4,14 +4,15 @@
 //! One node runs per home ([`crate::service`]); every `caisey` command and every viewer window
 //! on that home is its client ([`crate::client`]). The requests and replies are the same typed
 //! values whether the client lives in the node's own process (the demo, tests) or in another
-//! one, over the home's socket (`caisey_peer::local`). Text in replies comes from peers: the
-//! client escapes it where it shows it, as it always did.
+//! one, over the home's socket (`caisey_peer::local`). Text in replies that comes from peers is
+//! [`PeerText`], escaped wherever it is shown.
 
 use std::collections::BTreeMap;
 
 use caisey_doc::fleet::Role;
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::session::{CommandRequest, SessionView, Stream};
+use caisey_doc::text::PeerText;
 use caisey_peer::local::{Api, Hello};
 use caisey_peer::node::PeerPath;
 use serde::{Deserialize, Serialize};
@@ -254,7 +255,7 @@ pub enum Event {
 pub struct OrgInfo {
     pub org_name: String,
     pub me: NodeId,
-    pub my_name: String,
+    pub my_name: PeerText,
     pub my_role: Option<Role>,
     pub groups: Vec<String>,
     /// Whether the org has any relay.
@@ -268,7 +269,7 @@ pub struct SessionRead {
     pub view: SessionView,
     /// Output chunks the session references that are not here yet.
     pub missing_chunks: usize,
-    pub names: BTreeMap<NodeId, String>,
+    pub names: BTreeMap<NodeId, PeerText>,
 }
 
 /// How much output one read brings at most (a chunk more, at the edge): a reply line stays
@@ -293,7 +294,7 @@ pub struct Chunk {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub node: NodeId,
-    pub name: String,
+    pub name: PeerText,
     pub org: String,
     pub pid: u32,
     pub home: String,
@@ -326,7 +327,7 @@ pub struct Unwritable {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub node: NodeId,
-    pub name: String,
+    pub name: PeerText,
     pub role: Option<Role>,
     pub path: PeerPath,
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use caisey_agent::escape::{visible, visible_line};
+use caisey_agent::escape::{join, visible, visible_line};
 use caisey_doc::fleet::Role;
 use caisey_doc::session::{CommandSpec, EndStatus, Shell};
 use caisey_doc::token::{InviteToken, RelayTicket};
@@ -431,7 +431,7 @@ fn print_card(m: &crate::tech::Machine, software: bool) {
         MachinePath::ThroughRelay => "online, through the relay",
         MachinePath::Offline => "offline",
     };
-    println!("{}  ({path})", visible_line(&m.name));
+    println!("{}  ({path})", m.name);
     let groups = if m.groups.is_empty() { "none".to_string() } else { visible_line(&m.groups.join(", ")) };
     println!("  groups     {groups}");
     let seen = m.last_seen.map(|t| format!("{} ({})", ago(t, now), time(t))).unwrap_or_else(|| "never".into());
@@ -458,20 +458,15 @@ fn print_card(m: &crate::tech::Machine, software: bool) {
         return;
     };
     println!("  card taken {} ({}); the values below are as of then", ago(c.at, now), time(c.at));
-    println!("  hostname   {}", visible_line(&c.hostname));
-    println!(
-        "  system     {} {} (kernel {})",
-        visible_line(&c.os_name),
-        visible_line(&c.os_version),
-        visible_line(&c.kernel)
-    );
+    println!("  hostname   {}", c.hostname);
+    println!("  system     {} {} (kernel {})", c.os_name, c.os_version, c.kernel);
     let up = humantime::format_duration(Duration::from_secs(c.uptime_secs - c.uptime_secs % 60));
     println!("  uptime     {up}");
-    println!("  cpu        {} × {}", visible_line(&c.cpu), c.cpu_count);
+    println!("  cpu        {} × {}", c.cpu, c.cpu_count);
     println!("  memory     {} used of {}", bytes(c.memory_used), bytes(c.memory_total));
     if software {
         for s in &c.software {
-            println!("  software   {} {}", visible_line(&s.name), visible_line(&s.version));
+            println!("  software   {} {}", s.name, s.version);
         }
     } else {
         println!("  software   {} packages (--software lists them)", c.software.len());
@@ -606,12 +601,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                         MachinePath::Offline => "",
                     };
                     let full = if m.unwritable.is_some() { ", WRITES FAILING on its store" } else { "" };
-                    println!(
-                        "{state}  {:<20} {:<24} {}  ({path}{seen}{full})",
-                        visible(&m.name),
-                        visible(&m.groups.join(",")),
-                        visible(&os)
-                    );
+                    println!("{state}  {:<20} {:<24} {os}  ({path}{seen}{full})", m.name, visible(&m.groups.join(",")),);
                 }
             }
         }
@@ -637,15 +627,15 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                 println!("no sessions match");
             } else {
                 for s in sessions {
-                    let assignee = s.assignee.as_ref().map(|a| format!("  → {}", visible_line(a))).unwrap_or_default();
+                    let assignee = s.assignee.as_ref().map(|a| format!("  → {a}")).unwrap_or_default();
                     println!(
                         "{}  {:<32} {:<22} {} command(s), {}  [{}]{assignee}",
                         s.id.short(),
-                        visible(&s.name),
+                        s.name,
                         time(s.last_activity),
                         s.commands,
                         s.status,
-                        visible(&s.machines.join(","))
+                        join(&s.machines, ",")
                     );
                     if let Some(line) = &s.matched {
                         println!("    found in output: {}", visible_line(line));
@@ -691,13 +681,13 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                 println!("nothing is waiting for your approval");
             } else {
                 for a in awaiting {
-                    let who = format!("{} asks {} to run ({})", visible(&a.technician), visible(&a.machine), a.shell);
-                    println!("{}  {who} in session {}:", a.id.short(), visible(&format!("{:?}", a.session_name)));
+                    let who = format!("{} asks {} to run ({})", a.technician, a.machine, a.shell);
+                    println!("{}  {who} in session {:?}:", a.id.short(), a.session_name);
                     for line in caisey_agent::escape::visible(&a.script).lines() {
                         println!("      {line}");
                     }
-                    if !a.description.trim().is_empty() {
-                        println!("    why: {}", caisey_agent::escape::visible_line(&a.description));
+                    if !a.description.trimmed().is_empty() {
+                        println!("    why: {}", a.description);
                     }
                 }
             }
@@ -788,7 +778,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                 println!(
                     "{}  {:<40} {:>3} machines  {}  {}",
                     r.run.short(),
-                    visible_line(&r.name),
+                    r.name,
                     r.machines.len(),
                     exit_summary(&r.machines),
                     time(r.last_activity)
@@ -802,12 +792,12 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&run)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("group run {:?} ({}): {}", visible_line(&run.name), run.run.short(), exit_summary(&run.machines));
+            println!("group run {:?} ({}): {}", run.name, run.run.short(), exit_summary(&run.machines));
             println!("  {:<20} {:<22} {:>4}  {:<8}  answered by", "machine", "status", "exit", "code");
             for m in &run.machines {
                 println!(
                     "  {:<20} {:<22} {:>4}  {:<8}  {}",
-                    visible_line(&m.machine),
+                    m.machine,
                     m.status,
                     m.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
                     m.code.short(),
@@ -816,11 +806,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
             }
             for same in &run.outputs {
                 let n = same.machines.len();
-                println!(
-                    "── {n} machine{}: {}",
-                    if n == 1 { "" } else { "s" },
-                    visible_line(&same.machines.join(", "))
-                );
+                println!("── {n} machine{}: {}", if n == 1 { "" } else { "s" }, join(&same.machines, ", "));
                 for line in visible(&same.output).lines() {
                     println!("   {line}");
                 }
@@ -837,8 +823,8 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
             let id = client.find_session(&session).await?;
             client.relabel(id, add, remove).await?;
             let now = client.sessions(None, None).await?.into_iter().find(|s| s.id == id);
-            let labels = now.map(|s| s.labels.join(", ")).unwrap_or_default();
-            println!("labels: {}", if labels.is_empty() { "none".into() } else { visible_line(&labels) });
+            let labels = now.map(|s| join(&s.labels, ", ")).unwrap_or_default();
+            println!("labels: {}", if labels.is_empty() { "none" } else { &labels });
         }
         Command::Assign { session, technician, nobody: _ } => {
             online(client).await?;
@@ -878,11 +864,11 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                     println!(
                         "{:<20}  {:<16}  {:<11}  {:>4}  {:<8}  {}",
                         time(r.requested_at),
-                        visible_line(&r.machine),
+                        r.machine,
                         r.status,
                         r.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
                         r.code.short(),
-                        visible_line(&r.session_name)
+                        r.session_name
                     );
                 }
             }
@@ -894,13 +880,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
             let old_text = text(client.output_bytes(old.session, old.request).await?);
             let new_text = text(client.output_bytes(new.session, new.request).await?);
             for (sign, r) in [("---", &old), ("+++", &new)] {
-                println!(
-                    "{sign} {} {} (code {}, {})",
-                    visible_line(&r.machine),
-                    time(r.requested_at),
-                    r.code.short(),
-                    r.status
-                );
+                println!("{sign} {} {} (code {}, {})", r.machine, time(r.requested_at), r.code.short(), r.status);
             }
             let lines = crate::tech::diff(&old_text, &new_text);
             let changed = lines.iter().filter(|l| !matches!(l, crate::tech::DiffLine::Same(_))).count();
@@ -942,12 +922,18 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
     let mut args = args;
     if let Some(key) = &args.failed_in {
         let run = client.group_run(key).await?;
-        machines = run.machines.iter().filter(|m| m.exit_code != Some(0)).map(|m| m.machine.clone()).collect();
+        // Names to look the machines up by, and the session name to go on in: as they are.
+        machines = run
+            .machines
+            .iter()
+            .filter(|m| m.exit_code != Some(0))
+            .map(|m| m.machine.as_unescaped_str().to_owned())
+            .collect();
         if machines.is_empty() {
-            println!("every machine of group run {:?} exited 0; nothing to run", visible_line(&run.name));
+            println!("every machine of group run {:?} exited 0; nothing to run", run.name);
             return Ok(ExitCode::SUCCESS);
         }
-        args.session.get_or_insert(run.name);
+        args.session.get_or_insert(run.name.into_unescaped_string());
     }
     let targets = match (machines.len(), args.group) {
         // A follow-up in a group run stays in it, whatever the number of machines.
@@ -992,7 +978,7 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
             println!("{}", serde_json::Value::Array(reqs));
         } else {
             for a in &asked {
-                let machine = visible(&a.machine.name);
+                let machine = &a.machine.name;
                 println!(
                     "asked {machine}: code {} (what its user approves by; session {})",
                     a.code.short(),
@@ -1091,7 +1077,7 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
     if commands.len() == 1 {
         let c = &commands[0];
         if c.end.is_none() && !args.json {
-            eprintln!("the command did not run on {}: {}", visible(&asked[0].machine.name), status_of(c));
+            eprintln!("the command did not run on {}: {}", asked[0].machine.name, status_of(c));
         }
         return Ok(ExitCode::from(code_of(c)));
     }
@@ -1106,7 +1092,7 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
         let code = code_of(c);
         failed += usize::from(code != 0);
         let exit = c.end.as_ref().and_then(|e| e.exit_code).map(|x| format!(" (exit {x})")).unwrap_or_default();
-        let machine = visible(&names.get(&c.request.id).cloned().unwrap_or_default());
+        let machine = names.get(&c.request.id).cloned().unwrap_or_default();
         println!("  {machine:<20} {}{exit}", status_of(c));
     }
     Ok(ExitCode::from(if failed == 0 { 0 } else { EXIT_REMOTE_FAILED }))
@@ -1157,7 +1143,7 @@ async fn remote_decision(client: &Client, code: &str, approve: bool) -> Result<E
     online(client).await?;
     let (a, delivered) = client.decide(code, approve).await?;
     let verb = if approve { "approved" } else { "denied" };
-    println!("{verb} {} on {} ({})", a.id.short(), visible(&a.machine), visible(&a.script));
+    println!("{verb} {} on {} ({})", a.id.short(), a.machine, visible(&a.script));
     if !delivered {
         eprintln!("warning: the relay did not confirm; the decision goes out when this node next connects");
     }
@@ -1232,7 +1218,7 @@ async fn status(opts: &NodeOptions, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let up = humantime::format_duration(Duration::from_secs(s.up_ms / 1000));
-    println!("node {} ({}) of org {:?}: pid {}, up {up}", s.node.short(), visible(&s.name), visible(&s.org), s.pid);
+    println!("node {} ({}) of org {:?}: pid {}, up {up}", s.node.short(), s.name, visible(&s.org), s.pid);
     println!("  listening on {}", visible(&s.addrs.join(", ")));
     match s.idle_exit_ms {
         Some(ms) => println!(
@@ -1262,7 +1248,7 @@ async fn status(opts: &NodeOptions, json: bool) -> Result<ExitCode> {
             PeerPath::Direct => "direct",
             PeerPath::Relayed => "relayed",
         };
-        println!("  peer {} ({}, {role}): {path}", visible(&p.name), p.node.short());
+        println!("  peer {} ({}, {role}): {path}", p.name, p.node.short());
     }
     println!("  {} session(s); {} document(s) waiting to sync", s.sessions, s.unconfirmed_docs);
     match (&s.unwritable, &s.write_trouble) {
@@ -1301,9 +1287,9 @@ async fn verify(source: &str) -> Result<ExitCode> {
             let g = &p.1;
             println!(
                 "genuine group run: {:?}, {} machines, published by {} ({}) at {}",
-                visible(&g.name),
+                g.name,
                 g.parts.len(),
-                visible(&g.publisher),
+                g.publisher,
                 g.publisher_key.short(),
                 time(g.published_at)
             );
@@ -1320,24 +1306,19 @@ fn print_checked(checked: &caisey_doc::transcript::Checked) {
     let visible = caisey_agent::escape::visible;
     let seal =
         |signed: bool| if signed { "signed by its author" } else { "redacted; vouched for by the publisher only" };
-    println!(
-        "genuine: {:?}, org {:?} (org key {})",
-        visible(&checked.name),
-        visible(&checked.org_name),
-        checked.org_key.short()
-    );
+    println!("genuine: {:?}, org {:?} (org key {})", checked.name, visible(&checked.org_name), checked.org_key.short());
     println!(
         "published by {} ({}) at {}",
-        visible(&checked.publisher),
+        checked.publisher,
         checked.publisher_key.short(),
         time(checked.published_at)
     );
     println!("built from session {} at heads {}", checked.session, checked.heads.join(", "));
     for c in &checked.commands {
-        println!("command {} on {} ({})", c.id.short(), visible(&c.machine), c.machine_key.short());
+        println!("command {} on {} ({})", c.id.short(), c.machine, c.machine_key.short());
         println!(
             "  asked by {} ({}) at {} [{}]:",
-            visible(&c.requester),
+            c.requester,
             c.requester_key.short(),
             time(c.requested_at),
             seal(c.request_signed)

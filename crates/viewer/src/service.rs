@@ -220,8 +220,13 @@ impl TechService {
             Request::Decide { code, approve } => {
                 let awaiting = tech::decide_remote(node, &code, approve).await?;
                 // With no relay, delivered means the machine itself has the decision.
-                let machines: Vec<NodeId> =
-                    node.fleet().await?.agent_by_name(&awaiting.machine).iter().map(|m| m.node).collect();
+                let machines: Vec<NodeId> = node
+                    .fleet()
+                    .await?
+                    .agent_by_name(awaiting.machine.as_unescaped_str())
+                    .iter()
+                    .map(|m| m.node)
+                    .collect();
                 let delivered = tech::wait_delivered(node, &machines, Duration::from_secs(5)).await?;
                 Reply::Decided { awaiting: Box::new(awaiting), delivered }
             }
@@ -340,7 +345,7 @@ impl TechService {
             .into_iter()
             .map(|(peer, path)| PeerStatus {
                 node: peer,
-                name: fleet.members.get(&peer).map(|m| m.name.clone()).unwrap_or_else(|| peer.short()),
+                name: fleet.members.get(&peer).map(|m| m.name.clone()).unwrap_or_else(|| peer.short().into()),
                 role: fleet.role_of(&peer),
                 path,
             })
@@ -366,7 +371,7 @@ impl TechService {
 }
 
 /// The names of the members a session mentions (requesters, targets, deciders).
-fn names_in(view: &SessionView, fleet: &caisey_doc::fleet::Fleet) -> BTreeMap<NodeId, String> {
+fn names_in(view: &SessionView, fleet: &caisey_doc::fleet::Fleet) -> BTreeMap<NodeId, caisey_doc::text::PeerText> {
     let mut nodes: Vec<NodeId> = view.targets.clone();
     nodes.push(view.creator);
     nodes.extend(view.renamed_by);

@@ -12,6 +12,7 @@ use caisey_doc::session::{
     CommandRequest, CommandSpec, CommandView, MAX_NOTE, SessionInfo, SessionMeta, SessionNote, SessionView,
     SessionWriter,
 };
+use caisey_doc::text::PeerText;
 use caisey_doc::token::InviteToken;
 use caisey_peer::node::{Node, PeerPath};
 use caisey_peer::now_ms;
@@ -90,7 +91,7 @@ pub async fn invite(node: &Node, spec: InviteSpec) -> Result<InviteToken> {
         org_key,
         fleet_doc,
         role,
-        name,
+        name: name.map(PeerText::from),
         groups,
         approves,
         expires_at: now_ms() + ttl_ms,
@@ -180,7 +181,7 @@ pub async fn wait_delivered(node: &Node, machines: &[NodeId], timeout: Duration)
 /// A machine as listed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
-    pub name: String,
+    pub name: PeerText,
     pub node: NodeId,
     pub groups: Vec<String>,
     pub online: bool,
@@ -216,10 +217,17 @@ impl Machine {
     /// Whether a search (lower-case) finds this machine: by name, group, hostname, OS or an
     /// installed application's name.
     pub fn matches(&self, search: &str) -> bool {
-        let card =
-            self.card.as_ref().map(|c| format!("{} {} {}", c.hostname, c.os_name, c.os_version)).unwrap_or_default();
-        format!("{} {} {}", self.name, self.groups.join(" "), card).to_lowercase().contains(search)
-            || self.card.as_ref().is_some_and(|c| c.software.iter().any(|s| s.name.to_lowercase().contains(search)))
+        let card = self
+            .card
+            .as_ref()
+            .map(|c| {
+                let (host, os, version) =
+                    (c.hostname.as_unescaped_str(), c.os_name.as_unescaped_str(), c.os_version.as_unescaped_str());
+                format!("{host} {os} {version}")
+            })
+            .unwrap_or_default();
+        format!("{} {} {}", self.name.as_unescaped_str(), self.groups.join(" "), card).to_lowercase().contains(search)
+            || self.card.as_ref().is_some_and(|c| c.software.iter().any(|s| s.name.contains_lowercase(search)))
     }
 }
 
@@ -298,23 +306,23 @@ pub fn resolve_targets(fleet: &Fleet, targets: &Targets) -> Result<Vec<Member>> 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionSummary {
     pub id: DocId,
-    pub name: String,
-    pub labels: Vec<String>,
-    pub machines: Vec<String>,
+    pub name: PeerText,
+    pub labels: Vec<PeerText>,
+    pub machines: Vec<PeerText>,
     /// The commands asked in it, in order.
     pub scripts: Vec<String>,
     /// Why each was asked (the technician's descriptions), in order.
     #[serde(default)]
-    pub descriptions: Vec<String>,
+    pub descriptions: Vec<PeerText>,
     pub commands: usize,
     pub last_activity: u64,
     pub status: String,
     /// The technician who has it, if one was named.
     #[serde(default)]
-    pub assignee: Option<String>,
+    pub assignee: Option<PeerText>,
     /// Its notes' texts, oldest first (searched with the rest).
     #[serde(default)]
-    pub notes: Vec<String>,
+    pub notes: Vec<PeerText>,
     /// The output line a search found, when it was found in output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matched: Option<String>,
@@ -324,17 +332,12 @@ impl SessionSummary {
     /// Whether a search (lower-case) finds this session: by name, label, machine, command text or
     /// the why of a command.
     pub fn matches(&self, search: &str) -> bool {
-        [
-            &self.name,
-            &self.labels.join(" "),
-            &self.machines.join(" "),
-            &self.scripts.join(" "),
-            &self.descriptions.join(" "),
-            &self.notes.join(" "),
-            self.assignee.as_deref().unwrap_or_default(),
-        ]
-        .iter()
-        .any(|h| h.to_lowercase().contains(search))
+        let peer_texts = [&self.labels, &self.machines, &self.descriptions, &self.notes];
+        std::iter::once(&self.name)
+            .chain(peer_texts.into_iter().flatten())
+            .chain(self.assignee.as_ref())
+            .any(|t| t.contains_lowercase(search))
+            || self.scripts.iter().any(|s| s.to_lowercase().contains(search))
     }
 }
 
@@ -354,7 +357,7 @@ pub async fn sessions(
     index: Option<&crate::search::OutputIndex>,
 ) -> Result<Vec<SessionSummary>> {
     let fleet = node.fleet().await?;
-    let names: BTreeMap<NodeId, String> = fleet.members.values().map(|m| (m.node, m.name.clone())).collect();
+    let names: BTreeMap<NodeId, PeerText> = fleet.members.values().map(|m| (m.node, m.name.clone())).collect();
     let search = search.map(str::to_lowercase);
     let mut out: Vec<SessionSummary> = session_views(node)
         .await?
@@ -364,13 +367,13 @@ pub async fn sessions(
             id,
             name: v.info.name.clone(),
             labels: v.info.labels.clone(),
-            machines: v.targets.iter().map(|t| names.get(t).cloned().unwrap_or_else(|| t.short())).collect(),
+            machines: v.targets.iter().map(|t| names.get(t).cloned().unwrap_or_else(|| t.short().into())).collect(),
             scripts: v.commands.iter().map(|c| c.request.command.script.clone()).collect(),
             descriptions: v.commands.iter().map(|c| c.request.description.clone()).collect(),
             commands: v.commands.len(),
             last_activity: v.last_activity(),
             status: v.commands.last().map(|c| c.status().to_string()).unwrap_or_else(|| "empty".into()),
-            assignee: v.assignee.map(|a| names.get(&a).cloned().unwrap_or_else(|| a.short())),
+            assignee: v.assignee.map(|a| names.get(&a).cloned().unwrap_or_else(|| a.short().into())),
             notes: v.notes.iter().map(|n| n.note.text.clone()).collect(),
             matched: None,
         })
@@ -402,7 +405,7 @@ pub async fn sessions(
 pub async fn find_session(node: &Node, key: &str) -> Result<DocId> {
     let all = session_views(node).await?;
     let key_l = key.to_lowercase();
-    if let Some((id, _)) = all.iter().filter(|(_, v)| v.info.name == key).max_by_key(|(_, v)| v.info.created_at) {
+    if let Some((id, _)) = all.iter().filter(|(_, v)| v.info.name == *key).max_by_key(|(_, v)| v.info.created_at) {
         return Ok(*id);
     }
     let by_prefix: Vec<DocId> = all.iter().map(|(id, _)| *id).filter(|id| id.to_hex().starts_with(&key_l)).collect();
@@ -469,9 +472,9 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
         (None, Targets::Machines(names)) => format!("{} machines {stamp}", names.len()),
     };
     let group = matches!(req.targets, Targets::Group(_) | Targets::Machines(_));
-    let mut existing: BTreeMap<String, DocId> = BTreeMap::new();
-    let mut existing_run: BTreeMap<String, Option<caisey_doc::session::GroupRun>> = BTreeMap::new();
-    let mut newest: BTreeMap<String, u64> = BTreeMap::new();
+    let mut existing: BTreeMap<PeerText, DocId> = BTreeMap::new();
+    let mut existing_run: BTreeMap<PeerText, Option<caisey_doc::session::GroupRun>> = BTreeMap::new();
+    let mut newest: BTreeMap<PeerText, u64> = BTreeMap::new();
     // Only a session the technician named is continued; a generated name always starts afresh.
     let views = if req.session.is_some() { session_views(node).await? } else { vec![] };
     for (id, v) in views {
@@ -484,19 +487,21 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
     // A group run is one investigation: its sessions share one run id. A weekly group check
     // that goes on keeps the id its sessions already have.
     let run_id = existing_run.values().flatten().map(|r| r.run).next().unwrap_or_else(random_id);
-    let group_run = |session: DocId| caisey_doc::session::GroupRun { session, run: run_id, name: base.clone() };
+    let group_run = |session: DocId| caisey_doc::session::GroupRun { session, run: run_id, name: base.clone().into() };
     let now = now_ms();
     let mut asked = Vec::new();
     let mut new_sessions = Vec::new();
     for machine in targets {
-        let name = if group { format!("{base} ({})", machine.name) } else { base.clone() };
+        // The machine's name goes into the session's name as it is: escaped wherever that is shown.
+        let name =
+            PeerText::from(if group { format!("{base} ({})", machine.name.as_unescaped_str()) } else { base.clone() });
         let session = existing.get(&name).copied().unwrap_or_else(random_id);
         let r = CommandRequest {
             id: random_id(),
             session,
             target: machine.node,
             command: req.command.clone(),
-            description: req.description.clone(),
+            description: req.description.as_str().into(),
             requested_at: now,
             expires_at: now + req.approval_window.as_millis() as u64,
         };
@@ -518,7 +523,8 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
             }
         } else {
             // A new session and its request, built here and stored with the others in one go.
-            let info = SessionInfo { id: session, name, labels: req.labels.clone(), created_at: now, org_key };
+            let labels = req.labels.iter().map(PeerText::from).collect();
+            let info = SessionInfo { id: session, name, labels, created_at: now, org_key };
             let mut doc = SessionWriter::create(&signer, &info)?;
             if group {
                 SessionWriter::group_run(&mut doc, &signer, &group_run(session))?;
@@ -547,12 +553,12 @@ pub struct Awaiting {
     pub id: Id128,
     pub request: Id128,
     pub session: DocId,
-    pub session_name: String,
-    pub machine: String,
-    pub technician: String,
+    pub session_name: PeerText,
+    pub machine: PeerText,
+    pub technician: PeerText,
     pub shell: String,
     pub script: String,
-    pub description: String,
+    pub description: PeerText,
     pub requested_at: u64,
     pub expires_at: u64,
 }
@@ -562,7 +568,7 @@ pub async fn awaiting_approval(node: &Node) -> Result<Vec<Awaiting>> {
     let fleet = node.fleet().await?;
     let me = node.id();
     let now = now_ms();
-    let name = |n: &NodeId| fleet.members.get(n).map(|m| m.name.clone()).unwrap_or_else(|| n.short());
+    let name = |n: &NodeId| fleet.members.get(n).map(|m| m.name.clone()).unwrap_or_else(|| n.short().into());
     let mut out = Vec::new();
     for (session, view) in session_views(node).await? {
         for c in &view.commands {
@@ -701,8 +707,8 @@ pub async fn rename(node: &Node, session: DocId, name: &str, labels: Vec<String>
         bail!("a session needs a name");
     }
     update_meta(node, session, move |meta| {
-        meta.name = name;
-        meta.labels = labels;
+        meta.name = name.into();
+        meta.labels = labels.into_iter().map(PeerText::from).collect();
     })
     .await
 }
@@ -711,10 +717,10 @@ pub async fn rename(node: &Node, session: DocId, name: &str, labels: Vec<String>
 pub async fn relabel(node: &Node, session: DocId, add: &[String], remove: &[String]) -> Result<()> {
     let (add, remove) = (add.to_vec(), remove.to_vec());
     update_meta(node, session, move |meta| {
-        meta.labels.retain(|l| !remove.iter().any(|r| r.trim().eq_ignore_ascii_case(l)));
+        meta.labels.retain(|l| !remove.iter().any(|r| l.eq_ignore_ascii_case(r.trim())));
         for label in add {
             if !meta.labels.iter().any(|l| l.eq_ignore_ascii_case(label.trim())) {
-                meta.labels.push(label);
+                meta.labels.push(label.into());
             }
         }
     })
@@ -753,7 +759,7 @@ async fn update_meta(
     let mut meta =
         SessionMeta { session, name: view.info.name, labels: view.info.labels, at: now_ms(), assignee: view.assignee };
     change(&mut meta);
-    meta.labels = meta.labels.iter().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    meta.labels = meta.labels.iter().map(PeerText::trimmed).filter(|l| !l.is_empty()).collect();
     let signer = node.signer().clone();
     node.change(session, move |doc| SessionWriter::rename(doc, &signer, &meta))
         .await?
@@ -770,7 +776,7 @@ pub async fn add_note(node: &Node, session: DocId, text: &str) -> Result<()> {
     if text.len() > MAX_NOTE {
         bail!("the note is {} bytes; a note holds at most {MAX_NOTE}", text.len());
     }
-    let note = SessionNote { session, id: random_id(), text, at: now_ms() };
+    let note = SessionNote { session, id: random_id(), text: text.into(), at: now_ms() };
     let signer = node.signer().clone();
     node.change(session, move |doc| SessionWriter::note(doc, &signer, &note)).await?.context("writing the note")?;
     Ok(())
@@ -798,11 +804,11 @@ pub async fn build_group_transcript(
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PastRun {
     pub session: DocId,
-    pub session_name: String,
+    pub session_name: PeerText,
     pub request: Id128,
     /// The request's code: how a person names this run (`caisey diff CODE CODE`).
     pub code: Id128,
-    pub machine: String,
+    pub machine: PeerText,
     pub script: String,
     pub requested_at: u64,
     pub status: String,
@@ -987,7 +993,7 @@ pub async fn sync_status(node: &Node) -> Result<SyncStatus> {
 /// One machine's part of a group run: its latest command there.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupMachine {
-    pub machine: String,
+    pub machine: PeerText,
     pub session: DocId,
     pub request: Id128,
     pub code: Id128,
@@ -1000,7 +1006,7 @@ pub struct GroupMachine {
 /// Machines whose output was the same, byte for byte.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SameOutput {
-    pub machines: Vec<String>,
+    pub machines: Vec<PeerText>,
     pub output: String,
     /// Whether the output went on past what was compared ([`GROUPED_BYTES`]).
     pub cut: bool,
@@ -1011,7 +1017,7 @@ pub struct SameOutput {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupRunView {
     pub run: Id128,
-    pub name: String,
+    pub name: PeerText,
     pub machines: Vec<GroupMachine>,
     pub outputs: Vec<SameOutput>,
     pub last_activity: u64,
@@ -1068,7 +1074,7 @@ pub async fn group_run(node: &Node, key: &str) -> Result<GroupRunView> {
         1 => found.remove(0),
         n => bail!("{key:?} names {n} group runs; give its id"),
     };
-    let mut same: BTreeMap<(Vec<u8>, bool), Vec<String>> = BTreeMap::new();
+    let mut same: BTreeMap<(Vec<u8>, bool), Vec<PeerText>> = BTreeMap::new();
     let fleet = node.fleet().await?;
     for m in run.machines.iter().filter(|m| !matches!(m.status.as_str(), "waiting for approval" | "running")) {
         let (session, request, fleet) = (m.session, m.request, fleet.clone());

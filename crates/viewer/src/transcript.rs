@@ -11,9 +11,10 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use caisey_agent::escape::{visible, visible_line};
+use caisey_agent::escape::{join, visible, visible_line};
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::session::{CommandView, EndStatus, SessionView, Stream, Verdict};
+use caisey_doc::text::PeerText;
 use caisey_peer::node::Node;
 
 use crate::api::SessionRead;
@@ -25,8 +26,8 @@ pub fn time(ms: u64) -> String {
 }
 
 /// A member's name as a peer chose it, made safe to print on one line.
-fn name_of(names: &BTreeMap<NodeId, String>, node: &NodeId) -> String {
-    names.get(node).map(|n| visible_line(n)).unwrap_or_else(|| node.short())
+fn name_of(names: &BTreeMap<NodeId, PeerText>, node: &NodeId) -> String {
+    names.get(node).map(PeerText::to_string).unwrap_or_else(|| node.short())
 }
 
 /// How output bytes are written.
@@ -87,7 +88,7 @@ impl Follower {
             let labels = if view.info.labels.is_empty() {
                 String::new()
             } else {
-                format!("  labels: {}", visible_line(&view.info.labels.join(", ")))
+                format!("  labels: {}", join(&view.info.labels, ", "))
             };
             println!("session {:?} ({}){labels}", view.info.name, view.info.id);
             for q in &view.quarantined {
@@ -116,7 +117,7 @@ impl Follower {
         for n in view.notes.iter().filter(|_| whole) {
             if self.notes_seen.insert((n.author, n.note.id)) {
                 crate::progress::println(&format!("── {}  note by {}:", time(n.note.at), name_of(&names, &n.author)));
-                for line in visible(&n.note.text).lines() {
+                for line in n.note.text.visible().lines() {
                     crate::progress::println(&format!("     {line}"));
                 }
             }
@@ -126,7 +127,12 @@ impl Follower {
         Ok(followed)
     }
 
-    async fn print_new(&mut self, client: &Client, names: &BTreeMap<NodeId, String>, cmd: &CommandView) -> Result<()> {
+    async fn print_new(
+        &mut self,
+        client: &Client,
+        names: &BTreeMap<NodeId, PeerText>,
+        cmd: &CommandView,
+    ) -> Result<()> {
         let machine = name_of(names, &cmd.request.target);
         let style = self.style;
         let seen = self.seen.entry(cmd.request.id).or_default();
@@ -151,8 +157,8 @@ impl Follower {
             for line in visible(&c.script).lines() {
                 status(format!("     {line}"));
             }
-            if !cmd.request.description.trim().is_empty() {
-                status(format!("   why: {}", visible_line(&cmd.request.description)));
+            if !cmd.request.description.trimmed().is_empty() {
+                status(format!("   why: {}", cmd.request.description));
             }
             if cmd.decision.is_none() {
                 status(format!("   waiting for approval on {machine}…"));
@@ -259,8 +265,9 @@ fn print_line(machine: &str, stream: Stream, line: &[u8]) {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionJson {
     pub id: DocId,
-    pub name: String,
-    pub labels: Vec<String>,
+    pub name: PeerText,
+    pub labels: Vec<PeerText>,
+    /// Escaped, as `caisey show` prints them.
     pub machines: Vec<String>,
     pub commands: Vec<CommandJson>,
     pub quarantined: Vec<caisey_doc::session::Quarantined>,
@@ -275,12 +282,13 @@ pub struct SessionJson {
 /// A note as exported: who wrote it, when, what.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NoteJson {
+    /// Escaped, as `caisey show` prints it.
     pub author: String,
     pub at: u64,
-    pub text: String,
+    pub text: PeerText,
 }
 
-fn notes_json(view: &SessionView, names: &BTreeMap<NodeId, String>) -> Vec<NoteJson> {
+fn notes_json(view: &SessionView, names: &BTreeMap<NodeId, PeerText>) -> Vec<NoteJson> {
     view.notes
         .iter()
         .map(|n| NoteJson { author: name_of(names, &n.author), at: n.note.at, text: n.note.text.clone() })
@@ -292,12 +300,13 @@ pub struct CommandJson {
     pub id: Id128,
     /// The code the endpoint user and approvers see and type for this request.
     pub code: Id128,
+    /// Escaped, as `caisey show` prints it (so is `requester`).
     pub machine: String,
     pub requester: String,
     pub shell: String,
     pub script: String,
     /// Why the technician asked, as the endpoint user read it.
-    pub description: String,
+    pub description: PeerText,
     pub status: String,
     pub exit_code: Option<i32>,
     pub requested_at: u64,
@@ -313,7 +322,7 @@ pub struct CommandJson {
 
 pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
     let fleet = node.fleet().await?;
-    let names: BTreeMap<NodeId, String> = fleet.members.values().map(|m| (m.node, m.name.clone())).collect();
+    let names: BTreeMap<NodeId, PeerText> = fleet.members.values().map(|m| (m.node, m.name.clone())).collect();
     let f2 = fleet.clone();
     let view = node
         .read_with_output(session, move |d, stored| SessionView::read(d, &f2, stored))
@@ -349,7 +358,7 @@ pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
 }
 
 /// One command as `show --json` and the exports give it, without its output.
-fn command_json(c: &CommandView, names: &BTreeMap<NodeId, String>) -> CommandJson {
+fn command_json(c: &CommandView, names: &BTreeMap<NodeId, PeerText>) -> CommandJson {
     CommandJson {
         id: c.request.id,
         code: c.request.approval_code(),
@@ -430,16 +439,18 @@ impl CsvCell {
 fn csv_fixed_cells(s: &SessionJson, c: &CommandJson) -> Vec<String> {
     let opt = |v: Option<u64>| v.map(time).unwrap_or_default();
     let duration = c.started_at.zip(c.ended_at).map(|(a, b)| b.saturating_sub(a).to_string()).unwrap_or_default();
-    let notes: Vec<String> = s.notes.iter().map(|n| format!("{} {}: {}", time(n.at), n.author, n.text)).collect();
+    // A spreadsheet's cells hold the text as written (quoted by `csv_cell`), as `--json` does.
+    let notes: Vec<String> =
+        s.notes.iter().map(|n| format!("{} {}: {}", time(n.at), n.author, n.text.as_unescaped_str())).collect();
     [
         s.id.to_hex(),
-        s.name.clone(),
+        s.name.as_unescaped_str().to_owned(),
         c.id.to_hex(),
         c.machine.clone(),
         c.requester.clone(),
         c.shell.clone(),
         c.script.clone(),
-        c.description.clone(),
+        c.description.as_unescaped_str().to_owned(),
         c.status.clone(),
         c.exit_code.map(|e| e.to_string()).unwrap_or_default(),
         time(c.requested_at),

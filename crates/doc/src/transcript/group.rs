@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::{Checked, TranscriptFile, VerifyError, canonical, html, verify_json};
 use crate::id::{Id128, NodeId};
 use crate::record::{Signer, verify_detached};
+use crate::text::PeerText;
 
 pub const GROUP_FORMAT: &str = "caisey-group-transcript/1";
 const GROUP_DOMAIN: &[u8] = b"caisey/group-transcript/v1\0";
@@ -25,7 +26,7 @@ pub struct GroupFile {
 pub struct GroupTranscript {
     pub format: String,
     pub run: Id128,
-    pub name: String,
+    pub name: PeerText,
     pub published_at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
@@ -37,10 +38,10 @@ pub struct GroupTranscript {
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckedGroup {
     pub run: Id128,
-    pub name: String,
+    pub name: PeerText,
     pub published_at: u64,
     pub summary: Option<String>,
-    pub publisher: String,
+    pub publisher: PeerText,
     pub publisher_key: NodeId,
     pub org_name: String,
     pub org_key: NodeId,
@@ -51,7 +52,7 @@ impl GroupFile {
     /// Gathers `parts` (each signed by `publisher`) into one signed file.
     pub fn sign(
         run: Id128,
-        name: String,
+        name: PeerText,
         summary: Option<String>,
         parts: Vec<TranscriptFile>,
         publisher: &Signer,

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Checked, CheckedCommand, TranscriptFile};
 use crate::session::{EndStatus, Verdict};
-use crate::text::visible;
+use crate::text::{PeerText, visible};
 
 pub const DOCTYPE: &str = "<!DOCTYPE html>";
 const DATA_ID: &str = "caisey-transcript";
@@ -64,11 +64,11 @@ fn genuine(signed: bool) -> Markup {
 fn command_ui(c: &CheckedCommand) -> Markup {
     html! {
         section {
-            h2 { (visible(&c.requester)) " asked " (visible(&c.machine)) " to run a command" }
+            h2 { (c.requester.visible()) " asked " (c.machine.visible()) " to run a command" }
             table {
                 tr { td { "Asked" } td { (utc(c.requested_at)) " — " (genuine(c.request_signed)) } }
                 tr { td { "Shell" } td { (c.command.shell) ", timeout " (c.command.timeout_ms / 1000) " s" @if let Some(cwd) = &c.command.cwd { ", in " (visible(cwd)) } } }
-                @if !c.description.is_empty() { tr { td { "Why" } td { (visible(&c.description)) } } }
+                @if !c.description.is_empty() { tr { td { "Why" } td { (c.description.visible()) } } }
                 tr { td { "Answer" } td {
                     @match &c.decision {
                         None => span.note { "none yet" },
@@ -126,15 +126,21 @@ fn command_ui(c: &CheckedCommand) -> Markup {
 }
 
 /// The machines the published commands ran on, by name.
+/// The machines of a transcript, escaped, as one line of the page.
 fn machines(c: &Checked) -> String {
-    let mut names: Vec<&str> = c.commands.iter().map(|c| c.machine.as_str()).collect();
+    let mut names: Vec<&PeerText> = c.commands.iter().map(|c| &c.machine).collect();
     names.sort_unstable();
     names.dedup();
-    if names.is_empty() { "no machine".into() } else { names.join(", ") }
+    if names.is_empty() { "no machine".into() } else { joined(names) }
+}
+
+/// Peer texts escaped (newlines kept, as everywhere on the page) and joined with commas.
+fn joined<'a>(texts: impl IntoIterator<Item = &'a PeerText>) -> String {
+    texts.into_iter().map(PeerText::visible).collect::<Vec<_>>().join(", ")
 }
 
 /// The page around `body`: head, style, and the signed data it was rendered from.
-fn page(title: &str, data: &str, body: Markup) -> String {
+fn page(title: &PeerText, data: &str, body: Markup) -> String {
     html! {
         (MAUD_DOCTYPE)
         html lang="en" {
@@ -142,7 +148,7 @@ fn page(title: &str, data: &str, body: Markup) -> String {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 meta name="referrer" content="no-referrer";
-                title { "Caisey transcript: " (visible(title)) }
+                title { "Caisey transcript: " (title.visible()) }
                 style { (PreEscaped(STYLE)) }
             }
             body {
@@ -154,12 +160,12 @@ fn page(title: &str, data: &str, body: Markup) -> String {
     .into_string()
 }
 
-fn summary_ui(publisher: &str, summary: Option<&String>) -> Markup {
+fn summary_ui(publisher: &PeerText, summary: Option<&String>) -> Markup {
     html! {
         @if let Some(summary) = summary {
             section.summary {
                 h2 { "Summary" }
-                p.meta { "In " (visible(publisher)) "'s words, as they published this page:" }
+                p.meta { "In " (publisher.visible()) "'s words, as they published this page:" }
                 pre { (visible(summary)) }
             }
         }
@@ -183,8 +189,8 @@ fn notes_ui(notes: &[super::CheckedNote]) -> Markup {
             section.notes {
                 h2 { "Notes" }
                 @for n in notes {
-                    p.meta { (utc(n.at)) " · " (visible(&n.author)) " · " (genuine(n.signed)) }
-                    pre { (visible(&n.text)) }
+                    p.meta { (utc(n.at)) " · " (n.author.visible()) " · " (genuine(n.signed)) }
+                    pre { (n.text.visible()) }
                 }
             }
         }
@@ -205,7 +211,7 @@ fn how_to_check(c: &Checked, sessions: &[&Checked]) -> Markup {
             }
             table {
                 tr { td { "Org" } td { (visible(&c.org_name)) ", key " (c.org_key.short()) } }
-                tr { td { "Publisher" } td { (visible(&c.publisher)) ", key " (c.publisher_key.short()) } }
+                tr { td { "Publisher" } td { (c.publisher.visible()) ", key " (c.publisher_key.short()) } }
                 @for s in sessions {
                     tr { td { "Session" } td { (s.session.short()) ", as of " (heads(s)) } }
                 }
@@ -218,11 +224,11 @@ fn how_to_check(c: &Checked, sessions: &[&Checked]) -> Markup {
 pub fn render(file: &TranscriptFile, c: &Checked) -> String {
     let data = String::from_utf8_lossy(&file.to_json()).into_owned();
     let body = html! {
-        h1 { (visible(&c.name)) }
+        h1 { (c.name.visible()) }
         p.meta {
-            "What " (visible(&c.org_name)) " ran on " (visible(&machines(c))) ", as " (visible(&c.publisher))
+            "What " (visible(&c.org_name)) " ran on " (machines(c)) ", as " (c.publisher.visible())
             " published it on " (utc(c.published_at)) "."
-            @if !c.labels.is_empty() { " Labels: " (visible(&c.labels.join(", "))) "." }
+            @if !c.labels.is_empty() { " Labels: " (joined(&c.labels)) "." }
         }
         (summary_ui(&c.publisher, c.summary.as_ref()))
         (proof_ui())
@@ -239,7 +245,7 @@ pub fn render(file: &TranscriptFile, c: &Checked) -> String {
 pub fn render_group(file: &super::group::GroupFile, g: &super::group::CheckedGroup) -> String {
     let data = String::from_utf8_lossy(&file.to_json()).into_owned();
     let last = |c: &Checked| c.commands.last().cloned();
-    let mut same: Vec<(String, Vec<String>)> = Vec::new();
+    let mut same: Vec<(String, Vec<PeerText>)> = Vec::new();
     for part in &g.parts {
         let Some(cmd) = last(part) else { continue };
         let output = format!("{}{}", cmd.stdout, cmd.stderr);
@@ -251,9 +257,9 @@ pub fn render_group(file: &super::group::GroupFile, g: &super::group::CheckedGro
     same.sort_by_key(|(_, machines)| std::cmp::Reverse(machines.len()));
     let Some(lead) = g.parts.first() else { return page(&g.name, &data, html! {}) };
     let body = html! {
-        h1 { (visible(&g.name)) }
+        h1 { (g.name.visible()) }
         p.meta {
-            "What " (visible(&g.org_name)) " ran on " (g.parts.len()) " machines at once, as " (visible(&g.publisher))
+            "What " (visible(&g.org_name)) " ran on " (g.parts.len()) " machines at once, as " (g.publisher.visible())
             " published it on " (utc(g.published_at)) "."
         }
         (summary_ui(&g.publisher, g.summary.as_ref()))
@@ -264,7 +270,7 @@ pub fn render_group(file: &super::group::GroupFile, g: &super::group::CheckedGro
                 @for part in &g.parts {
                     @if let Some(cmd) = last(part) {
                         tr {
-                            td { (visible(&cmd.machine)) }
+                            td { (cmd.machine.visible()) }
                             td { (result(&cmd)) }
                             td { @if let Some(d) = &cmd.decision { "answered by " (visible(&d.decided_by)) } }
                         }
@@ -275,12 +281,12 @@ pub fn render_group(file: &super::group::GroupFile, g: &super::group::CheckedGro
         section.same {
             h2 { "What they printed" }
             @for (output, machines) in &same {
-                p.meta { (machines.len()) " machine" @if machines.len() != 1 { "s" } ": " (visible(&machines.join(", "))) }
+                p.meta { (machines.len()) " machine" @if machines.len() != 1 { "s" } ": " (joined(machines)) }
                 pre { (visible(output)) }
             }
         }
         @for part in &g.parts {
-            h2 { "On " (visible(&machines(part))) }
+            h2 { "On " (machines(part)) }
             @for cmd in &part.commands { (command_ui(cmd)) }
             (notes_ui(&part.notes))
         }

@@ -131,7 +131,7 @@ pub struct ViewerApp {
     pub share: Option<Share>,
     /// A single run asked from here and not ended yet: (session, request, machine), so the status
     /// bar can say when it ends.
-    pub awaiting: Option<(DocId, caisey_doc::id::Id128, String)>,
+    pub awaiting: Option<(DocId, caisey_doc::id::Id128, caisey_doc::text::PeerText)>,
     /// Messages for the status bar: (is error, text, when).
     pub messages: VecDeque<(bool, String, Instant)>,
     /// How long the last frame took to build, for the responsiveness bench.
@@ -339,11 +339,7 @@ impl ViewerApp {
             let who = if self.snapshot.org.is_empty() {
                 "loading…".to_string()
             } else {
-                format!(
-                    "{} — {}",
-                    caisey_doc::text::visible_line(&self.snapshot.org),
-                    caisey_doc::text::visible_line(&self.snapshot.me)
-                )
+                format!("{} — {}", caisey_doc::text::visible_line(&self.snapshot.org), self.snapshot.me)
             };
             ui.label(RichText::new(who).weak());
             ui.separator();

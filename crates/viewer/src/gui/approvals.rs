@@ -2,7 +2,6 @@
 //! exact command and the technician's why, approved or denied with one click. Their viewer
 //! offers nothing they may not do (no Run tab, no run buttons).
 
-use caisey_doc::text::visible_line;
 use egui::{RichText, Ui};
 
 use super::app::ViewerApp;
@@ -28,23 +27,18 @@ impl ViewerApp {
             for a in waiting {
                 egui::Frame::group(ui.style()).show(ui, |ui| {
                     ui.label(
-                        RichText::new(format!(
-                            "{} asks to run a command on {}",
-                            visible_line(&a.technician),
-                            visible_line(&a.machine)
-                        ))
-                        .strong(),
+                        RichText::new(format!("{} asks to run a command on {}", a.technician, a.machine)).strong(),
                     );
                     let left = a.expires_at.saturating_sub(now) / 1000;
                     ui.label(format!(
                         "session {} · asked {} · expires in {left} s · code {}",
-                        visible_line(&a.session_name),
+                        a.session_name,
                         time(a.requested_at),
                         a.id.short()
                     ));
-                    if !a.description.trim().is_empty() {
+                    if !a.description.trimmed().is_empty() {
                         ui.label("Why:");
-                        hostile_block(ui, ("why", a.id), &a.description, 100.0);
+                        hostile_block(ui, ("why", a.id), &a.description.visible(), 100.0);
                     }
                     ui.label(format!("The command ({}), exactly as it will run:", a.shell));
                     hostile_block(ui, ("script", a.id), &a.script, 200.0);

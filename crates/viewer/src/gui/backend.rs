@@ -182,7 +182,7 @@ struct Backend {
     open: Option<DocId>,
     open_reading: BTreeMap<Id128, Reading>,
     /// The group run being watched: (machine, session, request) per row.
-    group: Vec<(String, DocId, Id128)>,
+    group: Vec<(caisey_doc::text::PeerText, DocId, Id128)>,
     group_reading: BTreeMap<Id128, (Reading, OutputBuf)>,
     stale_list: bool,
     stale_docs: BTreeSet<DocId>,
@@ -285,7 +285,7 @@ impl Backend {
         {
             self.out.send(Update::Error(format!("{e:#}")));
         }
-        let rows: Vec<(String, DocId, Id128)> =
+        let rows: Vec<(caisey_doc::text::PeerText, DocId, Id128)> =
             self.group.iter().filter(|(_, s, _)| stale.contains(s)).cloned().collect();
         for (machine, session, request) in rows {
             match self.read_group_row(machine, session, request).await {
@@ -335,7 +335,12 @@ impl Backend {
         Ok(())
     }
 
-    async fn read_group_row(&mut self, machine: String, session: DocId, request: Id128) -> Result<GroupRow> {
+    async fn read_group_row(
+        &mut self,
+        machine: caisey_doc::text::PeerText,
+        session: DocId,
+        request: Id128,
+    ) -> Result<GroupRow> {
         let read = self.client.session(session).await?;
         let cmd = read.view.command(&request).cloned().ok_or_else(|| anyhow!("request not found"))?;
         let from = self.group_reading.get(&request).map(|r| r.0.pos).unwrap_or(0);
@@ -465,7 +470,7 @@ impl Backend {
                 self.stale_list = true;
                 let verb = if approve { "approved" } else { "denied" };
                 self.out.result(r.map(|(a, delivered)| {
-                    let machine = caisey_doc::text::visible_line(&a.machine);
+                    let machine = &a.machine;
                     let wait = if delivered { "" } else { "; it goes out when this node next connects" };
                     Update::Notice(format!("{verb} {} on {machine}{wait}", a.id.short()))
                 }));

@@ -34,7 +34,8 @@ impl ViewerApp {
             let options: Vec<String> = if c.to_group {
                 self.snapshot.groups.clone()
             } else {
-                self.snapshot.machines.iter().map(|m| m.name.clone()).collect()
+                // The name the machine is looked up by, exactly; shown escaped below.
+                self.snapshot.machines.iter().map(|m| m.name.as_unescaped_str().to_owned()).collect()
             };
             let shown = if c.target.is_empty() { "choose…".to_string() } else { visible_line(&c.target) };
             let to_group = c.to_group;
@@ -143,7 +144,7 @@ impl ViewerApp {
                 }
                 ui.end_row();
                 for row in &run.rows {
-                    if ui.link(visible_line(&row.machine)).on_hover_text("open this machine's session").clicked() {
+                    if ui.link(row.machine.to_string()).on_hover_text("open this machine's session").clicked() {
                         self.open_session(row.session);
                     }
                     ui.label(&row.status);

@@ -81,7 +81,7 @@ impl ViewerApp {
             .map(|m| {
                 let seen = m.last_seen.map(|t| ago(t, now)).unwrap_or_else(|| "never seen".into());
                 let state = if m.online { format!("online ({})", connectivity(m)) } else { format!("offline, {seen}") };
-                (m.node, format!("{}   {state}", visible_line(&m.name)), m.online)
+                (m.node, format!("{}   {state}", m.name), m.online)
             })
             .collect();
         if rows.is_empty() {
@@ -105,7 +105,7 @@ impl ViewerApp {
 
     fn machine_card(&mut self, ui: &mut Ui, m: &Machine) {
         let now = now_ms();
-        ui.heading(visible_line(&m.name));
+        ui.heading(m.name.to_string());
         egui::Grid::new("machine-card").num_columns(2).striped(true).spacing([24.0, 6.0]).show(ui, |ui| {
             let mut row = |k: &str, v: String| {
                 ui.label(RichText::new(k).strong());
@@ -118,9 +118,9 @@ impl ViewerApp {
             row("Groups", if m.groups.is_empty() { "none".into() } else { visible_line(&m.groups.join(", ")) });
             row("Key", m.node.short());
             if let Some(c) = &m.card {
-                row("Hostname", visible_line(&c.hostname));
-                row("OS", visible_line(&format!("{} {}", c.os_name, c.os_version)));
-                row("Kernel", visible_line(&c.kernel));
+                row("Hostname", c.hostname.to_string());
+                row("OS", format!("{} {}", c.os_name, c.os_version));
+                row("Kernel", c.kernel.to_string());
                 // Live values ride on the heartbeat; the card's are from when it was taken.
                 let seen = m.last_seen.unwrap_or(c.at);
                 let (up, used, total) = match &m.vitals {
@@ -138,7 +138,7 @@ impl ViewerApp {
                         ago(as_of, now)
                     ),
                 );
-                row("CPU", visible_line(&format!("{} × {}", c.cpu_count, c.cpu)));
+                row("CPU", format!("{} × {}", c.cpu_count, c.cpu));
                 row("Memory", format!("{} used of {}", bytes(used), bytes(total)));
                 if let Some(v) = &m.vitals {
                     row("Disk", format!("{} used of {} (/)", bytes(v.disk_used), bytes(v.disk_total)));
@@ -165,8 +165,8 @@ impl ViewerApp {
             if self.is_approver() {
                 return;
             }
-            if ui.button(format!("Run a command on {}", visible_line(&m.name))).clicked() {
-                self.compose.target = m.name.clone();
+            if ui.button(format!("Run a command on {}", m.name)).clicked() {
+                self.compose.target = m.name.as_unescaped_str().to_owned();
                 self.compose.in_group_run = false;
                 self.compose.to_group = false;
                 self.tab = Tab::Run;

@@ -19,12 +19,7 @@ impl ViewerApp {
         }
         egui::Panel::left("group-run-list").resizable(true).default_size(320.0).show(ui, |ui| {
             for r in &runs {
-                let text = format!(
-                    "{}  ({} machines, {})",
-                    visible_line(&r.name),
-                    r.machines.len(),
-                    ago(r.last_activity, now)
-                );
+                let text = format!("{}  ({} machines, {})", r.name, r.machines.len(), ago(r.last_activity, now));
                 let open = self.group_run_open.as_ref().is_some_and(|o| o.run == r.run);
                 if ui.selectable_label(open, text).clicked() {
                     self.send(Action::OpenGroupRun(r.run.to_hex()));
@@ -36,16 +31,21 @@ impl ViewerApp {
                 ui.label("Choose a group run.");
                 return;
             };
-            ui.heading(visible_line(&run.name));
-            let failed: Vec<String> =
-                run.machines.iter().filter(|m| m.exit_code != Some(0)).map(|m| m.machine.clone()).collect();
+            ui.heading(run.name.to_string());
+            // The names the machines and the session are looked up by, exactly as they are.
+            let failed: Vec<String> = run
+                .machines
+                .iter()
+                .filter(|m| m.exit_code != Some(0))
+                .map(|m| m.machine.as_unescaped_str().to_owned())
+                .collect();
             if !failed.is_empty()
                 && ui.button(format!("Run a command on the {} that did not exit 0", failed.len())).clicked()
             {
                 self.compose.target = failed.join(", ");
                 self.compose.to_group = false;
                 self.compose.in_group_run = true;
-                self.compose.session = run.name.clone();
+                self.compose.session = run.name.as_unescaped_str().to_owned();
                 self.tab = super::app::Tab::Run;
             }
             egui::ScrollArea::vertical().id_salt("group-run").auto_shrink([false, false]).show(ui, |ui| {
@@ -55,7 +55,7 @@ impl ViewerApp {
                     }
                     ui.end_row();
                     for m in &run.machines {
-                        if ui.link(visible_line(&m.machine)).on_hover_text("open this machine's session").clicked() {
+                        if ui.link(m.machine.to_string()).on_hover_text("open this machine's session").clicked() {
                             self.open_session(m.session);
                         }
                         ui.label(&m.status);
@@ -71,7 +71,7 @@ impl ViewerApp {
                         RichText::new(format!(
                             "{n} machine{} with this output: {}",
                             if n == 1 { "" } else { "s" },
-                            visible_line(&same.machines.join(", "))
+                            caisey_doc::text::join(&same.machines, ", ")
                         ))
                         .strong(),
                     );

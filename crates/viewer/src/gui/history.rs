@@ -15,7 +15,7 @@ impl ViewerApp {
             .history
             .machine
             .and_then(|n| self.snapshot.machines.iter().find(|m| m.node == n))
-            .map(|m| visible_line(&m.name));
+            .map(|m| m.name.to_string());
         ui.heading(match &machine_name {
             Some(m) => format!("Command history on {m}"),
             None => "Command history".to_string(),
@@ -69,9 +69,9 @@ impl ViewerApp {
                 ui.radio_value(&mut self.history.old, Some(i), "");
                 ui.radio_value(&mut self.history.new, Some(i), "");
                 ui.label(time(run.requested_at));
-                ui.label(visible_line(&run.machine));
+                ui.label(run.machine.to_string());
                 ui.label(run.exit_code.map(|c| c.to_string()).unwrap_or_else(|| run.status.clone()));
-                if ui.link(visible_line(&run.session_name)).clicked() {
+                if ui.link(run.session_name.to_string()).clicked() {
                     open = Some(run.session);
                 }
                 ui.end_row();

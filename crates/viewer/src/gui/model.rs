@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::session::{SessionView, Stream};
-use caisey_doc::text::visible;
+use caisey_doc::text::{PeerText, visible};
 
 use crate::tech::{DiffLine, Machine, PastRun, SessionSummary, SyncStatus};
 
@@ -28,7 +28,7 @@ pub struct OutLine {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub org: String,
-    pub me: String,
+    pub me: PeerText,
     /// This node's role: a designated approver gets approvals, not technician controls.
     pub role: Option<caisey_doc::fleet::Role>,
     /// Requests waiting for this node as a designated approver.
@@ -158,22 +158,22 @@ impl OutputBuf {
 pub struct OpenSession {
     pub id: DocId,
     pub view: SessionView,
-    pub names: BTreeMap<NodeId, String>,
+    pub names: BTreeMap<NodeId, PeerText>,
     pub outputs: BTreeMap<Id128, OutputBuf>,
     /// Output chunks the session references that have not reached this machine yet.
     pub missing_chunks: usize,
 }
 
 impl OpenSession {
-    pub fn name_of(&self, node: &NodeId) -> String {
-        self.names.get(node).cloned().unwrap_or_else(|| node.short())
+    pub fn name_of(&self, node: &NodeId) -> PeerText {
+        self.names.get(node).cloned().unwrap_or_else(|| node.short().into())
     }
 }
 
 /// One machine's row in a group run.
 #[derive(Debug, Clone)]
 pub struct GroupRow {
-    pub machine: String,
+    pub machine: PeerText,
     pub session: DocId,
     pub request: Id128,
     pub status: String,
@@ -220,7 +220,7 @@ pub enum Update {
     SessionView {
         id: DocId,
         view: Box<SessionView>,
-        names: BTreeMap<NodeId, String>,
+        names: BTreeMap<NodeId, PeerText>,
         missing_chunks: usize,
     },
     Output {

@@ -2,7 +2,7 @@
 //! requests, decisions and runs with their output, plus rename, export and share.
 
 use caisey_doc::session::{CommandView, EndStatus, Verdict};
-use caisey_doc::text::visible_line;
+use caisey_doc::text::{PeerText, join, visible_line};
 use caisey_peer::now_ms;
 use egui::{RichText, Ui};
 
@@ -49,15 +49,15 @@ impl ViewerApp {
                 ui.end_row();
                 for s in list {
                     ui.vertical(|ui| {
-                        if ui.link(visible_line(&s.name)).clicked() {
+                        if ui.link(s.name.to_string()).clicked() {
                             self.open_session(s.id);
                         }
                         if let Some(line) = &s.matched {
                             ui.label(RichText::new(format!("found in output: {}", visible_line(line))).weak());
                         }
                     });
-                    ui.label(visible_line(&s.labels.join(", ")));
-                    ui.label(visible_line(&s.machines.join(", ")));
+                    ui.label(join(&s.labels, ", "));
+                    ui.label(join(&s.machines, ", "));
                     ui.label(ago(s.last_activity, now));
                     ui.label(format!(
                         "{} ({} command{})",
@@ -136,12 +136,14 @@ impl ViewerApp {
             }
             None => {
                 ui.horizontal(|ui| {
-                    ui.heading(visible_line(&info.name));
+                    ui.heading(info.name.to_string());
                     for l in &info.labels {
-                        ui.label(RichText::new(visible_line(l)).background_color(ui.visuals().faint_bg_color));
+                        ui.label(RichText::new(l.to_string()).background_color(ui.visuals().faint_bg_color));
                     }
                     if ui.button("Rename / label").clicked() {
-                        self.renaming = Some((info.name.clone(), info.labels.join(", ")));
+                        // Edited as written; the name and labels are shown escaped everywhere else.
+                        let labels: Vec<&str> = info.labels.iter().map(|l| l.as_unescaped_str()).collect();
+                        self.renaming = Some((info.name.as_unescaped_str().to_owned(), labels.join(", ")));
                     }
                 });
             }
@@ -152,12 +154,12 @@ impl ViewerApp {
                 self.send(Action::Rename { session: open.id, name, labels });
             }
         }
-        let machines: Vec<String> = open.view.targets.iter().map(|t| visible_line(&open.name_of(t))).collect();
+        let machines: Vec<PeerText> = open.view.targets.iter().map(|t| open.name_of(t)).collect();
         ui.label(format!(
             "opened by {} at {}  ·  machines: {}  ·  id {}",
-            visible_line(&open.name_of(&open.view.creator)),
+            open.name_of(&open.view.creator),
             time(info.created_at),
-            machines.join(", "),
+            join(&machines, ", "),
             open.id.short()
         ));
         ui.horizontal(|ui| {
@@ -167,7 +169,8 @@ impl ViewerApp {
             for format in [ExportFormat::Json, ExportFormat::Csv] {
                 let ext = format.extension();
                 if ui.button(format!("Export {}", ext.to_uppercase())).clicked() {
-                    let path = std::path::Path::new(&self.export_dir).join(file_name(&info.name, ext));
+                    let path =
+                        std::path::Path::new(&self.export_dir).join(file_name(info.name.as_unescaped_str(), ext));
                     self.send(Action::Export { session: open.id, format, path });
                 }
             }
@@ -187,7 +190,7 @@ impl ViewerApp {
             .id_salt("hand-off")
             .default_open(!open.view.notes.is_empty() || open.view.assignee.is_some())
             .show(ui, |ui| {
-                let who = open.view.assignee.map(|a| visible_line(&open.name_of(&a)));
+                let who = open.view.assignee.map(|a| open.name_of(&a).to_string());
                 ui.label(format!("Assigned to: {}", who.as_deref().unwrap_or("nobody")));
                 ui.horizontal(|ui| {
                     let label = ui.label("Hand to");
@@ -202,8 +205,8 @@ impl ViewerApp {
                     }
                 });
                 for n in &open.view.notes {
-                    ui.label(format!("{}  {}:", time(n.note.at), visible_line(&open.name_of(&n.author))));
-                    hostile_block(ui, ("note", n.author, n.note.id), &n.note.text, 120.0);
+                    ui.label(format!("{}  {}:", time(n.note.at), open.name_of(&n.author)));
+                    hostile_block(ui, ("note", n.author, n.note.id), &n.note.text.visible(), 120.0);
                 }
                 let label = ui.label("New note");
                 ui.add(
@@ -242,7 +245,7 @@ impl ViewerApp {
                 let id = cmd.request.id;
                 let mut included = !share.omit.contains(&id);
                 let first_line = cmd.request.command.script.lines().next().unwrap_or_default();
-                let machine = visible_line(&open.name_of(&cmd.request.target));
+                let machine = open.name_of(&cmd.request.target);
                 let text = format!("{} on {machine}: {}", id.short(), visible_line(first_line));
                 if ui.checkbox(&mut included, text).changed() {
                     if included {
@@ -302,14 +305,12 @@ impl ViewerApp {
 
     fn command_entry(&mut self, ui: &mut Ui, open: &OpenSession, cmd: &CommandView) {
         let r = &cmd.request;
-        let machine = visible_line(&open.name_of(&r.target));
+        let machine = open.name_of(&r.target);
         egui::Frame::group(ui.style()).show(ui, |ui| {
             ui.set_width(ui.available_width());
             ui.horizontal(|ui| {
                 ui.label(RichText::new(time(r.requested_at)).weak());
-                ui.label(
-                    RichText::new(format!("{} asked {machine}", visible_line(&open.name_of(&cmd.requester)))).strong(),
-                );
+                ui.label(RichText::new(format!("{} asked {machine}", open.name_of(&cmd.requester))).strong());
                 ui.label(format!(
                     "({}, timeout {} s{})",
                     r.command.shell,
@@ -319,7 +320,7 @@ impl ViewerApp {
             });
             hostile_block(ui, ("script", r.id), &r.command.script, 120.0);
             if !r.description.is_empty() {
-                ui.label(format!("why: {}", visible_line(&r.description)));
+                ui.label(format!("why: {}", r.description));
             }
             // Decision.
             match &cmd.decision {
