@@ -84,7 +84,7 @@ impl Fleet {
             session: sid,
             target,
             command,
-            description: String::new(),
+            description: Default::default(),
             requested_at: now,
             expires_at: now + ttl,
         };
