@@ -1093,10 +1093,11 @@ fn an_agent_whose_disk_fills_mid_command_says_so_keeps_the_output_and_delivers_i
     let all = wait_for(Duration::from_secs(90), || (lines(&org) == Some(300)).then_some(()));
     assert!(
         all.is_some(),
-        "the output did not all arrive once there was room: {:?} lines\nagent: {}\nalice: {}",
+        "the output did not all arrive once there was room: {:?} lines\nagent: {}\nalice: {}\nalice's node log: {}",
         lines(&org),
         agent.stderr(),
-        org.world.caisey("alice", &["status"]).stdout
+        org.world.caisey("alice", &["status"]).stdout,
+        std::fs::read_to_string(org.world.home("alice").join("node.log")).unwrap_or_default()
     );
     let done = technician.wait(Duration::from_secs(60));
     assert_eq!(done.code(), 0, "{}\n{}", done.stdout, done.stderr);

@@ -163,6 +163,8 @@ struct Entry {
     saved_heads: Vec<ChangeHash>,
     /// The heads the store is known to hold: what may be offered while writes fail.
     durable_heads: Vec<ChangeHash>,
+    /// What the store holds for it did not load: the first write replaces it whole.
+    replace_stored: bool,
     compacted_len: usize,
     incremental_len: usize,
     /// For sessions: the agents it is shared with, re-derived on every change.
@@ -180,6 +182,7 @@ impl Entry {
             kind,
             saved_heads: doc.get_heads(),
             durable_heads: doc.get_heads(),
+            replace_stored: false,
             doc,
             compacted_len: 0,
             incremental_len: 0,
@@ -389,6 +392,14 @@ impl Hub {
         Ok(())
     }
 
+    /// Registers a document whose stored bytes did not load: held empty, so every peer that
+    /// has it sends it all again; the first write of what arrives replaces what was stored.
+    pub fn load_damaged(&mut self, id: DocId, kind: DocKind) {
+        let mut entry = Entry::new(kind, Automerge::new());
+        entry.replace_stored = true;
+        self.docs.insert(id, entry);
+    }
+
     /// Adds a document created here (or received out of band, such as at enrollment).
     pub fn create(&mut self, id: DocId, kind: DocKind, doc: Automerge, now: u64) -> Vec<Output> {
         let mut out = Vec::new();
@@ -559,6 +570,7 @@ impl Hub {
         for (id, heads) in persists.docs {
             if let Some(e) = self.docs.get_mut(&id) {
                 e.durable_heads = heads;
+                e.replace_stored = false;
             }
         }
         for (id, hash, data) in persists.chunks {
@@ -973,18 +985,20 @@ impl Hub {
         }
         let incremental = entry.doc.save_after(&entry.saved_heads);
         entry.saved_heads.clone_from(&heads);
-        let (bytes, compact) = if entry.incremental_len + incremental.len() > entry.compacted_len.max(COMPACT_FLOOR) {
-            // Uncompressed: command output is mostly incompressible or already written once, and
-            // deflating the whole document on every compaction dominated streaming CPU (measured
-            // with perf on caisey-bench: about half of all samples in zlib).
-            let full = entry.doc.save_nocompress();
-            entry.compacted_len = full.len();
-            entry.incremental_len = 0;
-            (full, true)
-        } else {
-            entry.incremental_len += incremental.len();
-            (incremental, false)
-        };
+        let replace = entry.replace_stored;
+        let (bytes, compact) =
+            if replace || entry.incremental_len + incremental.len() > entry.compacted_len.max(COMPACT_FLOOR) {
+                // Uncompressed: command output is mostly incompressible or already written once, and
+                // deflating the whole document on every compaction dominated streaming CPU (measured
+                // with perf on caisey-bench: about half of all samples in zlib).
+                let full = entry.doc.save_nocompress();
+                entry.compacted_len = full.len();
+                entry.incremental_len = 0;
+                (full, true)
+            } else {
+                entry.incremental_len += incremental.len();
+                (incremental, false)
+            };
         out.push(Output::PersistDoc { doc: id, kind: entry.kind, bytes, compact, heads });
         true
     }

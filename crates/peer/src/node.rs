@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use automerge::Automerge;
 use caisey_doc::fleet::{Contact, Fleet, Role};
 use caisey_doc::id::{DocId, NodeId};
@@ -234,14 +234,13 @@ impl Core {
             }
             Err(e) => {
                 let error = e.to_string();
-                // Nothing that depended on these writes goes out; the rest still happens. A
-                // heartbeat is no durable state (its copy here only keeps last-seen times over a
-                // restart), and a machine whose disk is full must not look switched off.
-                let unsent = outputs.into_iter().filter(|o| match o {
-                    Output::Send { frame, .. } => matches!(frame, Frame::Presence { .. }),
-                    Output::SendChunks { .. } => false,
-                    _ => true,
-                });
+                // Nothing that depended on these writes goes out: no sync message, which may
+                // carry or acknowledge what is not durable. The rest still happens — asks and
+                // answers about output (from the store, or "lacking": a peer must never wait for
+                // an answer that was dropped) and heartbeats (a machine whose disk is full must
+                // not look switched off).
+                let unsent =
+                    outputs.into_iter().filter(|o| !matches!(o, Output::Send { frame: Frame::Sync { .. }, .. }));
                 self.carry_out(unsent.collect());
                 let more = self.hub.handle(crate::now_ms(), Input::PersistFailed { error: error.clone(), persists });
                 self.publish_storage();
@@ -473,7 +472,7 @@ impl Node {
         // Named after the node, so a profile of many nodes in one process tells them apart.
         std::thread::Builder::new().name(format!("core-{}", me.short())).spawn(move || {
             let _in_runtime = runtime.enter();
-            let hub = match load_hub(me, &store) {
+            let hub = match load_hub(me, &mut store) {
                 Ok(hub) => hub,
                 Err(e) => return drop(loaded_tx.send(Err(e))),
             };
@@ -1297,16 +1296,37 @@ const BATCH: usize = 64;
 /// frames (output chunks streaming in) costs one redb commit, not one each. Outputs keep their
 /// order, and nothing is sent before the whole batch is on disk.
 /// A hub holding every stored document and heartbeat.
-fn load_hub(me: NodeId, store: &Store) -> Result<Hub> {
+fn load_hub(me: NodeId, store: &mut Store) -> Result<Hub> {
     let mut hub = Hub::new(me);
     let mut docs = store.load_docs()?;
-    let stored = store.chunks()?;
     // The fleet first, so sessions can be checked against it as they load.
     docs.sort_by_key(|(_, kind, _)| *kind != DocKind::Fleet);
-    for (id, kind, bytes) in docs {
-        if let Err(e) = hub.load(id, kind, &bytes, &|h| stored.contains(h)) {
-            warn!(doc = %id.short(), "stored document could not be loaded, skipping it: {e}");
+    let mut damaged = Vec::new();
+    {
+        let stored = store.chunks()?;
+        for (id, kind, bytes) in docs {
+            if let Err(e) = hub.load(id, kind, &bytes, &|h| stored.contains(h)) {
+                // Without the fleet nothing can be checked, nor fetched from anyone.
+                if kind == DocKind::Fleet {
+                    bail!(
+                        "the org's fleet document in {} does not load ({e}); nothing was changed. Restore the \
+                         store from a backup, or move this home aside and enroll (or join) again",
+                        store.path().display()
+                    );
+                }
+                damaged.push((id, kind, e));
+            }
         }
+    }
+    // Any other document that does not load is fetched again from the peers that have it; what
+    // was stored is kept aside, not thrown away.
+    for (id, kind, e) in damaged {
+        let kept = store.set_aside(&id)?;
+        warn!(
+            doc = %id.short(),
+            "a stored {kind:?} document does not load ({e}); fetching it again from peers (its {kept} stored bytes are kept aside)"
+        );
+        hub.load_damaged(id, kind);
     }
     for record in store.presences()? {
         hub.load_presence(record);

@@ -24,6 +24,9 @@ use crate::wire::DocKind;
 
 const DOC_CHUNKS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("doc_chunks");
 const DOC_KINDS: TableDefinition<&[u8], u8> = TableDefinition::new("doc_kinds");
+/// Stored chunks of documents that did not load, kept as they were (`(doc, seq) -> bytes`)
+/// when a good copy from a peer replaces them: nothing is thrown away unseen.
+const DAMAGED_DOCS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("damaged_doc_chunks");
 /// Where each output chunk is in the log, by SHA-256: `(offset, length)`.
 const OUTPUT_INDEX: TableDefinition<&[u8], (u64, u64)> = TableDefinition::new("output_index");
 /// Each agent's newest heartbeat (a signed `Presence` record), by agent key: overwritten in
@@ -158,9 +161,31 @@ impl Store {
         Ok(Self { db: Some(db), path: path.to_path_buf(), log, log_path, log_len: AtomicU64::new(committed) })
     }
 
+    /// Where the store is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn db(&self) -> Result<&Database, StoreError> {
         self.db.as_ref().ok_or_else(|| {
             StoreError::Redb(format!("{} cannot be read until it can be written again", self.path.display()))
+        })
+    }
+
+    /// Keeps a copy of `doc`'s stored chunks aside (it did not load), before a good copy from a
+    /// peer replaces them; returns how many bytes were kept.
+    pub fn set_aside(&mut self, doc: &DocId) -> Result<usize, StoreError> {
+        self.write(|_, tx| {
+            let chunks = tx.open_table(DOC_CHUNKS)?;
+            let mut aside = tx.open_table(DAMAGED_DOCS)?;
+            let id = doc.0.as_slice();
+            let mut kept = 0;
+            for c in chunks.range((id, 0)..=(id, u64::MAX))? {
+                let (k, v) = c?;
+                kept += v.value().len();
+                aside.insert((id, k.value().1), v.value())?;
+            }
+            Ok(kept)
         })
     }
 

@@ -183,3 +183,28 @@ fn output_written_on_a_disk_where_space_comes_and_goes_all_arrives_once_it_stays
         }
     }
 }
+
+#[test]
+fn a_stored_session_that_no_longer_loads_is_fetched_again_from_a_peer_and_stored_whole() {
+    let o = Org::new(1);
+    let (mut sim, t, r, a, sid) = world(&o);
+    for seq in 0..3 {
+        assert!(sim.output(a, sid, &o.agents[0], vec![chunk(seq)]));
+    }
+    sim.run_until_quiet();
+    // The relay's stored copy of the session is damaged while it is down.
+    sim.crash(r);
+    let (_, pieces) = sim.nodes.get_mut(&r).unwrap().disk.docs.get_mut(&sid).unwrap();
+    pieces.last_mut().unwrap()[10..30].fill(0xff);
+    sim.restart(r);
+    assert_eq!(sim.heads(r, sid), Some(vec![]), "the damaged session is held empty, to be fetched");
+    sim.connect(t, r);
+    sim.connect(a, r);
+    sim.run_for(1_000);
+    assert!(sim.converged(sid));
+    assert_eq!(output_lines(&sim, r, sid, &o), vec![0, 1, 2]);
+    // What it stored now loads: restarted again, it has it all without asking anyone.
+    sim.crash(r);
+    sim.restart(r);
+    assert_eq!(sim.heads(r, sid), sim.heads(t, sid));
+}
