@@ -1112,3 +1112,32 @@ fn an_agent_whose_disk_fills_mid_command_says_so_keeps_the_output_and_delivers_i
     assert_eq!(s["commands"][0]["status"], "exited", "{s}");
     assert_eq!(s["commands"][0]["stdout"].as_str().map(|o| o.lines().count()), Some(300));
 }
+
+#[test]
+fn a_stored_session_that_no_longer_loads_is_fetched_again_from_the_relay() {
+    use caisey_peer::store::{Store, Write};
+    let org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    org.world.run_approved("alice", "ws-01", &["--machine", "ws-01", "--session", "kept", "--", "echo kept-safe"]).ok();
+    // Alice's copy of the session is damaged while her node is down (a torn write, a bad disk).
+    org.world.down("alice");
+    {
+        let mut store = Store::open(&org.world.home("alice").join("store.redb")).expect("store");
+        let docs = store.load_docs().expect("docs");
+        let (id, kind, _) = docs.iter().find(|(_, k, _)| *k == caisey_peer::wire::DocKind::Session).expect("a session");
+        let garbage =
+            Write::Doc { doc: *id, kind: *kind, bytes: b"\x85\x6f\x4a\x83 not automerge".to_vec(), compact: true };
+        store.apply(&[garbage]).expect("damage");
+    }
+    let shown = wait_for(Duration::from_secs(30), || {
+        let s = org.show_json("alice", "kept")?;
+        (s["commands"][0]["stdout"] == "kept-safe\n").then_some(())
+    });
+    assert!(shown.is_some(), "the damaged session never came back: {:?}", org.show_json("alice", "kept"));
+    // What is stored now loads: the good copy replaced the damaged one whole.
+    org.world.down("alice");
+    let store = Store::open(&org.world.home("alice").join("store.redb")).expect("store");
+    for (id, kind, bytes) in store.load_docs().expect("docs") {
+        assert!(caisey_doc::automerge::Automerge::load(&bytes).is_ok(), "{kind:?} {} still does not load", id.short());
+    }
+}

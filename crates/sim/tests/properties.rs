@@ -67,7 +67,7 @@ fn run(seed: u64, steps: &[Step]) -> Result<(), String> {
     let nodes: Vec<NodeId> = [&o.tech, &o.relay, &o.agents[0], &o.agents[1]].iter().map(|s| s.node_id()).collect();
     let (t, r) = (nodes[0], nodes[1]);
     let mut sim = o.sim(seed);
-    sim.faults = Faults { reorder: true, duplicate: 0.1, batch: seed % 2 == 0 };
+    sim.faults = Faults { reorder: true, duplicate: 0.1, batch: seed.is_multiple_of(2) };
     sim.connect_all();
     let mut sessions = Vec::new();
     for (i, agent) in o.agents.iter().enumerate() {
