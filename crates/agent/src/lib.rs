@@ -18,6 +18,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod batching;
 pub mod card;
 pub mod cli;
 pub mod daemon;

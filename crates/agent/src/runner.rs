@@ -1,12 +1,11 @@
-//! Runs one approved command and streams its output into the session.
+//! Runs one approved command and streams its output into the session: the IO around the
+//! [`Batcher`], which decides when output is written.
 //!
-//! Output is batched: output arriving after a quiet spell is written almost at once (low
-//! latency for a line now and then); otherwise whatever arrived is flushed every `FLUSH_EVERY`
-//! or once `FLUSH_BYTES` are waiting, as one Automerge change of one or more chunk records (each
-//! at most `MAX_CHUNK`). The output left when the command ends goes in the same change as its
-//! end, so a quick command's result is one change.
-//! Stdout and stderr keep their relative order within and across batches. Each flush is durable
-//! in the agent's store before it is sent anywhere (see `caisey_peer::node`).
+//! Each write is one Automerge change of one or more chunk records (each at most `MAX_CHUNK`),
+//! durable in the agent's store before it is sent anywhere (see `caisey_peer::node`); while the
+//! store cannot be written, the write waits, and so does the command, on its pipes. The output
+//! left when the command ends goes in the same change as its end, so a quick command's result
+//! is one change.
 
 #[cfg(target_os = "linux")]
 use std::os::fd::AsFd as _;
@@ -15,9 +14,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use caisey_doc::id::DocId;
-use caisey_doc::session::{
-    ChunkHash, CommandRequest, End, EndStatus, MAX_CHUNK, OutputChunk, OutputRef, SessionWriter, Stream,
-};
+use caisey_doc::session::{ChunkHash, CommandRequest, End, EndStatus, OutputChunk, OutputRef, SessionWriter, Stream};
 use caisey_peer::node::Node;
 use caisey_peer::now_ms;
 use tokio::io::AsyncReadExt;
@@ -25,52 +22,12 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::batching::{Batch, Batcher, MAX_BATCH};
 use crate::process;
 
-const FLUSH_EVERY: Duration = Duration::from_millis(50);
-const FLUSH_BYTES: usize = MAX_BATCH;
-/// Output after this long without any is the start of a new burst, and goes out at once
-/// (after `SETTLE`).
-const QUIET: Duration = Duration::from_millis(10);
-/// A new burst waits this long before it is written, in case the command is about to finish:
-/// then its output and its end travel as one change (one sync round per hop instead of two),
-/// which is most of what a quick command like `hostname` makes.
-const SETTLE: Duration = Duration::from_millis(2);
-/// A command whose pipes have closed gets this much longer to exit before the output already
-/// read is written on its own.
-const EXIT_GRACE: Duration = Duration::from_millis(20);
 /// After the process exits, how long to wait for its pipes to close (a background child may
 /// hold them open).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
-
-/// Ordered output waiting to be written.
-#[derive(Default)]
-struct Batch {
-    segments: Vec<(Stream, Vec<u8>)>,
-    bytes: usize,
-}
-
-impl Batch {
-    fn push(&mut self, stream: Stream, data: &[u8]) {
-        self.bytes += data.len();
-        match self.segments.last_mut() {
-            Some((s, buf)) if *s == stream => buf.extend_from_slice(data),
-            _ => self.segments.push((stream, data.to_vec())),
-        }
-    }
-
-    fn take_chunks(&mut self, request: caisey_doc::id::Id128, seq: &mut u64) -> Vec<OutputChunk> {
-        let mut out = Vec::new();
-        for (stream, data) in self.segments.drain(..) {
-            for piece in data.chunks(MAX_CHUNK) {
-                out.push(OutputChunk { request, seq: *seq, stream, data: piece.to_vec() });
-                *seq += 1;
-            }
-        }
-        self.bytes = 0;
-        out
-    }
-}
 
 /// Runs `req` (already approved and recorded as started) to the end, writing output and the end
 /// record into `session`.
@@ -127,52 +84,38 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
     drop(tx);
 
     let deadline = started + Duration::from_millis(req.command.timeout_ms);
-    let mut batch = Batch::default();
-    let mut ticker = tokio::time::interval(FLUSH_EVERY);
-    let mut last_flush = tokio::time::Instant::now() - FLUSH_EVERY;
-    let mut last_data = tokio::time::Instant::now() - QUIET;
-    // When the output waiting in `batch` is due to be written (a new burst, after SETTLE).
-    let mut flush_due: Option<tokio::time::Instant> = None;
-    let mut exit_grace_given = false;
+    // When output is written is the batcher's to decide; this loop only sleeps until it says.
+    let mut batcher = Batcher::default();
     let mut status = None;
     let mut pipes_open = true;
     let mut drain_until = None;
     loop {
+        let wake = batcher.poll_timeout().map(|t| started + t);
         tokio::select! {
             piece = rx.recv(), if pipes_open => match piece {
-                Some((stream, data)) => {
-                    let new_burst = last_data.elapsed() >= QUIET;
-                    last_data = tokio::time::Instant::now();
-                    batch.push(stream, &data);
+                Some(first) => {
                     // Take whatever else is already waiting, so a fast command's changes grow
                     // while the previous one commits instead of queueing up.
-                    while batch.bytes < MAX_BATCH {
+                    let mut pieces = vec![first];
+                    let mut room = batcher.has_room();
+                    while room {
                         match rx.try_recv() {
-                            Ok((stream, data)) => batch.push(stream, &data),
+                            Ok(piece) => {
+                                room = pieces.iter().map(|(_, d)| d.len()).sum::<usize>() < MAX_BATCH;
+                                pieces.push(piece);
+                            }
                             Err(_) => break,
                         }
                     }
-                    // The first output after a quiet spell goes out almost at once; a chatty
-                    // command is batched to one change per FLUSH_EVERY (or per FLUSH_BYTES).
-                    if batch.bytes >= FLUSH_BYTES || (!new_burst && last_flush.elapsed() >= FLUSH_EVERY) {
-                        flush(&node, session, &mut batch, req.id, &mut seq).await?;
-                        last_flush = tokio::time::Instant::now();
-                        flush_due = None;
-                    } else if new_burst && flush_due.is_none() {
-                        flush_due = Some(last_data + SETTLE);
+                    if batcher.arrived(started.elapsed(), pieces) {
+                        flush(&node, session, &mut batcher.take(started.elapsed()), req.id, &mut seq).await?;
                     }
                 }
                 None => pipes_open = false,
             },
-            _ = tokio::time::sleep_until(flush_due.unwrap_or(deadline)), if flush_due.is_some() => {
-                if !pipes_open && status.is_none() && !exit_grace_given {
-                    // Its pipes are closed: the command is most likely exiting.
-                    exit_grace_given = true;
-                    flush_due = Some(tokio::time::Instant::now() + EXIT_GRACE);
-                } else {
-                    flush(&node, session, &mut batch, req.id, &mut seq).await?;
-                    last_flush = tokio::time::Instant::now();
-                    flush_due = None;
+            _ = tokio::time::sleep_until(wake.unwrap_or(deadline)), if wake.is_some() => {
+                if batcher.handle_timeout(started.elapsed(), !pipes_open && status.is_none()) {
+                    flush(&node, session, &mut batcher.take(started.elapsed()), req.id, &mut seq).await?;
                 }
             },
             exit = child.wait(), if status.is_none() => {
@@ -188,15 +131,8 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
                 status = Some((EndStatus::TimedOut, None, Some(format!("killed after the {secs} s timeout"))));
                 drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
             },
-            _ = ticker.tick() => {
-                if !batch.segments.is_empty() && flush_due.is_none() {
-                    flush(&node, session, &mut batch, req.id, &mut seq).await?;
-                    last_flush = tokio::time::Instant::now();
-                }
-                if drain_until.is_some_and(|t| tokio::time::Instant::now() >= t) {
-                    break;
-                }
-            },
+            // Exited, but something it started still holds its pipes: stop waiting for them.
+            _ = tokio::time::sleep_until(drain_until.unwrap_or(deadline)), if drain_until.is_some() => break,
         }
         if status.is_some() && !pipes_open {
             break;
@@ -206,7 +142,7 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
     tracing::debug!(request = %req.id.short(), chunks = seq, took = ?started.elapsed(), "command finished");
     // Whatever output is left goes in the same change as the end.
     let end = End { request: req.id, session, status, exit_code: code, ended_at: now_ms(), chunks: 0, message };
-    write_end(&node, &mut batch, &mut seq, end).await?;
+    write_end(&node, &mut batcher.take(started.elapsed()), &mut seq, end).await?;
     node.forget_setting(&running_key(&req.id)).await
 }
 
@@ -229,9 +165,6 @@ async fn pump(mut reader: impl AsyncReadExt + Unpin, stream: Stream, tx: mpsc::S
     }
 }
 
-/// At most this much output goes into one change (a command writing faster than changes commit
-/// gets bigger changes, not a growing backlog).
-const MAX_BATCH: usize = 4 * 1024 * 1024;
 /// The pipe size asked for (Linux allows up to 1 MiB by default), and the read size.
 const PIPE_BYTES: usize = 1024 * 1024;
 
@@ -242,7 +175,7 @@ async fn flush(
     request: caisey_doc::id::Id128,
     seq: &mut u64,
 ) -> Result<()> {
-    if batch.segments.is_empty() {
+    if batch.is_empty() {
         return Ok(());
     }
     let (held, refs) = prepare(batch, request, seq);
@@ -383,23 +316,5 @@ mod tests {
             assert_eq!((code, out.as_str()), (exit_code, output), "{script}");
             node.shutdown().await;
         }
-    }
-
-    #[test]
-    fn batches_keep_stream_order_and_split_large_writes() {
-        let mut b = Batch::default();
-        b.push(Stream::Stdout, b"a");
-        b.push(Stream::Stdout, b"b");
-        b.push(Stream::Stderr, b"c");
-        b.push(Stream::Stdout, &vec![b'x'; MAX_CHUNK + 1]);
-        let mut seq = 0;
-        let chunks = b.take_chunks(Id128([0; 16]), &mut seq);
-        let shape: Vec<(Stream, usize)> = chunks.iter().map(|c| (c.stream, c.data.len())).collect();
-        assert_eq!(
-            shape,
-            vec![(Stream::Stdout, 2), (Stream::Stderr, 1), (Stream::Stdout, MAX_CHUNK), (Stream::Stdout, 1)]
-        );
-        assert_eq!(seq, 4);
-        assert_eq!(b.bytes, 0);
     }
 }
