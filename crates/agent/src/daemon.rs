@@ -15,12 +15,13 @@ use anyhow::{Context, Result, anyhow, bail};
 use caisey_doc::id::{DocId, Id128};
 use caisey_doc::machine::{MachineDoc, machine_doc_id};
 use caisey_doc::session::{CommandRequest, Decision, End, EndStatus, SessionView, SessionWriter, Verdict};
-use caisey_peer::node::{LocalRecord, Node, NodeEvent, NodeOptions};
+use caisey_peer::node::{Node, NodeEvent, NodeOptions};
 use caisey_peer::now_ms;
+use caisey_peer::store::{LedgerKey, LedgerRecord, Outcome};
 use caisey_peer::wire::DocKind;
 use tracing::{debug, info, warn};
 
-use crate::gate::{self, Action, Gate, check_still_pending, request_key};
+use crate::gate::{self, Action, Gate, check_still_pending};
 use crate::local::{AgentApi, LocalReply, LocalRequest, PendingItem};
 use crate::{card, runner};
 use caisey_peer::local::{self, Answer, Clients};
@@ -279,7 +280,7 @@ impl Agent {
                     expires_at: now,
                     nonce: Id128(rand::random()),
                 };
-                self.record_decision(session, request, b"expired", move |view, doc| {
+                self.record_decision(session, request, Outcome::Expired, move |view, doc| {
                     // Decided meanwhile? Then it did not expire.
                     if view.command(&request).is_some_and(|c| c.decision.is_none()) {
                         SessionWriter::decide(doc, &signer, &d)?;
@@ -291,7 +292,7 @@ impl Agent {
             Action::Deny { session, request, decision } => {
                 let code = self.with_gate_quiet(|g| g.request(session, request)).map(|(r, _)| r.approval_code());
                 let code = code.ok_or_else(|| anyhow!("request {} is no longer valid", request.short()))?;
-                self.record_decision(session, request, b"denied", move |view, doc| {
+                self.record_decision(session, request, Outcome::Denied, move |view, doc| {
                     check_still_pending(view, request, code, me, now_ms()).map_err(|e| anyhow!(e))?;
                     Ok(SessionWriter::decide(doc, &signer, &decision)?)
                 })
@@ -422,10 +423,10 @@ impl Agent {
         &self,
         session: DocId,
         id: Id128,
-        what: &'static [u8],
+        what: Outcome,
         write: impl FnOnce(&SessionView, &mut caisey_doc::automerge::Automerge) -> Result<()> + Send + 'static,
     ) -> Result<()> {
-        let record = LocalRecord { key: request_key(&id), value: what.to_vec() };
+        let record = (LedgerKey::Request(id), LedgerRecord { outcome: what, at: now_ms() });
         self.node
             .change_guarded(session, move |doc, guard| {
                 let view = SessionView::read_without_output(&*doc, guard.fleet())?;
@@ -445,19 +446,18 @@ impl Agent {
         let code = self.with_gate_quiet(|g| g.request(session, id)).map(|(r, _)| r.approval_code());
         let request = self
             .node
-            .change_guarded(session, move |doc, guard| -> Result<(CommandRequest, Vec<LocalRecord>)> {
+            .change_guarded(session, move |doc, guard| -> Result<(CommandRequest, Vec<(LedgerKey, LedgerRecord)>)> {
                 let view = SessionView::read_without_output(&*doc, guard.fleet())?;
                 let local = match (&local, code) {
                     (Some(d), Some(code)) => Some((d, code)),
                     (Some(_), None) => bail!("request {} is no longer valid", id.short()),
                     (None, _) => None,
                 };
-                let ledger = |key: &str| guard.local_record(key).ok().flatten();
+                let ledger = |key: &LedgerKey| guard.ledger(key).ok().flatten();
                 let plan = gate::check_start(&view, id, local, me, now_ms(), ledger).map_err(|e| anyhow!(e))?;
                 SessionWriter::start(doc, &signer, local.map(|(d, _)| d), &plan.start)?;
                 // The nonce, the ledger and the start: one transaction.
-                let records = plan.ledger.into_iter().map(|(key, value)| LocalRecord { key, value }).collect();
-                Ok((plan.request, records))
+                Ok((plan.request, plan.ledger))
             })
             .await?;
         self.with_gate(|g| g.started(id));

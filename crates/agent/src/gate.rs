@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::session::{CommandRequest, Decision, SessionView, Start, Verdict, typed_approval_code};
+use caisey_peer::store::{LedgerKey, LedgerRecord, Outcome};
 use serde::Serialize;
 
 /// A request waiting for the endpoint user's decision.
@@ -250,21 +251,12 @@ impl Gate {
 pub struct StartPlan {
     pub request: CommandRequest,
     pub start: Start,
-    pub ledger: Vec<(String, Vec<u8>)>,
-}
-
-/// The ledger key recording what this agent did with a request (started, denied, expired).
-pub fn request_key(id: &Id128) -> String {
-    format!("request/{id}")
-}
-
-/// The ledger key recording that an approval (by its nonce) was used.
-pub fn nonce_key(nonce: &Id128) -> String {
-    format!("consumed/{nonce}")
+    pub ledger: Vec<(LedgerKey, LedgerRecord)>,
 }
 
 /// Whether request `id` may start now, checked against the session as it stands at the moment
-/// of writing and this agent's ledger (`ledger(key)`): the one place a start is allowed.
+/// of writing and this agent's ledger (`ledger(key)`, its own table in the store: what it used,
+/// started, denied or let expire): the one place a start is allowed.
 /// `local`: the endpoint user's own approval, with the code they were shown. A start needs a
 /// valid approval in force for exactly this command, unused, for a request this agent never
 /// started, denied or let expire — whatever a merge of the session shows.
@@ -274,7 +266,7 @@ pub fn check_start(
     local: Option<(&Decision, Id128)>,
     me: NodeId,
     now: u64,
-    ledger: impl Fn(&str) -> Option<Vec<u8>>,
+    ledger: impl Fn(&LedgerKey) -> Option<LedgerRecord>,
 ) -> Result<StartPlan, String> {
     let (approved_by, nonce) = match local {
         Some((d, code)) => {
@@ -295,15 +287,18 @@ pub fn check_start(
             (by, d.nonce)
         }
     };
-    if ledger(&nonce_key(&nonce)).is_some() {
+    if ledger(&LedgerKey::Approval(nonce)).is_some() {
         return Err(format!("approval {} was already used; it is never used twice", nonce.short()));
     }
-    if let Some(done) = ledger(&request_key(&id)) {
-        return Err(format!("request {} was already {} on this machine", id.short(), String::from_utf8_lossy(&done)));
+    if let Some(done) = ledger(&LedgerKey::Request(id)) {
+        return Err(format!("request {} was already {} on this machine", id.short(), done.outcome.as_str()));
     }
     let request = view.command(&id).map(|c| c.request.clone()).ok_or_else(|| "request vanished".to_string())?;
     let start = Start { request: id, session: view.info.id, started_at: now, approved_by, nonce };
-    let ledger = vec![(nonce_key(&nonce), now.to_be_bytes().to_vec()), (request_key(&id), b"started".to_vec())];
+    let ledger = vec![
+        (LedgerKey::Approval(nonce), LedgerRecord { outcome: Outcome::Used, at: now }),
+        (LedgerKey::Request(id), LedgerRecord { outcome: Outcome::Started, at: now }),
+    ];
     Ok(StartPlan { request, start, ledger })
 }
 

@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 use crate::home::Home;
 use crate::hub::{ConnId, Hub, Input, Output, PeerInfo, Persists, Unwritable};
 use crate::lan::Lan;
-use crate::store::{Store, Write};
+use crate::store::{LedgerKey, LedgerRecord, Store, Write};
 use crate::traversal::RelayServers;
 use crate::wire::{DocKind, EXTRA_ALPNS, Frame, SYNC_ALPN};
 
@@ -71,12 +71,8 @@ impl PeerPath {
     }
 }
 
-/// A record this node keeps for itself (never synced), written atomically with a change.
-#[derive(Debug, Clone)]
-pub struct LocalRecord {
-    pub key: String,
-    pub value: Vec<u8>,
-}
+/// An entry of this node's ledger (never synced), written atomically with a change.
+pub type LedgerEntry = (LedgerKey, LedgerRecord);
 
 /// What a [`Node::change_guarded`] closure may consult besides its document.
 pub struct Guard<'a> {
@@ -89,9 +85,9 @@ impl Guard<'_> {
         self.fleet
     }
 
-    /// A local record written earlier (by [`Node::change_guarded`] or [`Node::set_setting`]).
-    pub fn local_record(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.store.setting(key)?)
+    /// What this node's ledger holds for `key` (written by [`Node::change_guarded`]).
+    pub fn ledger(&self, key: &LedgerKey) -> Result<Option<LedgerRecord>> {
+        Ok(self.store.ledger(key)?)
     }
 }
 
@@ -679,12 +675,12 @@ impl Node {
 
     /// Turns a change's [`NotDurable`] into a wait until it is durable, with `records` (which
     /// the failed transaction held) written again then.
-    async fn durable(&self, written: Result<()>, records: Vec<LocalRecord>) -> Result<()> {
+    async fn durable(&self, written: Result<()>, records: Vec<LedgerEntry>) -> Result<()> {
         match written {
             Err(e) if e.is::<NotDurable>() => {
                 self.wait_writable().await?;
                 let writes: Vec<Write> =
-                    records.into_iter().map(|LocalRecord { key, value }| Write::Setting { key, value }).collect();
+                    records.into_iter().map(|(key, record)| Write::Ledger { key, record }).collect();
                 self.with_core(move |core| core.store.apply(&writes)).await??;
                 Ok(())
             }
@@ -766,13 +762,13 @@ impl Node {
     }
 
     /// Changes `doc` only if `f` succeeds. Besides the document, `f` sees the verified fleet and
-    /// this node's local records ([`Guard`]), and returns local records to write in the same
+    /// this node's ledger ([`Guard`]), and returns ledger entries to write in the same
     /// durable transaction as the change: an agent consumes an approval atomically with the
     /// start it writes. When `f` fails, nothing is written.
     pub async fn change_guarded<R: Send + 'static>(
         &self,
         doc: DocId,
-        f: impl FnOnce(&mut Automerge, &Guard<'_>) -> Result<(R, Vec<LocalRecord>)> + Send + 'static,
+        f: impl FnOnce(&mut Automerge, &Guard<'_>) -> Result<(R, Vec<LedgerEntry>)> + Send + 'static,
     ) -> Result<R> {
         let (r, records, written) = self
             .with_core(move |core| {
@@ -781,10 +777,7 @@ impl Node {
                     .change_with_fleet(doc, crate::now_ms(), |d, fleet| f(d, &Guard { fleet, store }))
                     .ok_or_else(|| anyhow!("no document {}", doc.short()))?;
                 let (r, records) = result?;
-                let writes = records
-                    .iter()
-                    .map(|LocalRecord { key, value }| Write::Setting { key: key.clone(), value: value.clone() })
-                    .collect();
+                let writes = records.iter().map(|(key, record)| Write::Ledger { key: *key, record: *record }).collect();
                 let written = core.apply_with(writes, out);
                 anyhow::Ok((r, records, written))
             })
@@ -853,7 +846,7 @@ impl Node {
         self.with_core(move |core| core.store.apply(&[Write::Setting { key, value }])).await?.map_err(Into::into)
     }
 
-    /// Removes a setting (written with [`Node::set_setting`] or as a [`LocalRecord`]).
+    /// Removes a setting (written with [`Node::set_setting`]).
     pub async fn forget_setting(&self, key: &str) -> Result<()> {
         let key = key.to_string();
         self.with_core(move |core| core.store.apply(&[Write::ForgetSetting { key }])).await?.map_err(Into::into)

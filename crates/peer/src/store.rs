@@ -37,6 +37,9 @@ const LOG_LEN: &str = "output_log_len";
 /// `(peer, doc) -> state`: peer first, so a connecting peer's states are one range read.
 const SYNC_STATES: TableDefinition<(&[u8], &[u8]), &[u8]> = TableDefinition::new("peer_sync_states");
 const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+/// The ledger: what this node did that must never be done twice, by `(kind, id)` ->
+/// `(outcome, at)` (see [`LedgerKey`]).
+const LEDGER: TableDefinition<(u8, &[u8]), (u8, u64)> = TableDefinition::new("ledger");
 /// Published transcripts (relays): link id -> publisher key (32 bytes) followed by the JSON.
 const PUBLISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("published");
 
@@ -69,6 +72,69 @@ macro_rules! from_redb {
     )*};
 }
 from_redb!(redb::Error, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// What an agent's ledger is kept by: an approval (by its nonce) or a request (by its id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LedgerKey {
+    Approval(Id128),
+    Request(Id128),
+}
+
+/// What was done, once and for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An approval was used to start its request.
+    Used,
+    Started,
+    Denied,
+    Expired,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Used => "used",
+            Outcome::Started => "started",
+            Outcome::Denied => "denied",
+            Outcome::Expired => "expired",
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Outcome::Used => 1,
+            Outcome::Started => 2,
+            Outcome::Denied => 3,
+            Outcome::Expired => 4,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Outcome> {
+        Some(match code {
+            1 => Outcome::Used,
+            2 => Outcome::Started,
+            3 => Outcome::Denied,
+            4 => Outcome::Expired,
+            _ => return None,
+        })
+    }
+}
+
+/// One entry of the ledger: what was done, and when (ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerRecord {
+    pub outcome: Outcome,
+    pub at: u64,
+}
+
+impl LedgerKey {
+    fn parts(&self) -> (u8, &[u8]) {
+        match self {
+            LedgerKey::Approval(id) => (1, id.0.as_slice()),
+            LedgerKey::Request(id) => (2, id.0.as_slice()),
+        }
+    }
+}
 
 /// One durable write, as asked for by the hub.
 #[derive(Debug)]
@@ -103,6 +169,11 @@ pub enum Write {
     /// Forgets where a chunk is (found damaged): a good copy from a peer is then stored anew.
     ForgetChunk {
         hash: ChunkHash,
+    },
+    /// Records in the ledger what was done (never overwritten once there).
+    Ledger {
+        key: LedgerKey,
+        record: LedgerRecord,
     },
 }
 
@@ -157,6 +228,7 @@ impl Store {
         tx.open_table(SYNC_STATES)?;
         tx.open_table(SETTINGS)?;
         tx.open_table(PUBLISHED)?;
+        migrate_ledger(&tx)?;
         tx.commit()?;
         Ok(Self { db: Some(db), path: path.to_path_buf(), log, log_path, log_len: AtomicU64::new(committed) })
     }
@@ -325,6 +397,16 @@ impl Store {
         result
     }
 
+    /// What the ledger holds for `key`.
+    pub fn ledger(&self, key: &LedgerKey) -> Result<Option<LedgerRecord>, StoreError> {
+        let tx = self.db()?.begin_read()?;
+        let t = tx.open_table(LEDGER)?;
+        Ok(t.get(key.parts())?.and_then(|v| {
+            let (code, at) = v.value();
+            Some(LedgerRecord { outcome: Outcome::from_code(code)?, at })
+        }))
+    }
+
     pub fn setting(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let tx = self.db()?.begin_read()?;
         let t = tx.open_table(SETTINGS)?;
@@ -354,6 +436,7 @@ impl Store {
             let mut settings = tx.open_table(SETTINGS)?;
             let mut index = tx.open_table(OUTPUT_INDEX)?;
             let mut presence = tx.open_table(PRESENCE)?;
+            let mut ledger = tx.open_table(LEDGER)?;
             let output: Vec<(&ChunkHash, &Vec<u8>)> = writes
                 .iter()
                 .filter_map(|w| match w {
@@ -406,11 +489,49 @@ impl Store {
                     Write::Presence { node, record } => {
                         presence.insert(node.0.as_slice(), record.as_slice())?;
                     }
+                    Write::Ledger { key, record } => {
+                        // The first record stands: what was done is not undone by a later write.
+                        if ledger.get(key.parts())?.is_none() {
+                            ledger.insert(key.parts(), (record.outcome.code(), record.at))?;
+                        }
+                    }
                 }
             }
         }
         Ok(new_log_len)
     }
+}
+
+/// Stores from before the ledger had its own table kept it among the settings, as
+/// `consumed/<nonce>` and `request/<id>` -> `started|denied|expired`: moved into the ledger.
+fn migrate_ledger(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut settings = tx.open_table(SETTINGS)?;
+    let mut ledger = tx.open_table(LEDGER)?;
+    let mut moved = Vec::new();
+    for entry in settings.iter()? {
+        let (k, v) = entry?;
+        let key = k.value();
+        let parsed = |hex: &str| <[u8; 16]>::try_from(::hex::decode(hex).ok()?).ok().map(Id128);
+        let (ledger_key, outcome) = match key.split_once('/') {
+            Some(("consumed", id)) => match parsed(id) {
+                Some(id) => (LedgerKey::Approval(id), Outcome::Used),
+                None => continue,
+            },
+            Some(("request", id)) => match (parsed(id), v.value()) {
+                (Some(id), b"started") => (LedgerKey::Request(id), Outcome::Started),
+                (Some(id), b"denied") => (LedgerKey::Request(id), Outcome::Denied),
+                (Some(id), b"expired") => (LedgerKey::Request(id), Outcome::Expired),
+                _ => continue,
+            },
+            _ => continue,
+        };
+        moved.push((key.to_string(), ledger_key, outcome));
+    }
+    for (key, ledger_key, outcome) in moved {
+        ledger.insert(ledger_key.parts(), (outcome.code(), 0))?;
+        settings.remove(key.as_str())?;
+    }
+    Ok(())
 }
 
 #[cfg(unix)]
@@ -659,5 +780,31 @@ mod tests {
         assert!(!s.chunks().unwrap().contains(&hash));
         s.apply(&[Write::Chunk { hash, data: data.clone() }]).unwrap();
         assert_eq!(s.chunks().unwrap().chunk(&hash), Some(data));
+    }
+
+    #[test]
+    fn the_ledger_keeps_the_first_record_and_takes_over_the_one_kept_among_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let (nonce, request) = (Id128([7; 16]), Id128([8; 16]));
+        {
+            // A store written before the ledger had its own table.
+            let mut s = Store::open(&path).unwrap();
+            let setting = |key: String, value: &[u8]| Write::Setting { key, value: value.to_vec() };
+            s.apply(&[
+                setting(format!("consumed/{nonce}"), &5u64.to_be_bytes()),
+                setting(format!("request/{request}"), b"denied"),
+            ])
+            .unwrap();
+        }
+        let mut s = Store::open(&path).unwrap();
+        assert_eq!(s.ledger(&LedgerKey::Approval(nonce)).unwrap().map(|r| r.outcome), Some(Outcome::Used));
+        assert_eq!(s.ledger(&LedgerKey::Request(request)).unwrap().map(|r| r.outcome), Some(Outcome::Denied));
+        assert_eq!(s.setting(&format!("request/{request}")).unwrap(), None, "moved, not copied");
+        // What was done is not undone by a later write.
+        let started = LedgerRecord { outcome: Outcome::Started, at: 9 };
+        s.apply(&[Write::Ledger { key: LedgerKey::Request(request), record: started }]).unwrap();
+        assert_eq!(s.ledger(&LedgerKey::Request(request)).unwrap().map(|r| r.outcome), Some(Outcome::Denied));
+        assert_eq!(s.ledger(&LedgerKey::Request(Id128([9; 16]))).unwrap(), None);
     }
 }

@@ -17,7 +17,9 @@ use caisey_doc::session::{
     Verdict, chunk_hash,
 };
 
-use crate::Sim;
+use caisey_peer::store::{LedgerKey, LedgerRecord, Outcome};
+
+use crate::{LedgerEntries, Sim};
 
 /// How long a simulated command runs.
 const RUNS_FOR_MS: u64 = 400;
@@ -33,8 +35,8 @@ struct Agent {
     waiting: Vec<WaitingStart>,
 }
 
-/// A start kept in memory but not durable yet: the request, its session, and its ledger records.
-type WaitingStart = (Id128, DocId, Vec<(String, Vec<u8>)>);
+/// A start kept in memory but not durable yet: the request, its session, and its ledger entries.
+type WaitingStart = (Id128, DocId, LedgerEntries);
 
 /// The simulated world with agents at work in it.
 pub struct Fleet {
@@ -262,7 +264,10 @@ impl Fleet {
                     if view.command(&request).is_some_and(|c| c.decision.is_none()) {
                         SessionWriter::decide(doc, &signer, &d).map_err(|e| e.to_string())?;
                     }
-                    Ok::<_, String>(((), vec![(gate::request_key(&request), b"expired".to_vec())]))
+                    Ok::<_, String>((
+                        (),
+                        vec![(LedgerKey::Request(request), LedgerRecord { outcome: Outcome::Expired, at: now })],
+                    ))
                 });
             }
             Action::Interrupted { session, request } => {
@@ -277,7 +282,10 @@ impl Fleet {
                     if view.command(&request).is_some_and(|c| c.decision.is_none()) {
                         SessionWriter::decide(doc, &signer, &decision).map_err(|e| e.to_string())?;
                     }
-                    Ok::<_, String>(((), vec![(gate::request_key(&request), b"denied".to_vec())]))
+                    Ok::<_, String>((
+                        (),
+                        vec![(LedgerKey::Request(request), LedgerRecord { outcome: Outcome::Denied, at: now })],
+                    ))
                 });
             }
         }
@@ -303,7 +311,7 @@ impl Fleet {
                 (Some(_), None) => return Err("the request is no longer valid".to_string()),
                 (None, _) => None,
             };
-            let plan = gate::check_start(&view, request, local, agent, now, |k| ledger.get(k).cloned())?;
+            let plan = gate::check_start(&view, request, local, agent, now, |k| ledger.get(k).copied())?;
             SessionWriter::start(doc, signer, local.map(|(d, _)| d), &plan.start).map_err(|e| e.to_string())?;
             ledger_written.clone_from(&plan.ledger);
             Ok(((), plan.ledger))

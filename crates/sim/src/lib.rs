@@ -27,12 +27,15 @@ use caisey_doc::id::{DocId, NodeId};
 use caisey_doc::record::Signer;
 use caisey_doc::session::{ChunkHash, OutputChunk, OutputRef, SessionView, SessionWriter, chunk_hash};
 use caisey_peer::hub::{ConnId, Hub, Input, Output, Persists};
+use caisey_peer::store::{LedgerKey, LedgerRecord};
 use caisey_peer::wire::{DocKind, Frame};
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
-/// A node's own records by key (an agent's ledger).
-pub type Records = BTreeMap<String, Vec<u8>>;
+/// A node's ledger (an agent's: what it used, started, denied or let expire).
+pub type Records = BTreeMap<LedgerKey, LedgerRecord>;
+/// Ledger entries written with a change.
+pub type LedgerEntries = Vec<(LedgerKey, LedgerRecord)>;
 
 /// What one node has on disk: all it comes back with after a crash.
 #[derive(Debug, Default, Clone)]
@@ -58,7 +61,7 @@ pub struct Disk {
 
 impl Disk {
     /// Carries out one transaction's persists (and `records`), all or nothing.
-    fn write(&mut self, outputs: &[Output], records: &[(String, Vec<u8>)]) -> Result<(), String> {
+    fn write(&mut self, outputs: &[Output], records: &[(LedgerKey, LedgerRecord)]) -> Result<(), String> {
         let writes = !records.is_empty()
             || outputs.iter().any(|o| {
                 matches!(
@@ -83,7 +86,7 @@ impl Disk {
                 _ => 8,
             })
             .sum::<usize>()
-            + records.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            + records.len() * 32;
         self.writes = self.writes.wrapping_add(1);
         let flaked = self.flaky.is_some_and(|n| !self.writes.is_multiple_of(n.max(1)));
         if self.full || flaked || self.room.is_some_and(|room| size > room) {
@@ -113,7 +116,9 @@ impl Disk {
                 _ => {}
             }
         }
-        self.records.extend(records.iter().cloned());
+        for (key, record) in records {
+            self.records.entry(*key).or_insert(*record);
+        }
         Ok(())
     }
 
@@ -349,7 +354,7 @@ impl Sim {
     }
 
     /// Like [`Sim::apply`], with the node's own `records` in the same transaction.
-    pub fn apply_with(&mut self, at: NodeId, records: &[(String, Vec<u8>)], outputs: Vec<Output>) -> bool {
+    pub fn apply_with(&mut self, at: NodeId, records: &[(LedgerKey, LedgerRecord)], outputs: Vec<Output>) -> bool {
         let written = self.node(at).disk.write(&outputs, records);
         let mut persists = Persists::default();
         let mut any_write = false;
@@ -424,7 +429,7 @@ impl Sim {
         &mut self,
         at: NodeId,
         doc: DocId,
-        f: impl FnOnce(&mut Automerge, &Fleet, &Records) -> Result<(R, Vec<(String, Vec<u8>)>), E>,
+        f: impl FnOnce(&mut Automerge, &Fleet, &Records) -> Result<(R, LedgerEntries), E>,
     ) -> Option<(Result<R, E>, bool)> {
         let now = self.now;
         let node = self.node(at);
@@ -440,7 +445,7 @@ impl Sim {
     }
 
     /// Writes a node's own records alone; whether they are durable.
-    pub fn write_records(&mut self, at: NodeId, records: &[(String, Vec<u8>)]) -> bool {
+    pub fn write_records(&mut self, at: NodeId, records: &[(LedgerKey, LedgerRecord)]) -> bool {
         self.apply_with(at, records, Vec::new())
     }
 
