@@ -267,19 +267,7 @@ impl Agent {
                     return Ok(());
                 };
                 info!(request = %request.short(), "request expired without a decision");
-                let now = now_ms();
-                let d = Decision {
-                    request,
-                    session,
-                    target: me,
-                    requester,
-                    command_hash: req.command.hash(),
-                    verdict: Verdict::Expired,
-                    decided_by: "nobody (the request expired)".into(),
-                    decided_at: now,
-                    expires_at: now,
-                    nonce: Id128(rand::random()),
-                };
+                let d = gate::expiry(&req, requester, me, now_ms(), Id128(rand::random()));
                 self.record_decision(session, request, Outcome::Expired, move |view, doc| {
                     // Decided meanwhile? Then it did not expire.
                     if view.command(&request).is_some_and(|c| c.decision.is_none()) {

@@ -302,6 +302,22 @@ pub fn check_start(
     Ok(StartPlan { request, start, ledger })
 }
 
+/// The record of `req` (asked by `requester` of agent `me`) expiring unanswered at `now`.
+pub fn expiry(req: &CommandRequest, requester: NodeId, me: NodeId, now: u64, nonce: Id128) -> Decision {
+    Decision {
+        request: req.id,
+        session: req.session,
+        target: me,
+        requester,
+        command_hash: req.command.hash(),
+        verdict: Verdict::Expired,
+        decided_by: "nobody (the request expired)".into(),
+        decided_at: now,
+        expires_at: now,
+        nonce,
+    }
+}
+
 /// Refuses a local decision unless the request is still undecided, unexpired, for this
 /// machine, and carries exactly the command whose approval code the user was shown.
 pub fn check_still_pending(view: &SessionView, id: Id128, code: Id128, me: NodeId, now: u64) -> Result<(), String> {

@@ -247,18 +247,7 @@ impl Fleet {
             Action::Start { session, request, local } => return self.start(agent, &signer, session, request, local),
             Action::Expire { session, request } => {
                 let Some((req, requester)) = self.agents[&agent].gate.request(session, request) else { return };
-                let d = Decision {
-                    request,
-                    session,
-                    target: agent,
-                    requester,
-                    command_hash: req.command.hash(),
-                    verdict: Verdict::Expired,
-                    decided_by: "nobody (the request expired)".into(),
-                    decided_at: now,
-                    expires_at: now,
-                    nonce: Id128(rand_nonce(now, request)),
-                };
+                let d = gate::expiry(&req, requester, agent, now, Id128(rand_nonce(now, request)));
                 self.sim.change_guarded(agent, session, |doc, fleet, _| {
                     let view = SessionView::read_without_output(&*doc, fleet).map_err(|e| e.to_string())?;
                     if view.command(&request).is_some_and(|c| c.decision.is_none()) {

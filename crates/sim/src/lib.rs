@@ -232,6 +232,36 @@ impl Sim {
         self.events.push_back((b, Input::Disconnected { peer: a, conn }));
     }
 
+    /// Breaks the link between `a` and `b`, or makes it again if both are up (not in `down`).
+    pub fn toggle_link(&mut self, a: NodeId, b: NodeId, down: &[NodeId]) {
+        if a == b {
+            return;
+        }
+        if self.linked(a, b) {
+            self.disconnect(a, b);
+        } else if !down.contains(&a) && !down.contains(&b) {
+            self.connect(a, b);
+        }
+    }
+
+    /// Sets `at`'s disk: `0` full, `1` room for small writes only (`room` bytes), else fine.
+    pub fn set_disk(&mut self, at: NodeId, state: u8, room: usize) {
+        let disk = &mut self.node(at).disk;
+        (disk.full, disk.room) = match state {
+            0 => (true, None),
+            1 => (false, Some(room)),
+            _ => (false, None),
+        };
+    }
+
+    /// Every disk has room again, and every pair of nodes is linked.
+    pub fn heal(&mut self) {
+        for node in self.nodes.values_mut() {
+            (node.disk.full, node.disk.room, node.disk.flaky) = (false, None, None);
+        }
+        self.connect_all();
+    }
+
     /// Connects every pair of nodes.
     pub fn connect_all(&mut self) {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();

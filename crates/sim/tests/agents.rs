@@ -104,23 +104,8 @@ fn run(seed: u64, steps: &[Step]) -> Result<(), String> {
                 world.approve_remote(t, &o.approver, sid, id, 3_000);
             }
             Step::Decide { agent, approve } => world.decide_local(o.agents[*agent].node_id(), *approve),
-            Step::Toggle { a, b } if a != b => {
-                let (a, b) = (nodes[*a], nodes[*b]);
-                if world.sim.linked(a, b) {
-                    world.sim.disconnect(a, b);
-                } else if !down.contains(&a) && !down.contains(&b) {
-                    world.sim.connect(a, b);
-                }
-            }
-            Step::Toggle { .. } => {}
-            Step::Disk { node, state } => {
-                let disk = &mut world.sim.nodes.get_mut(&nodes[*node]).unwrap().disk;
-                (disk.full, disk.room) = match state {
-                    0 => (true, None),
-                    1 => (false, Some(2_000)),
-                    _ => (false, None),
-                };
-            }
+            Step::Toggle { a, b } => world.sim.toggle_link(nodes[*a], nodes[*b], &down),
+            Step::Disk { node, state } => world.sim.set_disk(nodes[*node], *state, 2_000),
             Step::Crash { node } => {
                 let at = nodes[*node];
                 let is_agent = *node >= 2;
@@ -143,10 +128,7 @@ fn run(seed: u64, steps: &[Step]) -> Result<(), String> {
     for at in std::mem::take(&mut down) {
         if o.agents.iter().any(|a| a.node_id() == at) { world.restart(at) } else { world.sim.restart(at) }
     }
-    for node in world.sim.nodes.values_mut() {
-        (node.disk.full, node.disk.room) = (false, None);
-    }
-    world.sim.connect_all();
+    world.sim.heal();
     world.run_for(30_000);
 
     let fleet = o.read_fleet();

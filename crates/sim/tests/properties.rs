@@ -120,23 +120,8 @@ fn run(seed: u64, steps: &[Step]) -> Result<(), String> {
                     acked.notes.insert((sid, Id128([n as u8; 16])));
                 }
             }
-            Step::Toggle { a, b } if a != b => {
-                let (a, b) = (nodes[*a], nodes[*b]);
-                if sim.linked(a, b) {
-                    sim.disconnect(a, b);
-                } else if !down.contains(&a) && !down.contains(&b) {
-                    sim.connect(a, b);
-                }
-            }
-            Step::Toggle { .. } => {}
-            Step::Disk { node, state } => {
-                let disk = &mut sim.nodes.get_mut(&nodes[*node]).unwrap().disk;
-                (disk.full, disk.room) = match state {
-                    0 => (true, None),
-                    1 => (false, Some(3_000)),
-                    _ => (false, None),
-                };
-            }
+            Step::Toggle { a, b } => sim.toggle_link(nodes[*a], nodes[*b], &down.iter().copied().collect::<Vec<_>>()),
+            Step::Disk { node, state } => sim.set_disk(nodes[*node], *state, 3_000),
             Step::Crash { node } => {
                 let at = nodes[*node];
                 if down.remove(&at) {
@@ -153,10 +138,7 @@ fn run(seed: u64, steps: &[Step]) -> Result<(), String> {
     for at in std::mem::take(&mut down) {
         sim.restart(at);
     }
-    for node in sim.nodes.values_mut() {
-        (node.disk.full, node.disk.room) = (false, None);
-    }
-    sim.connect_all();
+    sim.heal();
     sim.run_for(20_000);
     let fleet = o.read_fleet();
     for &at in &nodes {
