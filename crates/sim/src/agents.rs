@@ -4,7 +4,7 @@
 //! after it started, with one chunk of output. A crash kills the agent's processes with it, as
 //! the kernel does to a real agent's.
 //!
-//! [`Fleet::starts`] counts every process start, across crashes: the guarantees are checked
+//! [`AgentWorld::starts`] counts every process start, across crashes: the guarantees are checked
 //! against it and against what the sessions say in the end.
 
 use std::collections::BTreeMap;
@@ -39,16 +39,16 @@ struct Agent {
 type WaitingStart = (Id128, DocId, LedgerEntries);
 
 /// The simulated world with agents at work in it.
-pub struct Fleet {
+pub struct AgentWorld {
     pub sim: Sim,
     agents: BTreeMap<NodeId, Agent>,
     /// How many times each request's process was started, crashes included.
     pub starts: BTreeMap<Id128, u32>,
 }
 
-impl Fleet {
+impl AgentWorld {
     /// Puts the real decision core on each of these agents' nodes.
-    pub fn new(sim: Sim, agents: &[Signer]) -> Fleet {
+    pub fn new(sim: Sim, agents: &[Signer]) -> AgentWorld {
         let agents = agents
             .iter()
             .map(|s| {
@@ -63,7 +63,7 @@ impl Fleet {
                 (id, agent)
             })
             .collect();
-        Fleet { sim, agents, starts: BTreeMap::new() }
+        AgentWorld { sim, agents, starts: BTreeMap::new() }
     }
 
     pub fn is_up(&self, agent: NodeId) -> bool {

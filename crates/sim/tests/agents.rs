@@ -14,7 +14,7 @@ use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::session::{SessionView, Verdict};
 use caisey_peer::wire::DocKind;
 use caisey_sim::Faults;
-use caisey_sim::agents::Fleet;
+use caisey_sim::agents::AgentWorld;
 use caisey_sim::org::Org;
 use proptest::prelude::*;
 
@@ -77,7 +77,7 @@ fn run(seed: u64, steps: &[Step]) -> Result<(), String> {
         assert!(sim.create(t, sid, DocKind::Session, doc));
         sessions.push(sid);
     }
-    let mut world = Fleet::new(sim, &o.agents);
+    let mut world = AgentWorld::new(sim, &o.agents);
     world.run_for(500);
     // The session's own first request (from the fixture) is left to expire.
     let mut asked: Vec<(DocId, Id128)> = Vec::new();
