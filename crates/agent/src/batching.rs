@@ -75,9 +75,9 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Whether more output read at once still fits this batch.
-    pub fn has_room(&self) -> bool {
-        self.batch.bytes < MAX_BATCH
+    /// Whether `more` bytes read besides what waits still leave room for more in this batch.
+    pub fn has_room_after(&self, more: usize) -> bool {
+        self.batch.bytes + more < MAX_BATCH
     }
 
     /// Output read at `now` (the pieces read together); true when it is to be written now.
@@ -180,7 +180,7 @@ mod tests {
     fn a_full_batch_is_written_at_once() {
         let mut b = Batcher::default();
         assert!(b.arrived(ms(0), vec![(Stream::Stdout, vec![b'x'; FLUSH_BYTES])]));
-        assert!(!b.has_room());
+        assert!(!b.has_room_after(0));
     }
 
     #[test]

@@ -96,12 +96,12 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
                 Some(first) => {
                     // Take whatever else is already waiting, so a fast command's changes grow
                     // while the previous one commits instead of queueing up.
+                    let mut read = first.1.len();
                     let mut pieces = vec![first];
-                    let mut room = batcher.has_room();
-                    while room {
+                    while batcher.has_room_after(read) {
                         match rx.try_recv() {
                             Ok(piece) => {
-                                room = pieces.iter().map(|(_, d)| d.len()).sum::<usize>() < MAX_BATCH;
+                                read += piece.1.len();
                                 pieces.push(piece);
                             }
                             Err(_) => break,

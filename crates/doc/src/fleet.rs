@@ -129,7 +129,7 @@ pub struct Presence {
     /// Why writes to the node's store fail (a full disk), now or within the last minute, as it
     /// says itself: while they do, nothing new from it is saved or sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unwritable: Option<String>,
+    pub unwritable: Option<PeerText>,
 }
 
 /// What changes on a machine from minute to minute.

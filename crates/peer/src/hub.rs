@@ -559,7 +559,7 @@ impl Hub {
                 }
             }
             Input::Persisted(persists) => self.on_persisted(persists, &mut out),
-            Input::PersistFailed { error, persists } => self.on_persist_failed(now, error, persists, &mut out),
+            Input::PersistFailed { error, persists } => self.on_persist_failed(now, error, persists),
         }
         out
     }
@@ -608,7 +608,7 @@ impl Hub {
     /// Nothing the driver was asked to write is durable: the documents fall back to their
     /// durable heads (the next write covers the rest), locally made bytes are kept to write
     /// again, and every peer is told this node takes nothing in for now.
-    fn on_persist_failed(&mut self, now: u64, error: String, persists: Persists, out: &mut Vec<Output>) {
+    fn on_persist_failed(&mut self, now: u64, error: String, persists: Persists) {
         for (id, _) in persists.docs {
             if let Some(e) = self.docs.get_mut(&id) {
                 e.saved_heads.clone_from(&e.durable_heads);
@@ -623,18 +623,12 @@ impl Hub {
         let since = self.unwritable.as_ref().map_or(now, |u| u.since);
         self.unwritable = Some(Unwritable { error, since, retry_at: now + RETRY_WRITES_MS });
         // Messages made with the failed writes were never sent: read-only also forgets what
-        // they claimed was sent, and the next message carries the read-only flag.
-        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
-        for peer in &peers {
-            if let Some(p) = self.peers.get_mut(peer) {
-                p.states.values_mut().for_each(|s| s.set_read_only(true));
-            }
-        }
-        let ids: Vec<DocId> = self.docs.keys().copied().collect();
-        for peer in peers {
-            for id in &ids {
-                self.offer(peer, *id, out);
-            }
+        // they claimed was sent, and the next message carries the read-only flag. Nothing is
+        // offered now: on a relay that would be a message per document and peer at every
+        // failure; peers learn it with the next message that goes, and everything is offered
+        // afresh once writes succeed.
+        for p in self.peers.values_mut() {
+            p.states.values_mut().for_each(|s| s.set_read_only(true));
         }
     }
 

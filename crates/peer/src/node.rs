@@ -179,7 +179,7 @@ impl Core {
     /// records an approval as consumed atomically with the start it writes).
     ///
     /// What became of the writes goes back to the hub, whose answer is carried out in turn.
-    /// When they fail nothing of this batch is sent, and the error is [`NotDurable`].
+    /// When they fail no sync message of this batch is sent, and the error is [`NotDurable`].
     pub fn apply_with(&mut self, extra: Vec<Write>, outputs: Vec<Output>) -> Result<()> {
         let mut writes = extra;
         let mut persists = Persists::default();
@@ -635,7 +635,7 @@ impl Node {
             at: crate::now_ms(),
             relay_server: None,
             vitals,
-            unwritable: self.write_trouble(),
+            unwritable: self.write_trouble().map(Into::into),
         };
         let record = self.signer().sign(caisey_doc::record::RecordKind::Presence, &presence);
         self.with_core(move |core| {

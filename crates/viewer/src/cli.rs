@@ -438,9 +438,8 @@ fn print_card(m: &crate::tech::Machine, software: bool) {
     println!("  last seen  {seen}");
     if let Some(error) = &m.unwritable {
         println!(
-            "  store      WRITES FAILING ({}): while they do, nothing new from it is saved or sent; what \
-             waits is kept and written when there is room",
-            visible_line(error)
+            "  store      WRITES FAILING ({error}): while they do, nothing new from it is saved or sent; what \
+             waits is kept and written when there is room"
         );
     }
     if let Some(v) = &m.vitals {

@@ -197,7 +197,7 @@ pub struct Machine {
     /// Why writes to the agent's store fail (now, or within the last minute), as it said in its
     /// last heartbeat: while they do, nothing new from it is saved or sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unwritable: Option<String>,
+    pub unwritable: Option<caisey_doc::text::PeerText>,
 }
 
 /// How the technician's node reaches a machine right now.
