@@ -21,6 +21,12 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ConsentsAction {
+    /// Take back consent to a schedule (at least 8 characters of its id): it never runs here again.
+    Revoke { id: String },
+}
+
+#[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Enroll this machine in an org with a one-time token from `caisey invite agent`.
     Enroll {
@@ -44,12 +50,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Approve a pending request (any unique prefix of its id); it runs at once.
-    Approve { id: String },
+    /// Approve a pending request (its whole code, as `pending` shows it); it runs at once. For
+    /// a schedule, this consents to all its runs until its end date.
+    Approve {
+        id: String,
+        /// For a schedule: ask again at each run instead.
+        #[arg(long)]
+        each_run: bool,
+    },
     /// Deny a pending request; it never runs.
     Deny { id: String },
     /// Open the consent window: see each request as it arrives, approve or deny it.
     Prompt,
+    /// The recurring checks you were asked about, and where each stands; `revoke ID` takes
+    /// your consent back, at once.
+    Consents {
+        #[command(subcommand)]
+        action: Option<ConsentsAction>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Install the agent as this machine's service (as root): enroll with TOKEN, start the
     /// daemon at boot, open the consent window at each graphical login. Safe to run again.
     Install {
@@ -167,7 +187,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let pending = match local::call(&opts.home.socket_path(), &LocalRequest::Pending).await? {
                 LocalReply::Pending { pending, .. } => pending,
                 LocalReply::Error { error } => bail!("{error}"),
-                LocalReply::Done { .. } => bail!("unexpected reply from the agent"),
+                _ => bail!("unexpected reply from the agent"),
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&pending)?);
@@ -196,12 +216,61 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     for line in crate::escape::visible(&p.script).lines() {
                         println!("      {line}");
                     }
+                    if let Some(s) = &p.schedule {
+                        println!(
+                            "    RECURRING: {}, until {}; missed runs: {}{}",
+                            caisey_doc::schedule::describe(&s.every),
+                            caisey_peer::cli::format_time(s.until),
+                            match s.missed {
+                                caisey_doc::schedule::Missed::RunLate => "run late",
+                                caisey_doc::schedule::Missed::Skip => "skipped",
+                            },
+                            if s.probes.is_empty() { String::new() } else { format!("; records {}", s.probes.join(", ")) }
+                        );
+                        println!(
+                            "    approving runs it on that schedule without asking again (`--each-run` to be asked each time)"
+                        );
+                    }
                 }
                 println!("approve with `caisey-agent approve ID`, deny with `caisey-agent deny ID`");
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Approve { id } => decide(&opts, LocalRequest::Approve { id }).await,
+        Command::Approve { id, each_run } => decide(&opts, LocalRequest::Approve { id, each_run }).await,
+        Command::Consents { action: Some(ConsentsAction::Revoke { id }), .. } => {
+            decide(&opts, LocalRequest::Revoke { id }).await
+        }
+        Command::Consents { action: None, json } => {
+            let consents = match local::call(&opts.home.socket_path(), &LocalRequest::Consents).await? {
+                LocalReply::Consents { consents } => consents,
+                LocalReply::Error { error } => bail!("{error}"),
+                _ => bail!("unexpected reply from the agent"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&consents)?);
+            } else if consents.is_empty() {
+                println!("no technician has asked to run anything on a schedule here");
+            } else {
+                for c in consents {
+                    println!(
+                        "{}  {}  from {} in session {:?}: {}, until {}; {} run(s){}",
+                        c.schedule.short(),
+                        c.state.as_str().to_uppercase(),
+                        c.technician,
+                        c.session,
+                        caisey_doc::schedule::describe(&c.every),
+                        caisey_peer::cli::format_time(c.until),
+                        c.runs,
+                        c.next_run.map(|t| format!(", next at {}", caisey_peer::cli::format_time(t))).unwrap_or_default()
+                    );
+                    for line in crate::escape::visible(&c.script).lines() {
+                        println!("      {line}");
+                    }
+                }
+                println!("take consent back with `caisey-agent consents revoke ID`");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Deny { id } => decide(&opts, LocalRequest::Deny { id }).await,
         Command::Install { .. } | Command::Uninstall { .. } => bail!("handled above"),
         Command::Prompt | Command::Tools(_) => bail!("`main` runs this one"),
@@ -266,6 +335,6 @@ async fn decide(opts: &caisey_peer::node::NodeOptions, req: LocalRequest) -> Res
             Ok(ExitCode::SUCCESS)
         }
         LocalReply::Error { error } => bail!("{error}"),
-        LocalReply::Pending { .. } => bail!("unexpected reply from the agent"),
+        LocalReply::Pending { .. } | LocalReply::Consents { .. } => bail!("unexpected reply from the agent"),
     }
 }

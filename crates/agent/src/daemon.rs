@@ -22,7 +22,9 @@ use caisey_peer::wire::DocKind;
 use tracing::{debug, info, warn};
 
 use crate::gate::{self, Action, Gate, check_still_pending};
-use crate::local::{AgentApi, LocalReply, LocalRequest, PendingItem};
+use crate::local::{AgentApi, ConsentItem, LocalReply, LocalRequest, PendingItem, ScheduleTerms};
+use crate::recurring;
+use caisey_doc::schedule::{ProbePattern, ScheduleConsent, ScheduleRevoked, ScheduleState, ScheduleWriter};
 use crate::{card, runner};
 use caisey_peer::local::{self, Answer, Clients};
 
@@ -213,7 +215,21 @@ impl Agent {
             .flatten()
             .flatten();
         debug!(doc = %doc.short(), "session refreshed");
-        let actions = self.with_gate(|g| g.session(doc, view, now_ms()));
+        // Revocations are this machine's own word, kept in its ledger: whatever the document
+        // now shows (a peer may have removed the record), a revoked schedule stays revoked.
+        let mut revoked = Vec::new();
+        for id in view.iter().flat_map(|v| v.schedules.iter()).map(|s| s.schedule.id) {
+            if matches!(self.node.ledger(LedgerKey::Schedule(id)).await, Ok(Some(_))) {
+                revoked.push(id);
+            }
+        }
+        let actions = self.with_gate(|g| {
+            let now = now_ms();
+            for id in revoked {
+                g.revoke(id, now);
+            }
+            g.session(doc, view, now)
+        });
         self.act_all(actions);
     }
 
@@ -228,13 +244,16 @@ impl Agent {
     /// Carries out one action and reports to the gate. A write that fails is tried again after
     /// [`RETRY_FAILED`] (the gate asks again once it is reported done).
     async fn act(&self, action: Action) {
-        let (request, session) = match &action {
-            Action::Expire { session, request }
-            | Action::Interrupted { session, request }
-            | Action::Start { session, request, .. }
-            | Action::Deny { session, request, .. }
-            | Action::NotRun { session, request, .. } => (*request, *session),
-        };
+        let (request, session) = (action.request(), action.session());
+        if let Action::Run { schedule, slot, late, .. } = action {
+            if let Err(e) = self.run_scheduled(session, schedule, slot, late).await {
+                warn!(schedule = %schedule.short(), "a scheduled run was not started: {e:#}");
+                tokio::time::sleep(RETRY_FAILED).await;
+            }
+            let actions = self.with_gate(|g| g.done(schedule, now_ms()));
+            self.act_all(actions);
+            return;
+        }
         if let Action::Start { local, .. } = action {
             let remote = local.is_none();
             if let Err(e) = self.start(session, request, local).await {
@@ -301,6 +320,7 @@ impl Agent {
                     "the agent stopped while the command ran, and the command was stopped with it; it was not run again"
                 };
                 let end = End {
+                    probes: Vec::new(),
                     request,
                     session,
                     status: EndStatus::Interrupted,
@@ -323,7 +343,42 @@ impl Agent {
                 self.node.forget_setting(&key).await
             }
             Action::NotRun { session, request, why } => self.write_not_run(session, request, why).await,
-            Action::Start { .. } => Ok(()),
+            Action::Consent { session, schedule, verdict, each_run, decided_by } => {
+                let consent = ScheduleConsent {
+                    schedule,
+                    session,
+                    target: me,
+                    schedule_hash: [0; 32],
+                    verdict,
+                    each_run,
+                    decided_by,
+                    decided_at: now_ms(),
+                    nonce: Id128(rand::random()),
+                };
+                self.node
+                    .change_guarded(session, move |doc, guard| {
+                        let view = SessionView::read_without_output(&*doc, guard.fleet())?;
+                        let s = view
+                            .schedules
+                            .iter()
+                            .find(|s| s.schedule.id == schedule && s.schedule.target == me)
+                            .ok_or_else(|| anyhow!("schedule {} is no longer valid", schedule.short()))?;
+                        if s.consent.is_some() {
+                            bail!("schedule {} was already answered", schedule.short());
+                        }
+                        if verdict == Verdict::Approved && now_ms() > s.schedule.expires_at {
+                            bail!("schedule {} waited too long for an answer; ask for it again", schedule.short());
+                        }
+                        // The answer is to the schedule exactly as it reads now.
+                        let consent = ScheduleConsent { schedule_hash: s.schedule.hash(), ..consent };
+                        ScheduleWriter::consent(doc, &signer, &consent)?;
+                        Ok(((), vec![]))
+                    })
+                    .await?;
+                info!(schedule = %schedule.short(), ?verdict, each_run, "schedule answered");
+                Ok(())
+            }
+            Action::Start { .. } | Action::Run { .. } => Ok(()),
         }
     }
 
@@ -331,6 +386,7 @@ impl Agent {
     async fn write_not_run(&self, session: DocId, request: Id128, why: String) -> Result<()> {
         let signer = self.node.signer().clone();
         let end = End {
+            probes: Vec::new(),
             request,
             session,
             status: EndStatus::NotRun,
@@ -353,14 +409,14 @@ impl Agent {
 
     /// The local user's decision on the request with approval code `typed`; the reply says
     /// what became of it.
-    async fn decide(&self, typed: &str, approve: bool) -> Result<String> {
+    async fn decide(&self, typed: &str, approve: bool, each_run: bool) -> Result<String> {
         let me = self.node.id();
         // Only our own name: not a copy of the whole fleet (a thousand members) per decision.
         let machine = self.node.member_name(me).await?.unwrap_or_default();
         let now = now_ms();
         let action = self
             .with_gate(|g| {
-                g.decide(typed, |p| Decision {
+                g.decide(typed, each_run, |p: &gate::Pending| Decision {
                     request: p.id,
                     session: p.session,
                     target: me,
@@ -374,13 +430,20 @@ impl Agent {
                 })
             })
             .map_err(|e| anyhow!(e))?;
-        let (request, session) = (
-            action.request(),
-            match &action {
-                Action::Start { session, .. } | Action::Deny { session, .. } => *session,
-                _ => bail!("unexpected decision"),
-            },
-        );
+        let (request, session) = (action.request(), action.session());
+        if let Action::Consent { verdict, .. } = &action {
+            let verdict = *verdict;
+            let result = self.write(action).await;
+            self.refresh(session).await;
+            let actions = self.with_gate(|g| g.done(request, now_ms()));
+            self.act_all(actions);
+            result?;
+            return Ok(match (verdict, each_run) {
+                (Verdict::Approved, false) => format!("approved schedule {} for all its runs", request.short()),
+                (Verdict::Approved, true) => format!("approved schedule {}; each run will ask", request.short()),
+                _ => format!("denied schedule {}", request.short()),
+            });
+        }
         let code = self.with_gate_quiet(|g| g.request(session, request)).map(|(r, _)| r.approval_code().short());
         let code = code.unwrap_or_else(|| request.short());
         match action {
@@ -434,7 +497,7 @@ impl Agent {
         let code = self.with_gate_quiet(|g| g.request(session, id)).map(|(r, _)| r.approval_code());
         let request = self
             .node
-            .change_guarded(session, move |doc, guard| -> Result<(CommandRequest, Vec<(LedgerKey, LedgerRecord)>)> {
+            .change_guarded(session, move |doc, guard| -> Result<_> {
                 let view = SessionView::read_without_output(&*doc, guard.fleet())?;
                 let local = match (&local, code) {
                     (Some(d), Some(code)) => Some((d, code)),
@@ -445,14 +508,22 @@ impl Agent {
                 let plan = gate::check_start(&view, id, local, me, now_ms(), ledger).map_err(|e| anyhow!(e))?;
                 SessionWriter::start(doc, &signer, local.map(|(d, _)| d), &plan.start)?;
                 // The nonce, the ledger and the start: one transaction.
-                Ok((plan.request, plan.ledger))
+                Ok(((plan.request, plan.probes), plan.ledger))
             })
             .await?;
+        let (request, probes) = request;
         self.with_gate(|g| g.started(id));
         info!(request = %id.short(), script = %request.command.script, "approved; running");
+        self.spawn_runner(session, request, probes);
+        Ok(())
+    }
+
+    /// Runs a started command to its end, then tells the gate.
+    fn spawn_runner(&self, session: DocId, request: CommandRequest, probes: Vec<ProbePattern>) {
+        let id = request.id;
         let agent = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = runner::run(agent.node.clone(), session, request).await {
+            if let Err(e) = runner::run(agent.node.clone(), session, request, &probes).await {
                 warn!(request = %id.short(), "run failed: {e:#}");
             }
             // The gate sees the end before the command leaves `running`; otherwise a review in
@@ -461,7 +532,99 @@ impl Agent {
             let actions = agent.with_gate(|g| g.ended(id, now_ms()));
             agent.act_all(actions);
         });
+    }
+
+    /// Writes the run of `schedule` due at `slot` — checked against the session and the ledger
+    /// as they stand at the moment of writing — and, under standing consent, its start in the
+    /// same durable change; then runs it.
+    async fn run_scheduled(&self, session: DocId, schedule: Id128, slot: u64, late: bool) -> Result<()> {
+        let me = self.node.id();
+        let signer = self.node.signer().clone();
+        let plan = self
+            .node
+            .change_guarded(session, move |doc, guard| {
+                let view = SessionView::read_without_output(&*doc, guard.fleet())?;
+                let ledger = |key: &LedgerKey| guard.ledger(key).ok().flatten();
+                let plan = recurring::check_run(&view, schedule, slot, late, me, now_ms(), &chrono::Local, ledger)
+                    .map_err(|e| anyhow!(e))?;
+                ScheduleWriter::run(doc, &signer, &plan.run, plan.start.as_ref().map(|(s, _, _)| s))?;
+                let ledger = plan.ledger.clone();
+                Ok((plan, ledger))
+            })
+            .await?;
+        let run = plan.run.id;
+        match plan.start {
+            Some((_, request, probes)) => {
+                // Running before the gate sees the start, or it would take it for interrupted.
+                self.with_gate(|g| g.started(run));
+                info!(schedule = %schedule.short(), run = %run.short(), late, "scheduled run due; running");
+                self.refresh(session).await;
+                self.spawn_runner(session, request, probes);
+            }
+            None => {
+                info!(schedule = %schedule.short(), run = %run.short(), late, "scheduled run due; asking the user");
+                self.refresh(session).await;
+            }
+        }
         Ok(())
+    }
+
+    /// The endpoint user takes back their consent to a schedule: recorded in this agent's
+    /// ledger (which alone it obeys from now on) and in the session, in one durable change.
+    async fn revoke(&self, typed: &str) -> Result<String> {
+        let typed = typed.trim().to_ascii_lowercase();
+        if typed.len() < 8 {
+            bail!("give at least the 8 characters of the schedule id that `caisey-agent consents` shows");
+        }
+        let found: Vec<_> = self
+            .with_gate_quiet(|g| g.schedules())
+            .into_iter()
+            .filter(|(_, _, s, _)| s.schedule.id.to_hex().starts_with(&typed))
+            .collect();
+        let (session, schedule) = match found.as_slice() {
+            [(doc, _, s, _)] => (*doc, s.schedule.id),
+            [] => bail!("no schedule {typed} for this machine (see `caisey-agent consents`)"),
+            _ => bail!("{typed} matches {} schedules; give more of the id", found.len()),
+        };
+        let machine = self.node.member_name(self.node.id()).await?.unwrap_or_default();
+        let signer = self.node.signer().clone();
+        let now = now_ms();
+        let record = ScheduleRevoked { schedule, session, at: now, by: format!("local user on {machine}") };
+        self.node
+            .change_guarded(session, move |doc, _guard| {
+                ScheduleWriter::revoked(doc, &signer, &record)?;
+                Ok(((), vec![(LedgerKey::Schedule(schedule), LedgerRecord { outcome: Outcome::Revoked, at: now })]))
+            })
+            .await?;
+        info!(schedule = %schedule.short(), "standing consent revoked by the local user");
+        let actions = self.with_gate(|g| g.revoke(schedule, now_ms()));
+        self.act_all(actions);
+        Ok(format!("revoked schedule {}; it will not run again on this machine", schedule.short()))
+    }
+
+    async fn consent_items(&self) -> Vec<ConsentItem> {
+        let now = now_ms();
+        let schedules = self.with_gate_quiet(|g| {
+            g.schedules().into_iter().map(|(doc, name, s, revoked)| (doc, name, g.next_run(&s, now), s, revoked)).collect::<Vec<_>>()
+        });
+        let mut items = Vec::with_capacity(schedules.len());
+        for (_, session, next_run, s, revoked) in schedules {
+            let technician = self.node.member_name(s.author).await.ok().flatten().unwrap_or_else(|| "unknown".into());
+            let state = if revoked { ScheduleState::Revoked } else { s.state(now) };
+            items.push(ConsentItem {
+                schedule: s.schedule.id,
+                session,
+                technician,
+                state,
+                every: s.schedule.every.clone(),
+                until: s.schedule.until,
+                script: s.schedule.command.script.clone(),
+                description: s.schedule.description.clone(),
+                runs: s.runs.len(),
+                next_run,
+            });
+        }
+        items
     }
 
     async fn pending_items(&self) -> Vec<PendingItem> {
@@ -483,6 +646,12 @@ impl Agent {
                 description: p.request.description,
                 requested_at: p.request.requested_at,
                 expires_at: p.request.expires_at,
+                schedule: p.schedule.map(|s| ScheduleTerms {
+                    every: s.every,
+                    until: s.until,
+                    missed: s.missed,
+                    probes: s.probes.into_iter().map(|p| p.name).collect(),
+                }),
             });
         }
         items
@@ -498,8 +667,10 @@ impl caisey_peer::local::Service for Agent {
                 let running = self.with_gate_quiet(|g| g.running_codes());
                 return Answer::One(LocalReply::Pending { pending: self.pending_items().await, running });
             }
-            LocalRequest::Approve { id } => self.decide(&id, true).await,
-            LocalRequest::Deny { id } => self.decide(&id, false).await,
+            LocalRequest::Approve { id, each_run } => self.decide(&id, true, each_run).await,
+            LocalRequest::Deny { id } => self.decide(&id, false, false).await,
+            LocalRequest::Consents => return Answer::One(LocalReply::Consents { consents: self.consent_items().await }),
+            LocalRequest::Revoke { id } => self.revoke(&id).await,
         };
         Answer::One(match result {
             Ok(message) => LocalReply::Done { message },

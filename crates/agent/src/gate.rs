@@ -21,8 +21,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::session::{CommandRequest, Decision, SessionView, Start, Verdict, typed_approval_code};
+use caisey_doc::schedule::{ProbePattern, Schedule, ScheduleView};
+use caisey_doc::text::PeerText;
 use caisey_peer::store::{LedgerKey, LedgerRecord, Outcome};
 use serde::Serialize;
+
+use crate::recurring::{self, Zone};
 
 /// A request waiting for the endpoint user's decision.
 #[derive(Debug, Clone, Serialize)]
@@ -34,7 +38,10 @@ pub struct Pending {
     pub session: DocId,
     pub session_name: caisey_doc::text::PeerText,
     pub requester: NodeId,
+    /// For a schedule, the command as its runs would run it (id: the schedule's).
     pub request: CommandRequest,
+    /// `Some`: a schedule waiting for consent to all its runs (or to be asked at each).
+    pub schedule: Option<Schedule>,
 }
 
 /// Something the driver must do, then report with [`Gate::done`] (or, for a start,
@@ -69,6 +76,22 @@ pub enum Action {
         request: Id128,
         why: String,
     },
+    /// Record the endpoint user's answer to a schedule (or that nobody answered in time).
+    Consent {
+        session: DocId,
+        schedule: Id128,
+        verdict: Verdict,
+        each_run: bool,
+        decided_by: String,
+    },
+    /// A run of a schedule is due: write it (and, under standing consent, start it) in one
+    /// durable change, checked with [`crate::recurring::check_run`].
+    Run {
+        session: DocId,
+        schedule: Id128,
+        slot: u64,
+        late: bool,
+    },
 }
 
 impl Action {
@@ -79,6 +102,19 @@ impl Action {
             | Action::Start { request, .. }
             | Action::Deny { request, .. }
             | Action::NotRun { request, .. } => *request,
+            Action::Consent { schedule, .. } | Action::Run { schedule, .. } => *schedule,
+        }
+    }
+
+    pub fn session(&self) -> DocId {
+        match self {
+            Action::Expire { session, .. }
+            | Action::Interrupted { session, .. }
+            | Action::Start { session, .. }
+            | Action::Deny { session, .. }
+            | Action::NotRun { session, .. }
+            | Action::Consent { session, .. }
+            | Action::Run { session, .. } => *session,
         }
     }
 }
@@ -95,8 +131,11 @@ pub struct Gate {
     outstanding: BTreeSet<Id128>,
     /// Approvals this agent refused to use (denied here first, used, expired): not tried again.
     refused: BTreeSet<Id128>,
+    /// Schedules whose consent the endpoint user revoked (as this agent's ledger holds them).
+    revoked: BTreeSet<Id128>,
     /// The time of the last review: every expiry up to it has been acted on.
     reviewed_at: u64,
+    tz: Zone,
 }
 
 impl Gate {
@@ -108,8 +147,37 @@ impl Gate {
             running: BTreeSet::new(),
             outstanding: BTreeSet::new(),
             refused: BTreeSet::new(),
+            revoked: BTreeSet::new(),
             reviewed_at: 0,
+            tz: chrono::Local,
         }
+    }
+
+    /// The endpoint user revoked their consent to `schedule` (the ledger holds it): no run of
+    /// it starts from now on.
+    pub fn revoke(&mut self, schedule: Id128, now: u64) -> Vec<Action> {
+        self.revoked.insert(schedule);
+        self.review(now)
+    }
+
+    /// The schedules for this machine, with their sessions: what `caisey-agent consents` lists.
+    pub fn schedules(&self) -> Vec<(DocId, PeerText, ScheduleView, bool)> {
+        let mut out: Vec<_> = self
+            .views
+            .iter()
+            .flat_map(|(doc, v)| {
+                v.schedules.iter().filter(|s| s.schedule.target == self.me).map(|s| {
+                    (*doc, v.info.name.clone(), s.clone(), self.revoked.contains(&s.schedule.id))
+                })
+            })
+            .collect();
+        out.sort_by_key(|(_, _, s, _)| s.schedule.requested_at);
+        out
+    }
+
+    /// The next time a run of a schedule for this machine falls due after `now`.
+    pub fn next_run(&self, s: &ScheduleView, now: u64) -> Option<u64> {
+        (!self.revoked.contains(&s.schedule.id)).then(|| s.next_run(now, &self.tz)).flatten()
     }
 
     /// Session `doc` as it reads now; `None` when it no longer targets this agent (or does not
@@ -145,7 +213,13 @@ impl Gate {
     /// as listings show it, or more of it).
     /// `decision` is theirs, made by the driver (it signs and names the machine); checked
     /// here against what is pending.
-    pub fn decide(&mut self, typed: &str, decision: impl FnOnce(&Pending) -> Decision) -> Result<Action, String> {
+    /// For a schedule, `each_run` approves it to ask again at every run instead of once for all.
+    pub fn decide(
+        &mut self,
+        typed: &str,
+        each_run: bool,
+        decision: impl FnOnce(&Pending) -> Decision,
+    ) -> Result<Action, String> {
         let code = typed_approval_code(typed, "caisey-agent pending")?;
         let matches: Vec<&Pending> = self.pending.iter().filter(|p| p.code.to_hex().starts_with(&code)).collect();
         let p = match matches.as_slice() {
@@ -161,7 +235,10 @@ impl Gate {
             return Err(format!("request {} is being decided already", p.code.short()));
         }
         let d = decision(&p);
-        let action = if d.verdict == Verdict::Approved {
+        let action = if p.schedule.is_some() {
+            let verdict = d.verdict;
+            Action::Consent { session: p.session, schedule: p.id, verdict, each_run, decided_by: d.decided_by }
+        } else if d.verdict == Verdict::Approved {
             self.running.insert(p.id);
             Action::Start { session: p.session, request: p.id, local: Some(d) }
         } else {
@@ -208,15 +285,21 @@ impl Gate {
     /// with [`Gate::handle_timeout`].
     pub fn poll_timeout(&self) -> Option<u64> {
         let me = self.me;
-        self.views
+        let expiries = self
+            .views
             .values()
             .flat_map(|v| v.commands.iter())
             .filter(|c| c.request.target == me && c.end.is_none() && c.start.is_none())
             .flat_map(|c| [Some(c.request.expires_at), c.decision.as_ref().map(|d| d.expires_at)])
             .flatten()
-            .map(|t| t.saturating_add(1))
-            .filter(|t| *t > self.reviewed_at)
-            .min()
+            .map(|t| t.saturating_add(1));
+        let runs = self
+            .views
+            .values()
+            .flat_map(|v| v.schedules.iter())
+            .filter(|s| s.schedule.target == me && !self.revoked.contains(&s.schedule.id))
+            .filter_map(|s| recurring::wake_at(s, self.reviewed_at, &self.tz));
+        expiries.chain(runs).filter(|t| *t > self.reviewed_at).min()
     }
 
     pub fn handle_timeout(&mut self, now: u64) -> Vec<Action> {
@@ -226,7 +309,7 @@ impl Gate {
     /// Recomputes what waits for the user, and what must be written.
     fn review(&mut self, now: u64) -> Vec<Action> {
         self.reviewed_at = self.reviewed_at.max(now);
-        let (pending, actions) = review(self.me, &self.views, &self.running, now);
+        let (pending, actions) = review(self.me, &self.views, &self.running, &self.revoked, now, &self.tz);
         self.pending = pending.into_iter().filter(|p| !self.outstanding.contains(&p.id)).collect();
         let mut out = Vec::new();
         for action in actions {
@@ -252,6 +335,8 @@ pub struct StartPlan {
     pub request: CommandRequest,
     pub start: Start,
     pub ledger: Vec<(LedgerKey, LedgerRecord)>,
+    /// The patterns its values are picked out with (a scheduled run's).
+    pub probes: Vec<ProbePattern>,
 }
 
 /// Whether request `id` may start now, checked against the session as it stands at the moment
@@ -293,13 +378,19 @@ pub fn check_start(
     if let Some(done) = ledger(&LedgerKey::Request(id)) {
         return Err(format!("request {} was already {} on this machine", id.short(), done.outcome.as_str()));
     }
-    let request = view.command(&id).map(|c| c.request.clone()).ok_or_else(|| "request vanished".to_string())?;
+    let cmd = view.command(&id).ok_or_else(|| "request vanished".to_string())?;
+    let request = cmd.request.clone();
+    let probes = cmd
+        .schedule
+        .and_then(|s| view.schedules.iter().find(|v| v.schedule.id == s))
+        .map(|s| s.schedule.probes.clone())
+        .unwrap_or_default();
     let start = Start { request: id, session: view.info.id, started_at: now, approved_by, nonce };
     let ledger = vec![
         (LedgerKey::Approval(nonce), LedgerRecord { outcome: Outcome::Used, at: now }),
         (LedgerKey::Request(id), LedgerRecord { outcome: Outcome::Started, at: now }),
     ];
-    Ok(StartPlan { request, start, ledger })
+    Ok(StartPlan { request, start, ledger, probes })
 }
 
 /// The record of `req` (asked by `requester` of agent `me`) expiring unanswered at `now`.
@@ -342,14 +433,28 @@ fn review(
     me: NodeId,
     sessions: &BTreeMap<DocId, SessionView>,
     running: &BTreeSet<Id128>,
+    revoked: &BTreeSet<Id128>,
     now: u64,
+    tz: &Zone,
 ) -> (Vec<Pending>, Vec<Action>) {
     let mut pending = Vec::new();
     let mut actions = Vec::new();
     for (doc, view) in sessions {
+        let (schedules_pending, schedule_actions) = recurring::review(me, *doc, view, running, revoked, now, tz);
+        pending.extend(schedules_pending);
+        actions.extend(schedule_actions);
         // Ended is ended: nothing more to decide or write.
         for cmd in view.commands.iter().filter(|c| c.request.target == me && c.end.is_none()) {
             let id = cmd.request.id;
+            // A run waiting for the user whose schedule stopped will never run.
+            if let Some(why) = cmd
+                .schedule
+                .filter(|_| cmd.decision.is_none() && cmd.start.is_none())
+                .and_then(|s| recurring::stopped(view, s, revoked, now))
+            {
+                actions.push(Action::NotRun { session: *doc, request: id, why });
+                continue;
+            }
             // An approval not used before it expired is as good as none; a denial is final.
             let decision = cmd
                 .decision
@@ -372,6 +477,7 @@ fn review(
                     session_name: view.info.name.clone(),
                     requester: cmd.requester,
                     request: cmd.request.clone(),
+                    schedule: None,
                 }),
                 (Some(d), Some(_), None) if d.verdict == Verdict::Approved && !running.contains(&id) => {
                     actions.push(Action::Interrupted { session: *doc, request: id })
@@ -539,6 +645,7 @@ mod tests {
         assert!(matches!(actions.as_slice(), [Action::NotRun { request, .. }] if *request == req.id), "{actions:?}");
         // Once the session says so, nothing more is written (no expiry every second).
         let end = End {
+            probes: Vec::new(),
             request: req.id,
             session: info.id,
             status: EndStatus::NotRun,
@@ -577,11 +684,11 @@ mod tests {
         assert!(gate.session(info.id, view(&doc, &fleet), 10).is_empty());
         let code = gate.pending()[0].code.short();
         // Part of the code is not enough: it must name what the user was shown.
-        assert!(gate.decide(&code[..1], |_| unreachable!()).is_err());
+        assert!(gate.decide(&code[..1], false, |_| unreachable!()).is_err());
         let req = request(&info, me, 1);
         let mut made = None;
         let action = gate
-            .decide(&code, |p| {
+            .decide(&code, false, |p| {
                 let d = Decision { verdict: Verdict::Approved, ..decision(&p.request, &_tech, Verdict::Approved, 10) };
                 made = Some(d.clone());
                 d
@@ -590,7 +697,7 @@ mod tests {
         assert!(matches!(&action, Action::Start { request, local: Some(_), .. } if *request == req.id));
         assert!(gate.pending().is_empty(), "an approved request is no longer pending");
         // Deciding twice is refused while the first is being carried out.
-        assert!(gate.decide(&code, |_| unreachable!()).is_err());
+        assert!(gate.decide(&code, false, |_| unreachable!()).is_err());
         // The start is written; the session shows it; the command runs: nothing to do.
         let d = made.unwrap();
         let start = Start { request: req.id, session: info.id, started_at: 11, approved_by: me, nonce: d.nonce };
@@ -602,6 +709,7 @@ mod tests {
         assert!(gate.session(info.id, view(&doc, &fleet), 12).is_empty());
         // Ended: written and reported; nothing more, at any time.
         let end = End {
+            probes: Vec::new(),
             request: req.id,
             session: info.id,
             status: EndStatus::Exited,
@@ -634,6 +742,7 @@ mod tests {
         assert!(gate.handle_timeout(52).is_empty());
         // Done, and the session shows it: nothing more.
         let end = End {
+            probes: Vec::new(),
             request: req.id,
             session: info.id,
             status: EndStatus::Interrupted,
@@ -697,11 +806,11 @@ mod tests {
         let mut gate = Gate::new(agent.node_id());
         gate.session(info.id, view(&doc, &fleet), 10);
         let code = gate.pending()[0].code.to_hex();
-        let action = gate.decide(&code, |p| decision(&p.request, &tech, Verdict::Denied, 10)).unwrap();
+        let action = gate.decide(&code, false, |p| decision(&p.request, &tech, Verdict::Denied, 10)).unwrap();
         assert!(matches!(action, Action::Deny { .. }));
         assert!(gate.pending().is_empty());
         // Unknown or stale codes get one clear line.
-        let err = gate.decide("0123456789abcdef0123456789abcdef", |_| unreachable!()).unwrap_err();
+        let err = gate.decide("0123456789abcdef0123456789abcdef", false, |_| unreachable!()).unwrap_err();
         assert!(err.contains("no pending request"), "{err}");
     }
 }

@@ -7,6 +7,7 @@
 //!
 //! - [`daemon`]: `caisey-agent run` — heartbeat, machine card, watching sessions, approvals.
 //! - [`gate`]: the pure decision of what waits, what expired, what was interrupted.
+//! - [`recurring`]: the gate's rules for schedules: when a run is due, and whether it may start.
 //! - [`runner`]: runs an approved command, streaming batched output into the session.
 //! - [`process`]: how a command's processes start and stop (never outliving the agent unseen).
 //! - [`local`]: the local socket protocol for `pending`, `approve`, `deny`.
@@ -27,6 +28,7 @@ pub mod install;
 pub mod local;
 pub mod process;
 pub mod prompt;
+pub mod recurring;
 pub mod runner;
 pub mod sessions;
 

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 use caisey_doc::id::{Id128, NodeId};
+use caisey_doc::schedule::{Missed, ScheduleState};
 use caisey_doc::session::Shell;
 use caisey_doc::text::PeerText;
 use caisey_peer::local::{ConnectError, Connection};
@@ -16,8 +17,46 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum LocalRequest {
     Pending,
-    Approve { id: String },
-    Deny { id: String },
+    Approve {
+        id: String,
+        /// For a schedule: ask again at each run instead of consenting to all of them.
+        #[serde(default)]
+        each_run: bool,
+    },
+    Deny {
+        id: String,
+    },
+    /// The schedules this machine's user was asked about, and where each stands.
+    Consents,
+    /// Take back consent to a schedule (by the start of its id).
+    Revoke {
+        id: String,
+    },
+}
+
+/// When a schedule waiting for consent would run: shown with its command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScheduleTerms {
+    pub every: String,
+    pub until: u64,
+    pub missed: Missed,
+    /// The names of the values picked out of each run.
+    pub probes: Vec<String>,
+}
+
+/// A schedule as `caisey-agent consents` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsentItem {
+    pub schedule: Id128,
+    pub session: PeerText,
+    pub technician: PeerText,
+    pub state: ScheduleState,
+    pub every: String,
+    pub until: u64,
+    pub script: String,
+    pub description: PeerText,
+    pub runs: usize,
+    pub next_run: Option<u64>,
 }
 
 /// A request as the endpoint user sees it.
@@ -37,6 +76,9 @@ pub struct PendingItem {
     pub description: PeerText,
     pub requested_at: u64,
     pub expires_at: u64,
+    /// `Some`: this is a schedule, asking consent to all its runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleTerms>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +89,9 @@ pub enum LocalReply {
         /// The codes of approved requests running now.
         #[serde(default)]
         running: Vec<Id128>,
+    },
+    Consents {
+        consents: Vec<ConsentItem>,
     },
     Done {
         message: String,

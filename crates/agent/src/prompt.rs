@@ -19,7 +19,7 @@ use caisey_doc::id::Id128;
 use caisey_doc::text::{needs_escape, visible, visible_line};
 use egui::{Color32, RichText, ScrollArea, Ui};
 
-use crate::local::{self, LocalReply, LocalRequest, PendingItem};
+use crate::local::{self, ConsentItem, LocalReply, LocalRequest, PendingItem};
 
 /// How long Approve stays inactive after a request is first shown.
 pub const ARM_DELAY: Duration = Duration::from_millis(1200);
@@ -28,12 +28,13 @@ const POLL: Duration = Duration::from_millis(500);
 
 /// What the window asks of the daemon.
 enum Ask {
-    Decide { code: Id128, approve: bool },
+    Decide { code: Id128, approve: bool, each_run: bool },
+    Revoke { schedule: Id128 },
 }
 
 /// What comes back from the daemon.
 enum Heard {
-    Pending { pending: Vec<PendingItem>, running: Vec<Id128> },
+    Pending { pending: Vec<PendingItem>, running: Vec<Id128>, consents: Vec<ConsentItem> },
     Unreachable(String),
     Decided { code: Id128, approved: bool, message: String },
     Refused { error: String },
@@ -45,6 +46,8 @@ pub struct PromptApp {
     heard: mpsc::Receiver<Heard>,
     repaint: Arc<OnceLock<egui::Context>>,
     pending: Vec<PendingItem>,
+    /// The schedules this machine's user was asked about (standing consents among them).
+    consents: Vec<ConsentItem>,
     /// Which request is shown, and since when (for [`ARM_DELAY`]).
     shown: Option<(Id128, Instant)>,
     /// The daemon's last answer or error, shown under the buttons.
@@ -79,10 +82,14 @@ impl PromptApp {
                 ok
             };
             loop {
+                let consents = match rt.block_on(local::call(&socket, &LocalRequest::Consents)) {
+                    Ok(LocalReply::Consents { consents }) => consents,
+                    _ => vec![],
+                };
                 let h = match rt.block_on(local::call(&socket, &LocalRequest::Pending)) {
-                    Ok(LocalReply::Pending { pending, running }) => Heard::Pending { pending, running },
+                    Ok(LocalReply::Pending { pending, running }) => Heard::Pending { pending, running, consents },
                     Ok(LocalReply::Error { error }) => Heard::Unreachable(error),
-                    Ok(LocalReply::Done { .. }) => Heard::Unreachable("unexpected reply".into()),
+                    Ok(_) => Heard::Unreachable("unexpected reply".into()),
                     Err(e) => Heard::Unreachable(format!("{e:#}")),
                 };
                 if !send(h) {
@@ -90,8 +97,19 @@ impl PromptApp {
                 }
                 // Wait for the next poll, answering a decision at once (then polling again).
                 match asks_rx.recv_timeout(POLL) {
-                    Ok(Ask::Decide { code, approve }) => {
-                        if !send(decide_now(&rt, &socket, code, approve)) {
+                    Ok(Ask::Decide { code, approve, each_run }) => {
+                        let req = if approve {
+                            LocalRequest::Approve { id: code.to_hex(), each_run }
+                        } else {
+                            LocalRequest::Deny { id: code.to_hex() }
+                        };
+                        if !send(ask_now(&rt, &socket, code, approve, req)) {
+                            return;
+                        }
+                    }
+                    Ok(Ask::Revoke { schedule }) => {
+                        let req = LocalRequest::Revoke { id: schedule.to_hex() };
+                        if !send(ask_now(&rt, &socket, schedule, false, req)) {
                             return;
                         }
                     }
@@ -105,6 +123,7 @@ impl PromptApp {
             heard,
             repaint,
             pending: vec![],
+            consents: vec![],
             shown: None,
             status: None,
             approved_running: None,
@@ -120,8 +139,9 @@ impl PromptApp {
 
     fn apply(&mut self, h: Heard) {
         match h {
-            Heard::Pending { pending, running } => {
+            Heard::Pending { pending, running, consents } => {
                 self.pending = pending;
+                self.consents = consents;
                 self.unreachable = None;
                 // A command approved here that is no longer running has ended: say so, rather
                 // than "running" for good.
@@ -167,7 +187,10 @@ impl PromptApp {
             ui.heading("Caisey: a technician asks to run a command on this computer");
             ui.add_space(4.0);
         });
-        egui::Panel::bottom("prompt-buttons").show(ui, |ui| self.buttons(ui, current.as_ref()));
+        egui::Panel::bottom("prompt-buttons").show(ui, |ui| {
+            self.buttons(ui, current.as_ref());
+            self.standing(ui);
+        });
         egui::CentralPanel::default().show(ui, |ui| match (&current, &self.unreachable) {
             (_, Some(e)) => {
                 ui.colored_label(ui.visuals().error_fg_color, format!("The Caisey agent is not answering: {e}"));
@@ -190,11 +213,18 @@ impl PromptApp {
             let armed = self.shown.is_some_and(|(_, since)| since.elapsed() >= ARM_DELAY);
             let enabled = armed && !self.deciding;
             let deny = ui.add_enabled(!self.deciding, egui::Button::new(RichText::new("Deny").size(16.0)));
-            let approve = ui.add_enabled(enabled, egui::Button::new(RichText::new("Approve and run").size(16.0)));
+            let label = if p.schedule.is_some() { "Approve all its runs" } else { "Approve and run" };
+            let approve = ui.add_enabled(enabled, egui::Button::new(RichText::new(label).size(16.0)));
+            let each_run = p
+                .schedule
+                .is_some()
+                .then(|| ui.add_enabled(enabled, egui::Button::new(RichText::new("Ask me at each run").size(16.0))));
             if deny.clicked() {
-                self.decide(p.id, false);
+                self.decide(p.id, false, false);
             } else if approve.clicked() {
-                self.decide(p.id, true);
+                self.decide(p.id, true, false);
+            } else if each_run.is_some_and(|b| b.clicked()) {
+                self.decide(p.id, true, true);
             }
             if !armed {
                 ui.label(RichText::new("Approve is available in a moment: read the command first.").weak());
@@ -207,23 +237,59 @@ impl PromptApp {
         ui.add_space(6.0);
     }
 
-    fn decide(&mut self, code: Id128, approve: bool) {
+    /// The schedules with standing consent (or asking at each run), each with Revoke.
+    fn standing(&mut self, ui: &mut Ui) {
+        let live: Vec<ConsentItem> = self.consents.iter().filter(|c| c.state.is_live()).cloned().collect();
+        if live.is_empty() {
+            return;
+        }
+        egui::CollapsingHeader::new(format!("Recurring checks you allowed ({})", live.len()))
+            .id_salt("standing-consents")
+            .show(ui, |ui| {
+                for c in live {
+                    ui.horizontal(|ui| {
+                        if ui.add_enabled(!self.deciding, egui::Button::new("Revoke")).clicked() {
+                            self.ask(Ask::Revoke { schedule: c.schedule });
+                        }
+                        ui.label(format!(
+                            "{} from {}: {}, until {}; {} run(s) so far",
+                            c.schedule.short(),
+                            c.technician,
+                            caisey_doc::schedule::describe(&c.every),
+                            caisey_peer::cli::format_time(c.until),
+                            c.runs
+                        ));
+                    });
+                    foreign_box(ui, &format!("standing-{}", c.schedule), &visible(&c.script), 60.0, false);
+                }
+            });
+    }
+
+    fn decide(&mut self, code: Id128, approve: bool, each_run: bool) {
+        self.ask(Ask::Decide { code, approve, each_run });
+    }
+
+    fn ask(&mut self, ask: Ask) {
         self.deciding = true;
         self.status = None;
-        if self.asks.send(Ask::Decide { code, approve }).is_err() {
+        if self.asks.send(ask).is_err() {
             self.deciding = false;
             self.status = Some((true, "the connection to the agent is gone".into()));
         }
     }
 }
 
-fn decide_now(rt: &tokio::runtime::Runtime, socket: &std::path::Path, code: Id128, approve: bool) -> Heard {
-    let req =
-        if approve { LocalRequest::Approve { id: code.to_hex() } } else { LocalRequest::Deny { id: code.to_hex() } };
+fn ask_now(
+    rt: &tokio::runtime::Runtime,
+    socket: &std::path::Path,
+    code: Id128,
+    approve: bool,
+    req: LocalRequest,
+) -> Heard {
     match rt.block_on(local::call(socket, &req)) {
         Ok(LocalReply::Done { message }) => Heard::Decided { code, approved: approve, message },
         Ok(LocalReply::Error { error }) => Heard::Refused { error },
-        Ok(LocalReply::Pending { .. }) => Heard::Refused { error: "unexpected reply".into() },
+        Ok(_) => Heard::Refused { error: "unexpected reply".into() },
         Err(e) => Heard::Refused { error: format!("{e:#}") },
     }
 }
@@ -264,6 +330,24 @@ fn request_details(ui: &mut Ui, p: &PendingItem, waiting: usize) {
         let cwd = p.cwd.as_ref().map(|c| format!(", in {}", visible_line(c))).unwrap_or_default();
         ui.label(format!("{} (stopped after {} s{cwd})", p.shell, p.timeout_ms / 1000));
         ui.end_row();
+        if let Some(s) = &p.schedule {
+            ui.label(RichText::new("Runs").strong());
+            ui.label(format!(
+                "RECURRING: {}, until {}; a run missed while this computer is off is {}",
+                caisey_doc::schedule::describe(&s.every),
+                caisey_peer::cli::format_time(s.until),
+                match s.missed {
+                    caisey_doc::schedule::Missed::RunLate => "run late, once",
+                    caisey_doc::schedule::Missed::Skip => "skipped",
+                }
+            ));
+            ui.end_row();
+            if !s.probes.is_empty() {
+                ui.label(RichText::new("Records").strong());
+                ui.label(s.probes.join(", "));
+                ui.end_row();
+            }
+        }
     });
     ui.add_space(6.0);
     let lines = p.script.lines().count().max(1);
@@ -291,4 +375,10 @@ fn request_details(ui: &mut Ui, p: &PendingItem, waiting: usize) {
     ui.add_space(6.0);
     let left = p.expires_at.saturating_sub(now) / 1000;
     ui.label(format!("If nobody answers, the request expires in {} min {} s and nothing runs.", left / 60, left % 60));
+    if p.schedule.is_some() {
+        ui.label(
+            "Approving all its runs lets it run on that schedule without asking again, until its end date; \
+             you can revoke that at any time below.",
+        );
+    }
 }

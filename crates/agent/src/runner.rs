@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use caisey_doc::id::DocId;
+use caisey_doc::probe::ProbeScanner;
+use caisey_doc::schedule::ProbePattern;
 use caisey_doc::session::{ChunkHash, CommandRequest, End, EndStatus, OutputChunk, OutputRef, SessionWriter, Stream};
 use caisey_peer::node::Node;
 use caisey_peer::now_ms;
@@ -30,8 +32,10 @@ use crate::process;
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs `req` (already approved and recorded as started) to the end, writing output and the end
-/// record into `session`.
-pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> {
+/// record into `session`. The values its standard output yields (`caisey-probe` lines, and
+/// `probes` for a scheduled check) go in the end record.
+pub async fn run(node: Node, session: DocId, req: CommandRequest, probes: &[ProbePattern]) -> Result<()> {
+    let mut scanner = ProbeScanner::new(probes);
     let timeout = Duration::from_millis(req.command.timeout_ms);
     let (program, args) = process::supervised_command(req.command.shell, &req.command.script, timeout);
     let mut cmd = Command::new(&program);
@@ -50,6 +54,7 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
         Err(e) => {
             let message = format!("could not start {program}: {e}");
             let end = End {
+                probes: Vec::new(),
                 request: req.id,
                 session,
                 status: EndStatus::FailedToStart,
@@ -107,6 +112,9 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
                             Err(_) => break,
                         }
                     }
+                    for (_, data) in pieces.iter().filter(|(stream, _)| *stream == Stream::Stdout) {
+                        scanner.feed(data);
+                    }
                     if batcher.arrived(started.elapsed(), pieces) {
                         flush(&node, session, &mut batcher.take(started.elapsed()), req.id, &mut seq).await?;
                     }
@@ -141,7 +149,16 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest) -> Result<()> 
     let (status, code, message) = status.unwrap_or((EndStatus::Exited, None, None));
     tracing::debug!(request = %req.id.short(), chunks = seq, took = ?started.elapsed(), "command finished");
     // Whatever output is left goes in the same change as the end.
-    let end = End { request: req.id, session, status, exit_code: code, ended_at: now_ms(), chunks: 0, message };
+    let end = End {
+        request: req.id,
+        session,
+        status,
+        exit_code: code,
+        ended_at: now_ms(),
+        chunks: 0,
+        message,
+        probes: scanner.finish(),
+    };
     write_end(&node, &mut batcher.take(started.elapsed()), &mut seq, end).await?;
     node.forget_setting(&running_key(&req.id)).await
 }
@@ -284,6 +301,7 @@ mod tests {
         batch.push(Stream::Stderr, b"warning\n");
         let mut seq = 0;
         let end = End {
+            probes: Vec::new(),
             request: req.id,
             session: req.session,
             status: EndStatus::Exited,

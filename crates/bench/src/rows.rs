@@ -507,6 +507,7 @@ fn approved_start(
 /// The end a successful run of `r` records after `chunks` output chunks.
 fn exited(r: &CommandRequest, chunks: u64) -> End {
     End {
+        probes: Vec::new(),
         request: r.id,
         session: r.session,
         status: EndStatus::Exited,

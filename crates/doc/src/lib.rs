@@ -11,6 +11,8 @@
 //! - [`session`]: one document per session: targets, command requests, decisions, starts, signed
 //!   references to output chunks (the bytes live beside the document, by hash) and ends.
 //!   [`session::SessionView::read`] verifies who wrote what and quarantines the rest.
+//! - [`schedule`]: recurring checks the agent runs on its own clock, under the endpoint user's
+//!   standing consent; [`probe`]: the named numbers a run yields.
 //! - [`token`]: invite tokens and relay tickets, the strings people paste.
 //! - [`redact`], [`transcript`]: public, redacted, signed transcripts built from a snapshot, their
 //!   offline verification and their HTML page.
@@ -45,8 +47,10 @@ mod am;
 pub mod fleet;
 pub mod id;
 pub mod machine;
+pub mod probe;
 pub mod record;
 pub mod redact;
+pub mod schedule;
 pub mod session;
 pub mod text;
 pub mod token;

@@ -41,6 +41,11 @@ pub enum RecordKind {
     SessionMeta = 17,
     SessionNote = 18,
     GroupRun = 19,
+    Schedule = 20,
+    ScheduleConsent = 21,
+    ScheduleCancel = 22,
+    ScheduleRevoked = 23,
+    ScheduledRun = 24,
 }
 
 impl RecordKind {
@@ -62,6 +67,11 @@ impl RecordKind {
             17 => SessionMeta,
             18 => SessionNote,
             19 => GroupRun,
+            20 => Schedule,
+            21 => ScheduleConsent,
+            22 => ScheduleCancel,
+            23 => ScheduleRevoked,
+            24 => ScheduledRun,
             _ => return None,
         })
     }

@@ -382,7 +382,7 @@ pub enum EndStatus {
     NotRun,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct End {
     pub request: Id128,
     pub session: Id128,
@@ -391,9 +391,12 @@ pub struct End {
     pub ended_at: u64,
     pub chunks: u64,
     pub message: Option<String>,
+    /// The named values the run yielded (`caisey_doc::probe`), signed with its end.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<crate::probe::ProbeValue>,
 }
 
-mod hex32 {
+pub(crate) mod hex32 {
     use serde::{Deserialize, Deserializer, Serializer};
     pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&hex::encode(v))
@@ -476,13 +479,23 @@ impl SessionWriter {
                 let decisions = am::ensure_root_map(tx, "decisions")?;
                 tx.put(&decisions, &key, rec)?;
             }
-            let starts = am::ensure_root_map(tx, "starts")?;
-            tx.put(&starts, &key, start_rec)?;
-            let outputs = am::ensure_root_map(tx, "outputs")?;
-            tx.put_object(&outputs, &key, ObjType::List)?;
-            Ok(())
+            Self::put_start(tx, start.request, start_rec)
         })
         .map_err(|f| f.error)?;
+        Ok(())
+    }
+
+    /// A signed start of `request`, and its empty output list.
+    pub(crate) fn put_start(
+        tx: &mut impl Transactable,
+        request: Id128,
+        start_rec: Vec<u8>,
+    ) -> Result<(), automerge::AutomergeError> {
+        let key = request.to_hex();
+        let starts = am::ensure_root_map(tx, "starts")?;
+        tx.put(&starts, &key, start_rec)?;
+        let outputs = am::ensure_root_map(tx, "outputs")?;
+        tx.put_object(&outputs, &key, ObjType::List)?;
         Ok(())
     }
 
@@ -604,6 +617,12 @@ pub struct CommandView {
     pub output: Vec<OutputChunk>,
     /// Bytes of output referenced but not readable yet (still on their way from a peer).
     pub output_pending: u64,
+    /// The schedule this is a run of (its request is made from the schedule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Id128>,
+    /// A scheduled run that started after its time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
 }
 
 impl CommandView {
@@ -650,6 +669,9 @@ pub struct SessionView {
     #[serde(default)]
     pub group_run: Option<GroupRun>,
     pub targets: Vec<NodeId>,
+    /// Recurring checks asked in this session; their runs are among `commands`.
+    #[serde(default)]
+    pub schedules: Vec<crate::schedule::ScheduleView>,
     pub commands: Vec<CommandView>,
     pub quarantined: Vec<Quarantined>,
 }
@@ -790,6 +812,7 @@ impl SessionView {
             assignee: None,
             notes,
             group_run,
+            schedules: vec![],
             commands: vec![],
             quarantined: vec![],
         };
@@ -800,12 +823,38 @@ impl SessionView {
             // Only a technician of the org can have a session.
             view.assignee = meta.assignee.filter(|a| fleet.role_of(a) == Some(Role::Technician));
         }
-        let requests = read_map::<CommandRequest>(doc, "requests", RecordKind::Request, &mut q);
+        let mut requests: Vec<(String, (NodeId, CommandRequest), Option<RunOf>)> =
+            read_map::<CommandRequest>(doc, "requests", RecordKind::Request, &mut q)
+                .into_iter()
+                .map(|(key, req)| (key, req, None))
+                .collect();
+        view.schedules = crate::schedule::read_schedules(doc, fleet, &view.info, &view.targets, &mut q);
+        for s in &view.schedules {
+            for run in &s.runs {
+                let request = s.schedule.run_request(run);
+                // A run under standing consent is approved by that consent; in "each run" mode
+                // it waits for its own decision, like any request.
+                let standing = s.valid_consent().filter(|c| !c.each_run).map(|c| Decision {
+                    request: run.id,
+                    session: view.info.id,
+                    target: s.schedule.target,
+                    requester: s.author,
+                    command_hash: s.schedule.command.hash(),
+                    verdict: Verdict::Approved,
+                    decided_by: c.decided_by.clone(),
+                    decided_at: c.decided_at,
+                    expires_at: s.schedule.until,
+                    nonce: c.nonce,
+                });
+                let run_of = RunOf { schedule: s.schedule.id, late: run.late, standing };
+                requests.push((run.id.to_hex(), (s.author, request), Some(run_of)));
+            }
+        }
         let decisions = read_map::<Decision>(doc, "decisions", RecordKind::Decision, &mut q);
         let starts = read_map::<Start>(doc, "starts", RecordKind::Start, &mut q);
         let ends = read_map::<End>(doc, "ends", RecordKind::End, &mut q);
         let outputs = am::root_map(doc, "outputs");
-        for (key, (author, req)) in requests {
+        for (key, (author, req), run_of) in requests {
             let place = format!("requests/{key}");
             if fleet.role_of(&author) != Some(Role::Technician) {
                 q.push(Quarantined { place, author: Some(author), why: "request not written by a technician".into() });
@@ -840,8 +889,13 @@ impl SessionView {
                 end: None,
                 output: vec![],
                 output_pending: 0,
+                schedule: run_of.as_ref().map(|r| r.schedule),
+                late: run_of.as_ref().is_some_and(|r| r.late),
             };
-            if let Some((a, d)) = decisions.get(&key) {
+            if let Some(d) = run_of.and_then(|r| r.standing) {
+                cmd.decision = Some(d);
+                cmd.decided_by_node = Some(req.target);
+            } else if let Some((a, d)) = decisions.get(&key) {
                 match check_decision(fleet, &view.info, &req, author, *a, d) {
                     Ok(()) => {
                         cmd.decision = Some(d.clone());
@@ -1035,6 +1089,14 @@ impl SessionView {
     }
 }
 
+/// A command that is a run of a schedule.
+struct RunOf {
+    schedule: Id128,
+    late: bool,
+    /// The approval its schedule's standing consent gives it.
+    standing: Option<Decision>,
+}
+
 /// Whether `author` may have written decision `d` on request `req` (written by `requester`).
 ///
 /// A decision is believed only if it names this session, request, machine, requester and the
@@ -1182,6 +1244,7 @@ mod tests {
             SessionWriter::append_output(&mut doc, &agent, &[c.reference()]).unwrap();
         }
         let end = End {
+            probes: Vec::new(),
             request: req.id,
             session: req.session,
             status: EndStatus::Exited,

@@ -698,6 +698,7 @@ mod tests {
         let refs: Vec<OutputRef> = chunks.iter().map(OutputChunk::reference).collect();
         SessionWriter::append_output(&mut doc, &w.agent, &refs).unwrap();
         let end = End {
+            probes: Vec::new(),
             request: req.id,
             session: info.id,
             status: EndStatus::Exited,

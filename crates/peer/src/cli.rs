@@ -135,6 +135,12 @@ pub fn init_tracing_with(default: &str) {
 }
 
 /// Parses durations like `60s`, `10m`, `24h`.
+/// A time (ms since the epoch) as people read it in listings: `2026-11-30 09:00:05Z`.
+pub fn format_time(ms: u64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(at).to_string().replace('T', " ")
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 10m, 24h)"))
 }

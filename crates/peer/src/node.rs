@@ -836,6 +836,11 @@ impl Node {
         self.with_core(|core| core.outboxes.iter().map(|(peer, o)| (*peer, PeerPath::of(&o.handle))).collect()).await
     }
 
+    /// What this node's ledger holds for `key` (written by [`Node::change_guarded`]).
+    pub async fn ledger(&self, key: LedgerKey) -> Result<Option<LedgerRecord>> {
+        self.with_core(move |core| core.store.ledger(&key)).await?.map_err(Into::into)
+    }
+
     pub async fn setting(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let key = key.to_string();
         self.with_core(move |core| core.store.setting(&key)).await?.map_err(Into::into)

@@ -78,6 +78,8 @@ from_redb!(redb::Error, redb::TransactionError, redb::TableError, redb::StorageE
 pub enum LedgerKey {
     Approval(Id128),
     Request(Id128),
+    /// A schedule (by its id), whose consent the endpoint user revoked.
+    Schedule(Id128),
 }
 
 /// What was done, once and for good.
@@ -88,6 +90,8 @@ pub enum Outcome {
     Started,
     Denied,
     Expired,
+    /// A schedule's standing consent was taken back.
+    Revoked,
 }
 
 impl Outcome {
@@ -97,6 +101,7 @@ impl Outcome {
             Outcome::Started => "started",
             Outcome::Denied => "denied",
             Outcome::Expired => "expired",
+            Outcome::Revoked => "revoked",
         }
     }
 
@@ -106,6 +111,7 @@ impl Outcome {
             Outcome::Started => 2,
             Outcome::Denied => 3,
             Outcome::Expired => 4,
+            Outcome::Revoked => 5,
         }
     }
 
@@ -115,6 +121,7 @@ impl Outcome {
             2 => Outcome::Started,
             3 => Outcome::Denied,
             4 => Outcome::Expired,
+            5 => Outcome::Revoked,
             _ => return None,
         })
     }
@@ -132,6 +139,7 @@ impl LedgerKey {
         match self {
             LedgerKey::Approval(id) => (1, id.0.as_slice()),
             LedgerKey::Request(id) => (2, id.0.as_slice()),
+            LedgerKey::Schedule(id) => (3, id.0.as_slice()),
         }
     }
 }
