@@ -225,7 +225,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                                 caisey_doc::schedule::Missed::RunLate => "run late",
                                 caisey_doc::schedule::Missed::Skip => "skipped",
                             },
-                            if s.probes.is_empty() { String::new() } else { format!("; records {}", s.probes.join(", ")) }
+                            if s.probes.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; records {}", s.probes.join(", "))
+                            }
                         );
                         println!(
                             "    approving runs it on that schedule without asking again (`--each-run` to be asked each time)"
@@ -261,7 +265,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         caisey_doc::schedule::describe(&c.every),
                         caisey_peer::cli::format_time(c.until),
                         c.runs,
-                        c.next_run.map(|t| format!(", next at {}", caisey_peer::cli::format_time(t))).unwrap_or_default()
+                        c.next_run
+                            .map(|t| format!(", next at {}", caisey_peer::cli::format_time(t)))
+                            .unwrap_or_default()
                     );
                     for line in crate::escape::visible(&c.script).lines() {
                         println!("      {line}");

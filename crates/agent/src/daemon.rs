@@ -24,8 +24,8 @@ use tracing::{debug, info, warn};
 use crate::gate::{self, Action, Gate, check_still_pending};
 use crate::local::{AgentApi, ConsentItem, LocalReply, LocalRequest, PendingItem, ScheduleTerms};
 use crate::recurring;
-use caisey_doc::schedule::{ProbePattern, ScheduleConsent, ScheduleRevoked, ScheduleState, ScheduleWriter};
 use crate::{card, runner};
+use caisey_doc::schedule::{ProbePattern, ScheduleConsent, ScheduleRevoked, ScheduleState, ScheduleWriter};
 use caisey_peer::local::{self, Answer, Clients};
 
 /// How often the agent says it is alive.
@@ -605,7 +605,10 @@ impl Agent {
     async fn consent_items(&self) -> Vec<ConsentItem> {
         let now = now_ms();
         let schedules = self.with_gate_quiet(|g| {
-            g.schedules().into_iter().map(|(doc, name, s, revoked)| (doc, name, g.next_run(&s, now), s, revoked)).collect::<Vec<_>>()
+            g.schedules()
+                .into_iter()
+                .map(|(doc, name, s, revoked)| (doc, name, g.next_run(&s, now), s, revoked))
+                .collect::<Vec<_>>()
         });
         let mut items = Vec::with_capacity(schedules.len());
         for (_, session, next_run, s, revoked) in schedules {
@@ -669,7 +672,9 @@ impl caisey_peer::local::Service for Agent {
             }
             LocalRequest::Approve { id, each_run } => self.decide(&id, true, each_run).await,
             LocalRequest::Deny { id } => self.decide(&id, false, false).await,
-            LocalRequest::Consents => return Answer::One(LocalReply::Consents { consents: self.consent_items().await }),
+            LocalRequest::Consents => {
+                return Answer::One(LocalReply::Consents { consents: self.consent_items().await });
+            }
             LocalRequest::Revoke { id } => self.revoke(&id).await,
         };
         Answer::One(match result {

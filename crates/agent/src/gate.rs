@@ -20,8 +20,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use caisey_doc::id::{DocId, Id128, NodeId};
-use caisey_doc::session::{CommandRequest, Decision, SessionView, Start, Verdict, typed_approval_code};
 use caisey_doc::schedule::{ProbePattern, Schedule, ScheduleView};
+use caisey_doc::session::{CommandRequest, Decision, SessionView, Start, Verdict, typed_approval_code};
 use caisey_doc::text::PeerText;
 use caisey_peer::store::{LedgerKey, LedgerRecord, Outcome};
 use serde::Serialize;
@@ -166,9 +166,10 @@ impl Gate {
             .views
             .iter()
             .flat_map(|(doc, v)| {
-                v.schedules.iter().filter(|s| s.schedule.target == self.me).map(|s| {
-                    (*doc, v.info.name.clone(), s.clone(), self.revoked.contains(&s.schedule.id))
-                })
+                v.schedules
+                    .iter()
+                    .filter(|s| s.schedule.target == self.me)
+                    .map(|s| (*doc, v.info.name.clone(), s.clone(), self.revoked.contains(&s.schedule.id)))
             })
             .collect();
         out.sort_by_key(|(_, _, s, _)| s.schedule.requested_at);
@@ -595,18 +596,18 @@ mod tests {
         let view = SessionView::read_without_output(&doc, &fleet).unwrap();
         let sessions = BTreeMap::from([(info.id, view)]);
 
-        let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 50);
+        let (pending, actions) = review(me, &sessions, &BTreeSet::new(), &BTreeSet::new(), 50, &chrono::Local);
         assert_eq!(pending.iter().map(|p| p.id).collect::<Vec<_>>(), vec![Id128([1; 16]), Id128([2; 16])]);
         assert_eq!(actions, vec![Action::Interrupted { session: info.id, request: req3.id }]);
 
         // While it runs in this process it is not interrupted; after expiry nothing is pending.
         let running = BTreeSet::from([req3.id]);
-        let (pending, actions) = review(me, &sessions, &running, 101);
+        let (pending, actions) = review(me, &sessions, &running, &BTreeSet::new(), 101, &chrono::Local);
         assert!(pending.is_empty());
         assert_eq!(actions.len(), 2);
         assert!(actions.iter().all(|a| matches!(a, Action::Expire { .. })));
         // Another agent's requests are none of this agent's business.
-        let (pending, _) = review(tech.node_id(), &sessions, &running, 50);
+        let (pending, _) = review(tech.node_id(), &sessions, &running, &BTreeSet::new(), 50, &chrono::Local);
         assert!(pending.is_empty());
     }
 
@@ -620,7 +621,7 @@ mod tests {
         let d = decision(&req, &tech, Verdict::Denied, 5);
         SessionWriter::decide(&mut doc, &agent, &d).unwrap();
         let sessions = BTreeMap::from([(info.id, SessionView::read_without_output(&doc, &fleet).unwrap())]);
-        let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 50);
+        let (pending, actions) = review(me, &sessions, &BTreeSet::new(), &BTreeSet::new(), 50, &chrono::Local);
         assert!(pending.is_empty(), "a denied request is not pending again: {pending:?}");
         assert!(actions.is_empty(), "{actions:?}");
     }
@@ -637,10 +638,10 @@ mod tests {
         SessionWriter::decide(&mut doc, &agent, &d).unwrap();
         let sessions = BTreeMap::from([(info.id, SessionView::read_without_output(&doc, &fleet).unwrap())]);
         // Before the request itself expires, its user may still decide.
-        let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 50);
+        let (pending, actions) = review(me, &sessions, &BTreeSet::new(), &BTreeSet::new(), 50, &chrono::Local);
         assert_eq!(pending.len(), 1);
         assert!(actions.is_empty(), "{actions:?}");
-        let (pending, actions) = review(me, &sessions, &BTreeSet::new(), 101);
+        let (pending, actions) = review(me, &sessions, &BTreeSet::new(), &BTreeSet::new(), 101, &chrono::Local);
         assert!(pending.is_empty());
         assert!(matches!(actions.as_slice(), [Action::NotRun { request, .. }] if *request == req.id), "{actions:?}");
         // Once the session says so, nothing more is written (no expiry every second).
@@ -658,7 +659,8 @@ mod tests {
         let view = SessionView::read_without_output(&doc, &fleet).unwrap();
         assert_eq!(view.commands[0].status(), "not run");
         assert!(view.commands[0].is_final());
-        let (pending, actions) = review(me, &BTreeMap::from([(info.id, view)]), &BTreeSet::new(), 200);
+        let (pending, actions) =
+            review(me, &BTreeMap::from([(info.id, view)]), &BTreeSet::new(), &BTreeSet::new(), 200, &chrono::Local);
         assert!(pending.is_empty() && actions.is_empty(), "{actions:?}");
     }
 

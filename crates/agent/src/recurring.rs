@@ -14,9 +14,7 @@
 use std::collections::BTreeSet;
 
 use caisey_doc::id::{DocId, Id128, NodeId};
-use caisey_doc::schedule::{
-    Every, MAX_RUN_WAIT_MS, Missed, ProbePattern, ScheduleState, ScheduleView, ScheduledRun,
-};
+use caisey_doc::schedule::{Every, MAX_RUN_WAIT_MS, Missed, ProbePattern, ScheduleState, ScheduleView, ScheduledRun};
 use caisey_doc::session::{CommandRequest, SessionView, Start, Verdict};
 use caisey_peer::store::{LedgerKey, LedgerRecord, Outcome};
 
@@ -176,4 +174,183 @@ pub fn check_run(
     let request = s.schedule.run_request(&run);
     let ledger = vec![(LedgerKey::Request(id), LedgerRecord { outcome: Outcome::Started, at: now })];
     Ok(RunPlan { run, start: Some((start, request, s.schedule.probes.clone())), ledger })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caisey_doc::fleet::{Fleet, Membership, Role};
+    use caisey_doc::record::{RecordKind, Signer};
+    use caisey_doc::schedule::{Schedule, ScheduleCancel, ScheduleConsent, ScheduleWriter};
+    use caisey_doc::session::{CommandSpec, SessionInfo, SessionWriter, Shell};
+
+    const S: u64 = 1000;
+
+    struct World {
+        tech: Signer,
+        agent: Signer,
+        fleet: Fleet,
+        doc: caisey_doc::automerge::Automerge,
+        schedule: Schedule,
+    }
+
+    /// A session with one schedule every 5 s from t=0 to t=60 s, consented at t=10 s.
+    fn world(missed: Missed, each_run: bool) -> World {
+        let org = Signer::from_secret([1; 32]);
+        let tech = Signer::from_secret([2; 32]);
+        let agent = Signer::from_secret([3; 32]);
+        let mut fleet_doc = Fleet::create("Acme", &org, &tech, "alice", Id128([0; 16]), 0).unwrap();
+        let m = Membership {
+            approves: vec![],
+            node: agent.node_id(),
+            role: Role::Agent,
+            name: "ws".into(),
+            groups: vec![],
+            at: 0,
+            invite: None,
+        };
+        Fleet::put_member(&mut fleet_doc, &org.sign(RecordKind::Membership, &m), &agent.node_id()).unwrap();
+        let info =
+            SessionInfo { id: Id128([1; 16]), name: "s".into(), labels: vec![], created_at: 0, org_key: org.node_id() };
+        let mut doc = SessionWriter::create(&tech, &info).unwrap();
+        let schedule = Schedule {
+            id: Id128([5; 16]),
+            session: info.id,
+            target: agent.node_id(),
+            command: CommandSpec {
+                shell: Shell::Sh,
+                script: "true".into(),
+                cwd: None,
+                env: Default::default(),
+                timeout_ms: 1000,
+            },
+            description: "memory".into(),
+            every: "5s".into(),
+            until: 60 * S,
+            missed,
+            probes: vec![],
+            requested_at: 0,
+            expires_at: 30 * S,
+            replaces: None,
+        };
+        ScheduleWriter::schedule(&mut doc, &tech, &schedule).unwrap();
+        let consent = ScheduleConsent {
+            schedule: schedule.id,
+            session: info.id,
+            target: agent.node_id(),
+            schedule_hash: schedule.hash(),
+            verdict: Verdict::Approved,
+            each_run,
+            decided_by: "local user".into(),
+            decided_at: 10 * S,
+            nonce: Id128([7; 16]),
+        };
+        ScheduleWriter::consent(&mut doc, &agent, &consent).unwrap();
+        World { fleet: Fleet::read(&fleet_doc).unwrap(), tech, agent, doc, schedule }
+    }
+
+    impl World {
+        fn view(&self) -> SessionView {
+            SessionView::read_without_output(&self.doc, &self.fleet).unwrap()
+        }
+        fn review(&self, revoked: &BTreeSet<Id128>, now: u64) -> Vec<Action> {
+            review(self.agent.node_id(), Id128([1; 16]), &self.view(), &BTreeSet::new(), revoked, now, &chrono::Local).1
+        }
+        fn write_run(&mut self, slot: u64, now: u64) -> RunPlan {
+            let plan = check_run(
+                &self.view(),
+                self.schedule.id,
+                slot,
+                false,
+                self.agent.node_id(),
+                now,
+                &chrono::Local,
+                |_| None,
+            )
+            .unwrap();
+            ScheduleWriter::run(&mut self.doc, &self.agent, &plan.run, plan.start.as_ref().map(|(s, _, _)| s)).unwrap();
+            plan
+        }
+    }
+
+    fn due_slots(actions: &[Action]) -> Vec<(u64, bool)> {
+        actions
+            .iter()
+            .filter_map(|a| if let Action::Run { slot, late, .. } = a { Some((*slot, *late)) } else { None })
+            .collect()
+    }
+
+    #[test]
+    fn runs_fall_due_after_consent_and_each_is_written_once() {
+        let mut w = world(Missed::RunLate, false);
+        let none = BTreeSet::new();
+        assert!(due_slots(&w.review(&none, 14 * S)).is_empty(), "nothing before the first slot");
+        assert_eq!(due_slots(&w.review(&none, 15 * S + 10)), [(15 * S, false)]);
+        let plan = w.write_run(15 * S, 15 * S + 10);
+        assert!(plan.start.is_some(), "standing consent starts it in the same change");
+        let view = w.view();
+        let run = view.command(&plan.run.id).expect("the run reads as a command");
+        assert_eq!(run.status(), "running");
+        assert_eq!(run.schedule, Some(w.schedule.id));
+        // Written once: the same slot again is refused.
+        let again = check_run(&view, w.schedule.id, 15 * S, false, w.agent.node_id(), 16 * S, &chrono::Local, |_| None);
+        assert!(again.is_err());
+        // Woken at the next slot, never before.
+        let s = &view.schedules[0];
+        assert_eq!(wake_at(s, 15 * S + 10, &chrono::Local), Some(20 * S));
+    }
+
+    #[test]
+    fn a_missed_run_runs_once_late_or_is_skipped() {
+        let none = BTreeSet::new();
+        let w = world(Missed::RunLate, false);
+        // Off from 12 s to 33 s: slots 15, 20, 25, 30 missed; one run, for the latest, late.
+        assert_eq!(due_slots(&w.review(&none, 33 * S)), [(30 * S, true)]);
+        let w = world(Missed::Skip, false);
+        assert!(due_slots(&w.review(&none, 33 * S)).is_empty());
+        assert_eq!(wake_at(&w.view().schedules[0], 33 * S, &chrono::Local), Some(35 * S));
+    }
+
+    #[test]
+    fn revoked_cancelled_ended_or_changed_schedules_never_run() {
+        let mut w = world(Missed::RunLate, false);
+        let id = w.schedule.id;
+        assert!(due_slots(&w.review(&BTreeSet::from([id]), 15 * S)).is_empty(), "revoked");
+        let ledger_says_revoked = |k: &LedgerKey| {
+            (*k == LedgerKey::Schedule(id)).then_some(LedgerRecord { outcome: Outcome::Revoked, at: 0 })
+        };
+        let refused =
+            check_run(&w.view(), id, 15 * S, false, w.agent.node_id(), 15 * S, &chrono::Local, ledger_says_revoked);
+        assert!(refused.unwrap_err().contains("revoked"));
+        assert!(due_slots(&w.review(&BTreeSet::new(), 61 * S)).is_empty(), "past its end date");
+        // The schedule rewritten in place (another command): the consent no longer covers it.
+        let mut changed = w.schedule.clone();
+        changed.command.script = "rm -rf /".into();
+        ScheduleWriter::schedule(&mut w.doc, &w.tech, &changed).unwrap();
+        assert_eq!(w.view().schedules[0].state(15 * S), caisey_doc::schedule::ScheduleState::Changed);
+        assert!(due_slots(&w.review(&BTreeSet::new(), 15 * S)).is_empty());
+        let mut w = world(Missed::RunLate, false);
+        let cancel = ScheduleCancel { schedule: id, session: w.schedule.session, at: 12 * S };
+        ScheduleWriter::cancel(&mut w.doc, &w.tech, &cancel).unwrap();
+        assert!(due_slots(&w.review(&BTreeSet::new(), 15 * S)).is_empty(), "cancelled");
+    }
+
+    #[test]
+    fn in_each_run_mode_a_run_waits_for_the_user_and_is_not_run_once_revoked() {
+        let mut w = world(Missed::RunLate, true);
+        let plan = w.write_run(15 * S, 15 * S);
+        assert!(plan.start.is_none());
+        assert_eq!(plan.run.expires_at, 20 * S, "it waits until the next run at most");
+        let mut gate = crate::gate::Gate::new(w.agent.node_id());
+        gate.session(Id128([1; 16]), Some(w.view()), 16 * S);
+        assert!(gate.pending().iter().any(|p| p.id == plan.run.id && p.schedule.is_none()), "asked like any request");
+        // Revoked: the waiting run is recorded as not run.
+        let actions = gate.revoke(w.schedule.id, 16 * S);
+        assert!(actions.iter().any(|a| matches!(a, Action::NotRun { request, .. } if *request == plan.run.id)));
+        assert!(gate.pending().is_empty());
+        assert_eq!(
+            stopped(&w.view(), w.schedule.id, &BTreeSet::from([w.schedule.id]), 16 * S).as_deref(),
+            Some("its schedule's consent was revoked")
+        );
+    }
 }

@@ -328,7 +328,7 @@ mod tests {
         for (script, changes_between, exit_code, output) in cases {
             let dir = tempfile::tempdir().unwrap();
             let (node, req, before) = node_with_request(dir.path(), script).await;
-            run(node.clone(), req.session, req.clone()).await.unwrap();
+            run(node.clone(), req.session, req.clone(), &[]).await.unwrap();
             let (changes, code, out) = after_run(&node, &req, before).await;
             assert!(changes_between.contains(&changes), "{script}: {changes} changes");
             assert_eq!((code, out.as_str()), (exit_code, output), "{script}");

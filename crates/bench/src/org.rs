@@ -147,7 +147,8 @@ impl Org {
             if let Ok(LocalReply::Pending { pending, .. }) = local::call(&socket, &LocalRequest::Pending).await
                 && let Some(p) = pending.iter().find(|p| p.request == request)
             {
-                return match local::call(&socket, &LocalRequest::Approve { id: p.id.to_hex() }).await? {
+                return match local::call(&socket, &LocalRequest::Approve { id: p.id.to_hex(), each_run: false }).await?
+                {
                     LocalReply::Done { .. } => Ok(()),
                     other => Err(anyhow!("approve failed: {other:?}")),
                 };

@@ -34,13 +34,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "probe name {name:?}: use 1 to {MAX_NAME} letters, digits, '_', '-' or '.'"
-        ))
-    }
+    if ok { Ok(()) } else { Err(format!("probe name {name:?}: use 1 to {MAX_NAME} letters, digits, '_', '-' or '.'")) }
 }
 
 /// Picks probe values out of a run's standard output as it arrives.

@@ -159,8 +159,7 @@ pub struct ProbePattern {
 impl ProbePattern {
     /// Reads `NAME=REGEX` as typed on a command line.
     pub fn parse(spec: &str) -> Result<ProbePattern, String> {
-        let (name, pattern) =
-            spec.split_once('=').ok_or_else(|| format!("probe {spec:?}: expected NAME=PATTERN"))?;
+        let (name, pattern) = spec.split_once('=').ok_or_else(|| format!("probe {spec:?}: expected NAME=PATTERN"))?;
         let p = ProbePattern { name: name.trim().to_string(), pattern: pattern.to_string() };
         p.compile()?;
         Ok(p)
@@ -444,7 +443,10 @@ impl ScheduleWriter {
         let target_rec = signer.sign(RecordKind::Target, &target);
         let rec = signer.sign(RecordKind::Schedule, s);
         let cancel = s.replaces.map(|old| {
-            signer.sign(RecordKind::ScheduleCancel, &ScheduleCancel { schedule: old, session: s.session, at: s.requested_at })
+            signer.sign(
+                RecordKind::ScheduleCancel,
+                &ScheduleCancel { schedule: old, session: s.session, at: s.requested_at },
+            )
         });
         doc.transact::<_, _, automerge::AutomergeError>(|tx| {
             let targets = am::ensure_root_map(tx, "targets")?;
@@ -564,7 +566,11 @@ pub(crate) fn read_schedules(
         }
         let mut by = |place: String, ok: bool, who: &str| {
             if !ok {
-                q.push(Quarantined { place, author: None, why: format!("not written by {who}, or for another schedule") });
+                q.push(Quarantined {
+                    place,
+                    author: None,
+                    why: format!("not written by {who}, or for another schedule"),
+                });
             }
             ok
         };

@@ -124,7 +124,7 @@ impl AgentWorld {
         let now = self.sim.now;
         let Some(a) = self.agents.get_mut(&agent).filter(|a| a.up) else { return };
         let Some(code) = a.gate.pending().first().map(|p| p.code.short()) else { return };
-        let action = a.gate.decide(&code, |p| Decision {
+        let action = a.gate.decide(&code, false, |p: &gate::Pending| Decision {
             request: p.id,
             session: p.session,
             target: agent,
@@ -236,13 +236,7 @@ impl AgentWorld {
         let now = self.sim.now;
         let signer = self.agents[&agent].signer.clone();
         let request = action.request();
-        let session = match &action {
-            Action::Start { session, .. }
-            | Action::Expire { session, .. }
-            | Action::Interrupted { session, .. }
-            | Action::NotRun { session, .. }
-            | Action::Deny { session, .. } => *session,
-        };
+        let session = action.session();
         match action {
             Action::Start { session, request, local } => return self.start(agent, &signer, session, request, local),
             Action::Expire { session, request } => {
@@ -277,6 +271,8 @@ impl AgentWorld {
                     ))
                 });
             }
+            // This world's technicians ask one-off commands only; schedules are not modelled here.
+            Action::Consent { .. } | Action::Run { .. } => {}
         }
         // As the daemon does: the gate sees the session as written before it hears "done".
         self.refresh(agent, session);
@@ -373,6 +369,7 @@ impl AgentWorld {
             ended_at: self.sim.now,
             chunks: 1,
             message: None,
+            probes: Vec::new(),
         };
         let now = self.sim.now;
         let node = self.sim.nodes.get_mut(&agent).expect("agent node");
@@ -406,7 +403,16 @@ impl AgentWorld {
         status: EndStatus,
         started: bool,
     ) {
-        let end = End { request, session, status, exit_code: None, ended_at: self.sim.now, chunks: 0, message: None };
+        let end = End {
+            request,
+            session,
+            status,
+            exit_code: None,
+            ended_at: self.sim.now,
+            chunks: 0,
+            message: None,
+            probes: Vec::new(),
+        };
         self.sim.change_guarded(agent, session, |doc, fleet, _| {
             let view = SessionView::read_without_output(&*doc, fleet).map_err(|e| e.to_string())?;
             if view.command(&request).is_some_and(|c| c.start.is_some() == started && c.end.is_none()) {

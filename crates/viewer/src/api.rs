@@ -165,6 +165,19 @@ pub enum Request {
         machine: NodeId,
     },
     SyncStatus,
+    /// Writes a schedule for each target machine.
+    Schedule(Box<crate::schedules::ScheduleRequest>),
+    /// Every schedule here.
+    Schedules,
+    CancelSchedule {
+        key: String,
+    },
+    EditSchedule(crate::schedules::ScheduleEdit),
+    /// The values of one probe across a session's runs (and its group run's).
+    ProbeSeries {
+        session: DocId,
+        name: String,
+    },
     /// Answered with a stream of [`Reply::Event`] until the client goes away.
     Watch,
 }
@@ -196,6 +209,8 @@ impl Request {
                 | Request::GroupRun { .. }
                 | Request::CommandsOn { .. }
                 | Request::SyncStatus
+                | Request::Schedules
+                | Request::ProbeSeries { .. }
         )
     }
 }
@@ -236,6 +251,8 @@ pub enum Reply {
     Runs(Vec<PastRun>),
     Commands(Vec<(String, usize)>),
     Sync(SyncStatus),
+    Schedules(Vec<crate::schedules::ScheduleSummary>),
+    Probes(Vec<crate::schedules::ProbePoint>),
     Event(Event),
 }
 

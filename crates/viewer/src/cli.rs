@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use caisey_agent::escape::{join, visible, visible_line};
 use caisey_doc::fleet::Role;
+use caisey_doc::schedule::{Missed, ProbePattern};
 use caisey_doc::session::{CommandSpec, EndStatus, Shell};
 use caisey_doc::token::{InviteToken, RelayTicket};
 use caisey_peer::cli::{EXIT_REMOTE_FAILED, NodeArgs, Tools, parse_duration, run_main};
@@ -81,6 +82,18 @@ pub enum Command {
     },
     /// Ask a machine or group to run a command; waits for approval and streams the output.
     Run(RunArgs),
+    /// Ask a machine or group to run a check on a schedule, until an end date. Its endpoint
+    /// user consents once, for every run (or chooses to be asked at each); the agent then runs
+    /// it on its own clock, with nobody online, and the results sync when they can.
+    Schedule(ScheduleArgs),
+    /// List schedules and where each stands; `cancel ID` stops one, `edit ID` changes one
+    /// (the change needs the endpoint user's consent again).
+    Schedules {
+        #[command(subcommand)]
+        action: Option<SchedulesAction>,
+        #[arg(long)]
+        json: bool,
+    },
     /// List sessions.
     Sessions {
         #[arg(long)]
@@ -211,8 +224,14 @@ pub enum Command {
         command: Option<String>,
         #[arg(long, requires = "command")]
         machine: Option<String>,
+        /// The values of this probe across the runs (a group run's session: every machine's).
+        #[arg(long, requires = "session", value_name = "NAME")]
+        probe: Option<String>,
         #[arg(long)]
         json: bool,
+        /// With --probe: the series as CSV.
+        #[arg(long, requires = "probe", conflicts_with = "json")]
+        csv: bool,
     },
     /// Compare two runs' output, line by line (each named by its code from `caisey history`).
     Diff { older: String, newer: String },
@@ -320,6 +339,108 @@ pub struct RunArgs {
     /// The command; its words are joined with spaces and given to the shell.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ScheduleArgs {
+    /// The machine to run on (repeatable, or comma-separated).
+    #[arg(long, value_delimiter = ',', conflicts_with = "group", required_unless_present = "group")]
+    pub machine: Vec<String>,
+    /// Every machine of this group, each in its own session.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// When it runs: an interval (`5s`, `1h`, `7days`) or a cron expression on the machine's
+    /// clock (`0 9 * * MON`; six fields for seconds).
+    #[arg(long, value_name = "SPEC")]
+    pub every: String,
+    /// No run starts after this: a date (`2027-03-31`), a time (`2027-03-31T18:00:00Z`), or a
+    /// duration from now (`4weeks`).
+    #[arg(long, value_name = "DATE")]
+    pub until: String,
+    /// Keep it in the session of this name (created if new).
+    #[arg(long)]
+    pub session: Option<String>,
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// A value to pick out of each run's output: NAME=PATTERN, the value in the pattern's
+    /// first group (repeatable). Scripts may also print `caisey-probe NAME=VALUE [UNIT]`.
+    #[arg(long = "probe", value_name = "NAME=PATTERN", value_parser = ProbePattern::parse)]
+    pub probes: Vec<ProbePattern>,
+    /// A run missed while the machine was off: run it once, late, at the next chance, or skip it.
+    #[arg(long, default_value = "run-late", value_name = "run-late|skip")]
+    pub missed: Missed,
+    #[arg(long, default_value = "sh")]
+    pub shell: Shell,
+    /// Kill each run after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Why you ask: shown to the endpoint user with the command and the schedule.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// How long the endpoint user has to answer.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub consent_window: Duration,
+    #[arg(long)]
+    pub json: bool,
+    /// The command; its words are joined with spaces and given to the shell.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchedulesAction {
+    /// Stop a schedule (at least 8 characters of its id): no run starts once its machine hears.
+    Cancel { id: String },
+    /// Change a schedule: a new schedule replaces it, and runs only once its endpoint user
+    /// consents again.
+    Edit {
+        id: String,
+        #[arg(long, value_name = "SPEC")]
+        every: Option<String>,
+        #[arg(long, value_name = "DATE")]
+        until: Option<String>,
+        /// A new command (its words joined with spaces).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+}
+
+/// Reads an end date: a date (`2027-03-31`, the end of that day, UTC), an RFC 3339 time, or a
+/// duration from `now`.
+pub fn parse_until(text: &str, now: u64) -> Result<u64> {
+    let text = text.trim();
+    if let Ok(d) = humantime::parse_duration(text) {
+        return Ok(now + d.as_millis() as u64);
+    }
+    let stamp = if text.len() == 10 { format!("{text}T23:59:59Z") } else { text.to_string() };
+    let at = humantime::parse_rfc3339_weak(&stamp)
+        .map_err(|e| anyhow::anyhow!("--until {text:?}: not a date, a time or a duration ({e})"))?;
+    let ms = at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    if ms <= now {
+        bail!("--until {text:?} is already past");
+    }
+    Ok(ms)
+}
+
+fn print_schedules(list: &[crate::schedules::ScheduleSummary]) {
+    println!(
+        "{:<8}  {:<16}  {:<22}  {:<20}  {:>4}  {:<20}  command",
+        "id", "machine", "state", "until", "runs", "next run"
+    );
+    for s in list {
+        println!(
+            "{:<8}  {:<16}  {:<22}  {:<20}  {:>4}  {:<20}  {}",
+            s.id.short(),
+            s.machine,
+            s.state.as_str(),
+            time(s.until),
+            s.runs,
+            s.next_run.map(time).unwrap_or_else(|| "-".into()),
+            visible_line(&s.script)
+        );
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -840,7 +961,119 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
             client.note(id, &text.join(" ")).await?;
             println!("noted");
         }
-        Command::History { session, command, machine, json } => {
+        Command::Schedule(args) => {
+            online(client).await?;
+            let targets = match (args.machine.len(), args.group) {
+                (0, Some(g)) => Targets::Group(g),
+                (1, _) => Targets::Machine(args.machine[0].clone()),
+                (0, None) => bail!("say where to run: --machine NAME (repeatable) or --group GROUP"),
+                _ => Targets::Machines(args.machine.clone()),
+            };
+            let req = crate::schedules::ScheduleRequest {
+                where_: crate::tech::Where { targets, session: args.session, labels: args.labels },
+                command: CommandSpec {
+                    shell: args.shell,
+                    script: args.command.join(" "),
+                    cwd: args.cwd,
+                    env: Default::default(),
+                    timeout_ms: args.timeout.as_millis() as u64,
+                },
+                description: args.description,
+                every: args.every,
+                until: parse_until(&args.until, caisey_peer::now_ms())?,
+                missed: args.missed,
+                probes: args.probes,
+                consent_window: args.consent_window,
+                replaces: None,
+            };
+            let asked = client.schedule(req).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&asked)?);
+            } else {
+                for a in &asked {
+                    println!(
+                        "schedule {} on {}: waiting for its user's consent (code {})",
+                        a.request.short(),
+                        a.machine.name,
+                        a.code.short()
+                    );
+                }
+                println!("see where it stands with `caisey schedules`");
+            }
+        }
+        Command::Schedules { action, json } => {
+            online(client).await?;
+            match action {
+                None => {
+                    let list = client.schedules().await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&list)?);
+                    } else if list.is_empty() {
+                        println!("no schedules here; ask for one with `caisey schedule`");
+                    } else {
+                        print_schedules(&list);
+                    }
+                }
+                Some(SchedulesAction::Cancel { id }) => {
+                    for s in client.cancel_schedule(&id).await? {
+                        println!(
+                            "cancelled schedule {} on {}; it stops once the machine hears of it",
+                            s.id.short(),
+                            s.machine
+                        );
+                    }
+                }
+                Some(SchedulesAction::Edit { id, every, until, command }) => {
+                    let until = match until {
+                        Some(u) => Some(parse_until(&u, caisey_peer::now_ms())?),
+                        None => None,
+                    };
+                    let script = (!command.is_empty()).then(|| command.join(" "));
+                    let edit = crate::schedules::ScheduleEdit { key: id, every, until, script };
+                    for a in client.edit_schedule(edit).await? {
+                        println!(
+                            "schedule {} on {} replaces the old one; it runs once its user consents again (code {})",
+                            a.request.short(),
+                            a.machine.name,
+                            a.code.short()
+                        );
+                    }
+                }
+            }
+        }
+        Command::History { session: Some(session), probe: Some(probe), json, csv, .. } => {
+            online(client).await?;
+            let points = client.probe_series(client.find_session(&session).await?, &probe).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&points)?);
+            } else if csv {
+                print!("{}", crate::schedules::probe_csv(&probe, &points));
+            } else if points.is_empty() {
+                println!("no run of that session yielded {probe:?}");
+            } else {
+                println!(
+                    "{:<20}  {:<16}  {:>12}  {:>10}  {:>4}  {:<8}",
+                    "when", "machine", probe, "change", "exit", "run"
+                );
+                for p in &points {
+                    println!(
+                        "{:<20}  {:<16}  {:>12}  {:>10}  {:>4}  {:<8}{}",
+                        time(p.at),
+                        p.machine,
+                        format!(
+                            "{}{}",
+                            p.value,
+                            p.unit.as_deref().map(|u| format!(" {}", visible_line(u))).unwrap_or_default()
+                        ),
+                        p.change.map(|c| format!("{c:+}")).unwrap_or_default(),
+                        p.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                        p.code.short(),
+                        if p.late { "  (late)" } else { "" }
+                    );
+                }
+            }
+        }
+        Command::History { session, command, machine, json, .. } => {
             online(client).await?;
             let runs = match (session, command) {
                 (Some(session), _) => client.session_history(client.find_session(&session).await?).await?,

@@ -286,6 +286,26 @@ impl Client {
         expect!(self.call(Request::History { machine, script: script.into() }).await?, Reply::Runs(r) => r)
     }
 
+    pub async fn schedule(&self, req: crate::schedules::ScheduleRequest) -> Result<Vec<Asked>> {
+        expect!(self.call(Request::Schedule(Box::new(req))).await?, Reply::Asked(a) => a)
+    }
+
+    pub async fn schedules(&self) -> Result<Vec<crate::schedules::ScheduleSummary>> {
+        expect!(self.call(Request::Schedules).await?, Reply::Schedules(s) => s)
+    }
+
+    pub async fn cancel_schedule(&self, key: &str) -> Result<Vec<crate::schedules::ScheduleSummary>> {
+        expect!(self.call(Request::CancelSchedule { key: key.into() }).await?, Reply::Schedules(s) => s)
+    }
+
+    pub async fn edit_schedule(&self, edit: crate::schedules::ScheduleEdit) -> Result<Vec<Asked>> {
+        expect!(self.call(Request::EditSchedule(edit)).await?, Reply::Asked(a) => a)
+    }
+
+    pub async fn probe_series(&self, session: DocId, name: &str) -> Result<Vec<crate::schedules::ProbePoint>> {
+        expect!(self.call(Request::ProbeSeries { session, name: name.into() }).await?, Reply::Probes(p) => p)
+    }
+
     pub async fn session_history(&self, session: DocId) -> Result<Vec<PastRun>> {
         expect!(self.call(Request::SessionHistory { session }).await?, Reply::Runs(r) => r)
     }

@@ -132,10 +132,10 @@ impl DemoFleet {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        match local::call(&socket, &LocalRequest::Approve { id: code.to_hex() }).await? {
+        match local::call(&socket, &LocalRequest::Approve { id: code.to_hex(), each_run: false }).await? {
             LocalReply::Done { message } => println!("   {message}"),
             LocalReply::Error { error } => bail!("approving failed: {error}"),
-            LocalReply::Pending { .. } => bail!("unexpected reply"),
+            _ => bail!("unexpected reply"),
         }
 
         println!("== the transcript, as the technician sees it");
@@ -176,7 +176,8 @@ impl DemoFleet {
                             caisey_doc::text::visible(&p.script),
                             p.technician
                         );
-                        let _ = local::call(socket, &LocalRequest::Approve { id: p.id.to_hex() }).await;
+                        let _ =
+                            local::call(socket, &LocalRequest::Approve { id: p.id.to_hex(), each_run: false }).await;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;

@@ -25,6 +25,7 @@ pub mod client;
 pub mod demo;
 pub mod gui;
 pub mod progress;
+pub mod schedules;
 pub mod search;
 pub mod service;
 pub mod tech;

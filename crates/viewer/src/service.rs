@@ -268,6 +268,13 @@ impl TechService {
                 tech::add_note(node, session, &text).await?;
                 Reply::Done
             }
+            Request::Schedule(req) => Reply::Asked(crate::schedules::schedule(node, *req).await?),
+            Request::Schedules => Reply::Schedules(crate::schedules::schedules(node).await?),
+            Request::CancelSchedule { key } => Reply::Schedules(vec![crate::schedules::cancel(node, &key).await?]),
+            Request::EditSchedule(edit) => Reply::Asked(crate::schedules::edit(node, edit).await?),
+            Request::ProbeSeries { session, name } => {
+                Reply::Probes(crate::schedules::probe_series(node, session, &name).await?)
+            }
             Request::History { machine, script } => Reply::Runs(tech::history(node, machine, &script).await?),
             Request::SessionHistory { session } => Reply::Runs(tech::session_history(node, session).await?),
             Request::FindRun { code } => Reply::Runs(vec![tech::find_run(node, &code).await?]),

@@ -444,17 +444,60 @@ pub struct Asked {
 /// dated default); in a group run each machine's session is `NAME (machine)`. An existing session
 /// of that name is continued (a weekly check stays one thread). Durable locally when this returns.
 pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
+    check_command(&req.command, &req.description)?;
+    let window = req.approval_window.as_millis() as u64;
+    let where_ = Where { targets: req.targets, session: req.session, labels: req.labels };
+    ask_machines(node, &where_, |session, machine, now| {
+        AskItem::Once(CommandRequest {
+            id: random_id(),
+            session,
+            target: machine,
+            command: req.command.clone(),
+            description: req.description.as_str().into(),
+            requested_at: now,
+            expires_at: now + window,
+        })
+    })
+    .await
+}
+
+/// Refuses a command too big for the endpoint user to read, or for a record.
+pub(crate) fn check_command(command: &CommandSpec, description: &str) -> Result<()> {
     use caisey_doc::session::{MAX_DESCRIPTION, MAX_SCRIPT};
-    if req.command.script.len() > MAX_SCRIPT {
+    if command.script.len() > MAX_SCRIPT {
         bail!(
             "the command is {} KiB; at most {} KiB can be asked (put a bigger script on the machine and ask for a short command that runs it)",
-            req.command.script.len() / 1024,
+            command.script.len() / 1024,
             MAX_SCRIPT / 1024
         );
     }
-    if req.description.len() > MAX_DESCRIPTION {
-        bail!("the description is {} KiB; at most {} KiB", req.description.len() / 1024, MAX_DESCRIPTION / 1024);
+    if description.len() > MAX_DESCRIPTION {
+        bail!("the description is {} KiB; at most {} KiB", description.len() / 1024, MAX_DESCRIPTION / 1024);
     }
+    Ok(())
+}
+
+/// Which machines, and which session (by name) each one's record goes in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Where {
+    pub targets: Targets,
+    pub session: Option<String>,
+    pub labels: Vec<String>,
+}
+
+/// What one machine is asked: one run now, or a schedule of runs.
+pub(crate) enum AskItem {
+    Once(CommandRequest),
+    Recurring(caisey_doc::schedule::Schedule),
+}
+
+/// Writes what `make(session, machine, now)` builds for each target machine, each in its own
+/// session (see [`ask`]).
+pub(crate) async fn ask_machines(
+    node: &Node,
+    where_: &Where,
+    make: impl Fn(DocId, NodeId, u64) -> AskItem,
+) -> Result<Vec<Asked>> {
     let fleet = node.fleet().await?;
     // (A home in no org yet finds no machine, below.)
     if fleet.role_of(&node.id()).is_some_and(|r| r != Role::Technician) {
@@ -462,21 +505,21 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
             "only technicians ask machines to run commands; a designated approver approves them (`caisey pending`, `caisey approve CODE`)"
         );
     }
-    let targets = resolve_targets(&fleet, &req.targets)?;
+    let targets = resolve_targets(&fleet, &where_.targets)?;
     let org_key = fleet.org_key.ok_or_else(|| anyhow!("no org"))?;
     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
-    let base = match (&req.session, &req.targets) {
+    let base = match (&where_.session, &where_.targets) {
         (Some(name), _) => name.clone(),
         (None, Targets::Machine(m)) => format!("{m} {stamp}"),
         (None, Targets::Group(g)) => format!("group {g} {stamp}"),
         (None, Targets::Machines(names)) => format!("{} machines {stamp}", names.len()),
     };
-    let group = matches!(req.targets, Targets::Group(_) | Targets::Machines(_));
+    let group = matches!(where_.targets, Targets::Group(_) | Targets::Machines(_));
     let mut existing: BTreeMap<PeerText, DocId> = BTreeMap::new();
     let mut existing_run: BTreeMap<PeerText, Option<caisey_doc::session::GroupRun>> = BTreeMap::new();
     let mut newest: BTreeMap<PeerText, u64> = BTreeMap::new();
     // Only a session the technician named is continued; a generated name always starts afresh.
-    let views = if req.session.is_some() { session_views(node).await? } else { vec![] };
+    let views = if where_.session.is_some() { session_views(node).await? } else { vec![] };
     for (id, v) in views {
         if newest.get(&v.info.name).is_none_or(|t| v.info.created_at >= *t) {
             newest.insert(v.info.name.clone(), v.info.created_at);
@@ -496,24 +539,21 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
         let name =
             PeerText::from(if group { format!("{base} ({})", machine.name.as_unescaped_str()) } else { base.clone() });
         let session = existing.get(&name).copied().unwrap_or_else(random_id);
-        let r = CommandRequest {
-            id: random_id(),
-            session,
-            target: machine.node,
-            command: req.command.clone(),
-            description: req.description.as_str().into(),
-            requested_at: now,
-            expires_at: now + req.approval_window.as_millis() as u64,
+        let item = make(session, machine.node, now);
+        let (request, code) = match &item {
+            AskItem::Once(r) => (r.id, r.approval_code()),
+            AskItem::Recurring(s) => (s.id, s.consent_code()),
+        };
+        let write = move |doc: &mut caisey_doc::automerge::Automerge, signer: &Signer| match &item {
+            AskItem::Once(r) => SessionWriter::request(doc, signer, r),
+            AskItem::Recurring(s) => caisey_doc::schedule::ScheduleWriter::schedule(doc, signer, s),
         };
         let signer = node.signer().clone();
         if existing.contains_key(&name) {
-            let request = r.clone();
-            node.change(session, move |doc| SessionWriter::request(doc, &signer, &request))
-                .await?
-                .context("writing the request")?;
+            node.change(session, move |doc| write(doc, &signer)).await?.context("writing the request")?;
             // `--label` on a session that goes on: its labels grow.
-            if !req.labels.is_empty() {
-                relabel(node, session, &req.labels, &[]).await?;
+            if !where_.labels.is_empty() {
+                relabel(node, session, &where_.labels, &[]).await?;
             }
             if group && existing_run.get(&name).is_some_and(Option::is_none) {
                 let (signer, run) = (node.signer().clone(), group_run(session));
@@ -523,16 +563,16 @@ pub async fn ask(node: &Node, req: RunRequest) -> Result<Vec<Asked>> {
             }
         } else {
             // A new session and its request, built here and stored with the others in one go.
-            let labels = req.labels.iter().map(PeerText::from).collect();
+            let labels = where_.labels.iter().map(PeerText::from).collect();
             let info = SessionInfo { id: session, name, labels, created_at: now, org_key };
             let mut doc = SessionWriter::create(&signer, &info)?;
             if group {
                 SessionWriter::group_run(&mut doc, &signer, &group_run(session))?;
             }
-            SessionWriter::request(&mut doc, &signer, &r)?;
+            write(&mut doc, &signer)?;
             new_sessions.push((session, DocKind::Session, doc));
         }
-        asked.push(Asked { session, request: r.id, code: r.approval_code(), machine });
+        asked.push(Asked { session, request, code, machine });
     }
     node.create_many(new_sessions).await?;
     Ok(asked)

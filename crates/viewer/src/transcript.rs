@@ -398,7 +398,7 @@ const CSV_HEADER: &str = "session,session_name,command_id,machine,requested_by,s
     requested_at,decided_by,started_at,ended_at,duration_ms,assignee,notes,stdout,stderr\r\n";
 
 /// A cell as RFC 4180 quotes it, defused if a spreadsheet would take it for a formula.
-fn csv_cell(v: &str) -> String {
+pub(crate) fn csv_cell(v: &str) -> String {
     let mut cell = CsvCell::default();
     let mut out = cell.piece(v);
     out.push_str(&cell.end());
