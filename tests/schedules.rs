@@ -48,7 +48,7 @@ fn consent(org: &Org, code: &str) -> String {
 
 #[test]
 fn a_schedule_runs_from_one_consent_with_nobody_online_and_stops_when_it_should() {
-    let mut org = Org::new(&[("ws-01", "accounting")]);
+    let mut org = Org::with_http(&[("ws-01", "accounting")]);
     let _agent = org.world.start_agent("ws-01");
     let counter = org.world.home("ws-01").join("runs-counted");
     let script = format!(
@@ -81,7 +81,7 @@ fn a_schedule_runs_from_one_consent_with_nobody_online_and_stops_when_it_should(
     org.world.down("alice");
     org.relay.take().expect("relay").kill9();
     wait_runs(&org, &weekly, 2);
-    let (relay, ticket) = org.world.start_relay("relay");
+    let (relay, ticket) = org.world.start_relay_with("relay", &["--http", "127.0.0.1:0"]);
     org.relay = Some(relay);
     assert_eq!(ticket, org.ticket);
     wait_runs(&org, &weekly, 4);
@@ -102,6 +102,15 @@ fn a_schedule_runs_from_one_consent_with_nobody_online_and_stops_when_it_should(
     let handles: serde_json::Value = serde_json::from_str(&handles.stdout).expect("json");
     assert_eq!(handles[0]["value"], 1001.0);
     assert_eq!(handles[0]["unit"], "count");
+
+    // In the exports and in a shared transcript (signed, with a chart drawn without scripts).
+    let export = org.world.caisey("alice", &["export", "memory", "--format", "csv"]).ok().stdout;
+    assert!(export.contains("private_mb=400") && export.contains("handles=1002 count"), "{export}");
+    let page = org.world.home("alice").join("memory.html");
+    org.world.caisey("alice", &["share", "memory", "--out", page.to_str().expect("path")]).ok();
+    let html = std::fs::read_to_string(&page).expect("page");
+    assert!(html.contains("Values of private_mb over") && html.contains("<svg") && !html.contains("<script"));
+    org.world.caisey("alice", &["verify", page.to_str().expect("path")]).ok();
 
     // Revoked: it stops at once, whoever is online.
     let revoked = org.world.agent_cmd("ws-01", &["consents", "revoke", &weekly]).ok();

@@ -496,6 +496,20 @@ impl ScheduleWriter {
     }
 }
 
+/// The stored bytes of a schedule record: `what` is `schedule`, `consent`, `cancel`, `revoked`
+/// or `run`, keyed by the schedule's (or the run's) id.
+pub fn raw_record(doc: &impl ReadDoc, what: &str, id: &Id128) -> Option<Vec<u8>> {
+    let prefix = match what {
+        "schedule" => SCHEDULE_PREFIX,
+        "consent" => CONSENT_PREFIX,
+        "cancel" => CANCEL_PREFIX,
+        "revoked" => REVOKED_PREFIX,
+        "run" => RUN_PREFIX,
+        _ => return None,
+    };
+    am::bytes_at(doc, &ROOT, &format!("{prefix}{}", id.to_hex()))
+}
+
 fn put_root(doc: &mut Automerge, key: String, rec: Vec<u8>) -> Result<(), automerge::AutomergeError> {
     doc.transact::<_, _, automerge::AutomergeError>(|tx| {
         tx.put(ROOT, key, rec)?;

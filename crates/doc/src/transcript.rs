@@ -25,6 +25,7 @@ use crate::fleet::{Fleet, FleetError, Role};
 use crate::id::{Id128, NodeId};
 use crate::record::{RecordKind, Signer, verify_detached, verify_kind};
 use crate::redact::Redactor;
+use crate::schedule::{self, Schedule, ScheduleConsent, ScheduledRun};
 use crate::session::{
     ChunkSource, CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, OutputRef, SessionError,
     SessionInfo, SessionNote, SessionView, Start, Stream, Verdict, check_decision,
@@ -78,7 +79,12 @@ pub struct Transcript {
 #[serde(deny_unknown_fields)]
 pub struct TCommand {
     pub id: Id128,
+    /// For a scheduled run, the schedule record (the request is made from it and `run`).
     pub request: Part,
+    /// A scheduled run: the agent's signed run record (base64). Its decision is then the
+    /// agent's signed consent to the schedule, unless the run was approved on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
     pub decision: Option<Part>,
     pub start: Option<Part>,
     pub end: Option<Part>,
@@ -224,11 +230,31 @@ pub fn build(
             *v = hide(&format!("env {k}"), v);
         }
         let request_redacted = req != cmd.request;
-        let request = if request_redacted {
-            Part::Redacted { author: cmd.requester, body: serde_json::to_value(&req).unwrap_or_default() }
-        } else {
-            Part::Signed { record: raw("requests") }
+        let schedule = cmd.schedule.and_then(|s| view.schedules.iter().find(|v| v.schedule.id == s));
+        let request = match (schedule, request_redacted) {
+            (Some(s), true) => {
+                let hidden = Schedule {
+                    command: req.command.clone(),
+                    description: req.description.clone(),
+                    ..s.schedule.clone()
+                };
+                Part::Redacted { author: cmd.requester, body: serde_json::to_value(&hidden).unwrap_or_default() }
+            }
+            (Some(s), false) => Part::Signed {
+                record: schedule::raw_record(session_doc, "schedule", &s.schedule.id)
+                    .map(|b| b64(&b))
+                    .unwrap_or_default(),
+            },
+            (None, true) => {
+                Part::Redacted { author: cmd.requester, body: serde_json::to_value(&req).unwrap_or_default() }
+            }
+            (None, false) => Part::Signed { record: raw("requests") },
         };
+        let run = schedule.and_then(|_| schedule::raw_record(session_doc, "run", &id)).map(|b| b64(&b));
+        // A run under standing consent is approved by the consent record itself.
+        let consent = schedule
+            .filter(|_| SessionView::raw_record(session_doc, "decisions", &id).is_none())
+            .and_then(|s| schedule::raw_record(session_doc, "consent", &s.schedule.id));
         // A decision signs the hash of the exact command: with the command redacted, that hash
         // would let anyone test guesses of the secret, so it is withheld with the signature.
         let decision = cmd.decision.as_ref().map(|d| {
@@ -239,7 +265,7 @@ pub fn build(
                 }
                 Part::Redacted { author: cmd.decided_by_node.unwrap_or(cmd.request.target), body }
             } else {
-                Part::Signed { record: raw("decisions") }
+                Part::Signed { record: consent.as_ref().map(|b| b64(b)).unwrap_or_else(|| raw("decisions")) }
             }
         });
         let start = cmd.start.as_ref().map(|_| Part::Signed { record: raw("starts") });
@@ -274,7 +300,7 @@ pub fn build(
         };
         let stdout = output(Stream::Stdout, "stdout");
         let stderr = output(Stream::Stderr, "stderr");
-        commands.push(TCommand { id, request, decision, start, end, stdout, stderr, redactions });
+        commands.push(TCommand { id, request, run, decision, start, end, stdout, stderr, redactions });
     }
     let mut notes = Vec::new();
     for n in view.notes.iter().filter(|_| !options.without_notes) {
@@ -393,6 +419,8 @@ pub struct CheckedEnd {
     pub exit_code: Option<i32>,
     pub ended_at: u64,
     pub message: Option<String>,
+    /// The values the run yielded, signed with its end.
+    pub probes: Vec<crate::probe::ProbeValue>,
     pub signed: bool,
 }
 
@@ -446,12 +474,31 @@ fn verify_json(bytes: &[u8]) -> Result<(TranscriptFile, Checked), VerifyError> {
             let v = verify_kind(&bytes, kind).map_err(|e| fail(format!("{kind:?}: {e}")))?;
             Ok((v.author, v.body.to_vec()))
         };
-        let (requester, req, request_signed): (NodeId, CommandRequest, bool) = match &c.request {
-            Part::Signed { record } => {
+        // A scheduled run's request is made from its schedule and the agent's run record.
+        let mut schedule_read = None;
+        let (requester, req, request_signed): (NodeId, CommandRequest, bool) = match (&c.request, &c.run) {
+            (Part::Signed { record }, None) => {
                 let (a, body) = signed(record, RecordKind::Request)?;
                 (a, parse_json(&body, &c.id)?, true)
             }
-            Part::Redacted { author, body } => (*author, parse_value(body, &c.id)?, false),
+            (Part::Redacted { author, body }, None) => (*author, parse_value(body, &c.id)?, false),
+            (part, Some(run)) => {
+                let (author, s, is_signed): (NodeId, Schedule, bool) = match part {
+                    Part::Signed { record } => {
+                        let (a, body) = signed(record, RecordKind::Schedule)?;
+                        (a, parse_json(&body, &c.id)?, true)
+                    }
+                    Part::Redacted { author, body } => (*author, parse_value(body, &c.id)?, false),
+                };
+                let (a, body) = signed(run, RecordKind::ScheduledRun)?;
+                let r: ScheduledRun = parse_json(&body, &c.id)?;
+                if a != s.target || r.schedule != s.id || r.id != c.id || s.run_id(r.slot_at) != r.id {
+                    return Err(fail("the run is not of its schedule, or not written by its machine".into()));
+                }
+                let req = s.run_request(&r);
+                schedule_read = Some((s, is_signed));
+                (author, req, is_signed)
+            }
         };
         if req.id != c.id || req.session != t.session {
             return Err(fail("request names another command or session".into()));
@@ -461,6 +508,28 @@ fn verify_json(bytes: &[u8]) -> Result<(TranscriptFile, Checked), VerifyError> {
         }
         let decision = match &c.decision {
             None => None,
+            Some(Part::Signed { record }) if verify_kind(&de(record)?, RecordKind::ScheduleConsent).is_ok() => {
+                let (a, body) = signed(record, RecordKind::ScheduleConsent)?;
+                let consent: ScheduleConsent = parse_json(&body, &c.id)?;
+                let Some((s, true)) = &schedule_read else {
+                    return Err(fail("a consent without its signed schedule".into()));
+                };
+                let agrees = consent.schedule == s.id
+                    && consent.schedule_hash == s.hash()
+                    && consent.verdict == Verdict::Approved
+                    && !consent.each_run
+                    && a == s.target;
+                if !agrees {
+                    return Err(fail("the consent is not the machine's standing consent to this schedule".into()));
+                }
+                Some(CheckedDecision {
+                    verdict: consent.verdict,
+                    decided_by: consent.decided_by,
+                    decided_by_key: a,
+                    decided_at: consent.decided_at,
+                    signed: true,
+                })
+            }
             Some(Part::Signed { record }) => {
                 let (a, body) = signed(record, RecordKind::Decision)?;
                 let d: Decision = parse_json(&body, &c.id)?;
@@ -511,6 +580,7 @@ fn verify_json(bytes: &[u8]) -> Result<(TranscriptFile, Checked), VerifyError> {
                     exit_code: e.exit_code,
                     ended_at: e.ended_at,
                     message: e.message,
+                    probes: e.probes,
                     signed: true,
                 })
             }
@@ -521,6 +591,7 @@ fn verify_json(bytes: &[u8]) -> Result<(TranscriptFile, Checked), VerifyError> {
                     exit_code: e.exit_code,
                     ended_at: e.ended_at,
                     message: e.message,
+                    probes: e.probes,
                     signed: false,
                 })
             }
@@ -719,6 +790,121 @@ mod tests {
             without_notes: false,
         };
         build(doc, chunks, &w.fleet_doc, &options, &w.tech, 5_000).unwrap()
+    }
+
+    /// A session holding a schedule with standing consent and two of its runs, each yielding
+    /// `private_mb`; `script` is the schedule's command.
+    fn scheduled_session(w: &World, script: &str) -> Session {
+        use crate::probe::ProbeValue;
+        use crate::schedule::*;
+        let info = SessionInfo {
+            id: Id128([7; 16]),
+            name: "memory".into(),
+            labels: vec![],
+            created_at: 0,
+            org_key: NodeId([0; 32]),
+        };
+        let mut doc = SessionWriter::create(&w.tech, &info).unwrap();
+        let command = CommandSpec {
+            shell: Shell::Sh,
+            script: script.into(),
+            cwd: None,
+            env: Default::default(),
+            timeout_ms: 60_000,
+        };
+        let s = Schedule {
+            id: Id128([4; 16]),
+            session: info.id,
+            target: w.agent.node_id(),
+            command,
+            description: "weekly memory".into(),
+            every: "5s".into(),
+            until: 1_000_000,
+            missed: Missed::RunLate,
+            probes: vec![],
+            requested_at: 0,
+            expires_at: 100_000,
+            replaces: None,
+        };
+        ScheduleWriter::schedule(&mut doc, &w.tech, &s).unwrap();
+        let consent = ScheduleConsent {
+            schedule: s.id,
+            session: info.id,
+            target: s.target,
+            schedule_hash: s.hash(),
+            verdict: Verdict::Approved,
+            each_run: false,
+            decided_by: "local user on ws-01".into(),
+            decided_at: 1_000,
+            nonce: Id128([6; 16]),
+        };
+        ScheduleWriter::consent(&mut doc, &w.agent, &consent).unwrap();
+        for (slot, mb) in [(6_000, 200.0), (11_000, 450.0)] {
+            let run = ScheduledRun {
+                id: s.run_id(slot),
+                schedule: s.id,
+                session: info.id,
+                slot_at: slot,
+                late: false,
+                expires_at: s.until,
+            };
+            let start = Start {
+                request: run.id,
+                session: info.id,
+                started_at: slot,
+                approved_by: s.target,
+                nonce: consent.nonce,
+            };
+            ScheduleWriter::run(&mut doc, &w.agent, &run, Some(&start)).unwrap();
+            let end = End {
+                request: run.id,
+                session: info.id,
+                status: EndStatus::Exited,
+                exit_code: Some(0),
+                ended_at: slot + 100,
+                chunks: 0,
+                message: None,
+                probes: vec![ProbeValue { name: "private_mb".into(), value: mb, unit: Some("MB".into()) }],
+            };
+            SessionWriter::end(&mut doc, &w.agent, &end).unwrap();
+        }
+        (doc, BTreeMap::new())
+    }
+
+    #[test]
+    fn scheduled_runs_are_published_with_their_consent_and_values_signed() {
+        let w = world();
+        let file = share(&w, &scheduled_session(&w, "ps -o rss= -p 1"));
+        let (_, checked) = verify(&file.to_json()).unwrap();
+        assert_eq!(checked.commands.len(), 2);
+        for c in &checked.commands {
+            assert!(c.request_signed);
+            let d = c.decision.as_ref().unwrap();
+            assert!(d.signed && d.verdict == Verdict::Approved && d.decided_by_key == w.agent.node_id());
+        }
+        assert_eq!(checked.commands[1].end.as_ref().unwrap().probes[0].value, 450.0);
+        let page = html::render(&file, &checked);
+        assert!(page.contains("Values of private_mb over 2 run(s)") && page.contains("<svg"), "{page}");
+        assert!(page.contains("change +250"));
+        assert!(!page.contains("<script"));
+        verify(page.as_bytes()).unwrap();
+        // With a secret in the schedule's command: published redacted, and still checks.
+        let options = ShareOptions {
+            redactor: Redactor::new(&[]).unwrap(),
+            omit: BTreeSet::new(),
+            summary: None,
+            without_notes: false,
+        };
+        let (doc, chunks) = scheduled_session(&w, "curl -H 'Authorization: Bearer abcdefghijklmnopqrstuvwxyz012345' x");
+        let file = build(&doc, &chunks, &w.fleet_doc, &options, &w.tech, 5_000).unwrap();
+        let json = String::from_utf8(file.to_json()).unwrap();
+        assert!(!json.contains("abcdefghijklmnopqrstuvwxyz012345"));
+        let (_, checked) = verify(json.as_bytes()).unwrap();
+        assert!(!checked.commands[0].request_signed);
+        // Any change to a run record (here: another run's) fails the check.
+        let mut forged = file.clone();
+        forged.transcript.commands[0].run = file.transcript.commands[1].run.clone();
+        assert!(verify(&forged.to_json()).is_err());
     }
 
     #[test]

@@ -318,6 +318,14 @@ pub struct CommandJson {
     /// Bytes of output referenced but not on this machine yet (still syncing); the text above
     /// is what is here.
     pub output_pending: u64,
+    /// The values the run yielded (`caisey-probe` lines, a schedule's patterns).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<caisey_doc::probe::ProbeValue>,
+    /// The schedule this is a run of, and whether it ran after its time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Id128>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
 }
 
 pub async fn session_json(node: &Node, session: DocId) -> Result<SessionJson> {
@@ -376,6 +384,9 @@ fn command_json(c: &CommandView, names: &BTreeMap<NodeId, PeerText>) -> CommandJ
         stdout: String::new(),
         stderr: String::new(),
         output_pending: c.output_pending,
+        probes: c.end.as_ref().map(|e| e.probes.clone()).unwrap_or_default(),
+        schedule: c.schedule,
+        late: c.late,
     }
 }
 
@@ -395,7 +406,7 @@ pub fn session_csv(s: &SessionJson) -> String {
 }
 
 const CSV_HEADER: &str = "session,session_name,command_id,machine,requested_by,shell,script,description,status,exit_code,\
-    requested_at,decided_by,started_at,ended_at,duration_ms,assignee,notes,stdout,stderr\r\n";
+    requested_at,decided_by,started_at,ended_at,duration_ms,assignee,notes,probes,stdout,stderr\r\n";
 
 /// A cell as RFC 4180 quotes it, defused if a spreadsheet would take it for a formula.
 pub(crate) fn csv_cell(v: &str) -> String {
@@ -460,6 +471,13 @@ fn csv_fixed_cells(s: &SessionJson, c: &CommandJson) -> Vec<String> {
         duration,
         s.assignee.clone().unwrap_or_default(),
         notes.join("\n"),
+        c.probes
+            .iter()
+            .map(|p| {
+                format!("{}={}{}", p.name, p.value, p.unit.as_deref().map(|u| format!(" {u}")).unwrap_or_default())
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
     ]
     .iter()
     .map(|v| csv_cell(v))
@@ -677,6 +695,9 @@ mod tests {
                 stdout: "=HYPERLINK(\"http://x\")".into(),
                 stderr: String::new(),
                 output_pending: 0,
+                probes: vec![],
+                schedule: None,
+                late: false,
             }],
             quarantined: vec![],
             assignee: None,

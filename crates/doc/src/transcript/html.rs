@@ -103,6 +103,14 @@ fn command_ui(c: &CheckedCommand) -> Markup {
                     }
                 } }
             }
+            @if let Some(e) = c.end.as_ref().filter(|e| !e.probes.is_empty()) {
+                p { "Values: "
+                    @for (i, v) in e.probes.iter().enumerate() {
+                        @if i > 0 { ", " }
+                        (visible(&v.name)) " = " (v.value) @if let Some(u) = &v.unit { " " (visible(u)) }
+                    }
+                }
+            }
             h3 { "The command, exactly as it ran" }
             pre { (visible(&c.command.script)) }
             h3 { "What it printed" }
@@ -121,6 +129,54 @@ fn command_ui(c: &CheckedCommand) -> Markup {
                     "."
                 }
             }
+        }
+    }
+}
+
+/// Each value the runs yielded, over time: a small chart drawn as inline SVG (no script, no
+/// image to load), with the values listed beside it.
+fn probes_ui(commands: &[CheckedCommand]) -> Markup {
+    let mut names: Vec<&str> =
+        commands.iter().filter_map(|c| c.end.as_ref()).flat_map(|e| e.probes.iter().map(|p| p.name.as_str())).collect();
+    names.sort_unstable();
+    names.dedup();
+    html! {
+        @for name in names {
+            @let points: Vec<(u64, f64)> = commands.iter().filter_map(|c| {
+                let v = c.end.as_ref()?.probes.iter().find(|p| p.name == name)?;
+                Some((c.requested_at, v.value))
+            }).collect();
+            section {
+                h2 { "Values of " (visible(name)) " over " (points.len()) " run(s)" }
+                (chart(&points))
+                table {
+                    @for (i, (at, v)) in points.iter().enumerate() {
+                        tr { td { (utc(*at)) } td { (v) } td { @if i > 0 { "change " (format!("{:+}", v - points[i - 1].1)) } } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A line through `points` (time, value), scaled to a 600×160 box, with its range labelled.
+fn chart(points: &[(u64, f64)]) -> Markup {
+    const W: f64 = 600.0;
+    const H: f64 = 160.0;
+    const PAD: f64 = 24.0;
+    let (t0, t1) = (points.iter().map(|p| p.0).min().unwrap_or(0), points.iter().map(|p| p.0).max().unwrap_or(0));
+    let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let x = |t: u64| if t1 > t0 { PAD + (t - t0) as f64 / (t1 - t0) as f64 * (W - 2.0 * PAD) } else { W / 2.0 };
+    let y = |v: f64| if hi > lo { H - PAD - (v - lo) / (hi - lo) * (H - 2.0 * PAD) } else { H / 2.0 };
+    let line: Vec<String> = points.iter().map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v))).collect();
+    html! {
+        svg width="600" height="160" viewBox="0 0 600 160" role="img" aria-label="values over time" {
+            rect x="0" y="0" width="600" height="160" fill="#f5f7fa" {}
+            polyline points=(line.join(" ")) fill="none" stroke="#2b6cb0" stroke-width="2" {}
+            @for (t, v) in points { circle cx=(format!("{:.1}", x(*t))) cy=(format!("{:.1}", y(*v))) r="3" fill="#2b6cb0" {} }
+            text x="4" y="14" font-size="11" fill="#5a6472" { "max " (hi) }
+            text x="4" y="154" font-size="11" fill="#5a6472" { "min " (lo) }
         }
     }
 }
@@ -233,6 +289,7 @@ pub fn render(file: &TranscriptFile, c: &Checked) -> String {
         (summary_ui(&c.publisher, c.summary.as_ref()))
         (proof_ui())
         @if !c.omitted.is_empty() { p.note { (c.omitted.len()) " command(s) of this session were left out by the publisher." } }
+        (probes_ui(&c.commands))
         @for cmd in &c.commands { (command_ui(cmd)) }
         (notes_ui(&c.notes))
         (how_to_check(c, &[c]))
