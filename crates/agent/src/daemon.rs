@@ -545,8 +545,15 @@ impl Agent {
             .change_guarded(session, move |doc, guard| {
                 let view = SessionView::read_without_output(&*doc, guard.fleet())?;
                 let ledger = |key: &LedgerKey| guard.ledger(key).ok().flatten();
-                let plan = recurring::check_run(&view, schedule, slot, late, me, now_ms(), &chrono::Local, ledger)
-                    .map_err(|e| anyhow!(e))?;
+                let plan = recurring::check_run(
+                    &view,
+                    recurring::Due { schedule, slot, late },
+                    me,
+                    now_ms(),
+                    &chrono::Local,
+                    ledger,
+                )
+                .map_err(|e| anyhow!(e))?;
                 ScheduleWriter::run(doc, &signer, &plan.run, plan.start.as_ref().map(|(s, _, _)| s))?;
                 let ledger = plan.ledger.clone();
                 Ok((plan, ledger))
@@ -646,6 +653,7 @@ impl Agent {
                 script: p.request.command.script,
                 cwd: p.request.command.cwd,
                 timeout_ms: p.request.command.timeout_ms,
+                collect: p.request.command.collect,
                 description: p.request.description,
                 requested_at: p.request.requested_at,
                 expires_at: p.request.expires_at,

@@ -552,6 +552,7 @@ mod tests {
             cwd: None,
             env: Default::default(),
             timeout_ms: 1000,
+            collect: None,
         };
         CommandRequest {
             id: Id128([n; 16]),

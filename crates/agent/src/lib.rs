@@ -9,6 +9,7 @@
 //! - [`gate`]: the pure decision of what waits, what expired, what was interrupted.
 //! - [`recurring`]: the gate's rules for schedules: when a run is due, and whether it may start.
 //! - [`runner`]: runs an approved command, streaming batched output into the session.
+//! - [`collect`]: brings back the files a run was approved to collect, refusing path tricks.
 //! - [`process`]: how a command's processes start and stop (never outliving the agent unseen).
 //! - [`local`]: the local socket protocol for `pending`, `approve`, `deny`.
 //! - [`prompt`]: the consent window, `caisey-agent prompt`.
@@ -22,6 +23,7 @@
 pub mod batching;
 pub mod card;
 pub mod cli;
+pub mod collect;
 pub mod daemon;
 pub mod gate;
 pub mod install;

@@ -76,6 +76,9 @@ pub struct PendingItem {
     pub description: PeerText,
     pub requested_at: u64,
     pub expires_at: u64,
+    /// Files the command will bring back, at most `limit` bytes in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collect: Option<caisey_doc::artifact::Collect>,
     /// `Some`: this is a schedule, asking consent to all its runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<ScheduleTerms>,

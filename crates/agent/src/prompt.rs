@@ -367,6 +367,17 @@ fn request_details(ui: &mut Ui, p: &PendingItem, waiting: usize) {
         );
     }
     foreign_box(ui, "command", &visible(&p.script), 220.0, false);
+    if let Some(c) = &p.collect {
+        ui.add_space(6.0);
+        ui.label(
+            RichText::new(format!(
+                "Then it brings back these files, at most {} MiB in all (nothing outside them):",
+                c.limit.div_ceil(1 << 20)
+            ))
+            .strong(),
+        );
+        foreign_box(ui, "collect", &visible(&c.paths.join("\n")), 100.0, false);
+    }
     ui.add_space(6.0);
     ui.label(RichText::new("Why, in the technician's words:").strong());
     let why =

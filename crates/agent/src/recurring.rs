@@ -120,6 +120,14 @@ pub(crate) fn consent_request(s: &ScheduleView) -> CommandRequest {
     }
 }
 
+/// A run of `schedule` due at `slot` (late: after its time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    pub schedule: Id128,
+    pub slot: u64,
+    pub late: bool,
+}
+
 /// What writing a due run puts down, in one durable change: the run, and under standing
 /// consent its start, with the run recorded as started in the ledger.
 #[derive(Debug, Clone)]
@@ -135,9 +143,7 @@ pub struct RunPlan {
 /// is allowed.
 pub fn check_run(
     view: &SessionView,
-    schedule: Id128,
-    slot: u64,
-    late: bool,
+    Due { schedule, slot, late }: Due,
     me: NodeId,
     now: u64,
     tz: &Zone,
@@ -223,6 +229,7 @@ mod tests {
                 cwd: None,
                 env: Default::default(),
                 timeout_ms: 1000,
+                collect: None,
             },
             description: "memory".into(),
             every: "5s".into(),
@@ -259,9 +266,7 @@ mod tests {
         fn write_run(&mut self, slot: u64, now: u64) -> RunPlan {
             let plan = check_run(
                 &self.view(),
-                self.schedule.id,
-                slot,
-                false,
+                Due { schedule: self.schedule.id, slot, late: false },
                 self.agent.node_id(),
                 now,
                 &chrono::Local,
@@ -293,7 +298,14 @@ mod tests {
         assert_eq!(run.status(), "running");
         assert_eq!(run.schedule, Some(w.schedule.id));
         // Written once: the same slot again is refused.
-        let again = check_run(&view, w.schedule.id, 15 * S, false, w.agent.node_id(), 16 * S, &chrono::Local, |_| None);
+        let again = check_run(
+            &view,
+            Due { schedule: w.schedule.id, slot: 15 * S, late: false },
+            w.agent.node_id(),
+            16 * S,
+            &chrono::Local,
+            |_| None,
+        );
         assert!(again.is_err());
         // Woken at the next slot, never before.
         let s = &view.schedules[0];
@@ -319,8 +331,14 @@ mod tests {
         let ledger_says_revoked = |k: &LedgerKey| {
             (*k == LedgerKey::Schedule(id)).then_some(LedgerRecord { outcome: Outcome::Revoked, at: 0 })
         };
-        let refused =
-            check_run(&w.view(), id, 15 * S, false, w.agent.node_id(), 15 * S, &chrono::Local, ledger_says_revoked);
+        let refused = check_run(
+            &w.view(),
+            Due { schedule: id, slot: 15 * S, late: false },
+            w.agent.node_id(),
+            15 * S,
+            &chrono::Local,
+            ledger_says_revoked,
+        );
         assert!(refused.unwrap_err().contains("revoked"));
         assert!(due_slots(&w.review(&BTreeSet::new(), 61 * S)).is_empty(), "past its end date");
         // The schedule rewritten in place (another command): the consent no longer covers it.

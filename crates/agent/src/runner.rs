@@ -147,6 +147,11 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest, probes: &[Prob
         }
     }
     let (status, code, message) = status.unwrap_or((EndStatus::Exited, None, None));
+    // The files it was approved to bring back, before its end: a run that ended has them all.
+    if let Some(collect) = &req.command.collect {
+        let brought = crate::collect::run(&node, session, req.id, collect).await?;
+        tracing::debug!(request = %req.id.short(), brought, "files collected");
+    }
     tracing::debug!(request = %req.id.short(), chunks = seq, took = ?started.elapsed(), "command finished");
     // Whatever output is left goes in the same change as the end.
     let end = End {
@@ -255,6 +260,7 @@ mod tests {
                 cwd: None,
                 env: Default::default(),
                 timeout_ms: 60_000,
+                collect: None,
             },
             description: Default::default(),
             requested_at: 0,

@@ -24,7 +24,7 @@ use crate::org::{Org, options};
 const MIB: f64 = 1024.0 * 1024.0;
 
 fn spec(script: String) -> CommandSpec {
-    CommandSpec { shell: Shell::Sh, script, cwd: None, env: Default::default(), timeout_ms: 3_600_000 }
+    CommandSpec { shell: Shell::Sh, script, cwd: None, env: Default::default(), timeout_ms: 3_600_000, collect: None }
 }
 
 fn run_request(targets: Targets, session: &str, script: String) -> RunRequest {

@@ -37,6 +37,19 @@ pub(crate) fn byte_entries(doc: &impl ReadDoc, obj: &ObjId) -> Vec<(String, Vec<
         .collect()
 }
 
+/// Like [`byte_entries`], only the keys that start with `prefix` (a range read: the map's
+/// other keys are not visited).
+pub(crate) fn prefixed_byte_entries(doc: &impl ReadDoc, obj: &ObjId, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    // Every key starting with `prefix` sorts at or after it and before `prefix` + U+10FFFF.
+    let end = format!("{prefix}\u{10FFFF}");
+    doc.map_range(obj, prefix.to_string()..end)
+        .filter_map(|item| match item.value {
+            ValueRef::Scalar(ScalarValueRef::Bytes(b)) => Some((item.key.into_owned(), b.into_owned())),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The values of a list from `start`, in order, one per item so positions stay exact: a
 /// non-byte value (a peer may write anything) reads as empty bytes, which no record verifies as.
 pub(crate) fn list_bytes(doc: &impl ReadDoc, list: &ObjId, start: usize) -> Vec<Vec<u8>> {

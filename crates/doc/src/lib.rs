@@ -13,6 +13,7 @@
 //!   [`session::SessionView::read`] verifies who wrote what and quarantines the rest.
 //! - [`schedule`]: recurring checks the agent runs on its own clock, under the endpoint user's
 //!   standing consent; [`probe`]: the named numbers a run yields.
+//! - [`artifact`]: files a run leaves on the machine, brought back as checked chunks.
 //! - [`token`]: invite tokens and relay tickets, the strings people paste.
 //! - [`redact`], [`transcript`]: public, redacted, signed transcripts built from a snapshot, their
 //!   offline verification and their HTML page.
@@ -32,7 +33,7 @@
 //!
 //! let info = SessionInfo { id: Id128([1; 16]), name: "disk".into(), labels: vec![], created_at: 0, org_key: org.node_id() };
 //! let mut doc = SessionWriter::create(&tech, &info).unwrap();
-//! let command = CommandSpec { shell: Shell::Sh, script: "df -h".into(), cwd: None, env: Default::default(), timeout_ms: 60_000 };
+//! let command = CommandSpec { shell: Shell::Sh, script: "df -h".into(), cwd: None, env: Default::default(), timeout_ms: 60_000, collect: None, };
 //! let req = CommandRequest { id: Id128([2; 16]), session: info.id, target: NodeId([7; 32]), command, description: Default::default(), requested_at: 1, expires_at: 100 };
 //! SessionWriter::request(&mut doc, &tech, &req).unwrap();
 //!
@@ -44,6 +45,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod am;
+pub mod artifact;
 pub mod fleet;
 pub mod id;
 pub mod machine;

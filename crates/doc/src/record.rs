@@ -46,6 +46,7 @@ pub enum RecordKind {
     ScheduleCancel = 22,
     ScheduleRevoked = 23,
     ScheduledRun = 24,
+    Artifact = 25,
 }
 
 impl RecordKind {
@@ -72,6 +73,7 @@ impl RecordKind {
             22 => ScheduleCancel,
             23 => ScheduleRevoked,
             24 => ScheduledRun,
+            25 => Artifact,
             _ => return None,
         })
     }

@@ -528,7 +528,7 @@ fn read_prefixed<T: serde::de::DeserializeOwned>(
     q: &mut Vec<Quarantined>,
 ) -> BTreeMap<Id128, (NodeId, T)> {
     let mut out = BTreeMap::new();
-    for (key, bytes) in am::byte_entries(doc, &ROOT) {
+    for (key, bytes) in am::prefixed_byte_entries(doc, &ROOT, prefix) {
         let Some(id) = key.strip_prefix(prefix) else { continue };
         let parsed = id.parse::<Id128>().map_err(|e| e.to_string()).and_then(|id| {
             let v = verify_kind(&bytes, kind).map_err(|e| e.to_string())?;

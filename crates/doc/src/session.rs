@@ -146,6 +146,9 @@ pub struct CommandSpec {
     pub cwd: Option<String>,
     pub env: BTreeMap<String, String>,
     pub timeout_ms: u64,
+    /// Files to bring back after it ends (`crate::artifact`), approved with the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collect: Option<crate::artifact::Collect>,
 }
 
 impl CommandSpec {
@@ -167,6 +170,15 @@ impl CommandSpec {
             field(v.as_bytes());
         }
         field(&self.timeout_ms.to_be_bytes());
+        // (Absent from commands that collect nothing, so their hash is as it always was.)
+        if let Some(c) = &self.collect {
+            field(b"collect");
+            field(&(c.paths.len() as u64).to_be_bytes());
+            for p in &c.paths {
+                field(p.as_bytes());
+            }
+            field(&c.limit.to_be_bytes());
+        }
         h.finalize().into()
     }
 }
@@ -672,6 +684,9 @@ pub struct SessionView {
     /// Recurring checks asked in this session; their runs are among `commands`.
     #[serde(default)]
     pub schedules: Vec<crate::schedule::ScheduleView>,
+    /// Files the runs brought back (or refused to), by run.
+    #[serde(default)]
+    pub artifacts: Vec<crate::artifact::ArtifactView>,
     pub commands: Vec<CommandView>,
     pub quarantined: Vec<Quarantined>,
 }
@@ -813,6 +828,7 @@ impl SessionView {
             notes,
             group_run,
             schedules: vec![],
+            artifacts: vec![],
             commands: vec![],
             quarantined: vec![],
         };
@@ -960,6 +976,8 @@ impl SessionView {
             view.commands.push(cmd);
         }
         view.commands.sort_by_key(|c| (c.request.requested_at, c.request.id));
+        let targets: BTreeMap<Id128, NodeId> = view.commands.iter().map(|c| (c.request.id, c.request.target)).collect();
+        view.artifacts = crate::artifact::read(doc, view.info.id, |r| targets.get(r).copied(), &mut q);
         view.quarantined = q;
         Ok(view)
     }
@@ -1030,8 +1048,9 @@ impl SessionView {
     /// on, advancing the cursors. Signatures are *not* checked: this only tells a peer which
     /// bytes to fetch (a bogus reference costs a request that nobody answers); readers verify.
     pub fn scan_output_refs(doc: &impl ReadDoc, cursors: &mut BTreeMap<String, usize>) -> Vec<ChunkHash> {
-        let Some(outputs) = am::root_map(doc, "outputs") else { return vec![] };
-        let mut hashes = Vec::new();
+        // Files brought back travel as output does.
+        let mut hashes = crate::artifact::scan_pieces(doc, cursors);
+        let Some(outputs) = am::root_map(doc, "outputs") else { return hashes };
         for (key, list) in am::child_lists(doc, &outputs) {
             let cursor = cursors.entry(key).or_default();
             if doc.length(&list) <= *cursor {
@@ -1195,6 +1214,7 @@ mod tests {
                 cwd: None,
                 env: Default::default(),
                 timeout_ms: 1000,
+                collect: None,
             };
             let r = CommandRequest {
                 id: Id128([10 + i as u8; 16]),

@@ -91,6 +91,10 @@ pub struct TCommand {
     pub stdout: Output,
     pub stderr: Output,
     pub redactions: Vec<Redaction>,
+    /// The files the run brought back, as its machine signed them: names, sizes and hashes,
+    /// never their bytes (base64 records).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
 }
 
 /// A record, as signed by its author or as redacted by the publisher.
@@ -300,7 +304,14 @@ pub fn build(
         };
         let stdout = output(Stream::Stdout, "stdout");
         let stderr = output(Stream::Stderr, "stderr");
-        commands.push(TCommand { id, request, run, decision, start, end, stdout, stderr, redactions });
+        let artifacts = view
+            .artifacts
+            .iter()
+            .filter(|a| a.artifact.request == id)
+            .filter_map(|a| crate::artifact::raw_record(session_doc, &a.artifact))
+            .map(|b| b64(&b))
+            .collect();
+        commands.push(TCommand { id, request, run, decision, start, end, stdout, stderr, redactions, artifacts });
     }
     let mut notes = Vec::new();
     for n in view.notes.iter().filter(|_| !options.without_notes) {
@@ -402,6 +413,8 @@ pub struct CheckedCommand {
     pub stdout_signed: bool,
     pub stderr_signed: bool,
     pub redactions: Vec<Redaction>,
+    /// Files the run brought back (or refused), as its machine signed them.
+    pub artifacts: Vec<crate::artifact::Artifact>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -622,6 +635,16 @@ fn verify_json(bytes: &[u8]) -> Result<(TranscriptFile, Checked), VerifyError> {
                 }
             }
         };
+        let mut artifacts = Vec::new();
+        for record in &c.artifacts {
+            let (a, body) = signed(record, RecordKind::Artifact)?;
+            by_machine(a, "artifact")?;
+            let artifact: crate::artifact::Artifact = parse_json(&body, &c.id)?;
+            if artifact.request != c.id || artifact.session != t.session {
+                return Err(fail("an artifact of another command".into()));
+            }
+            artifacts.push(artifact);
+        }
         let (stdout, stdout_signed) = output(&c.stdout, Stream::Stdout)?;
         let (stderr, stderr_signed) = output(&c.stderr, Stream::Stderr)?;
         commands.push(CheckedCommand {
@@ -642,6 +665,7 @@ fn verify_json(bytes: &[u8]) -> Result<(TranscriptFile, Checked), VerifyError> {
             stdout_signed,
             stderr_signed,
             redactions: c.redactions.clone(),
+            artifacts,
         });
     }
     let mut notes = Vec::new();
@@ -735,6 +759,7 @@ mod tests {
             cwd: None,
             env: Default::default(),
             timeout_ms: 60_000,
+            collect: None,
         };
         let req = CommandRequest {
             id: Id128([8; 16]),
@@ -811,6 +836,7 @@ mod tests {
             cwd: None,
             env: Default::default(),
             timeout_ms: 60_000,
+            collect: None,
         };
         let s = Schedule {
             id: Id128([4; 16]),

@@ -29,7 +29,7 @@
 //!   is kept in memory and written again on a timer ([`Hub::poll_timeout`]). The first write
 //!   that succeeds ends it: the sync states are reset, so peers send again what was ignored.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use automerge::sync::{Message, State as SyncState, SyncDoc};
 use automerge::{Automerge, ChangeHash};
@@ -276,6 +276,11 @@ struct AskAgain {
 }
 
 const ASK_AGAIN_MS: u64 = 2_000;
+/// Output chunks asked of one peer at once, at most. Each is up to `MAX_CHUNK` (1 MiB), so
+/// what a peer sends back in one go stays well under what a node queues for a peer before it
+/// counts as too slow (64 MiB): a 200 MiB file is fetched a window at a time, never all asked
+/// at once and dropped with the connection.
+const ASK_WINDOW: usize = 16;
 const ASK_AGAIN_MAX_MS: u64 = 60_000;
 
 /// Why and since when this node cannot make changes durable.
@@ -469,6 +474,12 @@ impl Hub {
     /// documents): a command's end is only the whole story once this is 0.
     pub fn missing_output(&self, id: &DocId) -> usize {
         self.docs.get(id).map(|e| e.output.held.values().filter(|have| !**have).count()).unwrap_or(0)
+    }
+
+    /// Which of `hashes` (chunks session `id` references) are here, in order.
+    pub fn holds(&self, id: &DocId, hashes: &[ChunkHash]) -> Vec<bool> {
+        let held = self.docs.get(id).map(|e| &e.output.held);
+        hashes.iter().map(|h| held.and_then(|m| m.get(h)).copied().unwrap_or(false)).collect()
     }
 
     pub fn kind(&self, id: &DocId) -> Option<DocKind> {
@@ -728,7 +739,8 @@ impl Hub {
                 if self.unwritable.is_some() {
                     return;
                 }
-                return self.take_chunk(doc, Some(peer), hash, data, out);
+                self.take_chunk(doc, Some(peer), hash, data, out);
+                return self.ask_more(peer, doc, out);
             }
             Frame::Lacking { doc, hashes } => {
                 if let Some(p) = self.peers.get_mut(&peer) {
@@ -929,16 +941,40 @@ impl Hub {
         out.push(Output::PersistPresence { node, record });
     }
 
-    /// Asks `peer` for output chunks of `doc` (if it may hold the session).
+    /// Asks `peer` for output chunks of `doc` (if it may hold the session), at most
+    /// [`ASK_WINDOW`] at a time: the rest are asked as these arrive ([`Hub::ask_more`]).
     fn ask(&mut self, peer: NodeId, doc: DocId, hashes: Vec<ChunkHash>, out: &mut Vec<Output>) {
         let (Some(e), Some(p)) = (self.docs.get(&doc), self.peers.get_mut(&peer)) else { return };
         if hashes.is_empty() || !may_share(&self.fleet, &peer, e.kind, &e.targets) {
             return;
         }
+        let room = ASK_WINDOW.saturating_sub(p.asked.len());
+        let hashes: Vec<ChunkHash> = hashes.into_iter().filter(|h| !p.asked.contains(&(doc, *h))).take(room).collect();
         for batch in hashes.chunks(MAX_HASHES) {
             p.asked.extend(batch.iter().map(|h| (doc, *h)));
             out.push(Output::Send { peer, conn: p.conn, frame: Frame::Want { doc, hashes: batch.to_vec() } });
         }
+    }
+
+    /// `peer` sent output of `doc`: ask it for more of what is missing there, once half of what
+    /// was asked of it has come (so that a large file or a long backlog flows at the pace the
+    /// peer sends it, never more than a window ahead).
+    fn ask_more(&mut self, peer: NodeId, doc: DocId, out: &mut Vec<Output>) {
+        if self.peers.get(&peer).is_none_or(|p| p.asked.len() > ASK_WINDOW / 2) {
+            return;
+        }
+        let Some(e) = self.docs.get(&doc) else { return };
+        let asked_anywhere: HashSet<ChunkHash> =
+            self.peers.values().flat_map(|p| p.asked.iter().filter(|(d, _)| *d == doc).map(|(_, h)| *h)).collect();
+        let next: Vec<ChunkHash> = e
+            .output
+            .held
+            .iter()
+            .filter(|(h, have)| !**have && !asked_anywhere.contains(*h))
+            .map(|(h, _)| *h)
+            .take(ASK_WINDOW)
+            .collect();
+        self.ask(peer, doc, next, out);
     }
 
     /// Asks every connected peer that may hold `doc` (references made here without their bytes,

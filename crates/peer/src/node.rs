@@ -757,6 +757,11 @@ impl Node {
     }
 
     /// How many output chunks session `doc` references that are not here yet.
+    /// Which of `hashes` (chunks session `doc` references) are held here, in order.
+    pub async fn holds(&self, doc: DocId, hashes: Vec<ChunkHash>) -> Result<Vec<bool>> {
+        self.with_core(move |core| core.hub.holds(&doc, &hashes)).await
+    }
+
     pub async fn missing_output(&self, doc: DocId) -> Result<usize> {
         self.with_core(move |core| core.hub.missing_output(&doc)).await
     }

@@ -80,6 +80,7 @@ impl AgentWorld {
             cwd: None,
             env: Default::default(),
             timeout_ms: 60_000,
+            collect: None,
         };
         let req = CommandRequest {
             id,

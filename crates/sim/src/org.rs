@@ -94,6 +94,7 @@ impl Org {
             cwd: None,
             env: Default::default(),
             timeout_ms: 1000,
+            collect: None,
         };
         let req = CommandRequest {
             id: Id128([sid.wrapping_add(100); 16]),

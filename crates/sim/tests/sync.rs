@@ -188,8 +188,14 @@ fn concurrent_output_from_partitioned_peers_converges_in_any_order() {
     }
     let tech = o.tech.clone();
     net.change(t, sid, move |d| {
-        let command =
-            CommandSpec { shell: Shell::Sh, script: "df".into(), cwd: None, env: Default::default(), timeout_ms: 1000 };
+        let command = CommandSpec {
+            shell: Shell::Sh,
+            script: "df".into(),
+            cwd: None,
+            env: Default::default(),
+            timeout_ms: 1000,
+            collect: None,
+        };
         let req = CommandRequest {
             id: Id128([55; 16]),
             session: sid,

@@ -165,6 +165,20 @@ pub enum Request {
         machine: NodeId,
     },
     SyncStatus,
+    /// The files a session's runs brought back.
+    Artifacts {
+        session: DocId,
+    },
+    ArtifactState {
+        session: DocId,
+        name: String,
+    },
+    /// Saves a file brought back, whole and checked, at `out` (an absolute path).
+    SaveArtifact {
+        session: DocId,
+        name: String,
+        out: std::path::PathBuf,
+    },
     /// Writes a schedule for each target machine.
     Schedule(Box<crate::schedules::ScheduleRequest>),
     /// Every schedule here.
@@ -211,6 +225,8 @@ impl Request {
                 | Request::SyncStatus
                 | Request::Schedules
                 | Request::ProbeSeries { .. }
+                | Request::Artifacts { .. }
+                | Request::ArtifactState { .. }
         )
     }
 }
@@ -253,6 +269,7 @@ pub enum Reply {
     Sync(SyncStatus),
     Schedules(Vec<crate::schedules::ScheduleSummary>),
     Probes(Vec<crate::schedules::ProbePoint>),
+    Artifacts(Vec<crate::artifacts::ArtifactState>),
     Event(Event),
 }
 

@@ -233,6 +233,10 @@ pub enum Command {
         #[arg(long, requires = "probe", conflicts_with = "json")]
         csv: bool,
     },
+    /// Files the session's runs brought back: `list` them (name, size, SHA-256, machine,
+    /// run), or `get` one, checked whole, into a file.
+    #[command(subcommand)]
+    Artifact(ArtifactCommand),
     /// Compare two runs' output, line by line (each named by its code from `caisey history`).
     Diff { older: String, newer: String },
     /// Write a session to a file as JSON or CSV (one row per command).
@@ -331,6 +335,13 @@ pub struct RunArgs {
     /// How long the endpoint user has to approve before the request expires.
     #[arg(long, default_value = "15m", value_parser = parse_duration)]
     pub expires: Duration,
+    /// After it ends, bring back the file at this absolute path (or the files under this
+    /// directory); repeatable. The endpoint user sees the paths and the limit before approving.
+    #[arg(long, value_name = "PATH")]
+    pub collect: Vec<String>,
+    /// The most bytes brought back in all (`200MiB`, `2GiB`).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size, value_name = "SIZE")]
+    pub collect_limit: u64,
     /// Return once the request is stored (and handed to the relay when reachable).
     #[arg(long)]
     pub detach: bool,
@@ -390,6 +401,26 @@ pub struct ScheduleArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ArtifactCommand {
+    List {
+        session: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Saves the newest run's file called NAME once all of it is here (waiting for it).
+    Get {
+        session: String,
+        name: String,
+        /// Where to save it (default: its name, in the current directory).
+        #[arg(long, value_name = "PATH")]
+        out: Option<std::path::PathBuf>,
+        /// How long to wait for the rest of it to arrive.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        wait: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum SchedulesAction {
     /// Stop a schedule (at least 8 characters of its id): no run starts once its machine hears.
     Cancel { id: String },
@@ -405,6 +436,22 @@ pub enum SchedulesAction {
         #[arg(last = true)]
         command: Vec<String>,
     },
+}
+
+/// Reads a size: a number of bytes, or with a unit (`KiB`, `MiB`, `GiB`, or `K`, `M`, `G`).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a size (like 200MiB)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}: use KiB, MiB or GiB")),
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Reads an end date: a date (`2027-03-31`, the end of that day, UTC), an RFC 3339 time, or a
@@ -961,6 +1008,81 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
             client.note(id, &text.join(" ")).await?;
             println!("noted");
         }
+        Command::Artifact(ArtifactCommand::List { session, json }) => {
+            online(client).await?;
+            let list = client.artifacts(client.find_session(&session).await?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no files were brought back in this session");
+            } else {
+                println!("{:<24}  {:>12}  {:<16}  {:<8}  {:<64}  here", "name", "size", "machine", "run", "sha256");
+                for a in &list {
+                    match (&a.refused, a.size, &a.sha256) {
+                        (Some(why), _, _) => println!(
+                            "{:<24}  {:>12}  {:<16}  {:<8}  REFUSED: {}",
+                            visible_line(&a.name),
+                            "-",
+                            a.machine,
+                            a.run.short(),
+                            visible_line(why)
+                        ),
+                        (None, Some(size), Some(sha)) => println!(
+                            "{:<24}  {:>12}  {:<16}  {:<8}  {sha}  {}%",
+                            visible_line(&a.name),
+                            size,
+                            a.machine,
+                            a.run.short(),
+                            (a.here * 100).checked_div(size).unwrap_or(100)
+                        ),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Command::Artifact(ArtifactCommand::Get { session, name, out, wait }) => {
+            online(client).await?;
+            let session = client.find_session(&session).await?;
+            let out = match out {
+                Some(p) => p,
+                None => std::path::PathBuf::from(
+                    std::path::Path::new(&name).file_name().ok_or_else(|| anyhow::anyhow!("give --out PATH"))?,
+                ),
+            };
+            let out = std::env::current_dir()?.join(out);
+            let deadline = std::time::Instant::now() + wait;
+            let mut shown = 0;
+            loop {
+                let st = client.artifact_state(session, &name).await?;
+                if let Some(why) = &st.refused {
+                    bail!("{:?} was not brought back: {}", name, visible_line(why));
+                }
+                if st.complete() {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "only {} of {} bytes of {name:?} arrived in time; run this again to go on",
+                        st.here,
+                        st.size.unwrap_or(0)
+                    );
+                }
+                if st.here != shown {
+                    eprintln!("{} of {} bytes here", st.here, st.size.unwrap_or(0));
+                    shown = st.here;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let st = client.save_artifact(session, &name, out.clone()).await?;
+            println!(
+                "saved {} ({} bytes, sha256 {}, from {}) to {}",
+                visible_line(&st.name),
+                st.size.unwrap_or(0),
+                st.sha256.unwrap_or_default(),
+                st.machine,
+                out.display()
+            );
+        }
         Command::Schedule(args) => {
             online(client).await?;
             let targets = match (args.machine.len(), args.group) {
@@ -977,6 +1099,7 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
                     cwd: args.cwd,
                     env: Default::default(),
                     timeout_ms: args.timeout.as_millis() as u64,
+                    collect: None,
                 },
                 description: args.description,
                 every: args.every,
@@ -1181,6 +1304,8 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
         cwd: args.cwd,
         env: Default::default(),
         timeout_ms: args.timeout.as_millis() as u64,
+        collect: (!args.collect.is_empty())
+            .then(|| caisey_doc::artifact::Collect { paths: args.collect.clone(), limit: args.collect_limit }),
     };
     let request = RunRequest {
         targets,

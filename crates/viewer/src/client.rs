@@ -286,6 +286,26 @@ impl Client {
         expect!(self.call(Request::History { machine, script: script.into() }).await?, Reply::Runs(r) => r)
     }
 
+    pub async fn artifacts(&self, session: DocId) -> Result<Vec<crate::artifacts::ArtifactState>> {
+        expect!(self.call(Request::Artifacts { session }).await?, Reply::Artifacts(a) => a)
+    }
+
+    pub async fn artifact_state(&self, session: DocId, name: &str) -> Result<crate::artifacts::ArtifactState> {
+        let one =
+            expect!(self.call(Request::ArtifactState { session, name: name.into() }).await?, Reply::Artifacts(a) => a)?;
+        one.into_iter().next().ok_or_else(|| anyhow::anyhow!("no answer about {name:?}"))
+    }
+
+    pub async fn save_artifact(
+        &self,
+        session: DocId,
+        name: &str,
+        out: std::path::PathBuf,
+    ) -> Result<crate::artifacts::ArtifactState> {
+        let one = expect!(self.call(Request::SaveArtifact { session, name: name.into(), out }).await?, Reply::Artifacts(a) => a)?;
+        one.into_iter().next().ok_or_else(|| anyhow::anyhow!("no answer about {name:?}"))
+    }
+
     pub async fn schedule(&self, req: crate::schedules::ScheduleRequest) -> Result<Vec<Asked>> {
         expect!(self.call(Request::Schedule(Box::new(req))).await?, Reply::Asked(a) => a)
     }

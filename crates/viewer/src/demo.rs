@@ -105,6 +105,7 @@ impl DemoFleet {
             cwd: None,
             env: Default::default(),
             timeout_ms: 30_000,
+            collect: None,
         };
         let request = RunRequest {
             targets: Targets::Machine(AGENTS[0].into()),

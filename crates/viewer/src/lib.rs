@@ -19,6 +19,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod api;
+pub mod artifacts;
 pub mod background;
 pub mod cli;
 pub mod client;

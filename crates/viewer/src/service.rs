@@ -268,6 +268,16 @@ impl TechService {
                 tech::add_note(node, session, &text).await?;
                 Reply::Done
             }
+            Request::Artifacts { session } => Reply::Artifacts(crate::artifacts::list(node, session).await?),
+            Request::ArtifactState { session, name } => {
+                Reply::Artifacts(vec![crate::artifacts::state(node, session, &name).await?])
+            }
+            Request::SaveArtifact { session, name, out } => {
+                if !out.is_absolute() {
+                    bail!("give the file to save to as an absolute path");
+                }
+                Reply::Artifacts(vec![crate::artifacts::save(node, session, &name, out).await?])
+            }
             Request::Schedule(req) => Reply::Asked(crate::schedules::schedule(node, *req).await?),
             Request::Schedules => Reply::Schedules(crate::schedules::schedules(node).await?),
             Request::CancelSchedule { key } => Reply::Schedules(vec![crate::schedules::cancel(node, &key).await?]),

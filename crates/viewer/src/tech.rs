@@ -474,6 +474,9 @@ pub(crate) fn check_command(command: &CommandSpec, description: &str) -> Result<
     if description.len() > MAX_DESCRIPTION {
         bail!("the description is {} KiB; at most {} KiB", description.len() / 1024, MAX_DESCRIPTION / 1024);
     }
+    if let Some(c) = &command.collect {
+        c.check().map_err(|e| anyhow!("--collect {e}"))?;
+    }
     Ok(())
 }
 

@@ -110,7 +110,7 @@ impl Follower {
             if self.only.as_ref().is_some_and(|o| !o.contains(&cmd.request.id)) {
                 continue;
             }
-            self.print_new(client, &names, &cmd).await?;
+            self.print_new(client, &names, &cmd, &view.artifacts).await?;
             followed.push(cmd);
         }
         // The session's notes, after what they are about; new ones as they come.
@@ -132,6 +132,7 @@ impl Follower {
         client: &Client,
         names: &BTreeMap<NodeId, PeerText>,
         cmd: &CommandView,
+        artifacts: &[caisey_doc::artifact::ArtifactView],
     ) -> Result<()> {
         let machine = name_of(names, &cmd.request.target);
         let style = self.style;
@@ -144,8 +145,13 @@ impl Follower {
         if !seen.request {
             seen.request = true;
             let c = &cmd.request.command;
+            let scheduled = match (cmd.schedule, cmd.late) {
+                (Some(_), false) => " (a scheduled run)",
+                (Some(_), true) => " (a scheduled run, LATE: the machine was off at its time)",
+                (None, _) => "",
+            };
             status(format!(
-                "── {}  {} asked {} to run ({}, timeout {}s){}, code {}:",
+                "── {}  {} asked {} to run{scheduled} ({}, timeout {}s){}, code {}:",
                 time(cmd.request.requested_at),
                 name_of(names, &cmd.requester),
                 machine,
@@ -204,6 +210,33 @@ impl Follower {
             };
             let msg = e.message.as_ref().map(|m| format!(" ({})", visible(m))).unwrap_or_default();
             status(format!("── {}  {machine}: {what}{msg}", time(e.ended_at)));
+            if !e.probes.is_empty() {
+                let values: Vec<String> = e
+                    .probes
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{}={}{}",
+                            p.name,
+                            p.value,
+                            p.unit.as_ref().map(|u| format!(" {}", visible_line(u))).unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                status(format!("   values: {}", values.join(", ")));
+            }
+            for a in artifacts.iter().filter(|a| a.artifact.request == cmd.request.id) {
+                let name = visible_line(&a.artifact.name);
+                match &a.artifact.outcome {
+                    caisey_doc::artifact::Outcome::Collected { size, sha256, .. } => status(format!(
+                        "   brought back {name}: {size} bytes, sha256 {} (`caisey artifact get`)",
+                        hex::encode(sha256)
+                    )),
+                    caisey_doc::artifact::Outcome::Refused { why } => {
+                        status(format!("   NOT brought back {name}: {}", visible_line(why)))
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -120,6 +120,23 @@ fn command_ui(c: &CheckedCommand) -> Markup {
                 p.meta { "Errors and warnings — " (genuine(c.stderr_signed)) }
                 pre.err { (visible(&c.stderr)) }
             }
+            @if !c.artifacts.is_empty() {
+                h3 { "Files it brought back" }
+                p.meta { "Listed by name, size and SHA-256 as the machine signed them; their bytes are not in this page." }
+                table {
+                    @for a in &c.artifacts {
+                        tr {
+                            td { (visible(&a.name)) }
+                            @match &a.outcome {
+                                crate::artifact::Outcome::Collected { size, sha256, .. } => {
+                                    td { (size) " bytes" } td { code { (hex::encode(sha256)) } }
+                                }
+                                crate::artifact::Outcome::Refused { why } => { td.bad { "not brought back" } td { (visible(why)) } }
+                            }
+                        }
+                    }
+                }
+            }
             @if !c.redactions.is_empty() {
                 p.note { "Hidden by the publisher, each shown as [REDACTED]: "
                     @for (i, r) in c.redactions.iter().enumerate() {

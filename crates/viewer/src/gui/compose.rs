@@ -114,6 +114,7 @@ impl ViewerApp {
                         cwd: None,
                         env: Default::default(),
                         timeout_ms: c.timeout_secs * 1000,
+                        collect: None,
                     },
                     description: c.description.clone(),
                     approval_window: APPROVAL_WINDOW,
