@@ -80,7 +80,7 @@ fn failed(measure: &str, target: &str, e: anyhow::Error) -> Row {
     row(measure, format!("failed: {e:#}"), target, Some(false))
 }
 
-/// The environment variable naming the rows to run (comma-separated: stream, latency, group,
+/// The environment variable naming the rows to run (comma-separated: stream, artifact, latency, group,
 /// offline, open, viewer, local, agent, relay); all when unset. For profiling one row.
 pub const ONLY_ENV: &str = "CAISEY_BENCH_ONLY";
 
@@ -117,6 +117,18 @@ pub async fn run(sizes: &Sizes) -> Vec<Row> {
                 push(row("bytes on disk per output byte: relay store", format!("{r:.2}"), "≤ 1.2", Some(r <= 1.2)));
             }
             Err(e) => push(failed("output streaming and disk use", "ratio ≥ 0.5, ≤ 1.2", e)),
+        }
+    }
+    if wanted("artifact") {
+        match rows::artifact_transfer(sizes.stream_bytes).await {
+            Ok(a) => {
+                push(row(format!("file brought back (--collect), direct ({mib:.0} MiB)"), format!("{:.1} MiB/s", a.direct), "", None));
+                push(row("the same, through the relay", format!("{:.1} MiB/s", a.through_relay), "", None));
+                push(row("same bytes over a raw iroh stream, same run", format!("{:.1} MiB/s", a.raw), "", None));
+                let ratio = a.direct / a.raw;
+                push(row("ratio file brought back direct / raw", format!("{ratio:.2}"), "", None));
+            }
+            Err(e) => push(failed("file brought back", "", e)),
         }
     }
     if wanted("latency") {
@@ -277,7 +289,7 @@ pub fn machine() -> String {
 pub fn report_markdown(rows: &[Row], took: Duration, previous: &str) -> String {
     let analysis = previous.find("\n## ").map(|at| &previous[at..]).unwrap_or("\n");
     format!(
-        "# Benchmarks\n\nMachine: {} (a shared VM: numbers vary ±20 % between runs, and rows run late in a full run are slower than alone). Run took {:.0} s.\n\nReproduce: `cargo run --release -p caisey-bench` (writes this file); `cargo run -p caisey-bench -- --quick` for tiny sizes (part of the test command); `{ONLY_ENV}=stream,latency,group,offline,open,viewer,agent,relay` runs some rows without rewriting this file.\n\nEvery row runs real iroh endpoints on 127.0.0.1, real redb files, the real agent daemon and runner, and the real sync code; see `crates/bench/src/rows.rs` for how each is taken.\n\n{}{analysis}",
+        "# Benchmarks\n\nMachine: {} (a shared VM: numbers vary ±20 % between runs, and rows run late in a full run are slower than alone). Run took {:.0} s.\n\nReproduce: `cargo run --release -p caisey-bench` (writes this file); `cargo run -p caisey-bench -- --quick` for tiny sizes (part of the test command); `{ONLY_ENV}=stream,artifact,latency,group,offline,open,viewer,agent,relay` runs some rows without rewriting this file.\n\nEvery row runs real iroh endpoints on 127.0.0.1, real redb files, the real agent daemon and runner, and the real sync code; see `crates/bench/src/rows.rs` for how each is taken.\n\n{}{analysis}",
         machine(),
         took.as_secs_f64(),
         table(rows)

@@ -105,6 +105,11 @@ pub enum Route {
 /// An org with one running agent, asked to run `script` in session `name`; not yet approved.
 /// Direct: the technician dials the agent, and the relay is stopped once the request is out.
 async fn one_agent_asked(name: &str, script: String, route: Route) -> Result<(Org, DocId, Id128)> {
+    one_agent_asked_to(name, spec(script), route).await
+}
+
+/// Like [`one_agent_asked`], for a command given whole (one that brings files back).
+async fn one_agent_asked_to(name: &str, command: CommandSpec, route: Route) -> Result<(Org, DocId, Id128)> {
     let mut org = Org::new(1, "bench", None).await?;
     org.start_agents().await?;
     let agent = &org.agents[0];
@@ -112,7 +117,9 @@ async fn one_agent_asked(name: &str, script: String, route: Route) -> Result<(Or
     if route == Route::Direct {
         org.tech.dial(&Contact { node: agent.node_id, addrs: agent_node.addrs() }).await?;
     }
-    let asked = tech::ask(&org.tech, run_request(Targets::Machine(agent.name.clone()), name, script)).await?;
+    let mut request = run_request(Targets::Machine(agent.name.clone()), name, String::new());
+    request.command = command;
+    let asked = tech::ask(&org.tech, request).await?;
     let (session, request) = (asked[0].session, asked[0].request);
     if route == Route::Direct {
         if !org.tech.wait_in_sync(agent.node_id, Duration::from_secs(60)).await? {
@@ -191,6 +198,56 @@ async fn stream_once(size: usize, route: Route) -> Result<(f64, (u64, u64))> {
     let agent_disk = store_bytes(&agent.home)?;
     org.stop().await?;
     Ok((size as f64 / MIB / elapsed.as_secs_f64(), (agent_disk, relay_disk)))
+}
+
+/// What the artifact rows measured: MiB/s of a file brought back, agent → technician.
+pub struct ArtifactTransfer {
+    pub direct: f64,
+    pub through_relay: f64,
+    /// MiB/s of the same bytes over one raw iroh stream, in the same run.
+    pub raw: f64,
+}
+
+/// A file of `size` bytes left by a command and brought back (`--collect`), directly and
+/// through the relay: timed from the approval until the technician holds every byte of it
+/// (the agent reads, hashes and stores it, then it is fetched chunk by chunk, each checked).
+pub async fn artifact_transfer(size: usize) -> Result<ArtifactTransfer> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("dump.bin");
+    // Bytes that never repeat (a store keeps identical chunks once).
+    let mut data = Vec::with_capacity(size);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(size);
+    std::fs::write(&file, &data)?;
+    drop(data);
+    let mut rates = Vec::new();
+    for route in [Route::Direct, Route::Relay] {
+        let command = CommandSpec {
+            collect: Some(caisey_doc::artifact::Collect {
+                paths: vec![file.display().to_string()],
+                limit: size as u64,
+            }),
+            ..spec("true".into())
+        };
+        let (org, session, request) = one_agent_asked_to("artifact", command, route).await?;
+        let started = Instant::now();
+        Org::approve(&org.agents[0], request).await?;
+        wait_ends(&org.tech, &[(session, request)], Duration::from_secs(600)).await?;
+        let elapsed = started.elapsed();
+        let held = caisey_viewer::artifacts::list(&org.tech, session).await?;
+        if !held.first().is_some_and(|a| a.complete() && a.size == Some(size as u64)) {
+            bail!("the technician does not hold the whole file");
+        }
+        org.stop().await?;
+        rates.push(size as f64 / MIB / elapsed.as_secs_f64());
+    }
+    Ok(ArtifactTransfer { direct: rates[0], through_relay: rates[1], raw: raw_iroh(size).await? })
 }
 
 /// MiB/s of writing `size` bytes to a fresh file on this disk in 1 MiB pieces, each made
