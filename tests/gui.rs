@@ -52,6 +52,11 @@ fn shows<S>(h: &Harness<'_, S>, text: &str) -> bool {
     h.query_all_by_label_contains(text).next().is_some()
 }
 
+/// Whether some widget's label is exactly `text`.
+fn has_label<S>(h: &Harness<'_, S>, text: &str) -> bool {
+    h.query_all_by_label(text).next().is_some()
+}
+
 /// The viewer of technician `name` in `org`: a client of that home's node (the real `caisey`
 /// binary, started in the background as the viewer would start it), its backend on `rt`.
 fn viewer<'a>(org: &Org, name: &str, rt: &tokio::runtime::Runtime) -> Harness<'a, ViewerApp> {
@@ -508,4 +513,126 @@ fn a_group_run_started_from_the_command_line_is_in_the_viewer() {
     step_until(&mut h, Duration::from_secs(10), "its machines side by side", |h| {
         shows(h, "2 machines with this output: ws-01, ws-02") && shows(h, "local user on ws-02")
     });
+}
+
+/// A recurring check's values in the session view: a schedule with a probe, consented to once on
+/// the machine, plotted as its runs come in (values, changes, the failed run flagged), a
+/// threshold typed in flags the values above it, and the Schedules tab lists the check and
+/// cancels it — which the agent then reports too.
+#[test]
+fn a_schedules_values_are_plotted_with_their_changes_and_it_is_cancelled_in_the_viewer() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    // Run n prints "queue length: 100·n²" (picked out by the schedule's pattern) and a spool
+    // size with its unit (a probe line); the third run fails.
+    let counter = org.world.home("ws-01").join("runs-counted");
+    let script = format!(
+        "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; echo queue length: $((100*n*n)); \
+         echo caisey-probe spool=$((10*n)).5 MB; if [ $n -eq 3 ]; then exit 3; fi",
+        c = counter.display()
+    );
+    let asked = org
+        .world
+        .caisey(
+            "alice",
+            &[
+                "schedule",
+                "--json",
+                "--machine",
+                "ws-01",
+                "--every",
+                "3s",
+                "--until",
+                "10m",
+                "--session",
+                "print queue",
+                "--probe",
+                "queue=queue length: ([0-9]+)",
+                "--",
+                &script,
+            ],
+        )
+        .ok();
+    let asked: serde_json::Value = serde_json::from_str(&asked.stdout).expect("json");
+    let schedule_id = asked[0]["request"].as_str().expect("schedule id").to_string();
+    let code = asked[0]["code"].as_str().expect("consent code").to_string();
+    wait_for(Duration::from_secs(30), || {
+        org.world.agent_cmd("ws-01", &["pending", "--json"]).ok().stdout.contains(&code).then_some(())
+    })
+    .expect("the schedule reached the agent");
+    org.world.agent_cmd("ws-01", &["approve", &code]).ok();
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut h = viewer(&org, "alice", &rt);
+    step_until(&mut h, Duration::from_secs(30), "the session listed", |h| {
+        h.state().snapshot.sessions.iter().any(|s| s.name == "print queue")
+    });
+    h.get_by_label("Sessions").click();
+    h.run_steps(2);
+    h.get_by_label_contains("print queue").click();
+    // Opened after the first run or so: the rest arrive while it is open.
+    step_until(&mut h, Duration::from_secs(60), "four values in the table", |h| {
+        ["100", "400", "900", "1600"].iter().all(|v| has_label(h, v))
+    });
+    assert!(shows(&h, "Values over time"), "the section is shown");
+    let probe = h.get_by_role_and_label(egui::accesskit::Role::ComboBox, "Probe");
+    assert_eq!(probe.accesskit_node().value().as_deref(), Some("queue"), "the first probe is shown");
+    for change in ["+300", "+500", "+700"] {
+        assert!(has_label(&h, change), "the change {change} is in the table");
+    }
+    assert!(has_label(&h, "—"), "the first run has no change");
+    assert_eq!(h.query_all_by_label("failed: exit code 3").count(), 1, "the third run is flagged failed");
+    let points = h.state().probes.points.clone().expect("the series");
+    assert_eq!(&points.iter().map(|p| p.value).collect::<Vec<_>>()[..4], [100.0, 400.0, 900.0, 1600.0]);
+    assert!(points.iter().all(|p| p.machine == "ws-01"), "{points:?}");
+    assert_eq!(points[2].exit_code, Some(3));
+
+    // A threshold flags the values above it: 900 and 1600 of the first four, and every later one.
+    h.get_by_label("Threshold").type_into("500");
+    step_until(&mut h, Duration::from_secs(5), "the values above 500 counted", |h| {
+        let n = h.state().probes.points.as_ref().map_or(0, Vec::len);
+        n >= 4 && shows(h, &format!("{} of {n} values above 500", n - 2))
+    });
+    let n = h.state().probes.points.as_ref().map_or(0, Vec::len);
+    let flagged = h.query_all_by_label_contains("above threshold").count();
+    assert_eq!(flagged, n - 2, "each value above 500 is flagged in the table");
+    assert_eq!(h.query_all_by_label("failed: exit code 3, above threshold").count(), 1);
+    // The plot's legend: the machine's line, the failed run's marker, the threshold line.
+    for entry in ["ws-01", "failed run", "threshold 500", "over the threshold"] {
+        let found = h.query_all_by_role_and_label(egui::accesskit::Role::CheckBox, entry).count();
+        assert_eq!(found, 1, "the plot's legend has {entry}");
+    }
+
+    // The other probe, with its unit.
+    h.get_by_role_and_label(egui::accesskit::Role::ComboBox, "Probe").click();
+    h.run_steps(2);
+    h.get_by_label("spool").click();
+    step_until(&mut h, Duration::from_secs(10), "the spool values", |h| {
+        ["10.5 MB", "20.5 MB", "30.5 MB", "40.5 MB"].iter().all(|v| has_label(h, v))
+    });
+    assert!(h.query_all_by_label("+10").count() >= 3, "each run's spool grew by 10");
+
+    // The Schedules tab lists the check; Cancel stops it.
+    h.get_by_label("Schedules").click();
+    let short = &schedule_id[..8];
+    step_until(&mut h, Duration::from_secs(10), "the schedule listed", |h| {
+        shows(h, short) && shows(h, "standing consent") && shows(h, "every 3s")
+    });
+    let listed = h.state().snapshot.schedules.iter().find(|s| s.id.to_hex() == schedule_id).cloned().expect("listed");
+    assert_eq!(listed.machine, "ws-01");
+    assert!(listed.runs >= 4, "{listed:?}");
+    assert!(listed.next_run.is_some(), "a standing schedule has a next run");
+    h.get_by_role_and_label(egui::accesskit::Role::Button, &format!("Cancel {short}")).click();
+    step_until(&mut h, Duration::from_secs(10), "cancelled", |h| {
+        h.query_all_by_label("cancelled").count() == 1 && !has_label(h, &format!("Cancel {short}"))
+    });
+    assert!(shows(&h, &format!("cancelled schedule {short} on ws-01")), "the status bar says so");
+    let consents = wait_for(Duration::from_secs(30), || {
+        let out = org.world.agent_cmd("ws-01", &["consents", "--json"]).ok().stdout;
+        let list: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let listed = list.as_array()?.iter().find(|c| c["schedule"].as_str().is_some_and(|s| s.starts_with(short)))?;
+        let state = listed["state"].as_str()?.to_string();
+        (state == "cancelled").then_some(state)
+    });
+    assert!(consents.is_some(), "the agent heard of the cancel");
 }

@@ -1,5 +1,6 @@
 //! The viewer's state and frame: the tabs, the status bar, and applying the backend's updates.
-//! Each tab draws itself in its own module (`fleet`, `sessions`, `compose`, `history`).
+//! Each tab draws itself in its own module (`fleet`, `sessions`, `compose`, `history`,
+//! `schedules`); the session's plot of probe values is in `probes`.
 //!
 //! Nothing here blocks: every operation is an [`Action`] sent to the backend, and its result
 //! comes back as an [`Update`] applied at the start of a frame.
@@ -13,6 +14,7 @@ use egui::{RichText, Ui};
 
 use super::backend::{Action, BackendHandle};
 use super::model::{GroupRow, OpenSession, SharePreview, Snapshot, Update};
+use super::probes::ProbePlot;
 use crate::tech::{DiffLine, PastRun};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +28,8 @@ pub enum Tab {
     /// Past group runs, one opened side by side.
     GroupRuns,
     History,
+    /// Recurring checks: where each stands, and cancelling one.
+    Schedules,
 }
 
 /// The compose form.
@@ -128,6 +132,8 @@ pub struct ViewerApp {
     /// The group run opened in the Group runs tab, with identical outputs gathered.
     pub group_run_open: Option<crate::tech::GroupRunView>,
     pub history: History,
+    /// The open session's probe values, as plotted.
+    pub probes: ProbePlot,
     pub share: Option<Share>,
     /// A single run asked from here and not ended yet: (session, request, machine), so the status
     /// bar can say when it ends.
@@ -170,6 +176,7 @@ impl ViewerApp {
             group_run: None,
             group_run_open: None,
             history: History::default(),
+            probes: ProbePlot::default(),
             share: None,
             awaiting: None,
             messages: VecDeque::new(),
@@ -195,6 +202,7 @@ impl ViewerApp {
             self.note_draft.clear();
             self.assign_to.clear();
             self.share = None;
+            self.probes = ProbePlot::default();
             self.send(Action::OpenSession(id));
         }
         self.tab = Tab::Session;
@@ -298,6 +306,8 @@ impl ViewerApp {
                 }
             }
             Update::Diff(d) => self.history.diff = Some(d),
+            Update::ProbeSeries { session, name, points } => self.probes.take(session, &name, points),
+            Update::Schedules(schedules) => self.snapshot.schedules = schedules,
             Update::SharePreview(p) => {
                 if let Some(s) = &mut self.share {
                     s.preview = Some(p);
@@ -329,6 +339,7 @@ impl ViewerApp {
             Tab::Run => self.run_tab(ui),
             Tab::GroupRuns => self.group_runs_tab(ui),
             Tab::History => self.history_tab(ui),
+            Tab::Schedules => self.schedules_tab(ui),
         });
         self.last_frame = started.elapsed();
     }
@@ -353,11 +364,12 @@ impl ViewerApp {
                 (Tab::Run, "Run"),
                 (Tab::GroupRuns, "Group runs"),
                 (Tab::History, "History"),
+                (Tab::Schedules, "Schedules"),
             ] {
                 // Each role sees what it may do: approvals for an approver, running for a technician.
                 let hidden = match tab {
                     Tab::Approvals => !approver,
-                    Tab::Run | Tab::History | Tab::GroupRuns => approver,
+                    Tab::Run | Tab::History | Tab::GroupRuns | Tab::Schedules => approver,
                     Tab::Session => self.open.is_none(),
                     Tab::Fleet | Tab::Sessions => false,
                 };

@@ -5,8 +5,10 @@
 //!
 //! Document events arrive in floods while output streams; the backend marks what is stale and
 //! rebuilds at most every [`TICK`]: the fleet and session list at most once a second, the open
-//! session and group rows every tick, reading only output appended since the last read. Every
-//! update wakes the UI through the `egui::Context` it was given.
+//! session and group rows every tick, reading only output appended since the last read. The
+//! probe values being plotted are re-read at most once a second while any session changes (a
+//! group run's values come from every machine's session, not only the open one). Every update
+//! wakes the UI through the `egui::Context` it was given.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -91,6 +93,14 @@ pub enum Action {
         code: String,
         approve: bool,
     },
+    /// Send the values of probe `name` in `session` now, and again whenever they may have changed,
+    /// until another session is opened or another probe is asked for.
+    WatchProbe {
+        session: DocId,
+        name: String,
+    },
+    /// Stop a recurring check (its full id).
+    CancelSchedule(String),
 }
 
 /// The UI's end of the backend.
@@ -187,6 +197,14 @@ struct Backend {
     stale_list: bool,
     stale_docs: BTreeSet<DocId>,
     last_list: tokio::time::Instant,
+    /// The probe series the UI plots: (session, probe name).
+    probe: Option<(DocId, String)>,
+    /// Some session changed since the series was last read.
+    stale_probe: bool,
+    last_probe: tokio::time::Instant,
+    /// A listed schedule may still run: its state and next run move with the clock, so the list
+    /// is re-read now and then even when no document changes.
+    live_schedules: bool,
 }
 
 impl Backend {
@@ -201,6 +219,10 @@ impl Backend {
             stale_list: true,
             stale_docs: BTreeSet::new(),
             last_list: tokio::time::Instant::now(),
+            probe: None,
+            stale_probe: false,
+            last_probe: tokio::time::Instant::now(),
+            live_schedules: false,
         }
     }
 
@@ -227,6 +249,7 @@ impl Backend {
                     Some(Event::DocChanged(id)) => {
                         self.stale_docs.insert(id);
                         self.stale_list = true;
+                        self.stale_probe = true;
                     }
                     Some(Event::PeerUp(_) | Event::PeerDown(_)) => self.stale_list = true,
                     // Missed some, or the node was restarted: treat everything as changed.
@@ -236,6 +259,7 @@ impl Backend {
                             events = self.watch().await;
                         }
                         self.stale_list = true;
+                        self.stale_probe = true;
                         self.stale_docs.extend(self.open);
                         self.stale_docs.extend(self.group.iter().map(|g| g.1));
                     }
@@ -268,6 +292,9 @@ impl Backend {
             self.stale_list = false;
             self.last_list = tokio::time::Instant::now();
             let snapshot = self.snapshot().await;
+            if let Ok(s) = &snapshot {
+                self.live_schedules = s.schedules.iter().any(|s| s.state.is_live());
+            }
             self.out.result(snapshot.map(|s| Update::Snapshot(Box::new(s))));
         } else if since >= MACHINES_EVERY {
             self.last_list = tokio::time::Instant::now();
@@ -278,6 +305,15 @@ impl Backend {
                 })
             };
             self.out.result(machines.await);
+            if self.live_schedules {
+                self.read_schedules().await;
+            }
+        }
+        if self.stale_probe
+            && self.last_probe.elapsed() >= LIST_EVERY
+            && let Some((session, name)) = self.probe.clone()
+        {
+            self.read_probe(session, name).await;
         }
         let stale = std::mem::take(&mut self.stale_docs);
         if let Some(open) = self.open.filter(|o| stale.contains(o))
@@ -307,8 +343,28 @@ impl Backend {
             machines: self.client.machines(None, None).await?,
             groups: org.groups,
             sessions: self.client.sessions(None, None).await?,
+            schedules: if approver { vec![] } else { self.client.schedules().await? },
             sync: self.client.sync_status().await?,
         })
+    }
+
+    /// Sends the values of probe `name` in `session` as they stand.
+    async fn read_probe(&mut self, session: DocId, name: String) {
+        self.stale_probe = false;
+        self.last_probe = tokio::time::Instant::now();
+        let points = self.client.probe_series(session, &name).await;
+        self.out.result(points.map(|points| Update::ProbeSeries { session, name, points }));
+    }
+
+    /// Sends the recurring checks as they stand now (states and next runs move with the clock).
+    async fn read_schedules(&mut self) {
+        match self.client.schedules().await {
+            Ok(schedules) => {
+                self.live_schedules = schedules.iter().any(|s| s.state.is_live());
+                self.out.send(Update::Schedules(schedules));
+            }
+            Err(e) => self.out.send(Update::Error(format!("{e:#}"))),
+        }
     }
 
     /// Sends the open session's records and whatever output arrived since the last read.
@@ -368,6 +424,7 @@ impl Backend {
             Action::OpenSession(id) => {
                 self.open = Some(id);
                 self.open_reading.clear();
+                self.probe = None;
                 if let Err(e) = self.read_open(id).await {
                     self.out.send(Update::Error(format!("{e:#}")));
                 }
@@ -375,6 +432,25 @@ impl Backend {
             Action::CloseSession => {
                 self.open = None;
                 self.open_reading.clear();
+                self.probe = None;
+            }
+            Action::WatchProbe { session, name } => {
+                self.probe = Some((session, name.clone()));
+                self.read_probe(session, name).await;
+            }
+            Action::CancelSchedule(id) => {
+                match self.client.cancel_schedule(&id).await {
+                    Ok(cancelled) => {
+                        for s in cancelled {
+                            let (id, machine) = (s.id.short(), s.machine);
+                            let when = "no run of it starts once the machine hears of it";
+                            self.out.send(Update::Notice(format!("cancelled schedule {id} on {machine}: {when}")));
+                        }
+                    }
+                    Err(e) => self.out.send(Update::Error(format!("{e:#}"))),
+                }
+                self.stale_list = true;
+                self.read_schedules().await;
             }
             Action::Ask(req) => {
                 let group = match &req.targets {

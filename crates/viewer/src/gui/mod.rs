@@ -18,6 +18,8 @@ mod fleet;
 mod group_runs;
 mod history;
 pub mod model;
+pub mod probes;
+mod schedules;
 mod sessions;
 pub mod widgets;
 

@@ -11,6 +11,7 @@ use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::session::{SessionView, Stream};
 use caisey_doc::text::{PeerText, visible};
 
+use crate::schedules::{ProbePoint, ScheduleSummary};
 use crate::tech::{DiffLine, Machine, PastRun, SessionSummary, SyncStatus};
 
 /// A display line longer than this is broken into several, so one enormous line (a minified
@@ -38,6 +39,8 @@ pub struct Snapshot {
     pub machines: Vec<Machine>,
     pub groups: Vec<String>,
     pub sessions: Vec<SessionSummary>,
+    /// Every recurring check in this node's sessions (none for an approver).
+    pub schedules: Vec<ScheduleSummary>,
     pub sync: SyncStatus,
 }
 
@@ -241,6 +244,14 @@ pub enum Update {
         commands: Vec<(String, usize)>,
     },
     Diff(Vec<DiffLine>),
+    /// The values of probe `name` in `session` (and the rest of its group run), oldest first.
+    ProbeSeries {
+        session: DocId,
+        name: String,
+        points: Vec<ProbePoint>,
+    },
+    /// The recurring checks, re-read (after a cancel, or as their next runs come due).
+    Schedules(Vec<ScheduleSummary>),
     SharePreview(SharePreview),
     Shared {
         url: String,

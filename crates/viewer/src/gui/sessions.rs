@@ -77,6 +77,7 @@ impl ViewerApp {
             return;
         };
         self.session_header(ui, &open);
+        self.values_over_time_ui(ui, &open);
         ui.separator();
         // Following, the timeline stays at its end while new steps and output arrive (until the
         // user scrolls up).
