@@ -49,7 +49,7 @@ fn consent(org: &Org, code: &str) -> String {
 #[test]
 fn a_schedule_runs_from_one_consent_with_nobody_online_and_stops_when_it_should() {
     let mut org = Org::with_http(&[("ws-01", "accounting")]);
-    let _agent = org.world.start_agent("ws-01");
+    let mut agent = org.world.start_agent("ws-01");
     let counter = org.world.home("ws-01").join("runs-counted");
     let script = format!(
         "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; echo private_mb=$((200*n)); \
@@ -156,4 +156,60 @@ fn a_schedule_runs_from_one_consent_with_nobody_online_and_stops_when_it_should(
     let replacement = consents(&org).into_iter().find(|c| c["script"] == "echo v2").expect("the new schedule");
     assert_eq!(replacement["state"], "awaiting_consent");
     assert_eq!(replacement["runs"], 0, "the changed schedule ran without consent");
+
+    // The machine off for three runs: one run, marked late, when it is back; or, if the
+    // schedule says so, none until the next on time.
+    let (late, code) = schedule(&org, &["--every", "5s", "--until", "10m", "--session", "late", "--", "echo late"]);
+    consent(&org, &code);
+    let (skip, code) = schedule(
+        &org,
+        &["--every", "5s", "--until", "10m", "--session", "skip", "--missed", "skip", "--", "echo skip"],
+    );
+    consent(&org, &code);
+    wait_runs(&org, &late, 1);
+    wait_runs(&org, &skip, 1);
+    let skipped_before = runs_of(&org, &skip).0;
+    agent.stop();
+    std::thread::sleep(Duration::from_secs(16));
+    agent = org.world.start_agent("ws-01");
+    let runs = |session: &str, at_least: usize| {
+        let s = org.show_json("alice", session)?;
+        let cmds = s["commands"].as_array()?.clone();
+        (cmds.len() >= at_least && cmds.iter().all(|c| c["status"] == "exited"))
+            .then(|| cmds.iter().map(|c| c["late"].as_bool().unwrap_or(false)).collect::<Vec<bool>>())
+    };
+    let late_runs = wait_for(Duration::from_secs(40), || runs("late", 1).filter(|l| l.contains(&true)))
+        .expect("a late run reached alice");
+    assert_eq!(late_runs.iter().filter(|l| **l).count(), 1, "three missed runs ran once, late: {late_runs:?}");
+    wait_runs(&org, &skip, skipped_before + 1);
+    let skip_runs = wait_for(Duration::from_secs(40), || runs("skip", skipped_before as usize + 1))
+        .expect("the next run reached alice");
+    assert!(skip_runs.iter().all(|l| !l), "a skipped run ran late: {skip_runs:?}");
+
+    // Asked at each run: every run waits for the endpoint user.
+    let (each, code) = schedule(&org, &["--every", "5s", "--until", "10m", "--session", "each", "--", "echo each"]);
+    wait_for(Duration::from_secs(30), || {
+        org.world.agent_cmd("ws-01", &["pending", "--json"]).ok().stdout.contains(&code).then_some(())
+    })
+    .expect("the schedule reached the agent");
+    let said = org.world.agent_cmd("ws-01", &["approve", "--each-run", &code]).ok().stdout;
+    assert!(said.contains("each run will ask"), "{said}");
+    let run_code = wait_for(Duration::from_secs(30), || {
+        let out = org.world.agent_cmd("ws-01", &["pending", "--json"]).ok();
+        let list: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
+        list.as_array()?.iter().find(|p| p["script"] == "echo each" && p.get("schedule").is_none())?["id"]
+            .as_str()
+            .map(str::to_string)
+    })
+    .expect("a run waits for the user");
+    let (runs, state) = runs_of(&org, &each);
+    assert_eq!(state, "each_run");
+    assert!(runs >= 1, "the run waiting for the user is listed");
+    org.world.agent_cmd("ws-01", &["approve", &run_code]).ok();
+    let ran = wait_for(Duration::from_secs(30), || {
+        let s = org.show_json("alice", "each")?;
+        (s["commands"][0]["status"] == "exited").then_some(())
+    });
+    assert!(ran.is_some(), "the run approved on its own did not run");
+    drop(agent);
 }

@@ -23,15 +23,21 @@ use crate::gate::{Action, Pending};
 /// The time zone cron expressions are read in: this machine's.
 pub type Zone = chrono::Local;
 
-/// A run that is due now, if any, for a schedule with standing or each-run consent.
+/// A run that is due now, if any, for a schedule with standing or each-run consent: the latest
+/// time it names, and whether that run is late (it stands in for runs missed before it, or
+/// its own time is past). Under "skip", missed runs are dropped and only a run on time goes.
 fn due(s: &ScheduleView, now: u64, tz: &Zone) -> Option<(u64, bool)> {
     let consent = s.valid_consent()?;
     let every = Every::parse(&s.schedule.every).ok()?;
     let anchor = consent.decided_at;
     let after = s.runs.iter().map(|r| r.slot_at).max().unwrap_or(anchor);
     let slot = every.latest_in(anchor, after, now.min(s.schedule.until), tz)?;
-    let late = now > slot + every.grace(anchor, slot, tz);
-    (!late || s.schedule.missed == Missed::RunLate).then_some((slot, late))
+    let overdue = now > slot + every.grace(anchor, slot, tz);
+    let missed_before = every.latest_in(anchor, after, slot - 1, tz).is_some();
+    match s.schedule.missed {
+        Missed::RunLate => Some((slot, overdue || missed_before)),
+        Missed::Skip => (!overdue).then_some((slot, false)),
+    }
 }
 
 /// When to look at schedule `s` again after `reviewed_at`: its next run, or its answer's
@@ -318,8 +324,11 @@ mod tests {
         let w = world(Missed::RunLate, false);
         // Off from 12 s to 33 s: slots 15, 20, 25, 30 missed; one run, for the latest, late.
         assert_eq!(due_slots(&w.review(&none, 33 * S)), [(30 * S, true)]);
+        // Back just after a slot: that run is on time, but stands in for those missed.
+        assert_eq!(due_slots(&w.review(&none, 31 * S)), [(30 * S, true)]);
         let w = world(Missed::Skip, false);
         assert!(due_slots(&w.review(&none, 33 * S)).is_empty());
+        assert_eq!(due_slots(&w.review(&none, 31 * S)), [(30 * S, false)], "a run on time goes");
         assert_eq!(wake_at(&w.view().schedules[0], 33 * S, &chrono::Local), Some(35 * S));
     }
 

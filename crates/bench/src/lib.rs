@@ -122,7 +122,12 @@ pub async fn run(sizes: &Sizes) -> Vec<Row> {
     if wanted("artifact") {
         match rows::artifact_transfer(sizes.stream_bytes).await {
             Ok(a) => {
-                push(row(format!("file brought back (--collect), direct ({mib:.0} MiB)"), format!("{:.1} MiB/s", a.direct), "", None));
+                push(row(
+                    format!("file brought back (--collect), direct ({mib:.0} MiB)"),
+                    format!("{:.1} MiB/s", a.direct),
+                    "",
+                    None,
+                ));
                 push(row("the same, through the relay", format!("{:.1} MiB/s", a.through_relay), "", None));
                 push(row("same bytes over a raw iroh stream, same run", format!("{:.1} MiB/s", a.raw), "", None));
                 let ratio = a.direct / a.raw;

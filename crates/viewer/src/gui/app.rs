@@ -46,6 +46,10 @@ pub struct Compose {
     pub labels: String,
     pub description: String,
     pub script: String,
+    /// Files to bring back after it ends: absolute paths, one per line.
+    pub collect: String,
+    /// The most MiB brought back in all.
+    pub collect_limit_mib: u64,
 }
 
 impl Default for Compose {
@@ -60,6 +64,8 @@ impl Default for Compose {
             labels: String::new(),
             description: String::new(),
             script: String::new(),
+            collect: String::new(),
+            collect_limit_mib: 1024,
         }
     }
 }

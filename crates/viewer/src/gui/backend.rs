@@ -67,6 +67,12 @@ pub enum Action {
         request: Id128,
         path: PathBuf,
     },
+    /// Saves a file a run brought back, whole and checked.
+    SaveArtifact {
+        session: DocId,
+        name: String,
+        path: PathBuf,
+    },
     History {
         machine: Option<NodeId>,
         script: String,
@@ -515,6 +521,29 @@ impl Backend {
                     let bytes = client.output_bytes(session, request).await?;
                     std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
                     Ok(Update::Notice(format!("saved {} bytes of output to {}", bytes.len(), path.display())))
+                };
+                self.out.result(r.await);
+            }
+            Action::SaveArtifact { session, name, path } => {
+                let r = async {
+                    let st = client.artifact_state(session, &name).await?;
+                    if let Some(why) = st.refused {
+                        anyhow::bail!("{name:?} was not brought back: {why}");
+                    }
+                    if !st.complete() {
+                        anyhow::bail!(
+                            "{} of {} bytes of {name:?} are here so far; try again in a moment",
+                            st.here,
+                            st.size.unwrap_or(0)
+                        );
+                    }
+                    let st = client.save_artifact(session, &name, path.clone()).await?;
+                    Ok(Update::Notice(format!(
+                        "saved {} ({} bytes, checked) to {}",
+                        name,
+                        st.size.unwrap_or(0),
+                        path.display()
+                    )))
                 };
                 self.out.result(r.await);
             }

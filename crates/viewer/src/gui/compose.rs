@@ -94,6 +94,19 @@ impl ViewerApp {
         )
         .labelled_by(label.id);
         ui.horizontal(|ui| {
+            let label = ui.label("Bring back files");
+            ui.add(
+                egui::TextEdit::multiline(&mut c.collect)
+                    .desired_rows(1)
+                    .desired_width(420.0)
+                    .hint_text("absolute paths, one per line (optional): a dump, an exported log"),
+            )
+            .labelled_by(label.id);
+            let label = ui.label("at most");
+            ui.add(egui::DragValue::new(&mut c.collect_limit_mib).range(1..=65_536).suffix(" MiB"))
+                .labelled_by(label.id);
+        });
+        ui.horizontal(|ui| {
             let ready = !c.target.is_empty() && !c.script.trim().is_empty();
             if ui.add_enabled(ready, egui::Button::new("Send")).clicked() {
                 let req = RunRequest {
@@ -114,7 +127,17 @@ impl ViewerApp {
                         cwd: None,
                         env: Default::default(),
                         timeout_ms: c.timeout_secs * 1000,
-                        collect: None,
+                        collect: {
+                            let paths: Vec<String> = c
+                                .collect
+                                .lines()
+                                .map(str::trim)
+                                .filter(|p| !p.is_empty())
+                                .map(str::to_string)
+                                .collect();
+                            (!paths.is_empty())
+                                .then(|| caisey_doc::artifact::Collect { paths, limit: c.collect_limit_mib << 20 })
+                        },
                     },
                     description: c.description.clone(),
                     approval_window: APPROVAL_WINDOW,

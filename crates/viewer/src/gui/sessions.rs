@@ -387,8 +387,37 @@ impl ViewerApp {
                 });
                 output_view(ui, ("output", r.id), out, 320.0, self.follow);
             }
+            // Files it brought back (or refused to): name, size, SHA-256, and Save.
+            for a in open.view.artifacts.iter().filter(|a| a.artifact.request == r.id) {
+                let name = visible_line(&a.artifact.name);
+                ui.horizontal(|ui| match &a.artifact.outcome {
+                    caisey_doc::artifact::Outcome::Collected { size, sha256, .. } => {
+                        ui.label(format!("file {name}: {}, sha256 {}", bytes(*size), hex::encode(&sha256[..8])));
+                        if ui.button(format!("Save {name}")).clicked() {
+                            let path = std::path::Path::new(&self.export_dir).join(saved_name(&a.artifact.name));
+                            self.send(Action::SaveArtifact { session: open.id, name: a.artifact.name.clone(), path });
+                        }
+                    }
+                    caisey_doc::artifact::Outcome::Refused { why } => {
+                        ui.colored_label(
+                            ui.visuals().warn_fg_color,
+                            format!("file {name} not brought back: {}", visible_line(why)),
+                        );
+                    }
+                });
+            }
         });
     }
+}
+
+/// A file name for a file brought back: its last component, with letters, digits, `-`, `_`
+/// and inner dots kept, the rest `_` (a name from a machine never picks the folder).
+fn saved_name(name: &str) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or(name);
+    let safe: String =
+        last.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' }).collect();
+    let safe = safe.trim_start_matches('.');
+    if safe.is_empty() { "artifact.bin".into() } else { safe.to_string() }
 }
 
 /// A file name for `name`: letters, digits, `-` and `_` kept, the rest `_`.
