@@ -636,3 +636,71 @@ fn a_schedules_values_are_plotted_with_their_changes_and_it_is_cancelled_in_the_
     });
     assert!(consents.is_some(), "the agent heard of the cancel");
 }
+
+#[test]
+fn the_consent_window_shows_a_schedule_and_the_files_asked_for_and_revokes_a_standing_consent() {
+    let org = Org::new(&[("ws-01", "lab")]);
+    let _agent = org.world.start_agent("ws-01");
+    let mut h = Harness::builder().with_size([720.0, 760.0]).build_ui_state(
+        |ui, app: &mut PromptApp| app.show(ui),
+        PromptApp::connect(org.world.home("ws-01").join(caisey_peer::home::SOCKET)).expect("prompt"),
+    );
+    step_until(&mut h, Duration::from_secs(10), "idle", |h| shows(h, "Nothing is waiting"));
+
+    // Files to bring back: the paths and the limit are shown before anything runs.
+    org.world
+        .caisey(
+            "alice",
+            &[
+                "run",
+                "--detach",
+                "--machine",
+                "ws-01",
+                "--collect",
+                "/var/crash/app.dmp",
+                "--collect-limit",
+                "200MiB",
+                "--",
+                "true",
+            ],
+        )
+        .ok();
+    step_until(&mut h, Duration::from_secs(30), "the files", |h| shows(h, "/var/crash/app.dmp"));
+    assert!(shows(&h, "at most 200 MiB"), "the limit is shown");
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Deny").click();
+    step_until(&mut h, Duration::from_secs(20), "denied", |h| shows(h, "Nothing is waiting"));
+
+    // A schedule: what, how often, until when — approved once for all its runs.
+    org.world
+        .caisey(
+            "alice",
+            &["schedule", "--machine", "ws-01", "--every", "2s", "--until", "10m", "--", "echo weekly-memory-check"],
+        )
+        .ok();
+    step_until(&mut h, Duration::from_secs(30), "the schedule", |h| shows(h, "weekly-memory-check"));
+    assert!(shows(&h, "RECURRING: every 2s"), "the schedule is shown");
+    assert_eq!(h.query_all_by_role_and_label(egui::accesskit::Role::Button, "Ask me at each run").count(), 1);
+    std::thread::sleep(ARM_DELAY);
+    h.run_steps(2);
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Approve all its runs").click();
+    step_until(&mut h, Duration::from_secs(20), "approved", |h| shows(h, "for all its runs"));
+
+    // It runs on its own; the window lists it with Revoke, and Revoke stops it at once.
+    let runs = || {
+        let out = org.world.agent_cmd("ws-01", &["consents", "--json"]).ok();
+        let list: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+        (list[0]["runs"].as_u64().unwrap_or(0), list[0]["state"].as_str().unwrap_or_default().to_string())
+    };
+    wait_for(Duration::from_secs(30), || (runs().0 >= 2).then_some(())).expect("it ran twice");
+    step_until(&mut h, Duration::from_secs(10), "the standing consent", |h| {
+        shows(h, "Recurring checks you allowed (1)")
+    });
+    h.get_by_label("Recurring checks you allowed (1)").click();
+    h.run_steps(2);
+    h.get_by_role_and_label(egui::accesskit::Role::Button, "Revoke").click();
+    step_until(&mut h, Duration::from_secs(20), "revoked", |h| shows(h, "it will not run again"));
+    let (after, state) = runs();
+    assert_eq!(state, "revoked");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(runs().0, after, "a revoked schedule ran again");
+}

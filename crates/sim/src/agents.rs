@@ -10,8 +10,10 @@
 use std::collections::BTreeMap;
 
 use caisey_agent::gate::{self, Action, Gate};
+use caisey_agent::recurring::{self, Due};
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::record::Signer;
+use caisey_doc::schedule::{Missed, Schedule, ScheduleConsent, ScheduleRevoked, ScheduleWriter};
 use caisey_doc::session::{
     CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, SessionView, SessionWriter, Shell, Stream,
     Verdict, chunk_hash,
@@ -94,6 +96,89 @@ impl AgentWorld {
         let tech = tech.clone();
         self.sim.change(tech.node_id(), sid, move |d| SessionWriter::request(d, &tech, &req).expect("request"));
         self.settle();
+    }
+
+    /// A technician at `tech` asks `target` to run a check every `every_ms` for `for_ms` from
+    /// now (schedule `id`, in session `sid`); runs missed while the agent is down run late.
+    pub fn schedule(&mut self, tech: &Signer, sid: DocId, target: NodeId, id: Id128, every_ms: u64, for_ms: u64) {
+        let now = self.sim.now;
+        let s = Schedule {
+            id,
+            session: sid,
+            target,
+            command: CommandSpec {
+                shell: Shell::Sh,
+                script: format!("check {}", id.short()),
+                cwd: None,
+                env: Default::default(),
+                timeout_ms: 60_000,
+                collect: None,
+            },
+            description: Default::default(),
+            every: format!("{every_ms}ms"),
+            until: now + for_ms,
+            missed: Missed::RunLate,
+            probes: vec![],
+            requested_at: now,
+            expires_at: now + for_ms,
+            replaces: None,
+        };
+        let tech = tech.clone();
+        self.sim.change(tech.node_id(), sid, move |d| ScheduleWriter::schedule(d, &tech, &s).expect("schedule"));
+        self.settle();
+    }
+
+    /// The endpoint user of `agent` takes back consent to `schedule`: the ledger first, then
+    /// the session, in one durable write. The time it took effect, if it did.
+    pub fn revoke(&mut self, agent: NodeId, schedule: Id128) -> Option<u64> {
+        let now = self.sim.now;
+        let (session, signer) = {
+            let a = self.agents.get(&agent).filter(|a| a.up)?;
+            let (doc, ..) = a.gate.schedules().into_iter().find(|(_, _, s, _)| s.schedule.id == schedule)?;
+            (doc, a.signer.clone())
+        };
+        let record = ScheduleRevoked { schedule, session, at: now, by: "local user".into() };
+        let written = self.sim.change_guarded(agent, session, |doc, _, _| {
+            ScheduleWriter::revoked(doc, &signer, &record).map_err(|e| e.to_string())?;
+            Ok::<_, String>((
+                (),
+                vec![(LedgerKey::Schedule(schedule), LedgerRecord { outcome: Outcome::Revoked, at: now })],
+            ))
+        });
+        // Only a revocation on disk counts (the daemon waits for room before it says so).
+        if !matches!(written, Some((Ok(()), true))) {
+            return None;
+        }
+        let actions = self.agents.get_mut(&agent).map(|a| a.gate.revoke(schedule, now)).unwrap_or_default();
+        for action in actions {
+            self.act(agent, action);
+        }
+        self.settle();
+        Some(now)
+    }
+
+    /// A malicious member at `at` deletes every revocation record from session `sid` (Automerge
+    /// lets any holder delete a value): the agents must still hold to their own ledgers.
+    pub fn delete_revocations(&mut self, at: NodeId, sid: DocId) {
+        use caisey_doc::automerge::{ROOT, ReadDoc, transaction::Transactable};
+        self.sim.change(at, sid, |d| {
+            let keys: Vec<String> = d.keys(ROOT).filter(|k| k.starts_with("revoked:")).collect();
+            let _ = d.transact::<_, _, caisey_doc::automerge::AutomergeError>(|tx| {
+                for k in &keys {
+                    tx.delete(ROOT, k.as_str())?;
+                }
+                Ok(())
+            });
+        });
+        self.settle();
+    }
+
+    /// The schedules `agent`'s gate holds.
+    pub fn schedules_at(&self, agent: NodeId) -> Vec<Id128> {
+        self.agents
+            .get(&agent)
+            .map(|a| a.gate.schedules().iter().map(|(_, _, s, _)| s.schedule.id).collect())
+            .unwrap_or_default()
     }
 
     /// A designated approver's approval of `request`, written at node `at` (any node holding the
@@ -225,8 +310,20 @@ impl AgentWorld {
         let now = self.sim.now;
         let hub = self.sim.hub(agent);
         let view = hub.doc(&doc).and_then(|d| SessionView::read_without_output(d, hub.fleet()).ok());
+        // Revocations are the agent's own word, from its ledger (as the daemon reads them).
+        let records = self.sim.records(agent);
+        let revoked: Vec<Id128> = view
+            .iter()
+            .flat_map(|v| v.schedules.iter())
+            .map(|s| s.schedule.id)
+            .filter(|id| records.contains_key(&LedgerKey::Schedule(*id)))
+            .collect();
         let Some(a) = self.agents.get_mut(&agent) else { return };
-        let actions = a.gate.session(doc, view, now);
+        let mut actions = Vec::new();
+        for id in revoked {
+            actions.extend(a.gate.revoke(id, now));
+        }
+        actions.extend(a.gate.session(doc, view, now));
         for action in actions {
             self.act(agent, action);
         }
@@ -272,8 +369,53 @@ impl AgentWorld {
                     ))
                 });
             }
-            // This world's technicians ask one-off commands only; schedules are not modelled here.
-            Action::Consent { .. } | Action::Run { .. } => {}
+            Action::Consent { session, schedule, verdict, each_run, decided_by } => {
+                let consent = ScheduleConsent {
+                    schedule,
+                    session,
+                    target: agent,
+                    schedule_hash: [0; 32],
+                    verdict,
+                    each_run,
+                    decided_by,
+                    decided_at: now,
+                    nonce: Id128(rand_nonce(now, schedule)),
+                };
+                self.sim.change_guarded(agent, session, |doc, fleet, _| {
+                    let view = SessionView::read_without_output(&*doc, fleet).map_err(|e| e.to_string())?;
+                    let s = view.schedules.iter().find(|s| s.schedule.id == schedule).ok_or("no schedule")?;
+                    if s.consent.is_none() {
+                        let consent = ScheduleConsent { schedule_hash: s.schedule.hash(), ..consent };
+                        ScheduleWriter::consent(doc, &signer, &consent).map_err(|e| e.to_string())?;
+                    }
+                    Ok::<_, String>(((), vec![]))
+                });
+            }
+            Action::Run { session, schedule, slot, late } => {
+                let due = Due { schedule, slot, late };
+                let result = self.sim.change_guarded(agent, session, |doc, fleet, ledger| {
+                    let view = SessionView::read_without_output(&*doc, fleet).map_err(|e| e.to_string())?;
+                    let plan =
+                        recurring::check_run(&view, due, agent, now, &chrono::Local, |k| ledger.get(k).copied())?;
+                    ScheduleWriter::run(doc, &signer, &plan.run, plan.start.as_ref().map(|(s, _, _)| s))
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((plan.run.id, plan.ledger))
+                });
+                match result {
+                    Some((Ok(run), true)) => self.spawn(agent, run, session),
+                    Some((Ok(run), false)) => {
+                        // Kept in memory, not durable yet: the run starts once it is.
+                        let records =
+                            vec![(LedgerKey::Request(run), LedgerRecord { outcome: Outcome::Started, at: now })];
+                        if let Some(a) = self.agents.get_mut(&agent) {
+                            a.gate.started(run);
+                            a.waiting.push((run, session, records));
+                        }
+                    }
+                    // Refused as the session stands: the daemon says why and waits; so does this.
+                    _ => return,
+                }
+            }
         }
         // As the daemon does: the gate sees the session as written before it hears "done".
         self.refresh(agent, session);

@@ -474,6 +474,11 @@ impl Sim {
         })
     }
 
+    /// A node's own records as its disk holds them (an agent's ledger).
+    pub fn records(&self, at: NodeId) -> &Records {
+        &self.nodes[&at].disk.records
+    }
+
     /// Writes a node's own records alone; whether they are durable.
     pub fn write_records(&mut self, at: NodeId, records: &[(LedgerKey, LedgerRecord)]) -> bool {
         self.apply_with(at, records, Vec::new())
