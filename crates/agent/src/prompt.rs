@@ -28,8 +28,16 @@ const POLL: Duration = Duration::from_millis(500);
 
 /// What the window asks of the daemon.
 enum Ask {
-    Decide { code: Id128, approve: bool, each_run: bool },
-    Revoke { schedule: Id128 },
+    /// `schedule`: a consent to a schedule (nothing starts running at once).
+    Decide {
+        code: Id128,
+        approve: bool,
+        each_run: bool,
+        schedule: bool,
+    },
+    Revoke {
+        schedule: Id128,
+    },
 }
 
 /// What comes back from the daemon.
@@ -97,13 +105,13 @@ impl PromptApp {
                 }
                 // Wait for the next poll, answering a decision at once (then polling again).
                 match asks_rx.recv_timeout(POLL) {
-                    Ok(Ask::Decide { code, approve, each_run }) => {
+                    Ok(Ask::Decide { code, approve, each_run, schedule }) => {
                         let req = if approve {
                             LocalRequest::Approve { id: code.to_hex(), each_run }
                         } else {
                             LocalRequest::Deny { id: code.to_hex() }
                         };
-                        if !send(ask_now(&rt, &socket, code, approve, req)) {
+                        if !send(ask_now(&rt, &socket, code, approve && !schedule, req)) {
                             return;
                         }
                     }
@@ -219,12 +227,13 @@ impl PromptApp {
                 .schedule
                 .is_some()
                 .then(|| ui.add_enabled(enabled, egui::Button::new(RichText::new("Ask me at each run").size(16.0))));
+            let schedule = p.schedule.is_some();
             if deny.clicked() {
-                self.decide(p.id, false, false);
+                self.ask(Ask::Decide { code: p.id, approve: false, each_run: false, schedule });
             } else if approve.clicked() {
-                self.decide(p.id, true, false);
+                self.ask(Ask::Decide { code: p.id, approve: true, each_run: false, schedule });
             } else if each_run.is_some_and(|b| b.clicked()) {
-                self.decide(p.id, true, true);
+                self.ask(Ask::Decide { code: p.id, approve: true, each_run: true, schedule });
             }
             if !armed {
                 ui.label(RichText::new("Approve is available in a moment: read the command first.").weak());
@@ -265,10 +274,6 @@ impl PromptApp {
             });
     }
 
-    fn decide(&mut self, code: Id128, approve: bool, each_run: bool) {
-        self.ask(Ask::Decide { code, approve, each_run });
-    }
-
     fn ask(&mut self, ask: Ask) {
         self.deciding = true;
         self.status = None;
@@ -279,15 +284,17 @@ impl PromptApp {
     }
 }
 
+/// Asks the daemon; `runs`: an approval that starts a command now (the window then follows
+/// whether it still runs).
 fn ask_now(
     rt: &tokio::runtime::Runtime,
     socket: &std::path::Path,
     code: Id128,
-    approve: bool,
+    runs: bool,
     req: LocalRequest,
 ) -> Heard {
     match rt.block_on(local::call(socket, &req)) {
-        Ok(LocalReply::Done { message }) => Heard::Decided { code, approved: approve, message },
+        Ok(LocalReply::Done { message }) => Heard::Decided { code, approved: runs, message },
         Ok(LocalReply::Error { error }) => Heard::Refused { error },
         Ok(_) => Heard::Refused { error: "unexpected reply".into() },
         Err(e) => Heard::Refused { error: format!("{e:#}") },
