@@ -358,19 +358,8 @@ impl Agent {
                 self.node
                     .change_guarded(session, move |doc, guard| {
                         let view = SessionView::read_without_output(&*doc, guard.fleet())?;
-                        let s = view
-                            .schedules
-                            .iter()
-                            .find(|s| s.schedule.id == schedule && s.schedule.target == me)
-                            .ok_or_else(|| anyhow!("schedule {} is no longer valid", schedule.short()))?;
-                        if s.consent.is_some() {
-                            bail!("schedule {} was already answered", schedule.short());
-                        }
-                        if verdict == Verdict::Approved && now_ms() > s.schedule.expires_at {
-                            bail!("schedule {} waited too long for an answer; ask for it again", schedule.short());
-                        }
-                        // The answer is to the schedule exactly as it reads now.
-                        let consent = ScheduleConsent { schedule_hash: s.schedule.hash(), ..consent };
+                        let consent =
+                            recurring::consent_record(&view, consent, me, now_ms()).map_err(|e| anyhow!(e))?;
                         ScheduleWriter::consent(doc, &signer, &consent)?;
                         Ok(((), vec![]))
                     })

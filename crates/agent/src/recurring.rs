@@ -14,7 +14,9 @@
 use std::collections::BTreeSet;
 
 use caisey_doc::id::{DocId, Id128, NodeId};
-use caisey_doc::schedule::{Every, MAX_RUN_WAIT_MS, Missed, ProbePattern, ScheduleState, ScheduleView, ScheduledRun};
+use caisey_doc::schedule::{
+    Every, MAX_RUN_WAIT_MS, Missed, ProbePattern, ScheduleConsent, ScheduleState, ScheduleView, ScheduledRun,
+};
 use caisey_doc::session::{CommandRequest, SessionView, Start, Verdict};
 use caisey_peer::store::{LedgerKey, LedgerRecord, Outcome};
 
@@ -124,6 +126,30 @@ pub(crate) fn consent_request(s: &ScheduleView) -> CommandRequest {
         requested_at: s.schedule.requested_at,
         expires_at: s.schedule.expires_at,
     }
+}
+
+/// The endpoint user's answer to a schedule (or that nobody answered in time), to write as the
+/// session stands at the moment of writing: bound to the schedule exactly as it reads then.
+/// Refused if it was answered already, or — to approve — if it waited past its deadline.
+pub fn consent_record(
+    view: &SessionView,
+    answer: ScheduleConsent,
+    me: NodeId,
+    now: u64,
+) -> Result<ScheduleConsent, String> {
+    let id = answer.schedule;
+    let s = view
+        .schedules
+        .iter()
+        .find(|s| s.schedule.id == id && s.schedule.target == me)
+        .ok_or_else(|| format!("schedule {} is no longer valid", id.short()))?;
+    if s.consent.is_some() {
+        return Err(format!("schedule {} was already answered", id.short()));
+    }
+    if answer.verdict == Verdict::Approved && now > s.schedule.expires_at {
+        return Err(format!("schedule {} waited too long for an answer; ask for it again", id.short()));
+    }
+    Ok(ScheduleConsent { schedule_hash: s.schedule.hash(), session: view.info.id, target: me, ..answer })
 }
 
 /// A run of `schedule` due at `slot` (late: after its time).

@@ -68,6 +68,50 @@ impl AgentWorld {
         AgentWorld { sim, agents, starts: BTreeMap::new() }
     }
 
+    /// The world the agent properties run in: `o`'s technician, relay and two agents, all
+    /// linked, with reordering, duplicates (and, for even seeds, batching); one session per
+    /// agent, made by the technician. Returns the world, its nodes (technician, relay, the
+    /// agents) and the sessions (by agent).
+    pub fn for_org(o: &crate::org::Org, seed: u64) -> (AgentWorld, Vec<NodeId>, Vec<DocId>) {
+        let nodes: Vec<NodeId> = [&o.tech, &o.relay].into_iter().chain(&o.agents).map(|s| s.node_id()).collect();
+        let mut sim = o.sim(seed);
+        sim.faults = crate::Faults { reorder: true, duplicate: 0.1, batch: seed.is_multiple_of(2) };
+        sim.connect_all();
+        let mut sessions = Vec::new();
+        for (i, agent) in o.agents.iter().enumerate() {
+            let (sid, doc) = o.session_for(agent.node_id(), 30 + i as u8);
+            assert!(sim.create(nodes[0], sid, caisey_peer::wire::DocKind::Session, doc));
+            sessions.push(sid);
+        }
+        let mut world = AgentWorld::new(sim, &o.agents);
+        world.run_for(500);
+        (world, nodes, sessions)
+    }
+
+    /// Kills node `at` (an agent with its processes), or starts it again if it is in `down`.
+    pub fn crash_or_restart(&mut self, at: NodeId, down: &mut Vec<NodeId>) {
+        let is_agent = self.agents.contains_key(&at);
+        if let Some(i) = down.iter().position(|d| *d == at) {
+            down.remove(i);
+            if is_agent { self.restart(at) } else { self.sim.restart(at) }
+        } else {
+            if is_agent {
+                self.crash(at)
+            } else {
+                self.sim.crash(at)
+            }
+            down.push(at);
+        }
+    }
+
+    /// Everyone back, every disk with room, every link up.
+    pub fn heal(&mut self, down: &mut Vec<NodeId>) {
+        for at in std::mem::take(down) {
+            if self.agents.contains_key(&at) { self.restart(at) } else { self.sim.restart(at) }
+        }
+        self.sim.heal();
+    }
+
     pub fn is_up(&self, agent: NodeId) -> bool {
         self.agents.get(&agent).is_some_and(|a| a.up)
     }
@@ -383,11 +427,8 @@ impl AgentWorld {
                 };
                 self.sim.change_guarded(agent, session, |doc, fleet, _| {
                     let view = SessionView::read_without_output(&*doc, fleet).map_err(|e| e.to_string())?;
-                    let s = view.schedules.iter().find(|s| s.schedule.id == schedule).ok_or("no schedule")?;
-                    if s.consent.is_none() {
-                        let consent = ScheduleConsent { schedule_hash: s.schedule.hash(), ..consent };
-                        ScheduleWriter::consent(doc, &signer, &consent).map_err(|e| e.to_string())?;
-                    }
+                    let consent = recurring::consent_record(&view, consent, agent, now)?;
+                    ScheduleWriter::consent(doc, &signer, &consent).map_err(|e| e.to_string())?;
                     Ok::<_, String>(((), vec![]))
                 });
             }

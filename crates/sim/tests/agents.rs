@@ -12,8 +12,6 @@ use std::collections::BTreeMap;
 
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::session::{SessionView, Verdict};
-use caisey_peer::wire::DocKind;
-use caisey_sim::Faults;
 use caisey_sim::agents::AgentWorld;
 use caisey_sim::org::Org;
 use proptest::prelude::*;
@@ -66,19 +64,8 @@ fn step() -> impl Strategy<Value = Step> {
 
 fn run(seed: u64, steps: &[Step]) -> Result<(), String> {
     let o = Org::new(2);
-    let nodes: Vec<NodeId> = [&o.tech, &o.relay, &o.agents[0], &o.agents[1]].iter().map(|s| s.node_id()).collect();
+    let (mut world, nodes, sessions) = AgentWorld::for_org(&o, seed);
     let t = nodes[0];
-    let mut sim = o.sim(seed);
-    sim.faults = Faults { reorder: true, duplicate: 0.1, batch: seed.is_multiple_of(2) };
-    sim.connect_all();
-    let mut sessions = Vec::new();
-    for (i, agent) in o.agents.iter().enumerate() {
-        let (sid, doc) = o.session_for(agent.node_id(), 30 + i as u8);
-        assert!(sim.create(t, sid, DocKind::Session, doc));
-        sessions.push(sid);
-    }
-    let mut world = AgentWorld::new(sim, &o.agents);
-    world.run_for(500);
     // The session's own first request (from the fixture) is left to expire.
     let mut asked: Vec<(DocId, Id128)> = Vec::new();
     let mut down: Vec<NodeId> = Vec::new();
@@ -106,29 +93,12 @@ fn run(seed: u64, steps: &[Step]) -> Result<(), String> {
             Step::Decide { agent, approve } => world.decide_local(o.agents[*agent].node_id(), *approve),
             Step::Toggle { a, b } => world.sim.toggle_link(nodes[*a], nodes[*b], &down),
             Step::Disk { node, state } => world.sim.set_disk(nodes[*node], *state, 2_000),
-            Step::Crash { node } => {
-                let at = nodes[*node];
-                let is_agent = *node >= 2;
-                if let Some(i) = down.iter().position(|d| *d == at) {
-                    down.remove(i);
-                    if is_agent { world.restart(at) } else { world.sim.restart(at) }
-                } else {
-                    if is_agent {
-                        world.crash(at)
-                    } else {
-                        world.sim.crash(at)
-                    }
-                    down.push(at);
-                }
-            }
+            Step::Crash { node } => world.crash_or_restart(nodes[*node], &mut down),
             Step::Run { ms } => world.run_for(*ms),
         }
     }
     // Heal: everyone back, every disk with room, every link up; then long past every expiry.
-    for at in std::mem::take(&mut down) {
-        if o.agents.iter().any(|a| a.node_id() == at) { world.restart(at) } else { world.sim.restart(at) }
-    }
-    world.sim.heal();
+    world.heal(&mut down);
     world.run_for(30_000);
 
     let fleet = o.read_fleet();

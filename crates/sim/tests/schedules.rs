@@ -13,10 +13,8 @@
 
 use std::collections::BTreeMap;
 
-use caisey_doc::id::{DocId, Id128, NodeId};
+use caisey_doc::id::{Id128, NodeId};
 use caisey_doc::session::SessionView;
-use caisey_peer::wire::DocKind;
-use caisey_sim::Faults;
 use caisey_sim::agents::AgentWorld;
 use caisey_sim::org::Org;
 use proptest::prelude::*;
@@ -74,19 +72,8 @@ fn step() -> impl Strategy<Value = Step> {
 
 fn run(seed: u64, steps: &[Step]) -> Result<usize, String> {
     let o = Org::new(2);
-    let nodes: Vec<NodeId> = [&o.tech, &o.relay, &o.agents[0], &o.agents[1]].iter().map(|s| s.node_id()).collect();
+    let (mut world, nodes, sessions) = AgentWorld::for_org(&o, seed);
     let t = nodes[0];
-    let mut sim = o.sim(seed);
-    sim.faults = Faults { reorder: true, duplicate: 0.1, batch: seed.is_multiple_of(2) };
-    sim.connect_all();
-    let mut sessions = Vec::new();
-    for (i, agent) in o.agents.iter().enumerate() {
-        let (sid, doc) = o.session_for(agent.node_id(), 30 + i as u8);
-        assert!(sim.create(t, sid, DocKind::Session, doc));
-        sessions.push(sid);
-    }
-    let mut world = AgentWorld::new(sim, &o.agents);
-    world.run_for(500);
     let mut revoked_at: BTreeMap<Id128, u64> = BTreeMap::new();
     let mut down: Vec<NodeId> = Vec::new();
     for (n, s) in steps.iter().enumerate() {
@@ -117,28 +104,11 @@ fn run(seed: u64, steps: &[Step]) -> Result<usize, String> {
             }
             Step::Toggle { a, b } => world.sim.toggle_link(nodes[*a], nodes[*b], &down),
             Step::Disk { node, state } => world.sim.set_disk(nodes[*node], *state, 2_000),
-            Step::Crash { node } => {
-                let at = nodes[*node];
-                let is_agent = *node >= 2;
-                if let Some(i) = down.iter().position(|d| *d == at) {
-                    down.remove(i);
-                    if is_agent { world.restart(at) } else { world.sim.restart(at) }
-                } else {
-                    if is_agent {
-                        world.crash(at)
-                    } else {
-                        world.sim.crash(at)
-                    }
-                    down.push(at);
-                }
-            }
+            Step::Crash { node } => world.crash_or_restart(nodes[*node], &mut down),
             Step::Run { ms } => world.run_for(*ms),
         }
     }
-    for at in std::mem::take(&mut down) {
-        if o.agents.iter().any(|a| a.node_id() == at) { world.restart(at) } else { world.sim.restart(at) }
-    }
-    world.sim.heal();
+    world.heal(&mut down);
     // Long past every end date (at most 9 s after a schedule was asked).
     world.run_for(40_000);
 

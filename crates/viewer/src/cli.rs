@@ -321,17 +321,8 @@ pub struct RunArgs {
     pub session: Option<String>,
     #[arg(long = "label")]
     pub labels: Vec<String>,
-    #[arg(long, default_value = "sh")]
-    pub shell: Shell,
-    /// Kill the command after this long.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub timeout: Duration,
-    /// Working directory on the machine.
-    #[arg(long)]
-    pub cwd: Option<String>,
-    /// Why you ask: shown to the endpoint user next to the command.
-    #[arg(long, default_value = "")]
-    pub description: String,
+    #[command(flatten)]
+    pub how: HowArgs,
     /// How long the endpoint user has to approve before the request expires.
     #[arg(long, default_value = "15m", value_parser = parse_duration)]
     pub expires: Duration,
@@ -350,6 +341,36 @@ pub struct RunArgs {
     /// The command; its words are joined with spaces and given to the shell.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
+}
+
+/// How a command runs, and why it is asked: the same for a run and a schedule.
+#[derive(Debug, clap::Args)]
+pub struct HowArgs {
+    #[arg(long, default_value = "sh")]
+    pub shell: Shell,
+    /// Kill the command (each run of it) after this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Working directory on the machine.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Why you ask: shown to the endpoint user next to the command.
+    #[arg(long, default_value = "")]
+    pub description: String,
+}
+
+impl HowArgs {
+    /// The command to ask for: `words` joined with spaces, run this way.
+    fn spec(&self, words: &[String], collect: Option<caisey_doc::artifact::Collect>) -> CommandSpec {
+        CommandSpec {
+            shell: self.shell,
+            script: words.join(" "),
+            cwd: self.cwd.clone(),
+            env: Default::default(),
+            timeout_ms: self.timeout.as_millis() as u64,
+            collect,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -380,16 +401,8 @@ pub struct ScheduleArgs {
     /// A run missed while the machine was off: run it once, late, at the next chance, or skip it.
     #[arg(long, default_value = "run-late", value_name = "run-late|skip")]
     pub missed: Missed,
-    #[arg(long, default_value = "sh")]
-    pub shell: Shell,
-    /// Kill each run after this long.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub timeout: Duration,
-    #[arg(long)]
-    pub cwd: Option<String>,
-    /// Why you ask: shown to the endpoint user with the command and the schedule.
-    #[arg(long, default_value = "")]
-    pub description: String,
+    #[command(flatten)]
+    pub how: HowArgs,
     /// How long the endpoint user has to answer.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub consent_window: Duration,
@@ -1093,15 +1106,8 @@ async fn dispatch(client: &Client, command: Command) -> Result<ExitCode> {
             };
             let req = crate::schedules::ScheduleRequest {
                 where_: crate::tech::Where { targets, session: args.session, labels: args.labels },
-                command: CommandSpec {
-                    shell: args.shell,
-                    script: args.command.join(" "),
-                    cwd: args.cwd,
-                    env: Default::default(),
-                    timeout_ms: args.timeout.as_millis() as u64,
-                    collect: None,
-                },
-                description: args.description,
+                command: args.how.spec(&args.command, None),
+                description: args.how.description,
                 every: args.every,
                 until: parse_until(&args.until, caisey_peer::now_ms())?,
                 missed: args.missed,
@@ -1298,21 +1304,15 @@ async fn run_command(client: &Client, args: RunArgs) -> Result<ExitCode> {
         (0, None) => bail!("say where to run: --machine NAME (repeatable) or --group GROUP"),
         _ => Targets::Machines(machines),
     };
-    let command = CommandSpec {
-        shell: args.shell,
-        script: args.command.join(" "),
-        cwd: args.cwd,
-        env: Default::default(),
-        timeout_ms: args.timeout.as_millis() as u64,
-        collect: (!args.collect.is_empty())
-            .then(|| caisey_doc::artifact::Collect { paths: args.collect.clone(), limit: args.collect_limit }),
-    };
+    let collect = (!args.collect.is_empty())
+        .then(|| caisey_doc::artifact::Collect { paths: args.collect.clone(), limit: args.collect_limit });
+    let command = args.how.spec(&args.command, collect);
     let request = RunRequest {
         targets,
         session: args.session,
         labels: args.labels,
         command,
-        description: args.description,
+        description: args.how.description,
         approval_window: args.expires,
     };
     // Watching before asking: no change of the new sessions can slip by unseen.

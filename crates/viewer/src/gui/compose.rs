@@ -136,7 +136,7 @@ impl ViewerApp {
                                 .map(str::to_string)
                                 .collect();
                             (!paths.is_empty())
-                                .then(|| caisey_doc::artifact::Collect { paths, limit: c.collect_limit_mib << 20 })
+                                .then_some(caisey_doc::artifact::Collect { paths, limit: c.collect_limit_mib << 20 })
                         },
                     },
                     description: c.description.clone(),
