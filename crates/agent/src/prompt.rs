@@ -19,6 +19,8 @@ use caisey_doc::id::Id128;
 use caisey_doc::text::{needs_escape, visible, visible_line};
 use egui::{Color32, RichText, ScrollArea, Ui};
 
+use caisey_doc::schedule::ScheduleState;
+
 use crate::local::{self, ConsentItem, LocalReply, LocalRequest, PendingItem};
 
 /// How long Approve stays inactive after a request is first shown.
@@ -248,7 +250,13 @@ impl PromptApp {
 
     /// The schedules with standing consent (or asking at each run), each with Revoke.
     fn standing(&mut self, ui: &mut Ui) {
-        let live: Vec<ConsentItem> = self.consents.iter().filter(|c| c.state.is_live()).cloned().collect();
+        // Consents given (not schedules still waiting for an answer: those are shown above).
+        let live: Vec<ConsentItem> = self
+            .consents
+            .iter()
+            .filter(|c| matches!(c.state, ScheduleState::Standing | ScheduleState::EachRun))
+            .cloned()
+            .collect();
         if live.is_empty() {
             return;
         }
