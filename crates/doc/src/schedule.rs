@@ -207,8 +207,20 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// Checks what a technician typed before it is signed.
+    /// Checks what a technician typed before it is signed: [`Schedule::check_shape`], and
+    /// every probe pattern compiles.
     pub fn check(&self) -> Result<Every, String> {
+        let every = self.check_shape()?;
+        for p in &self.probes {
+            p.compile()?;
+        }
+        Ok(every)
+    }
+
+    /// The checks every reader makes (cheap: no pattern is compiled): the timing reads, the end
+    /// date is after the asking, probes are few, named and short. A schedule failing them is
+    /// quarantined, never offered for consent.
+    pub fn check_shape(&self) -> Result<Every, String> {
         let every = Every::parse(&self.every)?;
         if self.until <= self.requested_at {
             return Err("the end date is already past".into());
@@ -217,7 +229,10 @@ impl Schedule {
             return Err(format!("at most {MAX_PROBES} probes"));
         }
         for p in &self.probes {
-            p.compile()?;
+            crate::probe::check_name(&p.name)?;
+            if p.pattern.len() > MAX_PROBE_PATTERN {
+                return Err(format!("probe {}: pattern longer than {MAX_PROBE_PATTERN} bytes", p.name));
+            }
         }
         Ok(every)
     }
@@ -566,16 +581,16 @@ pub(crate) fn read_schedules(
     for (id, (author, s)) in schedules {
         let place = format!("{SCHEDULE_PREFIX}{}", id.to_hex());
         let why = if fleet.role_of(&author) != Some(Role::Technician) {
-            Some("schedule not written by a technician")
+            Some("schedule not written by a technician".to_string())
         } else if s.id != id || s.session != info.id {
-            Some("schedule stored under another id or for another session")
+            Some("schedule stored under another id or for another session".to_string())
         } else if !targets.contains(&s.target) {
-            Some("schedule for a machine the session is not shared with")
+            Some("schedule for a machine the session is not shared with".to_string())
         } else {
-            None
+            s.check_shape().err()
         };
         if let Some(why) = why {
-            q.push(Quarantined { place, author: Some(author), why: why.into() });
+            q.push(Quarantined { place, author: Some(author), why });
             continue;
         }
         let mut by = |place: String, ok: bool, who: &str| {
@@ -621,5 +636,84 @@ pub fn describe(every: &str) -> String {
         Ok(Every::Interval(ms)) => format!("every {}", humantime::format_duration(Duration::from_millis(ms))),
         Ok(Every::Cron(c)) => format!("cron {:?} ({})", c.pattern.to_string(), c.describe()),
         Err(_) => format!("{every:?} (unreadable)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::{Membership, Role};
+    use crate::session::{CommandSpec, SessionView, SessionWriter, Shell};
+
+    #[test]
+    fn schedules_read_only_as_their_authors_may_write_them() {
+        let org = Signer::from_secret([1; 32]);
+        let tech = Signer::from_secret([2; 32]);
+        let agent = Signer::from_secret([3; 32]);
+        let mut fleet_doc = Fleet::create("Acme", &org, &tech, "alice", Id128([0; 16]), 0).unwrap();
+        let m = Membership {
+            approves: vec![],
+            node: agent.node_id(),
+            role: Role::Agent,
+            name: "ws".into(),
+            groups: vec![],
+            at: 0,
+            invite: None,
+        };
+        Fleet::put_member(&mut fleet_doc, &org.sign(RecordKind::Membership, &m), &agent.node_id()).unwrap();
+        let fleet = Fleet::read(&fleet_doc).unwrap();
+        let info =
+            SessionInfo { id: Id128([1; 16]), name: "s".into(), labels: vec![], created_at: 0, org_key: org.node_id() };
+        let mut doc = SessionWriter::create(&tech, &info).unwrap();
+        let good = Schedule {
+            id: Id128([5; 16]),
+            session: info.id,
+            target: agent.node_id(),
+            command: CommandSpec {
+                shell: Shell::Sh,
+                script: "true".into(),
+                cwd: None,
+                env: Default::default(),
+                timeout_ms: 1000,
+                collect: None,
+            },
+            description: "why".into(),
+            every: "7days".into(),
+            until: 1_000_000,
+            missed: Missed::RunLate,
+            probes: vec![],
+            requested_at: 0,
+            expires_at: 1000,
+            replaces: None,
+        };
+        ScheduleWriter::schedule(&mut doc, &tech, &good).unwrap();
+        // Timing nobody can read, and an agent posing as a technician: quarantined.
+        let unreadable = Schedule { id: Id128([6; 16]), every: "whenever".into(), ..good.clone() };
+        ScheduleWriter::schedule(&mut doc, &tech, &unreadable).unwrap();
+        let by_agent = Schedule { id: Id128([7; 16]), ..good.clone() };
+        ScheduleWriter::schedule(&mut doc, &agent, &by_agent).unwrap();
+        // A consent written by the technician for the agent: quarantined.
+        let consent = ScheduleConsent {
+            schedule: good.id,
+            session: info.id,
+            target: agent.node_id(),
+            schedule_hash: good.hash(),
+            verdict: Verdict::Approved,
+            each_run: false,
+            decided_by: "someone".into(),
+            decided_at: 10,
+            nonce: Id128([9; 16]),
+        };
+        ScheduleWriter::consent(&mut doc, &tech, &consent).unwrap();
+        let view = SessionView::read_without_output(&doc, &fleet).unwrap();
+        assert_eq!(view.schedules.len(), 1);
+        assert_eq!(view.schedules[0].state(100), ScheduleState::AwaitingConsent, "the forged consent is not believed");
+        assert_eq!(view.quarantined.len(), 3, "{:?}", view.quarantined);
+        // The agent's own consent is; a cron expression reads too.
+        ScheduleWriter::consent(&mut doc, &agent, &consent).unwrap();
+        let view = SessionView::read_without_output(&doc, &fleet).unwrap();
+        assert_eq!(view.schedules[0].state(100), ScheduleState::Standing);
+        assert!(matches!(Every::parse("0 9 * * MON"), Ok(Every::Cron(_))));
+        assert!(Every::parse("500ms").unwrap_err().contains("at most once a second"));
     }
 }
