@@ -280,4 +280,29 @@ mod tests {
         let got = collect_here(&[Path::new("/etc/../etc/passwd")], 1000);
         assert!(refused(&got[0].1).contains(".."), "{got:?}");
     }
+
+    #[test]
+    fn a_file_still_being_written_is_refused_not_cut_short() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("growing.log");
+        std::fs::write(&log, vec![b'x'; 32 * MAX_CHUNK]).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = std::thread::spawn({
+            let (log, stop) = (log.clone(), stop.clone());
+            move || {
+                let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    f.write_all(&[b'y'; 4096]).unwrap();
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let got = collect_here(&[&log], 1 << 32);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        let why = refused(&got[0].1);
+        assert!(why.contains("while it was read"), "{got:?}");
+    }
 }
