@@ -25,7 +25,7 @@ use crate::gate::{self, Action, Gate, check_still_pending};
 use crate::local::{AgentApi, ConsentItem, LocalReply, LocalRequest, PendingItem, ScheduleTerms};
 use crate::recurring;
 use crate::{card, runner};
-use caisey_doc::schedule::{ProbePattern, ScheduleConsent, ScheduleRevoked, ScheduleState, ScheduleWriter};
+use caisey_doc::schedule::{ProbePattern, ScheduleRevoked, ScheduleState, ScheduleWriter};
 use caisey_peer::local::{self, Answer, Clients};
 
 /// How often the agent says it is alive.
@@ -343,23 +343,14 @@ impl Agent {
                 self.node.forget_setting(&key).await
             }
             Action::NotRun { session, request, why } => self.write_not_run(session, request, why).await,
-            Action::Consent { session, schedule, verdict, each_run, decided_by } => {
-                let consent = ScheduleConsent {
-                    schedule,
-                    session,
-                    target: me,
-                    schedule_hash: [0; 32],
-                    verdict,
-                    each_run,
-                    decided_by,
-                    decided_at: now_ms(),
-                    nonce: Id128(rand::random()),
-                };
+            Action::Consent { session, answer } => {
+                let (schedule, verdict, each_run) = (answer.schedule, answer.verdict, answer.each_run);
+                let nonce = Id128(rand::random());
                 self.node
                     .change_guarded(session, move |doc, guard| {
                         let view = SessionView::read_without_output(&*doc, guard.fleet())?;
                         let consent =
-                            recurring::consent_record(&view, consent, me, now_ms()).map_err(|e| anyhow!(e))?;
+                            recurring::consent_record(&view, answer, me, now_ms(), nonce).map_err(|e| anyhow!(e))?;
                         ScheduleWriter::consent(doc, &signer, &consent)?;
                         Ok(((), vec![]))
                     })
@@ -420,8 +411,8 @@ impl Agent {
             })
             .map_err(|e| anyhow!(e))?;
         let (request, session) = (action.request(), action.session());
-        if let Action::Consent { verdict, .. } = &action {
-            let verdict = *verdict;
+        if let Action::Consent { answer, .. } = &action {
+            let verdict = answer.verdict;
             let result = self.write(action).await;
             self.refresh(session).await;
             let actions = self.with_gate(|g| g.done(request, now_ms()));

@@ -79,10 +79,7 @@ pub enum Action {
     /// Record the endpoint user's answer to a schedule (or that nobody answered in time).
     Consent {
         session: DocId,
-        schedule: Id128,
-        verdict: Verdict,
-        each_run: bool,
-        decided_by: String,
+        answer: recurring::Answer,
     },
     /// A run of a schedule is due: write it (and, under standing consent, start it) in one
     /// durable change, checked with [`crate::recurring::check_run`].
@@ -102,7 +99,8 @@ impl Action {
             | Action::Start { request, .. }
             | Action::Deny { request, .. }
             | Action::NotRun { request, .. } => *request,
-            Action::Consent { schedule, .. } | Action::Run { schedule, .. } => *schedule,
+            Action::Consent { answer, .. } => answer.schedule,
+            Action::Run { schedule, .. } => *schedule,
         }
     }
 
@@ -238,7 +236,8 @@ impl Gate {
         let d = decision(&p);
         let action = if p.schedule.is_some() {
             let verdict = d.verdict;
-            Action::Consent { session: p.session, schedule: p.id, verdict, each_run, decided_by: d.decided_by }
+            let answer = recurring::Answer { schedule: p.id, verdict, each_run, decided_by: d.decided_by };
+            Action::Consent { session: p.session, answer }
         } else if d.verdict == Verdict::Approved {
             self.running.insert(p.id);
             Action::Start { session: p.session, request: p.id, local: Some(d) }

@@ -84,10 +84,12 @@ pub(crate) fn review(
             }),
             ScheduleState::Unanswered if s.consent.is_none() => actions.push(Action::Consent {
                 session: doc,
-                schedule: id,
-                verdict: Verdict::Expired,
-                each_run: false,
-                decided_by: "nobody (the schedule was not answered in time)".into(),
+                answer: Answer {
+                    schedule: id,
+                    verdict: Verdict::Expired,
+                    each_run: false,
+                    decided_by: "nobody (the schedule was not answered in time)".into(),
+                },
             }),
             ScheduleState::Standing | ScheduleState::EachRun => {
                 // One run at a time.
@@ -128,14 +130,26 @@ pub(crate) fn consent_request(s: &ScheduleView) -> CommandRequest {
     }
 }
 
-/// The endpoint user's answer to a schedule (or that nobody answered in time), to write as the
-/// session stands at the moment of writing: bound to the schedule exactly as it reads then.
-/// Refused if it was answered already, or — to approve — if it waited past its deadline.
+/// The endpoint user's answer to a schedule, or that nobody answered in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub schedule: Id128,
+    pub verdict: Verdict,
+    /// Approved to be asked again at each run.
+    pub each_run: bool,
+    /// Who answered, in words ("local user on ws-01").
+    pub decided_by: String,
+}
+
+/// The consent record for `answer`, to write as the session stands at the moment of writing:
+/// bound to the schedule exactly as it reads then. Refused if it was answered already, or — to
+/// approve — if it waited past its deadline.
 pub fn consent_record(
     view: &SessionView,
-    answer: ScheduleConsent,
+    answer: Answer,
     me: NodeId,
     now: u64,
+    nonce: Id128,
 ) -> Result<ScheduleConsent, String> {
     let id = answer.schedule;
     let s = view
@@ -149,7 +163,17 @@ pub fn consent_record(
     if answer.verdict == Verdict::Approved && now > s.schedule.expires_at {
         return Err(format!("schedule {} waited too long for an answer; ask for it again", id.short()));
     }
-    Ok(ScheduleConsent { schedule_hash: s.schedule.hash(), session: view.info.id, target: me, ..answer })
+    Ok(ScheduleConsent {
+        schedule: id,
+        session: view.info.id,
+        target: me,
+        schedule_hash: s.schedule.hash(),
+        verdict: answer.verdict,
+        each_run: answer.each_run,
+        decided_by: answer.decided_by,
+        decided_at: now,
+        nonce,
+    })
 }
 
 /// A run of `schedule` due at `slot` (late: after its time).

@@ -13,7 +13,7 @@ use caisey_agent::gate::{self, Action, Gate};
 use caisey_agent::recurring::{self, Due};
 use caisey_doc::id::{DocId, Id128, NodeId};
 use caisey_doc::record::Signer;
-use caisey_doc::schedule::{Missed, Schedule, ScheduleConsent, ScheduleRevoked, ScheduleWriter};
+use caisey_doc::schedule::{Missed, Schedule, ScheduleRevoked, ScheduleWriter};
 use caisey_doc::session::{
     CommandRequest, CommandSpec, Decision, End, EndStatus, OutputChunk, SessionView, SessionWriter, Shell, Stream,
     Verdict, chunk_hash,
@@ -413,21 +413,11 @@ impl AgentWorld {
                     ))
                 });
             }
-            Action::Consent { session, schedule, verdict, each_run, decided_by } => {
-                let consent = ScheduleConsent {
-                    schedule,
-                    session,
-                    target: agent,
-                    schedule_hash: [0; 32],
-                    verdict,
-                    each_run,
-                    decided_by,
-                    decided_at: now,
-                    nonce: Id128(rand_nonce(now, schedule)),
-                };
+            Action::Consent { session, answer } => {
+                let nonce = Id128(rand_nonce(now, answer.schedule));
                 self.sim.change_guarded(agent, session, |doc, fleet, _| {
                     let view = SessionView::read_without_output(&*doc, fleet).map_err(|e| e.to_string())?;
-                    let consent = recurring::consent_record(&view, consent, agent, now)?;
+                    let consent = recurring::consent_record(&view, answer, agent, now, nonce)?;
                     ScheduleWriter::consent(doc, &signer, &consent).map_err(|e| e.to_string())?;
                     Ok::<_, String>(((), vec![]))
                 });
