@@ -3,6 +3,7 @@
 //! technician's node and the relay both gone for a run — and stops it at its end date, at a
 //! revocation, and when a technician changes it.
 
+use std::process::Command;
 use std::time::Duration;
 
 use caisey_tests::{Org, wait_for};
@@ -211,5 +212,24 @@ fn a_schedule_runs_from_one_consent_with_nobody_online_and_stops_when_it_should(
         (s["commands"][0]["status"] == "exited").then_some(())
     });
     assert!(ran.is_some(), "the run approved on its own did not run");
+
+    // Revoked while a run is under way: that run stops at once too.
+    let pid_file = org.world.home("ws-01").join("long-run.pid");
+    let script = format!("echo $$ > {}; exec sleep 60", pid_file.display());
+    let (long, code) = schedule(&org, &["--every", "2s", "--until", "10m", "--session", "long", "--", &script]);
+    consent(&org, &code);
+    let pid: i32 = wait_for(Duration::from_secs(30), || std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok())
+        .expect("the long run started");
+    let alive = |pid: i32| Command::new("kill").arg("-0").arg(pid.to_string()).status().is_ok_and(|s| s.success());
+    assert!(alive(pid));
+    org.world.agent_cmd("ws-01", &["consents", "revoke", &long]).ok();
+    let stopped = wait_for(Duration::from_secs(10), || (!alive(pid)).then_some(()));
+    assert!(stopped.is_some(), "the run went on after its consent was revoked");
+    let shown = wait_for(Duration::from_secs(30), || {
+        let s = org.show_json("alice", "long")?;
+        (s["commands"][0]["status"] == "stopped by the user").then_some(s)
+    });
+    assert!(shown.is_some(), "the session does not say the run was stopped: {:?}", org.show_json("alice", "long"));
+    assert_eq!(runs_of(&org, &long).0, 1, "no run after the revocation");
     drop(agent);
 }

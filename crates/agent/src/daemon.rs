@@ -42,6 +42,9 @@ pub struct Agent {
     refreshing: Arc<tokio::sync::Mutex<()>>,
     /// Wakes the event loop when the gate's next expiry may have changed.
     rearm: Arc<tokio::sync::Notify>,
+    /// Scheduled runs running now, by run: their schedule, and how to stop them (a revocation
+    /// stops them at once).
+    stops: Arc<Mutex<std::collections::BTreeMap<Id128, (Id128, Arc<tokio::sync::Notify>)>>>,
 }
 
 /// How long an action whose write failed waits before it is tried again.
@@ -80,6 +83,7 @@ async fn run_node_with(node: Node, consent_gid: Option<u32>, shutdown: impl Futu
         gate: Arc::new(Mutex::new(Gate::new(node.id()))),
         refreshing: Arc::default(),
         rearm: Arc::default(),
+        stops: Arc::default(),
     };
     let mut events = node.subscribe();
     node.keep_connected();
@@ -169,6 +173,13 @@ impl Agent {
         if let Err(e) = self.node.announce_presence_with(vitals).await {
             warn!("heartbeat failed: {e:#}");
         }
+    }
+
+    fn with_stops<R>(
+        &self,
+        f: impl FnOnce(&mut std::collections::BTreeMap<Id128, (Id128, Arc<tokio::sync::Notify>)>) -> R,
+    ) -> R {
+        f(&mut self.stops.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// Runs `f` on the gate (never across an await).
@@ -488,24 +499,37 @@ impl Agent {
                 let plan = gate::check_start(&view, id, local, me, now_ms(), ledger).map_err(|e| anyhow!(e))?;
                 SessionWriter::start(doc, &signer, local.map(|(d, _)| d), &plan.start)?;
                 // The nonce, the ledger and the start: one transaction.
-                Ok(((plan.request, plan.probes), plan.ledger))
+                Ok(((plan.request, plan.probes, plan.schedule), plan.ledger))
             })
             .await?;
-        let (request, probes) = request;
+        let (request, probes, schedule) = request;
         self.with_gate(|g| g.started(id));
         info!(request = %id.short(), script = %request.command.script, "approved; running");
-        self.spawn_runner(session, request, probes);
+        self.spawn_runner(session, request, probes, schedule);
         Ok(())
     }
 
     /// Runs a started command to its end, then tells the gate.
-    fn spawn_runner(&self, session: DocId, request: CommandRequest, probes: Vec<ProbePattern>) {
+    /// `schedule`: the schedule it is a run of (a revocation of it stops the run).
+    fn spawn_runner(
+        &self,
+        session: DocId,
+        request: CommandRequest,
+        probes: Vec<ProbePattern>,
+        schedule: Option<Id128>,
+    ) {
         let id = request.id;
         let agent = self.clone();
+        let stop = schedule.map(|s| {
+            let stop = Arc::new(tokio::sync::Notify::new());
+            self.with_stops(|stops| stops.insert(id, (s, stop.clone())));
+            stop
+        });
         tokio::spawn(async move {
-            if let Err(e) = runner::run(agent.node.clone(), session, request, &probes).await {
+            if let Err(e) = runner::run(agent.node.clone(), session, request, &probes, stop).await {
                 warn!(request = %id.short(), "run failed: {e:#}");
             }
+            agent.with_stops(|stops| stops.remove(&id));
             // The gate sees the end before the command leaves `running`; otherwise a review in
             // between would take it for a run interrupted by a crash.
             agent.refresh(session).await;
@@ -546,7 +570,7 @@ impl Agent {
                 self.with_gate(|g| g.started(run));
                 info!(schedule = %schedule.short(), run = %run.short(), late, "scheduled run due; running");
                 self.refresh(session).await;
-                self.spawn_runner(session, request, probes);
+                self.spawn_runner(session, request, probes, Some(schedule));
             }
             None => {
                 info!(schedule = %schedule.short(), run = %run.short(), late, "scheduled run due; asking the user");
@@ -584,6 +608,8 @@ impl Agent {
             })
             .await?;
         info!(schedule = %schedule.short(), "standing consent revoked by the local user");
+        // Whatever of it runs now stops at once.
+        self.with_stops(|stops| stops.values().filter(|(s, _)| *s == schedule).for_each(|(_, stop)| stop.notify_one()));
         let actions = self.with_gate(|g| g.revoke(schedule, now_ms()));
         self.act_all(actions);
         Ok(format!("revoked schedule {}; it will not run again on this machine", schedule.short()))

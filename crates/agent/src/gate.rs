@@ -337,6 +337,8 @@ pub struct StartPlan {
     pub ledger: Vec<(LedgerKey, LedgerRecord)>,
     /// The patterns its values are picked out with (a scheduled run's).
     pub probes: Vec<ProbePattern>,
+    /// The schedule it is a run of, if any.
+    pub schedule: Option<Id128>,
 }
 
 /// Whether request `id` may start now, checked against the session as it stands at the moment
@@ -390,7 +392,7 @@ pub fn check_start(
         (LedgerKey::Approval(nonce), LedgerRecord { outcome: Outcome::Used, at: now }),
         (LedgerKey::Request(id), LedgerRecord { outcome: Outcome::Started, at: now }),
     ];
-    Ok(StartPlan { request, start, ledger, probes })
+    Ok(StartPlan { request, start, ledger, probes, schedule: cmd.schedule })
 }
 
 /// The record of `req` (asked by `requester` of agent `me`) expiring unanswered at `now`.

@@ -10,6 +10,7 @@
 #[cfg(target_os = "linux")]
 use std::os::fd::AsFd as _;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -21,7 +22,7 @@ use caisey_peer::node::Node;
 use caisey_peer::now_ms;
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tracing::warn;
 
 use crate::batching::{Batch, Batcher, MAX_BATCH};
@@ -34,7 +35,14 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// Runs `req` (already approved and recorded as started) to the end, writing output and the end
 /// record into `session`. The values its standard output yields (`caisey-probe` lines, and
 /// `probes` for a scheduled check) go in the end record.
-pub async fn run(node: Node, session: DocId, req: CommandRequest, probes: &[ProbePattern]) -> Result<()> {
+/// `stop`, when notified, stops it at once (its machine's user revoked the consent it ran under).
+pub async fn run(
+    node: Node,
+    session: DocId,
+    req: CommandRequest,
+    probes: &[ProbePattern],
+    stop: Option<Arc<Notify>>,
+) -> Result<()> {
     let mut scanner = ProbeScanner::new(probes);
     let timeout = Duration::from_millis(req.command.timeout_ms);
     let (program, args) = process::supervised_command(req.command.shell, &req.command.script, timeout);
@@ -139,6 +147,15 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest, probes: &[Prob
                 status = Some((EndStatus::TimedOut, None, Some(format!("killed after the {secs} s timeout"))));
                 drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
             },
+            _ = async { match &stop { Some(s) => s.notified().await, None => std::future::pending().await } }, if status.is_none() => {
+                if let Some(r) = &running {
+                    r.kill();
+                }
+                let _ = child.kill().await;
+                let why = "stopped when this machine's user revoked the consent it ran under";
+                status = Some((EndStatus::Stopped, None, Some(why.into())));
+                drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
+            },
             // Exited, but something it started still holds its pipes: stop waiting for them.
             _ = tokio::time::sleep_until(drain_until.unwrap_or(deadline)), if drain_until.is_some() => break,
         }
@@ -148,7 +165,8 @@ pub async fn run(node: Node, session: DocId, req: CommandRequest, probes: &[Prob
     }
     let (status, code, message) = status.unwrap_or((EndStatus::Exited, None, None));
     // The files it was approved to bring back, before its end: a run that ended has them all.
-    if let Some(collect) = &req.command.collect {
+    // (None once the user withdrew the consent it ran under.)
+    if let Some(collect) = req.command.collect.as_ref().filter(|_| status != EndStatus::Stopped) {
         let brought = crate::collect::run(&node, session, req.id, collect).await?;
         tracing::debug!(request = %req.id.short(), brought, "files collected");
     }
@@ -334,7 +352,7 @@ mod tests {
         for (script, changes_between, exit_code, output) in cases {
             let dir = tempfile::tempdir().unwrap();
             let (node, req, before) = node_with_request(dir.path(), script).await;
-            run(node.clone(), req.session, req.clone(), &[]).await.unwrap();
+            run(node.clone(), req.session, req.clone(), &[], None).await.unwrap();
             let (changes, code, out) = after_run(&node, &req, before).await;
             assert!(changes_between.contains(&changes), "{script}: {changes} changes");
             assert_eq!((code, out.as_str()), (exit_code, output), "{script}");

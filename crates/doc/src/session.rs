@@ -392,6 +392,8 @@ pub enum EndStatus {
     /// An approval is there but the agent will not use it — it came after the request expired,
     /// or this machine's user had denied the request — and says so (`message`) for good.
     NotRun,
+    /// This machine's user stopped it while it ran (by revoking the consent to its schedule).
+    Stopped,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -647,6 +649,7 @@ impl CommandView {
                 EndStatus::Interrupted => "interrupted",
                 EndStatus::FailedToStart => "failed to start",
                 EndStatus::NotRun => "not run",
+                EndStatus::Stopped => "stopped by the user",
             },
             (Some(d), None) => match d.verdict {
                 Verdict::Approved => "running",

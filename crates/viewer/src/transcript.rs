@@ -207,6 +207,7 @@ impl Follower {
                 (EndStatus::Interrupted, _) => "interrupted".to_string(),
                 (EndStatus::FailedToStart, _) => "failed to start".to_string(),
                 (EndStatus::NotRun, _) => "not run".to_string(),
+                (EndStatus::Stopped, _) => "stopped by the machine's user".to_string(),
             };
             let msg = e.message.as_ref().map(|m| format!(" ({})", visible(m))).unwrap_or_default();
             status(format!("── {}  {machine}: {what}{msg}", time(e.ended_at)));

@@ -95,6 +95,7 @@ fn command_ui(c: &CheckedCommand) -> Markup {
                                 (EndStatus::Interrupted, _) => span.bad { "interrupted (agent stopped; not run again)" },
                                 (EndStatus::FailedToStart, _) => span.bad { "failed to start" },
                                 (EndStatus::NotRun, _) => span.bad { "not run" },
+                                (EndStatus::Stopped, _) => span.bad { "stopped by the machine's user" },
                             }
                             ", " (utc(e.ended_at))
                             @if let Some(m) = &e.message { " — " (visible(m)) }
@@ -382,6 +383,7 @@ fn result(c: &CheckedCommand) -> Markup {
                 (EndStatus::Interrupted, _) => span.bad { "interrupted" },
                 (EndStatus::FailedToStart, _) => span.bad { "failed to start" },
                 (EndStatus::NotRun, _) => span.bad { "not run" },
+                                (EndStatus::Stopped, _) => span.bad { "stopped by the machine's user" },
             },
         }
     }

@@ -359,6 +359,7 @@ impl ViewerApp {
                             (EndStatus::Interrupted, _) => "interrupted".into(),
                             (EndStatus::FailedToStart, _) => "failed to start".into(),
                             (EndStatus::NotRun, _) => "not run".into(),
+                            (EndStatus::Stopped, _) => "stopped by the machine's user".into(),
                         };
                         let msg = e.message.as_ref().map(|m| format!(" ({})", visible_line(m))).unwrap_or_default();
                         format!("ran {took} on {machine}: {what}{msg}")
