@@ -44,8 +44,11 @@ pub struct Agent {
     rearm: Arc<tokio::sync::Notify>,
     /// Scheduled runs running now, by run: their schedule, and how to stop them (a revocation
     /// stops them at once).
-    stops: Arc<Mutex<std::collections::BTreeMap<Id128, (Id128, Arc<tokio::sync::Notify>)>>>,
+    stops: Arc<Mutex<RunStops>>,
 }
+
+/// Scheduled runs under way: run id -> (its schedule, what stops it).
+type RunStops = std::collections::BTreeMap<Id128, (Id128, Arc<tokio::sync::Notify>)>;
 
 /// How long an action whose write failed waits before it is tried again.
 const RETRY_FAILED: Duration = Duration::from_secs(5);
@@ -175,10 +178,7 @@ impl Agent {
         }
     }
 
-    fn with_stops<R>(
-        &self,
-        f: impl FnOnce(&mut std::collections::BTreeMap<Id128, (Id128, Arc<tokio::sync::Notify>)>) -> R,
-    ) -> R {
+    fn with_stops<R>(&self, f: impl FnOnce(&mut RunStops) -> R) -> R {
         f(&mut self.stops.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
