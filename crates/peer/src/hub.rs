@@ -201,6 +201,9 @@ struct OutputIndex {
     cursors: BTreeMap<String, usize>,
     /// Every referenced chunk: true once its bytes are in our store.
     held: HashMap<ChunkHash, bool>,
+    /// The chunks of `held` that are not here (false there), kept apart so that asking for the
+    /// next few costs no walk over everything the session references.
+    lacking: BTreeSet<ChunkHash>,
     /// Peers that asked for chunks we do not hold yet; they get them when they arrive.
     wanted_by: HashMap<ChunkHash, BTreeSet<NodeId>>,
     /// Bytes made here whose write failed: kept until they are durable, and not sent before.
@@ -216,6 +219,7 @@ impl OutputIndex {
                 let have = held(&hash);
                 v.insert(have);
                 if !have {
+                    self.lacking.insert(hash);
                     missing.push(hash);
                 }
             }
@@ -224,7 +228,7 @@ impl OutputIndex {
     }
 
     fn missing(&self) -> Vec<ChunkHash> {
-        self.held.iter().filter(|(_, have)| !**have).map(|(h, _)| *h).collect()
+        self.lacking.iter().copied().collect()
     }
 }
 
@@ -461,6 +465,7 @@ impl Hub {
         let lost: Vec<ChunkHash> = hashes.into_iter().filter(|h| e.output.held.contains_key(h)).collect();
         for h in &lost {
             e.output.held.insert(*h, false);
+            e.output.lacking.insert(*h);
         }
         self.ask_everyone(id, lost, &mut out);
         out
@@ -473,7 +478,7 @@ impl Hub {
     /// How many output chunks session `id` references that are not here yet (0 for other
     /// documents): a command's end is only the whole story once this is 0.
     pub fn missing_output(&self, id: &DocId) -> usize {
-        self.docs.get(id).map(|e| e.output.held.values().filter(|have| !**have).count()).unwrap_or(0)
+        self.docs.get(id).map(|e| e.output.lacking.len()).unwrap_or(0)
     }
 
     /// Which of `hashes` (chunks session `id` references) are here, in order.
@@ -881,6 +886,7 @@ impl Hub {
             _ => return,
         }
         e.output.held.insert(hash, true);
+        e.output.lacking.remove(&hash);
         if from.is_some() {
             self.ask_again.every = ASK_AGAIN_MS;
         }
@@ -966,14 +972,8 @@ impl Hub {
         let Some(e) = self.docs.get(&doc) else { return };
         let asked_anywhere: HashSet<ChunkHash> =
             self.peers.values().flat_map(|p| p.asked.iter().filter(|(d, _)| *d == doc).map(|(_, h)| *h)).collect();
-        let next: Vec<ChunkHash> = e
-            .output
-            .held
-            .iter()
-            .filter(|(h, have)| !**have && !asked_anywhere.contains(*h))
-            .map(|(h, _)| *h)
-            .take(ASK_WINDOW)
-            .collect();
+        let next: Vec<ChunkHash> =
+            e.output.lacking.iter().filter(|h| !asked_anywhere.contains(*h)).take(ASK_WINDOW).copied().collect();
         self.ask(peer, doc, next, out);
     }
 
