@@ -217,7 +217,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         println!("      {line}");
                     }
                     if let Some(c) = &p.collect {
-                        println!("    then BRINGS BACK these files (at most {} in all):", size(c.limit));
+                        println!(
+                            "    then BRINGS BACK these files (at most {} in all):",
+                            caisey_peer::cli::format_size(c.limit)
+                        );
                         for path in &c.paths {
                             println!("      {}", crate::escape::visible_line(path));
                         }
@@ -338,16 +341,6 @@ fn ask_delete_store(root: &caisey_peer::service::Root) -> Result<bool> {
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
-}
-
-/// A byte count for people: `200 MiB`.
-fn size(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} bytes"),
-    }
 }
 
 async fn decide(opts: &caisey_peer::node::NodeOptions, req: LocalRequest) -> Result<ExitCode> {

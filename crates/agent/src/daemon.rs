@@ -45,6 +45,8 @@ pub struct Agent {
     /// Scheduled runs running now, by run: their schedule, and how to stop them (a revocation
     /// stops them at once).
     stops: Arc<Mutex<RunStops>>,
+    /// Schedules whose entry in this agent's ledger has been read since it started.
+    ledger_read: Arc<Mutex<std::collections::BTreeSet<Id128>>>,
 }
 
 /// Scheduled runs under way: run id -> (its schedule, what stops it).
@@ -87,6 +89,7 @@ async fn run_node_with(node: Node, consent_gid: Option<u32>, shutdown: impl Futu
         refreshing: Arc::default(),
         rearm: Arc::default(),
         stops: Arc::default(),
+        ledger_read: Arc::default(),
     };
     let mut events = node.subscribe();
     node.keep_connected();
@@ -227,19 +230,27 @@ impl Agent {
             .flatten();
         debug!(doc = %doc.short(), "session refreshed");
         // Revocations are this machine's own word, kept in its ledger: whatever the document
-        // now shows (a peer may have removed the record), a revoked schedule stays revoked.
+        // now shows (a peer may have removed the record), a revoked schedule stays revoked. The
+        // ledger is read once per schedule per start (later revocations go through `revoke`).
+        let unread: Vec<Id128> = {
+            let read = self.ledger_read.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            view.iter()
+                .flat_map(|v| v.schedules.iter())
+                .map(|s| s.schedule.id)
+                .filter(|id| !read.contains(id))
+                .collect()
+        };
         let mut revoked = Vec::new();
-        for id in view.iter().flat_map(|v| v.schedules.iter()).map(|s| s.schedule.id) {
-            if matches!(self.node.ledger(LedgerKey::Schedule(id)).await, Ok(Some(_))) {
-                revoked.push(id);
+        for id in unread {
+            // A store that cannot be read now is asked again at the next refresh.
+            if let Ok(found) = self.node.ledger(LedgerKey::Schedule(id)).await {
+                self.ledger_read.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id);
+                revoked.extend(found.map(|_| id));
             }
         }
         let actions = self.with_gate(|g| {
-            let now = now_ms();
-            for id in revoked {
-                g.revoke(id, now);
-            }
-            g.session(doc, view, now)
+            revoked.into_iter().for_each(|id| g.revoked_earlier(id));
+            g.session(doc, view, now_ms())
         });
         self.act_all(actions);
     }

@@ -158,6 +158,12 @@ impl Gate {
         self.review(now)
     }
 
+    /// The ledger says `schedule` was revoked (read when its session is handed over next, which
+    /// reviews): like [`Gate::revoke`], without a review of its own.
+    pub fn revoked_earlier(&mut self, schedule: Id128) {
+        self.revoked.insert(schedule);
+    }
+
     /// The schedules for this machine, with their sessions: what `caisey-agent consents` lists.
     pub fn schedules(&self) -> Vec<(DocId, PeerText, ScheduleView, bool)> {
         let mut out: Vec<_> = self

@@ -141,6 +141,16 @@ pub fn format_time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(at).to_string().replace('T', " ")
 }
 
+/// A byte count for people: `512 B`, `3.0 KiB`, `200.0 MiB`, `1.5 GiB`.
+pub fn format_size(n: u64) -> String {
+    match n {
+        0..1024 => format!("{n} B"),
+        1024..1_048_576 => format!("{:.1} KiB", n as f64 / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1} MiB", n as f64 / 1_048_576.0),
+        _ => format!("{:.1} GiB", n as f64 / 1_073_741_824.0),
+    }
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 10m, 24h)"))
 }

@@ -363,11 +363,10 @@ impl AgentWorld {
             .filter(|id| records.contains_key(&LedgerKey::Schedule(*id)))
             .collect();
         let Some(a) = self.agents.get_mut(&agent) else { return };
-        let mut actions = Vec::new();
         for id in revoked {
-            actions.extend(a.gate.revoke(id, now));
+            a.gate.revoked_earlier(id);
         }
-        actions.extend(a.gate.session(doc, view, now));
+        let actions = a.gate.session(doc, view, now);
         for action in actions {
             self.act(agent, action);
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 use caisey_doc::id::{DocId, Id128, NodeId};
-use caisey_doc::schedule::{Missed, ProbePattern, Schedule, ScheduleCancel, ScheduleState, ScheduleWriter};
+use caisey_doc::schedule::{Every, Missed, ProbePattern, Schedule, ScheduleCancel, ScheduleState, ScheduleWriter};
 use caisey_doc::session::{CommandSpec, EndStatus, SessionView};
 use caisey_doc::text::PeerText;
 use caisey_peer::node::Node;
@@ -100,7 +100,11 @@ pub async fn schedules(node: &Node) -> Result<Vec<ScheduleSummary>> {
                 runs: s.runs.len(),
                 late_runs: s.runs.iter().filter(|r| r.late).count(),
                 last_run: s.runs.last().map(|r| r.slot_at),
-                next_run: s.state(now).is_live().then(|| s.next_run(now, &chrono::Local)).flatten(),
+                // A cron expression is read on the machine's clock, in its time zone, which is
+                // not known here: only an interval's next run can be told.
+                next_run: (s.state(now).is_live() && matches!(Every::parse(&s.schedule.every), Ok(Every::Interval(_))))
+                    .then(|| s.next_run(now, &chrono::Local))
+                    .flatten(),
                 probes: s.schedule.probes.iter().map(|p| p.name.clone()).collect(),
             });
         }

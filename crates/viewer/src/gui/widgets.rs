@@ -1,8 +1,6 @@
 //! Small pieces every view uses: labelled inputs (so screen readers and UI tests find them by
 //! name), timestamps, hostile text shown inert, and the virtualised output view.
 
-use std::time::{Duration, UNIX_EPOCH};
-
 use caisey_doc::session::Stream;
 use caisey_doc::text::visible;
 use egui::{Color32, RichText, ScrollArea, TextEdit, Ui};
@@ -20,7 +18,7 @@ pub fn labelled_input(ui: &mut Ui, label: &str, value: &mut String, hint: &str) 
 
 /// A timestamp as UTC, to the second.
 pub fn time(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string().replace('T', " ")
+    caisey_peer::cli::format_time(ms)
 }
 
 /// "12 s ago", "3 min ago", "2 h ago", "4 days ago".
@@ -39,12 +37,7 @@ pub fn duration(ms: u64) -> String {
 }
 
 pub fn bytes(n: u64) -> String {
-    match n {
-        0..1024 => format!("{n} B"),
-        1024..1_048_576 => format!("{:.1} KiB", n as f64 / 1024.0),
-        1_048_576..1_073_741_824 => format!("{:.1} MiB", n as f64 / 1_048_576.0),
-        _ => format!("{:.1} GiB", n as f64 / 1_073_741_824.0),
-    }
+    caisey_peer::cli::format_size(n)
 }
 
 /// Text from another machine (a command, a description, a name), shown as data: control
