@@ -534,6 +534,10 @@ impl Agent {
         let stop = schedule.map(|s| {
             let stop = Arc::new(tokio::sync::Notify::new());
             self.with_stops(|stops| stops.insert(id, (s, stop.clone())));
+            // Revoked between its start and now: it stops at once too.
+            if self.with_gate_quiet(|g| g.is_revoked(&s)) {
+                stop.notify_one();
+            }
             stop
         });
         tokio::spawn(async move {
@@ -619,9 +623,10 @@ impl Agent {
             })
             .await?;
         info!(schedule = %schedule.short(), "standing consent revoked by the local user");
-        // Whatever of it runs now stops at once.
-        self.with_stops(|stops| stops.values().filter(|(s, _)| *s == schedule).for_each(|(_, stop)| stop.notify_one()));
+        // The gate first, then whatever of it runs now stops at once (a run registering its stop
+        // meanwhile finds the gate's word: see `spawn_runner`).
         let actions = self.with_gate(|g| g.revoke(schedule, now_ms()));
+        self.with_stops(|stops| stops.values().filter(|(s, _)| *s == schedule).for_each(|(_, stop)| stop.notify_one()));
         self.act_all(actions);
         Ok(format!("revoked schedule {}; it will not run again on this machine", schedule.short()))
     }

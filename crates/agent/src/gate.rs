@@ -158,6 +158,10 @@ impl Gate {
         self.review(now)
     }
 
+    pub fn is_revoked(&self, schedule: &Id128) -> bool {
+        self.revoked.contains(schedule)
+    }
+
     /// The ledger says `schedule` was revoked (read when its session is handed over next, which
     /// reviews): like [`Gate::revoke`], without a review of its own.
     pub fn revoked_earlier(&mut self, schedule: Id128) {

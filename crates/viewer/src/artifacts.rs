@@ -51,8 +51,13 @@ async fn session_view(node: &Node, session: DocId) -> Result<SessionView> {
         .map_err(Into::into)
 }
 
-async fn state_of(node: &Node, session: DocId, view: &SessionView, a: &ArtifactView) -> Result<ArtifactState> {
-    let fleet = node.fleet().await?;
+async fn state_of(
+    node: &Node,
+    fleet: &caisey_doc::fleet::Fleet,
+    session: DocId,
+    view: &SessionView,
+    a: &ArtifactView,
+) -> Result<ArtifactState> {
     let run = view.command(&a.artifact.request).map(|c| c.request.approval_code()).unwrap_or(a.artifact.request);
     let (size, sha256, refused, here) = match &a.artifact.outcome {
         Outcome::Collected { size, sha256, pieces } => {
@@ -79,9 +84,10 @@ async fn state_of(node: &Node, session: DocId, view: &SessionView, a: &ArtifactV
 /// Every file the session's runs brought back (or refused), oldest run first.
 pub async fn list(node: &Node, session: DocId) -> Result<Vec<ArtifactState>> {
     let view = session_view(node, session).await?;
+    let fleet = node.fleet().await?;
     let mut out = Vec::new();
     for a in &view.artifacts {
-        out.push(state_of(node, session, &view, a).await?);
+        out.push(state_of(node, &fleet, session, &view, a).await?);
     }
     Ok(out)
 }
@@ -103,14 +109,14 @@ fn find<'a>(view: &'a SessionView, name: &str) -> Result<&'a ArtifactView> {
 /// Where file `name` of `session` stands here.
 pub async fn state(node: &Node, session: DocId, name: &str) -> Result<ArtifactState> {
     let view = session_view(node, session).await?;
-    state_of(node, session, &view, find(&view, name)?).await
+    state_of(node, &node.fleet().await?, session, &view, find(&view, name)?).await
 }
 
 /// Saves file `name` to `out` once all of it is here, checked piece by piece and whole.
 pub async fn save(node: &Node, session: DocId, name: &str, out: PathBuf) -> Result<ArtifactState> {
     let view = session_view(node, session).await?;
     let a = find(&view, name)?;
-    let st = state_of(node, session, &view, a).await?;
+    let st = state_of(node, &node.fleet().await?, session, &view, a).await?;
     let (size, sha256, pieces) = match &a.artifact.outcome {
         Outcome::Collected { size, sha256, pieces } => (*size, *sha256, pieces.clone()),
         Outcome::Refused { why } => bail!("{name:?} was not brought back: {why}"),
